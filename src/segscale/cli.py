@@ -1,0 +1,223 @@
+"""The `segscale` command: thin wrappers over the API. User errors print one line, exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from segscale.errors import SegscaleError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train CNN segmentation models for medical images on one or many workers, from one config file.",
+)
+
+Overrides = Annotated[
+    list[str] | None, typer.Argument(help="Config overrides: key.sub=value ...", show_default=False)
+]
+
+
+@app.command("prepare")
+def prepare_cmd(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="Decathlon/nnU-Net folder (dataset.json) or a folder with images/ + masks/."
+        ),
+    ],
+    output: Annotated[Path, typer.Argument(help="Prepared store to write.")],
+    size: Annotated[int, typer.Option(help="Resize slices to SIZE × SIZE.")] = 256,
+    channels: Annotated[
+        str | None, typer.Option(help="Channels of 4D images to keep, e.g. '1' or '0,1'.")
+    ] = None,
+    axis: Annotated[int, typer.Option(help="Slicing axis of the volumes (0, 1, 2).")] = 2,
+    slices: Annotated[
+        int | None, typer.Option(help="N evenly spaced slices per case (default: all).")
+    ] = None,
+    normalize: Annotated[
+        str, typer.Option(help="zscore | minmax | none (per case, per channel).")
+    ] = "zscore",
+    val: Annotated[float, typer.Option(help="Fraction of cases for validation.")] = 0.1,
+    test: Annotated[float, typer.Option(help="Fraction of cases for testing.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the case split.")] = 0,
+    label_map: Annotated[
+        str | None, typer.Option(help="2D masks: raw value → class, e.g. '0:1,255:0'.")
+    ] = None,
+) -> None:
+    """Slice, resize and normalise a raw dataset into a prepared store, split by case."""
+    from segscale.imgmed import Preprocessing, prepare
+    from segscale.imgmed.prepare import parse_label_map
+
+    if size < 8:
+        raise SegscaleError(f"--size {size}: expected at least 8")
+    if axis not in (0, 1, 2):
+        raise SegscaleError(f"--axis {axis}: expected 0, 1 or 2")
+    if normalize not in ("zscore", "minmax", "none"):
+        raise SegscaleError(f"--normalize {normalize}: expected zscore, minmax or none")
+    try:
+        chans = tuple(int(c) for c in channels.split(",")) if channels else None
+    except ValueError:
+        raise SegscaleError(
+            f"--channels '{channels}': expected comma-separated integers like '0,1'"
+        ) from None
+    prep = Preprocessing(size=size, axis=axis, channels=chans, slices=slices, normalize=normalize)
+    path, written = prepare(
+        source,
+        output,
+        prep,
+        val_fraction=val,
+        test_fraction=test,
+        seed=seed,
+        label_map=parse_label_map(label_map),
+    )
+    meta = json.loads((path / "meta.json").read_text())
+    counts = {s: len(v) for s, v in meta["splits"].items()}
+    state = "wrote" if written else "up to date:"
+    typer.echo(f"{state} {path} ({sum(c['count'] for c in meta['cases'])} slices; cases {counts})")
+
+
+def _load(config: Path, overrides: list[str] | None):
+    from segscale.config import load_config
+
+    return load_config(config, overrides or [])
+
+
+@app.command("plan")
+def plan_cmd(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
+    overrides: Overrides = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Resolve and check every component of a run, without starting it."""
+    from segscale.engine import plan
+
+    described = plan(_load(config, overrides)).describe()
+    if as_json:
+        typer.echo(json.dumps(described, indent=1))
+    else:
+        from rich import print_json
+
+        print_json(data=described)
+
+
+@app.command("train")
+def train_cmd(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
+    overrides: Overrides = None,
+    workers: Annotated[
+        int, typer.Option(help="Worker processes on this node (GPUs, or CPU processes).")
+    ] = 1,
+    run_dir: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<name>).")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the run folder's latest checkpoint.")
+    ] = False,
+    nodes: Annotated[int, typer.Option(help="Number of nodes (multi-node: run this on each).")] = 1,
+    node_rank: Annotated[int, typer.Option(help="This node's rank (0..nodes-1).")] = 0,
+    rdzv_endpoint: Annotated[
+        str | None, typer.Option(help="HOST:PORT of the rendezvous, for --nodes > 1.")
+    ] = None,
+    max_restarts: Annotated[
+        int, typer.Option(help="Restarts of failed workers by the elastic agent.")
+    ] = 0,
+) -> None:
+    """Train a model: one process, or N through torch.distributed.run (DDP)."""
+    from segscale.engine import plan, prepare_run_dir
+    from segscale.launch import launch
+
+    cfg = _load(config, overrides)
+    plan(cfg)
+    run_dir = (run_dir or Path("runs") / cfg.name).resolve()
+    if not (nodes > 1 and node_rank > 0):
+        prepare_run_dir(cfg, run_dir, resume)
+    args = ["train", str(run_dir), *(["--resume"] if resume else [])]
+    code = launch(
+        args,
+        workers,
+        nodes=nodes,
+        node_rank=node_rank,
+        rdzv_endpoint=rdzv_endpoint,
+        max_restarts=max_restarts,
+    )
+    if code != 0:
+        raise typer.Exit(code)
+    typer.echo(f"trained: {run_dir}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run folder.")],
+    split: Annotated[str, typer.Option(help="Split of the store to evaluate.")] = "test",
+    json_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--json", help="Write the results here (default: RUN_DIR/evaluation-SPLIT.json)."
+        ),
+    ] = None,
+    workers: Annotated[
+        int, typer.Option(help="Worker processes (results are identical for any number).")
+    ] = 1,
+) -> None:
+    """SegEval metrics of a trained run on a split: dataset-level and per case."""
+    from segscale.launch import launch
+    from segscale.report import print_metrics
+
+    run_dir = run_dir.resolve()
+    if not (run_dir / "config.yaml").is_file():
+        raise SegscaleError(f"{run_dir}: not a run folder (no config.yaml)")
+    out = (json_out or run_dir / f"evaluation-{split}.json").resolve()
+    code = launch(["evaluate", str(run_dir), "--split", split, "--out", str(out)], workers)
+    if code != 0:
+        raise typer.Exit(code)
+    print_metrics(json.loads(out.read_text()))
+    typer.echo(f"wrote {out}")
+
+
+@app.command("predict")
+def predict_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A trained run folder.")],
+    inputs: Annotated[
+        list[Path], typer.Argument(help="NIfTI volumes or 2D images (or folders of them).")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for the masks (same file names as the inputs).")
+    ],
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Segment images; masks keep each input's shape and affine."""
+    from segscale.predict import predict
+
+    for path in predict(run_dir.resolve(), inputs, out, device=device):
+        typer.echo(f"wrote {path}")
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/demo"),
+    workers: Annotated[int, typer.Option(help="Training workers.")] = 2,
+    overrides: Overrides = None,
+) -> None:
+    """Prepare the bundled left-atrium sample, train with 2 workers, evaluate, write a report."""
+    from segscale.demo import run_demo
+
+    run_demo(out, workers, overrides)
+
+
+def main() -> None:
+    try:
+        app()
+    except SegscaleError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

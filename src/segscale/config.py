@@ -1,0 +1,217 @@
+"""The run configuration: pydantic models, YAML loading, `a.b=value` overrides.
+
+Every field is documented here once; `segscale train --help` and the README point to this file.
+Unknown keys are errors that name the file, the line, the key and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from segscale.errors import ConfigError, did_you_mean
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class AugmentConfig(_Strict):
+    """On-the-fly augmentation of training batches; image and mask get the same geometry."""
+
+    enabled: bool = Field(False, description="Augment training batches.")
+    rotation: float = Field(0.0, ge=0, le=180, description="Max rotation in degrees (±).")
+    zoom: tuple[float, float] = Field((1.0, 1.0), description="Zoom range (min, max).")
+    translation: float = Field(
+        0.0, ge=0, le=0.5, description="Max shift as a fraction of the image size."
+    )
+    flip: bool = Field(False, description="Random horizontal and vertical flips.")
+    intensity: float = Field(0.0, ge=0, description="Std of a random intensity scale and shift.")
+
+
+class DataConfig(_Strict):
+    store: Path = Field(description="A prepared store: the output folder of `segscale prepare`.")
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    num_workers: int = Field(0, ge=0, description="DataLoader processes per training worker.")
+    augment: AugmentConfig = AugmentConfig()
+
+
+class ModelConfig(_Strict):
+    name: str = Field(
+        "unet", description="unet | resunet | fcn, or a factory as 'pkg.mod:attr' / 'file.py:attr'."
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments of the factory; in_channels and num_classes come from the store.",
+    )
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(gt=0, description="Base learning rate, for the reference batch.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class ScheduleConfig(_Strict):
+    """lr(step) = scaled base lr × warmup × decay; see segscale.schedules."""
+
+    scaling: Literal["linear", "sqrt", "none"] = Field(
+        "linear", description="Scale the lr by global batch / reference batch (or its sqrt)."
+    )
+    reference_batch: int | None = Field(
+        None, gt=0, description="Batch the base lr is tuned for; default: the per-worker batch."
+    )
+    warmup_epochs: float = Field(0.0, ge=0, description="Gradual warmup length (Goyal et al.).")
+    warmup: Literal["gradual", "constant"] = "gradual"
+    decay: Literal["none", "step", "cosine", "poly"] = "none"
+    decay_epochs: list[int] = Field(
+        default_factory=list, description="Step decay: the epochs at which lr × decay_factor."
+    )
+    decay_factor: float = Field(0.1, gt=0, le=1)
+    poly_power: float = Field(0.9, gt=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine/poly floor, × peak lr.")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0, description="Per worker; the global batch is × workers.")
+    optimizer: OptimizerConfig
+    loss: Literal["ce", "dice", "dice_ce"] = "dice_ce"
+    schedule: ScheduleConfig = ScheduleConfig()
+    steps_per_epoch: int | None = Field(
+        None, gt=0, description="Cap on steps per epoch (quick runs); default: a full pass."
+    )
+    val_every: int = Field(1, gt=0, description="Validate every N epochs (and after the last).")
+    strategy: str = Field("allreduce", description="Distributed strategy (DDP ring all-reduce).")
+    grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this.")
+    deterministic: bool = Field(True, description="Seed everything, deterministic kernels.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class RunConfig(_Strict):
+    name: str = Field(description="Run name; the default run folder is runs/<name>.")
+    seed: int = 0
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError("must be a plain folder name (no '/', not starting with '.')")
+        return v
+
+    def digest(self) -> str:
+        """A short hash of everything that shapes training (for checkpoints and records)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply `a.b=value` overrides, validate, resolve relative paths."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    for item in overrides or []:
+        apply_override(raw, item)
+    cfg = validate(raw, source=str(path), text=text)
+    if not cfg.data.store.is_absolute():
+        cfg.data.store = (Path.cwd() / cfg.data.store).resolve()
+    return cfg
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so 3, 1e-3, [1,2] work)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{item}': expected key.sub=value")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': value is not valid YAML") from e
+
+
+def validate(raw: dict[str, Any], source: str = "<config>", text: str | None = None) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = tuple(str(p) for p in err["loc"])
+        line = _line_of(text, loc) if text else None
+        where = f"{source}:{line}" if line else source
+        raise ConfigError(f"{where}: {_describe(err, loc)}") from None
+
+
+def _describe(err: Any, loc: tuple[str, ...]) -> str:
+    key = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        fields = _fields_at(loc[:-1])
+        return f"unknown key '{key}'{did_you_mean(loc[-1], fields)}; valid keys here: {', '.join(fields)}"
+    if err["type"] == "missing":
+        return f"missing required key '{key}'"
+    got = err.get("input")
+    return f"key '{key}': {err['msg'].replace('Input should', 'expected a value that should')}, got {got!r}"
+
+
+def _fields_at(loc: tuple[str, ...]) -> list[str]:
+    """The valid field names of the config section at loc (for suggestions)."""
+    model: Any = RunConfig
+    for part in loc:
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        model = field.annotation
+    return list(model.model_fields) if hasattr(model, "model_fields") else []
+
+
+def _line_of(text: str, loc: tuple[str, ...]) -> int | None:
+    """The 1-based line of the deepest key of loc present in the YAML text."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for k, v in node.value:
+            if k.value == part:
+                line, node = k.start_mark.line + 1, v
+                break
+        else:
+            break
+    return line
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,163 @@
+"""Torch datasets and loaders over a prepared store.
+
+Training loaders shard with DistributedSampler (set_epoch each epoch); evaluation loaders shard
+exactly (rank::world, no padding duplicates), so summed confusion counts are exact. Loaders yield
+batches already on the device, augmented there when augmentation is on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from segscale.config import AugmentConfig
+from segscale.imgmed.store import Store
+
+
+class SliceDataset(Dataset):
+    """(image (C, S, S) float32, mask (S, S) int64, case index) for the rows of one split."""
+
+    def __init__(self, store: Store, split: str) -> None:
+        self.store = store
+        self.cases = store.cases(split)
+        self.rows = store.rows(split)
+        self.case_of_row = np.concatenate(
+            [np.full(c["count"], i) for i, c in enumerate(self.cases)]
+        )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        r = self.rows[i]
+        image = torch.from_numpy(np.array(self.store.images[r]))
+        mask = torch.from_numpy(self.store.masks[r].astype(np.int64))
+        return image, mask, int(self.case_of_row[i])
+
+
+class ShardSampler(Sampler[int]):
+    """Indices rank, rank + world, ...: every sample exactly once across ranks (shards may be uneven)."""
+
+    def __init__(self, n: int, rank: int, world_size: int) -> None:
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class BatchAugment:
+    """Random rotation, zoom, translation, flips (one affine per sample, applied to image and mask
+    alike with grid_sample) and intensity jitter. Runs on whatever device the batch is on; random
+    parameters come from a CPU generator so runs are reproducible across devices."""
+
+    def __init__(self, cfg: AugmentConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg, n = self.cfg, x.shape[0]
+
+        def uniform(lo: float, hi: float) -> torch.Tensor:
+            return lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
+
+        angle = uniform(-cfg.rotation, cfg.rotation) * math.pi / 180
+        zoom = uniform(*cfg.zoom)
+        shift = torch.stack([uniform(-cfg.translation, cfg.translation) for _ in range(2)], 1) * 2
+        flip = torch.ones(n, 2, dtype=torch.float64)
+        if cfg.flip:
+            flip = torch.where(torch.rand(n, 2, generator=gen) < 0.5, -1.0, 1.0).double()
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        theta = torch.stack(
+            [
+                torch.stack([cos * flip[:, 0], -sin, shift[:, 0]], 1),
+                torch.stack([sin, cos * flip[:, 1], shift[:, 1]], 1),
+            ],
+            1,
+        ).to(x.device, torch.float32)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        y = F.grid_sample(
+            y[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
+        )
+        if cfg.intensity > 0:
+            scale = 1 + cfg.intensity * torch.randn(n, 1, 1, 1, generator=gen)
+            offset = cfg.intensity * torch.randn(n, 1, 1, 1, generator=gen)
+            x = x * scale.to(x.device) + offset.to(x.device)
+        return x, y[:, 0].long()
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+
+
+class TrainLoader:
+    """Shuffled, sharded, optionally augmented device batches; `set_epoch` reseeds everything for
+    that epoch, so a run resumed at an epoch boundary sees exactly the batches it would have seen."""
+
+    def __init__(
+        self,
+        dataset: SliceDataset,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        seed: int,
+        augment: AugmentConfig,
+        num_workers: int = 0,
+    ) -> None:
+        self.sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
+        )
+        self.seed, self.rank, self.device = seed, rank, device
+        self.generator = torch.Generator()
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            # A last batch of one sample breaks BatchNorm and skews the step; drop it when we can.
+            drop_last=len(self.sampler) >= batch_size,
+            num_workers=num_workers,
+            worker_init_fn=_seed_worker,
+            generator=self.generator,
+            persistent_workers=num_workers > 0,
+            pin_memory=device.type == "cuda",
+        )
+        self.augment = BatchAugment(augment) if augment.enabled else None
+        self.aug_generator = torch.Generator()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
+        self.aug_generator.manual_seed((self.seed * 1_000_003 + epoch) * 7919 + self.rank)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y, _ in self.loader:
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            if self.augment is not None:
+                x, y = self.augment(x, y, self.aug_generator)
+            yield x, y
+
+
+def eval_loader(
+    dataset: SliceDataset, batch_size: int, rank: int, world_size: int, num_workers: int = 0
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardSampler(len(dataset), rank, world_size),
+        num_workers=num_workers,
+    )

@@ -1,0 +1,228 @@
+"""The engine: the only place where configuration becomes objects.
+
+`plan(cfg)` resolves and checks every component before any process starts (missing data, unknown
+model, kwargs that do not bind); the workers then call `train_worker` / `evaluate_worker`, which
+build the Trainer from the plan.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import segscale.losses
+import segscale.parallel  # noqa: F401  (registers the built-in strategies)
+from segscale.config import RunConfig, load_config
+from segscale.errors import SegscaleError
+from segscale.imgmed.store import Store
+from segscale.registry import LOSSES, MODELS, OPTIMIZERS, STRATEGIES
+
+OPTIMIZERS.register("sgd")(
+    lambda params, cfg: torch.optim.SGD(
+        params,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+    )
+)
+OPTIMIZERS.register("adam")(
+    lambda params, cfg: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+)
+OPTIMIZERS.register("adamw")(
+    lambda params, cfg: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+)
+
+
+@dataclass
+class Plan:
+    """Every component of a run, resolved and checked."""
+
+    cfg: RunConfig
+    store: Store
+
+    @property
+    def num_classes(self) -> int:
+        return self.store.num_classes
+
+    @property
+    def in_channels(self) -> int:
+        return self.store.in_channels
+
+    def describe(self) -> dict[str, Any]:
+        c = self.cfg
+        builtin = c.model.name in MODELS
+        return {
+            "task": "segmentation",
+            "data": {
+                "store": str(c.data.store),
+                "classes": self.store.meta["labels"],
+                "channels": self.store.meta["channel_names"],
+                "splits": {s: len(v) for s, v in self.store.meta["splits"].items()},
+            },
+            "model": {
+                "name": c.model.name,
+                "source": "built-in" if builtin else "user",
+                "kwargs": c.model.kwargs,
+            },
+            "strategy": c.train.strategy,
+            "optimizer": c.train.optimizer.model_dump(),
+            "loss": c.train.loss,
+            "schedule": c.train.schedule.model_dump(),
+        }
+
+
+def plan(cfg: RunConfig) -> Plan:
+    from segscale.models import check_kwargs
+
+    store = Store.open(cfg.data.store)
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        store.rows(split)  # raises a clear error for an empty split
+    check_kwargs(MODELS.resolve(cfg.model.name), cfg.model.kwargs, cfg.model.name)
+    LOSSES.resolve(cfg.train.loss)
+    OPTIMIZERS.resolve(cfg.train.optimizer.name)
+    STRATEGIES.resolve(cfg.train.strategy)
+    return Plan(cfg, store)
+
+
+def build_model(p: Plan) -> torch.nn.Module:
+    from segscale.models import create_model
+
+    return create_model(p.cfg.model.name, p.in_channels, p.num_classes, **p.cfg.model.kwargs)
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
+    """Create the run folder and save the resolved config; refuse to overwrite a finished or
+    started run unless resuming it."""
+    from segscale.config import save_config
+
+    started = (run_dir / "checkpoints").is_dir() or (run_dir / "model.pt").exists()
+    if started and not resume:
+        raise SegscaleError(
+            f"{run_dir}: already holds a run; pass --resume to continue it or --run-dir for a new one"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+
+
+def train_worker(
+    run_dir: Path, resume: bool = False, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Build everything from run_dir/config.yaml and train (one process of N)."""
+    from segscale.data import SliceDataset, TrainLoader, eval_loader
+    from segscale.parallel import create_strategy
+    from segscale.repro import environment, seed_everything
+    from segscale.schedules import build_schedule
+    from segscale.train import Trainer
+
+    cfg = load_config(run_dir / "config.yaml")
+    p = plan(cfg)
+    strategy = create_strategy(cfg.train.strategy, cfg.train.device)
+    try:
+        seed_everything(cfg.seed, cfg.train.deterministic)
+        model = strategy.wrap(
+            build_model(p)
+        )  # same seed on every rank; DDP also broadcasts rank 0's
+        t = cfg.train
+        train_ds = SliceDataset(p.store, cfg.data.train_split)
+        val_ds = SliceDataset(p.store, cfg.data.val_split)
+        train_loader = TrainLoader(
+            train_ds,
+            t.batch_size,
+            strategy.rank,
+            strategy.world_size,
+            strategy.device,
+            cfg.seed,
+            cfg.data.augment,
+            cfg.data.num_workers,
+        )
+        val_loader = eval_loader(val_ds, t.batch_size, strategy.rank, strategy.world_size)
+        steps = min(t.steps_per_epoch or len(train_loader), len(train_loader))
+        if steps == 0:
+            raise SegscaleError(
+                f"train split has {len(train_ds)} slices: fewer than one batch per worker"
+            )
+        schedule = build_schedule(
+            t.schedule, t.optimizer.lr, t.batch_size, strategy.world_size, steps, t.epochs
+        )
+        optimizer = OPTIMIZERS.resolve(t.optimizer.name)(model.parameters(), t.optimizer)
+        loss_fn = LOSSES.resolve(t.loss)().to(strategy.device)
+        if strategy.rank == 0:
+            record = {
+                **environment(),
+                "seed": cfg.seed,
+                "config_digest": cfg.digest(),
+                "peak_lr": schedule.peak_lr,
+                "global_batch": t.batch_size * strategy.world_size,
+                "steps_per_epoch": steps,
+            }
+            (run_dir / "environment.json").write_text(json.dumps(record, indent=1))
+        trainer = Trainer(
+            model,
+            optimizer,
+            schedule,
+            loss_fn,
+            train_loader,
+            val_loader,
+            strategy,
+            epochs=t.epochs,
+            num_classes=p.num_classes,
+            num_val_cases=len(val_ds.cases),
+            run_dir=run_dir,
+            seed=cfg.seed,
+            steps_per_epoch=steps,
+            val_every=t.val_every,
+            grad_clip=t.grad_clip,
+            config_digest=cfg.digest(),
+            progress=progress,
+        )
+        return trainer.fit(resume=resume)
+    finally:
+        strategy.close()
+
+
+def load_trained_model(
+    run_dir: Path, device: torch.device | str = "cpu"
+) -> tuple[torch.nn.Module, Plan]:
+    cfg = load_config(run_dir / "config.yaml")
+    p = plan(cfg)
+    weights = run_dir / "model.pt"
+    if not weights.is_file():
+        raise SegscaleError(f"{run_dir}: no model.pt; train the run to the end first")
+    model = build_model(p)
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.to(device).eval(), p
+
+
+def evaluate_worker(run_dir: Path, split: str, out: Path) -> dict[str, Any]:
+    """Evaluate run_dir/model.pt on a split, sharded exactly over the workers; rank 0 writes `out`."""
+    from segscale.data import SliceDataset, eval_loader
+    from segscale.evaluation import confusion_by_case, summarize
+    from segscale.parallel import create_strategy
+
+    cfg = load_config(run_dir / "config.yaml")
+    strategy = create_strategy(cfg.train.strategy, cfg.train.device)
+    try:
+        model, p = load_trained_model(run_dir, strategy.device)
+        ds = SliceDataset(p.store, split)
+        loader = eval_loader(ds, cfg.train.batch_size * 2, strategy.rank, strategy.world_size)
+        counts = confusion_by_case(model, loader, p.num_classes, len(ds.cases), strategy)
+        result = {
+            "run": str(run_dir),
+            "split": split,
+            "workers": strategy.world_size,
+            "labels": p.store.meta["labels"],
+            **summarize(counts, [c["id"] for c in ds.cases]),
+        }
+        if strategy.rank == 0:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.tmp")
+            tmp.write_text(json.dumps(result, indent=1))
+            tmp.replace(out)
+        return result
+    finally:
+        strategy.close()

@@ -1,0 +1,285 @@
+"""`segscale prepare`: raw dataset → prepared store (split by case, sliced, resized, normalised)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segscale.errors import DataError
+from segscale.imgmed.io import load_image2d, load_nifti, nifti_shape
+from segscale.imgmed.sources import Case, Source, discover
+from segscale.imgmed.store import FORMAT, StoreWriter
+from segscale.imgmed.transforms import (
+    Preprocessing,
+    preprocess,
+    resize_masks,
+    slice_indices,
+    to_slices,
+)
+
+
+def split_cases(
+    case_ids: list[str], val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, str]:
+    """Case id → train/val/test; by case, so no case lands in two splits. Seeded."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise DataError(
+            f"split fractions val={val_fraction}, test={test_fraction}: expected each in [0, 1) and a sum < 1"
+        )
+    n = len(case_ids)
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = round(n * test_fraction) if test_fraction > 0 else 0
+    n_val = round(n * val_fraction) if val_fraction > 0 else 0
+    n_test = max(n_test, 1 if test_fraction > 0 and n >= 3 else 0)
+    n_val = max(n_val, 1 if val_fraction > 0 and n >= 3 else 0)
+    if n - n_test - n_val < 1:
+        raise DataError(
+            f"{n} case(s) are too few for a train split with val={val_fraction}, test={test_fraction}"
+        )
+    splits = {}
+    for rank, i in enumerate(order):
+        splits[case_ids[i]] = (
+            "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+        )
+    return splits
+
+
+def parse_label_map(text: str | None) -> dict[int, int] | None:
+    """'0:1,255:0' → {0: 1, 255: 0} (raw mask value → class)."""
+    if not text:
+        return None
+    try:
+        return {int(a): int(b) for a, b in (kv.split(":") for kv in text.split(","))}
+    except ValueError as e:
+        raise DataError(f"label map '{text}': expected raw:class pairs like 0:1,255:0") from e
+
+
+def prepare(
+    source: str | Path,
+    output: str | Path,
+    prep: Preprocessing = Preprocessing(),
+    *,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    label_map: dict[int, int] | None = None,
+    progress: bool = True,
+) -> tuple[Path, bool]:
+    """Prepare a store; returns (path, written). Re-running with the same inputs is a no-op."""
+    src = discover(source)
+    output = Path(output).resolve()
+    params = {
+        "preprocessing": prep.to_dict(),
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "seed": seed,
+        "label_map": {str(k): v for k, v in label_map.items()} if label_map else None,
+    }
+    input_hash = _input_hash(src, params)
+    existing = output / "meta.json"
+    if existing.is_file():
+        try:
+            if json.loads(existing.read_text()).get("input_hash") == input_hash:
+                return output, False
+        except json.JSONDecodeError:
+            pass
+    elif output.exists() and any(output.iterdir()):
+        raise DataError(
+            f"{output}: exists, is not empty and is not a prepared store; choose another output"
+        )
+
+    labels, value_to_class = _label_table(src, label_map)
+    splits = split_cases([c.id for c in src.cases], val_fraction, test_fraction, seed)
+    is_volume = src.kind == "msd"
+    counts = [_num_slices(c, prep) if is_volume else 1 for c in src.cases]
+    channels = len(prep.channels) if prep.channels is not None else _num_channels(src)
+
+    writer = StoreWriter(output, sum(counts), channels, prep.size)
+    cases_meta: list[dict[str, Any]] = []
+    try:
+        start = 0
+        for case, count in _track(list(zip(src.cases, counts)), progress, f"preparing {src.name}"):
+            image, mask, affine = _load_case(case, is_volume, value_to_class)
+            x, indices = preprocess(image, is_volume, prep)
+            m = to_slices(mask[None], prep.axis, indices)[:, 0] if is_volume else mask[None]
+            assert len(x) == count
+            writer.images[start : start + count] = x.numpy()
+            writer.masks[start : start + count] = resize_masks(m, prep.size).numpy()
+            cases_meta.append(
+                {
+                    "id": case.id,
+                    "split": splits[case.id],
+                    "images": [str(p) for p in case.images],
+                    "label": str(case.label),
+                    "shape": list(mask.shape),
+                    "affine": affine.tolist() if affine is not None else None,
+                    "slice_indices": indices.tolist(),
+                    "start": start,
+                    "count": count,
+                }
+            )
+            start += count
+        meta = {
+            "format": FORMAT,
+            "name": src.name,
+            "source": str(src.root.resolve()),
+            "source_kind": src.kind,
+            "labels": {str(k): v for k, v in labels.items()},
+            "label_values": {
+                str(v): c for v, c in value_to_class.items()
+            },  # raw mask value → class
+            "channel_names": _channel_names(src, prep),
+            **params,
+            "splits": {
+                s: [c["id"] for c in cases_meta if c["split"] == s]
+                for s in ("train", "val", "test")
+            },
+            "cases": cases_meta,
+            "input_hash": input_hash,
+            "content_hash": _content_hash(writer),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        writer.commit(meta)
+    except BaseException:
+        writer.abort()
+        raise
+    return output, True
+
+
+def _track(items: list, progress: bool, description: str):
+    if not progress:
+        return items
+    from rich.progress import track
+
+    return track(items, description=description, transient=True)
+
+
+def _num_slices(case: Case, prep: Preprocessing) -> int:
+    shape = nifti_shape(case.images[0])
+    if len(shape) < 3:
+        raise DataError(f"{case.images[0]}: expected a 3D or 4D volume, got shape {shape}")
+    return len(slice_indices(shape[prep.axis], prep.slices))
+
+
+def _num_channels(src: Source) -> int:
+    if src.kind == "msd":
+        shape = nifti_shape(src.cases[0].images[0])
+        return (shape[3] if len(shape) == 4 else 1) * len(src.cases[0].images)
+    first = load_image2d(src.cases[0].images[0])
+    return 1 if first.ndim == 2 else first.shape[-1]
+
+
+def _channel_names(src: Source, prep: Preprocessing) -> list[str]:
+    names = src.channel_names
+    if prep.channels is None:
+        return names
+    return [names[c] if c < len(names) else f"channel_{c}" for c in prep.channels]
+
+
+def _label_table(
+    src: Source, label_map: dict[int, int] | None
+) -> tuple[dict[int, str], dict[int, int]]:
+    """Class names, and the raw mask value → class index table."""
+    if src.kind == "msd":
+        if label_map:
+            raise DataError(
+                "--label-map applies to 2D mask folders; Decathlon labels come from dataset.json"
+            )
+        return src.labels, {k: k for k in src.labels}
+    if label_map is None:
+        values: set[int] = set()
+        for case in src.cases:
+            mask = _mask2d(case.label)
+            values.update(np.unique(mask).tolist())
+            if len(values) > 16:
+                raise DataError(
+                    f"{case.label}: more than 16 distinct mask values; anti-aliased edges? "
+                    "expected a few label values (or pass --label-map)"
+                )
+        label_map = {v: i for i, v in enumerate(sorted(values))}
+    classes = sorted(set(label_map.values()))
+    if classes != list(range(len(classes))):
+        raise DataError(f"label map classes must be 0..K-1, got {classes}")
+    raw = {c: [v for v, k in label_map.items() if k == c] for c in classes}
+    return {
+        c: "background" if c == 0 else f"class_{c} (mask value {raw[c]})" for c in classes
+    }, label_map
+
+
+def _mask2d(path: Path) -> np.ndarray:
+    mask = load_image2d(path)
+    if mask.ndim == 3:
+        if not (mask == mask[..., :1]).all():
+            raise DataError(f"{path}: colour mask; expected a single-channel label image")
+        mask = mask[..., 0]
+    return mask
+
+
+def _load_case(case: Case, is_volume: bool, value_to_class: dict[int, int]):
+    if is_volume:
+        arrays = [load_nifti(p) for p in case.images]
+        image = arrays[0][0] if len(arrays) == 1 else np.stack([a for a, _ in arrays], axis=-1)
+        affine = arrays[0][1]
+        raw_mask, _ = load_nifti(case.label, dtype=np.float32)
+        spatial = image.shape[:3]
+        if raw_mask.shape != spatial:
+            raise DataError(
+                f"{case.label}: label shape {raw_mask.shape} does not match image shape {spatial} ({case.images[0]})"
+            )
+    else:
+        image, affine = load_image2d(case.images[0]), None
+        raw_mask = _mask2d(case.label).astype(np.float32)
+        if raw_mask.shape != image.shape[:2]:
+            raise DataError(
+                f"{case.label}: mask shape {raw_mask.shape} does not match image shape {image.shape[:2]} ({case.images[0]})"
+            )
+    if not np.isfinite(image).all():
+        raise DataError(f"{case.images[0]}: image contains NaN or infinite values")
+    return image, _map_labels(raw_mask, value_to_class, case.label), affine
+
+
+def _map_labels(raw: np.ndarray, table: dict[int, int], path: Path | None) -> np.ndarray:
+    if not np.array_equal(raw, np.round(raw)):
+        raise DataError(f"{path}: non-integer label values; expected integer class labels")
+    values = np.unique(raw).astype(np.int64)
+    undeclared = [int(v) for v in values if int(v) not in table]
+    if undeclared:
+        raise DataError(
+            f"{path}: label values {undeclared} not declared (declared: {sorted(table)}; see dataset.json 'labels' or --label-map)"
+        )
+    lut = np.zeros(int(values.max()) + 1, dtype=np.uint8)
+    for v, c in table.items():
+        if 0 <= v < len(lut):
+            lut[v] = c
+    return lut[raw.astype(np.int64)]
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _input_hash(src: Source, params: dict) -> str:
+    h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    h.update(FORMAT.encode())
+    for case in src.cases:
+        for p in [*case.images, case.label]:
+            if p is not None:
+                h.update(p.name.encode())
+                h.update(_file_digest(p).encode())
+    return h.hexdigest()
+
+
+def _content_hash(writer: StoreWriter) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(writer.images).data)
+    h.update(np.ascontiguousarray(writer.masks).data)
+    return h.hexdigest()

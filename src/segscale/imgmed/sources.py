@@ -1,0 +1,135 @@
+"""Discover the cases of a raw dataset: a Decathlon/nnU-Net folder or a 2D images/ + masks/ folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from segscale.errors import DataError
+from segscale.imgmed.io import NIFTI_SUFFIXES, PNG_SUFFIXES, strip_suffix
+
+
+@dataclass
+class Case:
+    id: str
+    images: list[Path]  # one file, or one per channel (nnU-Net v2)
+    label: Path | None
+
+
+@dataclass
+class Source:
+    kind: str  # "msd" | "png2d"
+    root: Path
+    name: str
+    labels: dict[int, str]
+    channel_names: list[str]
+    cases: list[Case] = field(default_factory=list)
+
+
+def discover(root: str | Path) -> Source:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(
+            f"{root}: not a folder; expected a Decathlon/nnU-Net folder or images/ + masks/"
+        )
+    if (root / "dataset.json").is_file():
+        return _read_dataset_json(root)
+    if (root / "images").is_dir() and (root / "masks").is_dir():
+        return _read_png_folder(root)
+    if (root / "imagesTr").is_dir():
+        raise DataError(f"{root / 'dataset.json'}: missing; a Decathlon/nnU-Net folder needs it")
+    raise DataError(
+        f"{root}: no dataset.json (Decathlon/nnU-Net layout) and no images/ + masks/ folders (2D layout)"
+    )
+
+
+def _read_dataset_json(root: Path) -> Source:
+    path = root / "dataset.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read as JSON: {e}") from e
+    labels_raw = meta.get("labels")
+    if not isinstance(labels_raw, dict) or not labels_raw:
+        raise DataError(f"{path}: expected a 'labels' mapping")
+    if "channel_names" in meta:  # nnU-Net v2: labels are name -> int, one file per channel
+        labels = {int(v): str(k) for k, v in labels_raw.items() if not isinstance(v, list)}
+        channels = [meta["channel_names"][k] for k in sorted(meta["channel_names"], key=int)]
+        ending = meta.get("file_ending", ".nii.gz")
+        cases = _nnunet_v2_cases(root, len(channels), ending)
+    else:  # Decathlon: labels are "int" -> name, a 'training' list of image/label pairs
+        try:
+            labels = {int(k): str(v) for k, v in labels_raw.items()}
+        except ValueError as e:
+            raise DataError(f"{path}: 'labels' keys must be integers: {e}") from e
+        modality = meta.get("modality", {"0": "image"})
+        channels = [modality[k] for k in sorted(modality, key=int)]
+        cases = _msd_cases(root, path, meta)
+    if sorted(labels) != list(range(len(labels))):
+        raise DataError(f"{path}: labels must be 0..K-1, got {sorted(labels)}")
+    return Source("msd", root, str(meta.get("name", root.name)), labels, channels, cases)
+
+
+def _msd_cases(root: Path, path: Path, meta: dict) -> list[Case]:
+    training = meta.get("training")
+    if not isinstance(training, list) or not training:
+        raise DataError(f"{path}: expected a non-empty 'training' list of image/label pairs")
+    cases = []
+    for i, entry in enumerate(training):
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise DataError(f"{path}: training[{i}] needs an 'image' (and a 'label')")
+        image = (root / entry["image"]).resolve()
+        if not image.is_file():
+            raise DataError(f"{path}: training[{i}] image not found: {image}")
+        label = entry.get("label")
+        if label is None:
+            raise DataError(f"{image}: image without a label (training[{i}] in {path})")
+        label_path = (root / label).resolve()
+        if not label_path.is_file():
+            raise DataError(f"{image}: image without a label; expected {label_path}")
+        cases.append(Case(strip_suffix(image.name), [image], label_path))
+    listed = {c.images[0].name for c in cases}
+    for extra in sorted((root / "imagesTr").glob("*.nii*")) if (root / "imagesTr").is_dir() else []:
+        if extra.name not in listed and not extra.name.startswith("."):
+            raise DataError(f"{extra}: image not listed in {path} 'training'")
+    return cases
+
+
+def _nnunet_v2_cases(root: Path, num_channels: int, ending: str) -> list[Case]:
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    cases = []
+    for label in sorted(labels_dir.glob(f"*{ending}")):
+        cid = label.name[: -len(ending)]
+        images = [images_dir / f"{cid}_{c:04d}{ending}" for c in range(num_channels)]
+        for im in images:
+            if not im.is_file():
+                raise DataError(f"{label}: label without its image {im}")
+        cases.append(Case(cid, images, label))
+    for im in sorted(images_dir.glob(f"*{ending}")):
+        cid = im.name[: -len(ending)].rsplit("_", 1)[0]
+        if not (labels_dir / f"{cid}{ending}").is_file():
+            raise DataError(f"{im}: image without a label; expected {labels_dir / (cid + ending)}")
+    if not cases:
+        raise DataError(f"{labels_dir}: no labels ending in {ending}")
+    return cases
+
+
+def _read_png_folder(root: Path) -> Source:
+    images = sorted(p for p in (root / "images").iterdir() if p.name.lower().endswith(PNG_SUFFIXES))
+    if not images:
+        raise DataError(f"{root / 'images'}: no PNG/JPG/TIFF images")
+    cases = []
+    for im in images:
+        cid = strip_suffix(im.name)
+        matches = [
+            p for p in (root / "masks").glob(f"{cid}.*") if p.name.lower().endswith(PNG_SUFFIXES)
+        ]
+        if not matches:
+            raise DataError(f"{im}: image without a mask in {root / 'masks'}")
+        cases.append(Case(cid, [im], matches[0]))
+    return Source("png2d", root, root.name, {}, ["image"], cases)
+
+
+def is_volume_file(path: Path) -> bool:
+    return path.name.endswith(NIFTI_SUFFIXES)

@@ -1,0 +1,109 @@
+"""The prepared store: memory-mapped arrays plus meta.json, written atomically.
+
+<store>/images.npy   float32 (N, C, S, S)   model inputs, already normalised and resized
+<store>/masks.npy    uint8   (N, S, S)      labels 0..K-1
+<store>/meta.json    sources, cases (split, slice indices, original shape and affine),
+                     preprocessing parameters, labels, input and content hashes
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segscale.errors import DataError
+from segscale.imgmed.transforms import Preprocessing
+
+FORMAT = "segscale-store/1"
+
+
+@dataclass
+class Store:
+    """A prepared store opened for reading (arrays are memory-mapped, not loaded)."""
+
+    path: Path
+    meta: dict[str, Any]
+    images: np.ndarray
+    masks: np.ndarray
+
+    @classmethod
+    def open(cls, path: str | Path) -> Store:
+        path = Path(path)
+        meta_path = path / "meta.json"
+        if not meta_path.is_file():
+            raise DataError(
+                f"{path}: not a prepared store (no meta.json); run `segscale prepare` first"
+            )
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT:
+            raise DataError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        images = np.load(path / "images.npy", mmap_mode="r")
+        masks = np.load(path / "masks.npy", mmap_mode="r")
+        return cls(path, meta, images, masks)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.meta["labels"])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.meta["preprocessing"])
+
+    def cases(self, split: str | None = None) -> list[dict[str, Any]]:
+        return [c for c in self.meta["cases"] if split is None or c["split"] == split]
+
+    def rows(self, split: str) -> np.ndarray:
+        """Row indices of a split, in case order."""
+        cases = self.cases(split)
+        if not cases:
+            known = sorted({c["split"] for c in self.meta["cases"]})
+            raise DataError(
+                f"{self.path}: split '{split}' has no cases (splits here: {', '.join(known)})"
+            )
+        return np.concatenate([np.arange(c["start"], c["start"] + c["count"]) for c in cases])
+
+
+class StoreWriter:
+    """Writes a store into a temp folder beside the target and renames it into place on success,
+    so an interrupted prepare never leaves a half-written store behind."""
+
+    def __init__(self, output: Path, num_rows: int, channels: int, size: int) -> None:
+        self.output = output
+        output.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+        self.images = np.lib.format.open_memmap(
+            self.tmp / "images.npy",
+            mode="w+",
+            dtype=np.float32,
+            shape=(num_rows, channels, size, size),
+        )
+        self.masks = np.lib.format.open_memmap(
+            self.tmp / "masks.npy", mode="w+", dtype=np.uint8, shape=(num_rows, size, size)
+        )
+
+    def commit(self, meta: dict[str, Any]) -> None:
+        self.images.flush()
+        self.masks.flush()
+        del self.images, self.masks
+        (self.tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if self.output.exists():
+            old = self.output.with_name(f".{self.output.name}.old-{os.getpid()}")
+            os.replace(self.output, old)
+            os.replace(self.tmp, self.output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.output)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)

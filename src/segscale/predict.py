@@ -1,0 +1,107 @@
+"""`segscale predict`: segment NIfTI volumes or 2D images; masks come back in each input's geometry
+(same shape, same affine, same file name), with the training resize undone."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segscale.errors import DataError
+from segscale.imgmed.io import (
+    PNG_SUFFIXES,
+    is_nifti_name,
+    load_image2d,
+    load_nifti,
+    save_nifti,
+    save_png,
+)
+from segscale.imgmed.transforms import from_slices, preprocess
+
+
+def expand_inputs(inputs: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            found = sorted(
+                p
+                for p in path.iterdir()
+                if is_nifti_name(p) or p.name.lower().endswith(PNG_SUFFIXES)
+            )
+            if not found:
+                raise DataError(f"{path}: no NIfTI or PNG/JPG/TIFF files")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    return files
+
+
+@torch.no_grad()
+def segment_slices(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    out_hw: tuple[int, int],
+    batch_size: int,
+    device: torch.device,
+) -> np.ndarray:
+    """(N, C, S, S) inputs → (N, H, W) labels: logits resized back to H×W, then argmax."""
+    masks = []
+    for i in range(0, len(x), batch_size):
+        logits = model(x[i : i + batch_size].to(device))
+        logits = F.interpolate(logits, size=out_hw, mode="bilinear", align_corners=False)
+        masks.append(logits.argmax(1).to(torch.uint8).cpu())
+    return torch.cat(masks).numpy()
+
+
+def predict(
+    run_dir: Path, inputs: list[Path], out_dir: Path, batch_size: int = 16, device: str = "cpu"
+) -> list[Path]:
+    from segscale.engine import load_trained_model
+
+    dev = torch.device(device)
+    model, plan = load_trained_model(run_dir, dev)
+    store = plan.store
+    # Every slice of a volume gets segmented, whatever subset training used.
+    prep = dataclasses.replace(store.preprocessing, slices=None)
+    class_to_raw = _class_to_raw(store.meta)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in expand_inputs(inputs):
+        volume = is_nifti_name(path)
+        if volume:
+            image, affine = load_nifti(path)
+            spatial = image.shape[:3]
+        else:
+            image, affine = load_image2d(path), None
+            spatial = image.shape[:2]
+        x, _ = preprocess(image, volume, prep)
+        if x.shape[1] != plan.in_channels:
+            raise DataError(
+                f"{path}: {x.shape[1]} channel(s) after preprocessing; the model was trained on {plan.in_channels}"
+            )
+        hw = tuple(s for i, s in enumerate(spatial) if i != prep.axis) if volume else spatial
+        masks = segment_slices(model, x, hw, batch_size, dev)
+        target = out_dir / path.name
+        if volume:
+            save_nifti(from_slices(masks, prep.axis), affine, target)
+        else:
+            save_png(class_to_raw[masks[0]], target.with_suffix(".png"))
+            target = target.with_suffix(".png")
+        written.append(target)
+    return written
+
+
+def _class_to_raw(meta: dict) -> np.ndarray:
+    """Class index → the raw mask value it came from, so 2D masks round-trip (e.g. 1 → 255)."""
+    lut = np.arange(len(meta["labels"]), dtype=np.uint8)
+    if meta.get("source_kind") == "png2d":
+        for raw, cls in sorted(
+            meta["label_values"].items(), key=lambda kv: int(kv[0]), reverse=True
+        ):
+            lut[cls] = int(raw)
+    return lut

@@ -1,0 +1,72 @@
+"""Learning-rate schedules as pure functions of the step (nanoGPT style): the Trainer asks
+`lr(step)` and writes it into the optimiser, so resuming only needs the step count."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from segscale.config import ScheduleConfig
+
+
+def scaled_lr(base_lr: float, global_batch: int, reference_batch: int, rule: str) -> float:
+    """The scaling rule: linear (Goyal et al., the thesis), square root, or none."""
+    k = global_batch / reference_batch
+    if rule == "linear":
+        return base_lr * k
+    if rule == "sqrt":
+        return base_lr * math.sqrt(k)
+    if rule == "none":
+        return base_lr
+    raise ValueError(f"unknown lr scaling rule '{rule}' (linear | sqrt | none)")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """lr(step) for a run: warmup from the base lr to the scaled peak, then decay."""
+
+    base_lr: float
+    peak_lr: float
+    steps_per_epoch: int
+    total_steps: int
+    cfg: ScheduleConfig
+
+    def __call__(self, step: int) -> float:
+        epoch = step / self.steps_per_epoch
+        warmup = self.cfg.warmup_epochs
+        if warmup > 0 and epoch < warmup:
+            if self.cfg.warmup == "constant":
+                return self.base_lr
+            # Gradual: linear from the unscaled base lr to the scaled peak (Goyal et al. 2017).
+            return self.base_lr + (self.peak_lr - self.base_lr) * epoch / warmup
+        return self.peak_lr * self._decay(step)
+
+    def _decay(self, step: int) -> float:
+        cfg = self.cfg
+        if cfg.decay == "none":
+            return 1.0
+        if cfg.decay == "step":
+            epoch = step // self.steps_per_epoch
+            return cfg.decay_factor ** sum(epoch >= e for e in cfg.decay_epochs)
+        start = round(cfg.warmup_epochs * self.steps_per_epoch)
+        span = max(1, self.total_steps - start)
+        t = min(1.0, max(0.0, (step - start) / span))
+        floor = cfg.min_lr_ratio
+        if cfg.decay == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+        if cfg.decay == "poly":
+            return floor + (1 - floor) * (1 - t) ** cfg.poly_power
+        raise ValueError(f"unknown decay '{cfg.decay}'")
+
+
+def build_schedule(
+    cfg: ScheduleConfig,
+    base_lr: float,
+    batch_size: int,
+    world_size: int,
+    steps_per_epoch: int,
+    epochs: int,
+) -> Schedule:
+    reference = cfg.reference_batch or batch_size
+    peak = scaled_lr(base_lr, batch_size * world_size, reference, cfg.scaling)
+    return Schedule(base_lr, peak, steps_per_epoch, steps_per_epoch * epochs, cfg)

@@ -1,0 +1,70 @@
+"""SegEval: metrics from a confusion matrix n[i, j] = pixels of class i predicted as class j.
+
+Dataset-level metrics come from the confusion matrix summed over all pixels (as in the thesis),
+which is exact under any sharding: integer counts add. Definitions (thesis §3.3.2.3, Table 5.1),
+with t_i = Σ_j n_ij:
+    PA    = Σ_i n_ii / Σ_i t_i
+    MA    = (1/n_cl) Σ_i n_ii / t_i
+    mIoU  = (1/n_cl) Σ_i n_ii / (t_i + Σ_j n_ji − n_ii)
+    fwIoU = (Σ_k t_k)^-1 Σ_i t_i n_ii / (t_i + Σ_j n_ji − n_ii)
+    Dice_i = 2 n_ii / (2 n_ii + Σ_{j≠i} n_ij + Σ_{j≠i} n_ji)
+`dice` is the mean over foreground classes (what medical papers report); `dice_with_background`
+is the thesis' formula averaged over all n_cl classes. Sensitivity (TPR) and specificity (TNR) are
+one-vs-rest per foreground class, then averaged. MA and mIoU average over classes present in the
+reference or prediction (a class absent from both has no defined ratio).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C, C) int64 counts via one bincount (on the tensors' device)."""
+    idx = target.reshape(-1).long() * num_classes + pred.reshape(-1).long()
+    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    out = np.full(num.shape, np.nan)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def per_class_dice(cm: np.ndarray) -> np.ndarray:
+    """Dice per class; 1.0 where a class is absent from both reference and prediction."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    den = 2 * tp + (cm.sum(1) - tp) + (cm.sum(0) - tp)
+    dice = _ratio(2 * tp, den)
+    return np.where(den == 0, 1.0, dice)
+
+
+def metrics_from_confusion(cm: np.ndarray) -> dict[str, float]:
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    t = cm.sum(1)  # reference pixels per class
+    p = cm.sum(0)  # predicted pixels per class
+    total = cm.sum()
+    union = t + p - tp
+    present = union > 0
+    iou = _ratio(tp, union)
+    dice = per_class_dice(cm)
+    fn, fp = t - tp, p - tp
+    tn = total - tp - fn - fp
+    fg = slice(1, None) if len(cm) > 1 else slice(None)
+    return {
+        "dice": float(np.mean(dice[fg])),
+        "dice_with_background": float(np.mean(dice)),
+        "pixel_accuracy": float(tp.sum() / total) if total else float("nan"),
+        "mean_accuracy": float(np.nanmean(_ratio(tp, t)[present]))
+        if present.any()
+        else float("nan"),
+        "mean_iou": float(np.nanmean(iou[present])) if present.any() else float("nan"),
+        "fw_iou": float(np.nansum(t * np.nan_to_num(iou)) / total) if total else float("nan"),
+        "sensitivity": float(np.nanmean(_ratio(tp, tp + fn)[fg])),
+        "specificity": float(np.nanmean(_ratio(tn, tn + fp)[fg])),
+    }

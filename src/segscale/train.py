@@ -1,0 +1,213 @@
+"""The Trainer: a plain synchronous data-parallel loop. It never reads config (see engine.py).
+
+    fit():
+        resume from the latest checkpoint when asked
+        for each epoch:
+            set_epoch (sampler, augmentation, dropout RNG)          → callbacks.on_epoch_start
+            for each batch: train_step (lr(step), forward, backward = all-reduce, step)
+            every val_every epochs: validate (exact, sharded)       → callbacks.on_validation_end
+            log metrics, checkpoint (rank 0)                         → callbacks.on_epoch_end
+        write model.pt                                               → callbacks.on_train_end
+
+Callbacks are duck-typed: a hook is called only on objects that define it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from segscale.checkpoint import atomic_save, checkpoint_path, latest_checkpoint, load_checkpoint
+from segscale.data import TrainLoader
+from segscale.evaluation import confusion_by_case
+from segscale.parallel import Strategy, unwrap
+from segscale.segeval import metrics_from_confusion
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedule: Callable[[int], float],
+        loss_fn: nn.Module,
+        train_loader: TrainLoader,
+        val_loader: Any,
+        strategy: Strategy,
+        *,
+        epochs: int,
+        num_classes: int,
+        num_val_cases: int,
+        run_dir: Path,
+        seed: int = 0,
+        steps_per_epoch: int | None = None,
+        val_every: int = 1,
+        grad_clip: float | None = None,
+        callbacks: Sequence[Any] = (),
+        config_digest: str = "",
+        progress: bool = True,
+    ) -> None:
+        self.model, self.optimizer, self.schedule, self.loss_fn = (
+            model,
+            optimizer,
+            schedule,
+            loss_fn,
+        )
+        self.train_loader, self.val_loader, self.strategy = train_loader, val_loader, strategy
+        self.epochs, self.num_classes, self.num_val_cases = epochs, num_classes, num_val_cases
+        self.run_dir, self.seed, self.grad_clip = Path(run_dir), seed, grad_clip
+        self.steps_per_epoch = min(steps_per_epoch or len(train_loader), len(train_loader))
+        self.val_every, self.callbacks, self.config_digest = (
+            val_every,
+            list(callbacks),
+            config_digest,
+        )
+        self.progress = progress and strategy.rank == 0
+        self.step, self.start_epoch, self.history = 0, 0, []
+
+    def fit(self, resume: bool = False) -> list[dict[str, Any]]:
+        if resume:
+            self.resume()
+        self._call("on_train_start")
+        for epoch in range(self.start_epoch, self.epochs):
+            self.set_epoch(epoch)
+            t0 = time.perf_counter()
+            train_loss = self.train_epoch(epoch)
+            elapsed = time.perf_counter() - t0
+            record = {
+                "epoch": epoch + 1,
+                "step": self.step,
+                "lr": self.schedule(self.step - 1),
+                "train_loss": train_loss,
+                "epoch_seconds": elapsed,
+                "images_per_second": self.images_seen / elapsed,
+            }
+            if (epoch + 1) % self.val_every == 0 or epoch + 1 == self.epochs:
+                record.update({f"val_{k}": v for k, v in self.validate().items()})
+                self._call("on_validation_end", record)
+            self.history.append(record)
+            if self.strategy.rank == 0:
+                self.save_checkpoint(epoch + 1)
+                self.write_metrics()
+            self._call("on_epoch_end", record)
+        if self.strategy.rank == 0:
+            atomic_save(unwrap(self.model).state_dict(), self.run_dir / "model.pt")
+        self.strategy.barrier()
+        self._call("on_train_end", self.history)
+        return self.history
+
+    def set_epoch(self, epoch: int) -> None:
+        """Everything random in an epoch derives from (seed, rank, epoch): resuming is exact."""
+        self.train_loader.set_epoch(epoch)
+        torch.manual_seed(self.seed * 1_000_003 + epoch * 7919 + self.strategy.rank)
+        self._call("on_epoch_start", epoch)
+
+    def train_epoch(self, epoch: int) -> float:
+        self.model.train()
+        total = torch.zeros(2, dtype=torch.float64, device=self.strategy.device)
+        self.images_seen = 0
+        with _progress(
+            self.progress, f"epoch {epoch + 1}/{self.epochs}", self.steps_per_epoch
+        ) as advance:
+            for i, (x, y) in enumerate(self.train_loader):
+                if i == self.steps_per_epoch:
+                    break
+                loss = self.train_step(x, y)
+                total += torch.stack(
+                    [
+                        loss.double() * len(x),
+                        torch.tensor(len(x), dtype=torch.float64, device=loss.device),
+                    ]
+                )
+                self.images_seen += len(x) * self.strategy.world_size
+                advance()
+        self.strategy.all_reduce_sum(total)
+        return float(total[0] / total[1])
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        lr = self.schedule(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.loss_fn(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # under DDP, gradients are all-reduced here, bucket by bucket
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return loss.detach()
+
+    def validate(self) -> dict[str, float]:
+        counts = confusion_by_case(
+            unwrap(self.model), self.val_loader, self.num_classes, self.num_val_cases, self.strategy
+        )
+        return metrics_from_confusion(counts.sum(0))
+
+    def write_metrics(self) -> None:
+        """Rewrite metrics.jsonl from the history, so a resumed run never duplicates a line."""
+        tmp = self.run_dir / ".metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        tmp.replace(self.run_dir / "metrics.jsonl")
+
+    def save_checkpoint(self, epoch: int) -> None:
+        state = {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": epoch,
+            "step": self.step,
+            "config_digest": self.config_digest,
+            "history": self.history,
+        }
+        atomic_save(state, checkpoint_path(self.run_dir, epoch))
+
+    def resume(self) -> None:
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            return
+        state = load_checkpoint(path, self.config_digest)
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.start_epoch, self.step, self.history = (
+            state["epoch"],
+            state["step"],
+            list(state["history"]),
+        )
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, hook, None)
+            if fn is not None:
+                fn(self, *args)
+
+
+class _progress:
+    """A rich progress bar on rank 0 (a no-op elsewhere); yields an `advance()` function."""
+
+    def __init__(self, enabled: bool, description: str, total: int) -> None:
+        self.enabled, self.description, self.total = enabled, description, total
+
+    def __enter__(self) -> Callable[[], None]:
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        self.bar = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            transient=True,
+        )
+        self.bar.start()
+        task = self.bar.add_task(self.description, total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.stop()

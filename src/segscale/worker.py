@@ -1,0 +1,43 @@
+"""The per-process entry point under torchrun: `python -m segscale.worker train RUN_DIR`.
+
+Users launch through `segscale train --workers N`, which validates everything first and then starts
+this module N times; or directly: `torchrun --nproc-per-node N -m segscale.worker train RUN_DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from segscale.errors import SegscaleError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="segscale.worker")
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("run_dir", type=Path)
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("--no-progress", action="store_true")
+    e = sub.add_parser("evaluate")
+    e.add_argument("run_dir", type=Path)
+    e.add_argument("--split", default="test")
+    e.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    from segscale import engine
+
+    try:
+        if args.command == "train":
+            engine.train_worker(args.run_dir, resume=args.resume, progress=not args.no_progress)
+        else:
+            engine.evaluate_worker(args.run_dir, args.split, args.out)
+    except SegscaleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
