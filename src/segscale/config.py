@@ -165,7 +165,8 @@ def validate(raw: dict[str, Any], source: str = "<config>", text: str | None = N
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
+        # A misspelt key shows up twice (unknown + missing); the unknown one carries the suggestion.
+        err = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
         loc = tuple(str(p) for p in err["loc"])
         line = _line_of(text, loc) if text else None
         where = f"{source}:{line}" if line else source

@@ -34,6 +34,12 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return out
 
 
+def _nanmean(a: np.ndarray) -> float:
+    """Mean of the defined (non-NaN) values; NaN, without a warning, when none is defined."""
+    a = a[~np.isnan(a)]
+    return float(a.mean()) if a.size else float("nan")
+
+
 def per_class_dice(cm: np.ndarray) -> np.ndarray:
     """Dice per class; 1.0 where a class is absent from both reference and prediction."""
     cm = np.asarray(cm, dtype=np.float64)
@@ -60,11 +66,9 @@ def metrics_from_confusion(cm: np.ndarray) -> dict[str, float]:
         "dice": float(np.mean(dice[fg])),
         "dice_with_background": float(np.mean(dice)),
         "pixel_accuracy": float(tp.sum() / total) if total else float("nan"),
-        "mean_accuracy": float(np.nanmean(_ratio(tp, t)[present]))
-        if present.any()
-        else float("nan"),
-        "mean_iou": float(np.nanmean(iou[present])) if present.any() else float("nan"),
+        "mean_accuracy": _nanmean(_ratio(tp, t)[present]),
+        "mean_iou": _nanmean(iou[present]),
         "fw_iou": float(np.nansum(t * np.nan_to_num(iou)) / total) if total else float("nan"),
-        "sensitivity": float(np.nanmean(_ratio(tp, tp + fn)[fg])),
-        "specificity": float(np.nanmean(_ratio(tn, tn + fp)[fg])),
+        "sensitivity": _nanmean(_ratio(tp, tp + fn)[fg]),
+        "specificity": _nanmean(_ratio(tn, tn + fp)[fg]),
     }

@@ -1,0 +1,92 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from segscale.config import load_config, save_config
+from segscale.errors import ConfigError
+
+GOOD = """\
+name: la-unet
+seed: 0
+data: {store: prepared/left_atrium}
+model: {name: unet, kwargs: {base_channels: 16, depth: 4}}
+train:
+  epochs: 10
+  batch_size: 8
+  optimizer: {name: sgd, lr: 0.01, momentum: 0.9}
+  loss: dice_ce
+  schedule: {scaling: linear, reference_batch: 8, warmup_epochs: 0}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_issue_example_loads_and_resolves_the_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.train.batch_size == 8
+    assert cfg.model.kwargs == {"base_channels": 16, "depth": 4}
+    assert cfg.data.store == tmp_path / "prepared" / "left_atrium"
+
+
+def test_misspelt_key_names_file_line_key_and_suggestion(tmp_path):
+    path = write(tmp_path, GOOD.replace("  batch_size: 8", "  batch_sise: 8"))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert f"{path}:7:" in msg
+    assert "unknown key 'train.batch_sise'" in msg
+    assert "did you mean 'batch_size'" in msg
+
+
+def test_wrong_type_names_the_expected_type(tmp_path):
+    path = write(tmp_path, GOOD.replace("epochs: 10", "epochs: ten"))
+    with pytest.raises(ConfigError, match=r":6: key 'train.epochs': .*valid integer.*'ten'"):
+        load_config(path)
+
+
+def test_batch_size_zero_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.batch_size.*greater than 0"):
+        load_config(write(tmp_path, GOOD), ["train.batch_size=0"])
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path):
+    cfg = load_config(
+        write(tmp_path, GOOD), ["train.optimizer.lr=3e-4", "model.kwargs.depth=3", "seed=7"]
+    )
+    assert cfg.train.optimizer.lr == pytest.approx(3e-4)
+    assert cfg.model.kwargs["depth"] == 3
+    assert cfg.seed == 7
+
+
+def test_unknown_override_key_and_bad_override(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'train.optimiser'.*did you mean 'optimizer'"
+    ):
+        load_config(write(tmp_path, GOOD), ["train.optimiser.lr=1"])
+    with pytest.raises(ConfigError, match=r"expected key\.sub=value"):
+        load_config(write(tmp_path, GOOD), ["train.epochs"])
+
+
+def test_missing_key_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="missing required key 'train'"):
+        load_config(write(tmp_path, "name: x\ndata: {store: s}\n"))
+    with pytest.raises(ConfigError, match=r"cfg.yaml:2: not valid YAML"):
+        load_config(write(tmp_path, "name: x\n  bad: [\n"))
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD))
+    save_config(cfg, tmp_path / "saved.yaml")
+    again = load_config(tmp_path / "saved.yaml")
+    assert again == cfg
+    assert again.digest() == cfg.digest()
+    assert (
+        yaml.safe_load((tmp_path / "saved.yaml").read_text())["train"]["schedule"]["scaling"]
+        == "linear"
+    )

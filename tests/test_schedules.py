@@ -1,0 +1,45 @@
+import math
+
+import pytest
+
+from segscale.config import ScheduleConfig
+from segscale.schedules import build_schedule, scaled_lr
+
+
+def test_scaling_rules():
+    assert scaled_lr(0.01, 32, 8, "linear") == pytest.approx(0.04)
+    assert scaled_lr(0.01, 32, 8, "sqrt") == pytest.approx(0.02)
+    assert scaled_lr(0.01, 32, 8, "none") == pytest.approx(0.01)
+
+
+def test_linear_rule_uses_per_worker_batch_as_default_reference():
+    s = build_schedule(
+        ScheduleConfig(), 1e-5, batch_size=7, world_size=12, steps_per_epoch=10, epochs=100
+    )
+    assert s.peak_lr == pytest.approx(12e-5)  # lr × k, as in the thesis
+    assert s(0) == s(999) == pytest.approx(12e-5)
+
+
+def test_gradual_warmup_then_step_decay():
+    cfg = ScheduleConfig(warmup_epochs=5, decay="step", decay_epochs=[8, 9], decay_factor=0.5)
+    s = build_schedule(cfg, 0.1, batch_size=8, world_size=4, steps_per_epoch=10, epochs=10)
+    assert s(0) == pytest.approx(0.1)  # warmup starts at the unscaled lr
+    assert s(25) == pytest.approx(0.1 + 0.3 * 0.5)  # halfway to 0.4
+    assert s(50) == pytest.approx(0.4)
+    assert s(80) == pytest.approx(0.2) and s(95) == pytest.approx(0.1)
+
+
+def test_cosine_and_poly_reach_their_floor():
+    cos = build_schedule(ScheduleConfig(decay="cosine", min_lr_ratio=0.1), 1.0, 8, 1, 10, 10)
+    assert (
+        cos(0) == pytest.approx(1.0)
+        and cos(50) == pytest.approx(0.55)
+        and cos(100) == pytest.approx(0.1)
+    )
+    poly = build_schedule(ScheduleConfig(decay="poly", poly_power=2.0), 1.0, 8, 1, 10, 10)
+    assert poly(50) == pytest.approx(0.25) and math.isclose(poly(100), 0.0, abs_tol=1e-12)
+
+
+def test_constant_warmup():
+    s = build_schedule(ScheduleConfig(warmup_epochs=1, warmup="constant"), 0.1, 8, 2, 10, 5)
+    assert s(9) == pytest.approx(0.1) and s(10) == pytest.approx(0.2)

@@ -1,0 +1,116 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_config
+from segscale.config import validate
+from segscale.engine import prepare_run_dir, train_worker
+from segscale.errors import SegscaleError
+
+
+def make_run(tmp_path: Path, store: Path, name: str = "run", **train) -> Path:
+    cfg = validate(tiny_config(store, **train))
+    run_dir = tmp_path / name
+    prepare_run_dir(cfg, run_dir, resume=False)
+    return run_dir
+
+
+def test_single_process_training_writes_a_complete_run(tmp_path, real_store):
+    run_dir = make_run(tmp_path, real_store, epochs=3, steps_per_epoch=6)
+    history = train_worker(run_dir, progress=False)
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3] and lines == history
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]  # it learns
+    assert 0.0 <= lines[-1]["val_dice"] <= 1.0 and lines[-1]["step"] == 18
+    state = torch.load(run_dir / "model.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "epoch_0001.pt",
+        "epoch_0002.pt",
+        "epoch_0003.pt",
+    ]
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["seed"] == 0 and env["world_size"] == 1 and env["torch"] == torch.__version__
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"] == 3
+
+
+def test_resume_continues_exactly(tmp_path, real_store):
+    """A run interrupted after epoch 1 and resumed ends with the same weights, bit for bit."""
+    full = make_run(tmp_path, real_store, "full")
+    train_worker(full, progress=False)
+    cut = make_run(tmp_path, real_store, "cut")
+    train_worker(cut, progress=False)
+    (cut / "checkpoints" / "epoch_0002.pt").unlink()
+    (cut / "model.pt").unlink()
+    history = train_worker(cut, resume=True, progress=False)
+    assert [r["epoch"] for r in history] == [1, 2]
+    a = torch.load(full / "model.pt", weights_only=True)
+    b = torch.load(cut / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_started_run_is_not_overwritten_and_resume_checks_the_config(tmp_path, real_store):
+    run_dir = make_run(tmp_path, real_store, epochs=1)
+    train_worker(run_dir, progress=False)
+    cfg = validate(tiny_config(real_store, epochs=1))
+    with pytest.raises(SegscaleError, match="already holds a run; pass --resume"):
+        prepare_run_dir(cfg, run_dir, resume=False)
+    other = validate(tiny_config(real_store, epochs=1, batch_size=2))
+    prepare_run_dir(other, run_dir, resume=True)
+    with pytest.raises(SegscaleError, match="written by a different configuration"):
+        train_worker(run_dir, resume=True, progress=False)
+
+
+def test_callbacks_are_duck_typed(tmp_path, real_store):
+    from segscale.data import SliceDataset, TrainLoader, eval_loader
+    from segscale.imgmed import Store
+    from segscale.losses import DiceCELoss
+    from segscale.models import create_model
+    from segscale.parallel import AllReduceStrategy
+    from segscale.train import Trainer
+
+    class Recorder:  # defines only some hooks
+        def __init__(self):
+            self.calls = []
+
+        def on_epoch_end(self, trainer, record):
+            self.calls.append(("epoch_end", record["epoch"]))
+
+        def on_train_end(self, trainer, history):
+            self.calls.append(("train_end", len(history)))
+
+    store = Store.open(real_store)
+    strategy = AllReduceStrategy("cpu")
+    model = create_model("unet", 1, 2, base_channels=4, depth=2)
+    train = TrainLoader(
+        SliceDataset(store, "train"),
+        4,
+        0,
+        1,
+        strategy.device,
+        0,
+        validate(tiny_config(real_store)).data.augment,
+    )
+    val_ds = SliceDataset(store, "val")
+    rec = Recorder()
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        lambda step: 0.01,
+        DiceCELoss(),
+        train,
+        eval_loader(val_ds, 4, 0, 1),
+        strategy,
+        epochs=2,
+        num_classes=2,
+        num_val_cases=len(val_ds.cases),
+        run_dir=tmp_path,
+        steps_per_epoch=2,
+        callbacks=[rec],
+        progress=False,
+    )
+    trainer.fit()
+    assert rec.calls == [("epoch_end", 1), ("epoch_end", 2), ("train_end", 2)]
