@@ -95,6 +95,8 @@ class Trainer:
             if self.strategy.rank == 0:
                 self.save_checkpoint(epoch + 1)
                 self.write_metrics()
+                if self.progress:
+                    print(_summary(record, self.epochs), flush=True)
             self._call("on_epoch_end", record)
         if self.strategy.rank == 0:
             atomic_save(unwrap(self.model).state_dict(), self.run_dir / "model.pt")
@@ -186,6 +188,13 @@ class Trainer:
                 fn(self, *args)
 
 
+def _summary(record: dict[str, Any], epochs: int) -> str:
+    line = f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}"
+    if "val_dice" in record:
+        line += f"  val Dice {record['val_dice']:.4f}"
+    return line + f"  lr {record['lr']:.3g}  {record['images_per_second']:.1f} img/s"
+
+
 class _progress:
     """A rich progress bar on rank 0 (a no-op elsewhere); yields an `advance()` function."""
 
@@ -193,6 +202,10 @@ class _progress:
         self.enabled, self.description, self.total = enabled, description, total
 
     def __enter__(self) -> Callable[[], None]:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        self.enabled = self.enabled and console.is_terminal  # no bar in logs, only epoch lines
         if not self.enabled:
             return lambda: None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
@@ -203,6 +216,7 @@ class _progress:
             MofNCompleteColumn(),
             TimeRemainingColumn(),
             transient=True,
+            console=console,
         )
         self.bar.start()
         task = self.bar.add_task(self.description, total=self.total)

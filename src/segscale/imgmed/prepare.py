@@ -152,11 +152,14 @@ def prepare(
 
 
 def _track(items: list, progress: bool, description: str):
-    if not progress:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not (progress and console.is_terminal):
         return items
     from rich.progress import track
 
-    return track(items, description=description, transient=True)
+    return track(items, description=description, transient=True, console=console)
 
 
 def _num_slices(case: Case, prep: Preprocessing) -> int:
