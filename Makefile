@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-all lint format bench clean
+.PHONY: demo test test-gpu lint format bench clean
 
 $(VENV)/.installed: pyproject.toml scripts/setup-venv.sh
 	VENV=$(VENV) ./scripts/setup-venv.sh
@@ -13,8 +13,8 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-test-all: $(VENV)/.installed
-	$(PY) -m pytest -q -m "slow or not slow"
+test-gpu: $(VENV)/.installed
+	$(PY) -m pytest -q -m gpu
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

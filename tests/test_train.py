@@ -19,7 +19,7 @@ def make_run(tmp_path: Path, store: Path, name: str = "run", **train) -> Path:
 
 
 def test_single_process_training_writes_a_complete_run(tmp_path, real_store):
-    run_dir = make_run(tmp_path, real_store, epochs=3, steps_per_epoch=6)
+    run_dir = make_run(tmp_path, real_store, epochs=3, steps_per_epoch=6, keep_checkpoints=2)
     history = train_worker(run_dir, progress=False)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3] and lines == history
@@ -28,7 +28,6 @@ def test_single_process_training_writes_a_complete_run(tmp_path, real_store):
     state = torch.load(run_dir / "model.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "epoch_0001.pt",
         "epoch_0002.pt",
         "epoch_0003.pt",
     ]

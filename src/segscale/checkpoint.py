@@ -35,6 +35,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` epoch checkpoints."""
+    for old in sorted((run_dir / "checkpoints").glob("epoch_*.pt"))[:-keep]:
+        old.unlink()
+
+
 def load_checkpoint(path: Path, config_digest: str) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

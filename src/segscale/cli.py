@@ -127,11 +127,12 @@ def train_cmd(
     ] = 0,
 ) -> None:
     """Train a model: one process, or N through torch.distributed.run (DDP)."""
-    from segscale.engine import plan, prepare_run_dir
+    from segscale.engine import check_workers, plan, prepare_run_dir
     from segscale.launch import launch
 
     cfg = _load(config, overrides)
     plan(cfg)
+    check_workers(cfg, workers)
     run_dir = (run_dir or Path("runs") / cfg.name).resolve()
     if not (nodes > 1 and node_rank > 0):
         prepare_run_dir(cfg, run_dir, resume)

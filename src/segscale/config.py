@@ -91,6 +91,7 @@ class TrainConfig(_Strict):
         None, gt=0, description="Cap on steps per epoch (quick runs); default: a full pass."
     )
     val_every: int = Field(1, gt=0, description="Validate every N epochs (and after the last).")
+    keep_checkpoints: int = Field(3, gt=0, description="Keep the newest N epoch checkpoints.")
     strategy: str = Field("allreduce", description="Distributed strategy (DDP ring all-reduce).")
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this.")
     deterministic: bool = Field(True, description="Seed everything, deterministic kernels.")

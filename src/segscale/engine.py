@@ -89,6 +89,21 @@ def plan(cfg: RunConfig) -> Plan:
     return Plan(cfg, store)
 
 
+def check_workers(cfg: RunConfig, workers: int) -> None:
+    """On GPUs each worker needs its own device: refuse more workers than GPUs before launching."""
+    if workers < 1:
+        raise SegscaleError(f"--workers {workers}: expected at least 1")
+    device = cfg.train.device
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return
+    gpus = torch.cuda.device_count()
+    if workers > gpus:
+        raise SegscaleError(
+            f"--workers {workers} with train.device={device}: this machine has {gpus} GPU(s); "
+            "use at most that many workers, or train.device=cpu"
+        )
+
+
 def build_model(p: Plan) -> torch.nn.Module:
     from segscale.models import create_model
 
@@ -178,6 +193,7 @@ def train_worker(
             val_every=t.val_every,
             grad_clip=t.grad_clip,
             config_digest=cfg.digest(),
+            keep_checkpoints=t.keep_checkpoints,
             progress=progress,
         )
         return trainer.fit(resume=resume)

@@ -23,7 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from segscale.checkpoint import atomic_save, checkpoint_path, latest_checkpoint, load_checkpoint
+from segscale.checkpoint import (
+    atomic_save,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+)
 from segscale.data import TrainLoader
 from segscale.evaluation import confusion_by_case
 from segscale.parallel import Strategy, unwrap
@@ -51,6 +57,7 @@ class Trainer:
         grad_clip: float | None = None,
         callbacks: Sequence[Any] = (),
         config_digest: str = "",
+        keep_checkpoints: int = 3,
         progress: bool = True,
     ) -> None:
         self.model, self.optimizer, self.schedule, self.loss_fn = (
@@ -68,6 +75,7 @@ class Trainer:
             list(callbacks),
             config_digest,
         )
+        self.keep_checkpoints = keep_checkpoints
         self.progress = progress and strategy.rank == 0
         self.step, self.start_epoch, self.history = 0, 0, []
 
@@ -167,6 +175,7 @@ class Trainer:
             "history": self.history,
         }
         atomic_save(state, checkpoint_path(self.run_dir, epoch))
+        prune_checkpoints(self.run_dir, self.keep_checkpoints)
 
     def resume(self) -> None:
         path = latest_checkpoint(self.run_dir)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Every GPU check in one command (for a lent GPU machine: `bash scripts/gpu_check.sh`), ending in a table.
+# Where packages are missing, wheels in .whl/ are installed first (see the device notes in DEVELOPERS docs).
+set -uo pipefail
+OUT=${OUT:-/tmp/segscale-gpu-check}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/ >"$OUT/gpu_tests.log" 2>&1; gpu_tests=$?
+# The Trainer's CUDA path (device auto), exact resume included.
+python3 -m pytest -q -p no:cacheprovider tests/test_train.py >"$OUT/train_tests.log" 2>&1; train_tests=$?
+start=$(date +%s)
+python3 -m segscale.cli demo --workers 1 --out /tmp/demo >"$OUT/demo.log" 2>&1; demo=$?
+demo_s=$(( $(date +%s) - start ))
+cp /tmp/demo/evaluation.json /tmp/demo/report.md /tmp/demo/overlays.png "$OUT/" 2>/dev/null
+python3 -m segscale.cli demo --workers 2 --out /tmp/demo2 >"$OUT/two_workers.log" 2>&1; two=$?
+dice=$(python3 -c "import json; print(round(json.load(open('/tmp/demo/evaluation.json'))['per_case_dice']['mean'], 4))" 2>/dev/null)
+ips=$(python3 -c "import json; r=[json.loads(l) for l in open('/tmp/demo/run/metrics.jsonl')]; print(round(sum(x['images_per_second'] for x in r[1:])/max(1,len(r)-1), 1))" 2>/dev/null)
+
+printf '\n| check | result |\n|---|---|\n'
+printf '| pytest -m gpu (CUDA train + eval vs CPU eval) | rc=%s %s |\n' "$gpu_tests" "$(tail -1 "$OUT/gpu_tests.log")"
+printf '| tests/test_train.py on CUDA (incl. exact resume) | rc=%s %s |\n' "$train_tests" "$(tail -1 "$OUT/train_tests.log")"
+printf '| demo, 1 GPU worker | rc=%s, %ss, per-case Dice %s, %s img/s |\n' "$demo" "$demo_s" "$dice" "$ips"
+printf '| demo --workers 2 on 1 GPU (expect a clear error, rc=2) | rc=%s %s |\n' "$two" "$(tail -1 "$OUT/two_workers.log")"
