@@ -97,7 +97,7 @@ def plot_overlays(run_dir: Path, evaluation: dict[str, Any], out: Path, max_case
         meta = by_id[case["case"]]
         masks = np.asarray(store.masks[meta["start"] : meta["start"] + meta["count"]])
         k = meta["start"] + int(np.argmax((masks > 0).sum((1, 2))))
-        image = np.asarray(store.images[k])
+        image = np.array(store.images[k])  # a writable copy of the memmap row
         pred = model(torch.from_numpy(image)[None]).argmax(1)[0].numpy()
         gt = np.asarray(store.masks[k])
         for ax, (title, mask) in zip(
