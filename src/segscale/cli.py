@@ -152,31 +152,62 @@ def train_cmd(
 
 @app.command("evaluate")
 def evaluate_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="A trained run folder.")],
+    run_dir: Annotated[
+        Path | None, typer.Argument(help="A trained run folder (or use --pred/--ref).")
+    ] = None,
     split: Annotated[str, typer.Option(help="Split of the store to evaluate.")] = "test",
     json_out: Annotated[
         Path | None,
         typer.Option(
-            "--json", help="Write the results here (default: RUN_DIR/evaluation-SPLIT.json)."
+            "--json",
+            help="Results file (default: RUN_DIR/evaluation-SPLIT.json, or ./evaluation.json).",
         ),
     ] = None,
     workers: Annotated[
         int, typer.Option(help="Worker processes (results are identical for any number).")
     ] = 1,
+    pred: Annotated[
+        Path | None,
+        typer.Option(help="Folder of predicted masks (NIfTI/PNG) to score, with --ref."),
+    ] = None,
+    ref: Annotated[
+        Path | None, typer.Option(help="Folder of reference masks with the same file names.")
+    ] = None,
 ) -> None:
-    """SegEval metrics of a trained run on a split: dataset-level and per case."""
-    from segscale.launch import launch
-    from segscale.report import print_metrics
+    """SegEval metrics at three levels (dataset, case, slice): JSON, per-case CSV and pictures."""
+    from segscale.report import plot_case_dice, plot_overlays, print_metrics
 
-    run_dir = run_dir.resolve()
-    if not (run_dir / "config.yaml").is_file():
-        raise SegscaleError(f"{run_dir}: not a run folder (no config.yaml)")
-    out = (json_out or run_dir / f"evaluation-{split}.json").resolve()
-    code = launch(["evaluate", str(run_dir), "--split", split, "--out", str(out)], workers)
-    if code != 0:
-        raise typer.Exit(code)
-    print_metrics(json.loads(out.read_text()))
-    typer.echo(f"wrote {out}")
+    if (pred is None) != (ref is None):
+        raise SegscaleError(
+            "--pred and --ref go together: a folder of predictions and one of references"
+        )
+    if pred is not None and ref is not None:
+        if run_dir is not None:
+            raise SegscaleError("give either RUN_DIR or --pred/--ref, not both")
+        from segscale.evaluation import evaluate_folders, write_case_csv
+
+        evaluation = evaluate_folders(pred, ref)
+        out = (json_out or Path("evaluation.json")).resolve()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(evaluation, indent=1))
+        write_case_csv(evaluation, out.with_suffix(".csv"))
+    else:
+        from segscale.launch import launch
+
+        if run_dir is None:
+            raise SegscaleError("give a run folder, or --pred DIR --ref DIR")
+        run_dir = run_dir.resolve()
+        if not (run_dir / "config.yaml").is_file():
+            raise SegscaleError(f"{run_dir}: not a run folder (no config.yaml)")
+        out = (json_out or run_dir / f"evaluation-{split}.json").resolve()
+        code = launch(["evaluate", str(run_dir), "--split", split, "--out", str(out)], workers)
+        if code != 0:
+            raise typer.Exit(code)
+        evaluation = json.loads(out.read_text())
+        plot_overlays(run_dir, evaluation, out.with_name(f"{out.stem}-overlays.png"))
+    plot_case_dice(evaluation, out.with_suffix(".png"))
+    print_metrics(evaluation)
+    typer.echo(f"wrote {out}, {out.with_suffix('.csv').name}, {out.with_suffix('.png').name}")
 
 
 @app.command("predict")

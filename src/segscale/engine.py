@@ -215,30 +215,30 @@ def load_trained_model(
 
 
 def evaluate_worker(run_dir: Path, split: str, out: Path) -> dict[str, Any]:
-    """Evaluate run_dir/model.pt on a split, sharded exactly over the workers; rank 0 writes `out`."""
-    from segscale.data import SliceDataset, eval_loader
-    from segscale.evaluation import confusion_by_case, summarize
+    """Evaluate run_dir/model.pt on a split, cases shared among the workers; rank 0 writes `out`
+    (JSON) and the per-case CSV beside it."""
+    from segscale.evaluation import evaluate_split, summarize, write_case_csv
     from segscale.parallel import create_strategy
 
     cfg = load_config(run_dir / "config.yaml")
     strategy = create_strategy(cfg.train.strategy, cfg.train.device)
     try:
         model, p = load_trained_model(run_dir, strategy.device)
-        ds = SliceDataset(p.store, split)
-        loader = eval_loader(ds, cfg.train.batch_size * 2, strategy.rank, strategy.world_size)
-        counts = confusion_by_case(model, loader, p.num_classes, len(ds.cases), strategy)
-        result = {
+        results = evaluate_split(model, p.store, split, strategy, cfg.train.batch_size * 2)
+        labels = p.store.meta["labels"]
+        evaluation = {
             "run": str(run_dir),
             "split": split,
             "workers": strategy.world_size,
-            "labels": p.store.meta["labels"],
-            **summarize(counts, [c["id"] for c in ds.cases]),
+            "labels": labels,
+            **summarize(results, labels),
         }
         if strategy.rank == 0:
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_name(f".{out.name}.tmp")
-            tmp.write_text(json.dumps(result, indent=1))
+            tmp.write_text(json.dumps(evaluation, indent=1))
             tmp.replace(out)
-        return result
+            write_case_csv(evaluation, out.with_suffix(".csv"))
+        return evaluation
     finally:
         strategy.close()

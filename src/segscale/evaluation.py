@@ -1,15 +1,48 @@
-"""Sharded, exact evaluation: per-case confusion matrices summed across workers."""
+"""Evaluation at three levels, exact for any number of workers.
+
+- dataset: metrics of the confusion matrix summed over every pixel of the split (the thesis' way);
+- case:    each case's slices stacked back into its volume; overlap and distance metrics per case and
+           per class, then mean ± SD over cases (what medical papers report);
+- slice:   2D Dice per slice, mean ± SD over slices.
+Workers split the cases (case i goes to rank i mod world), so each case is evaluated once, whole, on
+one rank; integer counts and per-case values are gathered, never averaged across ranks. A rank with
+no case still joins the gather, so nothing hangs. Training-time validation uses the lighter
+`confusion_by_case` (slices sharded, counts all-reduced).
+"""
 
 from __future__ import annotations
 
+import csv
+import os
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from segscale.imgmed.store import Store
 from segscale.parallel import Strategy
-from segscale.segeval import metrics_from_confusion
+from segscale.segeval import (
+    DISTANCE_METRICS,
+    class_metrics,
+    confusion_matrix,
+    distance_metrics,
+    metrics_from_confusion,
+    per_class_dice,
+    spacing_from_affine,
+)
+
+CASE_METRICS = ("dice", "iou", "precision", "sensitivity", "specificity", "f1", *DISTANCE_METRICS)
+CONVENTIONS = {
+    "dice": "mean over foreground classes; a class absent from both reference and prediction scores 1",
+    "dice_with_background": "the thesis' formula: mean over all classes, background included",
+    "distances": "physical units (voxel spacing); both masks empty: 0; one empty: NaN, excluded from means and counted",
+    "aggregation": "dataset = summed confusion matrix; case = one 3D volume per case; slice = one 2D slice",
+}
 
 
 @torch.no_grad()
@@ -22,34 +55,263 @@ def confusion_by_case(
 ) -> np.ndarray:
     """(num_cases, C, C) int64 confusion counts over every sample of every rank's shard.
 
-    A case's slices may sit on different ranks; counts add, so the 3D per-case metrics equal
+    A case's slices may sit on different ranks; counts add, so the 3D per-case overlap metrics equal
     those of the case's slices stacked back into its volume."""
     was_training = model.training
     model.eval()
     device = strategy.device
-    cc = num_classes * num_classes
-    counts = torch.zeros(num_cases * cc, dtype=torch.int64, device=device)
+    counts = torch.zeros(num_cases, num_classes, num_classes, dtype=torch.int64, device=device)
     for x, y, case in batches:
         pred = model(x.to(device)).argmax(1)
-        idx = case.to(device)[:, None, None] * cc + y.to(device) * num_classes + pred
-        counts += torch.bincount(idx.reshape(-1), minlength=num_cases * cc)
+        counts += confusion_matrix(
+            pred, y.to(device), num_classes, case.to(device)[:, None, None], num_cases
+        )
     strategy.all_reduce_sum(counts)
     model.train(was_training)
-    return counts.reshape(num_cases, num_classes, num_classes).cpu().numpy()
+    return counts.cpu().numpy()
 
 
-def summarize(counts: np.ndarray, case_ids: list[str]) -> dict:
-    """The evaluation record: dataset-level metrics (summed confusion), per-case metrics, and the
-    mean ± SD of per-case Dice (the figure medical papers report)."""
-    dataset = metrics_from_confusion(counts.sum(0))
-    cases = [{"case": cid, **metrics_from_confusion(cm)} for cid, cm in zip(case_ids, counts)]
-    dice = np.array([c["dice"] for c in cases])
+@dataclass
+class CaseEval:
+    """The raw results of one case: exact counts and per-class distances."""
+
+    case: str
+    counts: np.ndarray  # (C, C) int64
+    slice_counts: np.ndarray  # (slices, C, C) int64
+    distances: dict[int, dict[str, float]]  # foreground class → distance metrics
+
+
+def evaluate_case(
+    pred: torch.Tensor,
+    ref: torch.Tensor,
+    num_classes: int,
+    spacing: tuple[float, ...] | None,
+    case: str,
+) -> CaseEval:
+    """pred, ref: (slices, H, W) integer labels (on any device). Counts by bincount on that device;
+    distances on the CPU with SciPy. A 2D case has one slice and a 2-value spacing."""
+    n, h, w = pred.shape
+    ref = ref.to(pred.device)
+    if not (
+        pred.is_contiguous() and ref.is_contiguous()
+    ):  # e.g. a NIfTI volume moved to slice-first
+        pred, ref = pred.contiguous(), ref.contiguous()
+    # Most voxels are background in both: count only inside the foreground's bounding box, then
+    # credit everything outside it to (background, background). Exact, and several times faster.
+    fg = (pred != 0) | (ref != 0)
+    slice_counts = torch.zeros(n, num_classes, num_classes, dtype=torch.int64, device=pred.device)
+    box: tuple[slice, ...] = (slice(0, 1),) * 3  # no foreground: one background voxel stands in
+    if bool(fg.any()):
+        box = tuple(
+            _extent(fg.any(dim=tuple(d for d in range(3) if d != axis))) for axis in range(3)
+        )
+        p_box, r_box = pred[box], ref[box]
+        slice_index = torch.arange(p_box.shape[0], device=pred.device)[:, None, None]
+        slice_counts[box[0]] = confusion_matrix(
+            p_box, r_box, num_classes, slice_index, p_box.shape[0]
+        )
+    slice_counts[:, 0, 0] += h * w - slice_counts.sum((1, 2))
+    slice_counts = slice_counts.cpu().numpy()
+    # distances are translation-invariant: the box holds every foreground voxel of both masks
+    p, r = pred[box].to(torch.uint8).cpu().numpy(), ref[box].to(torch.uint8).cpu().numpy()
+    if spacing is not None and len(spacing) == 2:
+        p, r = p[0], r[0]
+    classes = list(_foreground(num_classes))
+    # SciPy and the KD-tree release the GIL: classes run side by side on the cores
+    with ThreadPoolExecutor(min(len(classes), os.cpu_count() or 1)) as pool:
+        found = pool.map(lambda c: distance_metrics(p == c, r == c, spacing), classes)
+    distances = dict(zip(classes, found))
+    return CaseEval(case, slice_counts.sum(0), slice_counts, distances)
+
+
+def _extent(hit: torch.Tensor) -> slice:
+    idx = torch.nonzero(hit).flatten()
+    return slice(int(idx[0]), int(idx[-1]) + 1)
+
+
+def _foreground(num_classes: int) -> range:
+    return range(1, num_classes) if num_classes > 1 else range(num_classes)
+
+
+def store_spacing(case: dict[str, Any], store: Store) -> tuple[float, ...]:
+    """The voxel size of a case in the store's (slice, H, W) space: the original spacing, stretched
+    by the resize in-plane and by the gap between kept slices."""
+    size = store.images.shape[-1]
+    shape = case["shape"]
+    if case["affine"] is None:  # a 2D image: pixel units of the original image
+        return (shape[0] / size, shape[1] / size)
+    axis = store.preprocessing.axis
+    sp = spacing_from_affine(np.array(case["affine"]))
+    inplane = [a for a in range(3) if a != axis]
+    gap = float(np.mean(np.diff(case["slice_indices"]))) if len(case["slice_indices"]) > 1 else 1.0
+    return (sp[axis] * gap, *(sp[a] * shape[a] / size for a in inplane))
+
+
+@torch.no_grad()
+def evaluate_split(
+    model: nn.Module, store: Store, split: str, strategy: Strategy, batch_size: int = 32
+) -> list[CaseEval]:
+    """Every case of a split, each whole on one rank; returns all cases (on every rank), in order."""
+    model.eval()
+    cases = store.cases(split)
+    mine = []
+    for i in range(strategy.rank, len(cases), strategy.world_size):
+        c = cases[i]
+        images = torch.from_numpy(np.asarray(store.images[c["start"] : c["start"] + c["count"]]))
+        pred = torch.cat(
+            [
+                model(images[j : j + batch_size].to(strategy.device)).argmax(1)
+                for j in range(0, len(images), batch_size)
+            ]
+        )
+        ref = torch.from_numpy(np.asarray(store.masks[c["start"] : c["start"] + c["count"]])).to(
+            strategy.device
+        )
+        mine.append(
+            (i, evaluate_case(pred, ref, store.num_classes, store_spacing(c, store), c["id"]))
+        )
+    everything = [item for part in strategy.gather_objects(mine) for item in part]
+    return [result for _, result in sorted(everything, key=lambda t: t[0])]
+
+
+def _stats(values: list[float]) -> dict[str, float | int]:
+    a = np.asarray(values, dtype=np.float64)
+    ok = a[~np.isnan(a)]
     return {
-        "dataset": dataset,
-        "per_case_dice": {
-            "mean": float(dice.mean()),
-            "sd": float(dice.std(ddof=1)) if len(dice) > 1 else 0.0,
-            "n": len(dice),
+        "mean": float(ok.mean()) if ok.size else float("nan"),
+        "sd": float(ok.std(ddof=1)) if ok.size > 1 else 0.0 if ok.size else float("nan"),
+        "median": float(np.median(ok)) if ok.size else float("nan"),
+        "n": int(ok.size),
+        "excluded": int(a.size - ok.size),
+    }
+
+
+def _mean_defined(values: list[float]) -> float:
+    ok = [v for v in values if not np.isnan(v)]
+    return float(np.mean(ok)) if ok else float("nan")
+
+
+def summarize(results: list[CaseEval], labels: dict[str, str]) -> dict[str, Any]:
+    k = len(labels)
+    fg = list(_foreground(k))
+    total = sum((r.counts for r in results), np.zeros((k, k), dtype=np.int64))
+    dataset_classes = class_metrics(total)
+    cases = []
+    for r in results:
+        per_class = {labels[str(c)]: {**class_metrics(r.counts)[c], **r.distances[c]} for c in fg}
+        row: dict[str, Any] = {"case": r.case, **metrics_from_confusion(r.counts)}
+        for m in ("iou", "precision", "f1", *DISTANCE_METRICS):
+            row[m] = _mean_defined([v[m] for v in per_class.values()])
+        row["per_class"] = per_class
+        cases.append(row)
+    slice_dice = [float(np.mean(per_class_dice(sc)[fg])) for r in results for sc in r.slice_counts]
+    return {
+        "conventions": CONVENTIONS,
+        "dataset": metrics_from_confusion(total),
+        "dataset_per_class": {labels[str(c)]: dataset_classes[c] for c in fg},
+        "case_summary": {m: _stats([c[m] for c in cases]) for m in CASE_METRICS},
+        "case_summary_per_class": {
+            labels[str(c)]: {
+                m: _stats([row["per_class"][labels[str(c)]][m] for row in cases])
+                for m in CASE_METRICS
+            }
+            for c in fg
         },
+        "slice_summary": {"dice": _stats(slice_dice)},
         "cases": cases,
     }
+
+
+def write_case_csv(evaluation: dict[str, Any], path: Path) -> None:
+    """One row per case: the foreground means, then per-class columns when there are several classes."""
+    rows = evaluation["cases"]
+    classes = list(rows[0]["per_class"]) if rows else []
+    per_class_cols = (
+        [f"{m}[{c}]" for c in classes for m in CASE_METRICS] if len(classes) > 1 else []
+    )
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["case", *CASE_METRICS, *per_class_cols])
+        for row in rows:
+            extra = (
+                [row["per_class"][c][m] for c in classes for m in CASE_METRICS]
+                if per_class_cols
+                else []
+            )
+            w.writerow([row["case"], *(row[m] for m in CASE_METRICS), *extra])
+    tmp.replace(path)
+
+
+def _load_labels(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    """A label file as (slices, H, W) integers and its spacing in that axis order."""
+    from segscale.errors import DataError
+    from segscale.imgmed.io import is_nifti_name, load_image2d, load_nifti
+
+    if is_nifti_name(path):
+        data, affine = load_nifti(path)
+        if data.ndim != 3:
+            raise DataError(f"{path}: expected a 3D label volume, got shape {data.shape}")
+        sp = spacing_from_affine(affine)
+        volume, spacing = np.ascontiguousarray(np.moveaxis(data, 2, 0)), (sp[2], sp[0], sp[1])
+    else:
+        data = load_image2d(path)
+        if data.ndim != 2:
+            raise DataError(
+                f"{path}: expected a single-channel label image, got shape {data.shape}"
+            )
+        volume, spacing = data[None], (1.0, 1.0)
+    if not np.array_equal(volume, np.round(volume)):
+        raise DataError(f"{path}: non-integer label values")
+    return volume.astype(np.int64), spacing
+
+
+def evaluate_folders(pred_dir: Path, ref_dir: Path) -> dict[str, Any]:
+    """Score a folder of predicted masks (NIfTI or PNG, e.g. from nnU-Net or MONAI) against the
+    reference masks of the same file names, in the files' own geometry and spacing.
+    Label values are taken as classes; when they are not 0..K-1 (e.g. PNG 0/255) they are mapped
+    in sorted order, and the map is recorded."""
+    from segscale.errors import DataError
+    from segscale.predict import expand_inputs
+
+    refs = expand_inputs([ref_dir])
+    pairs = []
+    for ref in refs:
+        pred = pred_dir / ref.name
+        if not pred.is_file():
+            raise DataError(f"{pred}: missing prediction for reference {ref}")
+        (p, _), (r, spacing) = _load_labels(pred), _load_labels(ref)
+        if p.shape != r.shape:
+            raise DataError(
+                f"{pred}: shape {p.shape[::-1]} does not match reference {ref} {r.shape[::-1]}"
+            )
+        pairs.append((ref, p, r, spacing))
+    values = sorted(
+        set().union(*(np.unique(p).tolist() + np.unique(r).tolist() for _, p, r, _ in pairs))
+    )
+    values = sorted(set(values) | {0})
+    lut = {v: i for i, v in enumerate(values)}
+    results = []
+    for ref, p, r, spacing in pairs:
+        if values != list(range(len(values))):
+            p, r = np.vectorize(lut.get)(p), np.vectorize(lut.get)(r)
+        results.append(
+            evaluate_case(
+                torch.from_numpy(p), torch.from_numpy(r), len(values), spacing, _stem(ref)
+            )
+        )
+    labels = {str(i): ("background" if i == 0 else f"label {v}") for i, v in enumerate(values)}
+    return {
+        "pred": str(pred_dir),
+        "ref": str(ref_dir),
+        "labels": labels,
+        "label_values": {str(v): i for v, i in lut.items()},
+        "workers": 1,
+        **summarize(results, labels),
+    }
+
+
+def _stem(path: Path) -> str:
+    from segscale.imgmed.io import strip_suffix
+
+    return strip_suffix(path.name)

@@ -21,13 +21,38 @@ METRIC_NAMES = {
 }
 
 
+CASE_ROWS = {
+    "dice": "Dice",
+    "hd95": "HD95",
+    "assd": "ASSD",
+    "avd": "AVD (average Hausdorff)",
+    "hausdorff": "Hausdorff",
+}
+
+
+def _pm(stats: dict[str, Any]) -> str:
+    excluded = f" ({stats['excluded']} undefined)" if stats["excluded"] else ""
+    return f"{stats['mean']:.4f} ± {stats['sd']:.4f}{excluded}"
+
+
+def summary_rows(evaluation: dict[str, Any]) -> list[tuple[str, str]]:
+    """(name, value) rows: dataset-level metrics, then per-case and per-slice means ± SD."""
+    rows = [
+        (f"{METRIC_NAMES.get(k, k)} [dataset]", f"{v:.4f}")
+        for k, v in evaluation["dataset"].items()
+    ]
+    n = evaluation["case_summary"]["dice"]["n"] + evaluation["case_summary"]["dice"]["excluded"]
+    rows += [
+        (f"{name} [per case, n={n}]", _pm(evaluation["case_summary"][k]))
+        for k, name in CASE_ROWS.items()
+    ]
+    rows.append(("Dice [per slice]", _pm(evaluation["slice_summary"]["dice"])))
+    return rows
+
+
 def metrics_table(evaluation: dict[str, Any]) -> str:
-    lines = ["| metric | value |", "|---|---|"]
-    lines += [f"| {METRIC_NAMES.get(k, k)} | {v:.4f} |" for k, v in evaluation["dataset"].items()]
-    pc = evaluation["per_case_dice"]
-    lines.append(
-        f"| per-case 3D Dice, mean ± SD (n={pc['n']}) | {pc['mean']:.4f} ± {pc['sd']:.4f} |"
-    )
+    lines = ["| metric [level] | value |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in summary_rows(evaluation)]
     return "\n".join(lines)
 
 
@@ -35,21 +60,41 @@ def print_metrics(evaluation: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"evaluation on '{evaluation['split']}' ({len(evaluation['cases'])} cases)")
-    table.add_column("metric")
+    where = evaluation.get("split", evaluation.get("pred", ""))
+    table = Table(title=f"evaluation of '{where}' ({len(evaluation['cases'])} cases)")
+    table.add_column("metric [level]")
     table.add_column("value", justify="right")
-    for k, v in evaluation["dataset"].items():
-        table.add_row(METRIC_NAMES.get(k, k), f"{v:.4f}")
-    pc = evaluation["per_case_dice"]
-    table.add_row("per-case 3D Dice (mean ± SD)", f"{pc['mean']:.4f} ± {pc['sd']:.4f}")
-    cases = Table(title="per case")
-    cases.add_column("case")
-    cases.add_column("Dice", justify="right")
+    for name, value in summary_rows(evaluation):
+        table.add_row(name, value)
+    cases = Table(title="per case (foreground mean; distances in mm or pixels)")
+    for col in ("case", "Dice", "HD95", "ASSD"):
+        cases.add_column(col, justify="left" if col == "case" else "right")
     for c in evaluation["cases"]:
-        cases.add_row(c["case"], f"{c['dice']:.4f}")
+        cases.add_row(c["case"], f"{c['dice']:.4f}", f"{c['hd95']:.2f}", f"{c['assd']:.2f}")
     console = Console()
     console.print(table)
     console.print(cases)
+
+
+def plot_case_dice(evaluation: dict[str, Any], out: Path) -> None:
+    """Per-case Dice, sorted, with the mean: where people would rather look than read."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = sorted(evaluation["cases"], key=lambda c: c["dice"])
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(cases) + 2), 3.2))
+    ax.bar(range(len(cases)), [c["dice"] for c in cases], color="tab:blue")
+    ax.axhline(evaluation["case_summary"]["dice"]["mean"], color="tab:red", ls="--", label="mean")
+    ax.set_xticks(
+        range(len(cases)), [c["case"] for c in cases], rotation=60, ha="right", fontsize=7
+    )
+    ax.set(ylabel="Dice (3D, per case)", ylim=(0, 1), title="per-case Dice")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 def plot_curves(run_dir: Path, out: Path) -> bool:
@@ -128,6 +173,7 @@ def write_report(out_dir: Path, run_dir: Path, evaluation: dict[str, Any]) -> Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     has_curves = plot_curves(run_dir, out_dir / "curves.png")
     plot_overlays(run_dir, evaluation, out_dir / "overlays.png")
+    plot_case_dice(evaluation, out_dir / "case_dice.png")
     env_path = run_dir / "environment.json"
     env = json.loads(env_path.read_text()) if env_path.is_file() else {}
     config = (run_dir / "config.yaml").read_text()
@@ -136,18 +182,22 @@ def write_report(out_dir: Path, run_dir: Path, evaluation: dict[str, Any]) -> Pa
         "",
         f"Evaluated on the **{evaluation['split']}** split ({len(evaluation['cases'])} held-out cases), "
         f"{evaluation['workers']} worker(s). Dataset-level metrics come from the confusion matrix summed "
-        "over all test pixels; per-case Dice is 3D, over each case's slices stacked back into its volume.",
+        "over all test pixels; per-case metrics are 3D, over each case's slices stacked back into its "
+        "volume, with distances in mm at the prepared resolution (spacing adjusted for the resize); "
+        "per-slice Dice is 2D.",
         "",
         metrics_table(evaluation),
         "",
         "## Per case",
         "",
-        "| case | Dice | sensitivity | specificity |",
-        "|---|---|---|---|",
+        "| case | Dice | HD95 | ASSD | sensitivity | specificity |",
+        "|---|---|---|---|---|---|",
         *[
-            f"| {c['case']} | {c['dice']:.4f} | {c['sensitivity']:.4f} | {c['specificity']:.4f} |"
+            f"| {c['case']} | {c['dice']:.4f} | {c['hd95']:.2f} | {c['assd']:.2f} | {c['sensitivity']:.4f} | {c['specificity']:.4f} |"
             for c in evaluation["cases"]
         ],
+        "",
+        "![per-case Dice](case_dice.png)",
         "",
         "## Segmentations (best, median and worst case)",
         "",

@@ -27,15 +27,11 @@ def cli(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def test_prepare_train_evaluate_predict(tmp_path):
     raw = sample_subset(tmp_path / "raw", 5)
     store = tmp_path / "store"
-    r = cli("prepare", raw, store, "--size", 32, "--slices", 12, "--val", 0.2, "--test", 0.2)
+    args = ("--size", 32, "--slices", 12, "--val", 0.2, "--test", 0.4)
+    r = cli("prepare", raw, store, *args)
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout and "60 slices" in r.stdout
-    assert (
-        "up to date"
-        in cli(
-            "prepare", raw, store, "--size", 32, "--slices", 12, "--val", 0.2, "--test", 0.2
-        ).stdout
-    )
+    assert "up to date" in cli("prepare", raw, store, *args).stdout
 
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_config(store)))
@@ -46,12 +42,28 @@ def test_prepare_train_evaluate_predict(tmp_path):
     assert env["world_size"] == 2 and env["global_batch"] == 8
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
 
-    one, two = tmp_path / "eval1.json", tmp_path / "eval2.json"
-    assert cli("evaluate", run, "--json", one, "--workers", 1).returncode == 0
-    r = cli("evaluate", run, "--json", two, "--workers", 2)
-    assert r.returncode == 0, r.stderr
-    a, b = json.loads(one.read_text()), json.loads(two.read_text())
-    assert a["dataset"] == b["dataset"] and a["cases"] == b["cases"]  # identical, not just close
+    results = []
+    for workers in (1, 2, 3):  # the test split has 2 cases: with 3 workers one rank holds none
+        out = tmp_path / f"eval{workers}.json"
+        r = cli("evaluate", run, "--json", out, "--workers", workers)
+        assert r.returncode == 0, r.stderr
+        results.append(json.loads(out.read_text()))
+    a = results[0]
+    for b in results[1:]:  # identical, not just close
+        assert (a["dataset"], a["cases"], a["slice_summary"]) == (
+            b["dataset"],
+            b["cases"],
+            b["slice_summary"],
+        )
+    assert (
+        (tmp_path / "eval1.csv").is_file()
+        and (tmp_path / "eval1.png").is_file()
+        and (tmp_path / "eval1-overlays.png").is_file()
+    )
+    assert a["case_summary"]["dice"]["n"] + a["case_summary"]["dice"]["excluded"] == 2, (
+        a["cases"],
+        json.loads((store / "meta.json").read_text())["splits"],
+    )
     assert set(a["dataset"]) >= {
         "dice",
         "pixel_accuracy",
@@ -71,6 +83,26 @@ def test_prepare_train_evaluate_predict(tmp_path):
     mask, image = nib.load(tmp_path / "pred" / "la2018_000.nii.gz"), nib.load(source)
     assert mask.shape == image.shape and np.allclose(mask.affine, image.affine)
     assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+
+    # score the predicted volume in its own geometry against the original label
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "la2018_000.nii.gz").write_bytes(
+        (raw / "labelsTr" / "la2018_000.nii.gz").read_bytes()
+    )
+    r = cli(
+        "evaluate",
+        "--pred",
+        tmp_path / "pred",
+        "--ref",
+        tmp_path / "ref",
+        "--json",
+        tmp_path / "files.json",
+    )
+    assert r.returncode == 0, r.stderr
+    files = json.loads((tmp_path / "files.json").read_text())
+    assert [c["case"] for c in files["cases"]] == ["la2018_000"] and 0 <= files["cases"][0][
+        "dice"
+    ] <= 1
 
 
 def assert_user_error(r: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -27,6 +27,7 @@ class Strategy(Protocol):
 
     def wrap(self, model: nn.Module) -> nn.Module: ...
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def gather_objects(self, obj: object) -> list[object]: ...
     def barrier(self) -> None: ...
     def close(self) -> None: ...
 
@@ -86,6 +87,14 @@ class AllReduceStrategy:
         if self.world_size > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+    def gather_objects(self, obj: object) -> list[object]:
+        """Every rank's obj, in rank order, on every rank (pickled; for small results)."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[object] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def barrier(self) -> None:
         if self.world_size > 1:

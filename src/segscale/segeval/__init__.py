@@ -1,5 +1,19 @@
 """SegEval: segmentation metrics (the thesis' set, exact under distributed evaluation)."""
 
-from segscale.segeval.confusion import confusion_matrix, metrics_from_confusion, per_class_dice
+from segscale.segeval.confusion import (
+    class_metrics,
+    confusion_matrix,
+    metrics_from_confusion,
+    per_class_dice,
+)
+from segscale.segeval.distance import DISTANCE_METRICS, distance_metrics, spacing_from_affine
 
-__all__ = ["confusion_matrix", "metrics_from_confusion", "per_class_dice"]
+__all__ = [
+    "DISTANCE_METRICS",
+    "class_metrics",
+    "confusion_matrix",
+    "distance_metrics",
+    "metrics_from_confusion",
+    "per_class_dice",
+    "spacing_from_affine",
+]

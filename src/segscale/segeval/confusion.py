@@ -20,11 +20,22 @@ import numpy as np
 import torch
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(C, C) int64 counts via one bincount (on the tensors' device)."""
-    idx = target.reshape(-1).long() * num_classes + pred.reshape(-1).long()
-    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(
-        num_classes, num_classes
+def confusion_matrix(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    num_classes: int,
+    groups: torch.Tensor | None = None,
+    num_groups: int = 1,
+) -> torch.Tensor:
+    """(C, C) int64 counts via one bincount, on the tensors' device. With `groups` (a group index
+    per pixel, broadcastable to pred), (num_groups, C, C): one matrix per case or per slice."""
+    idx = target.long() * num_classes + pred.long()
+    cc = num_classes * num_classes
+    if groups is None:
+        return torch.bincount(idx.reshape(-1), minlength=cc).reshape(num_classes, num_classes)
+    idx = groups.long() * cc + idx
+    return torch.bincount(idx.reshape(-1), minlength=num_groups * cc).reshape(
+        num_groups, num_classes, num_classes
     )
 
 
@@ -47,6 +58,31 @@ def per_class_dice(cm: np.ndarray) -> np.ndarray:
     den = 2 * tp + (cm.sum(1) - tp) + (cm.sum(0) - tp)
     dice = _ratio(2 * tp, den)
     return np.where(den == 0, 1.0, dice)
+
+
+def class_metrics(cm: np.ndarray) -> dict[int, dict[str, float]]:
+    """Per-class (one vs rest) overlap metrics. Undefined ratios are NaN, except Dice, whose
+    both-empty convention is 1."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    fn, fp = cm.sum(1) - tp, cm.sum(0) - tp
+    tn = cm.sum() - tp - fn - fp
+    dice = per_class_dice(cm)
+    precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+    f1 = _ratio(2 * precision * recall, precision + recall)
+    iou = _ratio(tp, tp + fn + fp)
+    spec = _ratio(tn, tn + fp)
+    return {
+        c: {
+            "dice": float(dice[c]),
+            "iou": float(iou[c]),
+            "precision": float(precision[c]),
+            "sensitivity": float(recall[c]),
+            "specificity": float(spec[c]),
+            "f1": float(f1[c]),
+        }
+        for c in range(len(cm))
+    }
 
 
 def metrics_from_confusion(cm: np.ndarray) -> dict[str, float]:
