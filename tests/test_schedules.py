@@ -43,3 +43,10 @@ def test_cosine_and_poly_reach_their_floor():
 def test_constant_warmup():
     s = build_schedule(ScheduleConfig(warmup_epochs=1, warmup="constant"), 0.1, 8, 2, 10, 5)
     assert s(9) == pytest.approx(0.1) and s(10) == pytest.approx(0.2)
+
+
+def test_warmup_in_steps_and_exponential_decay():
+    cfg = ScheduleConfig(warmup_steps=4, decay="exponential", decay_factor=0.5)
+    s = build_schedule(cfg, 0.1, batch_size=8, world_size=2, steps_per_epoch=10, epochs=5)
+    assert s(2) == pytest.approx(0.15) and s(4) == pytest.approx(0.2)
+    assert s(14) == pytest.approx(0.1) and s(24) == pytest.approx(0.05)  # halves every epoch

@@ -87,7 +87,7 @@ def test_callbacks_are_duck_typed(tmp_path, real_store):
     train = TrainLoader(
         SliceDataset(store, "train"),
         4,
-        0,
+        [0],
         1,
         strategy.device,
         0,

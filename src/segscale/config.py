@@ -70,15 +70,37 @@ class ScheduleConfig(_Strict):
     reference_batch: int | None = Field(
         None, gt=0, description="Batch the base lr is tuned for; default: the per-worker batch."
     )
-    warmup_epochs: float = Field(0.0, ge=0, description="Gradual warmup length (Goyal et al.).")
+    warmup_epochs: float = Field(0.0, ge=0, description="Warmup length in epochs (Goyal et al.).")
+    warmup_steps: int | None = Field(
+        None, ge=0, description="Warmup length in steps (overrides warmup_epochs)."
+    )
     warmup: Literal["gradual", "constant"] = "gradual"
-    decay: Literal["none", "step", "cosine", "poly"] = "none"
+    decay: Literal["none", "step", "cosine", "poly", "exponential"] = "none"
     decay_epochs: list[int] = Field(
         default_factory=list, description="Step decay: the epochs at which lr × decay_factor."
     )
-    decay_factor: float = Field(0.1, gt=0, le=1)
+    decay_factor: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="Step decay: lr × this at each milestone; exponential: lr × this per epoch.",
+    )
     poly_power: float = Field(0.9, gt=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine/poly floor, × peak lr.")
+
+
+class StrategyConfig(_Strict):
+    """How workers combine their gradients; a plain string in YAML means {name: that}."""
+
+    name: str = Field(
+        "allreduce",
+        description="allreduce (DDP ring all-reduce) | local_sgd | a 'pkg.mod:Class' strategy.",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="allreduce: bucket_cap_mb, gradient_as_bucket_view, static_graph, compression "
+        "(none | fp16 | bf16 | powersgd), powersgd_rank; local_sgd: period, warmup_steps.",
+    )
 
 
 class TrainConfig(_Strict):
@@ -92,7 +114,22 @@ class TrainConfig(_Strict):
     )
     val_every: int = Field(1, gt=0, description="Validate every N epochs (and after the last).")
     keep_checkpoints: int = Field(3, gt=0, description="Keep the newest N epoch checkpoints.")
-    strategy: str = Field("allreduce", description="Distributed strategy (DDP ring all-reduce).")
+    strategy: StrategyConfig = StrategyConfig()
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _strategy_shorthand(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    simulate_workers: int | None = Field(
+        None,
+        gt=0,
+        description="Run the math of K synchronous workers in one process (accumulation).",
+    )
+    sync_batchnorm: bool = Field(
+        False, description="Synchronise BatchNorm statistics across workers."
+    )
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="Mixed precision (autocast).")
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this.")
     deterministic: bool = Field(True, description="Seed everything, deterministic kernels.")
     device: Literal["auto", "cpu", "cuda"] = "auto"

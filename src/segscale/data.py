@@ -101,55 +101,68 @@ def _seed_worker(worker_id: int) -> None:
 
 
 class TrainLoader:
-    """Shuffled, sharded, optionally augmented device batches; `set_epoch` reseeds everything for
-    that epoch, so a run resumed at an epoch boundary sees exactly the batches it would have seen."""
+    """Shuffled, sharded, optionally augmented device batches. Each step yields one (x, y) per
+    worker this process plays: its own rank under torchrun, or every virtual rank when simulating
+    K workers (each with the sampler shard and augmentation seed that real rank would have).
+    `set_epoch` reseeds everything for that epoch, so a run resumed at an epoch boundary sees
+    exactly the batches it would have seen."""
 
     def __init__(
         self,
         dataset: SliceDataset,
         batch_size: int,
-        rank: int,
-        world_size: int,
+        ranks: list[int],
+        num_replicas: int,
         device: torch.device,
         seed: int,
         augment: AugmentConfig,
         num_workers: int = 0,
     ) -> None:
-        self.sampler = DistributedSampler(
-            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
-        )
-        self.seed, self.rank, self.device = seed, rank, device
-        self.generator = torch.Generator()
-        self.loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=self.sampler,
-            # A last batch of one sample breaks BatchNorm and skews the step; drop it when we can.
-            drop_last=len(self.sampler) >= batch_size,
-            num_workers=num_workers,
-            worker_init_fn=_seed_worker,
-            generator=self.generator,
-            persistent_workers=num_workers > 0,
-            pin_memory=device.type == "cuda",
-        )
+        self.seed, self.ranks, self.device = seed, ranks, device
+        self.samplers = [
+            DistributedSampler(dataset, num_replicas=num_replicas, rank=r, shuffle=True, seed=seed)
+            for r in ranks
+        ]
+        self.generators = [torch.Generator() for _ in ranks]
+        self.loaders = [
+            DataLoader(
+                dataset,
+                batch_size=batch_size,
+                sampler=sampler,
+                # A last batch of one sample breaks BatchNorm and skews the step; drop it when we can.
+                drop_last=len(sampler) >= batch_size,
+                num_workers=num_workers,
+                worker_init_fn=_seed_worker,
+                generator=gen,
+                persistent_workers=num_workers > 0,
+                pin_memory=device.type == "cuda",
+            )
+            for sampler, gen in zip(self.samplers, self.generators)
+        ]
         self.augment = BatchAugment(augment) if augment.enabled else None
-        self.aug_generator = torch.Generator()
+        self.aug_generators = [torch.Generator() for _ in ranks]
 
     def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
-        self.aug_generator.manual_seed((self.seed * 1_000_003 + epoch) * 7919 + self.rank)
+        for sampler, gen, aug, rank in zip(
+            self.samplers, self.generators, self.aug_generators, self.ranks
+        ):
+            sampler.set_epoch(epoch)
+            gen.manual_seed(self.seed * 1_000_003 + epoch)
+            aug.manual_seed((self.seed * 1_000_003 + epoch) * 7919 + rank)
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.loaders[0])
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y, _ in self.loader:
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-            if self.augment is not None:
-                x, y = self.augment(x, y, self.aug_generator)
-            yield x, y
+    def __iter__(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        for batches in zip(*self.loaders):
+            step = []
+            for (x, y, _), aug in zip(batches, self.aug_generators):
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+                if self.augment is not None:
+                    x, y = self.augment(x, y, aug)
+                step.append((x, y))
+            yield step
 
 
 def eval_loader(

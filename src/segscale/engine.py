@@ -19,7 +19,7 @@ import segscale.parallel  # noqa: F401  (registers the built-in strategies)
 from segscale.config import RunConfig, load_config
 from segscale.errors import SegscaleError
 from segscale.imgmed.store import Store
-from segscale.registry import LOSSES, MODELS, OPTIMIZERS, STRATEGIES
+from segscale.registry import LOSSES, MODELS, OPTIMIZERS, STRATEGIES, check_kwargs
 
 OPTIMIZERS.register("sgd")(
     lambda params, cfg: torch.optim.SGD(
@@ -69,7 +69,8 @@ class Plan:
                 "source": "built-in" if builtin else "user",
                 "kwargs": c.model.kwargs,
             },
-            "strategy": c.train.strategy,
+            "strategy": c.train.strategy.model_dump(),
+            "simulate_workers": c.train.simulate_workers,
             "optimizer": c.train.optimizer.model_dump(),
             "loss": c.train.loss,
             "schedule": c.train.schedule.model_dump(),
@@ -77,7 +78,7 @@ class Plan:
 
 
 def plan(cfg: RunConfig) -> Plan:
-    from segscale.models import check_kwargs
+    import segscale.models  # noqa: F401  (registers the built-in models)
 
     store = Store.open(cfg.data.store)
     for split in (cfg.data.train_split, cfg.data.val_split):
@@ -85,7 +86,13 @@ def plan(cfg: RunConfig) -> Plan:
     check_kwargs(MODELS.resolve(cfg.model.name), cfg.model.kwargs, cfg.model.name)
     LOSSES.resolve(cfg.train.loss)
     OPTIMIZERS.resolve(cfg.train.optimizer.name)
-    STRATEGIES.resolve(cfg.train.strategy)
+    strategy = STRATEGIES.resolve(cfg.train.strategy.name)
+    check_kwargs(
+        strategy,
+        {"device": "cpu", **cfg.train.strategy.kwargs},
+        cfg.train.strategy.name,
+        kind="strategy",
+    )
     return Plan(cfg, store)
 
 
@@ -129,27 +136,34 @@ def train_worker(
 ) -> list[dict[str, Any]]:
     """Build everything from run_dir/config.yaml and train (one process of N)."""
     from segscale.data import SliceDataset, TrainLoader, eval_loader
-    from segscale.parallel import create_strategy
+    from segscale.parallel import SimulatedStrategy, Strategy, create_strategy
     from segscale.repro import environment, seed_everything
     from segscale.schedules import build_schedule
     from segscale.train import Trainer
 
     cfg = load_config(run_dir / "config.yaml")
     p = plan(cfg)
-    strategy = create_strategy(cfg.train.strategy, cfg.train.device)
+    t = cfg.train
+    strategy: Strategy
+    if t.simulate_workers:
+        strategy = SimulatedStrategy(t.simulate_workers, t.device)
+    else:
+        strategy = create_strategy(t.strategy.name, t.device, t.strategy.kwargs)
     try:
-        seed_everything(cfg.seed, cfg.train.deterministic)
-        model = strategy.wrap(
-            build_model(p)
-        )  # same seed on every rank; DDP also broadcasts rank 0's
-        t = cfg.train
+        seed_everything(cfg.seed, t.deterministic)
+        model = build_model(p)  # the same seed on every rank; DDP also broadcasts rank 0's weights
+        if t.sync_batchnorm and strategy.world_size > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = strategy.wrap(model)
         train_ds = SliceDataset(p.store, cfg.data.train_split)
         val_ds = SliceDataset(p.store, cfg.data.val_split)
+        # the workers this process plays: its own rank, or all K virtual ranks when simulating
+        ranks = list(range(strategy.virtual_workers)) if t.simulate_workers else [strategy.rank]
         train_loader = TrainLoader(
             train_ds,
             t.batch_size,
-            strategy.rank,
-            strategy.world_size,
+            ranks,
+            strategy.virtual_workers,
             strategy.device,
             cfg.seed,
             cfg.data.augment,
@@ -162,9 +176,11 @@ def train_worker(
                 f"train split has {len(train_ds)} slices: fewer than one batch per worker"
             )
         schedule = build_schedule(
-            t.schedule, t.optimizer.lr, t.batch_size, strategy.world_size, steps, t.epochs
+            t.schedule, t.optimizer.lr, t.batch_size, strategy.virtual_workers, steps, t.epochs
         )
-        optimizer = OPTIMIZERS.resolve(t.optimizer.name)(model.parameters(), t.optimizer)
+        optimizer = strategy.wrap_optimizer(
+            OPTIMIZERS.resolve(t.optimizer.name)(model.parameters(), t.optimizer)
+        )
         loss_fn = LOSSES.resolve(t.loss)().to(strategy.device)
         if strategy.rank == 0:
             record = {
@@ -172,7 +188,9 @@ def train_worker(
                 "seed": cfg.seed,
                 "config_digest": cfg.digest(),
                 "peak_lr": schedule.peak_lr,
-                "global_batch": t.batch_size * strategy.world_size,
+                "workers": strategy.virtual_workers,
+                "simulated": bool(t.simulate_workers),
+                "global_batch": t.batch_size * strategy.virtual_workers,
                 "steps_per_epoch": steps,
             }
             (run_dir / "environment.json").write_text(json.dumps(record, indent=1))
@@ -194,6 +212,7 @@ def train_worker(
             grad_clip=t.grad_clip,
             config_digest=cfg.digest(),
             keep_checkpoints=t.keep_checkpoints,
+            amp=t.amp,
             progress=progress,
         )
         return trainer.fit(resume=resume)
@@ -218,10 +237,10 @@ def evaluate_worker(run_dir: Path, split: str, out: Path) -> dict[str, Any]:
     """Evaluate run_dir/model.pt on a split, cases shared among the workers; rank 0 writes `out`
     (JSON) and the per-case CSV beside it."""
     from segscale.evaluation import evaluate_split, summarize, write_case_csv
-    from segscale.parallel import create_strategy
+    from segscale.parallel import ProcessEnv
 
     cfg = load_config(run_dir / "config.yaml")
-    strategy = create_strategy(cfg.train.strategy, cfg.train.device)
+    strategy = ProcessEnv(cfg.train.device)  # evaluation only needs ranks, a device and gathers
     try:
         model, p = load_trained_model(run_dir, strategy.device)
         results = evaluate_split(model, p.store, split, strategy, cfg.train.batch_size * 2)

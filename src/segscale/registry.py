@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -86,3 +87,16 @@ MODELS = Registry("model")
 LOSSES = Registry("loss")
 OPTIMIZERS = Registry("optimizer")
 STRATEGIES = Registry("strategy")
+
+
+def check_kwargs(factory: Any, kwargs: dict[str, Any], spec: str, kind: str = "model") -> None:
+    """Fail before anything starts when kwargs don't bind to the factory's signature. Models also
+    receive in_channels and num_classes (from the store)."""
+    fixed = {"in_channels": 1, "num_classes": 2} if kind == "model" else {}
+    try:
+        inspect.signature(factory).bind(**fixed, **kwargs)
+    except TypeError as e:
+        params = [p for p in inspect.signature(factory).parameters if p not in ("self", *fixed)]
+        raise SegscaleError(
+            f"{kind} '{spec}' kwargs {sorted(kwargs)}: {e}; accepted: {', '.join(params)}"
+        ) from None

@@ -31,14 +31,19 @@ class Schedule:
     total_steps: int
     cfg: ScheduleConfig
 
+    @property
+    def warmup_steps(self) -> float:
+        if self.cfg.warmup_steps is not None:
+            return float(self.cfg.warmup_steps)
+        return self.cfg.warmup_epochs * self.steps_per_epoch
+
     def __call__(self, step: int) -> float:
-        epoch = step / self.steps_per_epoch
-        warmup = self.cfg.warmup_epochs
-        if warmup > 0 and epoch < warmup:
+        warmup = self.warmup_steps
+        if warmup > 0 and step < warmup:
             if self.cfg.warmup == "constant":
                 return self.base_lr
             # Gradual: linear from the unscaled base lr to the scaled peak (Goyal et al. 2017).
-            return self.base_lr + (self.peak_lr - self.base_lr) * epoch / warmup
+            return self.base_lr + (self.peak_lr - self.base_lr) * step / warmup
         return self.peak_lr * self._decay(step)
 
     def _decay(self, step: int) -> float:
@@ -48,9 +53,10 @@ class Schedule:
         if cfg.decay == "step":
             epoch = step // self.steps_per_epoch
             return cfg.decay_factor ** sum(epoch >= e for e in cfg.decay_epochs)
-        start = round(cfg.warmup_epochs * self.steps_per_epoch)
-        span = max(1, self.total_steps - start)
-        t = min(1.0, max(0.0, (step - start) / span))
+        start = self.warmup_steps
+        if cfg.decay == "exponential":
+            return cfg.decay_factor ** ((step - start) / self.steps_per_epoch)
+        t = min(1.0, max(0.0, (step - start) / max(1.0, self.total_steps - start)))
         floor = cfg.min_lr_ratio
         if cfg.decay == "cosine":
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))

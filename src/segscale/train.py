@@ -58,6 +58,7 @@ class Trainer:
         callbacks: Sequence[Any] = (),
         config_digest: str = "",
         keep_checkpoints: int = 3,
+        amp: str = "none",
         progress: bool = True,
     ) -> None:
         self.model, self.optimizer, self.schedule, self.loss_fn = (
@@ -76,6 +77,9 @@ class Trainer:
             config_digest,
         )
         self.keep_checkpoints = keep_checkpoints
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        # fp16 needs loss scaling against underflow; bf16 has fp32's range and does not
+        self.scaler = torch.amp.GradScaler(strategy.device.type, enabled=amp == "fp16")
         self.progress = progress and strategy.rank == 0
         self.step, self.start_epoch, self.history = 0, 0, []
 
@@ -120,38 +124,44 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> float:
         self.model.train()
-        total = torch.zeros(2, dtype=torch.float64, device=self.strategy.device)
-        self.images_seen = 0
+        total = torch.zeros(2, dtype=torch.float64, device=self.strategy.device)  # Σ loss·n, Σ n
         with _progress(
             self.progress, f"epoch {epoch + 1}/{self.epochs}", self.steps_per_epoch
         ) as advance:
-            for i, (x, y) in enumerate(self.train_loader):
+            for i, micro in enumerate(self.train_loader):
                 if i == self.steps_per_epoch:
                     break
-                loss = self.train_step(x, y)
-                total += torch.stack(
-                    [
-                        loss.double() * len(x),
-                        torch.tensor(len(x), dtype=torch.float64, device=loss.device),
-                    ]
-                )
-                self.images_seen += len(x) * self.strategy.world_size
+                n = sum(len(x) for x, _ in micro)
+                total += torch.stack([self.train_step(micro).double() * n, total.new_tensor(n)])
                 advance()
         self.strategy.all_reduce_sum(total)
+        self.images_seen = int(total[1])
         return float(total[0] / total[1])
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def train_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One optimiser step over this process's micro-batches: one per worker it plays (one under
+        torchrun; K when simulating K workers, whose gradients add up to the all-reduced mean)."""
         lr = self.schedule(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss = self.loss_fn(self.model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # under DDP, gradients are all-reduced here, bucket by bucket
+        loss = torch.zeros((), device=self.strategy.device)
+        for x, y in micro:
+            with torch.autocast(
+                x.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+            ):
+                part = self.loss_fn(self.model(x), y) / len(micro)
+            self.scaler.scale(
+                part
+            ).backward()  # under DDP, gradients are all-reduced here, bucket by bucket
+            loss += part.detach().float()
         if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.step += 1
-        return loss.detach()
+        return loss
 
     def validate(self) -> dict[str, float]:
         counts = confusion_by_case(
@@ -169,6 +179,7 @@ class Trainer:
         state = {
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "epoch": epoch,
             "step": self.step,
             "config_digest": self.config_digest,
@@ -184,6 +195,7 @@ class Trainer:
         state = load_checkpoint(path, self.config_digest)
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
         self.start_epoch, self.step, self.history = (
             state["epoch"],
             state["step"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from torch import nn
@@ -10,26 +9,11 @@ from torch import nn
 from segscale.errors import SegscaleError
 from segscale.models.fcn import FCN8s
 from segscale.models.unet import ResUNet, UNet
-from segscale.registry import MODELS
+from segscale.registry import MODELS, check_kwargs
 
 MODELS.register("unet")(UNet)
 MODELS.register("resunet")(ResUNet)
 MODELS.register("fcn")(FCN8s)
-
-
-def check_kwargs(factory: Any, kwargs: dict[str, Any], spec: str) -> None:
-    """Fail before training when kwargs don't bind to the factory's signature."""
-    try:
-        inspect.signature(factory).bind(in_channels=1, num_classes=2, **kwargs)
-    except TypeError as e:
-        params = [
-            p
-            for p in inspect.signature(factory).parameters
-            if p not in ("self", "in_channels", "num_classes")
-        ]
-        raise SegscaleError(
-            f"model '{spec}' kwargs {sorted(kwargs)}: {e}; accepted: {', '.join(params)}"
-        ) from None
 
 
 def create_model(spec: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:

@@ -1,5 +1,15 @@
 """Distributed strategies: one small protocol, each strategy registered by name."""
 
-from segscale.parallel.base import AllReduceStrategy, Strategy, create_strategy, unwrap
+from segscale.parallel.base import AllReduceStrategy, ProcessEnv, Strategy, create_strategy, unwrap
+from segscale.parallel.local_sgd import LocalSGDStrategy
+from segscale.parallel.simulate import SimulatedStrategy
 
-__all__ = ["AllReduceStrategy", "Strategy", "create_strategy", "unwrap"]
+__all__ = [
+    "AllReduceStrategy",
+    "LocalSGDStrategy",
+    "ProcessEnv",
+    "SimulatedStrategy",
+    "Strategy",
+    "create_strategy",
+    "unwrap",
+]

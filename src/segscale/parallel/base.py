@@ -1,14 +1,16 @@
-"""The strategy protocol, and `allreduce`: synchronous data parallelism with DDP's ring all-reduce.
+"""The strategy protocol and the process environment every strategy shares.
 
 A strategy reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK), sets up the process
-group and the device, wraps the model, and reduces tensors. With WORLD_SIZE unset it is a plain
-single process, so the same Trainer code runs alone or under torchrun.
+group and the device, wraps the model (and, if it needs to, the optimiser), and reduces tensors.
+With WORLD_SIZE unset it is a plain single process, so the same Trainer runs alone or under
+torchrun. Each strategy registers its own name; users can name their own class as 'pkg.mod:Class'.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Protocol, runtime_checkable
+import warnings
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -21,11 +23,13 @@ from segscale.registry import STRATEGIES
 @runtime_checkable
 class Strategy(Protocol):
     rank: int
-    world_size: int
+    world_size: int  # processes
     local_rank: int
     device: torch.device
+    virtual_workers: int  # workers whose math one step reproduces (world_size unless simulated)
 
     def wrap(self, model: nn.Module) -> nn.Module: ...
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer: ...
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
     def gather_objects(self, obj: object) -> list[object]: ...
     def barrier(self) -> None: ...
@@ -37,19 +41,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-@STRATEGIES.register("allreduce")
-class AllReduceStrategy:
-    """DistributedDataParallel: gradients averaged by bucketed ring all-reduce during backward."""
+class ProcessEnv:
+    """Rank, device and process group from the torchrun environment (the fixed part of a strategy)."""
 
-    def __init__(
-        self,
-        device: str = "auto",
-        bucket_cap_mb: float = 25.0,
-        gradient_as_bucket_view: bool = True,
-    ) -> None:
+    def __init__(self, device: str = "auto") -> None:
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.virtual_workers = self.world_size
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
         if use_cuda and not torch.cuda.is_available():
@@ -65,23 +64,16 @@ class AllReduceStrategy:
             dist.init_process_group(
                 "nccl" if use_cuda else "gloo", device_id=self.device if use_cuda else None
             )
-        self.bucket_cap_mb = bucket_cap_mb
-        self.gradient_as_bucket_view = gradient_as_bucket_view
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        model = model.to(self.device)
-        if self.world_size == 1:
-            return model
-        return nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            bucket_cap_mb=self.bucket_cap_mb,
-            gradient_as_bucket_view=self.gradient_as_bucket_view,
-        )
+        return model.to(self.device)
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return optimizer
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -105,5 +97,79 @@ class AllReduceStrategy:
             dist.destroy_process_group()
 
 
-def create_strategy(name: str, device: str) -> Strategy:
-    return STRATEGIES.resolve(name)(device=device)
+COMPRESSION = ("none", "fp16", "bf16", "powersgd")
+
+
+@STRATEGIES.register("allreduce")
+class AllReduceStrategy(ProcessEnv):
+    """Synchronous data parallelism with DistributedDataParallel: gradients averaged by bucketed
+    ring all-reduce during backward (the thesis' Horovod setup, on torch). `compression` installs a
+    DDP communication hook: fp16/bf16 halve the bytes sent, PowerSGD sends a low-rank approximation."""
+
+    def __init__(
+        self,
+        device: str = "auto",
+        *,
+        bucket_cap_mb: float = 25.0,
+        gradient_as_bucket_view: bool = True,
+        static_graph: bool = False,
+        compression: str = "none",
+        powersgd_rank: int = 1,
+        powersgd_start_iter: int = 10,
+    ) -> None:
+        if compression not in COMPRESSION:
+            raise SegscaleError(
+                f"allreduce compression '{compression}': expected one of {', '.join(COMPRESSION)}"
+            )
+        super().__init__(device)
+        self.ddp_kwargs = {
+            "bucket_cap_mb": bucket_cap_mb,
+            "gradient_as_bucket_view": gradient_as_bucket_view,
+            "static_graph": static_graph,
+        }
+        self.compression, self.powersgd_rank, self.powersgd_start_iter = (
+            compression,
+            powersgd_rank,
+            powersgd_start_iter,
+        )
+        if self.world_size == 1 and compression != "none":
+            warnings.warn(
+                f"compression '{compression}' has no effect with one worker", stacklevel=2
+            )
+
+    def ddp(self, model: nn.Module) -> nn.Module:
+        return nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            **self.ddp_kwargs,
+        )
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        if self.world_size == 1:
+            return model
+        ddp = self.ddp(model)
+        hook, state = self._comm_hook()
+        if hook is not None:
+            ddp.register_comm_hook(state, hook)
+        return ddp
+
+    def _comm_hook(self) -> tuple[Any, Any]:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+        if self.compression == "fp16":
+            return default_hooks.fp16_compress_hook, None
+        if self.compression == "bf16":
+            return default_hooks.bf16_compress_hook, None
+        if self.compression == "powersgd":
+            state = powerSGD_hook.PowerSGDState(
+                process_group=None,
+                matrix_approximation_rank=self.powersgd_rank,
+                start_powerSGD_iter=self.powersgd_start_iter,
+            )
+            return powerSGD_hook.powerSGD_hook, state
+        return None, None
+
+
+def create_strategy(name: str, device: str, kwargs: dict[str, Any] | None = None) -> Strategy:
+    return STRATEGIES.resolve(name)(device=device, **(kwargs or {}))

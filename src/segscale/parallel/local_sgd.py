@@ -1,0 +1,36 @@
+"""Local SGD: each worker steps on its own gradients, and the models are averaged (one all-reduce
+of the parameters) every `period` steps: synchronous periodic averaging (thesis §2.2.2.1), with
+torch's PeriodicModelAverager through PostLocalSGDOptimizer. period=1 with plain SGD (no momentum)
+is the same math as gradient all-reduce; larger periods trade accuracy for less communication."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from segscale.errors import SegscaleError
+from segscale.parallel.base import ProcessEnv
+from segscale.registry import STRATEGIES
+
+
+@STRATEGIES.register("local_sgd")
+class LocalSGDStrategy(ProcessEnv):
+    def __init__(self, device: str = "auto", *, period: int = 4) -> None:
+        if period < 1:
+            raise SegscaleError(f"local_sgd period {period}: expected at least 1")
+        super().__init__(device)
+        self.period = period
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        # No DDP: gradients stay local; only the averager communicates.
+        return model.to(self.device)
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        if self.world_size == 1:
+            return optimizer
+        from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+        from torch.distributed.optim import PostLocalSGDOptimizer
+
+        return PostLocalSGDOptimizer(
+            optimizer, PeriodicModelAverager(period=self.period, warmup_steps=0)
+        )
