@@ -134,8 +134,7 @@ def train_cmd(
     plan(cfg)
     check_workers(cfg, workers)
     run_dir = (run_dir or Path("runs") / cfg.name).resolve()
-    if not (nodes > 1 and node_rank > 0):
-        prepare_run_dir(cfg, run_dir, resume)
+    prepare_run_dir(cfg, run_dir, resume)
     args = ["train", str(run_dir), *(["--resume"] if resume else [])]
     code = launch(
         args,
@@ -226,6 +225,61 @@ def predict_cmd(
 
     for path in predict(run_dir.resolve(), inputs, out, device=device):
         typer.echo(f"wrote {path}")
+
+
+@app.command("schedule")
+def schedule_cmd(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
+    overrides: Overrides = None,
+    workers: Annotated[int, typer.Option(help="Workers the lr is scaled for.")] = 1,
+    steps_per_epoch: Annotated[
+        int, typer.Option(help="Steps per epoch (default: from the store).")
+    ] = 0,
+    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("schedule.png"),
+) -> None:
+    """Plot the learning-rate curve of a config for N workers."""
+    from segscale.schedules import plot_schedule
+
+    cfg = _load(config, overrides)
+    if steps_per_epoch <= 0:
+        from segscale.engine import steps_per_epoch_for
+
+        steps_per_epoch = steps_per_epoch_for(cfg, workers)
+    schedule = plot_schedule(cfg, workers, steps_per_epoch, out)
+    typer.echo(
+        f"peak lr {schedule.peak_lr:.4g} (base {schedule.base_lr:.4g}, global batch {cfg.train.batch_size * workers}); wrote {out}"
+    )
+
+
+@app.command("launch")
+def launch_cmd(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
+    overrides: Overrides = None,
+    slurm: Annotated[
+        bool, typer.Option("--slurm", help="Write an sbatch script (srun + torchrun).")
+    ] = False,
+    nodes: Annotated[int, typer.Option(help="Nodes to ask for.")] = 1,
+    gpus_per_node: Annotated[int, typer.Option(help="GPUs (= workers) per node.")] = 1,
+    time: Annotated[str, typer.Option(help="Slurm time limit.")] = "04:00:00",
+    partition: Annotated[str | None, typer.Option(help="Slurm partition.")] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<name>).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Script to write (default: RUN_DIR/job.sbatch).")
+    ] = None,
+) -> None:
+    """Write a cluster job for a config (checked first), to submit with sbatch."""
+    from segscale.engine import plan, prepare_run_dir
+    from segscale.launch import sbatch_script
+
+    if not slurm:
+        raise SegscaleError("say which scheduler: --slurm (the only one so far)")
+    cfg = _load(config, overrides)
+    plan(cfg)
+    run_dir = (run_dir or Path("runs") / cfg.name).resolve()
+    prepare_run_dir(cfg, run_dir, resume=False)
+    script = out or run_dir / "job.sbatch"
+    script.write_text(sbatch_script(run_dir, nodes, gpus_per_node, time, partition, cfg.name))
+    typer.echo(f"wrote {script}; submit with: sbatch {script}")
 
 
 @app.command("demo")

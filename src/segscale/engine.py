@@ -8,6 +8,7 @@ build the Trainer from the plan.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,7 @@ def plan(cfg: RunConfig) -> Plan:
     strategy = STRATEGIES.resolve(cfg.train.strategy.name)
     check_kwargs(
         strategy,
-        {"device": "cpu", **cfg.train.strategy.kwargs},
+        cfg.train.strategy.kwargs,
         cfg.train.strategy.name,
         kind="strategy",
     )
@@ -101,7 +102,16 @@ def check_workers(cfg: RunConfig, workers: int) -> None:
     if workers < 1:
         raise SegscaleError(f"--workers {workers}: expected at least 1")
     device = cfg.train.device
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if cfg.train.simulate_workers and workers > 1:
+        raise SegscaleError(
+            "train.simulate_workers runs K workers' math in one process: use --workers 1"
+        )
+    if on_cpu and cfg.train.sync_batchnorm and workers > 1:
+        raise SegscaleError(
+            "train.sync_batchnorm needs GPUs (torch's SyncBatchNorm is CUDA-only); drop it on CPU"
+        )
+    if on_cpu:
         return
     gpus = torch.cuda.device_count()
     if workers > gpus:
@@ -109,6 +119,14 @@ def check_workers(cfg: RunConfig, workers: int) -> None:
             f"--workers {workers} with train.device={device}: this machine has {gpus} GPU(s); "
             "use at most that many workers, or train.device=cpu"
         )
+
+
+def steps_per_epoch_for(cfg: RunConfig, workers: int) -> int:
+    """Optimiser steps per epoch for `workers` workers (each sampler shard, whole batches)."""
+    store = Store.open(cfg.data.store)
+    shard = -(-len(store.rows(cfg.data.train_split)) // workers)
+    full = shard // cfg.train.batch_size if shard >= cfg.train.batch_size else 1
+    return min(cfg.train.steps_per_epoch or full, full)
 
 
 def build_model(p: Plan) -> torch.nn.Module:
@@ -128,7 +146,10 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
             f"{run_dir}: already holds a run; pass --resume to continue it or --run-dir for a new one"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    # every node of a multi-node run writes the same file: atomically, so no reader sees half of it
+    tmp = run_dir / f".config.yaml.{os.getpid()}"
+    save_config(cfg, tmp)
+    tmp.replace(run_dir / "config.yaml")
 
 
 def train_worker(

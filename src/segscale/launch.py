@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from segscale.errors import SegscaleError
 
@@ -48,3 +49,29 @@ def launch(worker_args: list[str], workers: int = 1, **kwargs: object) -> int:
     # torchrun would force OMP_NUM_THREADS=1 (with a warning); give each worker its share instead.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     return subprocess.run(torchrun_command(worker_args, workers, **kwargs), env=env).returncode  # type: ignore[arg-type]
+
+
+def sbatch_script(
+    run_dir: Path, nodes: int, gpus_per_node: int, time: str, partition: str | None, name: str
+) -> str:
+    """A Slurm job: one torchrun agent per node (srun), rendezvous on the first node's host."""
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={name}",
+        f"#SBATCH --nodes={nodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --gpus-per-node={gpus_per_node}",
+        f"#SBATCH --time={time}",
+        f"#SBATCH --output={run_dir}/slurm-%j.out",
+        *([f"#SBATCH --partition={partition}"] if partition else []),
+        "",
+        "# The first node of the allocation hosts the c10d rendezvous.",
+        'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        "",
+        "srun torchrun \\",
+        f"  --nnodes={nodes} --nproc-per-node={gpus_per_node} \\",
+        "  --rdzv-backend=c10d --rdzv-id=$SLURM_JOB_ID --rdzv-endpoint=$HEAD:29500 \\",
+        f"  -m segscale.worker train {run_dir} --no-progress",
+        "",
+    ]
+    return "\n".join(lines)

@@ -89,10 +89,13 @@ OPTIMIZERS = Registry("optimizer")
 STRATEGIES = Registry("strategy")
 
 
+FIXED_ARGUMENTS = {"model": {"in_channels": 1, "num_classes": 2}, "strategy": {"device": "cpu"}}
+
+
 def check_kwargs(factory: Any, kwargs: dict[str, Any], spec: str, kind: str = "model") -> None:
     """Fail before anything starts when kwargs don't bind to the factory's signature. Models also
-    receive in_channels and num_classes (from the store)."""
-    fixed = {"in_channels": 1, "num_classes": 2} if kind == "model" else {}
+    receive in_channels and num_classes (from the store), strategies the device (from the config)."""
+    fixed = FIXED_ARGUMENTS.get(kind, {})
     try:
         inspect.signature(factory).bind(**fixed, **kwargs)
     except TypeError as e:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
-from segscale.config import ScheduleConfig
+from segscale.config import RunConfig, ScheduleConfig
 
 
 def scaled_lr(base_lr: float, global_batch: int, reference_batch: int, rule: str) -> float:
@@ -76,3 +77,29 @@ def build_schedule(
     reference = cfg.reference_batch or batch_size
     peak = scaled_lr(base_lr, batch_size * world_size, reference, cfg.scaling)
     return Schedule(base_lr, peak, steps_per_epoch, steps_per_epoch * epochs, cfg)
+
+
+def plot_schedule(cfg: RunConfig, workers: int, steps_per_epoch: int, out: Path) -> Schedule:
+    """Plot lr(step) over the whole run, with epochs on the x axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = cfg.train
+    schedule = build_schedule(
+        t.schedule, t.optimizer.lr, t.batch_size, workers, steps_per_epoch, t.epochs
+    )
+    steps = range(schedule.total_steps)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot([s / steps_per_epoch for s in steps], [schedule(s) for s in steps])
+    ax.set(
+        xlabel="epoch",
+        ylabel="learning rate",
+        title=f"{cfg.name}: {workers} worker(s), global batch {t.batch_size * workers}, {t.schedule.scaling} scaling",
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return schedule

@@ -246,3 +246,36 @@ class _progress:
     def __exit__(self, *exc: object) -> None:
         if self.enabled:
             self.bar.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`torchrun [...] -m segscale.train CONFIG [--run-dir DIR] [--resume] [key=value ...]`: the
+    torchrun-native entry point, equivalent to `segscale train CONFIG --workers N`. Every process
+    loads and checks the config itself, so it also works when each node is started by a scheduler."""
+    import argparse
+    import sys
+
+    from segscale.config import load_config
+    from segscale.engine import plan, prepare_run_dir, train_worker
+    from segscale.errors import SegscaleError
+
+    parser = argparse.ArgumentParser(prog="segscale.train")
+    parser.add_argument("config", type=Path)
+    parser.add_argument("overrides", nargs="*", help="key.sub=value")
+    parser.add_argument("--run-dir", type=Path)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        plan(cfg)
+        run_dir = (args.run_dir or Path("runs") / cfg.name).resolve()
+        prepare_run_dir(cfg, run_dir, args.resume)
+        train_worker(run_dir, resume=args.resume)
+    except SegscaleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
