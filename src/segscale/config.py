@@ -126,6 +126,11 @@ class TrainConfig(_Strict):
         gt=0,
         description="Run the math of K synchronous workers in one process (accumulation).",
     )
+    simulate_fused: bool = Field(
+        False,
+        description="Simulation without BatchNorm: run the K micro-batches as one forward pass. Faster; "
+        "equal up to float rounding, which training amplifies (see docs/performance.md).",
+    )
     sync_batchnorm: bool = Field(
         False, description="Synchronise BatchNorm statistics across workers."
     )
@@ -133,6 +138,11 @@ class TrainConfig(_Strict):
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this.")
     deterministic: bool = Field(True, description="Seed everything, deterministic kernels.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(
+        None,
+        gt=0,
+        description="CPU threads per worker (default: the cores / workers on this node).",
+    )
 
 
 class RunConfig(_Strict):

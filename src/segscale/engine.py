@@ -103,6 +103,10 @@ def check_workers(cfg: RunConfig, workers: int) -> None:
         raise SegscaleError(f"--workers {workers}: expected at least 1")
     device = cfg.train.device
     on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if cfg.train.simulate_fused and not cfg.train.simulate_workers:
+        raise SegscaleError(
+            "train.simulate_fused applies to train.simulate_workers only; set both or neither"
+        )
     if cfg.train.simulate_workers and workers > 1:
         raise SegscaleError(
             "train.simulate_workers runs K workers' math in one process: use --workers 1"
@@ -127,6 +131,11 @@ def steps_per_epoch_for(cfg: RunConfig, workers: int) -> int:
     shard = -(-len(store.rows(cfg.data.train_split)) // workers)
     full = shard // cfg.train.batch_size if shard >= cfg.train.batch_size else 1
     return min(cfg.train.steps_per_epoch or full, full)
+
+
+def has_batch_statistics(model: torch.nn.Module) -> bool:
+    """Whether a sample's output depends on the rest of its batch (BatchNorm in training)."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def build_model(p: Plan) -> torch.nn.Module:
@@ -167,9 +176,9 @@ def train_worker(
     t = cfg.train
     strategy: Strategy
     if t.simulate_workers:
-        strategy = SimulatedStrategy(t.simulate_workers, t.device)
+        strategy = SimulatedStrategy(t.simulate_workers, t.device, t.threads)
     else:
-        strategy = create_strategy(t.strategy.name, t.device, t.strategy.kwargs)
+        strategy = create_strategy(t.strategy.name, t.device, t.strategy.kwargs, t.threads)
     try:
         seed_everything(cfg.seed, t.deterministic)
         model = build_model(p)  # the same seed on every rank; DDP also broadcasts rank 0's weights
@@ -234,6 +243,7 @@ def train_worker(
             config_digest=cfg.digest(),
             keep_checkpoints=t.keep_checkpoints,
             amp=t.amp,
+            fuse_microbatches=t.simulate_fused and not has_batch_statistics(model),
             progress=progress,
         )
         return trainer.fit(resume=resume)
@@ -261,7 +271,9 @@ def evaluate_worker(run_dir: Path, split: str, out: Path) -> dict[str, Any]:
     from segscale.parallel import ProcessEnv
 
     cfg = load_config(run_dir / "config.yaml")
-    strategy = ProcessEnv(cfg.train.device)  # evaluation only needs ranks, a device and gathers
+    strategy = ProcessEnv(
+        cfg.train.device, cfg.train.threads
+    )  # ranks, a device and gathers suffice
     try:
         model, p = load_trained_model(run_dir, strategy.device)
         results = evaluate_split(model, p.store, split, strategy, cfg.train.batch_size * 2)

@@ -89,7 +89,10 @@ OPTIMIZERS = Registry("optimizer")
 STRATEGIES = Registry("strategy")
 
 
-FIXED_ARGUMENTS = {"model": {"in_channels": 1, "num_classes": 2}, "strategy": {"device": "cpu"}}
+FIXED_ARGUMENTS = {
+    "model": {"in_channels": 1, "num_classes": 2},
+    "strategy": {"device": "cpu", "threads": None},
+}
 
 
 def check_kwargs(factory: Any, kwargs: dict[str, Any], spec: str, kind: str = "model") -> None:

@@ -59,6 +59,7 @@ class Trainer:
         config_digest: str = "",
         keep_checkpoints: int = 3,
         amp: str = "none",
+        fuse_microbatches: bool = False,
         progress: bool = True,
     ) -> None:
         self.model, self.optimizer, self.schedule, self.loss_fn = (
@@ -76,7 +77,7 @@ class Trainer:
             list(callbacks),
             config_digest,
         )
-        self.keep_checkpoints = keep_checkpoints
+        self.keep_checkpoints, self.fuse_microbatches = keep_checkpoints, fuse_microbatches
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         # fp16 needs loss scaling against underflow; bf16 has fp32's range and does not
         self.scaler = torch.amp.GradScaler(strategy.device.type, enabled=amp == "fp16")
@@ -145,12 +146,19 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
+        # Without BatchNorm a sample's output does not depend on its batch-mates, so K micro-batches
+        # can share one forward pass (faster); the loss stays per micro-batch, as on K workers.
+        passes = [micro] if self.fuse_microbatches else [[m] for m in micro]
         loss = torch.zeros((), device=self.strategy.device)
-        for x, y in micro:
+        for group in passes:
             with torch.autocast(
-                x.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+                self.strategy.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
             ):
-                part = self.loss_fn(self.model(x), y) / len(micro)
+                logits = self.model(
+                    torch.cat([x for x, _ in group]) if len(group) > 1 else group[0][0]
+                )
+                chunks = logits.split([len(x) for x, _ in group])
+                part = sum(self.loss_fn(z, y) for z, (_, y) in zip(chunks, group)) / len(micro)
             self.scaler.scale(
                 part
             ).backward()  # under DDP, gradients are all-reduced here, bucket by bucket

@@ -44,7 +44,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 class ProcessEnv:
     """Rank, device and process group from the torchrun environment (the fixed part of a strategy)."""
 
-    def __init__(self, device: str = "auto") -> None:
+    def __init__(self, device: str = "auto", threads: int | None = None) -> None:
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -59,7 +59,7 @@ class ProcessEnv:
         else:
             self.device = torch.device("cpu")
             # Workers on one machine share its cores: oversubscribed threads slow everyone down.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+            torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group(
                 "nccl" if use_cuda else "gloo", device_id=self.device if use_cuda else None
@@ -109,6 +109,7 @@ class AllReduceStrategy(ProcessEnv):
     def __init__(
         self,
         device: str = "auto",
+        threads: int | None = None,
         *,
         bucket_cap_mb: float = 25.0,
         gradient_as_bucket_view: bool = True,
@@ -121,7 +122,7 @@ class AllReduceStrategy(ProcessEnv):
             raise SegscaleError(
                 f"allreduce compression '{compression}': expected one of {', '.join(COMPRESSION)}"
             )
-        super().__init__(device)
+        super().__init__(device, threads)
         self.ddp_kwargs = {
             "bucket_cap_mb": bucket_cap_mb,
             "gradient_as_bucket_view": gradient_as_bucket_view,
@@ -171,5 +172,7 @@ class AllReduceStrategy(ProcessEnv):
         return None, None
 
 
-def create_strategy(name: str, device: str, kwargs: dict[str, Any] | None = None) -> Strategy:
-    return STRATEGIES.resolve(name)(device=device, **(kwargs or {}))
+def create_strategy(
+    name: str, device: str, kwargs: dict[str, Any] | None = None, threads: int | None = None
+) -> Strategy:
+    return STRATEGIES.resolve(name)(device=device, threads=threads, **(kwargs or {}))

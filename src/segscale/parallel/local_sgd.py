@@ -15,10 +15,12 @@ from segscale.registry import STRATEGIES
 
 @STRATEGIES.register("local_sgd")
 class LocalSGDStrategy(ProcessEnv):
-    def __init__(self, device: str = "auto", *, period: int = 4) -> None:
+    def __init__(
+        self, device: str = "auto", threads: int | None = None, *, period: int = 4
+    ) -> None:
         if period < 1:
             raise SegscaleError(f"local_sgd period {period}: expected at least 1")
-        super().__init__(device)
+        super().__init__(device, threads)
         self.period = period
 
     def wrap(self, model: nn.Module) -> nn.Module:

@@ -16,8 +16,8 @@ from segscale.parallel.base import ProcessEnv
 
 
 class SimulatedStrategy(ProcessEnv):
-    def __init__(self, workers: int, device: str = "auto") -> None:
-        super().__init__(device)
+    def __init__(self, workers: int, device: str = "auto", threads: int | None = None) -> None:
+        super().__init__(device, threads)
         if self.world_size > 1:
             raise SegscaleError("simulate_workers runs in one process: use it with --workers 1")
         self.virtual_workers = workers
