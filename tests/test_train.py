@@ -27,9 +27,14 @@ def test_single_process_training_writes_a_complete_run(tmp_path, real_store):
     assert 0.0 <= lines[-1]["val_dice"] <= 1.0 and lines[-1]["step"] == 18
     state = torch.load(run_dir / "model.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "epoch_0002.pt",
-        "epoch_0003.pt",
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == [
+        "best.pt",
+        "best.pt.sha256",
+        "step_00000012.pt",
+        "step_00000012.pt.sha256",
+        "step_00000018.pt",
+        "step_00000018.pt.sha256",
     ]
     env = json.loads((run_dir / "environment.json").read_text())
     assert env["seed"] == 0 and env["world_size"] == 1 and env["torch"] == torch.__version__
@@ -42,7 +47,7 @@ def test_resume_continues_exactly(tmp_path, real_store):
     train_worker(full, progress=False)
     cut = make_run(tmp_path, real_store, "cut")
     train_worker(cut, progress=False)
-    (cut / "checkpoints" / "epoch_0002.pt").unlink()
+    (cut / "checkpoints" / "step_00000006.pt").unlink()
     (cut / "model.pt").unlink()
     history = train_worker(cut, resume=True, progress=False)
     assert [r["epoch"] for r in history] == [1, 2]

@@ -1,9 +1,19 @@
-"""Checkpoints: written atomically (temp file, fsync, rename) so a crash never leaves a torn file."""
+"""Checkpoints that survive crashes: atomic writes, checksums, and a fallback to the last valid one.
+
+Each checkpoint is `checkpoints/step_NNNNNNNN.pt` plus a `.sha256` sidecar. A write goes to a temp
+file in the same folder, is fsynced and renamed into place, and only then gets its sidecar, so a
+crash at any moment leaves either a complete, verifiable checkpoint or none. On load the newest
+checkpoint whose checksum verifies wins; a torn or corrupt one is skipped with a warning.
+The newest `keep` checkpoints are kept, plus `best.pt` (the best validation Dice so far).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +22,19 @@ import torch
 from segscale.errors import SegscaleError
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, write: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -26,31 +43,77 @@ def atomic_save(obj: Any, path: Path) -> None:
         raise
 
 
-def checkpoint_path(run_dir: Path, epoch: int) -> Path:
-    return run_dir / "checkpoints" / f"epoch_{epoch:04d}.pt"
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to `path` atomically (temp file, fsync, rename), then its checksum sidecar.
+    Disk full or a read-only folder raise a SegscaleError and leave earlier files untouched."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, lambda f: torch.save(obj, f))
+        digest = _sha256(path)
+        _write_atomic(path.with_name(path.name + ".sha256"), lambda f: f.write(digest.encode()))
+    except OSError as e:
+        raise SegscaleError(
+            f"cannot write {path}: {e.strerror or e}; the checkpoints written before are intact"
+        ) from e
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / "checkpoints").glob("epoch_*.pt"))
-    return found[-1] if found else None
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Step checkpoints, oldest first."""
+    return sorted((run_dir / "checkpoints").glob("step_*.pt"))
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` epoch checkpoints."""
-    for old in sorted((run_dir / "checkpoints").glob("epoch_*.pt"))[:-keep]:
+    """Delete all but the newest `keep` step checkpoints (best.pt is separate and stays)."""
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.with_name(old.name + ".sha256").unlink(missing_ok=True)
         old.unlink()
 
 
+def save_best(run_dir: Path, source: Path) -> None:
+    best = run_dir / "checkpoints" / "best.pt"
+    _write_atomic(best, lambda f: f.write(source.read_bytes()))
+    shutil.copyfile(source.with_name(source.name + ".sha256"), best.with_name("best.pt.sha256"))
+
+
+def verify(path: Path) -> str | None:
+    """None when the checkpoint's checksum verifies, else why not."""
+    sidecar = path.with_name(path.name + ".sha256")
+    if not sidecar.is_file():
+        return "no checksum file (the write did not finish)"
+    if _sha256(path) != sidecar.read_text().strip():
+        return "checksum mismatch (truncated or corrupt)"
+    return None
+
+
 def load_checkpoint(path: Path, config_digest: str) -> dict[str, Any]:
+    problem = verify(path)
+    if problem:
+        raise SegscaleError(f"{path}: {problem}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a torn or foreign file
-        raise SegscaleError(f"{path}: cannot read checkpoint (truncated or corrupt?): {e}") from e
+    except Exception as e:  # torch raises many types for a foreign or damaged file
+        raise SegscaleError(f"{path}: cannot read checkpoint: {e}") from e
     if not isinstance(state, dict) or "model" not in state:
         raise SegscaleError(f"{path}: not a segscale checkpoint")
     if state.get("config_digest") != config_digest:
         raise SegscaleError(
-            f"{path}: written by a different configuration ({state.get('config_digest')} ≠ {config_digest}); "
-            "resume only with the config the run started with"
+            f"{path}: written by a different configuration or model ({state.get('config_digest')} ≠ "
+            f"{config_digest}); resume only with the config the run started with"
         )
     return state
+
+
+def load_latest(run_dir: Path, config_digest: str) -> dict[str, Any] | None:
+    """The newest checkpoint that verifies; damaged ones are skipped with a warning. A checkpoint
+    of another configuration is an error, not something to skip."""
+    for path in reversed(list_checkpoints(run_dir)):
+        problem = verify(path)
+        if problem:
+            warnings.warn(f"skipping {path}: {problem}; trying the previous one", stacklevel=2)
+            continue
+        return load_checkpoint(path, config_digest)
+    return None

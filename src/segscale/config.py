@@ -103,6 +103,11 @@ class StrategyConfig(_Strict):
     )
 
 
+class CallbackConfig(_Strict):
+    name: str = Field(description="A registered callback or 'pkg.mod:Class' / 'file.py:Class'.")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(gt=0)
     batch_size: int = Field(gt=0, description="Per worker; the global batch is × workers.")
@@ -113,7 +118,16 @@ class TrainConfig(_Strict):
         None, gt=0, description="Cap on steps per epoch (quick runs); default: a full pass."
     )
     val_every: int = Field(1, gt=0, description="Validate every N epochs (and after the last).")
-    keep_checkpoints: int = Field(3, gt=0, description="Keep the newest N epoch checkpoints.")
+    checkpoint_every: int | None = Field(
+        None, gt=0, description="Also checkpoint every N steps (default: at epoch ends only)."
+    )
+    keep_checkpoints: int = Field(
+        3, gt=0, description="Keep the newest N checkpoints (plus best.pt)."
+    )
+    callbacks: list[CallbackConfig] = Field(
+        default_factory=list,
+        description="Objects with hooks (on_step_end, on_epoch_end, ...), by 'pkg.mod:Class'.",
+    )
     strategy: StrategyConfig = StrategyConfig()
 
     @field_validator("strategy", mode="before")

@@ -7,8 +7,10 @@ batches already on the device, augmented there when augmentation is on.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,6 +102,20 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
+class _OffsetSampler(Sampler[int]):
+    """A sampler's order from position `offset` on: resuming mid-epoch skips the trained batches
+    without loading them."""
+
+    def __init__(self, sampler: DistributedSampler) -> None:
+        self.sampler, self.offset = sampler, 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.offset, None)
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.offset
+
+
 class TrainLoader:
     """Shuffled, sharded, optionally augmented device batches. Each step yields one (x, y) per
     worker this process plays: its own rank under torchrun, or every virtual rank when simulating
@@ -124,11 +140,13 @@ class TrainLoader:
             for r in ranks
         ]
         self.generators = [torch.Generator() for _ in ranks]
+        self.offsets = [_OffsetSampler(s) for s in self.samplers]
+        self.batch_size = batch_size
         self.loaders = [
             DataLoader(
                 dataset,
                 batch_size=batch_size,
-                sampler=sampler,
+                sampler=offset,
                 # A last batch of one sample breaks BatchNorm and skews the step; drop it when we can.
                 drop_last=len(sampler) >= batch_size,
                 num_workers=num_workers,
@@ -137,21 +155,32 @@ class TrainLoader:
                 persistent_workers=num_workers > 0,
                 pin_memory=device.type == "cuda",
             )
-            for sampler, gen in zip(self.samplers, self.generators)
+            for sampler, offset, gen in zip(self.samplers, self.offsets, self.generators)
         ]
+        self.steps = len(self.loaders[0])  # full batches per epoch
         self.augment = BatchAugment(augment) if augment.enabled else None
         self.aug_generators = [torch.Generator() for _ in ranks]
 
-    def set_epoch(self, epoch: int) -> None:
-        for sampler, gen, aug, rank in zip(
-            self.samplers, self.generators, self.aug_generators, self.ranks
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        for sampler, offset, gen, aug, rank in zip(
+            self.samplers, self.offsets, self.generators, self.aug_generators, self.ranks
         ):
             sampler.set_epoch(epoch)
+            offset.offset = skip_batches * self.batch_size
             gen.manual_seed(self.seed * 1_000_003 + epoch)
             aug.manual_seed((self.seed * 1_000_003 + epoch) * 7919 + rank)
 
     def __len__(self) -> int:
-        return len(self.loaders[0])
+        return self.steps
+
+    def state_dict(self) -> dict[str, Any]:
+        """The augmentation generators' states: with the epoch and the skipped batches, all a
+        resumed epoch needs to produce the very same batches."""
+        return {"augment": [g.get_state() for g in self.aug_generators]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for g, s in zip(self.aug_generators, state["augment"]):
+            g.set_state(s)
 
     def __iter__(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         for batches in zip(*self.loaders):

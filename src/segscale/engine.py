@@ -20,7 +20,7 @@ import segscale.parallel  # noqa: F401  (registers the built-in strategies)
 from segscale.config import RunConfig, load_config
 from segscale.errors import SegscaleError
 from segscale.imgmed.store import Store
-from segscale.registry import LOSSES, MODELS, OPTIMIZERS, STRATEGIES, check_kwargs
+from segscale.registry import CALLBACKS, LOSSES, MODELS, OPTIMIZERS, STRATEGIES, check_kwargs
 
 OPTIMIZERS.register("sgd")(
     lambda params, cfg: torch.optim.SGD(
@@ -94,6 +94,8 @@ def plan(cfg: RunConfig) -> Plan:
         cfg.train.strategy.name,
         kind="strategy",
     )
+    for cb in cfg.train.callbacks:
+        check_kwargs(CALLBACKS.resolve(cb.name), cb.kwargs, cb.name, kind="callback")
     return Plan(cfg, store)
 
 
@@ -174,6 +176,8 @@ def train_worker(
     cfg = load_config(run_dir / "config.yaml")
     p = plan(cfg)
     t = cfg.train
+    # torchrun restarts failed workers with TORCHELASTIC_RESTART_COUNT > 0: carry on from the checkpoint
+    resume = resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     strategy: Strategy
     if t.simulate_workers:
         strategy = SimulatedStrategy(t.simulate_workers, t.device, t.threads)
@@ -241,7 +245,9 @@ def train_worker(
             val_every=t.val_every,
             grad_clip=t.grad_clip,
             config_digest=cfg.digest(),
+            checkpoint_every=t.checkpoint_every,
             keep_checkpoints=t.keep_checkpoints,
+            callbacks=[CALLBACKS.resolve(c.name)(**c.kwargs) for c in t.callbacks],
             amp=t.amp,
             fuse_microbatches=t.simulate_fused and not has_batch_statistics(model),
             progress=progress,

@@ -87,6 +87,7 @@ MODELS = Registry("model")
 LOSSES = Registry("loss")
 OPTIMIZERS = Registry("optimizer")
 STRATEGIES = Registry("strategy")
+CALLBACKS = Registry("callback")
 
 
 FIXED_ARGUMENTS = {

@@ -1,20 +1,29 @@
 """The Trainer: a plain synchronous data-parallel loop. It never reads config (see engine.py).
 
     fit():
-        resume from the latest checkpoint when asked
+        resume from the newest valid checkpoint when asked               → on_train_start
         for each epoch:
-            set_epoch (sampler, augmentation, dropout RNG)          → callbacks.on_epoch_start
+            set_epoch (sampler, augmentation, dropout RNG; mid-epoch: the saved states)
+                                                                         → on_epoch_start
             for each batch: train_step (lr(step), forward, backward = all-reduce, step)
-            every val_every epochs: validate (exact, sharded)       → callbacks.on_validation_end
-            log metrics, checkpoint (rank 0)                         → callbacks.on_epoch_end
-        write model.pt                                               → callbacks.on_train_end
+                                                                         → on_step_end
+                every checkpoint_every steps: checkpoint                 → on_checkpoint
+                on SIGTERM/SIGINT: finish the step, checkpoint, exit (code 75)
+            every val_every epochs: validate (exact, sharded)            → on_validation_end
+            log metrics, checkpoint (+ best.pt)                          → on_epoch_end
+        write model.pt                                                   → on_train_end
 
 Callbacks are duck-typed: a hook is called only on objects that define it.
+Everything random derives from (seed, rank, epoch), and a checkpoint holds every rank's RNG and
+augmentation state plus its position in the epoch, so a resumed run continues exactly: the same
+batches, the same augmentations, bit-identical weights on CPU.
 """
 
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,14 +35,21 @@ from torch import nn
 from segscale.checkpoint import (
     atomic_save,
     checkpoint_path,
-    latest_checkpoint,
-    load_checkpoint,
+    load_latest,
     prune_checkpoints,
+    save_best,
 )
 from segscale.data import TrainLoader
+from segscale.errors import SegscaleError
 from segscale.evaluation import confusion_by_case
 from segscale.parallel import Strategy, unwrap
 from segscale.segeval import metrics_from_confusion
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; resume to continue
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint that a SIGTERM/SIGINT asked for."""
 
 
 class Trainer:
@@ -57,6 +73,7 @@ class Trainer:
         grad_clip: float | None = None,
         callbacks: Sequence[Any] = (),
         config_digest: str = "",
+        checkpoint_every: int | None = None,
         keep_checkpoints: int = 3,
         amp: str = "none",
         fuse_microbatches: bool = False,
@@ -77,40 +94,40 @@ class Trainer:
             list(callbacks),
             config_digest,
         )
-        self.keep_checkpoints, self.fuse_microbatches = keep_checkpoints, fuse_microbatches
+        self.checkpoint_every, self.keep_checkpoints = checkpoint_every, keep_checkpoints
+        self.fuse_microbatches = fuse_microbatches
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         # fp16 needs loss scaling against underflow; bf16 has fp32's range and does not
         self.scaler = torch.amp.GradScaler(strategy.device.type, enabled=amp == "fp16")
         self.progress = progress and strategy.rank == 0
-        self.step, self.start_epoch, self.history = 0, 0, []
+        self.step, self.epoch, self.epoch_step = 0, 0, 0
+        self.history: list[dict[str, Any]] = []
+        self.best_dice = -1.0
+        # this epoch on this rank: Σ loss·n and Σ n (on the device: no host sync per step), seconds
+        self.totals = torch.zeros(2, dtype=torch.float64, device=strategy.device)
+        self.elapsed = 0.0
+        self._resumed_rank_state: dict[str, Any] | None = None
+        self._stop = _StopRequest()
 
     def fit(self, resume: bool = False) -> list[dict[str, Any]]:
         if resume:
             self.resume()
         self._call("on_train_start")
-        for epoch in range(self.start_epoch, self.epochs):
-            self.set_epoch(epoch)
-            t0 = time.perf_counter()
-            train_loss = self.train_epoch(epoch)
-            elapsed = time.perf_counter() - t0
-            record = {
-                "epoch": epoch + 1,
-                "step": self.step,
-                "lr": self.schedule(self.step - 1),
-                "train_loss": train_loss,
-                "epoch_seconds": elapsed,
-                "images_per_second": self.images_seen / elapsed,
-            }
-            if (epoch + 1) % self.val_every == 0 or epoch + 1 == self.epochs:
-                record.update({f"val_{k}": v for k, v in self.validate().items()})
-                self._call("on_validation_end", record)
-            self.history.append(record)
-            if self.strategy.rank == 0:
-                self.save_checkpoint(epoch + 1)
-                self.write_metrics()
-                if self.progress:
-                    print(_summary(record, self.epochs), flush=True)
-            self._call("on_epoch_end", record)
+        with self._stop:
+            for epoch in range(self.epoch, self.epochs):
+                self.set_epoch(epoch)
+                record = self.train_epoch(epoch)
+                if (epoch + 1) % self.val_every == 0 or epoch + 1 == self.epochs:
+                    record.update({f"val_{k}": v for k, v in self.validate().items()})
+                    self._call("on_validation_end", record)
+                self.history.append(record)
+                self.epoch, self.epoch_step = epoch + 1, 0
+                self.save_checkpoint(best=record.get("val_dice"))
+                if self.strategy.rank == 0:
+                    self.write_metrics()
+                    if self.progress:
+                        print(_summary(record, self.epochs), flush=True)
+                self._call("on_epoch_end", record)
         if self.strategy.rank == 0:
             atomic_save(unwrap(self.model).state_dict(), self.run_dir / "model.pt")
         self.strategy.barrier()
@@ -118,26 +135,56 @@ class Trainer:
         return self.history
 
     def set_epoch(self, epoch: int) -> None:
-        """Everything random in an epoch derives from (seed, rank, epoch): resuming is exact."""
-        self.train_loader.set_epoch(epoch)
+        """Seed the epoch from (seed, rank, epoch); mid-epoch after a resume, skip the batches
+        already trained and restore the exact RNG and augmentation states saved with them."""
+        self.train_loader.set_epoch(epoch, skip_batches=self.epoch_step)
         torch.manual_seed(self.seed * 1_000_003 + epoch * 7919 + self.strategy.rank)
+        self.totals.zero_()
+        self.elapsed = 0.0
+        if self._resumed_rank_state is not None:
+            state, self._resumed_rank_state = self._resumed_rank_state, None
+            torch.set_rng_state(state["torch_rng"])
+            if state["cuda_rng"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(state["cuda_rng"])
+            self.train_loader.load_state_dict(state["loader"])
+            self.totals.copy_(state["totals"])
+            self.elapsed = state["elapsed"]
         self._call("on_epoch_start", epoch)
 
-    def train_epoch(self, epoch: int) -> float:
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
         self.model.train()
-        total = torch.zeros(2, dtype=torch.float64, device=self.strategy.device)  # Σ loss·n, Σ n
+        t0 = time.perf_counter() - self.elapsed
         with _progress(
-            self.progress, f"epoch {epoch + 1}/{self.epochs}", self.steps_per_epoch
+            self.progress, f"epoch {epoch + 1}/{self.epochs}", self.steps_per_epoch, self.epoch_step
         ) as advance:
-            for i, micro in enumerate(self.train_loader):
-                if i == self.steps_per_epoch:
+            for micro in self.train_loader:
+                if self.epoch_step == self.steps_per_epoch:
                     break
+                loss = self.train_step(micro)
                 n = sum(len(x) for x, _ in micro)
-                total += torch.stack([self.train_step(micro).double() * n, total.new_tensor(n)])
+                self.totals[0] += loss.double() * n
+                self.totals[1] += n
+                self.epoch_step += 1
+                self.elapsed = time.perf_counter() - t0
                 advance()
-        self.strategy.all_reduce_sum(total)
-        self.images_seen = int(total[1])
-        return float(total[0] / total[1])
+                self._call("on_step_end", self.step)
+                if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if self._stop.agreed(self.strategy):
+                    self.save_checkpoint()
+                    raise Preempted(
+                        f"stopped by a signal at step {self.step}; checkpoint saved, continue with --resume"
+                    )
+        totals = self.strategy.all_reduce_sum(self.totals.clone()).cpu()
+        seconds = time.perf_counter() - t0
+        return {
+            "epoch": epoch + 1,
+            "step": self.step,
+            "lr": self.schedule(self.step - 1),
+            "train_loss": float(totals[0] / totals[1]),
+            "epoch_seconds": seconds,
+            "images_per_second": float(totals[1]) / seconds,
+        }
 
     def train_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """One optimiser step over this process's micro-batches: one per worker it plays (one under
@@ -183,38 +230,95 @@ class Trainer:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
         tmp.replace(self.run_dir / "metrics.jsonl")
 
-    def save_checkpoint(self, epoch: int) -> None:
+    def _rank_state(self) -> dict[str, Any]:
+        return {
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if self.strategy.device.type == "cuda" else None,
+            "loader": self.train_loader.state_dict(),
+            "totals": self.totals.cpu(),
+            "elapsed": self.elapsed,
+        }
+
+    def save_checkpoint(self, best: float | None = None) -> None:
+        """Collective: every rank hands its RNG, augmentation and loss state to rank 0, which writes
+        one checkpoint with all of them (and best.pt when `best` beats the best so far)."""
+        ranks = self.strategy.gather_objects(self._rank_state())
+        if self.strategy.rank != 0:
+            return
         state = {
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "epoch": epoch,
             "step": self.step,
-            "config_digest": self.config_digest,
+            "epoch": self.epoch,
+            "epoch_step": self.epoch_step,
             "history": self.history,
+            "best_dice": max(self.best_dice, best or -1.0),
+            "config_digest": self.config_digest,
+            "world_size": self.strategy.world_size,
+            "ranks": ranks,
         }
-        atomic_save(state, checkpoint_path(self.run_dir, epoch))
+        path = checkpoint_path(self.run_dir, self.step)
+        atomic_save(state, path)
+        if best is not None and best > self.best_dice:
+            self.best_dice = best
+            save_best(self.run_dir, path)
         prune_checkpoints(self.run_dir, self.keep_checkpoints)
+        self._call("on_checkpoint", path)
 
     def resume(self) -> None:
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
+        state = load_latest(self.run_dir, self.config_digest)
+        if state is None:
             return
-        state = load_checkpoint(path, self.config_digest)
+        if state["epoch_step"] and state["world_size"] != self.strategy.world_size:
+            raise SegscaleError(
+                f"{self.run_dir}: the newest checkpoint is mid-epoch from {state['world_size']} worker(s); "
+                f"exact resume needs the same number (got {self.strategy.world_size})"
+            )
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.start_epoch, self.step, self.history = (
-            state["epoch"],
-            state["step"],
-            list(state["history"]),
-        )
+        self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
+        self.history, self.best_dice = list(state["history"]), state["best_dice"]
+        if self.epoch_step:
+            self._resumed_rank_state = state["ranks"][self.strategy.rank]
 
     def _call(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:
             fn = getattr(cb, hook, None)
             if fn is not None:
                 fn(self, *args)
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT → finish the step, checkpoint, exit; a second signal aborts at once.
+    All ranks agree (one all-reduce per step), so they stop at the same step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:  # the second signal: no more waiting
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+        self.requested = True
+
+    def agreed(self, strategy: Strategy) -> bool:
+        if strategy.world_size == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=strategy.device)
+        return bool(strategy.all_reduce_sum(flag).item() > 0)
 
 
 def _summary(record: dict[str, Any], epochs: int) -> str:
@@ -227,8 +331,13 @@ def _summary(record: dict[str, Any], epochs: int) -> str:
 class _progress:
     """A rich progress bar on rank 0 (a no-op elsewhere); yields an `advance()` function."""
 
-    def __init__(self, enabled: bool, description: str, total: int) -> None:
-        self.enabled, self.description, self.total = enabled, description, total
+    def __init__(self, enabled: bool, description: str, total: int, completed: int = 0) -> None:
+        self.enabled, self.description, self.total, self.completed = (
+            enabled,
+            description,
+            total,
+            completed,
+        )
 
     def __enter__(self) -> Callable[[], None]:
         from rich.console import Console
@@ -248,7 +357,7 @@ class _progress:
             console=console,
         )
         self.bar.start()
-        task = self.bar.add_task(self.description, total=self.total)
+        task = self.bar.add_task(self.description, total=self.total, completed=self.completed)
         return lambda: self.bar.advance(task)
 
     def __exit__(self, *exc: object) -> None:
@@ -282,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     except SegscaleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     return 0
 
 

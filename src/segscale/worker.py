@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from segscale import engine
+    from segscale.train import PREEMPTED_EXIT_CODE, Preempted
 
     try:
         if args.command == "train":
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     except SegscaleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     return 0
 
 

@@ -61,9 +61,23 @@ class ProcessEnv:
             # Workers on one machine share its cores: oversubscribed threads slow everyone down.
             torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
         if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group(
-                "nccl" if use_cuda else "gloo", device_id=self.device if use_cuda else None
-            )
+            self._init_process_group("nccl" if use_cuda else "gloo")
+
+    def _init_process_group(self, backend: str) -> None:
+        """init_process_group over torchrun's store, with keys prefixed by the restart attempt:
+        after torchrun restarts failed workers, stale peer addresses of the dead attempt must not
+        be read (seen with --standalone: gloo dialled a dead worker's port; torch issue #167288)."""
+        from torch.distributed.rendezvous import rendezvous
+
+        store, rank, world = next(rendezvous("env://", self.rank, self.world_size))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore(f"segscale/attempt-{attempt}", store),
+            rank=rank,
+            world_size=world,
+            device_id=self.device if self.device.type == "cuda" else None,
+        )
 
     @property
     def is_main(self) -> bool:

@@ -1,0 +1,27 @@
+"""Fault injection for the fault-tolerance tests, as an ordinary segscale callback plug-in."""
+
+import os
+import signal
+from pathlib import Path
+
+
+class SignalAt:
+    """Once (guarded by a marker file), at the end of `step` on `rank`, send `sig` to this worker
+    ('self') or to its parent, the torchrun agent ('agent')."""
+
+    def __init__(
+        self, step: int, sig: str, marker: str, rank: int = 0, target: str = "self"
+    ) -> None:
+        self.step, self.sig, self.marker, self.rank, self.target = (
+            step,
+            sig,
+            Path(marker),
+            rank,
+            target,
+        )
+
+    def on_step_end(self, trainer, step: int) -> None:
+        if step != self.step or trainer.strategy.rank != self.rank or self.marker.exists():
+            return
+        self.marker.touch()
+        os.kill(os.getpid() if self.target == "self" else os.getppid(), getattr(signal, self.sig))

@@ -1,0 +1,167 @@
+"""Checkpoint/restart: a killed or preempted run ends with the weights of an uninterrupted one."""
+
+import json
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, tiny_config
+from segscale.config import validate
+from segscale.engine import prepare_run_dir, train_worker
+from segscale.errors import SegscaleError
+from segscale.train import PREEMPTED_EXIT_CODE
+
+FAULTS = f"{ROOT / 'tests' / 'plugins' / 'faults.py'}:SignalAt"
+
+
+def config(tmp_path: Path, store: Path, name: str, **callback) -> Path:
+    cfg = tiny_config(store, epochs=3, steps_per_epoch=5, checkpoint_every=2, keep_checkpoints=2)
+    cfg["data"]["augment"] = {"enabled": True, "rotation": 20, "flip": True}
+    cfg["model"]["kwargs"]["dropout"] = 0.2  # exercises the per-rank dropout RNG state
+    cfg["train"]["callbacks"] = [
+        {"name": FAULTS, "kwargs": {"marker": str(tmp_path / f"{name}.fired"), **callback}}
+    ]
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train(config: Path, run: Path, *args: object) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "segscale.cli",
+        "train",
+        str(config),
+        "--run-dir",
+        str(run),
+        *map(str, args),
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = (
+        torch.load(a / "model.pt", weights_only=True),
+        torch.load(b / "model.pt", weights_only=True),
+    )
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def reference(tmp_path: Path, store: Path, **callback) -> tuple[Path, Path]:
+    """The uninterrupted run of the same config (its fault marker already exists, so nothing fires)."""
+    cfg = config(tmp_path, store, "ref", **callback)
+    (tmp_path / "ref.fired").touch()
+    run = tmp_path / "ref"
+    r = train(cfg, run, "--workers", 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return cfg, run
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.distributed
+def test_sigkilled_worker_is_restarted_by_torchrun_and_ends_bit_identical(tmp_path, real_store):
+    kill = {"step": 7, "sig": "SIGKILL", "rank": 1}  # mid-epoch 2, one step after a checkpoint
+    _, ref = reference(tmp_path, real_store, **kill)
+    run = tmp_path / "killed"
+    r = train(
+        config(tmp_path, real_store, "killed", **kill), run, "--workers", 2, "--max-restarts", 1
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "killed.fired").exists()  # the fault did happen
+    assert same_weights(ref, run)
+    assert [m["train_loss"] for m in metrics(run)] == [m["train_loss"] for m in metrics(ref)]
+
+
+@pytest.mark.distributed
+def test_sigterm_preemption_checkpoints_exits_75_and_resumes_exactly(tmp_path, real_store):
+    term = {"step": 7, "sig": "SIGTERM", "rank": 0, "target": "agent"}
+    _, ref = reference(tmp_path, real_store, **term)
+    cfg, run = config(tmp_path, real_store, "pre", **term), tmp_path / "pre"
+    r = train(cfg, run, "--workers", 2)
+    assert r.returncode != 0 and "preempted" in r.stderr, r.stderr[-3000:]
+    assert not (run / "model.pt").exists()
+    r = train(cfg, run, "--workers", 2, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert same_weights(ref, run)
+
+
+def in_process_run(tmp_path: Path, store: Path, name: str, **train_kw) -> Path:
+    cfg = validate(
+        tiny_config(
+            store, epochs=2, steps_per_epoch=4, checkpoint_every=2, keep_checkpoints=5, **train_kw
+        )
+    )
+    run = tmp_path / name
+    prepare_run_dir(cfg, run, resume=False)
+    train_worker(run, progress=False)
+    return run
+
+
+def test_single_process_sigterm_exits_with_the_preemption_code(tmp_path, real_store):
+    cfg = tiny_config(real_store, epochs=2, steps_per_epoch=4)
+    cfg["train"]["callbacks"] = [
+        {"name": FAULTS, "kwargs": {"step": 3, "sig": "SIGTERM", "marker": str(tmp_path / "m")}}
+    ]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = train(path, tmp_path / "run")
+    assert r.returncode == PREEMPTED_EXIT_CODE, r.stderr[-2000:]
+    assert "stopped by a signal at step 3" in r.stderr
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*.pt")) == [
+        "step_00000003.pt"
+    ]
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, real_store):
+    full = in_process_run(tmp_path, real_store, "full")
+    cut = in_process_run(tmp_path, real_store, "cut")
+    latest = cut / "checkpoints" / "step_00000008.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # torn, as by a crash mid-copy
+    (cut / "checkpoints" / "step_00000006.pt.sha256").unlink()  # and one whose write never finished
+    (cut / "model.pt").unlink()
+    with pytest.warns(UserWarning, match=r"skipping .*step_00000008.pt: checksum mismatch"):
+        train_worker(cut, resume=True, progress=False)
+    assert same_weights(full, cut)  # resumed from step 4 and still exact
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path, real_store):
+    other = in_process_run(tmp_path, real_store, "other")
+    cfg = validate(tiny_config(real_store, epochs=2, steps_per_epoch=4, checkpoint_every=2))
+    cfg.model.kwargs["base_channels"] = 8
+    run = tmp_path / "mine"
+    prepare_run_dir(cfg, run, resume=False)
+    (run / "checkpoints").symlink_to(other / "checkpoints")
+    with pytest.raises(SegscaleError, match="written by a different configuration or model"):
+        train_worker(run, resume=True, progress=False)
+
+
+def test_a_failed_checkpoint_write_is_a_clear_error_and_leaves_no_partial_file(
+    tmp_path, real_store
+):
+    """A file-size limit makes the OS refuse the write (EFBIG), as a full disk would (ENOSPC)."""
+    cfg = tiny_config(real_store, epochs=1, steps_per_epoch=2)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get the error, not the signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    cmd = [sys.executable, "-m", "segscale.cli", "train", str(path), "--run-dir", str(run)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert (
+        "cannot write" in r.stderr and "File too large" in r.stderr and "Traceback" not in r.stderr
+    )
+    assert list((run / "checkpoints").iterdir()) == []  # no torn or temporary file left behind
