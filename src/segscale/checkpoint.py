@@ -9,7 +9,6 @@ The newest `keep` checkpoints are kept, plus `best.pt` (the best validation Dice
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -19,15 +18,8 @@ from typing import Any
 
 import torch
 
+from segscale._files import file_sha256
 from segscale.errors import SegscaleError
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_atomic(path: Path, write: Any) -> None:
@@ -49,7 +41,7 @@ def atomic_save(obj: Any, path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(path, lambda f: torch.save(obj, f))
-        digest = _sha256(path)
+        digest = file_sha256(path)
         _write_atomic(path.with_name(path.name + ".sha256"), lambda f: f.write(digest.encode()))
     except OSError as e:
         raise SegscaleError(
@@ -84,7 +76,7 @@ def verify(path: Path) -> str | None:
     sidecar = path.with_name(path.name + ".sha256")
     if not sidecar.is_file():
         return "no checksum file (the write did not finish)"
-    if _sha256(path) != sidecar.read_text().strip():
+    if file_sha256(path) != sidecar.read_text().strip():
         return "checksum mismatch (truncated or corrupt)"
     return None
 

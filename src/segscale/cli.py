@@ -183,12 +183,13 @@ def evaluate_cmd(
     if pred is not None and ref is not None:
         if run_dir is not None:
             raise SegscaleError("give either RUN_DIR or --pred/--ref, not both")
+        from segscale._files import write_text_atomic
         from segscale.evaluation import evaluate_folders, write_case_csv
 
         evaluation = evaluate_folders(pred, ref)
         out = (json_out or Path("evaluation.json")).resolve()
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(evaluation, indent=1))
+        write_text_atomic(out, json.dumps(evaluation, indent=1))
         write_case_csv(evaluation, out.with_suffix(".csv"))
     else:
         from segscale.launch import launch

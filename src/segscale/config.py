@@ -277,4 +277,6 @@ def _line_of(text: str, loc: tuple[str, ...]) -> int | None:
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    from segscale._files import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

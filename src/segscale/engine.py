@@ -17,6 +17,7 @@ import torch
 
 import segscale.losses
 import segscale.parallel  # noqa: F401  (registers the built-in strategies)
+from segscale._files import write_text_atomic
 from segscale.config import RunConfig, load_config
 from segscale.errors import SegscaleError
 from segscale.imgmed.store import Store
@@ -157,10 +158,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
             f"{run_dir}: already holds a run; pass --resume to continue it or --run-dir for a new one"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    # every node of a multi-node run writes the same file: atomically, so no reader sees half of it
-    tmp = run_dir / f".config.yaml.{os.getpid()}"
-    save_config(cfg, tmp)
-    tmp.replace(run_dir / "config.yaml")
+    save_config(cfg, run_dir / "config.yaml")  # atomic: every node of a multi-node run writes it
 
 
 def train_worker(
@@ -293,9 +291,7 @@ def evaluate_worker(run_dir: Path, split: str, out: Path) -> dict[str, Any]:
         }
         if strategy.rank == 0:
             out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.tmp")
-            tmp.write_text(json.dumps(evaluation, indent=1))
-            tmp.replace(out)
+            write_text_atomic(out, json.dumps(evaluation, indent=1))
             write_case_csv(evaluation, out.with_suffix(".csv"))
         return evaluation
     finally:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from segscale._files import write_text_atomic
 from segscale.checkpoint import (
     atomic_save,
     checkpoint_path,
@@ -226,9 +227,9 @@ class Trainer:
 
     def write_metrics(self) -> None:
         """Rewrite metrics.jsonl from the history, so a resumed run never duplicates a line."""
-        tmp = self.run_dir / ".metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        tmp.replace(self.run_dir / "metrics.jsonl")
+        write_text_atomic(
+            self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history)
+        )
 
     def _rank_state(self) -> dict[str, Any]:
         return {
@@ -370,11 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     torchrun-native entry point, equivalent to `segscale train CONFIG --workers N`. Every process
     loads and checks the config itself, so it also works when each node is started by a scheduler."""
     import argparse
-    import sys
 
     from segscale.config import load_config
     from segscale.engine import plan, prepare_run_dir, train_worker
-    from segscale.errors import SegscaleError
+    from segscale.worker import exit_code
 
     parser = argparse.ArgumentParser(prog="segscale.train")
     parser.add_argument("config", type=Path)
@@ -382,19 +382,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path)
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> None:
         cfg = load_config(args.config, args.overrides)
         plan(cfg)
         run_dir = (args.run_dir or Path("runs") / cfg.name).resolve()
         prepare_run_dir(cfg, run_dir, args.resume)
         train_worker(run_dir, resume=args.resume)
-    except SegscaleError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Preempted as e:
-        print(f"preempted: {e}", file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
-    return 0
+
+    return exit_code(run)
 
 
 if __name__ == "__main__":

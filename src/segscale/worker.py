@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from segscale.errors import SegscaleError
@@ -27,13 +28,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from segscale import engine
+
+    if args.command == "train":
+        return exit_code(
+            engine.train_worker, args.run_dir, resume=args.resume, progress=not args.no_progress
+        )
+    return exit_code(engine.evaluate_worker, args.run_dir, args.split, args.out)
+
+
+def exit_code(fn: Callable[..., object], *args: object, **kwargs: object) -> int:
+    """Run a worker's job; user errors print one line (exit 2), a preemption exits 75."""
     from segscale.train import PREEMPTED_EXIT_CODE, Preempted
 
     try:
-        if args.command == "train":
-            engine.train_worker(args.run_dir, resume=args.resume, progress=not args.no_progress)
-        else:
-            engine.evaluate_worker(args.run_dir, args.split, args.out)
+        fn(*args, **kwargs)
     except SegscaleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

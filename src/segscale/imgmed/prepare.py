@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from segscale._files import file_sha256
 from segscale.errors import DataError
 from segscale.imgmed.io import load_image2d, load_nifti, nifti_shape
 from segscale.imgmed.sources import Case, Source, discover
@@ -262,14 +263,6 @@ def _map_labels(raw: np.ndarray, table: dict[int, int], path: Path | None) -> np
     return lut[raw.astype(np.int64)]
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _input_hash(src: Source, params: dict) -> str:
     h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     h.update(FORMAT.encode())
@@ -277,7 +270,7 @@ def _input_hash(src: Source, params: dict) -> str:
         for p in [*case.images, case.label]:
             if p is not None:
                 h.update(p.name.encode())
-                h.update(_file_digest(p).encode())
+                h.update(file_sha256(p).encode())
     return h.hexdigest()
 
 
