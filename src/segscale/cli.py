@@ -100,10 +100,21 @@ def plan_cmd(
     described = plan(_load(config, overrides)).describe()
     if as_json:
         typer.echo(json.dumps(described, indent=1))
-    else:
-        from rich import print_json
+        return
+    from rich.console import Console
+    from rich.tree import Tree
 
-        print_json(data=described)
+    tree = Tree(f"[bold]{config}[/bold]: every part resolved and checked")
+    for section, parts in described.items():
+        branch = tree.add(f"[bold]{section.replace('_', ' ')}[/bold]")
+        for name, p in parts.items():
+            mark = "[green]extensible[/green]" if p["extensible"] else "[dim]fixed[/dim]"
+            source = f" ({p['source']})" if "source" in p else ""
+            node = branch.add(f"{name.replace('_', ' ')} [{mark}]: {p['fills']}{source}")
+            for key, value in p["params"].items():
+                if value not in (None, {}, []):
+                    node.add(f"[dim]{key}[/dim] = {value}")
+    Console().print(tree)
 
 
 @app.command("train")

@@ -56,26 +56,82 @@ class Plan:
         return self.store.in_channels
 
     def describe(self) -> dict[str, Any]:
-        c = self.cfg
-        builtin = c.model.name in MODELS
+        """The CNN-Parallelism-Generator of Auto-CNNp for this run: each part, whether users can
+        replace it (a registry entry or their own 'module:attr'), what fills it, its parameters."""
+        c, t = self.cfg, self.cfg.train
+
+        def part(
+            extensible: bool, fills: Any, registry: Any = None, **params: Any
+        ) -> dict[str, Any]:
+            out: dict[str, Any] = {"extensible": extensible, "fills": fills}
+            if registry is not None:
+                out["source"] = "built-in" if fills in registry else "user"
+            return {**out, "params": params}
+
+        meta = self.store.meta
         return {
-            "task": "segmentation",
-            "data": {
-                "store": str(c.data.store),
-                "classes": self.store.meta["labels"],
-                "channels": self.store.meta["channel_names"],
-                "splits": {s: len(v) for s, v in self.store.meta["splits"].items()},
+            "training_environment": {
+                "communication_init": part(
+                    False,
+                    "torch.distributed via torchrun (gloo on CPU, NCCL on GPU)",
+                    device=t.device,
+                ),
+                "device_placement": part(
+                    False, "one process per device, by local rank", threads=t.threads
+                ),
+                "memory_allocation": part(
+                    False,
+                    "memory-mapped prepared store",
+                    dataloader_workers=c.data.num_workers,
+                    amp=t.amp,
+                ),
             },
-            "model": {
-                "name": c.model.name,
-                "source": "built-in" if builtin else "user",
-                "kwargs": c.model.kwargs,
+            "training_strategy": {
+                "distributed_optimizer": part(
+                    True,
+                    t.strategy.name,
+                    STRATEGIES,
+                    **t.strategy.kwargs,
+                    simulate_workers=t.simulate_workers,
+                    sync_batchnorm=t.sync_batchnorm,
+                ),
+                "optimizer": part(
+                    True, t.optimizer.name, OPTIMIZERS, **t.optimizer.model_dump(exclude={"name"})
+                ),
+                "lr_schedule": part(
+                    False,
+                    "scaling rule, warmup, decay (replaceable by a callback)",
+                    **t.schedule.model_dump(),
+                ),
+                "checkpoints_and_callbacks": part(
+                    True,
+                    [cb.name for cb in t.callbacks],
+                    checkpoint_every=t.checkpoint_every,
+                    keep_checkpoints=t.keep_checkpoints,
+                ),
+                "hyperparameters": part(
+                    False,
+                    "injected",
+                    epochs=t.epochs,
+                    batch_size_per_worker=t.batch_size,
+                    seed=c.seed,
+                    grad_clip=t.grad_clip,
+                    deterministic=t.deterministic,
+                ),
             },
-            "strategy": c.train.strategy.model_dump(),
-            "simulate_workers": c.train.simulate_workers,
-            "optimizer": c.train.optimizer.model_dump(),
-            "loss": c.train.loss,
-            "schedule": c.train.schedule.model_dump(),
+            "injection": {
+                "task": part(False, "segmentation"),
+                "architecture": part(True, c.model.name, MODELS, **c.model.kwargs),
+                "loss": part(True, t.loss, LOSSES),
+                "dataset": part(
+                    False,
+                    str(c.data.store),
+                    classes=meta["labels"],
+                    channels=meta["channel_names"],
+                    cases={s: len(v) for s, v in meta["splits"].items()},
+                    augment=c.data.augment.model_dump(),
+                ),
+            },
         }
 
 
