@@ -143,6 +143,7 @@ def train_cmd(
 
     cfg = _load(config, overrides)
     plan(cfg)
+    workers = workers or cfg.workers or 1
     check_workers(cfg, workers)
     run_dir = (run_dir or Path("runs") / cfg.name).resolve()
     prepare_run_dir(cfg, run_dir, resume)
@@ -292,6 +293,33 @@ def launch_cmd(
     script = out or run_dir / "job.sbatch"
     script.write_text(sbatch_script(run_dir, nodes, gpus_per_node, time, partition, cfg.name))
     typer.echo(f"wrote {script}; submit with: sbatch {script}")
+
+
+config_app = typer.Typer(help="Work with config files.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("convert")
+def config_convert_cmd(
+    source: Annotated[
+        Path, typer.Argument(help="A config file (XML in the thesis' form, or YAML).")
+    ],
+    to: Annotated[str, typer.Option("--to", help="Output format: yaml.")] = "yaml",
+    out: Annotated[Path | None, typer.Option(help="File to write (default: print).")] = None,
+) -> None:
+    """Convert an Auto-CNNp XML config into the equivalent validated YAML."""
+    import yaml
+
+    if to != "yaml":
+        raise SegscaleError(f"--to {to}: only yaml is supported")
+    cfg = _load(source, None)
+    # what the source file says (plus the resolved store path), not every default
+    text = yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True), sort_keys=False)
+    if out:
+        out.write_text(text)
+        typer.echo(f"wrote {out}")
+    else:
+        typer.echo(text, nl=False)
 
 
 @app.command("demo")

@@ -162,6 +162,11 @@ class TrainConfig(_Strict):
 class RunConfig(_Strict):
     name: str = Field(description="Run name; the default run folder is runs/<name>.")
     seed: int = 0
+    workers: int | None = Field(
+        None,
+        gt=0,
+        description="Default for `segscale train --workers` (the XML parallelism degree).",
+    )
     data: DataConfig
     model: ModelConfig = ModelConfig()
     train: TrainConfig
@@ -185,6 +190,8 @@ class RunConfig(_Strict):
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run config, apply `a.b=value` overrides, validate, resolve relative paths."""
     path = Path(path)
+    if path.suffix.lower() == ".xml":
+        return _load_xml(path, overrides)
     try:
         text = path.read_text()
     except OSError as e:
@@ -200,6 +207,22 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     for item in overrides or []:
         apply_override(raw, item)
     cfg = validate(raw, source=str(path), text=text)
+    if not cfg.data.store.is_absolute():
+        cfg.data.store = (Path.cwd() / cfg.data.store).resolve()
+    return cfg
+
+
+def _load_xml(path: Path, overrides: list[str] | None) -> RunConfig:
+    from segscale.xmlconfig import read_xml
+
+    if not path.is_file():
+        raise ConfigError(f"cannot read config {path}: no such file")
+    raw, degree = read_xml(path)
+    if degree is not None:
+        raw["workers"] = degree
+    for item in overrides or []:
+        apply_override(raw, item)
+    cfg = validate(raw, source=str(path))
     if not cfg.data.store.is_absolute():
         cfg.data.store = (Path.cwd() / cfg.data.store).resolve()
     return cfg

@@ -58,6 +58,7 @@ def metrics_table(evaluation: dict[str, Any]) -> str:
 
 def print_metrics(evaluation: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     where = evaluation.get("split", evaluation.get("pred", ""))
@@ -65,7 +66,7 @@ def print_metrics(evaluation: dict[str, Any]) -> None:
     table.add_column("metric [level]")
     table.add_column("value", justify="right")
     for name, value in summary_rows(evaluation):
-        table.add_row(name, value)
+        table.add_row(escape(name), value)  # "[per case, n=4]" is text, not a rich style
     cases = Table(title="per case (foreground mean; distances in mm or pixels)")
     for col in ("case", "Dice", "HD95", "ASSD"):
         cases.add_column(col, justify="left" if col == "case" else "right")

@@ -1,0 +1,152 @@
+"""Auto-CNNp training config files in XML (the thesis' Listing 4.1), read into the same validated
+RunConfig as YAML. Parsed with defusedxml: entity expansion and external entities are refused.
+
+    <system_config>
+      <task name="imaging_segmentation" run="brain-unet" seed="0">
+        <parallelism-degree>3</parallelism-degree>
+        <CNN_archi><name>unet</name></CNN_archi>        (or <path>archi/net.py:factory</path>)
+        <CNN-Parallelism-Generator>
+          <module name="train_env_def">
+            <action class="non_extensible" type="device_placement"><value>local_rank</value></action>
+            <action class="non_extensible" type="memory_allocation"><value>soft_placement</value></action>
+          </module>
+          <module name="train_strategy_def">
+            <action class="extensible" type="dist_strategy"><value>ring_allreduce</value></action>
+            <action class="extensible" type="Tr_Checkpoint">
+              <value name="LRSchedule"><path>plugins/ckpt1.py</path></value>
+            </action>
+          </module>
+        </CNN-Parallelism-Generator>
+        <data><store>prepared/brain</store></data>
+        <hyperparameters>
+          <property name="lr">1e-5</property> <property name="optimiser">SGD</property>
+          <property name="loss">dice</property> <property name="minibatch_size">10</property>
+          <property name="start_epoch">0</property> <property name="end_epoch">120</property>
+        </hyperparameters>
+      </task>
+    </system_config>
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from segscale.errors import ConfigError, did_you_mean
+
+STRATEGY_NAMES = {"ring_allreduce": "allreduce", "allreduce": "allreduce", "local_sgd": "local_sgd"}
+PROPERTIES = {
+    "lr": ("train.optimizer.lr", float),
+    "optimiser": ("train.optimizer.name", str.lower),
+    "optimizer": ("train.optimizer.name", str.lower),
+    "momentum": ("train.optimizer.momentum", float),
+    "loss": ("train.loss", str.lower),
+    "minibatch_size": ("train.batch_size", int),
+    "end_epoch": ("train.epochs", int),
+    "seed": ("seed", int),
+}
+
+
+def read_xml(path: Path) -> tuple[dict[str, Any], int | None]:
+    """The raw config dict (validated later, like YAML) and the parallelism degree."""
+    import defusedxml.ElementTree as ET
+    from defusedxml import DefusedXmlException
+
+    try:
+        root = ET.parse(str(path)).getroot()
+    except DefusedXmlException as e:
+        raise ConfigError(
+            f"{path}: refused: {e} (entities and external references are not allowed)"
+        ) from None
+    except ET.ParseError as e:
+        raise ConfigError(f"{path}:{e.position[0]}: not well-formed XML: {e}") from None
+    task = root.find("task") if root.tag == "system_config" else None
+    if task is None:
+        raise ConfigError(f"{path}: expected <system_config><task name=...> at the top")
+
+    def fail(msg: str) -> ConfigError:
+        return ConfigError(f"{path}: {msg}")
+
+    if task.get("name", "imaging_segmentation") not in ("imaging_segmentation", "segmentation"):
+        raise fail(f"task '{task.get('name')}': segscale runs imaging_segmentation tasks")
+    raw: dict[str, Any] = {
+        "name": task.get("run", path.stem),
+        "seed": int(task.get("seed", 0)),
+        "train": {"optimizer": {}},
+    }
+    degree = task.findtext("parallelism-degree")
+    archi = task.find("CNN_archi")
+    if archi is None or not (archi.findtext("name") or archi.findtext("path")):
+        raise fail("<CNN_archi> needs a <name> (built-in) or a <path> (file.py:factory)")
+    model = (archi.findtext("name") or archi.findtext("path") or "").strip()
+    if archi.findtext("path") and ":" not in model:
+        raise fail(f"<CNN_archi><path>{model}</path>: name the factory too, as file.py:factory")
+    raw["model"] = {"name": model}
+    data = task.find("data")
+    store = data.findtext("store") if data is not None else None
+    if data is not None and store is None:  # the thesis' train/valid/test paths: one store here
+        paths = {
+            p.strip() for p in (data.findtext(f"{s}/path") for s in ("train", "valid", "test")) if p
+        }
+        if len(paths) != 1:
+            raise fail(
+                "<data>: segscale reads one prepared store with train/val/test splits; give <store>path</store>"
+            )
+        store = paths.pop()
+    if not store:
+        raise fail("<data><store>: missing (the output of `segscale prepare`)")
+    raw["data"] = {"store": store.strip()}
+    _generator(task, raw, fail)
+    _hyperparameters(task, raw, fail)
+    return raw, int(degree) if degree else None
+
+
+def _generator(task: Any, raw: dict[str, Any], fail: Any) -> None:
+    gen = task.find("CNN-Parallelism-Generator")
+    for action in gen.iter("action") if gen is not None else []:
+        kind, value = action.get("type"), action.find("value")
+        text = (value.text or "").strip() if value is not None else ""
+        if kind == "device_placement" and text != "local_rank":
+            raise fail(
+                f"device_placement '{text}': segscale places one process per device by local rank"
+            )
+        elif kind == "memory_allocation" and text not in ("soft_placement", ""):
+            raise fail(
+                f"memory_allocation '{text}': only soft_placement (allocate as needed) is supported"
+            )
+        elif kind == "dist_strategy":
+            raw["train"]["strategy"] = STRATEGY_NAMES.get(text, text)
+        elif kind == "Tr_Checkpoint":
+            for v in action.findall("value"):
+                raw["train"].setdefault("callbacks", []).append(
+                    {"name": f"{(v.findtext('path') or '').strip()}:{v.get('name')}"}
+                )
+        elif kind not in ("device_placement", "memory_allocation"):
+            raise fail(
+                f"action type '{kind}'{did_you_mean(kind or '', ['device_placement', 'memory_allocation', 'dist_strategy', 'Tr_Checkpoint'])}"
+            )
+
+
+def _hyperparameters(task: Any, raw: dict[str, Any], fail: Any) -> None:
+    for prop in task.findall("hyperparameters/property"):
+        name, text = prop.get("name", ""), (prop.text or "").strip()
+        if name == "start_epoch":
+            if text not in ("0", ""):
+                raise fail("start_epoch: runs start at 0; continue a run with --resume")
+            continue
+        if name not in PROPERTIES:
+            raise fail(
+                f"unknown hyperparameter '{name}'{did_you_mean(name, PROPERTIES)}; known: {', '.join(PROPERTIES)}"
+            )
+        key, cast = PROPERTIES[name]
+        try:
+            value = cast(text)
+        except ValueError:
+            raise fail(
+                f"hyperparameter '{name}': '{text}' is not a valid {cast.__name__}"
+            ) from None
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
