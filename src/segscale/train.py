@@ -394,4 +394,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from segscale.worker import exit_now
+
+    exit_now(main())

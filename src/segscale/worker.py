@@ -7,6 +7,7 @@ this module N times; or directly: `torchrun --nproc-per-node N -m segscale.worke
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -51,5 +52,15 @@ def exit_code(fn: Callable[..., object], *args: object, **kwargs: object) -> int
     return 0
 
 
+def exit_now(code: int) -> None:
+    """End a torchrun-launched process once its work is done and its files are written: flush, then
+    skip interpreter teardown. A 2-worker CI run once aborted at the very end with 'terminate called
+    without an active exception' (SIGABRT, no Python traceback): C++ threads destroyed during
+    teardown, after the process group was already closed. Nothing left to do needs teardown."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
