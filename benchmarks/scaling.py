@@ -23,8 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from segscale.demo import resource
-from segscale.imgmed import Preprocessing, prepare
+from segscale.demo import prepare_demo_store
 
 HERE = Path(__file__).resolve().parent
 
@@ -97,15 +96,7 @@ def main() -> None:
     runs: dict[str, list[float]] = {k: [] for k in ("one", "two", "plain", "big", "sim", "fused")}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        store, _ = prepare(
-            resource("sample_la"),
-            tmp / "store",
-            Preprocessing(size=128),
-            val_fraction=0.1,
-            test_fraction=0.25,
-            seed=0,
-            progress=False,
-        )
+        store = prepare_demo_store(tmp / "store", progress=False)
         for i in range(
             args.repeats
         ):  # interleaved, so slow spells of the machine hit every measure

@@ -21,19 +21,26 @@ def resource(name: str) -> Path:
     return Path(str(resources.files("segscale") / "resources" / name))
 
 
+def prepare_demo_store(output: Path, progress: bool = True) -> Path:
+    """The bundled sample prepared as the demo uses it (128², 10% validation, 25% test cases)."""
+    store, _ = prepare(
+        resource("sample_la"),
+        output,
+        Preprocessing(size=128),
+        val_fraction=0.1,
+        test_fraction=0.25,
+        seed=0,
+        progress=progress,
+    )
+    return store
+
+
 def run_demo(out: Path, workers: int = 2, overrides: list[str] | None = None) -> dict:
     from segscale.report import print_metrics, write_report
 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    store, _ = prepare(
-        resource("sample_la"),
-        out / "prepared",
-        Preprocessing(size=128),
-        val_fraction=0.1,
-        test_fraction=0.25,
-        seed=0,
-    )
+    store = prepare_demo_store(out / "prepared")
     cfg = load_config(resource("demo.yaml"), [f"data.store={store}", *(overrides or [])])
     plan(cfg)
     check_workers(cfg, workers)
