@@ -31,6 +31,7 @@ from segscale.segeval import (
     class_metrics,
     confusion_matrix,
     distance_metrics,
+    mean_defined,
     metrics_from_confusion,
     per_class_dice,
     spacing_from_affine,
@@ -186,11 +187,6 @@ def _stats(values: list[float]) -> dict[str, float | int]:
     }
 
 
-def _mean_defined(values: list[float]) -> float:
-    ok = [v for v in values if not np.isnan(v)]
-    return float(np.mean(ok)) if ok else float("nan")
-
-
 def summarize(results: list[CaseEval], labels: dict[str, str]) -> dict[str, Any]:
     k = len(labels)
     fg = list(_foreground(k))
@@ -201,7 +197,7 @@ def summarize(results: list[CaseEval], labels: dict[str, str]) -> dict[str, Any]
         per_class = {labels[str(c)]: {**class_metrics(r.counts)[c], **r.distances[c]} for c in fg}
         row: dict[str, Any] = {"case": r.case, **metrics_from_confusion(r.counts)}
         for m in ("iou", "precision", "f1", *DISTANCE_METRICS):
-            row[m] = _mean_defined([v[m] for v in per_class.values()])
+            row[m] = mean_defined(np.array([v[m] for v in per_class.values()]))
         row["per_class"] = per_class
         cases.append(row)
     slice_dice = [float(np.mean(per_class_dice(sc)[fg])) for r in results for sc in r.slice_counts]
@@ -287,9 +283,8 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path) -> dict[str, Any]:
             )
         pairs.append((ref, p, r, spacing))
     values = sorted(
-        set().union(*(np.unique(p).tolist() + np.unique(r).tolist() for _, p, r, _ in pairs))
+        {0}.union(*(np.unique(p).tolist() + np.unique(r).tolist() for _, p, r, _ in pairs))
     )
-    values = sorted(set(values) | {0})
     lut = {v: i for i, v in enumerate(values)}
     results = []
     for ref, p, r, spacing in pairs:

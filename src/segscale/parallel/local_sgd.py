@@ -6,7 +6,6 @@ is the same math as gradient all-reduce; larger periods trade accuracy for less 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from segscale.errors import SegscaleError
 from segscale.parallel.base import ProcessEnv
@@ -15,6 +14,7 @@ from segscale.registry import STRATEGIES
 
 @STRATEGIES.register("local_sgd")
 class LocalSGDStrategy(ProcessEnv):
+    # wrap() is ProcessEnv's: no DDP, gradients stay local; only the averager communicates.
     def __init__(
         self, device: str = "auto", threads: int | None = None, *, period: int = 4
     ) -> None:
@@ -22,10 +22,6 @@ class LocalSGDStrategy(ProcessEnv):
             raise SegscaleError(f"local_sgd period {period}: expected at least 1")
         super().__init__(device, threads)
         self.period = period
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        # No DDP: gradients stay local; only the averager communicates.
-        return model.to(self.device)
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         if self.world_size == 1:

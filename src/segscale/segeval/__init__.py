@@ -3,6 +3,7 @@
 from segscale.segeval.confusion import (
     class_metrics,
     confusion_matrix,
+    mean_defined,
     metrics_from_confusion,
     per_class_dice,
 )
@@ -13,6 +14,7 @@ __all__ = [
     "class_metrics",
     "confusion_matrix",
     "distance_metrics",
+    "mean_defined",
     "metrics_from_confusion",
     "per_class_dice",
     "spacing_from_affine",

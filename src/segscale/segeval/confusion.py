@@ -45,7 +45,7 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return out
 
 
-def _nanmean(a: np.ndarray) -> float:
+def mean_defined(a: np.ndarray) -> float:
     """Mean of the defined (non-NaN) values; NaN, without a warning, when none is defined."""
     a = a[~np.isnan(a)]
     return float(a.mean()) if a.size else float("nan")
@@ -102,9 +102,9 @@ def metrics_from_confusion(cm: np.ndarray) -> dict[str, float]:
         "dice": float(np.mean(dice[fg])),
         "dice_with_background": float(np.mean(dice)),
         "pixel_accuracy": float(tp.sum() / total) if total else float("nan"),
-        "mean_accuracy": _nanmean(_ratio(tp, t)[present]),
-        "mean_iou": _nanmean(iou[present]),
+        "mean_accuracy": mean_defined(_ratio(tp, t)[present]),
+        "mean_iou": mean_defined(iou[present]),
         "fw_iou": float(np.nansum(t * np.nan_to_num(iou)) / total) if total else float("nan"),
-        "sensitivity": _nanmean(_ratio(tp, tp + fn)[fg]),
-        "specificity": _nanmean(_ratio(tn, tn + fp)[fg]),
+        "sensitivity": mean_defined(_ratio(tp, tp + fn)[fg]),
+        "specificity": mean_defined(_ratio(tn, tn + fp)[fg]),
     }
