@@ -88,11 +88,23 @@ def test_sigterm_preemption_checkpoints_exits_75_and_resumes_exactly(tmp_path, r
     _, ref = reference(tmp_path, real_store, **term)
     cfg, run = config(tmp_path, real_store, "pre", **term), tmp_path / "pre"
     r = train(cfg, run, "--workers", 2)
-    assert r.returncode != 0 and "preempted" in r.stderr, r.stderr[-3000:]
+    # the agent runs in the CLI process: a signal to it is a signal to `segscale train`
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr[-3000:]
+    assert "stopped by SIGTERM" in r.stderr and "preempted" in r.stderr, r.stderr[-3000:]
     assert not (run / "model.pt").exists()
     r = train(cfg, run, "--workers", 2, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert same_weights(ref, run)
+
+
+@pytest.mark.distributed
+def test_a_preempted_worker_gives_the_run_its_exit_code(tmp_path, real_store):
+    """One worker of two gets SIGTERM: both checkpoint at the same step and stop; the launcher
+    passes on the workers' code (75), not torchrun's blanket 1."""
+    cfg = config(tmp_path, real_store, "one", step=3, sig="SIGTERM", rank=1)
+    r = train(cfg, tmp_path / "one", "--workers", 2)
+    assert r.returncode == PREEMPTED_EXIT_CODE, r.stderr[-3000:]
+    assert "stopped by a signal at step 3" in r.stderr
 
 
 def in_process_run(tmp_path: Path, store: Path, name: str, **train_kw) -> Path:

@@ -15,7 +15,7 @@ from conftest import tiny_config
 from segscale.config import validate
 from segscale.engine import check_workers, prepare_run_dir, train_worker
 from segscale.errors import SegscaleError
-from segscale.launch import torchrun_command
+from segscale.launch import torchrun_args
 
 SEGSCALE = [sys.executable, "-m", "segscale.cli"]
 
@@ -178,11 +178,11 @@ def test_two_torchrun_agents_as_two_nodes(tmp_path, real_store):
 
 
 def test_launch_commands_and_slurm_script(tmp_path, real_store):
-    cmd = torchrun_command(["train", "RUN"], 4, nodes=2, node_rank=1, rdzv_endpoint="head:29500")
+    cmd = torchrun_args(["train", "RUN"], 4, nodes=2, node_rank=1, rdzv_endpoint="head:29500")
     assert "--nnodes=2" in cmd and "--node-rank=1" in cmd and "--rdzv-endpoint=head:29500" in cmd
     assert cmd[-3:] == ["segscale.worker", "train", "RUN"]
     with pytest.raises(SegscaleError, match="needs --rdzv-endpoint"):
-        torchrun_command(["train", "RUN"], 1, nodes=2)
+        torchrun_args(["train", "RUN"], 1, nodes=2)
     config = write_config(tmp_path, real_store, "job")
     r = subprocess.run(
         [

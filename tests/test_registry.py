@@ -1,8 +1,14 @@
-import pytest
+import inspect
+import subprocess
+import sys
 
+import pytest
+import yaml
+
+from conftest import tiny_config
 from segscale.errors import SegscaleError
 from segscale.models import UNet, create_model
-from segscale.registry import MODELS, Registry
+from segscale.registry import LOSSES, MODELS, OPTIMIZERS, STRATEGIES, Registry, source_signature
 
 
 def test_builtin_module_and_file_paths(tmp_path):
@@ -39,3 +45,49 @@ def test_duplicate_registration_is_an_error():
     reg.register("a")(1)
     with pytest.raises(ValueError, match="already registered"):
         reg.register("a")(2)
+
+
+@pytest.mark.parametrize("registry", [MODELS, LOSSES, OPTIMIZERS, STRATEGIES], ids=lambda r: r.kind)
+def test_builtin_signatures_read_from_source_match_the_imported_objects(registry):
+    """Built-ins are checked from their source (no torch import); that reading must agree with
+    inspect on the real object: names, kinds and which parameters have defaults."""
+
+    def shape(sig):
+        return [(p.name, p.kind, p.default is p.empty) for p in sig.parameters.values()]
+
+    for name in registry.names():
+        path = registry.path(name)
+        assert path is not None  # declared by path, imported on first use
+        from_source = source_signature(path)
+        if path.startswith("segscale."):
+            assert from_source is not None, path
+            assert shape(from_source) == shape(inspect.signature(registry.resolve(name))), path
+
+
+def test_planning_a_run_imports_no_torch(real_store, tmp_path):
+    """`segscale plan` checks every built-in component without importing torch (~2 s)."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(real_store)))
+    code = (
+        "import sys\n"
+        "from segscale.config import load_config\n"
+        "from segscale.engine import plan\n"
+        f"plan(load_config({str(config)!r})).describe()\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_bad_model_option_values_fail_before_any_worker_starts(real_store, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(real_store)))
+    cmd = [sys.executable, "-m", "segscale.cli", "train", str(config), "model.name=resunet"]
+    cmd.append("model.kwargs={act: gelu}")
+    r = subprocess.run(
+        [*cmd, "--workers", "2", "--run-dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "unknown act 'gelu'" in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()

@@ -138,13 +138,14 @@ def train_cmd(
     ] = 0,
 ) -> None:
     """Train a model: one process, or N through torch.distributed.run (DDP)."""
-    from segscale.engine import check_workers, plan, prepare_run_dir
+    from segscale.engine import check_model, check_workers, plan, prepare_run_dir
     from segscale.launch import launch
 
     cfg = _load(config, overrides)
-    plan(cfg)
+    p = plan(cfg)
     workers = workers or cfg.workers or 1
     check_workers(cfg, workers)
+    check_model(p)
     run_dir = (run_dir or Path("runs") / cfg.name).resolve()
     prepare_run_dir(cfg, run_dir, resume)
     args = ["train", str(run_dir), *(["--resume"] if resume else [])]

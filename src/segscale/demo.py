@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 from segscale.config import load_config
-from segscale.engine import check_workers, plan, prepare_run_dir
+from segscale.engine import check_model, check_workers, plan, prepare_run_dir
 from segscale.errors import SegscaleError
 from segscale.imgmed import Preprocessing, prepare
 from segscale.launch import launch
@@ -42,8 +42,8 @@ def run_demo(out: Path, workers: int = 2, overrides: list[str] | None = None) ->
     out.mkdir(parents=True, exist_ok=True)
     store = prepare_demo_store(out / "prepared")
     cfg = load_config(resource("demo.yaml"), [f"data.store={store}", *(overrides or [])])
-    plan(cfg)
     check_workers(cfg, workers)
+    check_model(plan(cfg))
     run_dir = out / "run"
     if run_dir.exists():  # the demo owns its folder: a rerun starts afresh
         shutil.rmtree(run_dir)

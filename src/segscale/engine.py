@@ -1,8 +1,9 @@
 """The engine: the only place where configuration becomes objects.
 
 `plan(cfg)` resolves and checks every component before any process starts (missing data, unknown
-model, kwargs that do not bind); the workers then call `train_worker` / `evaluate_worker`, which
-build the Trainer from the plan.
+model, kwargs that do not bind) without importing torch, so `segscale plan` answers at once;
+`check_workers` and `check_model` (which do need torch) run before a launch; the workers then call
+`train_worker` / `evaluate_worker`, which build the Trainer from the plan.
 """
 
 from __future__ import annotations
@@ -11,33 +12,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-import segscale.losses
-import segscale.parallel  # noqa: F401  (registers the built-in strategies)
 from segscale._files import write_text_atomic
 from segscale.config import RunConfig, load_config
 from segscale.errors import SegscaleError
 from segscale.imgmed.store import Store
 from segscale.registry import CALLBACKS, LOSSES, MODELS, OPTIMIZERS, STRATEGIES, check_kwargs
 
-OPTIMIZERS.register("sgd")(
-    lambda params, cfg: torch.optim.SGD(
-        params,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov,
-        weight_decay=cfg.weight_decay,
-    )
-)
-OPTIMIZERS.register("adam")(
-    lambda params, cfg: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-)
-OPTIMIZERS.register("adamw")(
-    lambda params, cfg: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-)
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -136,28 +120,31 @@ class Plan:
 
 
 def plan(cfg: RunConfig) -> Plan:
-    import segscale.models  # noqa: F401  (registers the built-in models)
-
     store = Store.open(cfg.data.store)
     for split in (cfg.data.train_split, cfg.data.val_split):
         store.rows(split)  # raises a clear error for an empty split
-    check_kwargs(MODELS.resolve(cfg.model.name), cfg.model.kwargs, cfg.model.name)
-    LOSSES.resolve(cfg.train.loss)
-    OPTIMIZERS.resolve(cfg.train.optimizer.name)
-    strategy = STRATEGIES.resolve(cfg.train.strategy.name)
-    check_kwargs(
-        strategy,
-        cfg.train.strategy.kwargs,
-        cfg.train.strategy.name,
-        kind="strategy",
-    )
+    check_kwargs(MODELS, cfg.model.name, cfg.model.kwargs)
+    LOSSES.signature(cfg.train.loss)  # an unknown name or a broken user path fails here
+    OPTIMIZERS.signature(cfg.train.optimizer.name)
+    check_kwargs(STRATEGIES, cfg.train.strategy.name, cfg.train.strategy.kwargs)
     for cb in cfg.train.callbacks:
-        check_kwargs(CALLBACKS.resolve(cb.name), cb.kwargs, cb.name, kind="callback")
+        check_kwargs(CALLBACKS, cb.name, cb.kwargs)
     return Plan(cfg, store)
+
+
+def check_model(p: Plan) -> None:
+    """Build the model on torch's meta device (no memory, no arithmetic): option values that bind
+    but are wrong (an unknown activation, a bad depth) fail here, before any worker starts."""
+    import torch
+
+    with torch.device("meta"):
+        build_model(p)
 
 
 def check_workers(cfg: RunConfig, workers: int) -> None:
     """On GPUs each worker needs its own device: refuse more workers than GPUs before launching."""
+    import torch
+
     if workers < 1:
         raise SegscaleError(f"--workers {workers}: expected at least 1")
     device = cfg.train.device
@@ -194,6 +181,8 @@ def steps_per_epoch_for(cfg: RunConfig, workers: int) -> int:
 
 def has_batch_statistics(model: torch.nn.Module) -> bool:
     """Whether a sample's output depends on the rest of its batch (BatchNorm in training)."""
+    import torch
+
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
@@ -221,6 +210,8 @@ def train_worker(
     run_dir: Path, resume: bool = False, progress: bool = True
 ) -> list[dict[str, Any]]:
     """Build everything from run_dir/config.yaml and train (one process of N)."""
+    import torch
+
     from segscale.data import SliceDataset, TrainLoader, eval_loader
     from segscale.parallel import SimulatedStrategy, Strategy, create_strategy
     from segscale.repro import environment, seed_everything
@@ -314,6 +305,8 @@ def train_worker(
 def load_trained_model(
     run_dir: Path, device: torch.device | str = "cpu"
 ) -> tuple[torch.nn.Module, Plan]:
+    import torch
+
     cfg = load_config(run_dir / "config.yaml")
     p = plan(cfg)
     weights = run_dir / "model.pt"

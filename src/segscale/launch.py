@@ -1,17 +1,18 @@
 """Start workers: in this process for one worker, else through torch.distributed.run (torchrun's
-elastic agent), which sets RANK/WORLD_SIZE/LOCAL_RANK and the rendezvous for every process."""
+elastic agent, run in this process), which sets RANK/WORLD_SIZE/LOCAL_RANK and the rendezvous for
+every worker process."""
 
 from __future__ import annotations
 
 import os
-import subprocess
+import signal
 import sys
 from pathlib import Path
 
 from segscale.errors import SegscaleError
 
 
-def torchrun_command(
+def torchrun_args(
     worker_args: list[str],
     workers: int,
     nodes: int = 1,
@@ -19,22 +20,22 @@ def torchrun_command(
     rdzv_endpoint: str | None = None,
     max_restarts: int = 0,
 ) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={workers}"]
+    """torchrun's arguments for `python -m segscale.worker WORKER_ARGS` on `workers` processes."""
+    args = [f"--nproc-per-node={workers}"]
     if nodes == 1:
-        cmd.append("--standalone")  # a free local port, no external rendezvous
+        args.append("--standalone")  # a free local port, no external rendezvous
     else:
         if not rdzv_endpoint:
             raise SegscaleError(
                 "--nodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)"
             )
-        cmd += [
+        args += [
             f"--nnodes={nodes}",
             f"--node-rank={node_rank}",
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint={rdzv_endpoint}",
         ]
-    cmd += [f"--max-restarts={max_restarts}", "-m", "segscale.worker", *worker_args]
-    return cmd
+    return [*args, f"--max-restarts={max_restarts}", "-m", "segscale.worker", *worker_args]
 
 
 def launch(worker_args: list[str], workers: int = 1, **kwargs: object) -> int:
@@ -45,10 +46,40 @@ def launch(worker_args: list[str], workers: int = 1, **kwargs: object) -> int:
         from segscale.worker import main
 
         return main(worker_args)
-    env = dict(os.environ)
     # torchrun would force OMP_NUM_THREADS=1 (with a warning); give each worker its share instead.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
-    return subprocess.run(torchrun_command(worker_args, workers, **kwargs), env=env).returncode  # type: ignore[arg-type]
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    return run_elastic(torchrun_args(worker_args, workers, **kwargs))  # type: ignore[arg-type]
+
+
+def run_elastic(args: list[str]) -> int:
+    """torchrun with `args`, its elastic agent in this process: the CLI has already imported torch
+    to check the run, and a separate agent process would spend ~2 s importing it again before the
+    workers even start. Returns a failed worker's own exit code (2: a user error, 75: preempted)
+    where torchrun would say 1."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    try:
+        run(get_args_parser().parse_args(args))
+    except ChildFailedError as e:
+        codes = {rank: f.exitcode for rank, f in sorted(e.failures.items())}
+        for rank, code in codes.items():
+            if code < 0:
+                print(
+                    f"error: worker {rank} was killed by {signal.Signals(-code).name}",
+                    file=sys.stderr,
+                )
+            elif code not in (2, 75):  # those printed their own one-line reason
+                print(
+                    f"error: worker {rank} failed with exit code {code}; its traceback is above",
+                    file=sys.stderr,
+                )
+        return next((c for c in codes.values() if c > 0), 1)
+    except SignalException as e:
+        print(f"stopped by {e.sigval.name}", file=sys.stderr)
+        return 128 + int(e.sigval)
+    return 0
 
 
 def sbatch_script(

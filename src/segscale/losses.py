@@ -6,8 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segscale.registry import LOSSES
-
 
 class DiceLoss(nn.Module):
     """1 − soft Dice, averaged over foreground classes, from batch-summed (not per-image) overlaps
@@ -34,8 +32,3 @@ class DiceCELoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, target) + self.dice(logits, target)
-
-
-LOSSES.register("ce")(nn.CrossEntropyLoss)
-LOSSES.register("dice")(DiceLoss)
-LOSSES.register("dice_ce")(DiceCELoss)

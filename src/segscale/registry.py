@@ -1,13 +1,18 @@
 """One plugin mechanism: a registry per kind of component, plus `module:attr` paths.
 
-MODELS.register("unet")(UNet)           # or as a decorator
+MODELS.register("my_net")(MyNet)        # or as a decorator
 MODELS.resolve("unet")                  # a built-in name
 MODELS.resolve("my_pkg.nets:make_net")  # an importable module
 MODELS.resolve("plugins/net.py:Net")    # a file, loaded by path
+
+Built-ins are registered by path and imported when first resolved: checking a config that names
+them (`segscale plan`, the launcher) reads their signatures from source and never imports torch,
+which alone takes about 2 s to import on a small machine.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import inspect
@@ -20,11 +25,12 @@ from segscale.errors import SegscaleError, did_you_mean
 
 
 class Registry:
-    """A named dict of factories with a decorator to fill it."""
+    """A named dict of factories with a decorator to fill it. Entries given as 'module:attr'
+    strings (the built-ins) are imported on first use."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, builtins: dict[str, str] | None = None) -> None:
         self.kind = kind
-        self._entries: dict[str, Any] = {}
+        self._entries: dict[str, Any] = dict(builtins or {})
 
     def register(self, name: str) -> Callable[[Any], Any]:
         def add(obj: Any) -> Any:
@@ -44,13 +50,75 @@ class Registry:
     def resolve(self, spec: str) -> Any:
         """The object a spec names: a registered name, `pkg.mod:attr` or `path/file.py:attr`."""
         if spec in self._entries:
-            return self._entries[spec]
+            entry = self._entries[spec]
+            return load_attr(entry) if isinstance(entry, str) else entry
+        self._check_spec(spec)
+        return load_attr(spec)
+
+    def path(self, name: str) -> str | None:
+        """The 'module:attr' a built-in name stands for (None for objects registered directly)."""
+        entry = self._entries.get(name)
+        return entry if isinstance(entry, str) else None
+
+    def signature(self, spec: str) -> inspect.Signature:
+        """The factory's signature; for a built-in not imported yet, read from its source."""
+        entry = self._entries.get(spec)
+        if isinstance(entry, str):
+            found = source_signature(entry)
+            if found is not None:
+                return found
+        return inspect.signature(self.resolve(spec))
+
+    def _check_spec(self, spec: str) -> None:
         if ":" not in spec:
             raise SegscaleError(
                 f"unknown {self.kind} '{spec}'{did_you_mean(spec, self._entries)}; "
                 f"expected one of {', '.join(self.names())} or a 'module:attr' path"
             )
-        return load_attr(spec)
+
+
+def source_signature(path: str) -> inspect.Signature | None:
+    """The signature of segscale's own `module:attr` (a function, or a class with its own
+    __init__), parsed from the source file without importing it; None when it can't be."""
+    module, _, attr = path.partition(":")
+    if not module.startswith("segscale."):
+        return None
+    base = Path(__file__).parent.joinpath(*module.split(".")[1:])
+    file = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+    if not file.is_file():
+        return None
+    for node in ast.parse(file.read_text()).body:
+        if getattr(node, "name", None) != attr:
+            continue
+        if isinstance(node, ast.FunctionDef):
+            return _signature_of(node.args, skip_first=False)
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == "__init__":
+                    return _signature_of(item.args, skip_first=True)
+    return None  # e.g. an inherited __init__: import it instead
+
+
+def _signature_of(args: ast.arguments, skip_first: bool) -> inspect.Signature:
+    P = inspect.Parameter
+    positional = [(a, P.POSITIONAL_ONLY) for a in args.posonlyargs]
+    positional += [(a, P.POSITIONAL_OR_KEYWORD) for a in args.args]
+    if skip_first:
+        positional = positional[1:]
+    n_plain = len(positional) - len(args.defaults)
+    params = [
+        P(a.arg, kind, default=P.empty if i < n_plain else ...)
+        for i, (a, kind) in enumerate(positional)
+    ]
+    if args.vararg:
+        params.append(P(args.vararg.arg, P.VAR_POSITIONAL))
+    params += [
+        P(a.arg, P.KEYWORD_ONLY, default=P.empty if d is None else ...)
+        for a, d in zip(args.kwonlyargs, args.kw_defaults)
+    ]
+    if args.kwarg:
+        params.append(P(args.kwarg.arg, P.VAR_KEYWORD))
+    return inspect.Signature(params)
 
 
 def load_attr(spec: str) -> Any:
@@ -83,10 +151,33 @@ def load_attr(spec: str) -> Any:
     return obj
 
 
-MODELS = Registry("model")
-LOSSES = Registry("loss")
-OPTIMIZERS = Registry("optimizer")
-STRATEGIES = Registry("strategy")
+MODELS = Registry(
+    "model",
+    {
+        "unet": "segscale.models.unet:UNet",
+        "resunet": "segscale.models.unet:ResUNet",
+        "fcn": "segscale.models.fcn:FCN8s",
+    },
+)
+LOSSES = Registry(
+    "loss",
+    {
+        "ce": "torch.nn:CrossEntropyLoss",
+        "dice": "segscale.losses:DiceLoss",
+        "dice_ce": "segscale.losses:DiceCELoss",
+    },
+)
+OPTIMIZERS = Registry(
+    "optimizer",
+    {"sgd": "segscale.optim:sgd", "adam": "segscale.optim:adam", "adamw": "segscale.optim:adamw"},
+)
+STRATEGIES = Registry(
+    "strategy",
+    {
+        "allreduce": "segscale.parallel.base:AllReduceStrategy",
+        "local_sgd": "segscale.parallel.local_sgd:LocalSGDStrategy",
+    },
+)
 CALLBACKS = Registry("callback")
 
 
@@ -96,14 +187,18 @@ FIXED_ARGUMENTS = {
 }
 
 
-def check_kwargs(factory: Any, kwargs: dict[str, Any], spec: str, kind: str = "model") -> None:
+def check_kwargs(
+    registry: Registry, spec: str, kwargs: dict[str, Any], kind: str | None = None
+) -> None:
     """Fail before anything starts when kwargs don't bind to the factory's signature. Models also
     receive in_channels and num_classes (from the store), strategies the device (from the config)."""
+    kind = kind or registry.kind
     fixed = FIXED_ARGUMENTS.get(kind, {})
+    signature = registry.signature(spec)
     try:
-        inspect.signature(factory).bind(**fixed, **kwargs)
+        signature.bind(**fixed, **kwargs)
     except TypeError as e:
-        params = [p for p in inspect.signature(factory).parameters if p not in ("self", *fixed)]
+        params = [p for p in signature.parameters if p not in ("self", *fixed)]
         raise SegscaleError(
             f"{kind} '{spec}' kwargs {sorted(kwargs)}: {e}; accepted: {', '.join(params)}"
         ) from None

@@ -4,12 +4,14 @@ same pixels: a model never meets an input preprocessed differently from its trai
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from segscale.errors import DataError
+
+if TYPE_CHECKING:  # imported where used: opening a store must not cost torch's import
+    import torch
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,9 @@ def from_slices(slices: np.ndarray, axis: int) -> np.ndarray:
 
 def resize_images(x: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """(N, C, H, W) float → (N, C, size, size), bilinear; antialiased when shrinking."""
+    import torch
+    import torch.nn.functional as F
+
     t = torch.as_tensor(x, dtype=torch.float32)
     out = (size, size) if isinstance(size, int) else size
     if tuple(t.shape[-2:]) == tuple(out):
@@ -104,6 +109,9 @@ def resize_images(x: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> 
 
 def resize_masks(x: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """(N, H, W) integer labels → (N, size, size), nearest (no invented label values)."""
+    import torch
+    import torch.nn.functional as F
+
     t = torch.as_tensor(np.asarray(x), dtype=torch.float32)[:, None]
     out = (size, size) if isinstance(size, int) else size
     return F.interpolate(t, size=out, mode="nearest-exact")[:, 0].to(torch.uint8)

@@ -1,4 +1,5 @@
-"""The model registry: every factory takes in_channels and num_classes, plus its own kwargs."""
+"""Models: every factory takes in_channels and num_classes, plus its own kwargs (the built-in
+names are in segscale.registry.MODELS)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,14 @@ from segscale.models.fcn import FCN8s
 from segscale.models.unet import ResUNet, UNet
 from segscale.registry import MODELS, check_kwargs
 
-MODELS.register("unet")(UNet)
-MODELS.register("resunet")(ResUNet)
-MODELS.register("fcn")(FCN8s)
-
 
 def create_model(spec: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
-    factory = MODELS.resolve(spec)
-    check_kwargs(factory, kwargs, spec)
-    model = factory(in_channels=in_channels, num_classes=num_classes, **kwargs)
+    """Build a registered or user model; a bad option value (ValueError) is a user error."""
+    check_kwargs(MODELS, spec, kwargs)
+    try:
+        model = MODELS.resolve(spec)(in_channels=in_channels, num_classes=num_classes, **kwargs)
+    except ValueError as e:
+        raise SegscaleError(f"model '{spec}' kwargs {kwargs}: {e}") from None
     if not isinstance(model, nn.Module):
         raise SegscaleError(
             f"model '{spec}' returned {type(model).__name__}, expected a torch.nn.Module"

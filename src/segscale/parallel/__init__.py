@@ -1,4 +1,4 @@
-"""Distributed strategies: one small protocol, each strategy registered by name."""
+"""Distributed strategies: one small protocol; the built-in names are in segscale.registry."""
 
 from segscale.parallel.base import AllReduceStrategy, ProcessEnv, Strategy, create_strategy, unwrap
 from segscale.parallel.local_sgd import LocalSGDStrategy

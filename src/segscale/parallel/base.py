@@ -114,7 +114,6 @@ class ProcessEnv:
 COMPRESSION = ("none", "fp16", "bf16", "powersgd")
 
 
-@STRATEGIES.register("allreduce")
 class AllReduceStrategy(ProcessEnv):
     """Synchronous data parallelism with DistributedDataParallel: gradients averaged by bucketed
     ring all-reduce during backward (the thesis' Horovod setup, on torch). `compression` installs a

@@ -9,10 +9,8 @@ import torch
 
 from segscale.errors import SegscaleError
 from segscale.parallel.base import ProcessEnv
-from segscale.registry import STRATEGIES
 
 
-@STRATEGIES.register("local_sgd")
 class LocalSGDStrategy(ProcessEnv):
     # wrap() is ProcessEnv's: no DDP, gradients stay local; only the averager communicates.
     def __init__(
