@@ -67,3 +67,21 @@ def test_fcn_loads_torchvision_vgg16_weights(tmp_path):
         FCN8s(3, 2, width=0.5, fc_channels=64, pretrained=str(tmp_path / "vgg16.pth"))
     with pytest.raises(SegscaleError, match="not found"):
         FCN8s(3, 2, pretrained=str(tmp_path / "missing.pth"))
+
+
+@pytest.mark.parametrize("act", ["relu", "prelu", "leaky_relu"])
+@pytest.mark.parametrize("decoder_convs", [1, 2])
+def test_resunet_activation_and_decoder_options(act, decoder_convs):
+    model = create_model(
+        "resunet", 1, 2, base_channels=4, depth=2, act=act, decoder_convs=decoder_convs
+    )
+    convs_per_decoder_unit = sum(isinstance(m, torch.nn.Conv2d) for m in model.up[0][3].body)
+    assert convs_per_decoder_unit == decoder_convs
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 2, 32, 32)
+
+
+def test_resunet_rejects_unknown_options_when_built():
+    with pytest.raises(SegscaleError, match=r"unknown act .gelu. \(relu \| prelu \| leaky_relu\)"):
+        create_model("resunet", 1, 2, act="gelu")
+    with pytest.raises(SegscaleError, match="decoder_convs must be 1 or 2"):
+        create_model("resunet", 1, 2, decoder_convs=3)

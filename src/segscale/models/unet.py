@@ -16,6 +16,18 @@ def _norm(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown norm '{kind}' (batch | instance | none)")
 
 
+def _act(kind: str, channels: int) -> nn.Module:
+    # ReLU by default: PReLU's backward alone took 13-17% of a CPU training step (torch profiler,
+    # ResUNet 16/3 at 128²), for no Dice gain measured by benchmarks/time_to_dice.py
+    if kind == "relu":
+        return nn.ReLU(inplace=True)
+    if kind == "prelu":
+        return nn.PReLU(channels)
+    if kind == "leaky_relu":
+        return nn.LeakyReLU(0.01, inplace=True)
+    raise ValueError(f"unknown act '{kind}' (relu | prelu | leaky_relu)")
+
+
 class DoubleConv(nn.Sequential):
     """(3×3 conv → norm → ReLU) × 2, as in Ronneberger et al. (with padding, so sizes match)."""
 
@@ -79,18 +91,31 @@ class UNet(nn.Module):
 
 
 class ResUnit(nn.Module):
-    """Two 3×3 convs with a residual shortcut; the first may stride 2 to downsample."""
+    """`convs` 3×3 convs (1 or 2) with a residual shortcut; the first may stride 2 to downsample."""
 
-    def __init__(self, cin: int, cout: int, stride: int, norm: str, dropout: float) -> None:
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        stride: int,
+        norm: str,
+        dropout: float,
+        act: str = "relu",
+        convs: int = 2,
+    ) -> None:
         super().__init__()
-        self.body = nn.Sequential(
+        layers: list[nn.Module] = [
             nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
             _norm(norm, cout),
-            nn.PReLU(cout),
-            nn.Dropout2d(dropout) if dropout else nn.Identity(),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
-            _norm(norm, cout),
-        )
+        ]
+        if convs == 2:
+            layers += [
+                _act(act, cout),
+                nn.Dropout2d(dropout) if dropout else nn.Identity(),
+                nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+                _norm(norm, cout),
+            ]
+        self.body = nn.Sequential(*layers)
         self.skip = (
             nn.Identity()
             if cin == cout and stride == 1
@@ -103,7 +128,7 @@ class ResUnit(nn.Module):
                 bias=False,
             )
         )
-        self.act = nn.PReLU(cout)
+        self.act = _act(act, cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.body(x) + self.skip(x))
@@ -113,7 +138,9 @@ class ResUNet(nn.Module):
     """A light residual U-Net for fast training (the default for users; `unet` stays for the
     thesis' experiments). The first unit already strides by 2 and the last stage upsamples straight
     to a thin full-resolution head, so almost no convolution runs at full resolution: several
-    times more images per second than the Ronneberger U-Net of the same width."""
+    times more images per second than the Ronneberger U-Net of the same width. Encoder units have
+    two convolutions, decoder units `decoder_convs` (one by default: as accurate in
+    benchmarks/time_to_dice.py, and faster)."""
 
     def __init__(
         self,
@@ -123,33 +150,39 @@ class ResUNet(nn.Module):
         base_channels: int = 16,
         depth: int = 3,
         norm: str = "instance",
+        act: str = "relu",
         dropout: float = 0.0,
+        decoder_convs: int = 1,
     ) -> None:
         super().__init__()
         if depth < 1 or base_channels < 1:
             raise ValueError("depth and base_channels must be at least 1")
+        if decoder_convs not in (1, 2):
+            raise ValueError(f"decoder_convs must be 1 or 2, not {decoder_convs}")
+        _norm(norm, 1), _act(act, 1)  # fail on a bad name here, not deep in the layers
         widths = [base_channels * 2**i for i in range(depth + 1)]
         self.depth = depth
         self.down = nn.ModuleList(
-            ResUnit(in_channels if i == 0 else widths[i - 1], widths[i], 2, norm, dropout)
+            ResUnit(in_channels if i == 0 else widths[i - 1], widths[i], 2, norm, dropout, act)
             for i in range(depth)
         )
-        self.bottom = ResUnit(widths[depth - 1], widths[depth], 1, norm, dropout)
+        self.bottom = ResUnit(widths[depth - 1], widths[depth], 1, norm, dropout, act)
         self.up = nn.ModuleList()
         cin = widths[depth]
         for i in reversed(range(1, depth)):  # concat(skip_i, x) → upsample to level i-1
+            w = widths[i - 1]
             self.up.append(
                 nn.Sequential(
-                    nn.ConvTranspose2d(cin + widths[i], widths[i - 1], 2, stride=2, bias=False),
-                    _norm(norm, widths[i - 1]),
-                    nn.PReLU(widths[i - 1]),
-                    ResUnit(widths[i - 1], widths[i - 1], 1, norm, 0.0),
+                    nn.ConvTranspose2d(cin + widths[i], w, 2, stride=2, bias=False),
+                    _norm(norm, w),
+                    _act(act, w),
+                    ResUnit(w, w, 1, norm, 0.0, act, convs=decoder_convs),
                 )
             )
-            cin = widths[i - 1]
+            cin = w
         self.head = nn.Sequential(
             nn.ConvTranspose2d(cin + widths[0], base_channels, 2, stride=2),
-            nn.PReLU(base_channels),
+            _act(act, base_channels),
             nn.Conv2d(base_channels, num_classes, 3, padding=1),
         )
 
