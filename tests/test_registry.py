@@ -8,7 +8,14 @@ import yaml
 from conftest import tiny_config
 from segscale.errors import SegscaleError
 from segscale.models import UNet, create_model
-from segscale.registry import LOSSES, MODELS, OPTIMIZERS, STRATEGIES, Registry, source_signature
+from segscale.registry import (
+    LOSSES,
+    MODELS,
+    OPTIMIZERS,
+    STRATEGIES,
+    Registry,
+    source_signature,
+)
 
 
 def test_builtin_module_and_file_paths(tmp_path):

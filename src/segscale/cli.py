@@ -217,6 +217,10 @@ def evaluate_cmd(
         if code != 0:
             raise typer.Exit(code)
         evaluation = json.loads(out.read_text())
+        if evaluation.get("task") == "classification":
+            print_metrics(evaluation)
+            typer.echo(f"wrote {out}")
+            return
         plot_overlays(run_dir, evaluation, out.with_name(f"{out.stem}-overlays.png"))
     plot_case_dice(evaluation, out.with_suffix(".png"))
     print_metrics(evaluation)

@@ -45,7 +45,9 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     name: str = Field(
-        "unet", description="unet | resunet | fcn, or a factory as 'pkg.mod:attr' / 'file.py:attr'."
+        "unet",
+        description="unet | resunet | fcn | cnn (classifier), or a factory as 'pkg.mod:attr' / "
+        "'file.py:attr'.",
     )
     kwargs: dict[str, Any] = Field(
         default_factory=dict,
@@ -89,6 +91,19 @@ class ScheduleConfig(_Strict):
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine/poly floor, × peak lr.")
 
 
+class TaskConfig(_Strict):
+    """What the run learns; a plain string in YAML means {name: that}."""
+
+    name: str = Field(
+        "segmentation",
+        description="segmentation | classification (one class per slice: does it show the "
+        "foreground?) | a 'pkg.mod:Class' task.",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="classification: foreground (a class index; default any)."
+    )
+
+
 class StrategyConfig(_Strict):
     """How workers combine their gradients; a plain string in YAML means {name: that}."""
 
@@ -112,7 +127,10 @@ class TrainConfig(_Strict):
     epochs: int = Field(gt=0)
     batch_size: int = Field(gt=0, description="Per worker; the global batch is × workers.")
     optimizer: OptimizerConfig
-    loss: Literal["ce", "dice", "dice_ce"] = "dice_ce"
+    loss: str = Field(
+        "dice_ce",
+        description="ce | dice | dice_ce | a 'pkg.mod:Class' loss(logits, target) module.",
+    )
     schedule: ScheduleConfig = ScheduleConfig()
     steps_per_epoch: int | None = Field(
         None, gt=0, description="Cap on steps per epoch (quick runs); default: a full pass."
@@ -167,9 +185,15 @@ class RunConfig(_Strict):
         gt=0,
         description="Default for `segscale train --workers` (the XML parallelism degree).",
     )
+    task: TaskConfig = TaskConfig()
     data: DataConfig
     model: ModelConfig = ModelConfig()
     train: TrainConfig
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task_shorthand(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
 
     @field_validator("name")
     @classmethod

@@ -18,7 +18,15 @@ from segscale._files import write_text_atomic
 from segscale.config import RunConfig, load_config
 from segscale.errors import SegscaleError
 from segscale.imgmed.store import Store
-from segscale.registry import CALLBACKS, LOSSES, MODELS, OPTIMIZERS, STRATEGIES, check_kwargs
+from segscale.registry import (
+    CALLBACKS,
+    LOSSES,
+    MODELS,
+    OPTIMIZERS,
+    STRATEGIES,
+    TASKS,
+    check_kwargs,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -30,10 +38,12 @@ class Plan:
 
     cfg: RunConfig
     store: Store
+    task: Any  # a segscale.tasks object (or the user's)
 
     @property
     def num_classes(self) -> int:
-        return self.store.num_classes
+        """The model's output classes: the store's for segmentation, the task's otherwise."""
+        return int(self.task.num_outputs(self.store))
 
     @property
     def in_channels(self) -> int:
@@ -104,7 +114,7 @@ class Plan:
                 ),
             },
             "injection": {
-                "task": part(False, "segmentation"),
+                "task": part(True, c.task.name, TASKS, **c.task.kwargs),
                 "architecture": part(True, c.model.name, MODELS, **c.model.kwargs),
                 "loss": part(True, t.loss, LOSSES),
                 "dataset": part(
@@ -123,22 +133,48 @@ def plan(cfg: RunConfig) -> Plan:
     store = Store.open(cfg.data.store)
     for split in (cfg.data.train_split, cfg.data.val_split):
         store.rows(split)  # raises a clear error for an empty split
+    check_kwargs(TASKS, cfg.task.name, cfg.task.kwargs)
+    try:
+        task = TASKS.resolve(cfg.task.name)(**cfg.task.kwargs)
+        task.num_outputs(store)
+    except ValueError as e:
+        raise SegscaleError(f"task '{cfg.task.name}' kwargs {cfg.task.kwargs}: {e}") from None
     check_kwargs(MODELS, cfg.model.name, cfg.model.kwargs)
     LOSSES.signature(cfg.train.loss)  # an unknown name or a broken user path fails here
+    if cfg.train.loss in LOSSES and cfg.train.loss not in getattr(task, "losses", LOSSES.names()):
+        raise SegscaleError(
+            f"train.loss '{cfg.train.loss}' does not fit the {cfg.task.name} task; "
+            f"use {' | '.join(task.losses)} or your own 'pkg.mod:Class'"
+        )
     OPTIMIZERS.signature(cfg.train.optimizer.name)
     check_kwargs(STRATEGIES, cfg.train.strategy.name, cfg.train.strategy.kwargs)
     for cb in cfg.train.callbacks:
         check_kwargs(CALLBACKS, cb.name, cb.kwargs)
-    return Plan(cfg, store)
+    return Plan(cfg, store, task)
 
 
 def check_model(p: Plan) -> None:
-    """Build the model on torch's meta device (no memory, no arithmetic): option values that bind
-    but are wrong (an unknown activation, a bad depth) fail here, before any worker starts."""
+    """Build the model and run one batch through it on torch's meta device (shapes only: no memory,
+    no arithmetic), before any worker starts: option values that bind but are wrong (an unknown
+    activation, a bad depth) and a network that does not fit the task fail here."""
     import torch
 
+    size = p.store.images.shape[-1]
     with torch.device("meta"):
-        build_model(p)
+        model = build_model(p)
+        try:
+            out = model(torch.empty(2, p.in_channels, size, size))
+        except (RuntimeError, ValueError) as e:
+            raise SegscaleError(
+                f"model '{p.cfg.model.name}' fails on a batch of the store's "
+                f"{p.in_channels}×{size}×{size} inputs: {e}"
+            ) from None
+    expected = p.task.output_shape(2, p.num_classes, size)
+    if tuple(out.shape) != tuple(expected):
+        raise SegscaleError(
+            f"model '{p.cfg.model.name}' outputs {tuple(out.shape)} for a batch of 2; the "
+            f"{p.cfg.task.name} task needs {tuple(expected)} (batch, classes{', H, W' if len(expected) == 4 else ''})"
+        )
 
 
 def check_workers(cfg: RunConfig, workers: int) -> None:
@@ -284,6 +320,7 @@ def train_worker(
             epochs=t.epochs,
             num_classes=p.num_classes,
             num_val_cases=len(val_ds.cases),
+            task=p.task,
             run_dir=run_dir,
             seed=cfg.seed,
             steps_per_epoch=steps,
@@ -320,7 +357,7 @@ def load_trained_model(
 def evaluate_worker(run_dir: Path, split: str, out: Path) -> dict[str, Any]:
     """Evaluate run_dir/model.pt on a split, cases shared among the workers; rank 0 writes `out`
     (JSON) and the per-case CSV beside it."""
-    from segscale.evaluation import evaluate_split, summarize, write_case_csv
+    from segscale.evaluation import write_case_csv
     from segscale.parallel import ProcessEnv
 
     cfg = load_config(run_dir / "config.yaml")
@@ -329,19 +366,18 @@ def evaluate_worker(run_dir: Path, split: str, out: Path) -> dict[str, Any]:
     )  # ranks, a device and gathers suffice
     try:
         model, p = load_trained_model(run_dir, strategy.device)
-        results = evaluate_split(model, p.store, split, strategy, cfg.train.batch_size * 2)
-        labels = p.store.meta["labels"]
         evaluation = {
             "run": str(run_dir),
             "split": split,
             "workers": strategy.world_size,
-            "labels": labels,
-            **summarize(results, labels),
+            "labels": p.task.labels(p.store),
+            **p.task.evaluate(model, p.store, split, strategy, cfg.train.batch_size * 2),
         }
         if strategy.rank == 0:
             out.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(out, json.dumps(evaluation, indent=1))
-            write_case_csv(evaluation, out.with_suffix(".csv"))
+            if "cases" in evaluation:
+                write_case_csv(evaluation, out.with_suffix(".csv"))
         return evaluation
     finally:
         strategy.close()

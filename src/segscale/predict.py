@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segscale.errors import DataError
+from segscale.errors import DataError, SegscaleError
 from segscale.imgmed.io import (
     PNG_SUFFIXES,
     is_nifti_name,
@@ -65,6 +65,11 @@ def predict(
 
     dev = torch.device(device)
     model, plan = load_trained_model(run_dir, dev)
+    if plan.cfg.task.name != "segmentation":
+        raise SegscaleError(
+            f"{run_dir}: a {plan.cfg.task.name} run; `segscale predict` writes masks, for "
+            "segmentation runs (score a classifier with `segscale evaluate`)"
+        )
     store = plan.store
     # Every slice of a volume gets segmented, whatever subset training used.
     prep = dataclasses.replace(store.preprocessing, slices=None)

@@ -157,6 +157,7 @@ MODELS = Registry(
         "unet": "segscale.models.unet:UNet",
         "resunet": "segscale.models.unet:ResUNet",
         "fcn": "segscale.models.fcn:FCN8s",
+        "cnn": "segscale.models.cnn:SmallCNN",
     },
 )
 LOSSES = Registry(
@@ -179,6 +180,13 @@ STRATEGIES = Registry(
     },
 )
 CALLBACKS = Registry("callback")
+TASKS = Registry(
+    "task",
+    {
+        "segmentation": "segscale.tasks:Segmentation",
+        "classification": "segscale.tasks:Classification",
+    },
+)
 
 
 FIXED_ARGUMENTS = {

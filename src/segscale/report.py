@@ -62,6 +62,20 @@ def print_metrics(evaluation: dict[str, Any]) -> None:
     from rich.table import Table
 
     where = evaluation.get("split", evaluation.get("pred", ""))
+    if evaluation.get("task") == "classification":
+        table = Table(title=f"classification of '{where}' ({evaluation['slices']} slices)")
+        table.add_column("metric [slice level]")
+        table.add_column("value", justify="right")
+        for name, value in evaluation["dataset"].items():
+            table.add_row(name.replace("_", " "), f"{value:.4f}")
+        matrix = Table(title="confusion matrix (rows: reference, columns: prediction)")
+        names = [evaluation["labels"][k] for k in sorted(evaluation["labels"], key=int)]
+        for col in ("", *names):
+            matrix.add_column(col, justify="left" if not col else "right")
+        for name, row in zip(names, evaluation["confusion_matrix"]["counts"]):
+            matrix.add_row(name, *map(str, row))
+        Console().print(table, matrix)
+        return
     table = Table(title=f"evaluation of '{where}' ({len(evaluation['cases'])} cases)")
     table.add_column("metric [level]")
     table.add_column("value", justify="right")

@@ -42,9 +42,7 @@ from segscale.checkpoint import (
 )
 from segscale.data import TrainLoader
 from segscale.errors import SegscaleError
-from segscale.evaluation import confusion_by_case
 from segscale.parallel import Strategy, unwrap
-from segscale.segeval import metrics_from_confusion
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; resume to continue
 
@@ -68,6 +66,7 @@ class Trainer:
         num_classes: int,
         num_val_cases: int,
         run_dir: Path,
+        task: Any = None,
         seed: int = 0,
         steps_per_epoch: int | None = None,
         val_every: int = 1,
@@ -88,6 +87,11 @@ class Trainer:
         )
         self.train_loader, self.val_loader, self.strategy = train_loader, val_loader, strategy
         self.epochs, self.num_classes, self.num_val_cases = epochs, num_classes, num_val_cases
+        if task is None:
+            from segscale.tasks import Segmentation
+
+            task = Segmentation()
+        self.task = task
         self.run_dir, self.seed, self.grad_clip = Path(run_dir), seed, grad_clip
         self.steps_per_epoch = min(steps_per_epoch or len(train_loader), len(train_loader))
         self.val_every, self.callbacks, self.config_digest = (
@@ -103,7 +107,7 @@ class Trainer:
         self.progress = progress and strategy.rank == 0
         self.step, self.epoch, self.epoch_step = 0, 0, 0
         self.history: list[dict[str, Any]] = []
-        self.best_dice = -1.0
+        self.best_metric = -1.0  # the task's validation metric (higher is better)
         # this epoch on this rank: Σ loss·n and Σ n (on the device: no host sync per step), seconds
         self.totals = torch.zeros(2, dtype=torch.float64, device=strategy.device)
         self.elapsed = 0.0
@@ -123,11 +127,11 @@ class Trainer:
                     self._call("on_validation_end", record)
                 self.history.append(record)
                 self.epoch, self.epoch_step = epoch + 1, 0
-                self.save_checkpoint(best=record.get("val_dice"))
+                self.save_checkpoint(best=record.get(f"val_{self.task.metric}"))
                 if self.strategy.rank == 0:
                     self.write_metrics()
                     if self.progress:
-                        print(_summary(record, self.epochs), flush=True)
+                        print(_summary(record, self.epochs, self.task.metric), flush=True)
                 self._call("on_epoch_end", record)
         if self.strategy.rank == 0:
             atomic_save(unwrap(self.model).state_dict(), self.run_dir / "model.pt")
@@ -206,7 +210,9 @@ class Trainer:
                     torch.cat([x for x, _ in group]) if len(group) > 1 else group[0][0]
                 )
                 chunks = logits.split([len(x) for x, _ in group])
-                part = sum(self.loss_fn(z, y) for z, (_, y) in zip(chunks, group)) / len(micro)
+                part = sum(
+                    self.loss_fn(z, self.task.target(y)) for z, (_, y) in zip(chunks, group)
+                ) / len(micro)
             self.scaler.scale(
                 part
             ).backward()  # under DDP, gradients are all-reduced here, bucket by bucket
@@ -220,10 +226,9 @@ class Trainer:
         return loss
 
     def validate(self) -> dict[str, float]:
-        counts = confusion_by_case(
+        return self.task.validate(
             unwrap(self.model), self.val_loader, self.num_classes, self.num_val_cases, self.strategy
         )
-        return metrics_from_confusion(counts.sum(0))
 
     def write_metrics(self) -> None:
         """Rewrite metrics.jsonl from the history, so a resumed run never duplicates a line."""
@@ -254,15 +259,15 @@ class Trainer:
             "epoch": self.epoch,
             "epoch_step": self.epoch_step,
             "history": self.history,
-            "best_dice": max(self.best_dice, best or -1.0),
+            "best_metric": max(self.best_metric, best or -1.0),
             "config_digest": self.config_digest,
             "world_size": self.strategy.world_size,
             "ranks": ranks,
         }
         path = checkpoint_path(self.run_dir, self.step)
         atomic_save(state, path)
-        if best is not None and best > self.best_dice:
-            self.best_dice = best
+        if best is not None and best > self.best_metric:
+            self.best_metric = best
             save_best(self.run_dir, path)
         prune_checkpoints(self.run_dir, self.keep_checkpoints)
         self._call("on_checkpoint", path)
@@ -280,7 +285,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
-        self.history, self.best_dice = list(state["history"]), state["best_dice"]
+        self.history, self.best_metric = list(state["history"]), state["best_metric"]
         if self.epoch_step:
             self._resumed_rank_state = state["ranks"][self.strategy.rank]
 
@@ -322,10 +327,11 @@ class _StopRequest:
         return bool(strategy.all_reduce_sum(flag).item() > 0)
 
 
-def _summary(record: dict[str, Any], epochs: int) -> str:
+def _summary(record: dict[str, Any], epochs: int, metric: str = "dice") -> str:
     line = f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}"
-    if "val_dice" in record:
-        line += f"  val Dice {record['val_dice']:.4f}"
+    if f"val_{metric}" in record:
+        name = "Dice" if metric == "dice" else metric.replace("_", " ")
+        line += f"  val {name} {record[f'val_{metric}']:.4f}"
     return line + f"  lr {record['lr']:.3g}  {record['images_per_second']:.1f} img/s"
 
 

@@ -67,11 +67,14 @@ def read_xml(path: Path) -> tuple[dict[str, Any], int | None]:
     def fail(msg: str) -> ConfigError:
         return ConfigError(f"{path}: {msg}")
 
-    if task.get("name", "imaging_segmentation") not in ("imaging_segmentation", "segmentation"):
-        raise fail(f"task '{task.get('name')}': segscale runs imaging_segmentation tasks")
+    kinds = {"imaging_segmentation": "segmentation", "imaging_classification": "classification"}
+    kind = task.get("name", "imaging_segmentation")
+    if kind not in (*kinds, *kinds.values()):
+        raise fail(f"task '{kind}': expected {' | '.join(kinds)}")
     raw: dict[str, Any] = {
         "name": task.get("run", path.stem),
         "seed": int(task.get("seed", 0)),
+        "task": kinds.get(kind, kind),
         "train": {"optimizer": {}},
     }
     degree = task.findtext("parallelism-degree")

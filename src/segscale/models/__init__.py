@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from segscale.errors import SegscaleError
+from segscale.models.cnn import SmallCNN
 from segscale.models.fcn import FCN8s
 from segscale.models.unet import ResUNet, UNet
 from segscale.registry import MODELS, check_kwargs
@@ -27,4 +28,4 @@ def create_model(spec: str, in_channels: int, num_classes: int, **kwargs: Any) -
     return model
 
 
-__all__ = ["FCN8s", "ResUNet", "UNet", "create_model"]
+__all__ = ["FCN8s", "ResUNet", "SmallCNN", "UNet", "create_model"]

@@ -2,6 +2,7 @@
 
 from segscale.segeval.confusion import (
     class_metrics,
+    classification_metrics,
     confusion_matrix,
     mean_defined,
     metrics_from_confusion,
@@ -12,6 +13,7 @@ from segscale.segeval.distance import DISTANCE_METRICS, distance_metrics, spacin
 __all__ = [
     "DISTANCE_METRICS",
     "class_metrics",
+    "classification_metrics",
     "confusion_matrix",
     "distance_metrics",
     "mean_defined",

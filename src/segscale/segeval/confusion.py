@@ -108,3 +108,19 @@ def metrics_from_confusion(cm: np.ndarray) -> dict[str, float]:
         "sensitivity": mean_defined(_ratio(tp, tp + fn)[fg]),
         "specificity": mean_defined(_ratio(tn, tn + fp)[fg]),
     }
+
+
+def classification_metrics(cm: np.ndarray) -> dict[str, float]:
+    """Slice- or image-level scores from a (C, C) reference × prediction count matrix: accuracy,
+    balanced accuracy (mean per-class recall), and for two classes the positive class's
+    precision, sensitivity, specificity and F1. Undefined ratios are NaN."""
+    cm = np.asarray(cm, dtype=np.float64)
+    total = cm.sum()
+    out = {
+        "accuracy": float(np.trace(cm) / total) if total else float("nan"),
+        "balanced_accuracy": mean_defined(_ratio(np.diag(cm), cm.sum(1))),
+    }
+    if len(cm) == 2:
+        positive = class_metrics(cm)[1]
+        out.update({k: positive[k] for k in ("precision", "sensitivity", "specificity", "f1")})
+    return out
