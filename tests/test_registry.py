@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from conftest import tiny_config
@@ -98,3 +99,25 @@ def test_bad_model_option_values_fail_before_any_worker_starts(real_store, tmp_p
     )
     assert r.returncode == 2 and "unknown act 'gelu'" in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_user_optimizer_by_path(real_store, tmp_path):
+    plugin = tmp_path / "opt.py"
+    plugin.write_text(
+        "import torch\n"
+        "def rmsprop(params, cfg):\n"
+        "    return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum)\n"
+    )
+    from segscale.config import validate
+    from segscale.engine import plan
+
+    cfg = tiny_config(real_store)
+    cfg["train"]["optimizer"] = {"name": f"{plugin}:rmsprop", "lr": 0.01}
+    p = plan(validate(cfg))
+    assert p.describe()["training_strategy"]["optimizer"]["source"] == "user"
+    model = create_model("unet", 1, 2, base_channels=4, depth=2)
+    opt = OPTIMIZERS.resolve(p.cfg.train.optimizer.name)(model.parameters(), p.cfg.train.optimizer)
+    assert isinstance(opt, torch.optim.RMSprop) and opt.defaults["momentum"] == 0.9
+    cfg["train"]["optimizer"]["name"] = "adamm"
+    with pytest.raises(SegscaleError, match=r"unknown optimizer 'adamm' \(did you mean 'adam'\?\)"):
+        plan(validate(cfg))

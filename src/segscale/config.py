@@ -56,7 +56,11 @@ class ModelConfig(_Strict):
 
 
 class OptimizerConfig(_Strict):
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    name: str = Field(
+        "sgd",
+        description="sgd | adam | adamw | a 'pkg.mod:factory' called as factory(parameters, this "
+        "config), which returns a torch optimizer.",
+    )
     lr: float = Field(gt=0, description="Base learning rate, for the reference batch.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     nesterov: bool = False
