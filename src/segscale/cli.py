@@ -327,6 +327,94 @@ def config_convert_cmd(
         typer.echo(text, nl=False)
 
 
+imgmed_app = typer.Typer(
+    help="ImgMed: read, inspect and convert medical images.", no_args_is_help=True
+)
+app.add_typer(imgmed_app, name="imgmed")
+
+
+def _numbers(text: str | None, n: int, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != n:
+        raise SegscaleError(f"{option} '{text}': expected {n} comma-separated numbers")
+    return values
+
+
+@imgmed_app.command("info")
+def imgmed_info_cmd(
+    paths: Annotated[list[Path], typer.Argument(help="Files or DICOM series folders.")],
+) -> None:
+    """What each file holds: format (from its content), shape, type, spacing, orientation, values."""
+    import numpy as np
+    from rich.console import Console
+    from rich.table import Table
+
+    from segscale.imgmed import load
+
+    table = Table()
+    for col in ("path", "format", "shape", "dtype", "spacing (mm)", "axes", "min", "max"):
+        table.add_column(col)
+    for path in paths:
+        image = load(path, check_finite=False)
+        a = image.array
+        axes = "-"
+        if image.affine is not None:
+            import nibabel as nib
+
+            axes = "".join(nib.aff2axcodes(image.affine))
+        spacing = "-" if image.spacing is None else " × ".join(f"{v:.3g}" for v in image.spacing)
+        table.add_row(
+            path.name,
+            image.kind,
+            " × ".join(map(str, a.shape)),
+            str(a.dtype),
+            spacing,
+            axes,
+            f"{np.nanmin(a):.4g}",
+            f"{np.nanmax(a):.4g}",
+        )
+    Console().print(table)
+
+
+@imgmed_app.command("convert")
+def imgmed_convert_cmd(
+    src: Annotated[
+        Path,
+        typer.Argument(
+            help="NIfTI, DICOM series folder, picture, .npy/.npz, or a folder of PNG slices."
+        ),
+    ],
+    dst: Annotated[
+        Path, typer.Argument(help="Output file (format from its name), or a folder for PNG slices.")
+    ],
+    axis: Annotated[int, typer.Option(help="Slicing axis for PNG export.")] = 2,
+    window: Annotated[
+        str | None,
+        typer.Option(help="LOW,HIGH intensities mapped to 0..255 (default: 0.5-99.5 percentiles)."),
+    ] = None,
+    spacing: Annotated[
+        str | None, typer.Option(help="X,Y,Z mm for a stack of pictures without slices.json.")
+    ] = None,
+) -> None:
+    """Convert between formats: DICOM → NIfTI, NIfTI → PNG slices, PNG slices → NIfTI, JPEG → PNG."""
+    from segscale.imgmed import convert
+
+    written = convert(
+        src,
+        dst,
+        axis,
+        _numbers(window, 2, "--window"),
+        _numbers(spacing, 3, "--spacing"),  # type: ignore[arg-type]
+    )
+    where = dst if len(written) > 1 else written[0]
+    typer.echo(f"wrote {len(written)} file(s): {where}")
+
+
 @app.command("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/demo"),

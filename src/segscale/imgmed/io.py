@@ -7,6 +7,7 @@ import os
 import struct
 import tempfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,15 +47,16 @@ def check_nifti(path: Path) -> None:
         raise DataError(f"{path}: not a NIfTI file (no NIfTI-1/2 header found)")
 
 
-def load_nifti(path: str | Path, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """The voxel array (scaled by the header's slope/intercept) and the 4×4 affine."""
+def load_nifti(path: str | Path, dtype: type | None = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """The voxel array (scaled by the header's slope/intercept; dtype None keeps the file's type
+    when there is no scaling) and the 4×4 affine."""
     import nibabel as nib
 
     path = Path(path)
     check_nifti(path)
     try:
         img = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=dtype)
+        data = np.asarray(img.dataobj, dtype=dtype) if dtype else np.asanyarray(img.dataobj)
     except (OSError, EOFError, zlib.error, ValueError) as e:
         raise DataError(f"{path}: cannot read NIfTI data (truncated or corrupt?): {e}") from e
     affine = np.asarray(img.affine, dtype=np.float64)
@@ -115,7 +117,8 @@ def save_png(array: np.ndarray, path: str | Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
     try:
-        Image.fromarray(array).save(tmp, format="PNG")
+        fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
+        Image.fromarray(array).save(tmp, format=fmt.get(path.suffix.lower(), "PNG"))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -127,3 +130,169 @@ def strip_suffix(name: str) -> str:
         if name.lower().endswith(s):
             return name[: -len(s)]
     return name
+
+
+# ------------------------------------------------------------------ one load / save pair
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+@dataclass
+class Image:
+    """An image or volume as loaded: the array, its 4×4 voxel → RAS affine (None for 2D pictures
+    and plain arrays), what it was read from, and where."""
+
+    array: np.ndarray
+    affine: np.ndarray | None
+    kind: str  # nifti | dicom | image | numpy
+    path: Path
+
+    @property
+    def spacing(self) -> tuple[float, ...] | None:
+        """Voxel size in mm along each array axis (volumes with an affine only)."""
+        if self.affine is None:
+            return None
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+
+def sniff(path: Path) -> str:
+    """What a path holds, from its content: dicom (a folder of a series, or one file), nifti,
+    image (PNG/JPEG/TIFF/BMP), npy or npz."""
+    from segscale.imgmed.dicom import is_dicom_file
+
+    if path.is_dir():
+        return "dicom"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    if not head:
+        raise DataError(f"{path}: empty file")
+    if head[:2] == b"\x1f\x8b" or head[344:348] in (b"n+1\x00", b"ni1\x00"):
+        return "nifti"  # gzip: NIfTI is the only gzipped format read here; checked on load
+    if len(head) >= 8 and struct.unpack("<i", head[:4])[0] in (348, 540):
+        return "nifti"
+    if head[:6] == b"\x93NUMPY":
+        return "npy"
+    if head[:4] == b"PK\x03\x04":
+        return "npz"
+    if is_dicom_file(path):
+        return "dicom"
+    if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM")):
+        return "image"
+    raise DataError(f"{path}: unknown content; expected NIfTI, DICOM, PNG/JPEG/TIFF, .npy or .npz")
+
+
+def _family_of_name(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith((*PNG_SUFFIXES, ".bmp")):
+        return "image"
+    if name.endswith(".npy"):
+        return "npy"
+    if name.endswith(".npz"):
+        return "npz"
+    if name.endswith(DICOM_SUFFIXES):
+        return "dicom"
+    return None
+
+
+def load(path: str | Path, *, check_finite: bool = True) -> Image:
+    """Read any supported image, checked by content: a name that says one format over data of
+    another is an error, as are empty images and (by default) NaN or infinite values."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    kind = sniff(path)
+    named = _family_of_name(path)
+    if named is not None and named != kind and not path.is_dir():
+        raise DataError(f"{path}: named like a {named} file but holds {kind} data")
+    affine: np.ndarray | None = None
+    if kind == "nifti":
+        array, affine = load_nifti(path, dtype=None)
+    elif kind == "dicom":
+        from segscale.imgmed.dicom import load_dicom_series
+
+        array, affine = load_dicom_series(path)
+    elif kind == "image":
+        array = load_image2d(path)
+    else:
+        try:
+            if kind == "npy":
+                array = np.load(path, allow_pickle=False)
+            else:
+                with np.load(path, allow_pickle=False) as z:
+                    if "array" not in z:
+                        raise DataError(f"{path}: an .npz without an 'array' entry ({list(z)})")
+                    array = z["array"]
+                    affine = np.asarray(z["affine"], dtype=np.float64) if "affine" in z else None
+        except (OSError, ValueError, EOFError) as e:
+            raise DataError(f"{path}: cannot read {kind} data (truncated or corrupt?): {e}") from e
+        kind = "numpy"
+    if array.size == 0:
+        raise DataError(f"{path}: empty image (shape {array.shape})")
+    if check_finite and np.issubdtype(array.dtype, np.floating):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise DataError(f"{path}: {bad} NaN or infinite voxel(s) of {array.size}")
+    return Image(array, affine, kind, path)
+
+
+def save(array: np.ndarray, path: str | Path, affine: np.ndarray | None = None) -> Path:
+    """Write by the name's format (NIfTI, PNG/JPEG/TIFF, .npy, .npz with the affine), atomically:
+    a refused write (disk full, no permission) leaves nothing behind and names the file."""
+    path = Path(path)
+    family = _family_of_name(path)
+    try:
+        if family == "nifti":
+            save_nifti(array, np.eye(4) if affine is None else affine, path)
+        elif family == "image":
+            if array.dtype not in (np.uint8, np.uint16) or array.ndim not in (2, 3):
+                raise DataError(
+                    f"{path}: pictures take 2D uint8/uint16 arrays, got {array.ndim}D {array.dtype}; "
+                    "window it to 8 bit first (to_uint8, or `segscale imgmed convert --window`)"
+                )
+            save_png(array, path)  # Pillow picks the format from the name
+        elif family in ("npy", "npz"):
+            _save_numpy(array, affine, path, compressed=family == "npz")
+        else:
+            raise DataError(
+                f"{path}: cannot tell the format from the name; use .nii.gz, .png, .npy or .npz"
+            )
+    except OSError as e:
+        reason = e.strerror or f"the write was cut short ({e}); disk full?"
+        raise DataError(f"cannot write {path}: {reason}") from None
+    return path
+
+
+def _save_numpy(array: np.ndarray, affine: np.ndarray | None, path: Path, compressed: bool) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if compressed:
+                extra = {} if affine is None else {"affine": affine}
+                np.savez_compressed(f, array=array, **extra)
+            else:
+                np.save(f, array, allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_uint8(
+    array: np.ndarray,
+    window: tuple[float, float] | None = None,
+    percentiles: tuple[float, float] = (0.5, 99.5),
+) -> np.ndarray:
+    """Window intensities to 0..255: [low, high] given, or the volume's percentiles (robust to a
+    few bright voxels). Label maps (few integer values) keep their values when they fit in 8 bit."""
+    a = np.asarray(array)
+    if window is None and np.issubdtype(a.dtype, np.integer) and a.min() >= 0 and a.max() < 256:
+        return a.astype(np.uint8)
+    low, high = window if window is not None else np.percentile(a, percentiles)
+    if high <= low:
+        return np.zeros(a.shape, dtype=np.uint8)
+    return np.round(np.clip((a - low) / (high - low), 0, 1) * 255).astype(np.uint8)

@@ -1,0 +1,136 @@
+"""DICOM series → one volume and its affine, with the checks a scanner export needs.
+
+A folder holds one series: every file's SeriesInstanceUID must agree (a folder mixing series is an
+error that lists them), so must the image size and orientation. Slices are ordered by their position
+along the slice normal (file names and InstanceNumber are not trusted), their spacing must be
+uniform, and each slice's RescaleSlope/RescaleIntercept is applied. The result is laid out like a
+NIfTI volume read by nibabel: array (columns, rows, slices) and a 4×4 affine from voxel indices to
+RAS millimetres (DICOM positions are LPS: x and y change sign).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from segscale.errors import DataError
+
+NOT_IMAGES = {"DICOMDIR", ".DS_Store", "Thumbs.db"}
+
+
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM Part 10 file: 128-byte preamble, then 'DICM'."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def load_dicom_series(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(volume float32 (columns, rows, slices), affine 4×4 RAS) of a series folder or one file."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    path = Path(path)
+    files = (
+        sorted(p for p in path.iterdir() if p.is_file() and not _skipped(p))
+        if path.is_dir()
+        else [path]
+    )
+    if not files:
+        raise DataError(f"{path}: no DICOM files in this folder")
+    slices = []
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f)
+        except (InvalidDicomError, OSError, EOFError, ValueError) as e:
+            raise DataError(f"{f}: not a readable DICOM file ({e})") from None
+        if "PixelData" in ds:  # a DICOMDIR or a structured report holds no image
+            slices.append((f, ds))
+    if not slices:
+        raise DataError(f"{path}: DICOM files without image data (no PixelData)")
+    _check_one_series(path, slices)
+    first = slices[0][1]
+    orientation = _floats(first, "ImageOrientationPatient", slices[0][0], 6)
+    row_dir, col_dir = np.array(orientation[:3]), np.array(orientation[3:])
+    normal = np.cross(row_dir, col_dir)
+    for f, ds in slices:
+        if not np.allclose(_floats(ds, "ImageOrientationPatient", f, 6), orientation, atol=1e-4):
+            raise DataError(f"{f}: its orientation differs from {slices[0][0].name}'s; one series?")
+        if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
+            raise DataError(
+                f"{f}: {ds.Rows}×{ds.Columns} pixels, but {slices[0][0].name} has "
+                f"{first.Rows}×{first.Columns}"
+            )
+    positions = np.array([_floats(ds, "ImagePositionPatient", f, 3) for f, ds in slices])
+    order = np.argsort(positions @ normal, kind="stable")
+    slices, positions = [slices[i] for i in order], positions[order]
+    depth = positions @ normal
+    gaps = np.diff(depth)
+    if len(gaps) and np.any(gaps < 1e-6):
+        i = int(np.argmin(gaps))
+        raise DataError(
+            f"{path}: {slices[i][0].name} and {slices[i + 1][0].name} lie at the same position; "
+            "two series or duplicated files?"
+        )
+    if len(gaps) and np.ptp(gaps) > 0.01 * max(float(np.mean(gaps)), 1e-6):
+        raise DataError(
+            f"{path}: slice spacing varies from {gaps.min():.3g} to {gaps.max():.3g} mm "
+            "(missing slices?); resampling such a series is not supported"
+        )
+    row_spacing, col_spacing = _floats(first, "PixelSpacing", slices[0][0], 2)
+    step = (
+        (positions[-1] - positions[0]) / (len(slices) - 1)
+        if len(slices) > 1
+        else normal * float(getattr(first, "SliceThickness", 1.0) or 1.0)
+    )
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * col_spacing  # along a row: the column index grows
+    lps[:3, 1] = col_dir * row_spacing  # down a column: the row index grows
+    lps[:3, 2] = step
+    lps[:3, 3] = positions[0]
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS → RAS
+    volume = np.empty((first.Columns, first.Rows, len(slices)), dtype=np.float32)
+    for k, (f, ds) in enumerate(slices):
+        try:
+            pixels = ds.pixel_array
+        except Exception as e:  # pydicom raises many kinds for unsupported or damaged pixel data
+            raise DataError(f"{f}: cannot decode the pixel data ({e})") from None
+        if pixels.ndim != 2:
+            raise DataError(
+                f"{f}: pixel data of shape {pixels.shape}; expected one greyscale frame"
+            )
+        slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+        intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+        volume[:, :, k] = pixels.T.astype(np.float32) * slope + intercept
+    return volume, affine
+
+
+def _skipped(p: Path) -> bool:
+    return p.name.startswith(".") or p.name in NOT_IMAGES
+
+
+def _check_one_series(path: Path, slices: list) -> None:
+    uids = Counter(str(getattr(ds, "SeriesInstanceUID", "?")) for _, ds in slices)
+    if len(uids) > 1:
+        described = {
+            str(getattr(ds, "SeriesInstanceUID", "?")): str(getattr(ds, "SeriesDescription", ""))
+            for _, ds in slices
+        }
+        listing = "; ".join(
+            f"{uid} ({n} files{', ' + described[uid] if described[uid] else ''})"
+            for uid, n in uids.most_common()
+        )
+        raise DataError(
+            f"{path}: mixes {len(uids)} DICOM series: {listing}; put each series in its own folder"
+        )
+
+
+def _floats(ds: object, key: str, f: Path, n: int) -> list[float]:
+    value = getattr(ds, key, None)
+    if value is None or len(value) != n:
+        raise DataError(f"{f}: missing or malformed {key} (expected {n} numbers)")
+    return [float(v) for v in value]

@@ -1,0 +1,220 @@
+"""ImgMed I/O: one load/save pair checked by content, DICOM series, conversion and export."""
+
+import resource
+import signal
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from segscale.errors import DataError
+from segscale.imgmed import convert, load, save, stack_pictures, to_uint8
+
+SEGSCALE = [sys.executable, "-m", "segscale.cli"]
+
+
+def write_series(
+    folder,
+    volume,
+    *,
+    spacing=(0.8, 0.7),
+    step=2.5,
+    slope=2.0,
+    intercept=-100.0,
+    orientation=(1, 0, 0, 0, 1, 0),
+    origin=(-50.0, 30.0, 10.0),
+    uid=None,
+    names=None,
+):
+    """volume (columns, rows, slices) of stored integers, one file per slice, shuffled names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    uid = uid or generate_uid()
+    row, col = np.array(orientation[:3], float), np.array(orientation[3:], float)
+    normal = np.cross(row, col)
+    n = volume.shape[2]
+    shuffled = np.random.default_rng(n).permutation(n)
+    names = names or [f"IM{i:04d}" for i in shuffled]  # file order is not slice order
+    for k in range(n):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.SeriesInstanceUID, ds.SeriesDescription = uid, "t1"
+        ds.InstanceNumber = n - k  # deliberately reversed: order comes from positions
+        ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.PixelSpacing = [spacing[0], spacing[1]]  # row spacing, column spacing
+        ds.ImageOrientationPatient = list(orientation)
+        ds.ImagePositionPatient = list(np.array(origin) + k * step * normal)
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        ds.PixelData = np.ascontiguousarray(volume[:, :, k].T.astype(np.int16)).tobytes()
+        ds.save_as(folder / names[k], enforce_file_format=True)
+    return uid
+
+
+def test_a_dicom_series_loads_in_slice_order_with_rescale_and_its_affine(tmp_path):
+    rng = np.random.default_rng(0)
+    stored = rng.integers(0, 1000, size=(6, 5, 7))
+    write_series(tmp_path / "series", stored)
+    image = load(tmp_path / "series")
+    assert image.kind == "dicom" and image.array.shape == (6, 5, 7)
+    np.testing.assert_allclose(image.array, stored * 2.0 - 100.0)
+    # voxel (i, j, k) → LPS origin + i·0.7·x + j·0.8·y + k·2.5·z, then LPS → RAS
+    expected = np.array([[-0.7, 0, 0, 50.0], [0, -0.8, 0, -30.0], [0, 0, 2.5, 10.0], [0, 0, 0, 1]])
+    np.testing.assert_allclose(image.affine, expected, atol=1e-9)
+    assert image.spacing == pytest.approx((0.7, 0.8, 2.5))
+
+
+def test_an_oblique_series_keeps_its_orientation_through_nifti(tmp_path):
+    c, s = np.cos(0.3), np.sin(0.3)
+    orientation = (c, s, 0, 0, 0, -1)  # a tilted coronal-like plane
+    stored = np.arange(4 * 3 * 5).reshape(4, 3, 5)
+    write_series(tmp_path / "obl", stored, orientation=orientation, slope=1.0, intercept=0.0)
+    convert(tmp_path / "obl", tmp_path / "obl.nii.gz")
+    dicom, nifti = load(tmp_path / "obl"), nib.load(str(tmp_path / "obl.nii.gz"))
+    np.testing.assert_allclose(nifti.affine, dicom.affine, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(nifti.dataobj), stored)
+    # the slice normal is row × column direction, in RAS
+    normal = np.cross([c, s, 0], [0, 0, -1]) * [-1, -1, 1]
+    np.testing.assert_allclose(dicom.affine[:3, 2] / 2.5, normal, atol=1e-9)
+
+
+def test_dicom_folders_that_are_not_one_clean_series_are_refused(tmp_path):
+    vol = np.zeros((4, 4, 3))
+    write_series(tmp_path / "mixed", vol, uid="1.2.3.4", names=["a1", "a2", "a3"])
+    write_series(
+        tmp_path / "mixed", vol, uid="1.2.3.5", origin=(0, 0, 50), names=["b1", "b2", "b3"]
+    )
+    with pytest.raises(
+        DataError, match=r"mixes 2 DICOM series: 1\.2\.3\.4 \(3 files, t1\); 1\.2\.3\.5"
+    ):
+        load(tmp_path / "mixed")
+    write_series(tmp_path / "gap", np.zeros((4, 4, 4)), names=["s0", "s1", "s2", "s3"])
+    (tmp_path / "gap" / "s1").unlink()  # the second slice along the normal
+    with pytest.raises(DataError, match=r"slice spacing varies from 2\.5 to 5 mm"):
+        load(tmp_path / "gap")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match=r"notes\.txt: not a readable DICOM file"):
+        load(tmp_path / "junk")
+
+
+def test_content_decides_and_bad_content_is_named(tmp_path):
+    save(np.zeros((8, 8), np.uint8), tmp_path / "a.png")
+    (tmp_path / "a.png").rename(tmp_path / "fake.nii.gz")
+    with pytest.raises(DataError, match=r"fake\.nii\.gz: named like a nifti file but holds image"):
+        load(tmp_path / "fake.nii.gz")
+    np.save(tmp_path / "nan.npy", np.array([[1.0, np.nan], [np.inf, 2.0]]))
+    with pytest.raises(DataError, match=r"nan\.npy: 2 NaN or infinite voxel\(s\) of 4"):
+        load(tmp_path / "nan.npy")
+    np.save(tmp_path / "empty.npy", np.zeros((0, 5)))
+    with pytest.raises(DataError, match=r"empty image \(shape \(0, 5\)\)"):
+        load(tmp_path / "empty.npy")
+    save(np.ones((4, 4, 4), np.float32), tmp_path / "v.nii.gz")
+    data = (tmp_path / "v.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cut\.nii\.gz: cannot read"):
+        load(tmp_path / "cut.nii.gz")
+    with pytest.raises(DataError, match="pictures take 2D uint8/uint16 arrays"):
+        save(np.ones((4, 4), np.float32), tmp_path / "f.png")
+
+
+def test_a_refused_write_names_the_file_and_leaves_nothing(tmp_path):
+    """A file-size limit makes the OS refuse the write (EFBIG), as a full disk would (ENOSPC)."""
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get the error, not the signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    code = (
+        "import numpy as np, sys\n"
+        "from segscale.errors import DataError\n"
+        "from segscale.imgmed import save\n"
+        "for name in ('v.npy', 'v.npz', 'v.nii.gz', 'v.png'):\n"
+        "    a = np.random.default_rng(0).integers(0, 255, (300, 300), dtype=np.uint8)\n"
+        "    try:\n"
+        "        save(a, sys.argv[1] + '/' + name)\n"
+        "    except DataError as e:\n"
+        "        print(e)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    refused = ("File too large", "disk full?")  # numpy reports a short write without errno
+    assert len(lines) == 4 and all(any(w in line for w in refused) for line in lines), r.stdout
+    assert [line.split(":")[0] for line in lines] == [
+        f"cannot write {tmp_path}/v.{ext}" for ext in ("npy", "npz", "nii.gz", "png")
+    ]
+    assert list(tmp_path.iterdir()) == []  # no torn file, no temporary left behind
+
+
+def test_npz_keeps_the_affine_and_numpy_round_trips(tmp_path):
+    a, affine = (
+        np.random.default_rng(1).normal(size=(3, 4, 5)).astype(np.float32),
+        np.diag([2, 3, 4, 1.0]),
+    )
+    save(a, tmp_path / "v.npz", affine)
+    back = load(tmp_path / "v.npz")
+    np.testing.assert_array_equal(back.array, a)
+    np.testing.assert_array_equal(back.affine, affine)
+
+
+def test_png_slices_stack_back_into_the_original_geometry(tmp_path):
+    rng = np.random.default_rng(2)
+    volume = rng.normal(100, 20, size=(12, 9, 6)).astype(np.float32)
+    affine = np.array([[0, -1.2, 0, 10], [0.9, 0, 0, -5], [0, 0, 3.0, 7], [0, 0, 0, 1]])
+    save(volume, tmp_path / "v.nii.gz", affine)
+    for axis in (0, 1, 2):
+        out = tmp_path / f"slices{axis}"
+        written = convert(tmp_path / "v.nii.gz", out, axis=axis, window=(40, 160))
+        assert len(written) == volume.shape[axis] and written[0].name == "v_000.png"
+        back = stack_pictures(out)
+        np.testing.assert_array_equal(back.array, to_uint8(volume, (40, 160)))
+        np.testing.assert_allclose(back.affine, affine)
+        convert(out, tmp_path / f"back{axis}.nii.gz")
+        nifti = nib.load(str(tmp_path / f"back{axis}.nii.gz"))
+        np.testing.assert_allclose(nifti.affine, affine, atol=1e-6)
+
+
+def test_cli_info_and_convert(tmp_path):
+    write_series(tmp_path / "s", np.arange(4 * 4 * 3).reshape(4, 4, 3))
+    r = subprocess.run(
+        [*SEGSCALE, "imgmed", "convert", str(tmp_path / "s"), str(tmp_path / "s.nii.gz")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(
+        [*SEGSCALE, "imgmed", "info", str(tmp_path / "s.nii.gz"), str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0 and r.stdout.count("4 × 4 × 3") == 2, r.stdout
+    r = subprocess.run(
+        [
+            *SEGSCALE,
+            "imgmed",
+            "convert",
+            str(tmp_path / "s"),
+            str(tmp_path / "x.png"),
+            "--window",
+            "1,2,3",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "--window '1,2,3': expected 2 comma-separated numbers" in r.stderr
