@@ -23,6 +23,18 @@ Overrides = Annotated[
 ]
 
 
+def _numbers(text: str | None, n: int, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != n:
+        raise SegscaleError(f"{option} '{text}': expected {n} comma-separated numbers")
+    return values
+
+
 @app.command("prepare")
 def prepare_cmd(
     source: Annotated[
@@ -49,8 +61,24 @@ def prepare_cmd(
     label_map: Annotated[
         str | None, typer.Option(help="2D masks: raw value → class, e.g. '0:1,255:0'.")
     ] = None,
+    clip: Annotated[
+        str | None,
+        typer.Option(help="Clip intensities to these percentiles first, e.g. '0.5,99.5'."),
+    ] = None,
+    nonzero: Annotated[
+        bool, typer.Option(help="Normalise with statistics of the nonzero voxels (the body) only.")
+    ] = False,
+    foreground_margin: Annotated[
+        int | None, typer.Option(help="Keep only slices within this many of one with foreground.")
+    ] = None,
+    jobs: Annotated[
+        int | None, typer.Option(help="Processes preparing cases in parallel (default: the cores).")
+    ] = None,
 ) -> None:
-    """Slice, resize and normalise a raw dataset into a prepared store, split by case."""
+    """Slice, resize and normalise a raw dataset into a prepared store, split by case; in parallel,
+    resuming an interrupted run."""
+    import os
+
     from segscale.imgmed import Preprocessing, prepare
     from segscale.imgmed.prepare import parse_label_map
 
@@ -66,7 +94,16 @@ def prepare_cmd(
         raise SegscaleError(
             f"--channels '{channels}': expected comma-separated integers like '0,1'"
         ) from None
-    prep = Preprocessing(size=size, axis=axis, channels=chans, slices=slices, normalize=normalize)
+    prep = Preprocessing(
+        size=size,
+        axis=axis,
+        channels=chans,
+        slices=slices,
+        normalize=normalize,
+        clip=_numbers(clip, 2, "--clip"),  # type: ignore[arg-type]
+        nonzero=nonzero,
+        foreground_margin=foreground_margin,
+    )
     path, written = prepare(
         source,
         output,
@@ -75,6 +112,7 @@ def prepare_cmd(
         test_fraction=test,
         seed=seed,
         label_map=parse_label_map(label_map),
+        jobs=jobs or os.cpu_count() or 1,
     )
     meta = json.loads((path / "meta.json").read_text())
     counts = {s: len(v) for s, v in meta["splits"].items()}
@@ -331,18 +369,6 @@ imgmed_app = typer.Typer(
     help="ImgMed: read, inspect and convert medical images.", no_args_is_help=True
 )
 app.add_typer(imgmed_app, name="imgmed")
-
-
-def _numbers(text: str | None, n: int, option: str) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != n:
-        raise SegscaleError(f"{option} '{text}': expected {n} comma-separated numbers")
-    return values
 
 
 @imgmed_app.command("info")

@@ -72,7 +72,7 @@ def predict(
         )
     store = plan.store
     # Every slice of a volume gets segmented, whatever subset training used.
-    prep = dataclasses.replace(store.preprocessing, slices=None)
+    prep = dataclasses.replace(store.preprocessing, slices=None, foreground_margin=None)
     class_to_raw = _class_to_raw(store.meta)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

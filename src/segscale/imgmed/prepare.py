@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,6 @@ from segscale.imgmed.transforms import (
     Preprocessing,
     preprocess,
     resize_masks,
-    slice_indices,
     to_slices,
 )
 
@@ -70,8 +71,16 @@ def prepare(
     seed: int = 0,
     label_map: dict[int, int] | None = None,
     progress: bool = True,
+    jobs: int = 1,
 ) -> tuple[Path, bool]:
-    """Prepare a store; returns (path, written). Re-running with the same inputs is a no-op."""
+    """Prepare a store; returns (path, written). Re-running with the same inputs is a no-op.
+
+    Cases are processed by `jobs` processes, each into its own chunk file in a `.NAME.partial`
+    folder beside the output; the store is then assembled in case order (identical for any
+    `jobs`). An interrupted or failed run keeps its finished chunks: the next run with the same
+    settings reuses each chunk whose case files and settings are unchanged."""
+    if jobs < 1:
+        raise DataError(f"jobs {jobs}: expected at least 1")
     src = discover(source)
     output = Path(output).resolve()
     params = {
@@ -81,7 +90,8 @@ def prepare(
         "seed": seed,
         "label_map": {str(k): v for k, v in label_map.items()} if label_map else None,
     }
-    input_hash = _input_hash(src, params)
+    digests = _case_digests(src)
+    input_hash = _input_hash(digests, params)
     existing = output / "meta.json"
     if existing.is_file():
         try:
@@ -97,32 +107,42 @@ def prepare(
     labels, value_to_class = _label_table(src, label_map)
     splits = split_cases([c.id for c in src.cases], val_fraction, test_fraction, seed)
     is_volume = src.kind == "msd"
-    counts = [_num_slices(c, prep) if is_volume else 1 for c in src.cases]
     channels = len(prep.channels) if prep.channels is not None else _num_channels(src)
+    partial = output.parent / f".{output.name}.partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    # a chunk depends on its case's files and the per-case settings, not on the split
+    setting = json.dumps([prep.to_dict(), sorted(value_to_class.items()), FORMAT]).encode()
+    chunks = {
+        c.id: partial
+        / f"{c.id}-{hashlib.sha256(setting + digests[c.id].encode()).hexdigest()[:16]}.npz"
+        for c in src.cases
+    }
+    todo = [c for c in src.cases if not chunks[c.id].is_file()]
+    _run_cases(
+        todo,
+        chunks,
+        is_volume,
+        value_to_class,
+        prep,
+        jobs,
+        progress,
+        src.name,
+        resumed=len(src.cases) - len(todo),
+    )
 
-    writer = StoreWriter(output, sum(counts), channels, prep.size)
+    parts = {c.id: _read_chunk(chunks[c.id]) for c in src.cases}
+    total = sum(len(part[1]) for part in parts.values())
+    writer = StoreWriter(output, total, channels, prep.size)
     cases_meta: list[dict[str, Any]] = []
     try:
         start = 0
-        for case, count in _track(list(zip(src.cases, counts)), progress, f"preparing {src.name}"):
-            image, mask, affine = _load_case(case, is_volume, value_to_class)
-            x, indices = preprocess(image, is_volume, prep)
-            m = to_slices(mask[None], prep.axis, indices)[:, 0] if is_volume else mask[None]
-            assert len(x) == count
-            writer.images[start : start + count] = x.numpy()
-            writer.masks[start : start + count] = resize_masks(m, prep.size).numpy()
+        for case in src.cases:
+            images, masks, info = parts.pop(case.id)
+            count = len(masks)
+            writer.images[start : start + count] = images
+            writer.masks[start : start + count] = masks
             cases_meta.append(
-                {
-                    "id": case.id,
-                    "split": splits[case.id],
-                    "images": [str(p) for p in case.images],
-                    "label": str(case.label),
-                    "shape": list(mask.shape),
-                    "affine": affine.tolist() if affine is not None else None,
-                    "slice_indices": indices.tolist(),
-                    "start": start,
-                    "count": count,
-                }
+                {"id": case.id, "split": splits[case.id], **info, "start": start, "count": count}
             )
             start += count
         meta = {
@@ -149,25 +169,117 @@ def prepare(
     except BaseException:
         writer.abort()
         raise
+    shutil.rmtree(partial, ignore_errors=True)
     return output, True
 
 
-def _track(items: list, progress: bool, description: str):
-    from rich.console import Console
+def _run_cases(
+    todo: list[Case],
+    chunks: dict[str, Path],
+    is_volume: bool,
+    value_to_class: dict[int, int],
+    prep: Preprocessing,
+    jobs: int,
+    progress: bool,
+    name: str,
+    resumed: int,
+) -> None:
+    """Preprocess each case into its chunk, in this process or in `jobs` processes."""
+    args = [(c, chunks[c.id], is_volume, value_to_class, prep, jobs > 1) for c in todo]
+    note = f" ({resumed} resumed)" if resumed else ""
+    with _Progress(progress, f"preparing {name}{note}", len(todo)) as advance:
+        if jobs == 1 or len(todo) <= 1:
+            for a in args:
+                _prepare_case(*a)
+                advance()
+            return
+        import multiprocessing as mp
+        import sys
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    console = Console(stderr=True)
-    if not (progress and console.is_terminal):
-        return items
-    from rich.progress import track
+        # fork is quick and safe while torch (and its thread pools) is not loaded here
+        method = "fork" if sys.platform == "linux" and "torch" not in sys.modules else "spawn"
+        with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=mp.get_context(method)) as pool:
+            futures = [pool.submit(_prepare_case, *a) for a in args]
+            try:
+                for future in as_completed(futures):
+                    future.result()  # a case's DataError stops the run (finished chunks stay)
+                    advance()
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
 
-    return track(items, description=description, transient=True, console=console)
+
+def _prepare_case(
+    case: Case,
+    chunk: Path,
+    is_volume: bool,
+    value_to_class: dict[int, int],
+    prep: Preprocessing,
+    one_thread: bool,
+) -> None:
+    """Load, check and preprocess one case; write its slices to `chunk` atomically."""
+    if one_thread:  # the processes share the cores
+        import torch
+
+        torch.set_num_threads(1)
+    image, mask, affine = _load_case(case, is_volume, value_to_class)
+    try:
+        x, indices = preprocess(image, is_volume, prep, mask=mask)
+    except DataError as e:  # say which case
+        raise DataError(f"{case.images[0]}: {e}") from None
+    m = to_slices(mask[None], prep.axis, indices)[:, 0] if is_volume else mask[None]
+    info = {
+        "images": [str(p) for p in case.images],
+        "label": str(case.label),
+        "shape": list(mask.shape),
+        "affine": affine.tolist() if affine is not None else None,
+        "slice_indices": indices.tolist(),
+    }
+    tmp = chunk.with_name(f".{chunk.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                images=x.numpy(),
+                masks=resize_masks(m, prep.size).numpy(),
+                info=np.array(json.dumps(info)),
+            )
+        os.replace(tmp, chunk)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot write {chunk}: {e.strerror or e}") from None
 
 
-def _num_slices(case: Case, prep: Preprocessing) -> int:
-    shape = nifti_shape(case.images[0])
-    if len(shape) < 3:
-        raise DataError(f"{case.images[0]}: expected a 3D or 4D volume, got shape {shape}")
-    return len(slice_indices(shape[prep.axis], prep.slices))
+def _read_chunk(chunk: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    with np.load(chunk, allow_pickle=False) as z:
+        return z["images"], z["masks"], json.loads(str(z["info"]))
+
+
+class _Progress:
+    """A rich progress bar on a terminal (nothing in logs); yields an `advance()` function."""
+
+    def __init__(self, enabled: bool, description: str, total: int) -> None:
+        self.enabled, self.description, self.total = enabled, description, total
+
+    def __enter__(self):
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        if not (self.enabled and self.total and console.is_terminal):
+            self.bar = None
+            return lambda: None
+        from rich.progress import Progress
+
+        self.bar = Progress(console=console, transient=True)
+        self.bar.start()
+        task = self.bar.add_task(self.description, total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def _num_channels(src: Source) -> int:
@@ -263,14 +375,25 @@ def _map_labels(raw: np.ndarray, table: dict[int, int], path: Path | None) -> np
     return lut[raw.astype(np.int64)]
 
 
-def _input_hash(src: Source, params: dict) -> str:
-    h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
-    h.update(FORMAT.encode())
+def _case_digests(src: Source) -> dict[str, str]:
+    """Per case: a hash of its files' names and contents."""
+    out = {}
     for case in src.cases:
+        h = hashlib.sha256()
         for p in [*case.images, case.label]:
             if p is not None:
                 h.update(p.name.encode())
                 h.update(file_sha256(p).encode())
+        out[case.id] = h.hexdigest()
+    return out
+
+
+def _input_hash(digests: dict[str, str], params: dict) -> str:
+    h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    h.update(FORMAT.encode())
+    for case_id, digest in digests.items():
+        h.update(case_id.encode())
+        h.update(digest.encode())
     return h.hexdigest()
 
 

@@ -23,18 +23,32 @@ class Preprocessing:
     channels: tuple[int, ...] | None = None  # channels to keep of a 4D image (None: all)
     slices: int | None = None  # N evenly spaced slices per case (None: all)
     normalize: str = "zscore"  # zscore | minmax | none (per case, per channel)
+    clip: tuple[float, float] | None = None  # clip to these percentiles before normalising
+    nonzero: bool = False  # statistics over nonzero voxels (the body, as nnU-Net does for MRI)
+    foreground_margin: int | None = None  # keep slices within this many of one with foreground
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["channels"] = list(self.channels) if self.channels is not None else None
+        d["clip"] = list(self.clip) if self.clip is not None else None
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
-        d = dict(d)
+        d = dict(d)  # keys missing from an older store take their defaults
         if d.get("channels") is not None:
             d["channels"] = tuple(d["channels"])
+        if d.get("clip") is not None:
+            d["clip"] = tuple(d["clip"])
         return cls(**d)
+
+    def __post_init__(self) -> None:
+        if self.clip is not None and not 0 <= self.clip[0] < self.clip[1] <= 100:
+            raise DataError(f"clip {self.clip}: expected percentiles 0 ≤ low < high ≤ 100")
+        if self.foreground_margin is not None and self.foreground_margin < 0:
+            raise DataError(f"foreground margin {self.foreground_margin}: expected ≥ 0")
+        if self.normalize not in ("zscore", "minmax", "none"):
+            raise DataError(f"normalize '{self.normalize}': expected zscore, minmax or none")
 
 
 def channels_first(
@@ -58,24 +72,60 @@ def channels_first(
     return image
 
 
-def normalize(image: np.ndarray, method: str) -> np.ndarray:
-    """Per-channel intensity normalisation of a (C, ...) array."""
+def normalize(
+    image: np.ndarray,
+    method: str,
+    clip: tuple[float, float] | None = None,
+    nonzero: bool = False,
+) -> np.ndarray:
+    """Per-channel intensity normalisation of a (C, ...) array: optionally clipped to percentiles
+    first, with statistics over every voxel or (nonzero) over the nonzero ones only, which then
+    stay 0 (the background outside the body does not dilute the statistics)."""
     image = image.astype(np.float32, copy=False)
     if not np.isfinite(image).all():
         raise DataError("image contains NaN or infinite values")
-    if method == "none":
+    if method == "none" and clip is None:
         return image
     out = np.empty_like(image)
     for c in range(image.shape[0]):
         x = image[c]
+        inside = x != 0 if nonzero else None
+        values = x[inside] if inside is not None else x
+        if values.size == 0:  # an all-zero channel: nothing to normalise
+            out[c] = x
+            continue
+        if clip is not None:
+            lo, hi = np.percentile(values, clip)
+            x, values = np.clip(x, lo, hi), np.clip(values, lo, hi)
         if method == "zscore":
-            out[c] = (x - x.mean()) / max(float(x.std()), 1e-8)
+            y = (x - values.mean()) / max(float(values.std()), 1e-8)
         elif method == "minmax":
-            lo, hi = float(x.min()), float(x.max())
-            out[c] = (x - lo) / max(hi - lo, 1e-8)
+            lo, hi = float(values.min()), float(values.max())
+            y = (x - lo) / max(hi - lo, 1e-8)
+        elif method == "none":
+            y = x
         else:
             raise ValueError(f"unknown normalisation '{method}' (zscore | minmax | none)")
+        out[c] = np.where(inside, y, 0) if inside is not None else y
     return out
+
+
+def select_slices(
+    length: int,
+    count: int | None,
+    foreground: np.ndarray | None = None,
+    margin: int | None = None,
+) -> np.ndarray:
+    """Slice indices: those within `margin` of a slice whose mask has foreground (`foreground`: a
+    bool per slice; a case without any keeps all), then `count` evenly spaced among them."""
+    candidates = np.arange(length)
+    if margin is not None and foreground is not None and foreground.any():
+        hit = np.flatnonzero(foreground)
+        near = np.zeros(length, dtype=bool)
+        for i in hit:
+            near[max(0, i - margin) : i + margin + 1] = True
+        candidates = np.flatnonzero(near)
+    return candidates[slice_indices(len(candidates), count)]
 
 
 def slice_indices(length: int, count: int | None) -> np.ndarray:
@@ -118,12 +168,19 @@ def resize_masks(x: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> t
 
 
 def preprocess(
-    image: np.ndarray, is_volume: bool, p: Preprocessing
+    image: np.ndarray, is_volume: bool, p: Preprocessing, mask: np.ndarray | None = None
 ) -> tuple[torch.Tensor, np.ndarray]:
-    """A raw image → (N, C, size, size) model inputs and the slice indices they came from."""
-    image = normalize(channels_first(image, is_volume, p.channels), p.normalize)
+    """A raw image → (N, C, size, size) model inputs and the slice indices they came from. The
+    mask (spatial shape of the image) is needed only to select slices near the foreground."""
+    image = normalize(channels_first(image, is_volume, p.channels), p.normalize, p.clip, p.nonzero)
     if is_volume:
-        indices = slice_indices(image.shape[p.axis + 1], p.slices)
+        foreground = None
+        if p.foreground_margin is not None:
+            if mask is None:
+                raise DataError("selecting slices near the foreground needs the mask")
+            other = tuple(a for a in range(3) if a != p.axis)
+            foreground = np.asarray(mask).any(axis=other)
+        indices = select_slices(image.shape[p.axis + 1], p.slices, foreground, p.foreground_margin)
         slices = to_slices(image, p.axis, indices)
     else:
         indices, slices = np.zeros(1, dtype=int), image[None]

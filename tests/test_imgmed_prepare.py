@@ -1,0 +1,118 @@
+"""prepare in parallel and resumable; intensity options; slices near the foreground."""
+
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import write_msd
+from segscale.errors import DataError
+from segscale.imgmed import Preprocessing, Store, prepare
+from segscale.imgmed.transforms import normalize, select_slices
+
+
+def test_parallel_prepare_writes_the_same_store_as_one_process(tmp_path):
+    raw = write_msd(tmp_path / "raw", num_cases=4)
+    one, _ = prepare(raw, tmp_path / "one", Preprocessing(size=16), progress=False, jobs=1)
+    two, _ = prepare(raw, tmp_path / "two", Preprocessing(size=16), progress=False, jobs=2)
+    a, b = Store.open(one), Store.open(two)
+    assert a.meta["content_hash"] == b.meta["content_hash"]
+    np.testing.assert_array_equal(a.images, b.images)
+    assert a.cases() == b.cases()
+    assert not (tmp_path / ".two.partial").exists()  # cleaned up after success
+
+
+def test_a_failed_run_resumes_from_its_finished_cases(tmp_path):
+    raw = write_msd(tmp_path / "raw", num_cases=5)
+    clean, _ = prepare(raw, tmp_path / "clean", Preprocessing(size=16), progress=False)
+    label = raw / "labelsTr" / "case_003.nii.gz"
+    good = label.read_bytes()
+    img = nib.load(str(label))
+    broken = np.asarray(img.dataobj).copy()
+    broken[0, 0, 0] = 7  # a label value dataset.json does not declare
+    nib.save(nib.Nifti1Image(broken, img.affine), label)
+    out = tmp_path / "store"
+    with pytest.raises(DataError, match=r"case_003.nii.gz: label values \[7\] not declared"):
+        prepare(raw, out, Preprocessing(size=16), progress=False, jobs=1)
+    partial = tmp_path / ".store.partial"
+    done = {p.name: p.stat().st_mtime_ns for p in partial.iterdir()}
+    assert sorted(n.split("-")[0] for n in done) == ["case_000", "case_001", "case_002"]
+    label.write_bytes(good)  # the user fixes the file and runs again
+    prepare(raw, out, Preprocessing(size=16), progress=False, jobs=1)
+    assert Store.open(out).meta["content_hash"] == Store.open(clean).meta["content_hash"]
+    assert not partial.exists()
+
+
+def test_resume_reuses_chunks_and_does_not_recompute_them(tmp_path):
+    raw = write_msd(tmp_path / "raw", num_cases=3)
+    label = raw / "labelsTr" / "case_002.nii.gz"
+    good = label.read_bytes()
+    label.write_bytes(b"not a nifti file at all")
+    with pytest.raises(DataError, match=r"case_002\.nii\.gz"):
+        prepare(raw, tmp_path / "s", Preprocessing(size=16), progress=False)
+    partial = tmp_path / ".s.partial"
+    stamps = {p.name: p.stat().st_mtime_ns for p in partial.iterdir()}
+    label.write_bytes(good)
+    # a chunk that no longer matches its case's files is not reused
+    (raw / "imagesTr" / "case_001.nii.gz").write_bytes(
+        (raw / "imagesTr" / "case_000.nii.gz").read_bytes()
+    )
+    written = []
+    original = np.savez
+
+    def spy(f, **arrays):  # watch which cases get computed, in this process
+        written.append(arrays["images"].shape)
+        return original(f, **arrays)
+
+    np.savez = spy
+    try:
+        prepare(raw, tmp_path / "s", Preprocessing(size=16), progress=False, jobs=1)
+    finally:
+        np.savez = original
+    assert len(written) == 2  # case_001 (changed) and case_002; case_000's chunk was reused
+    assert len(stamps) == 2
+
+
+def test_normalisation_inside_the_body_and_percentile_clipping():
+    x = np.zeros((1, 10, 10), np.float32)
+    x[0, 2:8, 2:8] = np.arange(36, dtype=np.float32).reshape(6, 6) + 100
+    whole = normalize(x, "zscore")
+    body = normalize(x, "zscore", nonzero=True)
+    inside = x[0, 2:8, 2:8]
+    np.testing.assert_allclose(
+        body[0, 2:8, 2:8], (inside - inside.mean()) / inside.std(), rtol=1e-5
+    )
+    assert (body[0][x[0] == 0] == 0).all()  # the background stays 0
+    assert abs(float(whole.mean())) < 1e-5  # statistics over everything
+    clipped = normalize(x, "none", clip=(10, 90), nonzero=True)
+    lo, hi = np.percentile(inside, (10, 90))
+    assert clipped[0, 2:8, 2:8].min() == pytest.approx(lo) and clipped.max() == pytest.approx(hi)
+
+
+def test_slices_near_the_foreground():
+    fg = np.zeros(20, dtype=bool)
+    fg[[5, 6, 12]] = True
+    assert select_slices(20, None, fg, 1).tolist() == [4, 5, 6, 7, 11, 12, 13]
+    assert select_slices(20, None, fg, 0).tolist() == [5, 6, 12]
+    assert select_slices(20, 3, fg, 2).tolist() == [3, 8, 14]  # 3 evenly among 3..8, 10..14
+    assert select_slices(5, None, np.zeros(5, bool), 1).tolist() == [0, 1, 2, 3, 4]  # none: all
+
+
+def test_cli_prepare_with_every_option_records_them(tmp_path):
+    raw = write_msd(tmp_path / "raw", num_cases=3, shape=(24, 20, 12))
+    base = [sys.executable, "-m", "segscale.cli", "prepare", str(raw), str(tmp_path / "s")]
+    cmd = [*base, "--size", "16", "--clip", "1,99", "--nonzero", "--foreground-margin", "1"]
+    r = subprocess.run([*cmd, "--jobs", "2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    store = Store.open(tmp_path / "s")
+    p = store.meta["preprocessing"]
+    assert p["clip"] == [1.0, 99.0] and p["nonzero"] and p["foreground_margin"] == 1
+    for case in store.cases():
+        label = np.asarray(nib.load(case["label"]).dataobj)
+        has = np.flatnonzero(label.any((0, 1)))
+        kept = case["slice_indices"]
+        assert kept == list(range(max(0, has.min() - 1), min(12, has.max() + 2)))
+    r = subprocess.run([*base, "--clip", "99,1"], capture_output=True, text=True)
+    assert r.returncode == 2 and "clip (99.0, 1.0): expected percentiles" in r.stderr, r.stderr
