@@ -197,8 +197,11 @@ def _run_cases(
         import sys
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        # fork is quick and safe while torch (and its thread pools) is not loaded here
-        method = "fork" if sys.platform == "linux" and "torch" not in sys.modules else "spawn"
+        # fork starts at once (spawn re-imports torch in each process, ~2 s); torch's CPU thread
+        # pools survive a fork, as its DataLoader workers show, but CUDA does not
+        torch = sys.modules.get("torch")
+        cuda = torch is not None and torch.cuda.is_initialized()
+        method = "fork" if sys.platform == "linux" and not cuda else "spawn"
         with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=mp.get_context(method)) as pool:
             futures = [pool.submit(_prepare_case, *a) for a in args]
             try:
@@ -341,7 +344,7 @@ def _load_case(case: Case, is_volume: bool, value_to_class: dict[int, int]):
         arrays = [load_nifti(p) for p in case.images]
         image = arrays[0][0] if len(arrays) == 1 else np.stack([a for a, _ in arrays], axis=-1)
         affine = arrays[0][1]
-        raw_mask, _ = load_nifti(case.label, dtype=np.float32)
+        raw_mask, _ = load_nifti(case.label, dtype=None)  # the file's own type: uint8 mostly
         spatial = image.shape[:3]
         if raw_mask.shape != spatial:
             raise DataError(
@@ -349,7 +352,7 @@ def _load_case(case: Case, is_volume: bool, value_to_class: dict[int, int]):
             )
     else:
         image, affine = load_image2d(case.images[0]), None
-        raw_mask = _mask2d(case.label).astype(np.float32)
+        raw_mask = _mask2d(case.label)
         if raw_mask.shape != image.shape[:2]:
             raise DataError(
                 f"{case.label}: mask shape {raw_mask.shape} does not match image shape {image.shape[:2]} ({case.images[0]})"
@@ -360,9 +363,14 @@ def _load_case(case: Case, is_volume: bool, value_to_class: dict[int, int]):
 
 
 def _map_labels(raw: np.ndarray, table: dict[int, int], path: Path | None) -> np.ndarray:
-    if not np.array_equal(raw, np.round(raw)):
-        raise DataError(f"{path}: non-integer label values; expected integer class labels")
-    values = np.unique(raw).astype(np.int64)
+    if not np.issubdtype(raw.dtype, np.integer):
+        if not np.array_equal(raw, np.round(raw)):
+            raise DataError(f"{path}: non-integer label values; expected integer class labels")
+        raw = raw.astype(np.int64)
+    if raw.min() < 0:
+        raise DataError(f"{path}: negative label value {int(raw.min())}; expected class labels ≥ 0")
+    # a bincount over small label values is several times faster than np.unique on a volume
+    values = np.flatnonzero(np.bincount(raw.ravel())) if raw.max() < 65536 else np.unique(raw)
     undeclared = [int(v) for v in values if int(v) not in table]
     if undeclared:
         raise DataError(
@@ -372,7 +380,7 @@ def _map_labels(raw: np.ndarray, table: dict[int, int], path: Path | None) -> np
     for v, c in table.items():
         if 0 <= v < len(lut):
             lut[v] = c
-    return lut[raw.astype(np.int64)]
+    return lut[raw]
 
 
 def _case_digests(src: Source) -> dict[str, str]:

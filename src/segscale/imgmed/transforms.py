@@ -136,7 +136,11 @@ def slice_indices(length: int, count: int | None) -> np.ndarray:
 
 
 def to_slices(volume: np.ndarray, axis: int, indices: np.ndarray) -> np.ndarray:
-    """(C, X, Y, Z) → (N, C, H, W) along a spatial axis (0, 1 or 2)."""
+    """(C, X, Y, Z) → (N, C, H, W) along a spatial axis (0, 1 or 2); a view when the indices
+    are one contiguous run (the common case: all slices), so nothing is copied twice."""
+    if len(indices) and np.array_equal(indices, np.arange(indices[0], indices[0] + len(indices))):
+        picked = np.moveaxis(volume, axis + 1, 0)[indices[0] : indices[0] + len(indices)]
+        return picked
     return np.moveaxis(np.take(volume, indices, axis=axis + 1), axis + 1, 0)
 
 
