@@ -441,6 +441,50 @@ def imgmed_convert_cmd(
     typer.echo(f"wrote {len(written)} file(s): {where}")
 
 
+@imgmed_app.command("augment")
+def imgmed_augment_cmd(
+    store: Annotated[Path, typer.Argument(help="A prepared store.")],
+    out: Annotated[Path, typer.Argument(help="The augmented store to write.")],
+    to: Annotated[int, typer.Option("--to", help="Training slices in the new store.")],
+    preset: Annotated[
+        str | None, typer.Option(help="left-atrium: the thesis' Table 2.1 values.")
+    ] = None,
+    rotation: Annotated[float | None, typer.Option(help="Max rotation, degrees (±).")] = None,
+    zoom: Annotated[str | None, typer.Option(help="Zoom range MIN,MAX.")] = None,
+    translation: Annotated[
+        float | None, typer.Option(help="Max shift, fraction of the size.")
+    ] = None,
+    flip: Annotated[bool | None, typer.Option(help="Random flips.")] = None,
+    intensity: Annotated[float | None, typer.Option(help="Intensity jitter std.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random warps.")] = 0,
+) -> None:
+    """Grow a store's training split to N slices with augmented copies (image and mask warped
+    alike); validation and test cases are copied untouched."""
+    from segscale.config import AugmentConfig
+    from segscale.imgmed.augment import PRESETS, augment_store
+
+    if preset is not None and preset not in PRESETS:
+        raise SegscaleError(f"--preset {preset}: expected one of {', '.join(PRESETS)}")
+    base = PRESETS[preset] if preset else AugmentConfig(enabled=True)
+    given = {
+        "rotation": rotation,
+        "zoom": _numbers(zoom, 2, "--zoom"),
+        "translation": translation,
+        "flip": flip,
+        "intensity": intensity,
+    }
+    try:
+        cfg = AugmentConfig(
+            **{**base.model_dump(), **{k: v for k, v in given.items() if v is not None}}
+        )
+    except ValueError as e:
+        raise SegscaleError(f"augmentation options: {e}") from None
+    if cfg == AugmentConfig(enabled=True):
+        raise SegscaleError("no augmentation asked for: give --preset or --rotation/--zoom/...")
+    path, written = augment_store(store, out, to, cfg, seed)
+    typer.echo(f"{'wrote' if written else 'up to date:'} {path} ({to} training slices)")
+
+
 @app.command("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/demo"),

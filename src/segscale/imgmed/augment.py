@@ -1,0 +1,124 @@
+"""Offline augmentation: a prepared store → a new store whose training split is grown to N slices
+with augmented copies (the thesis augmented its left-atrium set to 35,000 images this way).
+
+Augmented slices are written as extra training cases, `<case>_aug<k>`, each a copy of one original
+case's slices (every slice warped independently; image and mask share the geometry), so every
+store invariant holds: a case's rows are contiguous, its slice indices and geometry are real, and
+validation and test cases are copied untouched. The same augmentation runs on the fly in training
+(segscale.data.BatchAugment); this command is for when a fixed, enlarged set is wanted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segscale.config import AugmentConfig
+from segscale.errors import DataError
+from segscale.imgmed.store import Store, StoreWriter
+
+# Table 2.1 of the thesis: rotation ±45°, zoom 0.8–1.2, translation up to 25.6 px of 512 (5%)
+PRESETS = {
+    "left-atrium": AugmentConfig(enabled=True, rotation=45, zoom=(0.8, 1.2), translation=0.05)
+}
+
+
+def augment_store(
+    source: str | Path,
+    output: str | Path,
+    total: int,
+    augment: AugmentConfig,
+    seed: int = 0,
+    batch: int = 64,
+    progress: bool = True,
+) -> tuple[Path, bool]:
+    """Write `output`: `source` with its training split grown to `total` slices. Returns
+    (path, written); re-running with the same inputs is a no-op."""
+    import torch
+
+    from segscale.data import BatchAugment
+    from segscale.imgmed.prepare import _content_hash, _Progress
+
+    store = Store.open(source)
+    output = Path(output).resolve()
+    train = store.cases("train")
+    have = sum(c["count"] for c in train)
+    if total <= have:
+        raise DataError(f"--to {total}: the training split already has {have} slices")
+    params = {"to": total, "seed": seed, "augment": augment.model_dump(mode="json")}
+    input_hash = hashlib.sha256(
+        json.dumps([store.meta["content_hash"], params], sort_keys=True).encode()
+    ).hexdigest()
+    meta_path = output / "meta.json"
+    if meta_path.is_file() and json.loads(meta_path.read_text()).get("input_hash") == input_hash:
+        return output, False
+    if output.exists() and not meta_path.is_file() and any(output.iterdir()):
+        raise DataError(f"{output}: exists, is not empty and is not a prepared store")
+
+    # whole augmented copies of the training cases in turn; the last one may be partial
+    copies: list[tuple[dict[str, Any], int, int]] = []  # (case, round, slices)
+    missing, k = total - have, 0
+    while missing > 0:
+        k += 1
+        for case in train:
+            n = min(case["count"], missing)
+            copies.append((case, k, n))
+            missing -= n
+            if missing == 0:
+                break
+    rows = len(store.masks)
+    writer = StoreWriter(
+        output, rows + total - have, store.in_channels, int(store.images.shape[-1])
+    )
+    try:
+        writer.images[:rows] = store.images
+        writer.masks[:rows] = store.masks
+        warp = BatchAugment(augment.model_copy(update={"enabled": True}))
+        generator = torch.Generator().manual_seed(seed)
+        cases = [dict(c) for c in store.meta["cases"]]
+        start = rows
+        with _Progress(progress, f"augmenting to {total} training slices", len(copies)) as advance:
+            for case, k, n in copies:
+                for i in range(0, n, batch):
+                    src = slice(case["start"] + i, case["start"] + min(i + batch, n))
+                    x = torch.from_numpy(
+                        np.array(store.images[src])
+                    )  # a copy: memmaps are read-only
+                    y = torch.from_numpy(np.asarray(store.masks[src]).astype(np.int64))
+                    x, y = warp(x, y, generator)
+                    writer.images[start + i : start + i + len(x)] = x.numpy()
+                    writer.masks[start + i : start + i + len(x)] = y.numpy().astype(np.uint8)
+                cases.append(
+                    {
+                        **case,
+                        "id": f"{case['id']}_aug{k}",
+                        "split": "train",
+                        "slice_indices": case["slice_indices"][:n],
+                        "start": start,
+                        "count": n,
+                        "augmented_from": case["id"],
+                    }
+                )
+                start += n
+                advance()
+        meta = {
+            **store.meta,
+            "cases": cases,
+            "splits": {
+                s: [c["id"] for c in cases if c["split"] == s] for s in ("train", "val", "test")
+            },
+            "augmented": {"source": str(Path(source).resolve()), **params},
+            "input_hash": input_hash,
+            "content_hash": _content_hash(writer),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        writer.commit(meta)
+    except BaseException:
+        writer.abort()
+        raise
+    return output, True

@@ -1,0 +1,91 @@
+"""Offline augmentation: a store's training split grown to N slices, aligned, seeded, usable."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import write_msd
+from segscale.config import AugmentConfig
+from segscale.errors import DataError
+from segscale.imgmed import Preprocessing, Store, prepare
+from segscale.imgmed.augment import PRESETS, augment_store
+
+
+@pytest.fixture
+def store(tmp_path):
+    raw = write_msd(tmp_path / "raw", num_cases=5)
+    path, _ = prepare(
+        raw,
+        tmp_path / "store",
+        Preprocessing(size=16, normalize="none"),
+        val_fraction=0.2,
+        test_fraction=0.2,
+        progress=False,
+    )
+    return path
+
+
+def test_the_training_split_grows_to_n_and_the_rest_is_untouched(store, tmp_path):
+    src = Store.open(store)
+    have = len(src.rows("train"))
+    out, written = augment_store(
+        store, tmp_path / "aug", have + 25, PRESETS["left-atrium"], seed=1, progress=False
+    )
+    aug = Store.open(out)
+    assert written and len(aug.rows("train")) == have + 25
+    for split in ("val", "test"):
+        np.testing.assert_array_equal(aug.images[aug.rows(split)], src.images[src.rows(split)])
+        np.testing.assert_array_equal(aug.masks[aug.rows(split)], src.masks[src.rows(split)])
+    new = [c for c in aug.cases("train") if "augmented_from" in c]
+    assert sum(c["count"] for c in new) == 25 and new[0]["id"].endswith("_aug1")
+    assert aug.meta["augmented"]["to"] == have + 25
+    # image and mask got the same warp: the bright blob (image 2, background 0) stays under the mask
+    rows = np.concatenate([np.arange(c["start"], c["start"] + c["count"]) for c in new])
+    x, y = aug.images[rows][:, 0], aug.masks[rows]
+    inside, outside = x[y == 1], x[(y == 0) & (x != 0)]
+    assert inside.mean() > 1.5 and outside.mean() < 0.5
+    origin = {c["id"]: c for c in src.cases()}
+    for c in new:  # each copy is its source case's slices, warped
+        first = origin[c["augmented_from"]]["start"]
+        before = src.images[first : first + c["count"]]
+        after = aug.images[c["start"] : c["start"] + c["count"]]
+        assert before.shape == after.shape and not np.allclose(before, after)
+    # the same seed gives the same store; a rerun is a no-op
+    again, _ = augment_store(
+        store, tmp_path / "again", have + 25, PRESETS["left-atrium"], seed=1, progress=False
+    )
+    assert Store.open(again).meta["content_hash"] == aug.meta["content_hash"]
+    assert (
+        augment_store(store, out, have + 25, PRESETS["left-atrium"], seed=1, progress=False)[1]
+        is False
+    )
+    with pytest.raises(DataError, match=f"already has {have} slices"):
+        augment_store(store, tmp_path / "x", have, AugmentConfig(rotation=10), progress=False)
+
+
+def test_cli_augment_and_train_on_the_result(store, tmp_path):
+    have = len(Store.open(store).rows("train"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "segscale.cli",
+        "imgmed",
+        "augment",
+        str(store),
+        str(tmp_path / "a"),
+    ]
+    r = subprocess.run(
+        [*cmd, "--to", str(have * 2), "--preset", "left-atrium", "--flip"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    aug = Store.open(tmp_path / "a")
+    assert (
+        aug.meta["augmented"]["augment"]["flip"]
+        and aug.meta["augmented"]["augment"]["rotation"] == 45
+    )
+    r = subprocess.run([*cmd, "--to", "5"], capture_output=True, text=True)
+    assert r.returncode == 2 and "no augmentation asked for" in r.stderr, r.stderr
