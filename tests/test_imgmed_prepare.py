@@ -116,3 +116,26 @@ def test_cli_prepare_with_every_option_records_them(tmp_path):
         assert kept == list(range(max(0, has.min() - 1), min(12, has.max() + 2)))
     r = subprocess.run([*base, "--clip", "99,1"], capture_output=True, text=True)
     assert r.returncode == 2 and "clip (99.0, 1.0): expected percentiles" in r.stderr, r.stderr
+
+
+def test_cli_channels_by_modality_name(tmp_path):
+    raw = write_msd(tmp_path / "raw", num_cases=3, channels=2)  # modalities mod0, mod1
+    base = [sys.executable, "-m", "segscale.cli", "prepare", str(raw)]
+    r = subprocess.run(
+        [*base, str(tmp_path / "s"), "--size", "16", "--channels", "mod1"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    store = Store.open(tmp_path / "s")
+    assert store.meta["channel_names"] == ["mod1"] and store.meta["preprocessing"]["channels"] == [
+        1
+    ]
+    r = subprocess.run(
+        [*base, str(tmp_path / "t"), "--channels", "mod2"], capture_output=True, text=True
+    )
+    assert r.returncode == 2
+    assert (
+        "no channel named 'mod2' (did you mean 'mod1'?); this dataset has 0: mod0, 1: mod1"
+        in r.stderr
+    )

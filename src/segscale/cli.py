@@ -35,6 +35,29 @@ def _numbers(text: str | None, n: int, option: str) -> tuple[float, ...] | None:
     return values
 
 
+def _channel_indices(source: Path, channels: str) -> tuple[int, ...]:
+    """'0,1' → (0, 1); names ('T1gd') are looked up in the dataset's modality names."""
+    from segscale.errors import did_you_mean
+    from segscale.imgmed.sources import discover
+
+    wanted = [c.strip() for c in channels.split(",")]
+    if all(c.isdigit() for c in wanted):
+        return tuple(int(c) for c in wanted)
+    names = discover(source).channel_names
+    out = []
+    for c in wanted:
+        if c.isdigit():
+            out.append(int(c))
+        elif c in names:
+            out.append(names.index(c))
+        else:
+            raise SegscaleError(
+                f"--channels: no channel named '{c}'{did_you_mean(c, names)}; "
+                f"this dataset has {', '.join(f'{i}: {n}' for i, n in enumerate(names))}"
+            )
+    return tuple(out)
+
+
 @app.command("prepare")
 def prepare_cmd(
     source: Annotated[
@@ -46,7 +69,10 @@ def prepare_cmd(
     output: Annotated[Path, typer.Argument(help="Prepared store to write.")],
     size: Annotated[int, typer.Option(help="Resize slices to SIZE × SIZE.")] = 256,
     channels: Annotated[
-        str | None, typer.Option(help="Channels of 4D images to keep, e.g. '1' or '0,1'.")
+        str | None,
+        typer.Option(
+            help="Channels of 4D images to keep, by index or by dataset.json name: '1', '0,1', 'T1gd'."
+        ),
     ] = None,
     axis: Annotated[int, typer.Option(help="Slicing axis of the volumes (0, 1, 2).")] = 2,
     slices: Annotated[
@@ -88,12 +114,7 @@ def prepare_cmd(
         raise SegscaleError(f"--axis {axis}: expected 0, 1 or 2")
     if normalize not in ("zscore", "minmax", "none"):
         raise SegscaleError(f"--normalize {normalize}: expected zscore, minmax or none")
-    try:
-        chans = tuple(int(c) for c in channels.split(",")) if channels else None
-    except ValueError:
-        raise SegscaleError(
-            f"--channels '{channels}': expected comma-separated integers like '0,1'"
-        ) from None
+    chans = _channel_indices(source, channels) if channels else None
     prep = Preprocessing(
         size=size,
         axis=axis,
