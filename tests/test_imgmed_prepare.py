@@ -135,7 +135,24 @@ def test_cli_channels_by_modality_name(tmp_path):
         [*base, str(tmp_path / "t"), "--channels", "mod2"], capture_output=True, text=True
     )
     assert r.returncode == 2
-    assert (
-        "no channel named 'mod2' (did you mean 'mod1'?); this dataset has 0: mod0, 1: mod1"
-        in r.stderr
+    assert "no channel named 'mod2' (did you mean 'mod1'?); channels: 0: mod0, 1: mod1" in r.stderr
+
+
+def test_the_listing_3_1_pipeline_equals_prepare_with_the_same_settings(tmp_path):
+    from segscale.imgmed import Pipeline
+
+    raw = write_msd(tmp_path / "raw", num_cases=3, channels=2)
+    base = Pipeline(raw).channels("mod1").slices(axis=2, count=3).resize(16)
+    store = (
+        base.normalize("minmax", clip=(1, 99))
+        .split(0.2, 0.2, 1)
+        .prepare(tmp_path / "a", progress=False)
     )
+    same = Preprocessing(size=16, channels=(1,), slices=3, normalize="minmax", clip=(1, 99))
+    path, _ = prepare(
+        raw, tmp_path / "b", same, val_fraction=0.2, test_fraction=0.2, seed=1, progress=False
+    )
+    assert store.meta["content_hash"] == Store.open(path).meta["content_hash"]
+    assert base.prep.normalize == "zscore"  # steps return new pipelines; the base is unchanged
+    with pytest.raises(DataError, match=r"no channel named 'T1gd'.*channels: 0: mod0, 1: mod1"):
+        Pipeline(raw).channels("T1gd").prepare(tmp_path / "c", progress=False)

@@ -35,29 +35,6 @@ def _numbers(text: str | None, n: int, option: str) -> tuple[float, ...] | None:
     return values
 
 
-def _channel_indices(source: Path, channels: str) -> tuple[int, ...]:
-    """'0,1' → (0, 1); names ('T1gd') are looked up in the dataset's modality names."""
-    from segscale.errors import did_you_mean
-    from segscale.imgmed.sources import discover
-
-    wanted = [c.strip() for c in channels.split(",")]
-    if all(c.isdigit() for c in wanted):
-        return tuple(int(c) for c in wanted)
-    names = discover(source).channel_names
-    out = []
-    for c in wanted:
-        if c.isdigit():
-            out.append(int(c))
-        elif c in names:
-            out.append(names.index(c))
-        else:
-            raise SegscaleError(
-                f"--channels: no channel named '{c}'{did_you_mean(c, names)}; "
-                f"this dataset has {', '.join(f'{i}: {n}' for i, n in enumerate(names))}"
-            )
-    return tuple(out)
-
-
 @app.command("prepare")
 def prepare_cmd(
     source: Annotated[
@@ -107,6 +84,7 @@ def prepare_cmd(
 
     from segscale.imgmed import Preprocessing, prepare
     from segscale.imgmed.prepare import parse_label_map
+    from segscale.imgmed.sources import channel_indices
 
     if size < 8:
         raise SegscaleError(f"--size {size}: expected at least 8")
@@ -114,7 +92,7 @@ def prepare_cmd(
         raise SegscaleError(f"--axis {axis}: expected 0, 1 or 2")
     if normalize not in ("zscore", "minmax", "none"):
         raise SegscaleError(f"--normalize {normalize}: expected zscore, minmax or none")
-    chans = _channel_indices(source, channels) if channels else None
+    chans = channel_indices(source, channels.split(",")) if channels else None
     prep = Preprocessing(
         size=size,
         axis=axis,

@@ -133,3 +133,25 @@ def _read_png_folder(root: Path) -> Source:
 
 def is_volume_file(path: Path) -> bool:
     return path.name.endswith(NIFTI_SUFFIXES)
+
+
+def channel_indices(
+    root: str | Path, spec: list[int | str] | tuple[int | str, ...]
+) -> tuple[int, ...]:
+    """Channels of 4D images by index or by dataset.json modality name ('T1gd' → 1)."""
+    from segscale.errors import did_you_mean
+
+    names: list[str] | None = None
+    out = []
+    for c in spec:
+        if isinstance(c, int) or c.isdigit():
+            out.append(int(c))
+            continue
+        names = names if names is not None else discover(root).channel_names
+        if c not in names:
+            raise DataError(
+                f"{root}: no channel named '{c}'{did_you_mean(c, names)}; "
+                f"channels: {', '.join(f'{i}: {n}' for i, n in enumerate(names))}"
+            )
+        out.append(names.index(c))
+    return tuple(out)
