@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ def augment_store(
     import torch
 
     from segscale.data import BatchAugment
-    from segscale.imgmed.prepare import _content_hash, _Progress
+    from segscale.imgmed.prepare import _Progress
 
     store = Store.open(source)
     output = Path(output).resolve()
@@ -106,18 +105,8 @@ def augment_store(
                 )
                 start += n
                 advance()
-        meta = {
-            **store.meta,
-            "cases": cases,
-            "splits": {
-                s: [c["id"] for c in cases if c["split"] == s] for s in ("train", "val", "test")
-            },
-            "augmented": {"source": str(Path(source).resolve()), **params},
-            "input_hash": input_hash,
-            "content_hash": _content_hash(writer),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        writer.commit(meta)
+        augmented = {"source": str(Path(source).resolve()), **params}
+        writer.commit_cases({**store.meta, "augmented": augmented, "input_hash": input_hash}, cases)
     except BaseException:
         writer.abort()
         raise

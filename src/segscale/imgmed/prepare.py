@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -156,16 +155,9 @@ def prepare(
             },  # raw mask value → class
             "channel_names": _channel_names(src, prep),
             **params,
-            "splits": {
-                s: [c["id"] for c in cases_meta if c["split"] == s]
-                for s in ("train", "val", "test")
-            },
-            "cases": cases_meta,
             "input_hash": input_hash,
-            "content_hash": _content_hash(writer),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        writer.commit(meta)
+        writer.commit_cases(meta, cases_meta)
     except BaseException:
         writer.abort()
         raise
@@ -402,11 +394,4 @@ def _input_hash(digests: dict[str, str], params: dict) -> str:
     for case_id, digest in digests.items():
         h.update(case_id.encode())
         h.update(digest.encode())
-    return h.hexdigest()
-
-
-def _content_hash(writer: StoreWriter) -> str:
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(writer.images).data)
-    h.update(np.ascontiguousarray(writer.masks).data)
     return h.hexdigest()

@@ -8,10 +8,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +92,26 @@ class StoreWriter:
         )
         self.masks = np.lib.format.open_memmap(
             self.tmp / "masks.npy", mode="w+", dtype=np.uint8, shape=(num_rows, size, size)
+        )
+
+    def content_hash(self) -> str:
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.images).data)
+        h.update(np.ascontiguousarray(self.masks).data)
+        return h.hexdigest()
+
+    def commit_cases(self, meta: dict[str, Any], cases: list[dict[str, Any]]) -> None:
+        """Commit with the fields derived from what was written: the cases, the splits they
+        make, the content hash and the time."""
+        splits = {s: [c["id"] for c in cases if c["split"] == s] for s in ("train", "val", "test")}
+        self.commit(
+            {
+                **meta,
+                "splits": splits,
+                "cases": cases,
+                "content_hash": self.content_hash(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
         )
 
     def commit(self, meta: dict[str, Any]) -> None:
