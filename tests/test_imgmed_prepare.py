@@ -156,3 +156,41 @@ def test_the_listing_3_1_pipeline_equals_prepare_with_the_same_settings(tmp_path
     assert base.prep.normalize == "zscore"  # steps return new pipelines; the base is unchanged
     with pytest.raises(DataError, match=r"no channel named 'T1gd'.*channels: 0: mod0, 1: mod1"):
         Pipeline(raw).channels("T1gd").prepare(tmp_path / "c", progress=False)
+
+
+def test_resampling_to_a_spacing_and_back_keeps_masks_within_one_pixel():
+    import torch
+    from scipy.ndimage import binary_dilation, binary_erosion
+
+    from segscale.imgmed.transforms import Plane, from_grid, to_grid
+
+    a, b = np.meshgrid(np.arange(40), np.arange(30), indexing="ij")
+    mask = (((a - 20) / 12) ** 2 + ((b - 15) / 8) ** 2 < 1).astype(np.uint8)[None]
+    prep = Preprocessing(size=32, spacing=1.0)
+    plane = Plane.of(prep, (40, 30), (0.7, 1.3))  # 40×0.7 = 28 px, 30×1.3 = 39 px: pad and crop
+    assert plane.resampled == (28, 39) and plane.offset == (2, -4)
+    grid = to_grid(mask, plane, 32, masks=True)
+    assert grid.shape == (1, 32, 32) and grid.sum() > 0
+    logits = torch.nn.functional.one_hot(grid.long(), 2).permute(0, 3, 1, 2).float()
+    back = from_grid(logits, plane, 32).argmax(1).numpy()
+    assert back.shape == mask.shape
+    edge = binary_dilation(mask[0]) & ~binary_erosion(mask[0])
+    wrong = back[0] != mask[0]
+    assert wrong.sum() < 0.1 * mask.sum() and not (wrong & ~edge).any()
+    # without a target spacing the plane is the old stretch to size × size
+    assert Plane.of(Preprocessing(size=32), (40, 30), (0.7, 1.3)).resampled == (32, 32)
+
+
+def test_prepare_at_a_target_spacing_records_it_and_evaluates_in_mm(tmp_path):
+    from segscale.evaluation import store_spacing
+
+    raw = write_msd(tmp_path / "raw", num_cases=3)  # 24 × 20 voxels of 0.7 × 0.8 mm
+    path, _ = prepare(raw, tmp_path / "s", Preprocessing(size=16, spacing=1.0), progress=False)
+    store = Store.open(path)
+    assert store.meta["preprocessing"]["spacing"] == 1.0
+    case = store.cases()[0]
+    # 24 × 0.7 = 16.8 → 17 px and 20 × 0.8 = 16 px: each pixel is ~1 mm whatever the size
+    assert store_spacing(case, store)[1:] == pytest.approx((24 * 0.7 / 17, 20 * 0.8 / 16))
+    rows = store.masks[case["start"] : case["start"] + case["count"]]
+    label = np.asarray(nib.load(case["label"]).dataobj)
+    assert abs(int(rows.sum()) - int(label.sum()) * (0.7 * 0.8)) < 0.1 * label.sum()

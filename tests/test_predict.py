@@ -132,3 +132,26 @@ def test_plan_prints_the_component_tree_with_user_parts(tmp_path, real_store):
         and "kwargs ['depth', 'width']" in bad.stderr
         and "accepted: width, dilations" in bad.stderr
     )
+
+
+def test_predict_undoes_spacing_resampling_into_the_input_geometry(tmp_path):
+    import nibabel as nib
+
+    from conftest import write_msd
+
+    raw = write_msd(tmp_path / "raw", num_cases=4, shape=(30, 26, 6))
+    store, _ = prepare(
+        raw,
+        tmp_path / "store",
+        Preprocessing(size=16, spacing=1.0),
+        test_fraction=0.25,
+        progress=False,
+    )
+    run_dir = tmp_path / "run"
+    prepare_run_dir(validate(tiny_config(store, epochs=1, steps_per_epoch=2)), run_dir, False)
+    train_worker(run_dir, progress=False)
+    scan = raw / "imagesTr" / "case_000.nii.gz"
+    [out] = predict(run_dir, [scan], tmp_path / "pred")
+    pred, src = nib.load(str(out)), nib.load(str(scan))
+    assert pred.shape == src.shape and np.allclose(pred.affine, src.affine)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}

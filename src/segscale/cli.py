@@ -74,6 +74,13 @@ def prepare_cmd(
     foreground_margin: Annotated[
         int | None, typer.Option(help="Keep only slices within this many of one with foreground.")
     ] = None,
+    spacing: Annotated[
+        float | None,
+        typer.Option(
+            help="Resample slices to this in-plane spacing (mm) and centre them in SIZE × SIZE "
+            "(cropped or padded), instead of stretching each to SIZE."
+        ),
+    ] = None,
     jobs: Annotated[
         int | None, typer.Option(help="Processes preparing cases in parallel (default: the cores).")
     ] = None,
@@ -102,6 +109,7 @@ def prepare_cmd(
         clip=_numbers(clip, 2, "--clip"),  # type: ignore[arg-type]
         nonzero=nonzero,
         foreground_margin=foreground_margin,
+        spacing=spacing,
     )
     path, written = prepare(
         source,

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from segscale.imgmed.store import Store
+from segscale.imgmed.transforms import Plane
 from segscale.parallel import Strategy
 from segscale.segeval import (
     DISTANCE_METRICS,
@@ -141,11 +142,13 @@ def store_spacing(case: dict[str, Any], store: Store) -> tuple[float, ...]:
     shape = case["shape"]
     if case["affine"] is None:  # a 2D image: pixel units of the original image
         return (shape[0] / size, shape[1] / size)
-    axis = store.preprocessing.axis
+    prep = store.preprocessing
+    axis = prep.axis
     sp = spacing_from_affine(np.array(case["affine"]))
     inplane = [a for a in range(3) if a != axis]
     gap = float(np.mean(np.diff(case["slice_indices"]))) if len(case["slice_indices"]) > 1 else 1.0
-    return (sp[axis] * gap, *(sp[a] * shape[a] / size for a in inplane))
+    plane = Plane.of(prep, [shape[a] for a in inplane], [sp[a] for a in inplane])
+    return (sp[axis] * gap, *(sp[a] * shape[a] / r for a, r in zip(inplane, plane.resampled)))
 
 
 @torch.no_grad()

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from segscale.errors import DataError, SegscaleError
 from segscale.imgmed.io import (
@@ -19,7 +18,7 @@ from segscale.imgmed.io import (
     save_nifti,
     save_png,
 )
-from segscale.imgmed.transforms import from_slices, preprocess
+from segscale.imgmed.transforms import Plane, from_grid, from_slices, inplane_spacing, preprocess
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
@@ -45,15 +44,16 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
 def segment_slices(
     model: torch.nn.Module,
     x: torch.Tensor,
-    out_hw: tuple[int, int],
+    plane: Plane,
     batch_size: int,
     device: torch.device,
 ) -> np.ndarray:
-    """(N, C, S, S) inputs → (N, H, W) labels: logits resized back to H×W, then argmax."""
+    """(N, C, S, S) inputs → (N, H, W) labels: logits taken back to the slice's own grid (the
+    resize or the spacing resampling undone), then argmax."""
     masks = []
     for i in range(0, len(x), batch_size):
         logits = model(x[i : i + batch_size].to(device))
-        logits = F.interpolate(logits, size=out_hw, mode="bilinear", align_corners=False)
+        logits = from_grid(logits, plane, x.shape[-1])
         masks.append(logits.argmax(1).to(torch.uint8).cpu())
     return torch.cat(masks).numpy()
 
@@ -84,13 +84,14 @@ def predict(
         else:
             image, affine = load_image2d(path), None
             spatial = image.shape[:2]
-        x, _ = preprocess(image, volume, prep)
+        x, _ = preprocess(image, volume, prep, affine=affine)
         if x.shape[1] != plan.in_channels:
             raise DataError(
                 f"{path}: {x.shape[1]} channel(s) after preprocessing; the model was trained on {plan.in_channels}"
             )
         hw = tuple(s for i, s in enumerate(spatial) if i != prep.axis) if volume else spatial
-        masks = segment_slices(model, x, hw, batch_size, dev)
+        plane = Plane.of(prep, hw, inplane_spacing(affine, prep.axis) if volume else None)
+        masks = segment_slices(model, x, plane, batch_size, dev)
         target = out_dir / path.name
         if volume:
             save_nifti(from_slices(masks, prep.axis), affine, target)

@@ -55,8 +55,9 @@ class Pipeline:
             prep=replace(self.prep, axis=axis, slices=count, foreground_margin=foreground_margin)
         )
 
-    def resize(self, size: int) -> Pipeline:
-        return self._with(prep=replace(self.prep, size=size))
+    def resize(self, size: int, spacing: float | None = None) -> Pipeline:
+        """Slices to size × size: stretched, or resampled to `spacing` mm and centred."""
+        return self._with(prep=replace(self.prep, size=size, spacing=spacing))
 
     def normalize(
         self,

@@ -17,9 +17,11 @@ from segscale.imgmed.io import load_image2d, load_nifti, nifti_shape
 from segscale.imgmed.sources import Case, Source, discover
 from segscale.imgmed.store import FORMAT, StoreWriter
 from segscale.imgmed.transforms import (
+    Plane,
     Preprocessing,
+    inplane_spacing,
     preprocess,
-    resize_masks,
+    to_grid,
     to_slices,
 )
 
@@ -221,10 +223,11 @@ def _prepare_case(
         torch.set_num_threads(1)
     image, mask, affine = _load_case(case, is_volume, value_to_class)
     try:
-        x, indices = preprocess(image, is_volume, prep, mask=mask)
+        x, indices = preprocess(image, is_volume, prep, mask=mask, affine=affine)
     except DataError as e:  # say which case
         raise DataError(f"{case.images[0]}: {e}") from None
     m = to_slices(mask[None], prep.axis, indices)[:, 0] if is_volume else mask[None]
+    plane = Plane.of(prep, m.shape[-2:], inplane_spacing(affine, prep.axis) if is_volume else None)
     info = {
         "images": [str(p) for p in case.images],
         "label": str(case.label),
@@ -238,7 +241,7 @@ def _prepare_case(
             np.savez(
                 f,
                 images=x.numpy(),
-                masks=resize_masks(m, prep.size).numpy(),
+                masks=to_grid(m, plane, prep.size, masks=True).numpy(),
                 info=np.array(json.dumps(info)),
             )
         os.replace(tmp, chunk)

@@ -26,6 +26,7 @@ class Preprocessing:
     clip: tuple[float, float] | None = None  # clip to these percentiles before normalising
     nonzero: bool = False  # statistics over nonzero voxels (the body, as nnU-Net does for MRI)
     foreground_margin: int | None = None  # keep slices within this many of one with foreground
+    spacing: float | None = None  # resample in-plane to this many mm per pixel, then centre in size
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -47,6 +48,8 @@ class Preprocessing:
             raise DataError(f"clip {self.clip}: expected percentiles 0 ≤ low < high ≤ 100")
         if self.foreground_margin is not None and self.foreground_margin < 0:
             raise DataError(f"foreground margin {self.foreground_margin}: expected ≥ 0")
+        if self.spacing is not None and self.spacing <= 0:
+            raise DataError(f"spacing {self.spacing}: expected a positive size in mm")
         if self.normalize not in ("zscore", "minmax", "none"):
             raise DataError(f"normalize '{self.normalize}': expected zscore, minmax or none")
 
@@ -171,11 +174,84 @@ def resize_masks(x: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> t
     return F.interpolate(t, size=out, mode="nearest-exact")[:, 0].to(torch.uint8)
 
 
+@dataclass(frozen=True)
+class Plane:
+    """Where one case's slices land on the size × size grid: resized whole to it (no target
+    spacing, or no spacing known), or resampled to the target spacing and centred in it (cropped
+    where larger, padded with 0 where smaller). Predictions go back through `from_grid`."""
+
+    shape: tuple[int, int]  # the original in-plane size
+    resampled: tuple[int, int]  # its size after resampling (the grid size for a plain resize)
+    offset: tuple[int, int]  # the resampled plane's top-left corner on the grid (< 0: cropped)
+
+    @classmethod
+    def of(
+        cls, p: Preprocessing, shape: tuple[int, ...], spacing: tuple[float, ...] | None
+    ) -> Plane:
+        hw = (int(shape[0]), int(shape[1]))
+        if p.spacing is None or spacing is None:
+            return cls(hw, (p.size, p.size), (0, 0))
+        resampled = tuple(max(1, round(n * s / p.spacing)) for n, s in zip(hw, spacing))
+        offset = tuple((p.size - r) // 2 for r in resampled)
+        return cls(hw, resampled, offset)  # type: ignore[arg-type]
+
+    def _pads(self, size: int) -> tuple[int, int, int, int]:
+        (r0, r1), (o0, o1) = self.resampled, self.offset
+        return (o1, size - o1 - r1, o0, size - o0 - r0)  # F.pad order: last dim first
+
+
+def to_grid(
+    x: np.ndarray | torch.Tensor, plane: Plane, size: int, masks: bool = False
+) -> torch.Tensor:
+    """(N, C, H, W) images (bilinear, antialiased when shrinking) or (N, H, W) label maps
+    (nearest) → the size × size grid."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    if masks:
+        t = t[:, None]
+    if tuple(t.shape[-2:]) != plane.resampled:
+        if masks:
+            t = F.interpolate(t, size=plane.resampled, mode="nearest-exact")
+        else:
+            t = F.interpolate(
+                t, size=plane.resampled, mode="bilinear", align_corners=False, antialias=True
+            )
+    t = F.pad(t, plane._pads(size))  # negative pads crop
+    return t[:, 0].to(torch.uint8) if masks else t
+
+
+def from_grid(t: torch.Tensor, plane: Plane, size: int) -> torch.Tensor:
+    """The inverse for (N, K, size, size) logits: back to the original (N, K, H, W). What was
+    cropped away comes back as all-zero logits, which argmax reads as class 0 (background)."""
+    import torch.nn.functional as F
+
+    t = F.pad(t, tuple(-v for v in plane._pads(size)))
+    if tuple(t.shape[-2:]) != plane.shape:
+        t = F.interpolate(t, size=plane.shape, mode="bilinear", align_corners=False)
+    return t
+
+
+def inplane_spacing(affine: np.ndarray | None, axis: int) -> tuple[float, float] | None:
+    """The two in-plane voxel sizes (mm) of slices along `axis`, from a 4×4 affine."""
+    if affine is None:
+        return None
+    sp = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    a, b = (i for i in range(3) if i != axis)
+    return float(sp[a]), float(sp[b])
+
+
 def preprocess(
-    image: np.ndarray, is_volume: bool, p: Preprocessing, mask: np.ndarray | None = None
+    image: np.ndarray,
+    is_volume: bool,
+    p: Preprocessing,
+    mask: np.ndarray | None = None,
+    affine: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """A raw image → (N, C, size, size) model inputs and the slice indices they came from. The
-    mask (spatial shape of the image) is needed only to select slices near the foreground."""
+    mask (spatial shape of the image) is needed only to select slices near the foreground, the
+    affine only to resample to a target spacing."""
     image = normalize(channels_first(image, is_volume, p.channels), p.normalize, p.clip, p.nonzero)
     if is_volume:
         foreground = None
@@ -186,6 +262,8 @@ def preprocess(
             foreground = np.asarray(mask).any(axis=other)
         indices = select_slices(image.shape[p.axis + 1], p.slices, foreground, p.foreground_margin)
         slices = to_slices(image, p.axis, indices)
+        plane = Plane.of(p, slices.shape[-2:], inplane_spacing(affine, p.axis))
     else:
         indices, slices = np.zeros(1, dtype=int), image[None]
-    return resize_images(slices, p.size), indices
+        plane = Plane.of(p, slices.shape[-2:], None)
+    return to_grid(slices, plane, p.size), indices
