@@ -34,6 +34,15 @@ class AugmentConfig(_Strict):
     intensity: float = Field(0.0, ge=0, description="Std of a random intensity scale and shift.")
 
 
+class TransformConfig(_Strict):
+    name: str = Field(
+        description="A 'pkg.mod:factory' / 'file.py:factory' returning a per-sample transform "
+        "(image (C, H, W), mask (H, W)) → (image, mask); MONAI dict transforms through "
+        "segscale.imgmed.plugins.DictTransform."
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
 class DataConfig(_Strict):
     store: Path = Field(description="A prepared store: the output folder of `segscale prepare`.")
     train_split: str = "train"
@@ -41,6 +50,11 @@ class DataConfig(_Strict):
     test_split: str = "test"
     num_workers: int = Field(0, ge=0, description="DataLoader processes per training worker.")
     augment: AugmentConfig = AugmentConfig()
+    transform: TransformConfig | None = Field(
+        None,
+        description="Your own per-sample training transform (MONAI, TorchIO, ...), applied before "
+        "batching and before `augment`.",
+    )
 
 
 class ModelConfig(_Strict):

@@ -22,10 +22,11 @@ from segscale.imgmed.store import Store
 
 
 class SliceDataset(Dataset):
-    """(image (C, S, S) float32, mask (S, S) int64, case index) for the rows of one split."""
+    """(image (C, S, S) float32, mask (S, S) int64, case index) for the rows of one split,
+    through a user's per-sample `transform` (image, mask) → (image, mask) when given."""
 
-    def __init__(self, store: Store, split: str) -> None:
-        self.store = store
+    def __init__(self, store: Store, split: str, transform: Any = None) -> None:
+        self.store, self.transform = store, transform
         self.cases = store.cases(split)
         self.rows = store.rows(split)
         self.case_of_row = np.concatenate(
@@ -39,7 +40,14 @@ class SliceDataset(Dataset):
         r = self.rows[i]
         image = torch.from_numpy(np.array(self.store.images[r]))
         mask = torch.from_numpy(self.store.masks[r].astype(np.int64))
+        if self.transform is not None:
+            image, mask = self.transform(image, mask)
         return image, mask, int(self.case_of_row[i])
+
+    def seed(self, seed: int) -> None:
+        """Reseed a transform that can be (MONAI's set_random_state), for reproducible epochs."""
+        if hasattr(self.transform, "set_random_state"):
+            self.transform.set_random_state(seed)
 
 
 class ShardSampler(Sampler[int]):
@@ -134,7 +142,7 @@ class TrainLoader:
         augment: AugmentConfig,
         num_workers: int = 0,
     ) -> None:
-        self.seed, self.ranks, self.device = seed, ranks, device
+        self.seed, self.ranks, self.device, self.dataset = seed, ranks, device, dataset
         self.samplers = [
             DistributedSampler(dataset, num_replicas=num_replicas, rank=r, shuffle=True, seed=seed)
             for r in ranks
@@ -169,6 +177,8 @@ class TrainLoader:
             offset.offset = skip_batches * self.batch_size
             gen.manual_seed(self.seed * 1_000_003 + epoch)
             aug.manual_seed((self.seed * 1_000_003 + epoch) * 7919 + rank)
+        # a plugin transform's own generator (in this process; DataLoader workers keep theirs)
+        self.dataset.seed(((self.seed * 1_000_003 + epoch) * 7919 + self.ranks[0]) % 2**32)
 
     def __len__(self) -> int:
         return self.steps

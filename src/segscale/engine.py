@@ -25,6 +25,7 @@ from segscale.registry import (
     OPTIMIZERS,
     STRATEGIES,
     TASKS,
+    TRANSFORMS,
     check_kwargs,
 )
 
@@ -125,6 +126,12 @@ class Plan:
                     cases={s: len(v) for s, v in meta["splits"].items()},
                     augment=c.data.augment.model_dump(),
                 ),
+                "transform": part(
+                    True,
+                    c.data.transform.name if c.data.transform else None,
+                    TRANSFORMS,
+                    **(c.data.transform.kwargs if c.data.transform else {}),
+                ),
             },
         }
 
@@ -150,6 +157,8 @@ def plan(cfg: RunConfig) -> Plan:
     check_kwargs(STRATEGIES, cfg.train.strategy.name, cfg.train.strategy.kwargs)
     for cb in cfg.train.callbacks:
         check_kwargs(CALLBACKS, cb.name, cb.kwargs)
+    if cfg.data.transform is not None:
+        check_kwargs(TRANSFORMS, cfg.data.transform.name, cfg.data.transform.kwargs)
     return Plan(cfg, store, task)
 
 
@@ -270,7 +279,12 @@ def train_worker(
         if t.sync_batchnorm and strategy.world_size > 1:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = strategy.wrap(model)
-        train_ds = SliceDataset(p.store, cfg.data.train_split)
+        transform = cfg.data.transform
+        train_ds = SliceDataset(
+            p.store,
+            cfg.data.train_split,
+            TRANSFORMS.resolve(transform.name)(**transform.kwargs) if transform else None,
+        )
         val_ds = SliceDataset(p.store, cfg.data.val_split)
         # the workers this process plays: its own rank, or all K virtual ranks when simulating
         ranks = list(range(strategy.virtual_workers)) if t.simulate_workers else [strategy.rank]

@@ -180,6 +180,7 @@ STRATEGIES = Registry(
     },
 )
 CALLBACKS = Registry("callback")
+TRANSFORMS = Registry("transform")  # users' per-sample transforms, by path
 TASKS = Registry(
     "task",
     {
