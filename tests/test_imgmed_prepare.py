@@ -194,3 +194,37 @@ def test_prepare_at_a_target_spacing_records_it_and_evaluates_in_mm(tmp_path):
     rows = store.masks[case["start"] : case["start"] + case["count"]]
     label = np.asarray(nib.load(case["label"]).dataobj)
     assert abs(int(rows.sum()) - int(label.sum()) * (0.7 * 0.8)) < 0.1 * label.sum()
+
+
+def test_a_refused_store_write_is_one_line_and_leaves_no_store(tmp_path):
+    """A file-size limit makes the OS refuse the write (EFBIG), as a full disk would (ENOSPC)."""
+    import resource
+    import signal
+
+    raw = write_msd(tmp_path / "raw", num_cases=3)
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get the error, not the signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    r = subprocess.run(
+        [sys.executable, "-m", "segscale.cli", "prepare", str(raw), str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "cannot write" in r.stderr and "File too large" in r.stderr, r.stderr
+    assert not (tmp_path / "s").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".s.tmp")]
+
+
+def test_an_empty_volume_is_named(tmp_path):
+    raw = write_msd(tmp_path / "raw", num_cases=3)
+    empty = np.zeros((24, 20, 0), np.float32)
+    nib.save(nib.Nifti1Image(empty, np.eye(4)), raw / "imagesTr" / "case_001.nii.gz")
+    nib.save(
+        nib.Nifti1Image(empty.astype(np.uint8), np.eye(4)), raw / "labelsTr" / "case_001.nii.gz"
+    )
+    with pytest.raises(DataError, match=r"case_001\.nii\.gz: empty image"):
+        prepare(raw, tmp_path / "s", Preprocessing(size=16), progress=False)

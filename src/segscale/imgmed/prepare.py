@@ -352,6 +352,8 @@ def _load_case(case: Case, is_volume: bool, value_to_class: dict[int, int]):
             raise DataError(
                 f"{case.label}: mask shape {raw_mask.shape} does not match image shape {image.shape[:2]} ({case.images[0]})"
             )
+    if image.size == 0:
+        raise DataError(f"{case.images[0]}: empty image (shape {image.shape})")
     if not np.isfinite(image).all():
         raise DataError(f"{case.images[0]}: image contains NaN or infinite values")
     return image, _map_labels(raw_mask, value_to_class, case.label), affine

@@ -82,17 +82,24 @@ class StoreWriter:
 
     def __init__(self, output: Path, num_rows: int, channels: int, size: int) -> None:
         self.output = output
-        output.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-        self.images = np.lib.format.open_memmap(
-            self.tmp / "images.npy",
-            mode="w+",
-            dtype=np.float32,
-            shape=(num_rows, channels, size, size),
-        )
-        self.masks = np.lib.format.open_memmap(
-            self.tmp / "masks.npy", mode="w+", dtype=np.uint8, shape=(num_rows, size, size)
-        )
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
+        except OSError as e:
+            raise DataError(f"cannot write {output}: {e.strerror or e}") from None
+        try:  # the arrays are sized up front: a full disk or a size limit shows here
+            self.images = np.lib.format.open_memmap(
+                self.tmp / "images.npy",
+                mode="w+",
+                dtype=np.float32,
+                shape=(num_rows, channels, size, size),
+            )
+            self.masks = np.lib.format.open_memmap(
+                self.tmp / "masks.npy", mode="w+", dtype=np.uint8, shape=(num_rows, size, size)
+            )
+        except OSError as e:
+            self.abort()
+            raise DataError(f"cannot write {output}: {e.strerror or e}") from None
 
     def content_hash(self) -> str:
         h = hashlib.sha256()
