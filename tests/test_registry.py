@@ -75,7 +75,10 @@ def test_builtin_signatures_read_from_source_match_the_imported_objects(registry
 def test_planning_a_run_imports_no_torch(real_store, tmp_path):
     """`segscale plan` checks every built-in component without importing torch (~2 s)."""
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(real_store)))
+    cfg = tiny_config(real_store, loss="ce")  # "ce" is torch's own CrossEntropyLoss
+    cfg["task"] = "classification"
+    cfg["model"] = {"name": "cnn", "kwargs": {}}
+    config.write_text(yaml.safe_dump(cfg))
     code = (
         "import sys\n"
         "from segscale.config import load_config\n"

@@ -147,13 +147,13 @@ def plan(cfg: RunConfig) -> Plan:
     except ValueError as e:
         raise SegscaleError(f"task '{cfg.task.name}' kwargs {cfg.task.kwargs}: {e}") from None
     check_kwargs(MODELS, cfg.model.name, cfg.model.kwargs)
-    LOSSES.signature(cfg.train.loss)  # an unknown name or a broken user path fails here
+    LOSSES.check(cfg.train.loss)  # an unknown name or a broken user path fails here
     if cfg.train.loss in LOSSES and cfg.train.loss not in getattr(task, "losses", LOSSES.names()):
         raise SegscaleError(
             f"train.loss '{cfg.train.loss}' does not fit the {cfg.task.name} task; "
             f"use {' | '.join(task.losses)} or your own 'pkg.mod:Class'"
         )
-    OPTIMIZERS.signature(cfg.train.optimizer.name)
+    OPTIMIZERS.check(cfg.train.optimizer.name)
     check_kwargs(STRATEGIES, cfg.train.strategy.name, cfg.train.strategy.kwargs)
     for cb in cfg.train.callbacks:
         check_kwargs(CALLBACKS, cb.name, cb.kwargs)

@@ -66,10 +66,8 @@ def run_elastic(args: list[str]) -> int:
         codes = {rank: f.exitcode for rank, f in sorted(e.failures.items())}
         for rank, code in codes.items():
             if code < 0:
-                print(
-                    f"error: worker {rank} was killed by {signal.Signals(-code).name}",
-                    file=sys.stderr,
-                )
+                name = signal.Signals(-code).name if -code in signal.valid_signals() else -code
+                print(f"error: worker {rank} was killed by signal {name}", file=sys.stderr)
             elif code not in (2, 75):  # those printed their own one-line reason
                 print(
                     f"error: worker {rank} failed with exit code {code}; its traceback is above",

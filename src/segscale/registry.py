@@ -55,6 +55,12 @@ class Registry:
         self._check_spec(spec)
         return load_attr(spec)
 
+    def check(self, spec: str) -> None:
+        """Fail now if `spec` names nothing: a built-in name is taken as is (not imported), a
+        user's path is imported."""
+        if spec not in self._entries:
+            self.resolve(spec)
+
     def path(self, name: str) -> str | None:
         """The 'module:attr' a built-in name stands for (None for objects registered directly)."""
         entry = self._entries.get(name)
