@@ -97,7 +97,7 @@ def test_a_classifier_trains_on_two_workers_and_evaluates_exactly(tmp_path, real
     assert ev["task"] == "classification" and ev["slices"] == len(rows)
     assert ev["confusion_matrix"]["counts"] == expected.tolist()
     assert ev["dataset"]["accuracy"] == pytest.approx((truth == pred).mean())
-    assert "accuracy" in r.stdout
+    assert "accuracy" in r.stdout and out.with_suffix(".png").stat().st_size > 1000
     r = subprocess.run(
         [*SEGSCALE, "predict", str(run), str(tmp_path), "--out", str(tmp_path / "masks")],
         capture_output=True,

@@ -263,8 +263,11 @@ def evaluate_cmd(
             raise typer.Exit(code)
         evaluation = json.loads(out.read_text())
         if evaluation.get("task") == "classification":
+            from segscale.report import plot_confusion
+
+            plot_confusion(evaluation, out.with_suffix(".png"))
             print_metrics(evaluation)
-            typer.echo(f"wrote {out}")
+            typer.echo(f"wrote {out}, {out.with_suffix('.png').name}")
             return
         plot_overlays(run_dir, evaluation, out.with_name(f"{out.stem}-overlays.png"))
     plot_case_dice(evaluation, out.with_suffix(".png"))

@@ -112,6 +112,34 @@ def plot_case_dice(evaluation: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
+def plot_confusion(evaluation: dict[str, Any], out: Path) -> None:
+    """A classification's confusion matrix as a picture: counts, and each row's share."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    counts = np.array(evaluation["confusion_matrix"]["counts"])
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    names = [evaluation["labels"][k] for k in sorted(evaluation["labels"], key=int)]
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 1.6, 1.4 * len(names) + 1.2))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            color = "white" if share[i, j] > 0.5 else "black"
+            ax.text(
+                j, i, f"{counts[i, j]}\n{share[i, j]:.0%}", ha="center", va="center", color=color
+            )
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), names)
+    acc = evaluation["dataset"]["accuracy"]
+    ax.set(xlabel="prediction", ylabel="reference", title=f"accuracy {acc:.3f}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def plot_curves(run_dir: Path, out: Path) -> bool:
     import matplotlib
 
