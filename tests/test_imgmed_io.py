@@ -218,3 +218,41 @@ def test_cli_info_and_convert(tmp_path):
         text=True,
     )
     assert r.returncode == 2 and "--window '1,2,3': expected 2 comma-separated numbers" in r.stderr
+
+
+def test_prepare_a_dataset_of_dicom_series_with_nifti_masks(tmp_path):
+    from segscale.imgmed import Preprocessing, Store, prepare
+
+    root = tmp_path / "dicom_set"
+    rng = np.random.default_rng(5)
+    (root / "masks").mkdir(parents=True)
+    for i in range(3):
+        stored = rng.integers(0, 400, size=(20, 16, 5))
+        write_series(root / "images" / f"patient{i}", stored)
+        volume = load(root / "images" / f"patient{i}")
+        mask = np.zeros(volume.array.shape, np.uint8)
+        mask[5:12, 4:10, 1:4] = 1
+        save(mask, root / "masks" / f"patient{i}.nii.gz", volume.affine)
+    (root / "labels.json").write_text('{"0": "background", "1": "lesion"}')
+    path, _ = prepare(
+        root,
+        tmp_path / "store",
+        Preprocessing(size=16),
+        val_fraction=0.34,
+        test_fraction=0.34,
+        progress=False,
+    )
+    store = Store.open(path)
+    assert store.meta["source_kind"] == "dicom" and store.meta["labels"]["1"] == "lesion"
+    assert len(store.masks) == 15 and store.masks.max() == 1
+    case = store.cases()[0]
+    np.testing.assert_allclose(case["affine"], load(root / "images" / case["id"]).affine)
+    # a mask on another grid is refused, naming both
+    save(np.zeros((20, 16, 4), np.uint8), root / "masks" / "patient1.nii.gz")
+    with pytest.raises(
+        DataError, match=r"patient1\.nii\.gz: mask shape \(20, 16, 4\) does not match"
+    ):
+        prepare(root, tmp_path / "store2", Preprocessing(size=16), progress=False)
+    (root / "masks" / "patient1.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"patient1: DICOM series without a mask"):
+        prepare(root, tmp_path / "store3", Preprocessing(size=16), progress=False)

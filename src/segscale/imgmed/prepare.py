@@ -107,7 +107,7 @@ def prepare(
 
     labels, value_to_class = _label_table(src, label_map)
     splits = split_cases([c.id for c in src.cases], val_fraction, test_fraction, seed)
-    is_volume = src.kind == "msd"
+    is_volume = src.kind in ("msd", "dicom")
     channels = len(prep.channels) if prep.channels is not None else _num_channels(src)
     partial = output.parent / f".{output.name}.partial"
     partial.mkdir(parents=True, exist_ok=True)
@@ -281,6 +281,8 @@ class _Progress:
 
 
 def _num_channels(src: Source) -> int:
+    if src.kind == "dicom":
+        return 1
     if src.kind == "msd":
         shape = nifti_shape(src.cases[0].images[0])
         return (shape[3] if len(shape) == 4 else 1) * len(src.cases[0].images)
@@ -299,17 +301,17 @@ def _label_table(
     src: Source, label_map: dict[int, int] | None
 ) -> tuple[dict[int, str], dict[int, int]]:
     """Class names, and the raw mask value → class index table."""
-    if src.kind == "msd":
+    if src.kind == "msd" or (src.kind == "dicom" and src.labels):
         if label_map:
             raise DataError(
-                "--label-map applies to 2D mask folders; Decathlon labels come from dataset.json"
+                "--label-map applies to masks without declared labels; these come from "
+                f"{'dataset.json' if src.kind == 'msd' else 'labels.json'}"
             )
         return src.labels, {k: k for k in src.labels}
     if label_map is None:
         values: set[int] = set()
         for case in src.cases:
-            mask = _mask2d(case.label)
-            values.update(np.unique(mask).tolist())
+            values.update(_mask_values(case, src.kind))
             if len(values) > 16:
                 raise DataError(
                     f"{case.label}: more than 16 distinct mask values; anti-aliased edges? "
@@ -325,6 +327,15 @@ def _label_table(
     }, label_map
 
 
+def _mask_values(case: Case, kind: str) -> set[int]:
+    if kind == "png2d":
+        return set(np.unique(_mask2d(case.label)).tolist())
+    mask, _ = load_nifti(case.label, dtype=None)
+    if not np.issubdtype(mask.dtype, np.integer) and not np.array_equal(mask, np.round(mask)):
+        raise DataError(f"{case.label}: non-integer label values; expected integer class labels")
+    return set(np.unique(mask).astype(np.int64).tolist())
+
+
 def _mask2d(path: Path) -> np.ndarray:
     mask = load_image2d(path)
     if mask.ndim == 3:
@@ -335,7 +346,17 @@ def _mask2d(path: Path) -> np.ndarray:
 
 
 def _load_case(case: Case, is_volume: bool, value_to_class: dict[int, int]):
-    if is_volume:
+    if is_volume and case.images[0].is_dir():  # a DICOM series
+        from segscale.imgmed.dicom import load_dicom_series
+
+        image, affine = load_dicom_series(case.images[0])
+        raw_mask, _ = load_nifti(case.label, dtype=None)
+        if raw_mask.shape != image.shape:
+            raise DataError(
+                f"{case.label}: mask shape {raw_mask.shape} does not match the DICOM series' "
+                f"{image.shape} ({case.images[0]})"
+            )
+    elif is_volume:
         arrays = [load_nifti(p) for p in case.images]
         image = arrays[0][0] if len(arrays) == 1 else np.stack([a for a, _ in arrays], axis=-1)
         affine = arrays[0][1]
@@ -386,9 +407,11 @@ def _case_digests(src: Source) -> dict[str, str]:
     for case in src.cases:
         h = hashlib.sha256()
         for p in [*case.images, case.label]:
-            if p is not None:
-                h.update(p.name.encode())
-                h.update(file_sha256(p).encode())
+            # a DICOM series is a folder: every file in it counts
+            for f in sorted(p.iterdir()) if p.is_dir() else [p]:
+                if f.is_file():
+                    h.update(f.name.encode())
+                    h.update(file_sha256(f).encode())
         out[case.id] = h.hexdigest()
     return out
 

@@ -19,7 +19,7 @@ class Case:
 
 @dataclass
 class Source:
-    kind: str  # "msd" | "png2d"
+    kind: str  # "msd" | "png2d" | "dicom"
     root: Path
     name: str
     labels: dict[int, str]
@@ -36,6 +36,8 @@ def discover(root: str | Path) -> Source:
     if (root / "dataset.json").is_file():
         return _read_dataset_json(root)
     if (root / "images").is_dir() and (root / "masks").is_dir():
+        if any(p.is_dir() and not p.name.startswith(".") for p in (root / "images").iterdir()):
+            return _read_dicom_folder(root)
         return _read_png_folder(root)
     if (root / "imagesTr").is_dir():
         raise DataError(f"{root / 'dataset.json'}: missing; a Decathlon/nnU-Net folder needs it")
@@ -129,6 +131,30 @@ def _read_png_folder(root: Path) -> Source:
             raise DataError(f"{im}: image without a mask in {root / 'masks'}")
         cases.append(Case(cid, [im], matches[0]))
     return Source("png2d", root, root.name, {}, ["image"], cases)
+
+
+def _read_dicom_folder(root: Path) -> Source:
+    """images/<case>/ (one DICOM series per case) + masks/<case>.nii.gz (the series' voxel grid,
+    as ITK-SNAP or 3D Slicer export it); class names from an optional labels.json."""
+    cases = []
+    for folder in sorted(p for p in (root / "images").iterdir() if p.is_dir()):
+        if folder.name.startswith("."):
+            continue
+        masks = [root / "masks" / f"{folder.name}{s}" for s in NIFTI_SUFFIXES]
+        found = [m for m in masks if m.is_file()]
+        if not found:
+            raise DataError(f"{folder}: DICOM series without a mask; expected {masks[0]}")
+        cases.append(Case(folder.name, [folder], found[0]))
+    labels: dict[int, str] = {}
+    names = root / "labels.json"
+    if names.is_file():
+        try:
+            labels = {int(k): str(v) for k, v in json.loads(names.read_text()).items()}
+        except (OSError, ValueError, AttributeError) as e:
+            raise DataError(f'{names}: expected {{"0": "background", "1": "name"}}: {e}') from None
+        if sorted(labels) != list(range(len(labels))):
+            raise DataError(f"{names}: labels must be 0..K-1, got {sorted(labels)}")
+    return Source("dicom", root, root.name, labels, ["image"], cases)
 
 
 def is_volume_file(path: Path) -> bool:
