@@ -90,3 +90,15 @@ def test_saved_config_round_trips(tmp_path):
         yaml.safe_load((tmp_path / "saved.yaml").read_text())["train"]["schedule"]["scaling"]
         == "linear"
     )
+
+
+def test_augmentation_presets_by_name(tmp_path):
+    text = GOOD.replace(
+        "data: {store: prepared/left_atrium}", "data: {store: s, augment: left-atrium}"
+    )
+    aug = load_config(write(tmp_path, text)).data.augment
+    assert aug.enabled and aug.rotation == 45 and aug.zoom == (0.8, 1.2) and aug.translation == 0.05
+    with pytest.raises(
+        ConfigError, match=r"cfg\.yaml:3: key 'data\.augment': .*unknown preset 'brain'"
+    ):
+        load_config(write(tmp_path, text.replace("left-atrium", "brain")))

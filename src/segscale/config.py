@@ -34,6 +34,13 @@ class AugmentConfig(_Strict):
     intensity: float = Field(0.0, ge=0, description="Std of a random intensity scale and shift.")
 
 
+# Table 2.1 of the thesis (left atrium): rotation ±45°, zoom 0.8–1.2, translation up to 25.6 px of
+# 512 (5%). `augment: left-atrium` in a config, `--preset left-atrium` offline.
+AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
+    "left-atrium": {"enabled": True, "rotation": 45.0, "zoom": (0.8, 1.2), "translation": 0.05}
+}
+
+
 class TransformConfig(_Strict):
     name: str = Field(
         description="A 'pkg.mod:factory' / 'file.py:factory' returning a per-sample transform "
@@ -50,6 +57,16 @@ class DataConfig(_Strict):
     test_split: str = "test"
     num_workers: int = Field(0, ge=0, description="DataLoader processes per training worker.")
     augment: AugmentConfig = AugmentConfig()
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_preset(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            if v not in AUGMENT_PRESETS:
+                raise ValueError(f"unknown preset '{v}' (expected {', '.join(AUGMENT_PRESETS)})")
+            return AUGMENT_PRESETS[v]
+        return v
+
     transform: TransformConfig | None = Field(
         None,
         description="Your own per-sample training transform (MONAI, TorchIO, ...), applied before "

@@ -17,14 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from segscale.config import AugmentConfig
+from segscale.config import AUGMENT_PRESETS, AugmentConfig
 from segscale.errors import DataError
 from segscale.imgmed.store import Store, StoreWriter
 
-# Table 2.1 of the thesis: rotation ±45°, zoom 0.8–1.2, translation up to 25.6 px of 512 (5%)
-PRESETS = {
-    "left-atrium": AugmentConfig(enabled=True, rotation=45, zoom=(0.8, 1.2), translation=0.05)
-}
+PRESETS = {name: AugmentConfig(**values) for name, values in AUGMENT_PRESETS.items()}
 
 
 def augment_store(
