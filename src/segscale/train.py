@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from segscale._files import write_text_atomic
+from segscale._progress import progress_bar
 from segscale.checkpoint import (
     atomic_save,
     checkpoint_path,
@@ -159,7 +160,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         self.model.train()
         t0 = time.perf_counter() - self.elapsed
-        with _progress(
+        with progress_bar(
             self.progress, f"epoch {epoch + 1}/{self.epochs}", self.steps_per_epoch, self.epoch_step
         ) as advance:
             for micro in self.train_loader:
@@ -333,43 +334,6 @@ def _summary(record: dict[str, Any], epochs: int, metric: str = "dice") -> str:
         name = "Dice" if metric == "dice" else metric.replace("_", " ")
         line += f"  val {name} {record[f'val_{metric}']:.4f}"
     return line + f"  lr {record['lr']:.3g}  {record['images_per_second']:.1f} img/s"
-
-
-class _progress:
-    """A rich progress bar on rank 0 (a no-op elsewhere); yields an `advance()` function."""
-
-    def __init__(self, enabled: bool, description: str, total: int, completed: int = 0) -> None:
-        self.enabled, self.description, self.total, self.completed = (
-            enabled,
-            description,
-            total,
-            completed,
-        )
-
-    def __enter__(self) -> Callable[[], None]:
-        from rich.console import Console
-
-        console = Console(stderr=True)
-        self.enabled = self.enabled and console.is_terminal  # no bar in logs, only epoch lines
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-        self.bar = Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            transient=True,
-            console=console,
-        )
-        self.bar.start()
-        task = self.bar.add_task(self.description, total=self.total, completed=self.completed)
-        return lambda: self.bar.advance(task)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.bar.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from segscale._progress import progress_bar
 from segscale.config import AUGMENT_PRESETS, AugmentConfig
 from segscale.errors import DataError
 from segscale.imgmed.store import Store, StoreWriter
@@ -38,7 +39,6 @@ def augment_store(
     import torch
 
     from segscale.data import BatchAugment
-    from segscale.imgmed.prepare import _Progress
 
     store = Store.open(source)
     output = Path(output).resolve()
@@ -78,7 +78,9 @@ def augment_store(
         generator = torch.Generator().manual_seed(seed)
         cases = [dict(c) for c in store.meta["cases"]]
         start = rows
-        with _Progress(progress, f"augmenting to {total} training slices", len(copies)) as advance:
+        with progress_bar(
+            progress, f"augmenting to {total} training slices", len(copies)
+        ) as advance:
             for case, k, n in copies:
                 for i in range(0, n, batch):
                     src = slice(case["start"] + i, case["start"] + min(i + batch, n))

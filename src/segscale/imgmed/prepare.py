@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from segscale._files import file_sha256
+from segscale._progress import progress_bar
 from segscale.errors import DataError
 from segscale.imgmed.io import load_image2d, load_nifti, nifti_shape
 from segscale.imgmed.sources import Case, Source, discover
@@ -181,7 +182,7 @@ def _run_cases(
     """Preprocess each case into its chunk, in this process or in `jobs` processes."""
     args = [(c, chunks[c.id], is_volume, value_to_class, prep, jobs > 1) for c in todo]
     note = f" ({resumed} resumed)" if resumed else ""
-    with _Progress(progress, f"preparing {name}{note}", len(todo)) as advance:
+    with progress_bar(progress, f"preparing {name}{note}", len(todo)) as advance:
         if jobs == 1 or len(todo) <= 1:
             for a in args:
                 _prepare_case(*a)
@@ -253,31 +254,6 @@ def _prepare_case(
 def _read_chunk(chunk: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     with np.load(chunk, allow_pickle=False) as z:
         return z["images"], z["masks"], json.loads(str(z["info"]))
-
-
-class _Progress:
-    """A rich progress bar on a terminal (nothing in logs); yields an `advance()` function."""
-
-    def __init__(self, enabled: bool, description: str, total: int) -> None:
-        self.enabled, self.description, self.total = enabled, description, total
-
-    def __enter__(self):
-        from rich.console import Console
-
-        console = Console(stderr=True)
-        if not (self.enabled and self.total and console.is_terminal):
-            self.bar = None
-            return lambda: None
-        from rich.progress import Progress
-
-        self.bar = Progress(console=console, transient=True)
-        self.bar.start()
-        task = self.bar.add_task(self.description, total=self.total)
-        return lambda: self.bar.advance(task)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def _num_channels(src: Source) -> int:
