@@ -12,7 +12,7 @@ from conftest import write_msd
 from segscale.errors import DataError
 from segscale.imgmed import Preprocessing, Store, prepare, split_cases
 from segscale.imgmed.io import check_nifti
-from segscale.imgmed.transforms import from_slices, resize_masks, slice_indices, to_slices
+from segscale.imgmed.transforms import Plane, from_slices, slice_indices, to_grid, to_slices
 
 
 def run(raw: Path, out: Path, **kw):
@@ -84,7 +84,8 @@ def test_slicing_and_resize_invert():
         assert np.array_equal(from_slices(slices, axis), vol)
     mask = np.zeros((1, 20, 20), np.uint8)
     mask[0, 5:15, 4:12] = 1
-    back = resize_masks(resize_masks(mask, 40), (20, 20)).numpy()
+    up = to_grid(mask, Plane.of(Preprocessing(size=40), (20, 20), None), 40, masks=True)
+    back = to_grid(up, Plane.of(Preprocessing(size=20), (40, 40), None), 20, masks=True).numpy()
     assert np.array_equal(back, mask)
     assert slice_indices(88, 70).size == 70
 

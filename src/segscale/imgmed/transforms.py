@@ -152,28 +152,6 @@ def from_slices(slices: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(slices, 0, axis)
 
 
-def resize_images(x: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """(N, C, H, W) float → (N, C, size, size), bilinear; antialiased when shrinking."""
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.as_tensor(x, dtype=torch.float32)
-    out = (size, size) if isinstance(size, int) else size
-    if tuple(t.shape[-2:]) == tuple(out):
-        return t.clone()
-    return F.interpolate(t, size=out, mode="bilinear", align_corners=False, antialias=True)
-
-
-def resize_masks(x: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """(N, H, W) integer labels → (N, size, size), nearest (no invented label values)."""
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.as_tensor(np.asarray(x), dtype=torch.float32)[:, None]
-    out = (size, size) if isinstance(size, int) else size
-    return F.interpolate(t, size=out, mode="nearest-exact")[:, 0].to(torch.uint8)
-
-
 @dataclass(frozen=True)
 class Plane:
     """Where one case's slices land on the size × size grid: resized whole to it (no target
