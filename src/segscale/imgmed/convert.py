@@ -15,7 +15,7 @@ import numpy as np
 
 from segscale._files import write_text_atomic
 from segscale.errors import DataError
-from segscale.imgmed.io import Image, _family_of_name, load, save, sniff, to_uint8
+from segscale.imgmed.io import Image, _family_of_name, load, save, sniff, strip_suffix, to_uint8
 
 SIDE_CAR = "slices.json"
 
@@ -33,7 +33,7 @@ def export_slices(
     low, high = window if window is not None else np.percentile(a, (0.5, 99.5))
     pixels = to_uint8(a, (float(low), float(high))) if a.dtype != np.uint8 else a
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = _stem(image.path)
+    stem = strip_suffix(image.path.name)
     width = max(3, len(str(a.shape[axis] - 1)))
     written = []
     for k in range(a.shape[axis]):
@@ -120,14 +120,6 @@ def sniff_folder(folder: Path) -> str:
     if files and all(p.name == SIDE_CAR or sniff(p) == "image" for p in files):
         return "pictures"
     return "dicom"
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".npz", ".npy", ".dcm"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _natural(path: Path) -> list:

@@ -20,15 +20,6 @@ from segscale.errors import DataError
 NOT_IMAGES = {"DICOMDIR", ".DS_Store", "Thumbs.db"}
 
 
-def is_dicom_file(path: Path) -> bool:
-    """A DICOM Part 10 file: 128-byte preamble, then 'DICM'."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(132)[128:132] == b"DICM"
-    except OSError:
-        return False
-
-
 def load_dicom_series(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(volume float32 (columns, rows, slices), affine 4×4 RAS) of a series folder or one file."""
     import pydicom

@@ -126,7 +126,8 @@ def save_png(array: np.ndarray, path: str | Path) -> None:
 
 
 def strip_suffix(name: str) -> str:
-    for s in NIFTI_SUFFIXES + PNG_SUFFIXES:
+    """The name without its image suffix: 'case_001.nii.gz' → 'case_001'."""
+    for s in (*NIFTI_SUFFIXES, *PNG_SUFFIXES, ".bmp", ".npy", ".npz", *DICOM_SUFFIXES):
         if name.lower().endswith(s):
             return name[: -len(s)]
     return name
@@ -158,13 +159,11 @@ class Image:
 def sniff(path: Path) -> str:
     """What a path holds, from its content: dicom (a folder of a series, or one file), nifti,
     image (PNG/JPEG/TIFF/BMP), npy or npz."""
-    from segscale.imgmed.dicom import is_dicom_file
-
     if path.is_dir():
         return "dicom"
     try:
         with open(path, "rb") as f:
-            head = f.read(132)
+            head = f.read(348)  # a NIfTI-1 header's length; its magic sits at 344
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     if not head:
@@ -177,7 +176,7 @@ def sniff(path: Path) -> str:
         return "npy"
     if head[:4] == b"PK\x03\x04":
         return "npz"
-    if is_dicom_file(path):
+    if head[128:132] == b"DICM":  # DICOM Part 10: a 128-byte preamble, then 'DICM'
         return "dicom"
     if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM")):
         return "image"
