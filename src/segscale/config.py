@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from segscale.errors import ConfigError, did_you_mean
 
@@ -126,7 +133,17 @@ class ScheduleConfig(_Strict):
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine/poly floor, × peak lr.")
 
 
-class TaskConfig(_Strict):
+class _Shorthand(_Strict):
+    """A component named in a registry or by path, with its kwargs; in YAML a plain string means
+    {name: that}."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+
+class TaskConfig(_Shorthand):
     """What the run learns; a plain string in YAML means {name: that}."""
 
     name: str = Field(
@@ -139,7 +156,7 @@ class TaskConfig(_Strict):
     )
 
 
-class StrategyConfig(_Strict):
+class StrategyConfig(_Shorthand):
     """How workers combine their gradients; a plain string in YAML means {name: that}."""
 
     name: str = Field(
@@ -183,11 +200,6 @@ class TrainConfig(_Strict):
     )
     strategy: StrategyConfig = StrategyConfig()
 
-    @field_validator("strategy", mode="before")
-    @classmethod
-    def _strategy_shorthand(cls, v: Any) -> Any:
-        return {"name": v} if isinstance(v, str) else v
-
     simulate_workers: int | None = Field(
         None,
         gt=0,
@@ -224,11 +236,6 @@ class RunConfig(_Strict):
     data: DataConfig
     model: ModelConfig = ModelConfig()
     train: TrainConfig
-
-    @field_validator("task", mode="before")
-    @classmethod
-    def _task_shorthand(cls, v: Any) -> Any:
-        return {"name": v} if isinstance(v, str) else v
 
     @field_validator("name")
     @classmethod
