@@ -132,14 +132,16 @@ def prepare(
         resumed=len(src.cases) - len(todo),
     )
 
-    parts = {c.id: _read_chunk(chunks[c.id]) for c in src.cases}
-    total = sum(len(part[1]) for part in parts.values())
+    # the store's size from the small mask arrays; the images are then read one case at a time,
+    # so a dataset larger than memory can be assembled
+    total = sum(len(_read_chunk(chunks[c.id], "masks")) for c in src.cases)
     writer = StoreWriter(output, total, channels, prep.size)
     cases_meta: list[dict[str, Any]] = []
     try:
         start = 0
         for case in src.cases:
-            images, masks, info = parts.pop(case.id)
+            images, masks, info = _read_chunk(chunks[case.id], "images", "masks", "info")
+            info = json.loads(str(info))
             count = len(masks)
             writer.images[start : start + count] = images
             writer.masks[start : start + count] = masks
@@ -251,9 +253,11 @@ def _prepare_case(
         raise DataError(f"cannot write {chunk}: {e.strerror or e}") from None
 
 
-def _read_chunk(chunk: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def _read_chunk(chunk: Path, *names: str) -> Any:
+    """One array of a case's chunk, or a tuple of several."""
     with np.load(chunk, allow_pickle=False) as z:
-        return z["images"], z["masks"], json.loads(str(z["info"]))
+        arrays = tuple(z[n] for n in names)
+    return arrays[0] if len(arrays) == 1 else arrays
 
 
 def _num_channels(src: Source) -> int:
