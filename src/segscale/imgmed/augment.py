@@ -20,7 +20,7 @@ import numpy as np
 from segscale._progress import progress_bar
 from segscale.config import AUGMENT_PRESETS, AugmentConfig
 from segscale.errors import DataError
-from segscale.imgmed.store import Store, StoreWriter
+from segscale.imgmed.store import Store, StoreWriter, is_current
 
 PRESETS = {name: AugmentConfig(**values) for name, values in AUGMENT_PRESETS.items()}
 
@@ -50,11 +50,8 @@ def augment_store(
     input_hash = hashlib.sha256(
         json.dumps([store.meta["content_hash"], params], sort_keys=True).encode()
     ).hexdigest()
-    meta_path = output / "meta.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()).get("input_hash") == input_hash:
+    if is_current(output, input_hash):
         return output, False
-    if output.exists() and not meta_path.is_file() and any(output.iterdir()):
-        raise DataError(f"{output}: exists, is not empty and is not a prepared store")
 
     # whole augmented copies of the training cases in turn; the last one may be partial
     copies: list[tuple[dict[str, Any], int, int]] = []  # (case, round, slices)
@@ -84,9 +81,8 @@ def augment_store(
             for case, k, n in copies:
                 for i in range(0, n, batch):
                     src = slice(case["start"] + i, case["start"] + min(i + batch, n))
-                    x = torch.from_numpy(
-                        np.array(store.images[src])
-                    )  # a copy: memmaps are read-only
+                    # np.array copies: the store's memmaps are read-only
+                    x = torch.from_numpy(np.array(store.images[src]))
                     y = torch.from_numpy(np.asarray(store.masks[src]).astype(np.int64))
                     x, y = warp(x, y, generator)
                     writer.images[start + i : start + i + len(x)] = x.numpy()

@@ -16,7 +16,7 @@ from segscale._progress import progress_bar
 from segscale.errors import DataError
 from segscale.imgmed.io import load_image2d, load_nifti, nifti_shape
 from segscale.imgmed.sources import Case, Source, discover
-from segscale.imgmed.store import FORMAT, StoreWriter
+from segscale.imgmed.store import FORMAT, StoreWriter, is_current
 from segscale.imgmed.transforms import (
     Plane,
     Preprocessing,
@@ -94,17 +94,8 @@ def prepare(
     }
     digests = _case_digests(src)
     input_hash = _input_hash(digests, params)
-    existing = output / "meta.json"
-    if existing.is_file():
-        try:
-            if json.loads(existing.read_text()).get("input_hash") == input_hash:
-                return output, False
-        except json.JSONDecodeError:
-            pass
-    elif output.exists() and any(output.iterdir()):
-        raise DataError(
-            f"{output}: exists, is not empty and is not a prepared store; choose another output"
-        )
+    if is_current(output, input_hash):
+        return output, False
 
     labels, value_to_class = _label_table(src, label_map)
     splits = split_cases([c.id for c in src.cases], val_fraction, test_fraction, seed)

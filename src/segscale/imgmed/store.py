@@ -76,6 +76,22 @@ class Store:
         return np.concatenate([np.arange(c["start"], c["start"] + c["count"]) for c in cases])
 
 
+def is_current(output: Path, input_hash: str) -> bool:
+    """Whether `output` already holds the store these inputs make (a rerun is then a no-op). A
+    store made from other inputs is replaced; a non-empty folder that is not a store is refused."""
+    meta = output / "meta.json"
+    if meta.is_file():
+        try:
+            return json.loads(meta.read_text()).get("input_hash") == input_hash
+        except json.JSONDecodeError:
+            return False
+    if output.exists() and any(output.iterdir()):
+        raise DataError(
+            f"{output}: exists, is not empty and is not a prepared store; choose another output"
+        )
+    return False
+
+
 class StoreWriter:
     """Writes a store into a temp folder beside the target and renames it into place on success,
     so an interrupted prepare never leaves a half-written store behind."""
