@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +54,10 @@ def confusion_by_case(
     num_classes: int,
     num_cases: int,
     strategy: Strategy,
+    target: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
-    """(num_cases, C, C) int64 confusion counts over every sample of every rank's shard.
+    """(num_cases, C, C) int64 confusion counts over every sample of every rank's shard; `target`
+    turns the masks into what the model predicts (a class per slice, for a classifier).
 
     A case's slices may sit on different ranks; counts add, so the 3D per-case overlap metrics equal
     those of the case's slices stacked back into its volume."""
@@ -65,9 +67,9 @@ def confusion_by_case(
     counts = torch.zeros(num_cases, num_classes, num_classes, dtype=torch.int64, device=device)
     for x, y, case in batches:
         pred = model(x.to(device)).argmax(1)
-        counts += confusion_matrix(
-            pred, y.to(device), num_classes, case.to(device)[:, None, None], num_cases
-        )
+        ref = y.to(device) if target is None else target(y.to(device))
+        groups = case.to(device).view(-1, *[1] * (pred.dim() - 1))  # a case index per pixel
+        counts += confusion_matrix(pred, ref, num_classes, groups, num_cases)
     strategy.all_reduce_sum(counts)
     model.train(was_training)
     return counts.cpu().numpy()

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported where used: planning a run must not import it
-    import numpy as np
     import torch
     from torch import nn
 
@@ -97,40 +96,27 @@ class Classification:
     def output_shape(self, batch: int, classes: int, size: int) -> tuple[int, ...]:
         return (batch, 2)
 
-    def confusion(self, model: nn.Module, loader: Any, strategy: Strategy) -> np.ndarray:
-        """(2, 2) counts (reference × prediction) over every rank's shard of a split."""
-        import torch
-
-        from segscale.segeval import confusion_matrix
-
-        was_training = model.training
-        model.eval()
-        counts = torch.zeros(2, 2, dtype=torch.int64, device=strategy.device)
-        with torch.no_grad():
-            for x, y, _ in loader:
-                pred = model(x.to(strategy.device)).argmax(1)
-                counts += confusion_matrix(pred, self.target(y.to(strategy.device)), 2)
-        strategy.all_reduce_sum(counts)
-        model.train(was_training)
-        return counts.cpu().numpy()
-
     def validate(
         self, model: nn.Module, loader: Any, classes: int, cases: int, strategy: Strategy
     ) -> dict[str, float]:
+        from segscale.evaluation import confusion_by_case
         from segscale.segeval import classification_metrics
 
-        return classification_metrics(self.confusion(model, loader, strategy))
+        counts = confusion_by_case(model, loader, 2, cases, strategy, target=self.target)
+        return classification_metrics(counts.sum(0))
 
     def evaluate(
         self, model: nn.Module, store: Store, split: str, strategy: Strategy, batch_size: int
     ) -> dict[str, Any]:
         """Slice-level scores and the confusion matrix; slices shared among the ranks."""
         from segscale.data import SliceDataset, eval_loader
+        from segscale.evaluation import confusion_by_case
         from segscale.segeval import classification_metrics
 
         data = SliceDataset(store, split)
-        cm = self.confusion(
-            model, eval_loader(data, batch_size, strategy.rank, strategy.world_size), strategy
+        loader = eval_loader(data, batch_size, strategy.rank, strategy.world_size)
+        cm = confusion_by_case(model, loader, 2, len(data.cases), strategy, target=self.target).sum(
+            0
         )
         return {
             "task": "classification",
