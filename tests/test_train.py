@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,15 @@ def test_callbacks_are_duck_typed(tmp_path, real_store):
     )
     trainer.fit()
     assert rec.calls == [("epoch_end", 1), ("epoch_end", 2), ("train_end", 2)]
+
+
+def test_seeding_turns_on_deterministic_kernels_without_loading_the_compiler():
+    # torch.use_deterministic_algorithms imports torch._inductor (1.2 s per worker); segscale sets
+    # the same flags without it. Run in a fresh interpreter: this one may have the compiler loaded.
+    code = (
+        "import sys, torch; from segscale.repro import seed_everything; seed_everything(0); "
+        "print(torch.are_deterministic_algorithms_enabled(), "
+        "torch.is_deterministic_algorithms_warn_only_enabled(), 'torch._inductor' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True", "False"]
