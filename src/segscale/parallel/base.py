@@ -19,6 +19,14 @@ from torch import nn
 from segscale.errors import SegscaleError
 from segscale.registry import STRATEGIES
 
+# DDP models are kept until the worker process ends (with os._exit: segscale.worker's exit_now, or
+# multiprocessing's once a forked worker returns), never freed. Freeing one deallocates its C++
+# Reducer with the GIL held; the Reducer releases its gloo process group, whose destructor joins
+# gloo's threads, and one of them may be waiting for the GIL to free the tensors of the last
+# collective: a deadlock (pytorch/pytorch#56297). It showed as a worker that hung after its last
+# step until torchrun killed it, 30 s later.
+_UNTIL_EXIT: list[nn.Module] = []
+
 
 @runtime_checkable
 class Strategy(Protocol):
@@ -152,11 +160,13 @@ class AllReduceStrategy(ProcessEnv):
             )
 
     def ddp(self, model: nn.Module) -> nn.Module:
-        return nn.parallel.DistributedDataParallel(
+        ddp = nn.parallel.DistributedDataParallel(
             model,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             **self.ddp_kwargs,
         )
+        _UNTIL_EXIT.append(ddp)
+        return ddp
 
     def wrap(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
