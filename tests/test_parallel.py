@@ -177,6 +177,33 @@ def test_two_torchrun_agents_as_two_nodes(tmp_path, real_store):
     assert (run / "model.pt").is_file()
 
 
+@pytest.mark.distributed
+def test_fork_server_and_fresh_interpreter_workers_train_identically(tmp_path, real_store):
+    """Workers forked from the fork server (the default on Linux) and workers started as fresh
+    interpreters (elsewhere) train bit-identical weights. The config's `workers` applies when
+    --workers is not given."""
+    cfg = tiny_config(real_store, epochs=2, steps_per_epoch=3)
+    cfg["data"]["augment"] = {"enabled": True, "rotation": 20, "flip": True}
+    cfg["workers"] = 2
+    config = tmp_path / "w.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    forked = tmp_path / "forked"
+    train_cli(config, forked)
+    assert json.loads((forked / "environment.json").read_text())["workers"] == 2
+
+    spawned = tmp_path / "spawned"
+    prepare_run_dir(validate(cfg), spawned, resume=False)
+    code = (
+        "import sys; from segscale.launch import launch; "
+        f"sys.exit(launch(['train', {str(spawned)!r}, '--no-progress'], 2, method='spawn'))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(forked).tolist() == losses(spawned).tolist()
+    wa, wb = (torch.load(d / "model.pt", weights_only=True) for d in (forked, spawned))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_launch_commands_and_slurm_script(tmp_path, real_store):
     cmd = torchrun_args(["train", "RUN"], 4, nodes=2, node_rank=1, rdzv_endpoint="head:29500")
     assert "--nnodes=2" in cmd and "--node-rank=1" in cmd and "--rdzv-endpoint=head:29500" in cmd

@@ -167,8 +167,13 @@ def train_cmd(
     config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
     overrides: Overrides = None,
     workers: Annotated[
-        int, typer.Option(help="Worker processes on this node (GPUs, or CPU processes).")
-    ] = 1,
+        int | None,
+        typer.Option(
+            help="Worker processes on this node (GPUs, or CPU processes) [default: the config's "
+            "workers, else 1]",
+            show_default=False,
+        ),
+    ] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<name>).")] = None,
     resume: Annotated[
         bool, typer.Option(help="Continue from the run folder's latest checkpoint.")
@@ -183,8 +188,11 @@ def train_cmd(
     ] = 0,
 ) -> None:
     """Train a model: one process, or N through torch.distributed.run (DDP)."""
+    from segscale.launch import launch, start_worker_server
+
+    if (workers or 1) > 1 or nodes > 1:
+        start_worker_server()  # its imports run on another core while the run is checked
     from segscale.engine import check_model, check_workers, plan, prepare_run_dir
-    from segscale.launch import launch
 
     cfg = _load(config, overrides)
     p = plan(cfg)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 class SignalAt:
     """Once (guarded by a marker file), at the end of `step` on `rank`, send `sig` to this worker
-    ('self') or to its parent, the torchrun agent ('agent')."""
+    ('self') or to the torchrun agent ('agent')."""
 
     def __init__(
         self, step: int, sig: str, marker: str, rank: int = 0, target: str = "self"
@@ -24,4 +24,13 @@ class SignalAt:
         if step != self.step or trainer.strategy.rank != self.rank or self.marker.exists():
             return
         self.marker.touch()
-        os.kill(os.getpid() if self.target == "self" else os.getppid(), getattr(signal, self.sig))
+        os.kill(os.getpid() if self.target == "self" else agent_pid(), getattr(signal, self.sig))
+
+
+def agent_pid() -> int:
+    """The agent: this worker's parent, or its grandparent when a fork server started the worker."""
+    parent = os.getppid()
+    if b"forkserver" in Path(f"/proc/{parent}/cmdline").read_bytes():
+        # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after ')'
+        return int(Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return parent

@@ -1,0 +1,10 @@
+"""The workers' entry when they are started by a fork server (launch.py) rather than as fresh
+interpreters: torchrun runs this file with runpy in each forked process, where torch and segscale
+are already imported. It exits through SystemExit, not os._exit like `python -m segscale.worker`,
+so that torch's multiprocessing wrapper records the worker's exit code and return value."""
+
+import sys
+
+from segscale.worker import main
+
+sys.exit(main(sys.argv[1:]))
