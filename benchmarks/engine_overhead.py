@@ -3,9 +3,10 @@
 Wall clock from launching the command to the end of the first training step, 2 gloo workers, the
 demo's model and data:
   (a) `segscale train cfg.yaml --workers 2`: config load, validation, plan (every component checked),
-      run folder, torchrun launch, and in each worker the same again before building the Trainer;
+      the model's check forward, run folder, the in-process torchrun agent, and in each worker
+      (forked from segscale's fork server on Linux) the config loaded again before the Trainer;
   (b) `torchrun --nproc-per-node 2 benchmarks/_plain_ddp.py`: a hand-written DDP script.
-The difference (a) − (b) is the engine's cost (goal: at most 139 ms, the thesis' engine time). Also
+The difference (a) − (b) is the engine's cost, negative where it starts faster (goal: at most 139 ms, the thesis' engine time). Also
 timed: `segscale plan cfg.yaml` and `segscale --help` alone. Medians of interleaved repeats.
 
     python benchmarks/engine_overhead.py [--repeats 5]
