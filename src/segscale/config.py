@@ -156,6 +156,20 @@ class TaskConfig(_Shorthand):
     )
 
 
+class TrackerConfig(_Shorthand):
+    """Where rank 0 mirrors the run besides its folder; a plain string in YAML means {name: that}."""
+
+    name: str = Field(
+        "mlflow",
+        description="mlflow (a local SQLite store: <runs folder>/mlflow.db) | none | a "
+        "'pkg.mod:Class' tracker.",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="mlflow: uri (any MLflow tracking URI), experiment (default 'segscale').",
+    )
+
+
 class StrategyConfig(_Shorthand):
     """How workers combine their gradients; a plain string in YAML means {name: that}."""
 
@@ -236,6 +250,7 @@ class RunConfig(_Strict):
     data: DataConfig
     model: ModelConfig = ModelConfig()
     train: TrainConfig
+    tracker: TrackerConfig = TrackerConfig()
 
     @field_validator("name")
     @classmethod
@@ -245,8 +260,11 @@ class RunConfig(_Strict):
         return v
 
     def digest(self) -> str:
-        """A short hash of everything that shapes training (for checkpoints and records)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """A short hash of everything that shapes training (for checkpoints and records): not the
+        tracker, which only records."""
+        blob = json.dumps(
+            self.model_dump(mode="json", exclude={"tracker"}), sort_keys=True
+        ).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -25,6 +25,7 @@ from segscale.registry import (
     OPTIMIZERS,
     STRATEGIES,
     TASKS,
+    TRACKERS,
     TRANSFORMS,
     check_kwargs,
 )
@@ -104,6 +105,7 @@ class Plan:
                     checkpoint_every=t.checkpoint_every,
                     keep_checkpoints=t.keep_checkpoints,
                 ),
+                "tracker": part(True, c.tracker.name, TRACKERS, **c.tracker.kwargs),
                 "hyperparameters": part(
                     False,
                     "injected",
@@ -157,6 +159,7 @@ def plan(cfg: RunConfig) -> Plan:
     check_kwargs(STRATEGIES, cfg.train.strategy.name, cfg.train.strategy.kwargs)
     for cb in cfg.train.callbacks:
         check_kwargs(CALLBACKS, cb.name, cb.kwargs)
+    check_kwargs(TRACKERS, cfg.tracker.name, cfg.tracker.kwargs)
     if cfg.data.transform is not None:
         check_kwargs(TRANSFORMS, cfg.data.transform.name, cfg.data.transform.kwargs)
     return Plan(cfg, store, task)
@@ -263,6 +266,7 @@ def train_worker(
     from segscale.parallel import SimulatedStrategy, Strategy, create_strategy
     from segscale.repro import environment, seed_everything
     from segscale.schedules import build_schedule
+    from segscale.tracking import flatten
     from segscale.train import Trainer
 
     cfg = load_config(run_dir / "config.yaml")
@@ -275,7 +279,16 @@ def train_worker(
         strategy = SimulatedStrategy(t.simulate_workers, t.device, t.threads)
     else:
         strategy = create_strategy(t.strategy.name, t.device, t.strategy.kwargs, t.threads)
+    tracker: Any = None
+    error: BaseException | None = None
     try:
+        if strategy.rank == 0:  # the one process that records the run
+            tracker = TRACKERS.resolve(cfg.tracker.name)(
+                run_dir=run_dir,
+                run_name=cfg.name,
+                params=flatten(cfg.model_dump(mode="json", exclude={"tracker"})),
+                **cfg.tracker.kwargs,
+            )
         seed_everything(cfg.seed, t.deterministic)
         model = build_model(p)  # the same seed on every rank; DDP also broadcasts rank 0's weights
         if t.sync_batchnorm and strategy.world_size > 1:
@@ -345,13 +358,21 @@ def train_worker(
             config_digest=cfg.digest(),
             checkpoint_every=t.checkpoint_every,
             keep_checkpoints=t.keep_checkpoints,
-            callbacks=[CALLBACKS.resolve(c.name)(**c.kwargs) for c in t.callbacks],
+            callbacks=[
+                *(CALLBACKS.resolve(c.name)(**c.kwargs) for c in t.callbacks),
+                *([tracker] if tracker else []),
+            ],
             amp=t.amp,
             fuse_microbatches=t.simulate_fused and not has_batch_statistics(model),
             progress=progress,
         )
         return trainer.fit(resume=resume)
+    except BaseException as e:
+        error = e
+        raise
     finally:
+        if tracker is not None:
+            tracker.close(error)
         strategy.close()
 
 

@@ -186,6 +186,10 @@ STRATEGIES = Registry(
     },
 )
 CALLBACKS = Registry("callback")
+TRACKERS = Registry(
+    "tracker",
+    {"mlflow": "segscale.tracking:MLflowTracker", "none": "segscale.tracking:NoTracker"},
+)
 TRANSFORMS = Registry("transform")  # users' per-sample transforms, by path
 TASKS = Registry(
     "task",
@@ -199,6 +203,7 @@ TASKS = Registry(
 FIXED_ARGUMENTS = {
     "model": {"in_channels": 1, "num_classes": 2},
     "strategy": {"device": "cpu", "threads": None},
+    "tracker": {"run_dir": None, "run_name": "", "params": {}},
 }
 
 

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from conftest import sample_subset, tiny_config
 
@@ -34,13 +35,18 @@ def test_prepare_train_evaluate_predict(tmp_path):
     assert "up to date" in cli("prepare", raw, store, *args).stdout
 
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(store)))
+    cfg = tiny_config(store)
+    del cfg["tracker"]  # the default: MLflow in a SQLite store beside the run folder
+    config.write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
     r = cli("train", config, "--workers", 2, "--run-dir", run, "train.epochs=2")
     assert r.returncode == 0, r.stderr
     env = json.loads((run / "environment.json").read_text())
     assert env["world_size"] == 2 and env["global_batch"] == 8
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    mlflow = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracked = mlflow.get_run((run / "mlflow_run_id").read_text().strip())
+    assert tracked.info.status == "FINISHED" and "val_dice" in tracked.data.metrics
 
     results = []
     for workers in (1, 2, 3):  # the test split has 2 cases: with 3 workers one rank holds none

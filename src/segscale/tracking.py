@@ -1,0 +1,172 @@
+"""Trackers: where rank 0 records a run besides its own folder (config `tracker:`).
+
+A tracker is built on rank 0 with the run's folder, name and flattened config (`params`) plus its
+own kwargs, and is called like a callback (duck-typed hooks: on_train_start, on_epoch_end,
+on_train_end), then `close(error)` once the worker stops for any reason. Built-ins: `mlflow` (the
+default: a local SQLite store shared by the runs beside this one) and `none`; users name their own
+class as 'pkg.mod:Class'. The run folder (metrics.jsonl, checkpoints, model.pt) stays the record
+that resume and reports read: a tracker only mirrors it, and never fails a run.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+MLFLOW_RUN_ID = "mlflow_run_id"  # in the run folder: a resumed run continues the same MLflow run
+
+
+class NoTracker:
+    """`tracker: none`: the run folder only."""
+
+    def __init__(self, run_dir: Path, run_name: str, params: dict[str, Any]) -> None:
+        pass
+
+    def close(self, error: BaseException | None = None) -> None:
+        pass
+
+
+class MLflowTracker:
+    """Mirror the run into MLflow: parameters (the flattened config), one metrics row per epoch at
+    its global step, tags (run folder, config digest), and at the end config.yaml, environment.json
+    and metrics.jsonl as artifacts. Status: FINISHED, KILLED (preempted) or FAILED.
+
+    `uri` defaults to `sqlite:///<the run folder's parent>/mlflow.db`, so every run under runs/
+    lands in one store (`mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`); the experiment's
+    artifacts go beside it in mlartifacts/. All MLflow work happens on one background thread:
+    importing mlflow takes about 1 s and creating a new SQLite store 2 s, which training does not
+    wait for. Errors (an unwritable store, a bad URI) become one warning; training goes on."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        run_name: str,
+        params: dict[str, Any],
+        uri: str | None = None,
+        experiment: str = "segscale",
+    ) -> None:
+        self.run_dir, self.run_name, self.params = Path(run_dir), run_name, params
+        self.uri = uri or f"sqlite:///{(self.run_dir.parent / 'mlflow.db').resolve()}"
+        self.experiment = experiment
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="segscale-mlflow", daemon=True)
+        self._closed = False
+
+    # ---- hooks (called on rank 0 by the Trainer and the engine)
+
+    def on_train_start(self, trainer: Any) -> None:
+        self._thread.start()
+        self._queue.put(("tags", {"segscale.config_digest": trainer.config_digest}))
+
+    def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
+        self._queue.put(("metrics", dict(record)))
+
+    def close(self, error: BaseException | None = None, timeout: float = 120.0) -> None:
+        """End the MLflow run and wait (at most `timeout` s) for the thread to write everything."""
+        if self._closed or not self._thread.is_alive():
+            return
+        self._closed = True
+        from segscale.train import Preempted
+
+        status = (
+            "FINISHED" if error is None else "KILLED" if isinstance(error, Preempted) else "FAILED"
+        )
+        self._queue.put(("end", status))
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            warnings.warn(
+                f"mlflow: still writing to {self.uri} after {timeout:.0f} s; gave up", stacklevel=2
+            )
+
+    # ---- the background thread
+
+    def _work(self) -> None:
+        try:
+            client, run_id = self._start()
+        except Exception as e:  # tracking must never fail training
+            self._fail(e)
+            return
+        while True:
+            kind, item = self._queue.get()
+            try:
+                if kind == "tags":
+                    for k, v in item.items():
+                        client.set_tag(run_id, k, str(v))
+                elif kind == "metrics":
+                    self._log_metrics(client, run_id, item)
+                else:
+                    for name in ("config.yaml", "environment.json", "metrics.jsonl"):
+                        if (self.run_dir / name).is_file() and item == "FINISHED":
+                            client.log_artifact(run_id, str(self.run_dir / name))
+                    client.set_terminated(run_id, status=item)
+                    return
+            except Exception as e:
+                self._fail(e)
+                return
+
+    def _start(self) -> tuple[Any, str]:
+        for name in ("mlflow", "alembic"):  # store creation logs its migrations at INFO
+            logging.getLogger(name).setLevel(logging.WARNING)
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.uri)
+        saved = self.run_dir / MLFLOW_RUN_ID
+        if saved.is_file():  # a resumed run: continue its MLflow run
+            run_id = saved.read_text().strip()
+            client.update_run(run_id, status="RUNNING")
+            return client, run_id
+        found = client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            experiment_id = found.experiment_id
+        else:
+            artifacts = (self.run_dir.parent / "mlartifacts").resolve().as_uri()
+            experiment_id = client.create_experiment(self.experiment, artifact_location=artifacts)
+        run = client.create_run(
+            experiment_id, run_name=self.run_name, tags={"segscale.run_dir": str(self.run_dir)}
+        )
+        run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        for chunk in _chunks(sorted(self.params.items()), 100):  # MLflow's batch limit
+            client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in chunk])
+        saved.write_text(run_id + "\n")
+        return client, run_id
+
+    def _log_metrics(self, client: Any, run_id: str, record: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        now, step = int(time.time() * 1000), int(record.get("step", 0))
+        metrics = [
+            Metric(k, float(v), now, step)
+            for k, v in record.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and k != "step"
+        ]
+        client.log_batch(run_id, metrics=metrics)
+
+    def _fail(self, error: Exception) -> None:
+        warnings.warn(f"mlflow tracking stopped ({self.uri}): {error}", stacklevel=1)
+        self._closed = True
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'optimizer': {'lr': 1e-3}}} → {'train.optimizer.lr': 1e-3}."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _param(value: Any) -> str:
+    return str(value)[:6000]  # MLflow's limit on a parameter value
+
+
+def _chunks(items: list[Any], n: int) -> list[list[Any]]:
+    return [items[i : i + n] for i in range(0, len(items), n)]

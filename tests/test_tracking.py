@@ -1,0 +1,99 @@
+"""Trackers: MLflow (the default, a local SQLite store) mirrors a run; users plug in their own."""
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import ROOT, tiny_config
+from segscale.config import validate
+from segscale.engine import plan, prepare_run_dir, train_worker
+from segscale.errors import SegscaleError
+from segscale.train import Preempted
+
+FAULTS = f"{ROOT / 'tests' / 'plugins' / 'faults.py'}:SignalAt"
+
+
+def make_run(tmp_path: Path, store: Path, tracker, **train) -> Path:
+    cfg = tiny_config(store, **train)
+    cfg["tracker"] = tracker
+    run_dir = tmp_path / "runs" / "tiny"
+    prepare_run_dir(validate(cfg), run_dir, resume=False)
+    return run_dir
+
+
+def jsonl(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_mlflow_mirrors_the_run_in_a_sqlite_store_beside_it(tmp_path, real_store):
+    run_dir = make_run(tmp_path, real_store, "mlflow", epochs=3)
+    train_worker(run_dir, progress=False)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("segscale").experiment_id])
+    assert run.info.run_id == (run_dir / "mlflow_run_id").read_text().strip()
+    assert run.info.status == "FINISHED" and run.info.run_name == "tiny"
+    assert run.data.params["model.name"] == "unet" and run.data.params["train.epochs"] == "3"
+    assert run.data.tags["segscale.run_dir"] == str(run_dir)
+    rows = jsonl(run_dir)
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [(m.step, m.value) for m in history] == [(r["step"], r["train_loss"]) for r in rows]
+    assert client.get_metric_history(run.info.run_id, "val_dice")[-1].value == rows[-1]["val_dice"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "environment.json", "metrics.jsonl"} <= artifacts
+    assert (tmp_path / "runs" / "mlartifacts").is_dir()  # beside the store, not in the cwd
+
+
+def test_a_preempted_run_is_killed_in_mlflow_and_its_resume_continues_the_same_run(
+    tmp_path, real_store
+):
+    fault = {"name": FAULTS, "kwargs": {"step": 4, "sig": "SIGTERM", "marker": str(tmp_path / "m")}}
+    run_dir = make_run(tmp_path, real_store, "mlflow", epochs=3, callbacks=[fault])
+    with pytest.raises(Preempted):
+        train_worker(run_dir, progress=False)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert len(client.get_metric_history(run_id, "train_loss")) == 1  # epoch 1 of 3 was logged
+
+    train_worker(run_dir, resume=True, progress=False)  # the marker exists: no second signal
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
+    steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
+    assert steps == [r["step"] for r in jsonl(run_dir)] == [3, 6, 9]
+
+
+def test_a_broken_store_is_one_warning_and_training_goes_on(tmp_path, real_store):
+    (tmp_path / "a-file").write_text("not a folder")
+    bad = {"name": "mlflow", "kwargs": {"uri": f"sqlite:///{tmp_path / 'a-file' / 'x.db'}"}}
+    run_dir = make_run(tmp_path, real_store, bad)
+    with pytest.warns(UserWarning, match=r"mlflow tracking stopped \(sqlite:///.*a-file"):
+        train_worker(run_dir, progress=False)
+    assert (run_dir / "model.pt").is_file() and len(jsonl(run_dir)) == 2
+
+
+def test_a_users_tracker_by_path_and_its_kwargs_checked_before_launch(tmp_path, real_store):
+    spec = f"{ROOT / 'tests' / 'plugins' / 'recording_tracker.py'}:RecordingTracker"
+    out = tmp_path / "seen.json"
+    tracker = {"name": spec, "kwargs": {"out": str(out)}}
+    run_dir = make_run(tmp_path, real_store, tracker)
+    described = plan(validate({**tiny_config(real_store), "tracker": tracker})).describe()
+    assert described["training_strategy"]["tracker"]["source"] == "user"
+    train_worker(run_dir, progress=False)
+    assert json.loads(out.read_text()) == {
+        "run_name": "tiny",
+        "lr": 0.01,
+        "epochs": [1, 2],
+        "error": None,
+    }
+    with pytest.raises(SegscaleError, match=r"tracker .* kwargs \['outt'\]"):
+        plan(
+            validate({**tiny_config(real_store), "tracker": {"name": spec, "kwargs": {"outt": 1}}})
+        )
+    with pytest.raises(SegscaleError, match=r"tracker 'mlflow' kwargs \['url'\]"):
+        plan(
+            validate(
+                {**tiny_config(real_store), "tracker": {"name": "mlflow", "kwargs": {"url": 1}}}
+            )
+        )
