@@ -14,7 +14,7 @@ from segscale.config import load_config
 from segscale.engine import check_model, check_workers, plan, prepare_run_dir
 from segscale.errors import SegscaleError
 from segscale.imgmed import Preprocessing, prepare
-from segscale.launch import launch
+from segscale.launch import launch, start_worker_server
 
 
 def resource(name: str) -> Path:
@@ -38,6 +38,8 @@ def prepare_demo_store(output: Path, progress: bool = True) -> Path:
 def run_demo(out: Path, workers: int = 2, overrides: list[str] | None = None) -> dict:
     from segscale.report import print_metrics, write_report
 
+    if workers > 1:
+        start_worker_server()  # its imports overlap the preparation
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     store = prepare_demo_store(out / "prepared")

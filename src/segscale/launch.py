@@ -54,9 +54,9 @@ def torchrun_args(
 
 
 FORKED_WORKER = Path(__file__).with_name("_forked_worker.py")
-# What every training worker imports, loaded once by the fork server. torch._dynamo: the
-# DistributedDataParallel constructor reads one of its settings, and importing it takes 1.1 s.
-PRELOAD = ["torch", "torch._dynamo", "segscale.engine", "segscale.train", "segscale.worker"]
+# What every worker imports, loaded once by the fork server; training workers also import
+# torch._dynamo (1.1 s), because the DistributedDataParallel constructor reads one of its settings.
+PRELOAD = ["torch", "segscale.engine", "segscale.train", "segscale.worker"]
 
 
 def start_method() -> str:
@@ -64,15 +64,16 @@ def start_method() -> str:
     return "forkserver" if sys.platform == "linux" else "spawn"
 
 
-def start_worker_server() -> None:
-    """Start the fork server now, if this platform uses one (idempotent). The CLI calls this
-    before it reads the config, so that the server's imports overlap the CLI's own checks."""
+def start_worker_server(training: bool = True) -> None:
+    """Start the fork server now, if this platform uses one; a no-op once it runs. `segscale train`
+    calls this before it reads the config, so that the server's imports overlap the CLI's checks.
+    `training`: preload what DDP imports too."""
     if start_method() != "forkserver":
         return
     import multiprocessing
     from multiprocessing import forkserver
 
-    multiprocessing.set_forkserver_preload(PRELOAD)
+    multiprocessing.set_forkserver_preload([*PRELOAD, *(["torch._dynamo"] if training else [])])
     forkserver.ensure_running()
 
 
@@ -89,7 +90,7 @@ def launch(
         return main(worker_args)
     method = method or start_method()
     if method == "forkserver":
-        start_worker_server()
+        start_worker_server(training=worker_args[0] == "train")
     # torchrun would force OMP_NUM_THREADS=1 (with a warning); give each worker its share instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     args = torchrun_args(worker_args, workers, start_method=method, **kwargs)  # type: ignore[arg-type]
