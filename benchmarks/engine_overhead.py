@@ -8,8 +8,10 @@ demo's model and data:
   (b) `torchrun --nproc-per-node 2 benchmarks/_plain_ddp.py`: a hand-written DDP script.
 The difference (a) − (b) is the engine's cost, negative where it starts faster (goal: at most 139 ms, the thesis' engine time). Also
 timed: `segscale plan cfg.yaml` and `segscale --help` alone. Medians of interleaved repeats.
+segscale's run uses the default tracker (MLflow, whose import on rank 0's background thread
+competes with the first step), or `--tracker none`.
 
-    python benchmarks/engine_overhead.py [--repeats 5]
+    python benchmarks/engine_overhead.py [--repeats 5] [--tracker mlflow|none]
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def wall(cmd: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tracker", default="mlflow")
     args = parser.parse_args()
     seg, plain, plan, help_ = [], [], [], []
     with tempfile.TemporaryDirectory() as d:
@@ -54,6 +57,7 @@ def main() -> None:
         marker = tmp / "first_step"
         cfg = {
             "name": "overhead",
+            "tracker": args.tracker,
             "data": {"store": str(store)},
             "model": {"name": "resunet", "kwargs": {"base_channels": 16, "depth": 3}},
             "train": {
