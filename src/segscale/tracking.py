@@ -110,9 +110,11 @@ class MLflowTracker:
                 return
 
     def _start(self) -> tuple[Any, str]:
-        for name in ("mlflow", "alembic"):  # store creation logs its migrations at INFO
-            logging.getLogger(name).setLevel(logging.WARNING)
         from mlflow.tracking import MlflowClient
+
+        # after the import, which sets mlflow's logger to INFO: store creation logs its migrations
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
         client = MlflowClient(tracking_uri=self.uri)
         saved = self.run_dir / MLFLOW_RUN_ID
