@@ -128,7 +128,8 @@ def test_seeding_turns_on_deterministic_kernels_without_loading_the_compiler():
     code = (
         "import sys, torch; from segscale.repro import seed_everything; seed_everything(0); "
         "print(torch.are_deterministic_algorithms_enabled(), "
-        "torch.is_deterministic_algorithms_warn_only_enabled(), 'torch._inductor' in sys.modules)"
+        "torch.is_deterministic_algorithms_warn_only_enabled(), 'torch._inductor' in sys.modules, "
+        "torch.utils.deterministic.fill_uninitialized_memory)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["True", "True", "False"]
+    assert out.stdout.split() == ["True", "True", "False", "False"]
