@@ -55,7 +55,6 @@ class MLflowTracker:
         self.experiment = experiment
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="segscale-mlflow", daemon=True)
-        self._closed = False
 
     # ---- hooks (called on rank 0 by the Trainer and the engine)
 
@@ -68,9 +67,8 @@ class MLflowTracker:
 
     def close(self, error: BaseException | None = None, timeout: float = 120.0) -> None:
         """End the MLflow run and wait (at most `timeout` s) for the thread to write everything."""
-        if self._closed or not self._thread.is_alive():
+        if not self._thread.is_alive():  # never started, stopped on an error, or already closed
             return
-        self._closed = True
         from segscale.train import Preempted
 
         status = (
@@ -89,7 +87,7 @@ class MLflowTracker:
         try:
             client, run_id = self._start()
         except Exception as e:  # tracking must never fail training
-            self._fail(e)
+            self._warn(e)
             return
         while True:
             kind, item = self._queue.get()
@@ -100,13 +98,14 @@ class MLflowTracker:
                 elif kind == "metrics":
                     self._log_metrics(client, run_id, item)
                 else:
-                    for name in ("config.yaml", "environment.json", "metrics.jsonl"):
-                        if (self.run_dir / name).is_file() and item == "FINISHED":
-                            client.log_artifact(run_id, str(self.run_dir / name))
+                    if item == "FINISHED":
+                        for name in ("config.yaml", "environment.json", "metrics.jsonl"):
+                            if (self.run_dir / name).is_file():
+                                client.log_artifact(run_id, str(self.run_dir / name))
                     client.set_terminated(run_id, status=item)
                     return
             except Exception as e:
-                self._fail(e)
+                self._warn(e)
                 return
 
     def _start(self) -> tuple[Any, str]:
@@ -150,9 +149,8 @@ class MLflowTracker:
         ]
         client.log_batch(run_id, metrics=metrics)
 
-    def _fail(self, error: Exception) -> None:
+    def _warn(self, error: Exception) -> None:
         warnings.warn(f"mlflow tracking stopped ({self.uri}): {error}", stacklevel=1)
-        self._closed = True
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
