@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -10,6 +12,21 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(
+    *args: object, cwd: Path | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess:
+    """`segscale ARGS` in a fresh process, as a user runs it (output captured as text)."""
+    return subprocess.run(
+        [sys.executable, "-m", "segscale.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
 SAMPLE = ROOT / "src" / "segscale" / "resources" / "sample_la"
 
 

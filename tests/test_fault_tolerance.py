@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, cli, tiny_config
 from segscale.config import validate
 from segscale.engine import prepare_run_dir, train_worker
 from segscale.errors import SegscaleError
@@ -33,17 +33,7 @@ def config(tmp_path: Path, store: Path, name: str, **callback) -> Path:
 
 
 def train(config: Path, run: Path, *args: object) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "segscale.cli",
-        "train",
-        str(config),
-        "--run-dir",
-        str(run),
-        *map(str, args),
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return cli("train", config, "--run-dir", run, *args, timeout=600)
 
 
 def same_weights(a: Path, b: Path) -> bool:

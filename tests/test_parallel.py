@@ -11,13 +11,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_config
+from conftest import cli, tiny_config
 from segscale.config import validate
 from segscale.engine import check_workers, prepare_run_dir, train_worker
 from segscale.errors import SegscaleError
 from segscale.launch import torchrun_args
-
-SEGSCALE = [sys.executable, "-m", "segscale.cli"]
 
 
 def losses(run_dir: Path) -> np.ndarray:
@@ -44,12 +42,7 @@ def write_config(tmp_path: Path, store: Path, name: str, norm: str = "batch", **
 
 
 def train_cli(config: Path, run_dir: Path, *args: object) -> None:
-    r = subprocess.run(
-        [*SEGSCALE, "train", str(config), "--run-dir", str(run_dir), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = cli("train", config, "--run-dir", run_dir, *args, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -211,21 +204,16 @@ def test_launch_commands_and_slurm_script(tmp_path, real_store):
     with pytest.raises(SegscaleError, match="needs --rdzv-endpoint"):
         torchrun_args(["train", "RUN"], 1, nodes=2)
     config = write_config(tmp_path, real_store, "job")
-    r = subprocess.run(
-        [
-            *SEGSCALE,
-            "launch",
-            "--slurm",
-            str(config),
-            "--nodes",
-            "3",
-            "--gpus-per-node",
-            "4",
-            "--run-dir",
-            str(tmp_path / "job"),
-        ],
-        capture_output=True,
-        text=True,
+    r = cli(
+        "launch",
+        "--slurm",
+        config,
+        "--nodes",
+        3,
+        "--gpus-per-node",
+        4,
+        "--run-dir",
+        tmp_path / "job",
     )
     assert r.returncode == 0, r.stderr
     script = (tmp_path / "job" / "job.sbatch").read_text()
@@ -242,11 +230,7 @@ def test_schedule_plot(tmp_path, real_store):
         tmp_path, real_store, "sched", schedule={"warmup_epochs": 1, "decay": "cosine"}
     )
     out = tmp_path / "lr.png"
-    r = subprocess.run(
-        [*SEGSCALE, "schedule", str(config), "--workers", "4", "--out", str(out)],
-        capture_output=True,
-        text=True,
-    )
+    r = cli("schedule", config, "--workers", 4, "--out", out)
     assert r.returncode == 0, r.stderr
     assert (
         "peak lr 0.2 " in r.stdout

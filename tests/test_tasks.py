@@ -1,15 +1,13 @@
 """The classification task through the same engine: targets, metrics, a 2-worker run, evaluation."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
-from conftest import tiny_config
+from conftest import cli, tiny_config
 from segscale.config import validate
 from segscale.engine import check_model, plan
 from segscale.errors import SegscaleError
@@ -17,8 +15,6 @@ from segscale.imgmed import Store
 from segscale.models import create_model
 from segscale.segeval import classification_metrics
 from segscale.tasks import Classification
-
-SEGSCALE = [sys.executable, "-m", "segscale.cli"]
 
 
 def test_slice_labels_come_from_the_masks():
@@ -68,20 +64,12 @@ def test_a_classifier_trains_on_two_workers_and_evaluates_exactly(tmp_path, real
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(classify_config(real_store, epochs=2, steps_per_epoch=3)))
     run = tmp_path / "run"
-    r = subprocess.run(
-        [*SEGSCALE, "train", str(config), "--workers", "2", "--run-dir", str(run)],
-        capture_output=True,
-        text=True,
-    )
+    r = cli("train", config, "--workers", 2, "--run-dir", run)
     assert r.returncode == 0, r.stderr[-3000:]
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(0 <= h["val_accuracy"] <= 1 for h in history)
     out = tmp_path / "eval.json"
-    r = subprocess.run(
-        [*SEGSCALE, "evaluate", str(run), "--workers", "2", "--json", str(out)],
-        capture_output=True,
-        text=True,
-    )
+    r = cli("evaluate", run, "--workers", 2, "--json", out)
     assert r.returncode == 0, r.stderr[-3000:]
     ev = json.loads(out.read_text())
     # the same numbers, computed independently from the saved weights and the store's masks
@@ -98,11 +86,7 @@ def test_a_classifier_trains_on_two_workers_and_evaluates_exactly(tmp_path, real
     assert ev["confusion_matrix"]["counts"] == expected.tolist()
     assert ev["dataset"]["accuracy"] == pytest.approx((truth == pred).mean())
     assert "accuracy" in r.stdout and out.with_suffix(".png").stat().st_size > 1000
-    r = subprocess.run(
-        [*SEGSCALE, "predict", str(run), str(tmp_path), "--out", str(tmp_path / "masks")],
-        capture_output=True,
-        text=True,
-    )
+    r = cli("predict", run, tmp_path, "--out", tmp_path / "masks")
     assert r.returncode == 2 and "a classification run" in r.stderr, r.stderr
 
 
