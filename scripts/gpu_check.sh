@@ -23,10 +23,13 @@ demo_s=$(( $(date +%s) - start ))
 cp /tmp/demo/evaluation.json /tmp/demo/report.md /tmp/demo/overlays.png "$OUT/" 2>/dev/null
 python3 -m segscale.cli demo --workers 2 --out /tmp/demo2 >"$OUT/two_workers.log" 2>&1; two=$?
 dice=$(python3 -c "import json; print(round(json.load(open('/tmp/demo/evaluation.json'))['case_summary']['dice']['mean'], 4))" 2>/dev/null)
+mlflow=$(python3 -c "import sqlite3; c = sqlite3.connect('/tmp/demo/mlflow.db'); print(c.execute('select status from runs').fetchall(), c.execute('select count(*) from metrics').fetchone()[0], 'metric rows')" 2>&1 | tail -1)
+grep -i "warn" "$OUT/demo.log" | head -5
 ips=$(python3 -c "import json; r=[json.loads(l) for l in open('/tmp/demo/run/metrics.jsonl')]; print(round(sum(x['images_per_second'] for x in r[1:])/max(1,len(r)-1), 1))" 2>/dev/null)
 
 printf '\n| check | result |\n|---|---|\n'
-printf '| pytest -m gpu (CUDA train + eval vs CPU eval) | rc=%s %s |\n' "$gpu_tests" "$(tail -1 "$OUT/gpu_tests.log")"
+printf '| pytest -m gpu (CUDA train + eval vs CPU eval, fork-server worker vs fresh interpreter, bf16/fp16 autocast) | rc=%s %s |\n' "$gpu_tests" "$(tail -1 "$OUT/gpu_tests.log")"
 printf '| train/fault-tolerance/parallel tests on CUDA (not distributed) | rc=%s %s |\n' "$train_tests" "$(tail -1 "$OUT/train_tests.log")"
 printf '| demo, 1 GPU worker | rc=%s, %ss, per-case Dice %s, %s img/s |\n' "$demo" "$demo_s" "$dice" "$ips"
+printf '| demo: MLflow run (the default tracker) | %s |\n' "$mlflow"
 printf '| demo --workers 2 on 1 GPU (expect a clear error, rc=2) | rc=%s %s |\n' "$two" "$(tail -1 "$OUT/two_workers.log")"

@@ -76,7 +76,7 @@ def test_planning_a_run_imports_no_torch(real_store, tmp_path):
     """`segscale plan` checks every built-in component without importing torch (~2 s), the
     tracker (MLflow, ~1 s) or the image readers."""
     config = tmp_path / "c.yaml"
-    cfg = tiny_config(real_store, loss="ce")  # "ce" is torch's own CrossEntropyLoss
+    cfg = tiny_config(real_store, loss="ce")
     cfg["task"] = "classification"
     cfg["model"] = {"name": "cnn", "kwargs": {}}
     config.write_text(yaml.safe_dump(cfg))

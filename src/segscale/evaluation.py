@@ -163,14 +163,15 @@ def evaluate_split(
     mine = []
     for i in range(strategy.rank, len(cases), strategy.world_size):
         c = cases[i]
-        images = torch.from_numpy(np.asarray(store.images[c["start"] : c["start"] + c["count"]]))
+        # copied out of the read-only memory map: torch warns about tensors over read-only memory
+        images = torch.from_numpy(np.array(store.images[c["start"] : c["start"] + c["count"]]))
         pred = torch.cat(
             [
                 model(images[j : j + batch_size].to(strategy.device)).argmax(1)
                 for j in range(0, len(images), batch_size)
             ]
         )
-        ref = torch.from_numpy(np.asarray(store.masks[c["start"] : c["start"] + c["count"]])).to(
+        ref = torch.from_numpy(np.array(store.masks[c["start"] : c["start"] + c["count"]])).to(
             strategy.device
         )
         mine.append(

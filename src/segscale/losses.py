@@ -7,6 +7,35 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """F.cross_entropy, reproducible on CUDA too. Under deterministic mode CUDA's nll_loss2d kernel
+    still sums the loss with atomics (torch warns), so two identical runs report train losses that
+    differ in the 8th digit; its gradient is deterministic. There the same mean of −log p at the
+    target class is taken with ordinary reductions, which are deterministic. Elsewhere (CPU, and
+    CUDA without deterministic mode) torch's fused kernel runs unchanged."""
+    if logits.is_cuda and logits.dim() > 2 and torch.are_deterministic_algorithms_enabled():
+        return cross_entropy_by_reductions(logits, target)
+    return F.cross_entropy(logits, target)
+
+
+def cross_entropy_by_reductions(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The mean over pixels of −log softmax at the target class (float32, like autocast's
+    cross_entropy), with no scatter or atomic sum in either direction."""
+    onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return -(logits.log_softmax(1, dtype=dtype) * onehot).sum(1).mean()
+
+
+class CrossEntropyLoss(nn.Module):
+    """Multi-class cross-entropy on logits (N, C, ...) and class indices (N, ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(logits, target)
+
+
 class DiceLoss(nn.Module):
     """1 − soft Dice, averaged over foreground classes, from batch-summed (not per-image) overlaps
     so that slices without foreground do not dominate the loss."""
@@ -31,4 +60,4 @@ class DiceCELoss(nn.Module):
         self.dice = DiceLoss()
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, target) + self.dice(logits, target)
+        return cross_entropy(logits, target) + self.dice(logits, target)

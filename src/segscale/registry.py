@@ -169,7 +169,7 @@ MODELS = Registry(
 LOSSES = Registry(
     "loss",
     {
-        "ce": "torch.nn:CrossEntropyLoss",
+        "ce": "segscale.losses:CrossEntropyLoss",
         "dice": "segscale.losses:DiceLoss",
         "dice_ce": "segscale.losses:DiceCELoss",
     },
