@@ -1,6 +1,7 @@
 """The hand-written baseline of benchmarks/scaling.py: a plain torch DDP loop over the same prepared
 store, model, batch, optimiser and loss as segscale's run, with nothing else. Run under torchrun;
-rank 0 prints {"images_per_second": ...} for the timed epochs."""
+rank 0 prints {"images_per_second": ..., "median_step_seconds": ...} for the epochs after the
+first."""
 
 from __future__ import annotations
 
@@ -61,10 +62,11 @@ def main() -> None:
     data = Slices(args.store)
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0)
     loader = DataLoader(data, batch_size=args.batch, sampler=sampler, drop_last=True)
-    rates = []
+    rates, step_seconds = [], []
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
         t0, seen = time.perf_counter(), 0
+        last = t0
         for i, (x, y) in enumerate(loader):
             if i == args.steps:
                 break
@@ -73,12 +75,24 @@ def main() -> None:
             loss.backward()
             opt.step()
             seen += len(x) * world
+            now = time.perf_counter()
+            if epoch > 0:  # like benchmarks/_step_timer.py: step end to step end, loading included
+                step_seconds.append(now - last)
+            last = now
             if args.first_step_file and rank == 0 and epoch == 0 and i == 0:
                 with open(args.first_step_file, "w") as f:
                     f.write(repr(time.time()))
         rates.append(seen / (time.perf_counter() - t0))
     if rank == 0:
-        print(json.dumps({"images_per_second": float(np.mean(rates[1:]))}))
+        print(
+            json.dumps(
+                {
+                    "images_per_second": float(np.mean(rates[1:])),
+                    "median_step_seconds": float(np.median(step_seconds)),
+                    "global_batch": args.batch * world,
+                }
+            )
+        )
     dist.destroy_process_group()
 
 
