@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -32,8 +33,17 @@ HERE = Path(__file__).resolve().parent
 
 
 def segscale_rate(
-    tmp: Path, store: Path, name: str, workers: int, steps: int, epochs: int, **train: object
+    tmp: Path,
+    store: Path,
+    name: str,
+    workers: int,
+    steps: int,
+    epochs: int,
+    env: dict[str, str] | None = None,
+    **train: object,
 ) -> float:
+    """img/s of `segscale train` at the demo size: global batch / median step time. `env`: extra
+    environment variables for the run."""
     timer = tmp / f"{name}.steps.json"
     cfg = {
         "name": name,
@@ -68,7 +78,7 @@ def segscale_rate(
         "--workers",
         str(workers),
     ]
-    subprocess.run(cmd, check=True, capture_output=True)
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **(env or {})})
     env = json.loads((run / "environment.json").read_text())
     steps = json.loads(timer.read_text())["step_seconds"]  # epoch 1 warms up: not in there
     return env["global_batch"] / statistics.median(steps)

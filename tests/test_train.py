@@ -133,3 +133,32 @@ def test_seeding_turns_on_deterministic_kernels_without_loading_the_compiler():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "True", "False", "False"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a glibc setting")
+def test_workers_keep_freed_memory_instead_of_faulting_it_in_every_step():
+    """By default glibc maps a training step's big activations afresh every step, each 4 KiB a
+    page fault (~1,700 per step of this small net). A worker's process environment keeps freed
+    blocks for reuse (measured 30-100 faults per step)."""
+    code = (
+        "import resource, sys, torch\n"
+        "from segscale.models import create_model\n"
+        "from segscale.parallel.base import ProcessEnv\n"
+        "if sys.argv[1] == 'worker': ProcessEnv('cpu', 1)\n"
+        "torch.set_num_threads(1)\n"
+        "model = create_model('resunet', 1, 2, base_channels=8, depth=2)\n"
+        "x = torch.randn(8, 1, 64, 64)\n"
+        "for _ in range(2): model(x).square().mean().backward()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(5): model(x).square().mean().backward()\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 5)\n"
+    )
+    faults = {
+        how: int(
+            subprocess.run(
+                [sys.executable, "-c", code, how], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        for how in ("plain", "worker")
+    }
+    assert faults["worker"] * 4 < faults["plain"], faults

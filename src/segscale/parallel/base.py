@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from segscale._memory import keep_freed_memory
 from segscale.errors import SegscaleError
 from segscale.registry import STRATEGIES
 
@@ -58,6 +59,7 @@ class ProcessEnv:
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.virtual_workers = self.world_size
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        keep_freed_memory()
         use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
         if use_cuda and not torch.cuda.is_available():
             raise SegscaleError("train.device is 'cuda' but no CUDA device is available")

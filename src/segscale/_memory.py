@@ -1,0 +1,38 @@
+"""Keep freed memory in the process: glibc's defaults make a CPU training step page-fault anew
+through every activation it allocates."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_applied = False
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep the memory a process frees for its own reuse.
+
+    By default glibc maps large blocks (from 128 KiB; the threshold rises with use, up to 32 MiB)
+    with mmap and unmaps them when freed, and trims the top of its heap: a training step then
+    takes a fresh page fault, and a zeroed page, for every 4 KiB of activations it allocates.
+    ResUNet 16/3 at batch 16 on 2 threads: 23,000 faults per step at 128² (226–232 → 178–191 ms
+    per step without them), 250,000 at 256² (1134–1263 → 745–797 ms). Here every block comes from
+    the heap, which is never trimmed: the process holds on to its peak memory (measured within 5%
+    of the default's peak), which a training loop reaches again every step anyway.
+
+    Only on Linux with glibc (a no-op elsewhere), and not with SEGSCALE_KEEP_FREED_MEMORY=0 in the
+    environment. Returns whether it applied."""
+    global _applied
+    if _applied or sys.platform != "linux" or os.environ.get("SEGSCALE_KEEP_FREED_MEMORY") == "0":
+        return _applied
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    # No mmap must take before trimming is turned off: setting either one stops glibc from raising
+    # its mmap threshold itself, and untrimmed heap with every block over 128 KiB mapped is worse.
+    _applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return _applied
