@@ -35,7 +35,7 @@ def main() -> None:
         store = prepare_demo_store(tmp / "store", progress=False)
         for i in range(args.repeats):
             for j, (setup, (workers, train)) in enumerate(SETUPS.items()):
-                for keep in (True, False):
+                for keep in (True, False) if i % 2 == 0 else (False, True):  # ABBA
                     env = {} if keep else {"SEGSCALE_KEEP_FREED_MEMORY": "0"}
                     rate = segscale_rate(
                         tmp,

@@ -154,10 +154,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         store = prepare_demo_store(tmp / "store", progress=False)
-        for i in range(
-            args.repeats
-        ):  # interleaved, so slow spells of the machine hit every measure
-            for key in keys:
+        # Interleaved, so slow spells of the machine hit every measure; every other round runs
+        # in reverse order, so a drift over the run does not favour whichever side runs first.
+        for i in range(args.repeats):
+            for key in keys if i % 2 == 0 else keys[::-1]:
                 runs[key].append(run(key, i))
     m = {k: statistics.median(v) for k, v in runs.items()}
 

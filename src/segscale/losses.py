@@ -29,7 +29,7 @@ def cross_entropy_by_reductions(logits: torch.Tensor, target: torch.Tensor) -> t
 class CrossEntropyLoss(nn.Module):
     """Multi-class cross-entropy on logits (N, C, ...) and class indices (N, ...)."""
 
-    def __init__(self) -> None:
+    def __init__(self) -> None:  # spelled out: the registry reads built-in signatures from source
         super().__init__()
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
