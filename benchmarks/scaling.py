@@ -83,9 +83,9 @@ def segscale_rate(
         str(workers),
     ]
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **(env or {})})
-    env = json.loads((run / "environment.json").read_text())
+    record = json.loads((run / "environment.json").read_text())
     steps = json.loads(timer.read_text())["step_seconds"]  # epoch 1 warms up: not in there
-    return env["global_batch"] / statistics.median(steps)
+    return record["global_batch"] / statistics.median(steps)
 
 
 # glibc set as segscale's workers set it (segscale/_memory.py), for the plain loop
@@ -136,7 +136,7 @@ def main() -> None:
             return plain_rate(store, 2, s, e, KEEP_FREED_MEMORY)
         if key == "two":
             return segscale_rate(tmp, store, f"two{i}", 2, s, e)
-        one_process = {  # one process with both cores: batch 16, or 2 simulated workers of 8
+        one_process = {  # 1 worker on 1 thread; or on both cores: batch 16, 2 simulated workers of 8
             "one": {"threads": 1},
             "big": {"batch_size": 16},
             "sim": {"simulate_workers": 2},
