@@ -87,8 +87,9 @@ def main() -> None:
         print(
             json.dumps(
                 {
-                    "images_per_second": float(np.mean(rates[1:])),
-                    "median_step_seconds": float(np.median(step_seconds)),
+                    # none with --epochs 1 (engine_overhead.py times the first step only)
+                    "images_per_second": float(np.mean(rates[1:])) if rates[1:] else None,
+                    "median_step_seconds": float(np.median(step_seconds)) if step_seconds else None,
                     "global_batch": args.batch * world,
                 }
             )
