@@ -259,12 +259,14 @@ class RunConfig(_Strict):
             raise ValueError("must be a plain folder name (no '/', not starting with '.')")
         return v
 
+    def settings(self) -> dict[str, Any]:
+        """Everything that shapes training, as JSON data: not the tracker, which only records. The
+        digest hashes it; trackers record it as the run's parameters."""
+        return self.model_dump(mode="json", exclude={"tracker"})
+
     def digest(self) -> str:
-        """A short hash of everything that shapes training (for checkpoints and records): not the
-        tracker, which only records."""
-        blob = json.dumps(
-            self.model_dump(mode="json", exclude={"tracker"}), sort_keys=True
-        ).encode()
+        """A short hash of the settings (for checkpoints and records)."""
+        blob = json.dumps(self.settings(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

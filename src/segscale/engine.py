@@ -286,7 +286,7 @@ def train_worker(
             tracker = TRACKERS.resolve(cfg.tracker.name)(
                 run_dir=run_dir,
                 run_name=cfg.name,
-                params=flatten(cfg.model_dump(mode="json", exclude={"tracker"})),
+                params=flatten(cfg.settings()),
                 **cfg.tracker.kwargs,
             )
         seed_everything(cfg.seed, t.deterministic)
