@@ -9,7 +9,6 @@ import sys
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_applied = False
 
 
 def keep_freed_memory() -> bool:
@@ -24,10 +23,9 @@ def keep_freed_memory() -> bool:
     of the default's peak), which a training loop reaches again every step anyway.
 
     Only on Linux with glibc (a no-op elsewhere), and not with SEGSCALE_KEEP_FREED_MEMORY=0 in the
-    environment. Returns whether it applied."""
-    global _applied
-    if _applied or sys.platform != "linux" or os.environ.get("SEGSCALE_KEEP_FREED_MEMORY") == "0":
-        return _applied
+    environment. Returns whether it applied; applying it again changes nothing."""
+    if sys.platform != "linux" or os.environ.get("SEGSCALE_KEEP_FREED_MEMORY") == "0":
+        return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc
@@ -35,5 +33,4 @@ def keep_freed_memory() -> bool:
     # mmap off first, and trimming off only if that took: setting either one stops glibc from
     # raising its mmap threshold by itself, and trimming off alone would leave every block over
     # 128 KiB mapped, which faults more than the default (measured: 2.3× the step time).
-    _applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-    return _applied
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
