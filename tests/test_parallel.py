@@ -101,14 +101,40 @@ def test_fused_simulation_without_batchnorm_matches_up_to_rounding(tmp_path, rea
     real = tmp_path / "real"
     train_cli(write_config(tmp_path, real_store, "real", norm="instance"), real, "--workers", 2)
     sim_config = write_config(
-        tmp_path, real_store, "sim", norm="instance", simulate_workers=2, threads=1
+        tmp_path,
+        real_store,
+        "sim",
+        norm="instance",
+        simulate_workers=2,
+        simulate_fused=True,
+        threads=1,
     )
     sim = tmp_path / "sim"
     prepare_run_dir(validate(yaml.safe_load(sim_config.read_text())), sim, resume=False)
     train_worker(sim, progress=False)
+    assert json.loads((sim / "environment.json").read_text())["fused_microbatches"] is True
     a, b = losses(real), losses(sim)
     np.testing.assert_allclose(b[0], a[0], rtol=1e-6)
     np.testing.assert_allclose(b, a, rtol=1e-3)
+
+
+def test_fused_simulation_with_batchnorm_warns_and_runs_the_exact_path(tmp_path, real_store):
+    """One forward pass would give BatchNorm the statistics of all K micro-batches together, so
+    with BatchNorm simulate_fused says it has no effect, and the record shows the exact path ran."""
+    config = write_config(
+        tmp_path,
+        real_store,
+        "bn",
+        simulate_workers=2,
+        simulate_fused=True,
+        epochs=1,
+        steps_per_epoch=2,
+    )
+    run = tmp_path / "bn"
+    prepare_run_dir(validate(yaml.safe_load(config.read_text())), run, resume=False)
+    with pytest.warns(UserWarning, match="simulate_fused has no effect: the model has BatchNorm"):
+        train_worker(run, progress=False)
+    assert json.loads((run / "environment.json").read_text())["fused_microbatches"] is False
 
 
 @pytest.mark.distributed

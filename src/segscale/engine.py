@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -326,6 +327,15 @@ def train_worker(
             OPTIMIZERS.resolve(t.optimizer.name)(model.parameters(), t.optimizer)
         )
         loss_fn = LOSSES.resolve(t.loss)().to(strategy.device)
+        # One forward pass for the K micro-batches gives each BatchNorm layer the statistics of
+        # all K together, not of each worker's batch: with BatchNorm, the exact path runs instead.
+        fuse = t.simulate_fused and not has_batch_statistics(model)
+        if t.simulate_fused and not fuse and strategy.rank == 0:
+            warnings.warn(
+                "train.simulate_fused has no effect: the model has BatchNorm, whose statistics "
+                "depend on the batch, so the micro-batches run one after the other (exact path)",
+                stacklevel=1,
+            )
         if strategy.rank == 0:
             record = {
                 **environment(),
@@ -334,6 +344,7 @@ def train_worker(
                 "peak_lr": schedule.peak_lr,
                 "workers": strategy.virtual_workers,
                 "simulated": bool(t.simulate_workers),
+                "fused_microbatches": fuse,
                 "global_batch": t.batch_size * strategy.virtual_workers,
                 "steps_per_epoch": steps,
             }
@@ -363,7 +374,7 @@ def train_worker(
                 *([tracker] if tracker else []),
             ],
             amp=t.amp,
-            fuse_microbatches=t.simulate_fused and not has_batch_statistics(model),
+            fuse_microbatches=fuse,
             progress=progress,
         )
         return trainer.fit(resume=resume)
