@@ -221,8 +221,9 @@ class TrainConfig(_Strict):
     )
     simulate_fused: bool = Field(
         False,
-        description="Simulation without BatchNorm: run the K micro-batches as one forward pass. Faster; "
-        "equal up to float rounding, which training amplifies (see docs/performance.md).",
+        description="Run the K simulated micro-batches as one forward pass, BatchNorm still per "
+        "micro-batch. Faster; equal up to float rounding, which training amplifies "
+        "(docs/distributed.md).",
     )
     sync_batchnorm: bool = Field(
         False, description="Synchronise BatchNorm statistics across workers."

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -230,13 +229,6 @@ def steps_per_epoch_for(cfg: RunConfig, workers: int) -> int:
     return min(cfg.train.steps_per_epoch or full, full)
 
 
-def has_batch_statistics(model: torch.nn.Module) -> bool:
-    """Whether a sample's output depends on the rest of its batch (BatchNorm in training)."""
-    import torch
-
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 def build_model(p: Plan) -> torch.nn.Module:
     from segscale.models import create_model
 
@@ -264,7 +256,7 @@ def train_worker(
     import torch
 
     from segscale.data import SliceDataset, TrainLoader, eval_loader
-    from segscale.parallel import SimulatedStrategy, Strategy, create_strategy
+    from segscale.parallel import SimulatedStrategy, Strategy, create_strategy, ghost_batchnorm
     from segscale.repro import environment, seed_everything
     from segscale.schedules import build_schedule
     from segscale.tracking import flatten
@@ -292,6 +284,8 @@ def train_worker(
             )
         seed_everything(cfg.seed, t.deterministic)
         model = build_model(p)  # the same seed on every rank; DDP also broadcasts rank 0's weights
+        if t.simulate_fused:  # one pass for the K micro-batches; BatchNorm still sees each alone
+            model = ghost_batchnorm(model, t.simulate_workers or 1)
         if t.sync_batchnorm and strategy.world_size > 1:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = strategy.wrap(model)
@@ -327,15 +321,6 @@ def train_worker(
             OPTIMIZERS.resolve(t.optimizer.name)(model.parameters(), t.optimizer)
         )
         loss_fn = LOSSES.resolve(t.loss)().to(strategy.device)
-        # One forward pass for the K micro-batches gives each BatchNorm layer the statistics of
-        # all K together, not of each worker's batch: with BatchNorm, the exact path runs instead.
-        fuse = t.simulate_fused and not has_batch_statistics(model)
-        if t.simulate_fused and not fuse and strategy.rank == 0:
-            warnings.warn(
-                "train.simulate_fused has no effect: the model has BatchNorm, whose statistics "
-                "depend on the batch, so the micro-batches run one after the other (exact path)",
-                stacklevel=1,
-            )
         if strategy.rank == 0:
             record = {
                 **environment(),
@@ -344,7 +329,7 @@ def train_worker(
                 "peak_lr": schedule.peak_lr,
                 "workers": strategy.virtual_workers,
                 "simulated": bool(t.simulate_workers),
-                "fused_microbatches": fuse,
+                "fused_microbatches": t.simulate_fused,
                 "global_batch": t.batch_size * strategy.virtual_workers,
                 "steps_per_epoch": steps,
             }
@@ -374,7 +359,7 @@ def train_worker(
                 *([tracker] if tracker else []),
             ],
             amp=t.amp,
-            fuse_microbatches=fuse,
+            fuse_microbatches=t.simulate_fused,
             progress=progress,
         )
         return trainer.fit(resume=resume)

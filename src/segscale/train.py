@@ -199,8 +199,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        # Without BatchNorm a sample's output does not depend on its batch-mates, so K micro-batches
-        # can share one forward pass (faster); the loss stays per micro-batch, as on K workers.
+        # Fused, the K micro-batches share one forward pass (faster), BatchNorm still normalising
+        # each alone (ghost_batchnorm); the loss stays per micro-batch, as on K workers.
         passes = [micro] if self.fuse_microbatches else [[m] for m in micro]
         loss = torch.zeros((), device=self.strategy.device)
         for group in passes:

@@ -2,7 +2,7 @@
 
 from segscale.parallel.base import AllReduceStrategy, ProcessEnv, Strategy, create_strategy, unwrap
 from segscale.parallel.local_sgd import LocalSGDStrategy
-from segscale.parallel.simulate import SimulatedStrategy
+from segscale.parallel.simulate import SimulatedStrategy, ghost_batchnorm
 
 __all__ = [
     "AllReduceStrategy",
@@ -11,5 +11,6 @@ __all__ = [
     "SimulatedStrategy",
     "Strategy",
     "create_strategy",
+    "ghost_batchnorm",
     "unwrap",
 ]
