@@ -39,10 +39,11 @@ class _GhostBatchNorm:
     In evaluation it is the BatchNorm it was. "Ghost batch normalisation": Hoffer et al., 2017."""
 
     ghost_groups: int
+    training: bool  # the BatchNorm's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn: Any = super()
-        if not self.training or self.ghost_groups == 1:  # type: ignore[attr-defined]
+        if not self.training or self.ghost_groups == 1:
             return bn.forward(x)
         if len(x) % self.ghost_groups:
             raise SegscaleError(
