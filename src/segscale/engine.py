@@ -89,6 +89,7 @@ class Plan:
                     STRATEGIES,
                     **t.strategy.kwargs,
                     simulate_workers=t.simulate_workers,
+                    simulate_fused=t.simulate_fused,
                     sync_batchnorm=t.sync_batchnorm,
                 ),
                 "optimizer": part(
