@@ -113,6 +113,25 @@ def test_fused_simulation_without_batchnorm_matches_up_to_rounding(tmp_path, rea
     np.testing.assert_allclose(b, a, rtol=1e-3)
 
 
+def test_simulate_workers_flag_of_segscale_train(tmp_path, real_store):
+    """`segscale train CFG --simulate-workers K` is train.simulate_workers=K, recorded in the run
+    folder's config; with --workers > 1 or K < 1 it is refused in one line (exit 2)."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(real_store, epochs=1, steps_per_epoch=2)))
+    run = tmp_path / "run"
+    r = cli("train", config, "--run-dir", run, "--simulate-workers", 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    env = json.loads((run / "environment.json").read_text())
+    assert (env["simulated"], env["workers"], env["global_batch"]) == (True, 2, 8)
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["simulate_workers"] == 2
+
+    r = cli("train", config, "--run-dir", tmp_path / "r2", "--simulate-workers", 2, "--workers", 2)
+    assert r.returncode == 2
+    assert "simulate_workers runs K workers' math in one process: use --workers 1" in r.stderr
+    r = cli("train", config, "--run-dir", tmp_path / "r3", "--simulate-workers", 0)
+    assert r.returncode == 2 and "train.simulate_workers" in r.stderr, r.stderr
+
+
 def test_ghost_batchnorm_normalises_each_micro_batch_alone_bit_for_bit():
     """One pass over K micro-batches gives the very outputs, running statistics and step count of K
     passes through the plain layer; evaluation is the plain layer's; state_dict keys are kept."""

@@ -186,9 +186,21 @@ def train_cmd(
     max_restarts: Annotated[
         int, typer.Option(help="Restarts of failed workers by the elastic agent.")
     ] = 0,
+    simulate_workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Run the math of K synchronous workers in this one process (the same as "
+            "train.simulate_workers=K; add train.simulate_fused=true for one pass per step).",
+            metavar="K",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Train a model: one process, or N through torch.distributed.run (DDP)."""
     from segscale.launch import launch, start_worker_server
+
+    if simulate_workers is not None:  # an override, so the run folder's config records it
+        overrides = [*(overrides or []), f"train.simulate_workers={simulate_workers}"]
 
     if (workers or 1) > 1 or nodes > 1:
         start_worker_server()  # its imports run on another core while the run is checked
