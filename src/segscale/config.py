@@ -180,7 +180,7 @@ class StrategyConfig(_Shorthand):
     kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="allreduce: bucket_cap_mb, gradient_as_bucket_view, static_graph, compression "
-        "(none | fp16 | bf16 | powersgd), powersgd_rank; local_sgd: period, warmup_steps.",
+        "(none | fp16 | bf16 | powersgd), powersgd_rank, powersgd_start_iter; local_sgd: period.",
     )
 
 
