@@ -182,10 +182,28 @@ def test_fused_simulation_with_batchnorm_matches_the_exact_path(tmp_path, real_s
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=5e-3)
 
 
+def test_bf16_compression_on_cpu_workers_is_refused_before_the_process_group(monkeypatch):
+    """Started by torchrun directly (no `segscale train` check), each worker refuses in one line
+    before it joins a process group, instead of gloo's TypeError in the hook at the first step."""
+    from segscale.parallel import AllReduceStrategy
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SegscaleError, match="compression 'bf16' needs GPUs"):
+        AllReduceStrategy(device="cpu", compression="bf16")
+
+
 @pytest.mark.distributed
-def test_compression_hooks_change_the_math_but_train(tmp_path, real_store):
-    run = tmp_path / "powersgd"
-    kwargs = {"compression": "powersgd", "powersgd_rank": 1, "powersgd_start_iter": 2}
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"compression": "fp16"},
+        {"compression": "powersgd", "powersgd_rank": 1, "powersgd_start_iter": 2},
+    ],
+    ids=["fp16", "powersgd"],
+)
+def test_compression_hooks_train_on_gloo_workers(tmp_path, real_store, kwargs):
+    """The compression hooks that gloo carries (bf16 needs NCCL and is refused on CPU)."""
+    run = tmp_path / kwargs["compression"]
     train_cli(
         write_config(
             tmp_path, real_store, "p", strategy={"name": "allreduce", "kwargs": kwargs}, amp="bf16"
@@ -319,6 +337,10 @@ def test_misconfigurations_fail_before_launch(real_store):
         check_workers(validate(tiny_config(real_store, simulate_fused=True)), 1)
     with pytest.raises(SegscaleError, match="use --workers 1"):
         check_workers(validate(tiny_config(real_store, simulate_workers=4)), 2)
+    bf16 = {"name": "allreduce", "kwargs": {"compression": "bf16"}}
+    with pytest.raises(SegscaleError, match="compression 'bf16' needs GPUs"):
+        check_workers(validate(tiny_config(real_store, strategy=bf16, device="cpu")), 2)
+    check_workers(validate(tiny_config(real_store, strategy=bf16, device="cpu")), 1)  # no effect
     from segscale.engine import plan
 
     with pytest.raises(SegscaleError, match=r"strategy 'allreduce' kwargs \['bucket_mb'\]"):

@@ -212,6 +212,12 @@ def check_workers(cfg: RunConfig, workers: int) -> None:
         raise SegscaleError(
             "train.sync_batchnorm needs GPUs (torch's SyncBatchNorm is CUDA-only); drop it on CPU"
         )
+    strategy = cfg.train.strategy
+    if on_cpu and workers > 1 and strategy.name == "allreduce":
+        from segscale.parallel.base import BF16_NEEDS_GPUS
+
+        if strategy.kwargs.get("compression") == "bf16":
+            raise SegscaleError(f"train.strategy: {BF16_NEEDS_GPUS}")
     if on_cpu:
         return
     gpus = torch.cuda.device_count()

@@ -122,6 +122,11 @@ class ProcessEnv:
 
 
 COMPRESSION = ("none", "fp16", "bf16", "powersgd")
+# torch's bf16 hook casts with NCCL's bf16 support; gloo has none (a TypeError in every worker)
+BF16_NEEDS_GPUS = (
+    "allreduce compression 'bf16' needs GPUs (torch's bf16 hook runs on NCCL only); "
+    "on CPU use fp16 or powersgd"
+)
 
 
 class AllReduceStrategy(ProcessEnv):
@@ -145,6 +150,9 @@ class AllReduceStrategy(ProcessEnv):
             raise SegscaleError(
                 f"allreduce compression '{compression}': expected one of {', '.join(COMPRESSION)}"
             )
+        on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        if compression == "bf16" and on_cpu and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise SegscaleError(BF16_NEEDS_GPUS)  # before the process group: no worker waits
         super().__init__(device, threads)
         self.ddp_kwargs = {
             "bucket_cap_mb": bucket_cap_mb,
