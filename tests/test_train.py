@@ -170,3 +170,46 @@ def test_workers_keep_freed_memory_instead_of_faulting_it_in_every_step():
     }
     assert faults["worker"] * 4 < faults["plain"], faults
     assert faults["worker"] * 4 < faults["opted out"], faults
+
+
+def test_grad_clip_bounds_the_step_by_the_gradient_norm(tmp_path, real_store):
+    """With plain SGD at lr 1, one step moves the weights by exactly the (clipped) gradient: its
+    norm is at most train.grad_clip with clipping, and far more without it."""
+    from segscale.data import SliceDataset, TrainLoader, eval_loader
+    from segscale.imgmed import Store
+    from segscale.losses import DiceCELoss
+    from segscale.models import create_model
+    from segscale.parallel import AllReduceStrategy
+    from segscale.train import Trainer
+
+    store = Store.open(real_store)
+    strategy = AllReduceStrategy("cpu")
+    augment = validate(tiny_config(real_store)).data.augment
+
+    def step_norm(clip: float | None) -> float:
+        torch.manual_seed(0)
+        model = create_model("unet", 1, 2, base_channels=4, depth=2)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        val = SliceDataset(store, "val")
+        Trainer(
+            model,
+            torch.optim.SGD(model.parameters(), lr=1.0),
+            lambda step: 1.0,
+            DiceCELoss(),
+            TrainLoader(SliceDataset(store, "train"), 4, [0], 1, strategy.device, 0, augment),
+            eval_loader(val, 4, 0, 1),
+            strategy,
+            epochs=1,
+            num_classes=2,
+            num_val_cases=len(val.cases),
+            run_dir=tmp_path / str(clip),
+            steps_per_epoch=1,
+            grad_clip=clip,
+            progress=False,
+        ).fit()
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        return float((after - before).norm())
+
+    clipped, free = step_norm(1e-3), step_norm(None)
+    assert 0 < clipped <= 1e-3 * (1 + 1e-4)
+    assert free > 10 * clipped
