@@ -52,9 +52,20 @@ def test_simulated_and_local_sgd_reproduce_real_allreduce(tmp_path, real_store):
     """20 steps of 2 real gloo workers vs (a) 2 simulated workers in one process: the same loss
     trajectory (measured ≈2e-8 relative; asserted ≤ 1e-6); (b) local SGD averaging the parameters
     every step with plain SGD, the same math in another rounding order, whose differences grow
-    through training (measured ≈1e-4 at step 20; asserted ≤ 1e-3)."""
+    through training (measured ≈1e-4 at step 20; asserted ≤ 1e-3); (c) DDP's tuning options, which
+    change how gradients travel but not their sum: bit-identical losses and weights."""
     real = tmp_path / "real"
     train_cli(write_config(tmp_path, real_store, "real"), real, "--workers", 2)
+
+    tuned = tmp_path / "tuned"
+    ddp = {"bucket_cap_mb": 0.1, "gradient_as_bucket_view": False, "static_graph": True}
+    config = write_config(
+        tmp_path, real_store, "tuned", strategy={"name": "allreduce", "kwargs": ddp}
+    )
+    train_cli(config, tuned, "--workers", 2)
+    assert np.array_equal(losses(tuned), losses(real))
+    wr, wt = (torch.load(d / "model.pt", weights_only=True) for d in (real, tuned))
+    assert all(torch.equal(wt[k], wr[k]) for k in wr)
 
     # one thread, like each of the 2 real workers: threaded kernels reduce in another order
     sim_config = write_config(tmp_path, real_store, "sim", simulate_workers=2, threads=1)
