@@ -340,6 +340,8 @@ def test_schedule_plot(tmp_path, real_store):
 
 def test_misconfigurations_fail_before_launch(real_store):
     cfg = validate(tiny_config(real_store, sync_batchnorm=True, device="cpu"))
+    from segscale.engine import plan
+
     with pytest.raises(SegscaleError, match="sync_batchnorm needs GPUs"):
         check_workers(cfg, 2)
     with pytest.raises(
@@ -348,11 +350,20 @@ def test_misconfigurations_fail_before_launch(real_store):
         check_workers(validate(tiny_config(real_store, simulate_fused=True)), 1)
     with pytest.raises(SegscaleError, match="use --workers 1"):
         check_workers(validate(tiny_config(real_store, simulate_workers=4)), 2)
+    for strategy, what in (
+        ({"name": "local_sgd", "kwargs": {"period": 2}}, "'local_sgd'"),
+        ({"name": "allreduce", "kwargs": {"compression": "powersgd"}}, "compression 'powersgd'"),
+    ):
+        with pytest.raises(
+            SegscaleError, match=f"not train.strategy {what}: use strategy allreduce"
+        ):
+            plan(validate(tiny_config(real_store, simulate_workers=2, strategy=strategy)))
+    tuned = {"name": "allreduce", "kwargs": {"bucket_cap_mb": 5}}  # how, not what: simulated
+    plan(validate(tiny_config(real_store, simulate_workers=2, strategy=tuned)))
     bf16 = {"name": "allreduce", "kwargs": {"compression": "bf16"}}
     with pytest.raises(SegscaleError, match="compression 'bf16' needs GPUs"):
         check_workers(validate(tiny_config(real_store, strategy=bf16, device="cpu")), 2)
     check_workers(validate(tiny_config(real_store, strategy=bf16, device="cpu")), 1)  # no effect
-    from segscale.engine import plan
 
     with pytest.raises(SegscaleError, match=r"strategy 'allreduce' kwargs \['bucket_mb'\]"):
         plan(

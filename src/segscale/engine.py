@@ -158,6 +158,17 @@ def plan(cfg: RunConfig) -> Plan:
         )
     OPTIMIZERS.check(cfg.train.optimizer.name)
     check_kwargs(STRATEGIES, cfg.train.strategy.name, cfg.train.strategy.kwargs)
+    strategy = cfg.train.strategy
+    compression = strategy.kwargs.get("compression", "none")
+    if cfg.train.simulate_workers and (strategy.name != "allreduce" or compression != "none"):
+        # the simulation accumulates exact gradients: another strategy's math would go unsimulated
+        what = (
+            f"'{strategy.name}'" if strategy.name != "allreduce" else f"compression '{compression}'"
+        )
+        raise SegscaleError(
+            f"train.simulate_workers reproduces plain gradient all-reduce, not train.strategy "
+            f"{what}: use strategy allreduce without compression, or real workers"
+        )
     for cb in cfg.train.callbacks:
         check_kwargs(CALLBACKS, cb.name, cb.kwargs)
     check_kwargs(TRACKERS, cfg.tracker.name, cfg.tracker.kwargs)
