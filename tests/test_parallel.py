@@ -339,9 +339,9 @@ def test_schedule_plot(tmp_path, real_store):
 
 
 def test_misconfigurations_fail_before_launch(real_store):
-    cfg = validate(tiny_config(real_store, sync_batchnorm=True, device="cpu"))
     from segscale.engine import plan
 
+    cfg = validate(tiny_config(real_store, sync_batchnorm=True, device="cpu"))
     with pytest.raises(SegscaleError, match="sync_batchnorm needs GPUs"):
         check_workers(cfg, 2)
     with pytest.raises(

@@ -172,7 +172,7 @@ def test_workers_keep_freed_memory_instead_of_faulting_it_in_every_step():
     assert faults["worker"] * 4 < faults["opted out"], faults
 
 
-def test_grad_clip_bounds_the_step_by_the_gradient_norm(tmp_path, real_store):
+def test_grad_clip_bounds_an_sgd_step_by_the_clip_norm(tmp_path, real_store):
     """With plain SGD at lr 1, one step moves the weights by exactly the (clipped) gradient: its
     norm is at most train.grad_clip with clipping, and far more without it."""
     from segscale.data import SliceDataset, TrainLoader, eval_loader

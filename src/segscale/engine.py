@@ -224,11 +224,11 @@ def check_workers(cfg: RunConfig, workers: int) -> None:
             "train.sync_batchnorm needs GPUs (torch's SyncBatchNorm is CUDA-only); drop it on CPU"
         )
     strategy = cfg.train.strategy
-    if on_cpu and workers > 1 and strategy.name == "allreduce":
+    bf16 = strategy.name == "allreduce" and strategy.kwargs.get("compression") == "bf16"
+    if on_cpu and workers > 1 and bf16:
         from segscale.parallel.base import BF16_NEEDS_GPUS
 
-        if strategy.kwargs.get("compression") == "bf16":
-            raise SegscaleError(f"train.strategy: {BF16_NEEDS_GPUS}")
+        raise SegscaleError(f"train.strategy: {BF16_NEEDS_GPUS}")
     if on_cpu:
         return
     gpus = torch.cuda.device_count()
