@@ -170,3 +170,20 @@ def test_a_failed_checkpoint_write_is_a_clear_error_and_leaves_no_partial_file(
         "cannot write" in r.stderr and "File too large" in r.stderr and "Traceback" not in r.stderr
     )
     assert list((run / "checkpoints").iterdir()) == []  # no torn or temporary file left behind
+
+
+def test_fused_simulation_resumes_mid_epoch_exactly(tmp_path, real_store):
+    """Two simulated workers in one pass (ghost BatchNorm): resumed from the mid-epoch checkpoint
+    at step 6, the run ends with the uninterrupted run's weights and BatchNorm statistics."""
+    fused = {"simulate_workers": 2, "simulate_fused": True}
+    full = in_process_run(tmp_path, real_store, "full", **fused)
+    cut = in_process_run(tmp_path, real_store, "cut", **fused)
+    for path in (cut / "checkpoints").glob("step_00000008.pt*"):
+        path.unlink()
+    (cut / "model.pt").unlink()
+    step6 = cut / "checkpoints" / "step_00000006.pt"
+    written = step6.stat().st_mtime_ns
+    train_worker(cut, resume=True, progress=False)
+    assert step6.stat().st_mtime_ns == written  # resumed after it, not retrained from the start
+    assert (cut / "checkpoints" / "step_00000008.pt").exists()
+    assert same_weights(full, cut)
