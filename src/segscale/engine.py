@@ -207,10 +207,12 @@ def check_workers(cfg: RunConfig, workers: int) -> None:
     """On GPUs each worker needs its own device: refuse more workers than GPUs before launching."""
     import torch
 
+    from segscale.parallel.base import BF16_NEEDS_GPUS, uses_cuda
+
     if workers < 1:
         raise SegscaleError(f"--workers {workers}: expected at least 1")
     device = cfg.train.device
-    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    on_cpu = not uses_cuda(device)
     if cfg.train.simulate_fused and not cfg.train.simulate_workers:
         raise SegscaleError(
             "train.simulate_fused applies to train.simulate_workers only; set both or neither"
@@ -226,8 +228,6 @@ def check_workers(cfg: RunConfig, workers: int) -> None:
     strategy = cfg.train.strategy
     bf16 = strategy.name == "allreduce" and strategy.kwargs.get("compression") == "bf16"
     if on_cpu and workers > 1 and bf16:
-        from segscale.parallel.base import BF16_NEEDS_GPUS
-
         raise SegscaleError(f"train.strategy: {BF16_NEEDS_GPUS}")
     if on_cpu:
         return

@@ -45,6 +45,11 @@ class Strategy(Protocol):
     def close(self) -> None: ...
 
 
+def uses_cuda(device: str) -> bool:
+    """Whether train.device resolves to CUDA ('auto': when torch sees a GPU)."""
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside a DDP (or similar) wrapper."""
     return getattr(model, "module", model)
@@ -60,7 +65,7 @@ class ProcessEnv:
         self.virtual_workers = self.world_size
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         keep_freed_memory()
-        use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        use_cuda = uses_cuda(device)
         if use_cuda and not torch.cuda.is_available():
             raise SegscaleError("train.device is 'cuda' but no CUDA device is available")
         if use_cuda:
@@ -150,8 +155,11 @@ class AllReduceStrategy(ProcessEnv):
             raise SegscaleError(
                 f"allreduce compression '{compression}': expected one of {', '.join(COMPRESSION)}"
             )
-        on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-        if compression == "bf16" and on_cpu and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        if (
+            compression == "bf16"
+            and not uses_cuda(device)
+            and int(os.environ.get("WORLD_SIZE", 1)) > 1
+        ):
             raise SegscaleError(BF16_NEEDS_GPUS)  # before the process group: no worker waits
         super().__init__(device, threads)
         self.ddp_kwargs = {
