@@ -71,13 +71,36 @@ def test_a_started_run_is_not_overwritten_and_resume_checks_the_config(tmp_path,
         train_worker(run_dir, resume=True, progress=False)
 
 
-def test_callbacks_are_duck_typed(tmp_path, real_store):
+def tiny_trainer(run_dir: Path, store_path: Path, model: torch.nn.Module, lr: float, **kw):
+    """A Trainer built by hand (no engine) over the test store: plain SGD at a constant lr."""
     from segscale.data import SliceDataset, TrainLoader, eval_loader
     from segscale.imgmed import Store
     from segscale.losses import DiceCELoss
-    from segscale.models import create_model
     from segscale.parallel import AllReduceStrategy
     from segscale.train import Trainer
+
+    store = Store.open(store_path)
+    strategy = AllReduceStrategy("cpu")
+    augment = validate(tiny_config(store_path)).data.augment
+    val = SliceDataset(store, "val")
+    return Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=lr),
+        lambda step: lr,
+        DiceCELoss(),
+        TrainLoader(SliceDataset(store, "train"), 4, [0], 1, strategy.device, 0, augment),
+        eval_loader(val, 4, 0, 1),
+        strategy,
+        num_classes=2,
+        num_val_cases=len(val.cases),
+        run_dir=run_dir,
+        progress=False,
+        **kw,
+    )
+
+
+def test_callbacks_are_duck_typed(tmp_path, real_store):
+    from segscale.models import create_model
 
     class Recorder:  # defines only some hooks
         def __init__(self):
@@ -89,35 +112,10 @@ def test_callbacks_are_duck_typed(tmp_path, real_store):
         def on_train_end(self, trainer, history):
             self.calls.append(("train_end", len(history)))
 
-    store = Store.open(real_store)
-    strategy = AllReduceStrategy("cpu")
-    model = create_model("unet", 1, 2, base_channels=4, depth=2)
-    train = TrainLoader(
-        SliceDataset(store, "train"),
-        4,
-        [0],
-        1,
-        strategy.device,
-        0,
-        validate(tiny_config(real_store)).data.augment,
-    )
-    val_ds = SliceDataset(store, "val")
     rec = Recorder()
-    trainer = Trainer(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.01),
-        lambda step: 0.01,
-        DiceCELoss(),
-        train,
-        eval_loader(val_ds, 4, 0, 1),
-        strategy,
-        epochs=2,
-        num_classes=2,
-        num_val_cases=len(val_ds.cases),
-        run_dir=tmp_path,
-        steps_per_epoch=2,
-        callbacks=[rec],
-        progress=False,
+    model = create_model("unet", 1, 2, base_channels=4, depth=2)
+    trainer = tiny_trainer(
+        tmp_path, real_store, model, 0.01, epochs=2, steps_per_epoch=2, callbacks=[rec]
     )
     trainer.fit()
     assert rec.calls == [("epoch_end", 1), ("epoch_end", 2), ("train_end", 2)]
@@ -175,37 +173,15 @@ def test_workers_keep_freed_memory_instead_of_faulting_it_in_every_step():
 def test_grad_clip_bounds_an_sgd_step_by_the_clip_norm(tmp_path, real_store):
     """With plain SGD at lr 1, one step moves the weights by exactly the (clipped) gradient: its
     norm is at most train.grad_clip with clipping, and far more without it."""
-    from segscale.data import SliceDataset, TrainLoader, eval_loader
-    from segscale.imgmed import Store
-    from segscale.losses import DiceCELoss
     from segscale.models import create_model
-    from segscale.parallel import AllReduceStrategy
-    from segscale.train import Trainer
-
-    store = Store.open(real_store)
-    strategy = AllReduceStrategy("cpu")
-    augment = validate(tiny_config(real_store)).data.augment
 
     def step_norm(clip: float | None) -> float:
         torch.manual_seed(0)
         model = create_model("unet", 1, 2, base_channels=4, depth=2)
         before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-        val = SliceDataset(store, "val")
-        Trainer(
-            model,
-            torch.optim.SGD(model.parameters(), lr=1.0),
-            lambda step: 1.0,
-            DiceCELoss(),
-            TrainLoader(SliceDataset(store, "train"), 4, [0], 1, strategy.device, 0, augment),
-            eval_loader(val, 4, 0, 1),
-            strategy,
-            epochs=1,
-            num_classes=2,
-            num_val_cases=len(val.cases),
-            run_dir=tmp_path / str(clip),
-            steps_per_epoch=1,
-            grad_clip=clip,
-            progress=False,
+        run_dir = tmp_path / str(clip)
+        tiny_trainer(
+            run_dir, real_store, model, 1.0, epochs=1, steps_per_epoch=1, grad_clip=clip
         ).fit()
         after = torch.cat([p.detach().flatten() for p in model.parameters()])
         return float((after - before).norm())
