@@ -1,8 +1,9 @@
 import torch
 
 from segscale.config import AugmentConfig
-from segscale.data import BatchAugment, ShardSampler, SliceDataset
+from segscale.data import ShardSampler, SliceDataset
 from segscale.imgmed import Store
+from segscale.imgmed.augment import BatchAugment
 
 
 def test_shards_cover_every_sample_once_for_any_world_size():

@@ -12,10 +12,10 @@ import torch
 import yaml
 
 from conftest import ROOT, cli, tiny_config
+from segscale import worker
 from segscale.config import validate
-from segscale.engine import prepare_run_dir, train_worker
-from segscale.errors import SegscaleError
-from segscale.train import PREEMPTED_EXIT_CODE
+from segscale.engine import prepare_run_dir
+from segscale.errors import PREEMPTED_EXIT_CODE, SegscaleError
 
 FAULTS = f"{ROOT / 'tests' / 'plugins' / 'faults.py'}:SignalAt"
 
@@ -105,7 +105,7 @@ def in_process_run(tmp_path: Path, store: Path, name: str, **train_kw) -> Path:
     )
     run = tmp_path / name
     prepare_run_dir(cfg, run, resume=False)
-    train_worker(run, progress=False)
+    worker.train(run, progress=False)
     return run
 
 
@@ -135,7 +135,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, real_s
         pytest.warns(UserWarning, match=r"skipping .*step_00000008.pt: checksum mismatch"),
         pytest.warns(UserWarning, match=r"skipping .*step_00000006.pt: no checksum file"),
     ):
-        train_worker(cut, resume=True, progress=False)
+        worker.train(cut, resume=True, progress=False)
     assert same_weights(full, cut)  # resumed from step 4 and still exact
 
 
@@ -147,7 +147,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, real_store):
     prepare_run_dir(cfg, run, resume=False)
     (run / "checkpoints").symlink_to(other / "checkpoints")
     with pytest.raises(SegscaleError, match="written by a different configuration or model"):
-        train_worker(run, resume=True, progress=False)
+        worker.train(run, resume=True, progress=False)
 
 
 def test_a_failed_checkpoint_write_is_a_clear_error_and_leaves_no_partial_file(
@@ -183,7 +183,7 @@ def test_fused_simulation_resumes_mid_epoch_exactly(tmp_path, real_store):
     (cut / "model.pt").unlink()
     step6 = cut / "checkpoints" / "step_00000006.pt"
     written = step6.stat().st_mtime_ns
-    train_worker(cut, resume=True, progress=False)
+    worker.train(cut, resume=True, progress=False)
     assert step6.stat().st_mtime_ns == written  # resumed after it, not retrained from the start
     assert (cut / "checkpoints" / "step_00000008.pt").exists()
     assert same_weights(full, cut)

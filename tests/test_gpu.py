@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from segscale import worker
 from segscale.config import validate
-from segscale.engine import evaluate_worker, prepare_run_dir, train_worker
+from segscale.engine import prepare_run_dir
 
 pytestmark = pytest.mark.gpu
 
@@ -19,14 +20,14 @@ def test_cuda_training_and_evaluation_agree_with_cpu_evaluation(tmp_path, real_s
     cfg = validate(tiny_config(real_store, device="cuda", epochs=2))
     run_dir = tmp_path / "run"
     prepare_run_dir(cfg, run_dir, resume=False)
-    history = train_worker(run_dir, progress=False)
+    history = worker.train(run_dir, progress=False)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    gpu = evaluate_worker(run_dir, "test", tmp_path / "gpu.json")
+    gpu = worker.evaluate(run_dir, "test", tmp_path / "gpu.json")
     cfg_cpu = validate(tiny_config(real_store, device="cpu", epochs=2))
     (run_dir / "config.yaml").write_text(
         (run_dir / "config.yaml").read_text().replace("device: cuda", "device: cpu")
     )
-    cpu = evaluate_worker(run_dir, "test", tmp_path / "cpu.json")
+    cpu = worker.evaluate(run_dir, "test", tmp_path / "cpu.json")
     assert (
         cfg_cpu.train.device == "cpu"
         and json.loads((tmp_path / "gpu.json").read_text())["workers"] == 1
@@ -69,7 +70,7 @@ def test_cuda_mixed_precision_trains(tmp_path, real_store, amp):
     cfg = validate(tiny_config(real_store, device="cuda", epochs=3, amp=amp))
     run_dir = tmp_path / amp
     prepare_run_dir(cfg, run_dir, resume=False)
-    history = train_worker(run_dir, progress=False)
+    history = worker.train(run_dir, progress=False)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     weights = torch.load(run_dir / "model.pt", weights_only=True)
     assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())

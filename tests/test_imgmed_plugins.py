@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_config
+from segscale import worker
 from segscale.config import validate
-from segscale.engine import plan, prepare_run_dir, train_worker
+from segscale.engine import plan, prepare_run_dir
 from segscale.errors import SegscaleError
 from segscale.registry import TRANSFORMS
 
@@ -36,7 +37,7 @@ def test_training_with_a_monai_plugin_transform(real_store, tmp_path):
     assert p.describe()["injection"]["transform"]["source"] == "user"
     run = tmp_path / "run"
     prepare_run_dir(p.cfg, run, resume=False)
-    history = train_worker(run, progress=False)
+    history = worker.train(run, progress=False)
     assert np.isfinite(history[-1]["train_loss"])
     assert json.loads((run / "environment.json").read_text())["workers"] == 1
     cfg["data"]["transform"]["kwargs"] = {"probability": 1.0}

@@ -13,8 +13,9 @@ import torch
 import yaml
 
 from conftest import cli, tiny_config
+from segscale import worker
 from segscale.config import validate
-from segscale.engine import check_workers, prepare_run_dir, train_worker
+from segscale.engine import plan, prepare_run_dir
 from segscale.errors import SegscaleError
 from segscale.launch import torchrun_args
 
@@ -72,7 +73,7 @@ def test_simulated_and_local_sgd_reproduce_real_allreduce(tmp_path, real_store):
     sim_cfg = validate(yaml.safe_load(sim_config.read_text()))
     sim = tmp_path / "sim"
     prepare_run_dir(sim_cfg, sim, resume=False)
-    train_worker(sim, progress=False)
+    worker.train(sim, progress=False)
     assert json.loads((sim / "environment.json").read_text())["global_batch"] == 8
 
     local = tmp_path / "local"
@@ -117,7 +118,7 @@ def test_fused_simulation_without_batchnorm_matches_up_to_rounding(tmp_path, rea
     )
     sim = tmp_path / "sim"
     prepare_run_dir(validate(yaml.safe_load(sim_config.read_text())), sim, resume=False)
-    train_worker(sim, progress=False)
+    worker.train(sim, progress=False)
     assert json.loads((sim / "environment.json").read_text())["fused_microbatches"] is True
     a, b = losses(real), losses(sim)
     np.testing.assert_allclose(b[0], a[0], rtol=1e-6)
@@ -181,7 +182,7 @@ def test_fused_simulation_with_batchnorm_matches_the_exact_path(tmp_path, real_s
         )
         runs[name] = run = tmp_path / name
         prepare_run_dir(validate(yaml.safe_load(config.read_text())), run, resume=False)
-        train_worker(run, progress=False)
+        worker.train(run, progress=False)
         assert json.loads((run / "environment.json").read_text())["fused_microbatches"] is fused
     a, b = losses(runs["exact"]), losses(runs["fused"])
     np.testing.assert_allclose(b[0], a[0], rtol=1e-6)
@@ -236,7 +237,7 @@ def free_port() -> int:
 @pytest.mark.distributed
 def test_two_torchrun_agents_as_two_nodes(tmp_path, real_store):
     """Two elastic agents (--nnodes 2) on this machine, rendezvous on 127.0.0.1, one model, through
-    the torchrun-native entry point `-m segscale.train`."""
+    the torchrun-native entry point `-m segscale.worker train CONFIG`."""
     config = write_config(tmp_path, real_store, "mn", epochs=1)
     run, port = tmp_path / "mn", free_port()
     agents = [
@@ -251,7 +252,8 @@ def test_two_torchrun_agents_as_two_nodes(tmp_path, real_store):
                 "--rdzv-backend=c10d",
                 f"--rdzv-endpoint=127.0.0.1:{port}",
                 "-m",
-                "segscale.train",
+                "segscale.worker",
+                "train",
                 str(config),
                 "--run-dir",
                 str(run),
@@ -339,17 +341,16 @@ def test_schedule_plot(tmp_path, real_store):
 
 
 def test_misconfigurations_fail_before_launch(real_store):
-    from segscale.engine import plan
 
     cfg = validate(tiny_config(real_store, sync_batchnorm=True, device="cpu"))
     with pytest.raises(SegscaleError, match="sync_batchnorm needs GPUs"):
-        check_workers(cfg, 2)
+        plan(cfg).check(2)
     with pytest.raises(
         SegscaleError, match=r"simulate_fused applies to train\.simulate_workers only"
     ):
-        check_workers(validate(tiny_config(real_store, simulate_fused=True)), 1)
+        plan(validate(tiny_config(real_store, simulate_fused=True))).check(1)
     with pytest.raises(SegscaleError, match="use --workers 1"):
-        check_workers(validate(tiny_config(real_store, simulate_workers=4)), 2)
+        plan(validate(tiny_config(real_store, simulate_workers=4))).check(2)
     for strategy, what in (
         ({"name": "local_sgd", "kwargs": {"period": 2}}, "'local_sgd'"),
         ({"name": "allreduce", "kwargs": {"compression": "powersgd"}}, "compression 'powersgd'"),
@@ -362,8 +363,8 @@ def test_misconfigurations_fail_before_launch(real_store):
     plan(validate(tiny_config(real_store, simulate_workers=2, strategy=tuned)))
     bf16 = {"name": "allreduce", "kwargs": {"compression": "bf16"}}
     with pytest.raises(SegscaleError, match="compression 'bf16' needs GPUs"):
-        check_workers(validate(tiny_config(real_store, strategy=bf16, device="cpu")), 2)
-    check_workers(validate(tiny_config(real_store, strategy=bf16, device="cpu")), 1)  # no effect
+        plan(validate(tiny_config(real_store, strategy=bf16, device="cpu"))).check(2)
+    plan(validate(tiny_config(real_store, strategy=bf16, device="cpu"))).check(1)  # no effect
 
     with pytest.raises(SegscaleError, match=r"strategy 'allreduce' kwargs \['bucket_mb'\]"):
         plan(

@@ -6,8 +6,9 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT, tiny_config
+from segscale import worker
 from segscale.config import load_config, validate
-from segscale.engine import prepare_run_dir, train_worker
+from segscale.engine import prepare_run_dir
 from segscale.errors import DataError
 from segscale.imgmed import Preprocessing, prepare
 from segscale.predict import predict
@@ -50,7 +51,7 @@ def test_png_prediction_round_trips_mask_values_and_size(tmp_path):
     cfg = tiny_config(store, epochs=1, steps_per_epoch=2)
     run_dir = tmp_path / "run"
     prepare_run_dir(validate(cfg), run_dir, resume=False)
-    train_worker(run_dir, progress=False)
+    worker.train(run_dir, progress=False)
     [out] = predict(run_dir, [root / "images" / "s0.png"], tmp_path / "pred")
     mask = np.asarray(Image.open(out))
     assert out.name == "s0.png" and mask.shape == (40, 36)
@@ -69,7 +70,7 @@ def test_example_plugins_train_through_the_engine(tmp_path, real_store, monkeypa
     )
     run_dir = tmp_path / "run"
     prepare_run_dir(cfg, run_dir, resume=False)
-    history = train_worker(run_dir, progress=False)
+    history = worker.train(run_dir, progress=False)
     assert len(history) == 2
     state = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert state["model"]["name"].endswith("tiny_net.py:tiny_net")
@@ -149,7 +150,7 @@ def test_predict_undoes_spacing_resampling_into_the_input_geometry(tmp_path):
     )
     run_dir = tmp_path / "run"
     prepare_run_dir(validate(tiny_config(store, epochs=1, steps_per_epoch=2)), run_dir, False)
-    train_worker(run_dir, progress=False)
+    worker.train(run_dir, progress=False)
     scan = raw / "imagesTr" / "case_000.nii.gz"
     [out] = predict(run_dir, [scan], tmp_path / "pred")
     pred, src = nib.load(str(out)), nib.load(str(scan))

@@ -14,7 +14,6 @@ from segscale.registry import (
     MODELS,
     OPTIMIZERS,
     STRATEGIES,
-    Registry,
     source_signature,
 )
 
@@ -41,18 +40,16 @@ def test_unknown_names_and_paths_are_clear():
         MODELS.resolve("/no/such/file.py:f")
 
 
-def test_kwargs_that_do_not_bind_are_refused():
+def test_kwargs_that_do_not_bind_are_refused(real_store):
+    from segscale.config import validate
+    from segscale.engine import plan
+
+    unet = tiny_config(real_store)
+    unet["model"] = {"name": "unet", "kwargs": {"base_width": 8}}
     with pytest.raises(
         SegscaleError, match=r"model 'unet' kwargs \['base_width'\].*accepted: .*base_channels"
     ):
-        create_model("unet", 1, 2, base_width=8)
-
-
-def test_duplicate_registration_is_an_error():
-    reg = Registry("thing")
-    reg.register("a")(1)
-    with pytest.raises(ValueError, match="already registered"):
-        reg.register("a")(2)
+        plan(validate(unet))
 
 
 @pytest.mark.parametrize("registry", [MODELS, LOSSES, OPTIMIZERS, STRATEGIES], ids=lambda r: r.kind)

@@ -9,7 +9,7 @@ import yaml
 
 from conftest import cli, tiny_config
 from segscale.config import validate
-from segscale.engine import check_model, plan
+from segscale.engine import plan
 from segscale.errors import SegscaleError
 from segscale.imgmed import Store
 from segscale.models import create_model
@@ -52,7 +52,7 @@ def test_mismatches_between_task_model_and_loss_fail_before_launch(real_store):
     unet = classify_config(real_store)
     unet["model"] = {"name": "unet", "kwargs": {"base_channels": 4, "depth": 2}}
     with pytest.raises(SegscaleError, match=r"outputs \(2, 2, 32, 32\).*needs \(2, 2\)"):
-        check_model(plan(validate(unet)))
+        plan(validate(unet)).check(1)
     bad = classify_config(real_store)
     bad["task"] = {"name": "classification", "kwargs": {"foreground": 5}}
     with pytest.raises(SegscaleError, match=r"foreground 5: the store's classes are 0..1"):
@@ -94,3 +94,23 @@ def test_plan_shows_the_task_as_an_extensible_part(real_store):
     described = plan(validate(classify_config(real_store))).describe()
     task = described["injection"]["task"]
     assert task["extensible"] and task["fills"] == "classification" and task["source"] == "built-in"
+
+
+def test_training_curves_follow_the_task_metric(tmp_path):
+    """A classification run's curves show its validation accuracy (there is no val_dice)."""
+    from segscale.report import curve_points, plot_curves
+
+    rows = [
+        {"epoch": 1, "train_loss": 0.7, "val_accuracy": 0.6},
+        {"epoch": 2, "train_loss": 0.5},
+        {"epoch": 3, "train_loss": 0.4, "val_accuracy": 0.8},
+    ]
+    points = curve_points(rows, "accuracy")
+    assert points == {
+        "train_loss": [(1, 0.7), (2, 0.5), (3, 0.4)],
+        "val_accuracy": [(1, 0.6), (3, 0.8)],
+    }
+    assert curve_points(rows, "dice")["val_dice"] == []
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plot_curves(tmp_path, tmp_path / "curves.png", "accuracy")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"

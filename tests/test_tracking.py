@@ -7,10 +7,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import ROOT, tiny_config
+from segscale import worker
 from segscale.config import validate
-from segscale.engine import plan, prepare_run_dir, train_worker
-from segscale.errors import SegscaleError
-from segscale.train import Preempted
+from segscale.engine import plan, prepare_run_dir
+from segscale.errors import Preempted, SegscaleError
 
 FAULTS = f"{ROOT / 'tests' / 'plugins' / 'faults.py'}:SignalAt"
 
@@ -29,7 +29,7 @@ def jsonl(run_dir: Path) -> list[dict]:
 
 def test_mlflow_mirrors_the_run_in_a_sqlite_store_beside_it(tmp_path, real_store):
     run_dir = make_run(tmp_path, real_store, "mlflow", epochs=3)
-    train_worker(run_dir, progress=False)
+    worker.train(run_dir, progress=False)
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("segscale").experiment_id])
     assert run.info.run_id == (run_dir / "mlflow_run_id").read_text().strip()
@@ -51,13 +51,13 @@ def test_a_preempted_run_is_killed_in_mlflow_and_its_resume_continues_the_same_r
     fault = {"name": FAULTS, "kwargs": {"step": 4, "sig": "SIGTERM", "marker": str(tmp_path / "m")}}
     run_dir = make_run(tmp_path, real_store, "mlflow", epochs=3, callbacks=[fault])
     with pytest.raises(Preempted):
-        train_worker(run_dir, progress=False)
+        worker.train(run_dir, progress=False)
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
     assert client.get_run(run_id).info.status == "KILLED"
     assert len(client.get_metric_history(run_id, "train_loss")) == 1  # epoch 1 of 3 was logged
 
-    train_worker(run_dir, resume=True, progress=False)  # the marker exists: no second signal
+    worker.train(run_dir, resume=True, progress=False)  # the marker exists: no second signal
     assert client.get_run(run_id).info.status == "FINISHED"
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
     steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
@@ -69,7 +69,7 @@ def test_a_broken_store_is_one_warning_and_training_goes_on(tmp_path, real_store
     bad = {"name": "mlflow", "kwargs": {"uri": f"sqlite:///{tmp_path / 'a-file' / 'x.db'}"}}
     run_dir = make_run(tmp_path, real_store, bad)
     with pytest.warns(UserWarning, match=r"mlflow tracking stopped \(sqlite:///.*a-file"):
-        train_worker(run_dir, progress=False)
+        worker.train(run_dir, progress=False)
     assert (run_dir / "model.pt").is_file() and len(jsonl(run_dir)) == 2
 
 
@@ -80,7 +80,7 @@ def test_a_users_tracker_by_path_and_its_kwargs_checked_before_launch(tmp_path, 
     run_dir = make_run(tmp_path, real_store, tracker)
     described = plan(validate({**tiny_config(real_store), "tracker": tracker})).describe()
     assert described["training_strategy"]["tracker"]["source"] == "user"
-    train_worker(run_dir, progress=False)
+    worker.train(run_dir, progress=False)
     assert json.loads(out.read_text()) == {
         "run_name": "tiny",
         "lr": 0.01,

@@ -9,8 +9,9 @@ import torch
 import yaml
 
 from conftest import tiny_config
+from segscale import worker
 from segscale.config import validate
-from segscale.engine import prepare_run_dir, train_worker
+from segscale.engine import prepare_run_dir
 from segscale.errors import SegscaleError
 
 
@@ -23,7 +24,7 @@ def make_run(tmp_path: Path, store: Path, name: str = "run", **train) -> Path:
 
 def test_single_process_training_writes_a_complete_run(tmp_path, real_store):
     run_dir = make_run(tmp_path, real_store, epochs=3, steps_per_epoch=6, keep_checkpoints=2)
-    history = train_worker(run_dir, progress=False)
+    history = worker.train(run_dir, progress=False)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3] and lines == history
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]  # it learns
@@ -47,12 +48,12 @@ def test_single_process_training_writes_a_complete_run(tmp_path, real_store):
 def test_resume_continues_exactly(tmp_path, real_store):
     """A run interrupted after epoch 1 and resumed ends with the same weights, bit for bit."""
     full = make_run(tmp_path, real_store, "full")
-    train_worker(full, progress=False)
+    worker.train(full, progress=False)
     cut = make_run(tmp_path, real_store, "cut")
-    train_worker(cut, progress=False)
+    worker.train(cut, progress=False)
     (cut / "checkpoints" / "step_00000006.pt").unlink()
     (cut / "model.pt").unlink()
-    history = train_worker(cut, resume=True, progress=False)
+    history = worker.train(cut, resume=True, progress=False)
     assert [r["epoch"] for r in history] == [1, 2]
     a = torch.load(full / "model.pt", weights_only=True)
     b = torch.load(cut / "model.pt", weights_only=True)
@@ -61,14 +62,14 @@ def test_resume_continues_exactly(tmp_path, real_store):
 
 def test_a_started_run_is_not_overwritten_and_resume_checks_the_config(tmp_path, real_store):
     run_dir = make_run(tmp_path, real_store, epochs=1)
-    train_worker(run_dir, progress=False)
+    worker.train(run_dir, progress=False)
     cfg = validate(tiny_config(real_store, epochs=1))
     with pytest.raises(SegscaleError, match="already holds a run; pass --resume"):
         prepare_run_dir(cfg, run_dir, resume=False)
     other = validate(tiny_config(real_store, epochs=1, batch_size=2))
     prepare_run_dir(other, run_dir, resume=True)
     with pytest.raises(SegscaleError, match="written by a different configuration"):
-        train_worker(run_dir, resume=True, progress=False)
+        worker.train(run_dir, resume=True, progress=False)
 
 
 def tiny_trainer(run_dir: Path, store_path: Path, model: torch.nn.Module, lr: float, **kw):

@@ -19,7 +19,7 @@ def test_listing_4_1_loads_into_the_run_config(monkeypatch):
     assert cfg.name == "brats-unet-autocnnp" and cfg.workers == 3
     assert cfg.model.name == "unet" and cfg.train.strategy.name == "allreduce"
     assert (cfg.train.optimizer.name, cfg.train.optimizer.lr) == ("sgd", 1e-5)
-    assert (cfg.train.loss, cfg.train.batch_size, cfg.train.epochs) == ("dice", 10, 120)
+    assert (cfg.train.loss.name, cfg.train.batch_size, cfg.train.epochs) == ("dice", 10, 120)
     assert cfg.train.callbacks[0].name == "examples/plugins/cyclic_lr.py:TriangularLR"
     assert cfg.data.store == ROOT / "prepared" / "brats_t1gd"
     assert load_config(EXAMPLE, ["train.epochs=3"]).train.epochs == 3

@@ -16,11 +16,10 @@ def keep_freed_memory() -> bool:
 
     By default glibc maps large blocks (from 128 KiB; the threshold rises with use, up to 32 MiB)
     with mmap and unmaps them when freed, and trims the top of its heap: a training step then
-    takes a fresh page fault, and a zeroed page, for every 4 KiB of activations it allocates.
-    ResUNet 16/3 at batch 16 on 2 threads: 23,000 faults per step at 128² (226–232 → 178–191 ms
-    per step without them), 250,000 at 256² (1134–1263 → 745–797 ms). Here every block comes from
-    the heap, which is never trimmed: the process holds on to its peak memory (measured within 5%
-    of the default's peak), which a training loop reaches again every step anyway.
+    takes a fresh page fault, and a zeroed page, for every 4 KiB of activations it allocates
+    (docs/performance.md, "Memory reuse on the CPU", has the step times with and without). Here
+    every block comes from the heap, which is never trimmed: the process holds on to its peak
+    memory, which a training loop reaches again every step anyway.
 
     Only on Linux with glibc (a no-op elsewhere), and not with SEGSCALE_KEEP_FREED_MEMORY=0 in the
     environment. Returns whether it applied; applying it again changes nothing."""
@@ -32,5 +31,5 @@ def keep_freed_memory() -> bool:
         return False
     # mmap off first, and trimming off only if that took: setting either one stops glibc from
     # raising its mmap threshold by itself, and trimming off alone would leave every block over
-    # 128 KiB mapped, which faults more than the default (measured: 2.3× the step time).
+    # 128 KiB mapped, which faults more than the default.
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))

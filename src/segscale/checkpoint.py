@@ -9,30 +9,15 @@ The newest `keep` checkpoints are kept, plus `best.pt` (the best validation Dice
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from segscale._files import file_sha256
+from segscale._files import file_sha256, write_atomic
 from segscale.errors import SegscaleError
-
-
-def _write_atomic(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -40,13 +25,23 @@ def atomic_save(obj: Any, path: Path) -> None:
     Disk full or a read-only folder raise a SegscaleError and leave earlier files untouched."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, lambda f: torch.save(obj, f))
-        digest = file_sha256(path)
-        _write_atomic(path.with_name(path.name + ".sha256"), lambda f: f.write(digest.encode()))
+        write_atomic(path, lambda f: torch.save(obj, f))
+        write_atomic(path.with_name(path.name + ".sha256"), file_sha256(path))
     except OSError as e:
         raise SegscaleError(
             f"cannot write {path}: {e.strerror or e}; the checkpoints written before are intact"
         ) from e
+
+
+def write_checkpoint(run_dir: Path, state: dict[str, Any], keep: int, best: bool) -> Path:
+    """Write a Trainer's state (Trainer.state_dict plus every rank's state) as the checkpoint of
+    its step, copy it to best.pt when `best`, keep the newest `keep`; returns its path."""
+    path = checkpoint_path(run_dir, state["step"])
+    atomic_save(state, path)
+    if best:
+        save_best(run_dir, path)
+    prune_checkpoints(run_dir, keep)
+    return path
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -67,7 +62,7 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 
 def save_best(run_dir: Path, source: Path) -> None:
     best = run_dir / "checkpoints" / "best.pt"
-    _write_atomic(best, lambda f: f.write(source.read_bytes()))
+    write_atomic(best, source.read_bytes())
     shutil.copyfile(source.with_name(source.name + ".sha256"), best.with_name("best.pt.sha256"))
 
 

@@ -172,6 +172,7 @@ def train_cmd(
             help="Worker processes on this node (GPUs, or CPU processes) [default: the config's "
             "workers, else 1]",
             show_default=False,
+            min=1,
         ),
     ] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<name>).")] = None,
@@ -204,13 +205,12 @@ def train_cmd(
 
     if (workers or 1) > 1 or nodes > 1:
         start_worker_server()  # its imports run on another core while the run is checked
-    from segscale.engine import check_model, check_workers, plan, prepare_run_dir
+    from segscale.engine import plan, prepare_run_dir
 
     cfg = _load(config, overrides)
     p = plan(cfg)
     workers = workers or cfg.workers or 1
-    check_workers(cfg, workers)
-    check_model(p)
+    p.check(workers)
     run_dir = (run_dir or Path("runs") / cfg.name).resolve()
     prepare_run_dir(cfg, run_dir, resume)
     args = ["train", str(run_dir), *(["--resume"] if resume else [])]
@@ -232,7 +232,10 @@ def evaluate_cmd(
     run_dir: Annotated[
         Path | None, typer.Argument(help="A trained run folder (or use --pred/--ref).")
     ] = None,
-    split: Annotated[str, typer.Option(help="Split of the store to evaluate.")] = "test",
+    split: Annotated[
+        str | None,
+        typer.Option(help="Split of the store to evaluate [default: the config's data.test_split]"),
+    ] = None,
     json_out: Annotated[
         Path | None,
         typer.Option(
@@ -241,7 +244,7 @@ def evaluate_cmd(
         ),
     ] = None,
     workers: Annotated[
-        int, typer.Option(help="Worker processes (results are identical for any number).")
+        int, typer.Option(help="Worker processes (results are identical for any number).", min=1)
     ] = 1,
     pred: Annotated[
         Path | None,
@@ -252,7 +255,7 @@ def evaluate_cmd(
     ] = None,
 ) -> None:
     """SegEval metrics at three levels (dataset, case, slice): JSON, per-case CSV and pictures."""
-    from segscale.report import plot_case_dice, plot_overlays, print_metrics
+    from segscale.report import plot_case_dice, print_metrics
 
     if (pred is None) != (ref is None):
         raise SegscaleError(
@@ -261,14 +264,14 @@ def evaluate_cmd(
     if pred is not None and ref is not None:
         if run_dir is not None:
             raise SegscaleError("give either RUN_DIR or --pred/--ref, not both")
-        from segscale._files import write_text_atomic
-        from segscale.evaluation import evaluate_folders, write_case_csv
+        from segscale.evaluation import evaluate_folders, write_evaluation
+
+        if split is not None:
+            raise SegscaleError("--split applies to a run folder's store, not to --pred/--ref")
 
         evaluation = evaluate_folders(pred, ref)
         out = (json_out or Path("evaluation.json")).resolve()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out, json.dumps(evaluation, indent=1))
-        write_case_csv(evaluation, out.with_suffix(".csv"))
+        write_evaluation(evaluation, out)
     else:
         from segscale.launch import launch
 
@@ -277,6 +280,7 @@ def evaluate_cmd(
         run_dir = run_dir.resolve()
         if not (run_dir / "config.yaml").is_file():
             raise SegscaleError(f"{run_dir}: not a run folder (no config.yaml)")
+        split = split or _load(run_dir / "config.yaml", None).data.test_split
         out = (json_out or run_dir / f"evaluation-{split}.json").resolve()
         code = launch(["evaluate", str(run_dir), "--split", split, "--out", str(out)], workers)
         if code != 0:
@@ -289,10 +293,19 @@ def evaluate_cmd(
             print_metrics(evaluation)
             typer.echo(f"wrote {out}, {out.with_suffix('.png').name}")
             return
-        plot_overlays(run_dir, evaluation, out.with_name(f"{out.stem}-overlays.png"))
+        _plot_overlays(run_dir, evaluation, out.with_name(f"{out.stem}-overlays.png"))
     plot_case_dice(evaluation, out.with_suffix(".png"))
     print_metrics(evaluation)
     typer.echo(f"wrote {out}, {out.with_suffix('.csv').name}, {out.with_suffix('.png').name}")
+
+
+def _plot_overlays(run_dir: Path, evaluation: dict, out: Path) -> None:
+    from segscale.engine import load_trained_model
+    from segscale.evaluation import pick_examples
+    from segscale.report import plot_overlays
+
+    model, p = load_trained_model(run_dir)
+    plot_overlays(pick_examples(model, p.store, evaluation), out, p.num_classes)
 
 
 @app.command("predict")
@@ -317,21 +330,24 @@ def predict_cmd(
 def schedule_cmd(
     config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
     overrides: Overrides = None,
-    workers: Annotated[int, typer.Option(help="Workers the lr is scaled for.")] = 1,
+    workers: Annotated[int, typer.Option(help="Workers the lr is scaled for.", min=1)] = 1,
     steps_per_epoch: Annotated[
         int, typer.Option(help="Steps per epoch (default: from the store).")
     ] = 0,
     out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("schedule.png"),
 ) -> None:
     """Plot the learning-rate curve of a config for N workers."""
+    from segscale.engine import plan
     from segscale.schedules import plot_schedule
 
     cfg = _load(config, overrides)
-    if steps_per_epoch <= 0:
-        from segscale.engine import steps_per_epoch_for
-
-        steps_per_epoch = steps_per_epoch_for(cfg, workers)
-    schedule = plot_schedule(cfg, workers, steps_per_epoch, out)
+    schedule = plan(cfg).schedule(workers, steps_per_epoch if steps_per_epoch > 0 else None)
+    t = cfg.train
+    title = (
+        f"{cfg.name}: {workers} worker(s), global batch {t.batch_size * workers}, "
+        f"{t.schedule.scaling} scaling"
+    )
+    plot_schedule(schedule, out, title)
     typer.echo(
         f"peak lr {schedule.peak_lr:.4g} (base {schedule.base_lr:.4g}, global batch {cfg.train.batch_size * workers}); wrote {out}"
     )
@@ -354,6 +370,7 @@ def launch_cmd(
     ] = None,
 ) -> None:
     """Write a cluster job for a config (checked first), to submit with sbatch."""
+    from segscale._files import write_atomic
     from segscale.engine import plan, prepare_run_dir
     from segscale.launch import sbatch_script
 
@@ -364,7 +381,7 @@ def launch_cmd(
     run_dir = (run_dir or Path("runs") / cfg.name).resolve()
     prepare_run_dir(cfg, run_dir, resume=False)
     script = out or run_dir / "job.sbatch"
-    script.write_text(sbatch_script(run_dir, nodes, gpus_per_node, time, partition, cfg.name))
+    write_atomic(script, sbatch_script(run_dir, nodes, gpus_per_node, time, partition, cfg.name))
     typer.echo(f"wrote {script}; submit with: sbatch {script}")
 
 
@@ -389,7 +406,9 @@ def config_convert_cmd(
     # what the source file says (plus the resolved store path), not every default
     text = yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True), sort_keys=False)
     if out:
-        out.write_text(text)
+        from segscale._files import write_atomic
+
+        write_atomic(out, text)
         typer.echo(f"wrote {out}")
     else:
         typer.echo(text, nl=False)
@@ -518,7 +537,7 @@ def imgmed_augment_cmd(
 @app.command("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/demo"),
-    workers: Annotated[int, typer.Option(help="Training workers.")] = 2,
+    workers: Annotated[int, typer.Option(help="Training workers.", min=1)] = 2,
     overrides: Overrides = None,
 ) -> None:
     """Prepare the bundled left-atrium sample, train with 2 workers, evaluate, write a report."""

@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from segscale._files import write_atomic
 from segscale.errors import ConfigError, did_you_mean
 
 
@@ -48,22 +49,42 @@ AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class TransformConfig(_Strict):
+class Component(_Strict):
+    """A replaceable part of a run: a built-in name or a user's 'pkg.mod:attr' / 'file.py:attr',
+    with the keyword arguments its factory takes. Every kind (task, model, loss, optimizer,
+    strategy, tracker, callback, transform) has this shape; in YAML a plain string means
+    {name: that}. What the engine passes besides `kwargs` is listed per kind in its `name` help."""
+
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+
+class TransformConfig(Component):
     name: str = Field(
         description="A 'pkg.mod:factory' / 'file.py:factory' returning a per-sample transform "
         "(image (C, H, W), mask (H, W)) → (image, mask); MONAI dict transforms through "
         "segscale.imgmed.plugins.DictTransform."
     )
-    kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
 class DataConfig(_Strict):
     store: Path = Field(description="A prepared store: the output folder of `segscale prepare`.")
     train_split: str = "train"
     val_split: str = "val"
-    test_split: str = "test"
+    test_split: str = Field("test", description="Split that `segscale evaluate` scores by default.")
     num_workers: int = Field(0, ge=0, description="DataLoader processes per training worker.")
     augment: AugmentConfig = AugmentConfig()
+
+    @field_validator("store")
+    @classmethod
+    def _absolute_store(cls, v: Path) -> Path:
+        # the one place a relative store path is resolved: against the working directory
+        return v if v.is_absolute() else (Path.cwd() / v).resolve()
 
     @field_validator("augment", mode="before")
     @classmethod
@@ -81,28 +102,46 @@ class DataConfig(_Strict):
     )
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Component):
     name: str = Field(
         "unet",
         description="unet | resunet | fcn | cnn (classifier), or a factory as 'pkg.mod:attr' / "
-        "'file.py:attr'.",
-    )
-    kwargs: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Keyword arguments of the factory; in_channels and num_classes come from the store.",
+        "'file.py:attr'; called as factory(in_channels=, num_classes=, **kwargs), both from the store.",
     )
 
 
-class OptimizerConfig(_Strict):
+class LossConfig(Component):
+    name: str = Field(
+        "dice_ce",
+        description="ce | dice | dice_ce | a 'pkg.mod:Class' loss module, called as Class(**kwargs) "
+        "and then loss(logits, target).",
+    )
+
+
+class OptimizerConfig(Component):
     name: str = Field(
         "sgd",
         description="sgd | adam | adamw | a 'pkg.mod:factory' called as factory(parameters, this "
-        "config), which returns a torch optimizer.",
+        "config), which returns a torch optimizer. `kwargs` go to the torch optimizer (e.g. "
+        "betas, eps for adam).",
     )
     lr: float = Field(gt=0, description="Base learning rate, for the reference batch.")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
-    nesterov: bool = False
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (sgd only).")
+    nesterov: bool = Field(False, description="Nesterov momentum (sgd only).")
     weight_decay: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _momentum_is_read(self) -> OptimizerConfig:
+        # a value other than the default would be silently ignored by adam and adamw
+        given = [
+            k for k, v in (("momentum", self.momentum != 0.9), ("nesterov", self.nesterov)) if v
+        ]
+        if given and self.name in ("adam", "adamw"):
+            raise ValueError(
+                f"{self.name} has no {' or '.join(given)}; its moments are "
+                "kwargs.betas (default [0.9, 0.999])"
+            )
+        return self
 
 
 class ScheduleConfig(_Strict):
@@ -114,9 +153,11 @@ class ScheduleConfig(_Strict):
     reference_batch: int | None = Field(
         None, gt=0, description="Batch the base lr is tuned for; default: the per-worker batch."
     )
-    warmup_epochs: float = Field(0.0, ge=0, description="Warmup length in epochs (Goyal et al.).")
+    warmup_epochs: float | None = Field(
+        None, ge=0, description="Warmup length in epochs (Goyal et al.); default none."
+    )
     warmup_steps: int | None = Field(
-        None, ge=0, description="Warmup length in steps (overrides warmup_epochs)."
+        None, ge=0, description="Warmup length in steps (instead of warmup_epochs)."
     )
     warmup: Literal["gradual", "constant"] = "gradual"
     decay: Literal["none", "step", "cosine", "poly", "exponential"] = "none"
@@ -132,18 +173,14 @@ class ScheduleConfig(_Strict):
     poly_power: float = Field(0.9, gt=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine/poly floor, × peak lr.")
 
-
-class _Shorthand(_Strict):
-    """A component named in a registry or by path, with its kwargs; in YAML a plain string means
-    {name: that}."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_name(cls, v: Any) -> Any:
-        return {"name": v} if isinstance(v, str) else v
+    @model_validator(mode="after")
+    def _one_warmup_length(self) -> ScheduleConfig:
+        if self.warmup_steps is not None and self.warmup_epochs is not None:
+            raise ValueError("give warmup_epochs or warmup_steps, not both")
+        return self
 
 
-class TaskConfig(_Shorthand):
+class TaskConfig(Component):
     """What the run learns; a plain string in YAML means {name: that}."""
 
     name: str = Field(
@@ -156,7 +193,7 @@ class TaskConfig(_Shorthand):
     )
 
 
-class TrackerConfig(_Shorthand):
+class TrackerConfig(Component):
     """Where rank 0 mirrors the run besides its folder; a plain string in YAML means {name: that}."""
 
     name: str = Field(
@@ -170,7 +207,7 @@ class TrackerConfig(_Shorthand):
     )
 
 
-class StrategyConfig(_Shorthand):
+class StrategyConfig(Component):
     """How workers combine their gradients; a plain string in YAML means {name: that}."""
 
     name: str = Field(
@@ -184,19 +221,18 @@ class StrategyConfig(_Shorthand):
     )
 
 
-class CallbackConfig(_Strict):
-    name: str = Field(description="A registered callback or 'pkg.mod:Class' / 'file.py:Class'.")
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+class CallbackConfig(Component):
+    name: str = Field(
+        description="A 'pkg.mod:Class' / 'file.py:Class' with hooks (on_step_end, "
+        "on_epoch_end, ...), called as Class(**kwargs)."
+    )
 
 
 class TrainConfig(_Strict):
     epochs: int = Field(gt=0)
     batch_size: int = Field(gt=0, description="Per worker; the global batch is × workers.")
     optimizer: OptimizerConfig
-    loss: str = Field(
-        "dice_ce",
-        description="ce | dice | dice_ce | a 'pkg.mod:Class' loss(logits, target) module.",
-    )
+    loss: LossConfig = LossConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     steps_per_epoch: int | None = Field(
         None, gt=0, description="Cap on steps per epoch (quick runs); default: a full pass."
@@ -238,6 +274,26 @@ class TrainConfig(_Strict):
         description="CPU threads per worker (default: the cores / workers on this node).",
     )
 
+    @model_validator(mode="after")
+    def _simulation_is_exact(self) -> TrainConfig:
+        if self.simulate_fused and not self.simulate_workers:
+            raise ValueError(
+                "train.simulate_fused applies to train.simulate_workers only; set both or neither"
+            )
+        compression = self.strategy.kwargs.get("compression", "none")
+        if self.simulate_workers and (self.strategy.name != "allreduce" or compression != "none"):
+            # the simulation accumulates exact gradients: another strategy's math would go unsimulated
+            what = (
+                f"'{self.strategy.name}'"
+                if self.strategy.name != "allreduce"
+                else f"compression '{compression}'"
+            )
+            raise ValueError(
+                f"train.simulate_workers reproduces plain gradient all-reduce, not train.strategy "
+                f"{what}: use strategy allreduce without compression, or real workers"
+            )
+        return self
+
 
 class RunConfig(_Strict):
     name: str = Field(description="Run name; the default run folder is runs/<name>.")
@@ -270,6 +326,21 @@ class RunConfig(_Strict):
         blob = json.dumps(self.settings(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    def params(self) -> dict[str, Any]:
+        """The settings flattened to dotted keys, as trackers record them:
+        {'train': {'optimizer': {'lr': 1e-3}}} → {'train.optimizer.lr': 1e-3}."""
+        return _flatten(self.settings())
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
 
 # ---------------------------------------------------------------- loading
 
@@ -293,10 +364,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
     for item in overrides or []:
         apply_override(raw, item)
-    cfg = validate(raw, source=str(path), text=text)
-    if not cfg.data.store.is_absolute():
-        cfg.data.store = (Path.cwd() / cfg.data.store).resolve()
-    return cfg
+    return validate(raw, source=str(path), text=text)
 
 
 def _load_xml(path: Path, overrides: list[str] | None) -> RunConfig:
@@ -309,10 +377,7 @@ def _load_xml(path: Path, overrides: list[str] | None) -> RunConfig:
         raw["workers"] = degree
     for item in overrides or []:
         apply_override(raw, item)
-    cfg = validate(raw, source=str(path))
-    if not cfg.data.store.is_absolute():
-        cfg.data.store = (Path.cwd() / cfg.data.store).resolve()
-    return cfg
+    return validate(raw, source=str(path))
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -353,6 +418,9 @@ def _describe(err: Any, loc: tuple[str, ...]) -> str:
     if err["type"] == "missing":
         return f"missing required key '{key}'"
     got = err.get("input")
+    if err["type"] == "value_error":  # a rule of ours: its message says what was expected
+        shown = "" if isinstance(got, dict) else f", got {got!r}"  # a whole section says nothing
+        return f"key '{key}': {err['ctx']['error']}{shown}"
     return f"key '{key}': {err['msg'].replace('Input should', 'expected a value that should')}, got {got!r}"
 
 
@@ -387,6 +455,4 @@ def _line_of(text: str, loc: tuple[str, ...]) -> int | None:
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    from segscale._files import write_text_atomic
-
-    write_text_atomic(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    write_atomic(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

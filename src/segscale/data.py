@@ -8,17 +8,17 @@ batches already on the device, augmented there when augmentation is on.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from segscale.config import AugmentConfig
+from segscale.imgmed.augment import BatchAugment
 from segscale.imgmed.store import Store
+from segscale.repro import derive_seed
 
 
 class SliceDataset(Dataset):
@@ -61,48 +61,6 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
-
-
-class BatchAugment:
-    """Random rotation, zoom, translation, flips (one affine per sample, applied to image and mask
-    alike with grid_sample) and intensity jitter. Runs on whatever device the batch is on; random
-    parameters come from a CPU generator so runs are reproducible across devices."""
-
-    def __init__(self, cfg: AugmentConfig) -> None:
-        self.cfg = cfg
-
-    def __call__(
-        self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg, n = self.cfg, x.shape[0]
-
-        def uniform(lo: float, hi: float) -> torch.Tensor:
-            return lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
-
-        angle = uniform(-cfg.rotation, cfg.rotation) * math.pi / 180
-        zoom = uniform(*cfg.zoom)
-        shift = torch.stack([uniform(-cfg.translation, cfg.translation) for _ in range(2)], 1) * 2
-        flip = torch.ones(n, 2, dtype=torch.float64)
-        if cfg.flip:
-            flip = torch.where(torch.rand(n, 2, generator=gen) < 0.5, -1.0, 1.0).double()
-        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        theta = torch.stack(
-            [
-                torch.stack([cos * flip[:, 0], -sin, shift[:, 0]], 1),
-                torch.stack([sin, cos * flip[:, 1], shift[:, 1]], 1),
-            ],
-            1,
-        ).to(x.device, torch.float32)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        y = F.grid_sample(
-            y[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
-        )
-        if cfg.intensity > 0:
-            scale = 1 + cfg.intensity * torch.randn(n, 1, 1, 1, generator=gen)
-            offset = cfg.intensity * torch.randn(n, 1, 1, 1, generator=gen)
-            x = x * scale.to(x.device) + offset.to(x.device)
-        return x, y[:, 0].long()
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -175,10 +133,10 @@ class TrainLoader:
         ):
             sampler.set_epoch(epoch)
             offset.offset = skip_batches * self.batch_size
-            gen.manual_seed(self.seed * 1_000_003 + epoch)
-            aug.manual_seed((self.seed * 1_000_003 + epoch) * 7919 + rank)
+            gen.manual_seed(derive_seed(self.seed, epoch))
+            aug.manual_seed(derive_seed(self.seed, epoch, rank))
         # a plugin transform's own generator (in this process; DataLoader workers keep theirs)
-        self.dataset.seed(((self.seed * 1_000_003 + epoch) * 7919 + self.ranks[0]) % 2**32)
+        self.dataset.seed(derive_seed(self.seed, epoch, self.ranks[0]) % 2**32)
 
     def __len__(self) -> int:
         return self.steps

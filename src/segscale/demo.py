@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 from segscale.config import load_config
-from segscale.engine import check_model, check_workers, plan, prepare_run_dir
+from segscale.engine import load_trained_model, plan, prepare_run_dir
 from segscale.errors import SegscaleError
 from segscale.imgmed import Preprocessing, prepare
 from segscale.launch import launch, start_worker_server
@@ -36,6 +36,7 @@ def prepare_demo_store(output: Path, progress: bool = True) -> Path:
 
 
 def run_demo(out: Path, workers: int = 2, overrides: list[str] | None = None) -> dict:
+    from segscale.evaluation import pick_examples
     from segscale.report import print_metrics, write_report
 
     if workers > 1:
@@ -44,8 +45,7 @@ def run_demo(out: Path, workers: int = 2, overrides: list[str] | None = None) ->
     out.mkdir(parents=True, exist_ok=True)
     store = prepare_demo_store(out / "prepared")
     cfg = load_config(resource("demo.yaml"), [f"data.store={store}", *(overrides or [])])
-    check_workers(cfg, workers)
-    check_model(plan(cfg))
+    plan(cfg).check(workers)
     run_dir = out / "run"
     if run_dir.exists():  # the demo owns its folder: a rerun starts afresh
         shutil.rmtree(run_dir)
@@ -55,7 +55,14 @@ def run_demo(out: Path, workers: int = 2, overrides: list[str] | None = None) ->
     evaluation_path = out / "evaluation.json"
     if (
         launch(
-            ["evaluate", str(run_dir), "--split", "test", "--out", str(evaluation_path)],
+            [
+                "evaluate",
+                str(run_dir),
+                "--split",
+                cfg.data.test_split,
+                "--out",
+                str(evaluation_path),
+            ],
             workers=workers,
         )
         != 0
@@ -63,6 +70,8 @@ def run_demo(out: Path, workers: int = 2, overrides: list[str] | None = None) ->
         raise SegscaleError("evaluation failed; see the messages above")
     evaluation = json.loads(evaluation_path.read_text())
     print_metrics(evaluation)
-    report = write_report(out, run_dir, evaluation)
+    model, p = load_trained_model(run_dir)
+    examples = pick_examples(model, p.store, evaluation)
+    report = write_report(out, run_dir, evaluation, examples, p.num_classes, p.task.metric)
     print(f"report: {report}")
     return evaluation

@@ -1,21 +1,26 @@
 """The engine: the only place where configuration becomes objects.
 
-`plan(cfg)` resolves and checks every component before any process starts (missing data, unknown
-model, kwargs that do not bind) without importing torch, so `segscale plan` answers at once;
-`check_workers` and `check_model` (which do need torch) run before a launch; the workers then call
-`train_worker` / `evaluate_worker`, which build the Trainer from the plan.
+`plan(cfg)` resolves and checks every component (missing data, unknown names, kwargs that do not
+bind) without importing torch, so `segscale plan` answers at once. The Plan it returns builds
+everything a run is made of, one method per part, for the worker processes (segscale.worker) and
+for anything else that builds runs from a config:
+
+    p = plan(load_config("cfg.yaml"))
+    p.check(workers)                  # before a launch: devices, a real forward, the optimiser
+    strategy = p.strategy()           # in each worker process
+    trainer = p.trainer(strategy, run_dir)
+    trainer.fit()
+
+`steps_per_epoch(workers)` is the one formula for a run's steps; `schedule(workers)` the lr curve.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from segscale._files import write_text_atomic
-from segscale.config import RunConfig, load_config
+from segscale.config import RunConfig, load_config, save_config
 from segscale.errors import SegscaleError
 from segscale.imgmed.store import Store
 from segscale.registry import (
@@ -32,6 +37,11 @@ from segscale.registry import (
 
 if TYPE_CHECKING:
     import torch
+
+    from segscale.data import TrainLoader
+    from segscale.parallel import ProcessEnv, Strategy
+    from segscale.schedules import Schedule
+    from segscale.train import Trainer
 
 
 @dataclass
@@ -50,6 +60,228 @@ class Plan:
     @property
     def in_channels(self) -> int:
         return self.store.in_channels
+
+    # ---- before a launch (these import torch)
+
+    def check(self, workers: int) -> None:
+        """Everything that needs torch, before any worker starts: devices for `workers` workers on
+        this node, then a real batch of 2 through the model (option values
+        that bind but are wrong, a network that does not fit the task) and the optimiser and loss
+        built over it (kwargs the torch class does not take). Raises SegscaleError."""
+        import torch
+
+        from segscale.parallel.base import check_compression, uses_cuda
+
+        t = self.cfg.train
+        if t.simulate_workers and workers > 1:
+            raise SegscaleError(
+                "train.simulate_workers runs K workers' math in one process: use --workers 1"
+            )
+        on_cpu = not uses_cuda(t.device)
+        if on_cpu and t.sync_batchnorm and workers > 1:
+            raise SegscaleError(
+                "train.sync_batchnorm needs GPUs (torch's SyncBatchNorm is CUDA-only); drop it on CPU"
+            )
+        if t.strategy.name == "allreduce":
+            compression = t.strategy.kwargs.get("compression", "none")
+            check_compression(compression, t.device, workers)
+        if not on_cpu and workers > torch.cuda.device_count():
+            raise SegscaleError(
+                f"--workers {workers} with train.device={t.device}: this machine has "
+                f"{torch.cuda.device_count()} GPU(s); use at most that many workers, or "
+                "train.device=cpu"
+            )
+        self._check_model()
+
+    def _check_model(self) -> None:
+        # A real CPU forward in inference mode, not one on torch's meta device: meta tensors
+        # reach torch's Python reference kernels, whose imports would slow every launch.
+        import torch
+
+        size = self.store.images.shape[-1]
+        model = self.model()
+        try:
+            with torch.inference_mode():
+                out = model(torch.zeros(2, self.in_channels, size, size))
+        except (RuntimeError, ValueError) as e:
+            raise SegscaleError(
+                f"model '{self.cfg.model.name}' fails on a batch of the store's "
+                f"{self.in_channels}×{size}×{size} inputs: {e}"
+            ) from None
+        expected = self.task.output_shape(2, self.num_classes, size)
+        if tuple(out.shape) != tuple(expected):
+            dims = ", H, W" if len(expected) == 4 else ""
+            raise SegscaleError(
+                f"model '{self.cfg.model.name}' outputs {tuple(out.shape)} for a batch of 2; the "
+                f"{self.cfg.task.name} task needs {tuple(expected)} (batch, classes{dims})"
+            )
+        self.optimizer(model)
+        self.loss()
+
+    # ---- the parts of a run
+
+    def model(self) -> torch.nn.Module:
+        """The architecture, freshly initialised from torch's global RNG: (N, in_channels, S, S)
+        → the task's output, e.g. (N, num_classes, S, S) logits."""
+        from segscale.models import create_model
+
+        return create_model(
+            self.cfg.model.name, self.in_channels, self.num_classes, **self.cfg.model.kwargs
+        )
+
+    def strategy(self) -> Strategy:
+        """This process's strategy, from the torchrun environment (one process when not set):
+        the simulation of train.simulate_workers workers, or train.strategy."""
+        from segscale.parallel import SimulatedStrategy, create_strategy
+
+        t = self.cfg.train
+        if t.simulate_workers:
+            return SimulatedStrategy(t.simulate_workers, t.device, t.threads)
+        return create_strategy(t.strategy.name, t.device, t.strategy.kwargs, t.threads)
+
+    def process(self) -> ProcessEnv:
+        """Ranks, a device and gathers without a training strategy: for evaluation."""
+        from segscale.parallel import ProcessEnv
+
+        return ProcessEnv(self.cfg.train.device, self.cfg.train.threads)
+
+    def steps_per_epoch(self, workers: int) -> int:
+        """Optimiser steps per epoch with `workers` (real or simulated) workers: whole batches of
+        each worker's sampler shard (one short batch when a shard is smaller than a batch), capped
+        by train.steps_per_epoch. The one formula: the loaders and the schedule agree with it."""
+        train = len(self.store.rows(self.cfg.data.train_split))
+        shard = -(-train // workers)  # DistributedSampler pads every shard to the longest
+        batch = self.cfg.train.batch_size
+        full = shard // batch if shard >= batch else 1
+        return min(self.cfg.train.steps_per_epoch or full, full)
+
+    def schedule(self, workers: int, steps_per_epoch: int | None = None) -> Schedule:
+        """lr(step) for `workers` workers: the base lr scaled by the global batch, warmup, decay."""
+        from segscale.schedules import build_schedule
+
+        t = self.cfg.train
+        steps = steps_per_epoch or self.steps_per_epoch(workers)
+        return build_schedule(t.schedule, t.optimizer.lr, t.batch_size, workers, steps, t.epochs)
+
+    def optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        o = self.cfg.train.optimizer
+        try:
+            return OPTIMIZERS.resolve(o.name)(model.parameters(), o)
+        except (TypeError, ValueError) as e:
+            raise SegscaleError(f"train.optimizer '{o.name}' kwargs {o.kwargs}: {e}") from None
+
+    def loss(self) -> torch.nn.Module:
+        spec = self.cfg.train.loss
+        return LOSSES.resolve(spec.name)(**spec.kwargs)
+
+    def loaders(self, strategy: Strategy) -> tuple[TrainLoader, Any]:
+        """The training loader (this process's shard, or every virtual rank's when simulating)
+        and the exactly sharded validation loader."""
+        from segscale.data import SliceDataset, TrainLoader, eval_loader
+
+        c, t = self.cfg, self.cfg.train
+        transform = c.data.transform
+        train = SliceDataset(
+            self.store,
+            c.data.train_split,
+            TRANSFORMS.resolve(transform.name)(**transform.kwargs) if transform else None,
+        )
+        val = SliceDataset(self.store, c.data.val_split)
+        # the workers this process plays: its own rank, or all K virtual ranks when simulating
+        ranks = list(range(strategy.virtual_workers)) if t.simulate_workers else [strategy.rank]
+        train_loader = TrainLoader(
+            train,
+            t.batch_size,
+            ranks,
+            strategy.virtual_workers,
+            strategy.device,
+            c.seed,
+            c.data.augment,
+            c.data.num_workers,
+        )
+        return train_loader, eval_loader(val, t.batch_size, strategy.rank, strategy.world_size)
+
+    def callbacks(self) -> list[Any]:
+        return [CALLBACKS.resolve(cb.name)(**cb.kwargs) for cb in self.cfg.train.callbacks]
+
+    def tracker(self, run_dir: Path) -> Any:
+        """The run's tracker (built on rank 0 only): a callback with close(error)."""
+        c = self.cfg
+        return TRACKERS.resolve(c.tracker.name)(
+            run_dir=run_dir, run_name=c.name, params=c.params(), **c.tracker.kwargs
+        )
+
+    def trainer(
+        self,
+        strategy: Strategy,
+        run_dir: Path,
+        callbacks: list[Any] | None = None,
+        progress: bool = True,
+    ) -> Trainer:
+        """A Trainer over this run's parts on `strategy`: seeded, the model wrapped for the
+        strategy, the schedule scaled for its workers. `callbacks` come after the config's."""
+        import torch
+
+        from segscale.parallel import ghost_batchnorm
+        from segscale.repro import seed_everything
+        from segscale.train import Trainer
+
+        c, t = self.cfg, self.cfg.train
+        seed_everything(c.seed, t.deterministic)
+        model = self.model()  # the same seed on every rank; DDP also broadcasts rank 0's weights
+        if t.simulate_fused:  # one pass for the K micro-batches; BatchNorm still sees each alone
+            model = ghost_batchnorm(model, t.simulate_workers or 1)
+        if t.sync_batchnorm and strategy.world_size > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = strategy.wrap(model)
+        train_loader, val_loader = self.loaders(strategy)
+        steps = self.steps_per_epoch(strategy.virtual_workers)
+        schedule = self.schedule(strategy.virtual_workers, steps)
+        optimizer = strategy.wrap_optimizer(self.optimizer(model))
+        loss_fn = self.loss().to(strategy.device)
+        return Trainer(
+            model,
+            optimizer,
+            schedule,
+            loss_fn,
+            train_loader,
+            val_loader,
+            strategy,
+            epochs=t.epochs,
+            num_classes=self.num_classes,
+            num_val_cases=len(val_loader.dataset.cases),
+            task=self.task,
+            run_dir=run_dir,
+            seed=c.seed,
+            steps_per_epoch=steps,
+            val_every=t.val_every,
+            grad_clip=t.grad_clip,
+            config_digest=c.digest(),
+            checkpoint_every=t.checkpoint_every,
+            keep_checkpoints=t.keep_checkpoints,
+            callbacks=[*self.callbacks(), *(callbacks or [])],
+            amp=t.amp,
+            fuse_microbatches=t.simulate_fused,
+            progress=progress,
+        )
+
+    def record(self, trainer: Trainer) -> dict[str, Any]:
+        """What environment.json holds for a run: the machine and software, and how the config
+        was scaled for this run's workers."""
+        from segscale.repro import environment
+
+        c, t, workers = self.cfg, self.cfg.train, trainer.strategy.virtual_workers
+        return {
+            **environment(),
+            "seed": c.seed,
+            "config_digest": c.digest(),
+            "peak_lr": trainer.schedule.peak_lr,
+            "workers": workers,
+            "simulated": bool(t.simulate_workers),
+            "fused_microbatches": t.simulate_fused,
+            "global_batch": t.batch_size * workers,
+            "steps_per_epoch": trainer.steps_per_epoch,
+        }
 
     def describe(self) -> dict[str, Any]:
         """The CNN-Parallelism-Generator of Auto-CNNp for this run: each part, whether users can
@@ -120,7 +352,7 @@ class Plan:
             "injection": {
                 "task": part(True, c.task.name, TASKS, **c.task.kwargs),
                 "architecture": part(True, c.model.name, MODELS, **c.model.kwargs),
-                "loss": part(True, t.loss, LOSSES),
+                "loss": part(True, t.loss.name, LOSSES, **t.loss.kwargs),
                 "dataset": part(
                     False,
                     str(c.data.store),
@@ -140,6 +372,11 @@ class Plan:
 
 
 def plan(cfg: RunConfig) -> Plan:
+    """Resolve and check every component of `cfg` without importing torch: the store and its
+    splits, each name or 'module:attr' path, and that each kind's kwargs bind to its factory
+    beside what the engine passes it (a model's in_channels and num_classes, a strategy's device
+    and threads, a tracker's run folder, name and params; a loss, task, callback or transform
+    gets its kwargs only). Raises SegscaleError naming the key and what was expected."""
     store = Store.open(cfg.data.store)
     for split in (cfg.data.train_split, cfg.data.val_split):
         store.rows(split)  # raises a clear error for an empty split
@@ -149,115 +386,29 @@ def plan(cfg: RunConfig) -> Plan:
         task.num_outputs(store)
     except ValueError as e:
         raise SegscaleError(f"task '{cfg.task.name}' kwargs {cfg.task.kwargs}: {e}") from None
-    check_kwargs(MODELS, cfg.model.name, cfg.model.kwargs)
-    LOSSES.check(cfg.train.loss)  # an unknown name or a broken user path fails here
-    if cfg.train.loss in LOSSES and cfg.train.loss not in getattr(task, "losses", LOSSES.names()):
+    check_kwargs(MODELS, cfg.model.name, cfg.model.kwargs, {"in_channels": 1, "num_classes": 2})
+    loss = cfg.train.loss
+    check_kwargs(LOSSES, loss.name, loss.kwargs)  # an unknown name or a broken user path fails here
+    if loss.name in LOSSES and loss.name not in getattr(task, "losses", LOSSES.names()):
         raise SegscaleError(
-            f"train.loss '{cfg.train.loss}' does not fit the {cfg.task.name} task; "
+            f"train.loss '{loss.name}' does not fit the {cfg.task.name} task; "
             f"use {' | '.join(task.losses)} or your own 'pkg.mod:Class'"
         )
     OPTIMIZERS.check(cfg.train.optimizer.name)
-    check_kwargs(STRATEGIES, cfg.train.strategy.name, cfg.train.strategy.kwargs)
     strategy = cfg.train.strategy
-    compression = strategy.kwargs.get("compression", "none")
-    if cfg.train.simulate_workers and (strategy.name != "allreduce" or compression != "none"):
-        # the simulation accumulates exact gradients: another strategy's math would go unsimulated
-        what = (
-            f"'{strategy.name}'" if strategy.name != "allreduce" else f"compression '{compression}'"
-        )
-        raise SegscaleError(
-            f"train.simulate_workers reproduces plain gradient all-reduce, not train.strategy "
-            f"{what}: use strategy allreduce without compression, or real workers"
-        )
+    check_kwargs(STRATEGIES, strategy.name, strategy.kwargs, {"device": "cpu", "threads": None})
     for cb in cfg.train.callbacks:
         check_kwargs(CALLBACKS, cb.name, cb.kwargs)
-    check_kwargs(TRACKERS, cfg.tracker.name, cfg.tracker.kwargs)
+    tracker = {"run_dir": None, "run_name": "", "params": {}}
+    check_kwargs(TRACKERS, cfg.tracker.name, cfg.tracker.kwargs, tracker)
     if cfg.data.transform is not None:
         check_kwargs(TRANSFORMS, cfg.data.transform.name, cfg.data.transform.kwargs)
     return Plan(cfg, store, task)
 
 
-def check_model(p: Plan) -> None:
-    """Build the model and run one batch of 2 through it before any worker starts: option values
-    that bind but are wrong (an unknown activation, a bad depth) and a network that does not fit the
-    task fail here. A real CPU forward in inference mode (40 ms for the demo network) rather than
-    one on torch's meta device: meta tensors reach torch's Python reference kernels, which import
-    sympy and torch._dynamo on first use, 1.3 s of every launch."""
-    import torch
-
-    size = p.store.images.shape[-1]
-    model = build_model(p)
-    try:
-        with torch.inference_mode():
-            out = model(torch.zeros(2, p.in_channels, size, size))
-    except (RuntimeError, ValueError) as e:
-        raise SegscaleError(
-            f"model '{p.cfg.model.name}' fails on a batch of the store's "
-            f"{p.in_channels}×{size}×{size} inputs: {e}"
-        ) from None
-    expected = p.task.output_shape(2, p.num_classes, size)
-    if tuple(out.shape) != tuple(expected):
-        raise SegscaleError(
-            f"model '{p.cfg.model.name}' outputs {tuple(out.shape)} for a batch of 2; the "
-            f"{p.cfg.task.name} task needs {tuple(expected)} (batch, classes{', H, W' if len(expected) == 4 else ''})"
-        )
-
-
-def check_workers(cfg: RunConfig, workers: int) -> None:
-    """On GPUs each worker needs its own device: refuse more workers than GPUs before launching."""
-    import torch
-
-    from segscale.parallel.base import BF16_NEEDS_GPUS, uses_cuda
-
-    if workers < 1:
-        raise SegscaleError(f"--workers {workers}: expected at least 1")
-    device = cfg.train.device
-    on_cpu = not uses_cuda(device)
-    if cfg.train.simulate_fused and not cfg.train.simulate_workers:
-        raise SegscaleError(
-            "train.simulate_fused applies to train.simulate_workers only; set both or neither"
-        )
-    if cfg.train.simulate_workers and workers > 1:
-        raise SegscaleError(
-            "train.simulate_workers runs K workers' math in one process: use --workers 1"
-        )
-    if on_cpu and cfg.train.sync_batchnorm and workers > 1:
-        raise SegscaleError(
-            "train.sync_batchnorm needs GPUs (torch's SyncBatchNorm is CUDA-only); drop it on CPU"
-        )
-    strategy = cfg.train.strategy
-    bf16 = strategy.name == "allreduce" and strategy.kwargs.get("compression") == "bf16"
-    if on_cpu and workers > 1 and bf16:
-        raise SegscaleError(f"train.strategy: {BF16_NEEDS_GPUS}")
-    if on_cpu:
-        return
-    gpus = torch.cuda.device_count()
-    if workers > gpus:
-        raise SegscaleError(
-            f"--workers {workers} with train.device={device}: this machine has {gpus} GPU(s); "
-            "use at most that many workers, or train.device=cpu"
-        )
-
-
-def steps_per_epoch_for(cfg: RunConfig, workers: int) -> int:
-    """Optimiser steps per epoch for `workers` workers (each sampler shard, whole batches)."""
-    store = Store.open(cfg.data.store)
-    shard = -(-len(store.rows(cfg.data.train_split)) // workers)
-    full = shard // cfg.train.batch_size if shard >= cfg.train.batch_size else 1
-    return min(cfg.train.steps_per_epoch or full, full)
-
-
-def build_model(p: Plan) -> torch.nn.Module:
-    from segscale.models import create_model
-
-    return create_model(p.cfg.model.name, p.in_channels, p.num_classes, **p.cfg.model.kwargs)
-
-
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
     """Create the run folder and save the resolved config; refuse to overwrite a finished or
     started run unless resuming it."""
-    from segscale.config import save_config
-
     started = (run_dir / "checkpoints").is_dir() or (run_dir / "model.pt").exists()
     if started and not resume:
         raise SegscaleError(
@@ -267,168 +418,17 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
     save_config(cfg, run_dir / "config.yaml")  # atomic: every node of a multi-node run writes it
 
 
-def train_worker(
-    run_dir: Path, resume: bool = False, progress: bool = True
-) -> list[dict[str, Any]]:
-    """Build everything from run_dir/config.yaml and train (one process of N)."""
-    import torch
-
-    from segscale.data import SliceDataset, TrainLoader, eval_loader
-    from segscale.parallel import SimulatedStrategy, Strategy, create_strategy, ghost_batchnorm
-    from segscale.repro import environment, seed_everything
-    from segscale.schedules import build_schedule
-    from segscale.tracking import flatten
-    from segscale.train import Trainer
-
-    cfg = load_config(run_dir / "config.yaml")
-    p = plan(cfg)
-    t = cfg.train
-    # torchrun restarts failed workers with TORCHELASTIC_RESTART_COUNT > 0: carry on from the checkpoint
-    resume = resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    strategy: Strategy
-    if t.simulate_workers:
-        strategy = SimulatedStrategy(t.simulate_workers, t.device, t.threads)
-    else:
-        strategy = create_strategy(t.strategy.name, t.device, t.strategy.kwargs, t.threads)
-    tracker: Any = None
-    error: BaseException | None = None
-    try:
-        if strategy.rank == 0:  # the one process that records the run
-            tracker = TRACKERS.resolve(cfg.tracker.name)(
-                run_dir=run_dir,
-                run_name=cfg.name,
-                params=flatten(cfg.settings()),
-                **cfg.tracker.kwargs,
-            )
-        seed_everything(cfg.seed, t.deterministic)
-        model = build_model(p)  # the same seed on every rank; DDP also broadcasts rank 0's weights
-        if t.simulate_fused:  # one pass for the K micro-batches; BatchNorm still sees each alone
-            model = ghost_batchnorm(model, t.simulate_workers or 1)
-        if t.sync_batchnorm and strategy.world_size > 1:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = strategy.wrap(model)
-        transform = cfg.data.transform
-        train_ds = SliceDataset(
-            p.store,
-            cfg.data.train_split,
-            TRANSFORMS.resolve(transform.name)(**transform.kwargs) if transform else None,
-        )
-        val_ds = SliceDataset(p.store, cfg.data.val_split)
-        # the workers this process plays: its own rank, or all K virtual ranks when simulating
-        ranks = list(range(strategy.virtual_workers)) if t.simulate_workers else [strategy.rank]
-        train_loader = TrainLoader(
-            train_ds,
-            t.batch_size,
-            ranks,
-            strategy.virtual_workers,
-            strategy.device,
-            cfg.seed,
-            cfg.data.augment,
-            cfg.data.num_workers,
-        )
-        val_loader = eval_loader(val_ds, t.batch_size, strategy.rank, strategy.world_size)
-        steps = min(t.steps_per_epoch or len(train_loader), len(train_loader))
-        if steps == 0:
-            raise SegscaleError(
-                f"train split has {len(train_ds)} slices: fewer than one batch per worker"
-            )
-        schedule = build_schedule(
-            t.schedule, t.optimizer.lr, t.batch_size, strategy.virtual_workers, steps, t.epochs
-        )
-        optimizer = strategy.wrap_optimizer(
-            OPTIMIZERS.resolve(t.optimizer.name)(model.parameters(), t.optimizer)
-        )
-        loss_fn = LOSSES.resolve(t.loss)().to(strategy.device)
-        if strategy.rank == 0:
-            record = {
-                **environment(),
-                "seed": cfg.seed,
-                "config_digest": cfg.digest(),
-                "peak_lr": schedule.peak_lr,
-                "workers": strategy.virtual_workers,
-                "simulated": bool(t.simulate_workers),
-                "fused_microbatches": t.simulate_fused,
-                "global_batch": t.batch_size * strategy.virtual_workers,
-                "steps_per_epoch": steps,
-            }
-            (run_dir / "environment.json").write_text(json.dumps(record, indent=1))
-        trainer = Trainer(
-            model,
-            optimizer,
-            schedule,
-            loss_fn,
-            train_loader,
-            val_loader,
-            strategy,
-            epochs=t.epochs,
-            num_classes=p.num_classes,
-            num_val_cases=len(val_ds.cases),
-            task=p.task,
-            run_dir=run_dir,
-            seed=cfg.seed,
-            steps_per_epoch=steps,
-            val_every=t.val_every,
-            grad_clip=t.grad_clip,
-            config_digest=cfg.digest(),
-            checkpoint_every=t.checkpoint_every,
-            keep_checkpoints=t.keep_checkpoints,
-            callbacks=[
-                *(CALLBACKS.resolve(c.name)(**c.kwargs) for c in t.callbacks),
-                *([tracker] if tracker else []),
-            ],
-            amp=t.amp,
-            fuse_microbatches=t.simulate_fused,
-            progress=progress,
-        )
-        return trainer.fit(resume=resume)
-    except BaseException as e:
-        error = e
-        raise
-    finally:
-        if tracker is not None:
-            tracker.close(error)
-        strategy.close()
-
-
 def load_trained_model(
     run_dir: Path, device: torch.device | str = "cpu"
 ) -> tuple[torch.nn.Module, Plan]:
+    """A finished run's model (run_dir/model.pt) in eval mode on `device`, with its Plan.
+    Raises SegscaleError when the run has no model.pt."""
     import torch
 
-    cfg = load_config(run_dir / "config.yaml")
-    p = plan(cfg)
+    p = plan(load_config(run_dir / "config.yaml"))
     weights = run_dir / "model.pt"
     if not weights.is_file():
         raise SegscaleError(f"{run_dir}: no model.pt; train the run to the end first")
-    model = build_model(p)
+    model = p.model()
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.to(device).eval(), p
-
-
-def evaluate_worker(run_dir: Path, split: str, out: Path) -> dict[str, Any]:
-    """Evaluate run_dir/model.pt on a split, cases shared among the workers; rank 0 writes `out`
-    (JSON) and the per-case CSV beside it."""
-    from segscale.evaluation import write_case_csv
-    from segscale.parallel import ProcessEnv
-
-    cfg = load_config(run_dir / "config.yaml")
-    strategy = ProcessEnv(
-        cfg.train.device, cfg.train.threads
-    )  # ranks, a device and gathers suffice
-    try:
-        model, p = load_trained_model(run_dir, strategy.device)
-        evaluation = {
-            "run": str(run_dir),
-            "split": split,
-            "workers": strategy.world_size,
-            "labels": p.task.labels(p.store),
-            **p.task.evaluate(model, p.store, split, strategy, cfg.train.batch_size * 2),
-        }
-        if strategy.rank == 0:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(out, json.dumps(evaluation, indent=1))
-            if "cases" in evaluation:
-                write_case_csv(evaluation, out.with_suffix(".csv"))
-        return evaluation
-    finally:
-        strategy.close()

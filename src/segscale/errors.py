@@ -1,4 +1,5 @@
-"""User-facing errors: the CLI prints these as one line, without a traceback."""
+"""User-facing errors (the CLI prints these as one line, without a traceback) and the preemption
+signal that every layer, from the Trainer to the trackers and the workers, agrees on."""
 
 from __future__ import annotations
 
@@ -16,6 +17,14 @@ class ConfigError(SegscaleError):
 
 class DataError(SegscaleError):
     """Input data that cannot be read or is inconsistent."""
+
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; resume to continue
+
+
+class Preempted(Exception):
+    """A run stopped on request (SIGTERM/SIGINT) after writing its checkpoint; `--resume` goes on.
+    Workers exit with PREEMPTED_EXIT_CODE; trackers record the run as KILLED."""
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -13,6 +13,8 @@ no case still joins the gather, so nothing hangs. Training-time validation uses 
 from __future__ import annotations
 
 import csv
+import io
+import json
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from segscale._files import write_atomic
+from segscale.errors import DataError
+from segscale.imgmed.io import is_nifti_name, list_images, load_image2d, load_nifti, strip_suffix
 from segscale.imgmed.store import Store
 from segscale.imgmed.transforms import Plane
 from segscale.parallel import Strategy
@@ -224,6 +229,14 @@ def summarize(results: list[CaseEval], labels: dict[str, str]) -> dict[str, Any]
     }
 
 
+def write_evaluation(evaluation: dict[str, Any], out: Path) -> None:
+    """`out` (JSON) and, for a segmentation, the per-case CSV beside it (same name, .csv)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, json.dumps(evaluation, indent=1))
+    if "cases" in evaluation:
+        write_case_csv(evaluation, out.with_suffix(".csv"))
+
+
 def write_case_csv(evaluation: dict[str, Any], path: Path) -> None:
     """One row per case: the foreground means, then per-class columns when there are several classes."""
     rows = evaluation["cases"]
@@ -231,24 +244,54 @@ def write_case_csv(evaluation: dict[str, Any], path: Path) -> None:
     per_class_cols = (
         [f"{m}[{c}]" for c in classes for m in CASE_METRICS] if len(classes) > 1 else []
     )
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["case", *CASE_METRICS, *per_class_cols])
-        for row in rows:
-            extra = (
-                [row["per_class"][c][m] for c in classes for m in CASE_METRICS]
-                if per_class_cols
-                else []
-            )
-            w.writerow([row["case"], *(row[m] for m in CASE_METRICS), *extra])
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["case", *CASE_METRICS, *per_class_cols])
+    for row in rows:
+        extra = (
+            [row["per_class"][c][m] for c in classes for m in CASE_METRICS]
+            if per_class_cols
+            else []
+        )
+        w.writerow([row["case"], *(row[m] for m in CASE_METRICS), *extra])
+    write_atomic(path, text.getvalue())
+
+
+@dataclass
+class Example:
+    """One case shown as a picture: its slice with the most reference foreground."""
+
+    case: str
+    dice: float
+    image: np.ndarray  # (C, S, S) float32, the store's preprocessed slice
+    reference: np.ndarray  # (S, S) class indices
+    prediction: np.ndarray  # (S, S) class indices
+
+
+@torch.no_grad()
+def pick_examples(
+    model: nn.Module, store: Store, evaluation: dict[str, Any], max_cases: int = 3
+) -> list[Example]:
+    """The best, median and worst cases of an evaluation by per-case Dice, each on the slice with
+    the most reference foreground, with the model's prediction for that slice (on the CPU)."""
+    ranked = sorted(evaluation["cases"], key=lambda c: c["dice"], reverse=True)
+    picks = [ranked[0], ranked[len(ranked) // 2], ranked[-1]][: min(max_cases, len(ranked))]
+    by_id = {c["id"]: c for c in store.cases()}
+    examples = []
+    for case in picks:
+        meta = by_id[case["case"]]
+        masks = np.asarray(store.masks[meta["start"] : meta["start"] + meta["count"]])
+        k = meta["start"] + int(np.argmax((masks > 0).sum((1, 2))))
+        image = np.array(store.images[k])  # a writable copy of the memmap row
+        pred = model(torch.from_numpy(image)[None]).argmax(1)[0].numpy()
+        examples.append(
+            Example(case["case"], case["dice"], image, np.asarray(store.masks[k]), pred)
+        )
+    return examples
 
 
 def _load_labels(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
     """A label file as (slices, H, W) integers and its spacing in that axis order."""
-    from segscale.errors import DataError
-    from segscale.imgmed.io import is_nifti_name, load_image2d, load_nifti
 
     if is_nifti_name(path):
         data, affine = load_nifti(path)
@@ -273,10 +316,7 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path) -> dict[str, Any]:
     reference masks of the same file names, in the files' own geometry and spacing.
     Label values are taken as classes; when they are not 0..K-1 (e.g. PNG 0/255) they are mapped
     in sorted order, and the map is recorded."""
-    from segscale.errors import DataError
-    from segscale.predict import expand_inputs
-
-    refs = expand_inputs([ref_dir])
+    refs = list_images([ref_dir])
     pairs = []
     for ref in refs:
         pred = pred_dir / ref.name
@@ -313,6 +353,4 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path) -> dict[str, Any]:
 
 
 def _stem(path: Path) -> str:
-    from segscale.imgmed.io import strip_suffix
-
     return strip_suffix(path.name)

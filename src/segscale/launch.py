@@ -5,8 +5,8 @@ every worker process.
 On Linux the workers are forked from a fork server (multiprocessing's "forkserver", which torchrun
 supports for function entrypoints): a fresh interpreter that imports torch and segscale once,
 started early so that it does so on another core while the CLI checks the run. Each worker then
-starts with everything imported instead of spending 1.5 s importing torch and 1.1 s more on what
-DistributedDataParallel imports. Forking from the server, not from the CLI, is what makes it safe:
+starts with everything imported instead of importing torch and what DistributedDataParallel
+imports itself (seconds per worker: docs/performance.md, "Engine overhead"). Forking from the server, not from the CLI, is what makes it safe:
 the server never runs an OpenMP parallel region (a child forked after one hangs in libgomp at its
 first multi-threaded op) nor touches CUDA (which cannot be used in a child forked after it was)."""
 
@@ -55,7 +55,7 @@ def torchrun_args(
 
 FORKED_WORKER = Path(__file__).with_name("_forked_worker.py")
 # What every worker imports, loaded once by the fork server; training workers also import
-# torch._dynamo (1.1 s), because the DistributedDataParallel constructor reads one of its settings.
+# torch._dynamo, because the DistributedDataParallel constructor reads one of its settings.
 PRELOAD = ["torch", "segscale.engine", "segscale.train", "segscale.worker"]
 
 
@@ -99,8 +99,8 @@ def launch(
 
 def run_elastic(args: list[str]) -> int:
     """torchrun with `args`, its elastic agent in this process: the CLI has already imported torch
-    to check the run, and a separate agent process would spend ~2 s importing it again before the
-    workers even start. Returns a failed worker's own exit code (2: a user error, 75: preempted)
+    to check the run, and a separate agent process would import it again before the workers even
+    start. Returns a failed worker's own exit code (2: a user error, 75: preempted)
     where torchrun would say 1."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

@@ -11,33 +11,14 @@ import torch
 
 from segscale.errors import DataError, SegscaleError
 from segscale.imgmed.io import (
-    PNG_SUFFIXES,
     is_nifti_name,
+    list_images,
     load_image2d,
     load_nifti,
     save_nifti,
     save_png,
 )
 from segscale.imgmed.transforms import Plane, from_grid, from_slices, inplane_spacing, preprocess
-
-
-def expand_inputs(inputs: list[Path]) -> list[Path]:
-    files: list[Path] = []
-    for path in inputs:
-        if path.is_dir():
-            found = sorted(
-                p
-                for p in path.iterdir()
-                if is_nifti_name(p) or p.name.lower().endswith(PNG_SUFFIXES)
-            )
-            if not found:
-                raise DataError(f"{path}: no NIfTI or PNG/JPG/TIFF files")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise DataError(f"{path}: no such file or folder")
-    return files
 
 
 @torch.no_grad()
@@ -76,7 +57,7 @@ def predict(
     class_to_raw = _class_to_raw(store.meta)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in expand_inputs(inputs):
+    for path in list_images(inputs):
         volume = is_nifti_name(path)
         if volume:
             image, affine = load_nifti(path)

@@ -1,13 +1,12 @@
 """One plugin mechanism: a registry per kind of component, plus `module:attr` paths.
 
-MODELS.register("my_net")(MyNet)        # or as a decorator
 MODELS.resolve("unet")                  # a built-in name
 MODELS.resolve("my_pkg.nets:make_net")  # an importable module
 MODELS.resolve("plugins/net.py:Net")    # a file, loaded by path
 
 Built-ins are registered by path and imported when first resolved: checking a config that names
 them (`segscale plan`, the launcher) reads their signatures from source and never imports torch,
-which alone takes about 2 s to import on a small machine.
+whose import takes seconds.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +23,12 @@ from segscale.errors import SegscaleError, did_you_mean
 
 
 class Registry:
-    """A named dict of factories with a decorator to fill it. Entries given as 'module:attr'
-    strings (the built-ins) are imported on first use."""
+    """A named dict of factories: the built-ins, given as 'module:attr' strings and imported on
+    first use. Users name their own by path instead of registering them."""
 
     def __init__(self, kind: str, builtins: dict[str, str] | None = None) -> None:
         self.kind = kind
         self._entries: dict[str, Any] = dict(builtins or {})
-
-    def register(self, name: str) -> Callable[[Any], Any]:
-        def add(obj: Any) -> Any:
-            if name in self._entries:
-                raise ValueError(f"{self.kind} '{name}' is already registered")
-            self._entries[name] = obj
-            return obj
-
-        return add
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -200,25 +189,17 @@ TASKS = Registry(
 )
 
 
-FIXED_ARGUMENTS = {
-    "model": {"in_channels": 1, "num_classes": 2},
-    "strategy": {"device": "cpu", "threads": None},
-    "tracker": {"run_dir": None, "run_name": "", "params": {}},
-}
-
-
 def check_kwargs(
-    registry: Registry, spec: str, kwargs: dict[str, Any], kind: str | None = None
+    registry: Registry, spec: str, kwargs: dict[str, Any], fixed: dict[str, Any] | None = None
 ) -> None:
-    """Fail before anything starts when kwargs don't bind to the factory's signature. Models also
-    receive in_channels and num_classes (from the store), strategies the device (from the config)."""
-    kind = kind or registry.kind
-    fixed = FIXED_ARGUMENTS.get(kind, {})
+    """Fail before anything starts when kwargs don't bind to the factory's signature, beside the
+    `fixed` arguments the engine passes itself (e.g. a model's in_channels and num_classes)."""
+    fixed = fixed or {}
     signature = registry.signature(spec)
     try:
         signature.bind(**fixed, **kwargs)
     except TypeError as e:
         params = [p for p in signature.parameters if p not in ("self", *fixed)]
         raise SegscaleError(
-            f"{kind} '{spec}' kwargs {sorted(kwargs)}: {e}; accepted: {', '.join(params)}"
+            f"{registry.kind} '{spec}' kwargs {sorted(kwargs)}: {e}; accepted: {', '.join(params)}"
         ) from None

@@ -1,4 +1,5 @@
-"""Run reports: a Markdown page with the metrics, training curves and segmentation overlays."""
+"""Run reports: a Markdown page with the metrics, training curves and segmentation overlays.
+Rendering only: what to show (metrics, example slices with their predictions) comes in."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+
+from segscale._files import write_atomic
+from segscale.evaluation import Example
 
 METRIC_NAMES = {
     "dice": "Dice (foreground)",
@@ -140,7 +143,18 @@ def plot_confusion(evaluation: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
-def plot_curves(run_dir: Path, out: Path) -> bool:
+def curve_points(rows: list[dict[str, Any]], metric: str) -> dict[str, list[tuple[int, float]]]:
+    """(epoch, value) series of a run's metrics.jsonl rows: training loss and the task's
+    validation metric (`dice`, `accuracy`, ...), whichever epochs have it."""
+    return {
+        "train_loss": [(r["epoch"], r["train_loss"]) for r in rows],
+        f"val_{metric}": [(r["epoch"], r[f"val_{metric}"]) for r in rows if f"val_{metric}" in r],
+    }
+
+
+def plot_curves(run_dir: Path, out: Path, metric: str = "dice") -> bool:
+    """Training loss and validation `metric` per epoch from run_dir/metrics.jsonl; False when
+    the run has no metrics yet."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,48 +164,39 @@ def plot_curves(run_dir: Path, out: Path) -> bool:
     if not path.is_file():
         return False
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    points = curve_points(rows, metric)
+    name = METRIC_NAMES.get(metric, metric.replace("_", " "))
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
-    ax[0].plot([r["epoch"] for r in rows], [r["train_loss"] for r in rows], marker="o")
-    ax[0].set(xlabel="epoch", ylabel="train loss", title="training loss")
-    val = [r for r in rows if "val_dice" in r]
-    ax[1].plot(
-        [r["epoch"] for r in val], [r["val_dice"] for r in val], marker="o", color="tab:green"
-    )
-    ax[1].set(xlabel="epoch", ylabel="Dice", title="validation Dice", ylim=(0, 1))
+    for axis, (key, title, color) in zip(
+        ax,
+        [
+            ("train_loss", "training loss", None),
+            (f"val_{metric}", f"validation {name}", "tab:green"),
+        ],
+    ):
+        epochs, values = zip(*points[key]) if points[key] else ((), ())
+        axis.plot(epochs, values, marker="o", color=color)
+        axis.set(xlabel="epoch", ylabel=title.split(" ", 1)[1], title=title)
+    ax[1].set_ylim(0, 1)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return True
 
 
-@torch.no_grad()
-def plot_overlays(run_dir: Path, evaluation: dict[str, Any], out: Path, max_cases: int = 3) -> None:
-    """Image / ground truth / prediction for the best, median and worst test cases, each on the
-    slice with the most ground-truth foreground."""
+def plot_overlays(examples: list[Example], out: Path, num_classes: int) -> None:
+    """Image / ground truth / prediction, one row per example (segscale.evaluation.pick_examples)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from segscale.engine import load_trained_model
-
-    model, plan = load_trained_model(run_dir)
-    store = plan.store
-    ranked = sorted(evaluation["cases"], key=lambda c: c["dice"], reverse=True)
-    picks = [ranked[0], ranked[len(ranked) // 2], ranked[-1]][: min(max_cases, len(ranked))]
-    by_id = {c["id"]: c for c in store.cases()}
-    fig, axes = plt.subplots(len(picks), 3, figsize=(9, 3 * len(picks)), squeeze=False)
-    for row, case in zip(axes, picks):
-        meta = by_id[case["case"]]
-        masks = np.asarray(store.masks[meta["start"] : meta["start"] + meta["count"]])
-        k = meta["start"] + int(np.argmax((masks > 0).sum((1, 2))))
-        image = np.array(store.images[k])  # a writable copy of the memmap row
-        pred = model(torch.from_numpy(image)[None]).argmax(1)[0].numpy()
-        gt = np.asarray(store.masks[k])
+    fig, axes = plt.subplots(len(examples), 3, figsize=(9, 3 * len(examples)), squeeze=False)
+    for row, ex in zip(axes, examples):
         for ax, (title, mask) in zip(
-            row, [("image", None), ("ground truth", gt), ("prediction", pred)]
+            row, [("image", None), ("ground truth", ex.reference), ("prediction", ex.prediction)]
         ):
-            ax.imshow(image[0].T, cmap="gray", origin="lower")
+            ax.imshow(ex.image[0].T, cmap="gray", origin="lower")
             if mask is not None:
                 ax.imshow(
                     np.ma.masked_equal(mask.T, 0),
@@ -199,23 +204,29 @@ def plot_overlays(run_dir: Path, evaluation: dict[str, Any], out: Path, max_case
                     alpha=0.5,
                     origin="lower",
                     vmin=0,
-                    vmax=max(1, plan.num_classes - 1),
+                    vmax=max(1, num_classes - 1),
                 )
-            ax.set_title(
-                f"{case['case']}: {title}"
-                + (f" (Dice {case['dice']:.3f})" if title == "prediction" else ""),
-                fontsize=9,
-            )
+            dice = f" (Dice {ex.dice:.3f})" if title == "prediction" else ""
+            ax.set_title(f"{ex.case}: {title}{dice}", fontsize=9)
             ax.axis("off")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
 
 
-def write_report(out_dir: Path, run_dir: Path, evaluation: dict[str, Any]) -> Path:
+def write_report(
+    out_dir: Path,
+    run_dir: Path,
+    evaluation: dict[str, Any],
+    examples: list[Example],
+    num_classes: int,
+    metric: str = "dice",
+) -> Path:
+    """report.md in out_dir with its pictures, for a segmentation run's evaluation; `examples`
+    from segscale.evaluation.pick_examples, `metric` the task's validation metric."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    has_curves = plot_curves(run_dir, out_dir / "curves.png")
-    plot_overlays(run_dir, evaluation, out_dir / "overlays.png")
+    has_curves = plot_curves(run_dir, out_dir / "curves.png", metric)
+    plot_overlays(examples, out_dir / "overlays.png", num_classes)
     plot_case_dice(evaluation, out_dir / "case_dice.png")
     env_path = run_dir / "environment.json"
     env = json.loads(env_path.read_text()) if env_path.is_file() else {}
@@ -260,5 +271,5 @@ def write_report(out_dir: Path, run_dir: Path, evaluation: dict[str, Any]) -> Pa
         ]
     parts += ["## Configuration", "", "```yaml", config.rstrip(), "```", ""]
     path = out_dir / "report.md"
-    path.write_text("\n".join(parts))
+    write_atomic(path, "\n".join(parts))
     return path

@@ -13,6 +13,14 @@ import numpy as np
 import torch
 
 
+def derive_seed(seed: int, epoch: int, rank: int | None = None) -> int:
+    """The one seed formula for per-epoch randomness: the data order (by epoch, the same on
+    every rank), augmentation and the global torch RNG for dropout (by epoch and rank). Mixing
+    with two primes keeps (seed, epoch, rank) triples apart for any realistic run length."""
+    epoch_seed = seed * 1_000_003 + epoch
+    return epoch_seed if rank is None else epoch_seed * 7919 + rank
+
+
 def seed_everything(seed: int, deterministic: bool = True) -> None:
     """Seed python, numpy and torch; with `deterministic`, ask torch for deterministic kernels."""
     random.seed(seed)
@@ -26,8 +34,8 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 
 
 def deterministic_kernels() -> None:
-    """torch.use_deterministic_algorithms(True, warn_only=True), minus 1.2 s per worker: the public
-    function also sets torch._inductor.config.deterministic, and importing that config imports
+    """torch.use_deterministic_algorithms(True, warn_only=True) without its import of the compiler
+    in every worker: the public function also sets torch._inductor.config.deterministic, and importing that config imports
     torch._inductor and torch._dynamo. segscale compiles nothing, so unless a compiler is already
     loaded (a plug-in that compiles at import) it sets only the eager flag, through the same C++
     switch the public function calls. A model compiled later, inside its constructor, keeps
@@ -38,7 +46,7 @@ def deterministic_kernels() -> None:
         torch._C._set_deterministic_algorithms(True, warn_only=True)
     # Deterministic mode also fills every new uninitialised tensor with NaN, a debugging aid that
     # catches kernels reading memory they never wrote; it does not change what correct kernels
-    # compute, and cost 2% of a CPU training step here (6% with two workers). The bit-identity
+    # compute, and costs a share of every CPU step (docs/performance.md). The bit-identity
     # tests (resume, fork vs spawn, the demo) guard the results instead.
     torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
 

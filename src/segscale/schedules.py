@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from segscale.config import RunConfig, ScheduleConfig
+from segscale.config import ScheduleConfig
 
 
 def scaled_lr(base_lr: float, global_batch: int, reference_batch: int, rule: str) -> float:
@@ -34,9 +34,11 @@ class Schedule:
 
     @property
     def warmup_steps(self) -> float:
+        """Warmup length in steps: train.schedule.warmup_steps, or warmup_epochs × steps per epoch
+        (the config refuses both)."""
         if self.cfg.warmup_steps is not None:
             return float(self.cfg.warmup_steps)
-        return self.cfg.warmup_epochs * self.steps_per_epoch
+        return (self.cfg.warmup_epochs or 0.0) * self.steps_per_epoch
 
     def __call__(self, step: int) -> float:
         warmup = self.warmup_steps
@@ -79,27 +81,18 @@ def build_schedule(
     return Schedule(base_lr, peak, steps_per_epoch, steps_per_epoch * epochs, cfg)
 
 
-def plot_schedule(cfg: RunConfig, workers: int, steps_per_epoch: int, out: Path) -> Schedule:
-    """Plot lr(step) over the whole run, with epochs on the x axis."""
+def plot_schedule(schedule: Schedule, out: Path, title: str) -> None:
+    """Plot lr(step) over the whole run as a PNG, with epochs on the x axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t = cfg.train
-    schedule = build_schedule(
-        t.schedule, t.optimizer.lr, t.batch_size, workers, steps_per_epoch, t.epochs
-    )
     steps = range(schedule.total_steps)
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.plot([s / steps_per_epoch for s in steps], [schedule(s) for s in steps])
-    ax.set(
-        xlabel="epoch",
-        ylabel="learning rate",
-        title=f"{cfg.name}: {workers} worker(s), global batch {t.batch_size * workers}, {t.schedule.scaling} scaling",
-    )
+    ax.plot([s / schedule.steps_per_epoch for s in steps], [schedule(s) for s in steps])
+    ax.set(xlabel="epoch", ylabel="learning rate", title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    return schedule

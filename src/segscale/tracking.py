@@ -18,6 +18,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from segscale._files import write_atomic
+from segscale.errors import Preempted
+
 MLFLOW_RUN_ID = "mlflow_run_id"  # in the run folder: a resumed run continues the same MLflow run
 
 
@@ -38,9 +41,9 @@ class MLflowTracker:
 
     `uri` defaults to `sqlite:///<the run folder's parent>/mlflow.db`, so every run under runs/
     lands in one store (`mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`); the experiment's
-    artifacts go beside it in mlartifacts/. All MLflow work happens on one background thread:
-    importing mlflow takes about 1 s and creating a new SQLite store 2 s, which training does not
-    wait for. Errors (an unwritable store, a bad URI) become one warning; training goes on."""
+    artifacts go beside it in mlartifacts/. All MLflow work happens on one background thread, so
+    training never waits for mlflow's import or the store's creation (seconds; docs/performance.md).
+    Errors (an unwritable store, a bad URI) become one warning; training goes on."""
 
     def __init__(
         self,
@@ -69,8 +72,6 @@ class MLflowTracker:
         """End the MLflow run and wait (at most `timeout` s) for the thread to write everything."""
         if not self._thread.is_alive():  # never started, stopped on an error, or already closed
             return
-        from segscale.train import Preempted
-
         status = (
             "FINISHED" if error is None else "KILLED" if isinstance(error, Preempted) else "FAILED"
         )
@@ -135,7 +136,7 @@ class MLflowTracker:
 
         for chunk in _chunks(sorted(self.params.items()), 100):  # MLflow's batch limit
             client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in chunk])
-        saved.write_text(run_id + "\n")
+        write_atomic(saved, run_id + "\n")
         return client, run_id
 
     def _log_metrics(self, client: Any, run_id: str, record: dict[str, Any]) -> None:
@@ -151,17 +152,6 @@ class MLflowTracker:
 
     def _warn(self, error: Exception) -> None:
         warnings.warn(f"mlflow tracking stopped ({self.uri}): {error}", stacklevel=1)
-
-
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'train': {'optimizer': {'lr': 1e-3}}} → {'train.optimizer.lr': 1e-3}."""
-    out: dict[str, Any] = {}
-    for k, v in config.items():
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _param(value: Any) -> str:

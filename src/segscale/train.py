@@ -1,4 +1,5 @@
-"""The Trainer: a plain synchronous data-parallel loop. It never reads config (see engine.py).
+"""The Trainer: a plain synchronous data-parallel loop. It never reads config: the engine builds
+it (segscale.engine.Plan.trainer).
 
     fit():
         resume from the newest valid checkpoint when asked               → on_train_start
@@ -32,24 +33,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from segscale._files import write_text_atomic
+from segscale._files import write_atomic
 from segscale._progress import progress_bar
-from segscale.checkpoint import (
-    atomic_save,
-    checkpoint_path,
-    load_latest,
-    prune_checkpoints,
-    save_best,
-)
+from segscale.checkpoint import atomic_save, load_latest, write_checkpoint
 from segscale.data import TrainLoader
-from segscale.errors import SegscaleError
+from segscale.errors import Preempted, SegscaleError
 from segscale.parallel import Strategy, unwrap
-
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; resume to continue
-
-
-class Preempted(Exception):
-    """Raised after the checkpoint that a SIGTERM/SIGINT asked for."""
+from segscale.repro import derive_seed
 
 
 class Trainer:
@@ -94,7 +84,7 @@ class Trainer:
             task = Segmentation()
         self.task = task
         self.run_dir, self.seed, self.grad_clip = Path(run_dir), seed, grad_clip
-        self.steps_per_epoch = min(steps_per_epoch or len(train_loader), len(train_loader))
+        self.steps_per_epoch = steps_per_epoch or len(train_loader)  # the engine's formula
         self.val_every, self.callbacks, self.config_digest = (
             val_every,
             list(callbacks),
@@ -144,7 +134,7 @@ class Trainer:
         """Seed the epoch from (seed, rank, epoch); mid-epoch after a resume, skip the batches
         already trained and restore the exact RNG and augmentation states saved with them."""
         self.train_loader.set_epoch(epoch, skip_batches=self.epoch_step)
-        torch.manual_seed(self.seed * 1_000_003 + epoch * 7919 + self.strategy.rank)
+        torch.manual_seed(derive_seed(self.seed, epoch, self.strategy.rank))
         self.totals.zero_()
         self.elapsed = 0.0
         if self._resumed_rank_state is not None:
@@ -233,7 +223,7 @@ class Trainer:
 
     def write_metrics(self) -> None:
         """Rewrite metrics.jsonl from the history, so a resumed run never duplicates a line."""
-        write_text_atomic(
+        write_atomic(
             self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history)
         )
 
@@ -246,13 +236,10 @@ class Trainer:
             "elapsed": self.elapsed,
         }
 
-    def save_checkpoint(self, best: float | None = None) -> None:
-        """Collective: every rank hands its RNG, augmentation and loss state to rank 0, which writes
-        one checkpoint with all of them (and best.pt when `best` beats the best so far)."""
-        ranks = self.strategy.gather_objects(self._rank_state())
-        if self.strategy.rank != 0:
-            return
-        state = {
+    def state_dict(self) -> dict[str, Any]:
+        """The run's state on this rank: weights, optimiser and scaler, position, history. A
+        checkpoint adds every rank's `_rank_state` as "ranks"."""
+        return {
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -260,23 +247,15 @@ class Trainer:
             "epoch": self.epoch,
             "epoch_step": self.epoch_step,
             "history": self.history,
-            "best_metric": max(self.best_metric, best or -1.0),
+            "best_metric": self.best_metric,
             "config_digest": self.config_digest,
             "world_size": self.strategy.world_size,
-            "ranks": ranks,
         }
-        path = checkpoint_path(self.run_dir, self.step)
-        atomic_save(state, path)
-        if best is not None and best > self.best_metric:
-            self.best_metric = best
-            save_best(self.run_dir, path)
-        prune_checkpoints(self.run_dir, self.keep_checkpoints)
-        self._call("on_checkpoint", path)
 
-    def resume(self) -> None:
-        state = load_latest(self.run_dir, self.config_digest)
-        if state is None:
-            return
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's state: mid-epoch, each rank takes its own saved RNG and
+        loader state at the next set_epoch. Raises SegscaleError for a mid-epoch checkpoint of
+        another world size (its shards and RNG streams would not match)."""
         if state["epoch_step"] and state["world_size"] != self.strategy.world_size:
             raise SegscaleError(
                 f"{self.run_dir}: the newest checkpoint is mid-epoch from {state['world_size']} worker(s); "
@@ -289,6 +268,25 @@ class Trainer:
         self.history, self.best_metric = list(state["history"]), state["best_metric"]
         if self.epoch_step:
             self._resumed_rank_state = state["ranks"][self.strategy.rank]
+
+    def save_checkpoint(self, best: float | None = None) -> None:
+        """Collective: every rank hands its RNG, augmentation and loss state to rank 0, which writes
+        one checkpoint with all of them (and best.pt when `best` beats the best so far)."""
+        ranks = self.strategy.gather_objects(self._rank_state())
+        if self.strategy.rank != 0:
+            return
+        improved = best is not None and best > self.best_metric
+        if improved:
+            self.best_metric = best
+        state = {**self.state_dict(), "ranks": ranks}
+        path = write_checkpoint(self.run_dir, state, self.keep_checkpoints, improved)
+        self._call("on_checkpoint", path)
+
+    def resume(self) -> None:
+        """Load the newest valid checkpoint of the run folder, if there is one."""
+        state = load_latest(self.run_dir, self.config_digest)
+        if state is not None:
+            self.load_state_dict(state)
 
     def _call(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:
@@ -334,36 +332,3 @@ def _summary(record: dict[str, Any], epochs: int, metric: str = "dice") -> str:
         name = "Dice" if metric == "dice" else metric.replace("_", " ")
         line += f"  val {name} {record[f'val_{metric}']:.4f}"
     return line + f"  lr {record['lr']:.3g}  {record['images_per_second']:.1f} img/s"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`torchrun [...] -m segscale.train CONFIG [--run-dir DIR] [--resume] [key=value ...]`: the
-    torchrun-native entry point, equivalent to `segscale train CONFIG --workers N`. Every process
-    loads and checks the config itself, so it also works when each node is started by a scheduler."""
-    import argparse
-
-    from segscale.config import load_config
-    from segscale.engine import plan, prepare_run_dir, train_worker
-    from segscale.worker import exit_code
-
-    parser = argparse.ArgumentParser(prog="segscale.train")
-    parser.add_argument("config", type=Path)
-    parser.add_argument("overrides", nargs="*", help="key.sub=value")
-    parser.add_argument("--run-dir", type=Path)
-    parser.add_argument("--resume", action="store_true")
-    args = parser.parse_args(argv)
-
-    def run() -> None:
-        cfg = load_config(args.config, args.overrides)
-        plan(cfg)
-        run_dir = (args.run_dir or Path("runs") / cfg.name).resolve()
-        prepare_run_dir(cfg, run_dir, args.resume)
-        train_worker(run_dir, resume=args.resume)
-
-    return exit_code(run)
-
-
-if __name__ == "__main__":
-    from segscale.worker import exit_now
-
-    exit_now(main())

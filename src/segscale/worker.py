@@ -1,46 +1,117 @@
-"""The per-process entry point under torchrun: `python -m segscale.worker train RUN_DIR`.
+"""The worker processes: what each of N processes runs, and every torchrun entry point.
 
-Users launch through `segscale train --workers N`, which validates everything first and then starts
-this module N times; or directly: `torchrun --nproc-per-node N -m segscale.worker train RUN_DIR`.
+`segscale train --workers N` checks the run, then starts `python -m segscale.worker train RUN_DIR`
+N times through torch.distributed.run (segscale.launch). torchrun can start the same directly:
+
+    torchrun --nproc-per-node N -m segscale.worker train RUN_DIR
+    torchrun --nproc-per-node N [--nnodes M ...] -m segscale.worker train CONFIG [--run-dir DIR]
+        [--resume] [key=value ...]
+
+Given a config file, every process loads and checks it itself and writes the run folder's
+config.yaml (atomically), so it also works when a scheduler starts each node on its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from segscale.errors import SegscaleError
+from segscale._files import write_atomic
+from segscale.config import load_config
+from segscale.engine import plan, prepare_run_dir
+from segscale.errors import PREEMPTED_EXIT_CODE, Preempted, SegscaleError
+
+
+def train(run_dir: Path, resume: bool = False, progress: bool = True) -> list[dict[str, Any]]:
+    """Train run_dir/config.yaml as one process of N (the torchrun environment says which);
+    returns the per-epoch history. Rank 0 writes environment.json and drives the tracker.
+    A torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) resumes from the newest checkpoint.
+    Raises SegscaleError for bad input, Preempted after a requested stop's checkpoint."""
+    p = plan(load_config(run_dir / "config.yaml"))
+    resume = resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    strategy = p.strategy()
+    tracker: Any = None
+    error: BaseException | None = None
+    try:
+        if strategy.rank == 0:  # the one process that records the run
+            tracker = p.tracker(run_dir)
+        trainer = p.trainer(strategy, run_dir, [tracker] if tracker else [], progress)
+        if strategy.rank == 0:
+            write_atomic(run_dir / "environment.json", json.dumps(p.record(trainer), indent=1))
+        return trainer.fit(resume=resume)
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        if tracker is not None:
+            tracker.close(error)
+        strategy.close()
+
+
+def evaluate(run_dir: Path, split: str, out: Path) -> dict[str, Any]:
+    """Evaluate run_dir/model.pt on a split, cases shared among the workers; rank 0 writes `out`
+    (JSON) and the per-case CSV beside it. Returns the evaluation on every rank."""
+    from segscale.engine import load_trained_model
+    from segscale.evaluation import write_evaluation
+
+    process = plan(load_config(run_dir / "config.yaml")).process()
+    try:
+        model, p = load_trained_model(run_dir, process.device)
+        evaluation = {
+            "run": str(run_dir),
+            "split": split,
+            "workers": process.world_size,
+            "labels": p.task.labels(p.store),
+            **p.task.evaluate(model, p.store, split, process, p.cfg.train.batch_size * 2),
+        }
+        if process.rank == 0:
+            write_evaluation(evaluation, out)
+        return evaluation
+    finally:
+        process.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="segscale.worker")
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train")
-    t.add_argument("run_dir", type=Path)
+    t = sub.add_parser("train", help="train a run folder, or a config file (torchrun-native)")
+    t.add_argument("target", type=Path, help="a run folder, or a config file (YAML/XML)")
+    t.add_argument("overrides", nargs="*", help="key.sub=value (with a config file)")
+    t.add_argument("--run-dir", type=Path, help="with a config file (default: runs/<name>)")
     t.add_argument("--resume", action="store_true")
     t.add_argument("--no-progress", action="store_true")
     e = sub.add_parser("evaluate")
     e.add_argument("run_dir", type=Path)
-    e.add_argument("--split", default="test")
+    e.add_argument("--split", required=True)
     e.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    from segscale import engine
+    if args.command == "evaluate":
+        return exit_code(evaluate, args.run_dir, args.split, args.out)
 
-    if args.command == "train":
-        return exit_code(
-            engine.train_worker, args.run_dir, resume=args.resume, progress=not args.no_progress
-        )
-    return exit_code(engine.evaluate_worker, args.run_dir, args.split, args.out)
+    def run() -> None:
+        run_dir = args.target
+        if args.target.is_file():  # torchrun-native: from the config itself
+            cfg = load_config(args.target, args.overrides)
+            plan(cfg)
+            run_dir = (args.run_dir or Path("runs") / cfg.name).resolve()
+            prepare_run_dir(cfg, run_dir, args.resume)
+        elif args.overrides or args.run_dir:
+            raise SegscaleError(
+                f"{args.target}: overrides and --run-dir go with a config file, not a run folder"
+            )
+        train(run_dir, resume=args.resume, progress=not args.no_progress)
+
+    return exit_code(run)
 
 
 def exit_code(fn: Callable[..., object], *args: object, **kwargs: object) -> int:
     """Run a worker's job; user errors print one line (exit 2), a preemption exits 75."""
-    from segscale.train import PREEMPTED_EXIT_CODE, Preempted
-
     try:
         fn(*args, **kwargs)
     except SegscaleError as e:
@@ -53,10 +124,10 @@ def exit_code(fn: Callable[..., object], *args: object, **kwargs: object) -> int
 
 
 def exit_now(code: int) -> None:
-    """End a torchrun-launched process once its work is done and its files are written: flush, then
-    skip interpreter teardown. A 2-worker CI run once aborted at the very end with 'terminate called
-    without an active exception' (SIGABRT, no Python traceback): C++ threads destroyed during
-    teardown, after the process group was already closed. Nothing left to do needs teardown."""
+    """End a torchrun-launched process once its work is done and its files are written: flush,
+    then skip interpreter teardown. C++ threads destroyed during teardown, after the process
+    group was closed, can abort the process at the very end ('terminate called without an
+    active exception', SIGABRT, no Python traceback). Nothing left to do needs teardown."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -58,6 +58,15 @@ def test_prepare_train_evaluate_predict(tmp_path):
         a["cases"],
         json.loads((store / "meta.json").read_text())["splits"],
     )
+
+    # data.test_split is the split `segscale evaluate` scores when --split is not given
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["data"]["test_split"] = "val"
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    r = cli("evaluate", run)
+    assert r.returncode == 0, r.stderr
+    val = json.loads((run / "evaluation-val.json").read_text())
+    assert val["split"] == "val" and len(val["cases"]) == 1  # 5 cases, 20% for validation
     assert set(a["dataset"]) >= {
         "dice",
         "pixel_accuracy",

@@ -1,19 +1,21 @@
-"""Offline augmentation: a prepared store → a new store whose training split is grown to N slices
+"""Augmentation, online and offline. Online: BatchAugment warps training batches on their device.
+Offline: a prepared store → a new store whose training split is grown to N slices
 with augmented copies (the thesis augmented its left-atrium set to 35,000 images this way).
 
 Augmented slices are written as extra training cases, `<case>_aug<k>`, each a copy of one original
 case's slices (every slice warped independently; image and mask share the geometry), so every
 store invariant holds: a case's rows are contiguous, its slice indices and geometry are real, and
 validation and test cases are copied untouched. The same augmentation runs on the fly in training
-(segscale.data.BatchAugment); this command is for when a fixed, enlarged set is wanted.
+(BatchAugment, below); this command is for when a fixed, enlarged set is wanted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,7 +24,55 @@ from segscale.config import AUGMENT_PRESETS, AugmentConfig
 from segscale.errors import DataError
 from segscale.imgmed.store import Store, StoreWriter, is_current
 
+if TYPE_CHECKING:  # torch is imported where used: importing segscale.imgmed must not load it
+    import torch
+
 PRESETS = {name: AugmentConfig(**values) for name, values in AUGMENT_PRESETS.items()}
+
+
+class BatchAugment:
+    """Random rotation, zoom, translation, flips (one affine per sample, applied to image and mask
+    alike with grid_sample) and intensity jitter. Runs on whatever device the batch is on; random
+    parameters come from a CPU generator so runs are reproducible across devices."""
+
+    def __init__(self, cfg: AugmentConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+        import torch.nn.functional as F
+
+        cfg, n = self.cfg, x.shape[0]
+
+        def uniform(lo: float, hi: float) -> torch.Tensor:
+            return lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
+
+        angle = uniform(-cfg.rotation, cfg.rotation) * math.pi / 180
+        zoom = uniform(*cfg.zoom)
+        shift = torch.stack([uniform(-cfg.translation, cfg.translation) for _ in range(2)], 1) * 2
+        flip = torch.ones(n, 2, dtype=torch.float64)
+        if cfg.flip:
+            flip = torch.where(torch.rand(n, 2, generator=gen) < 0.5, -1.0, 1.0).double()
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        theta = torch.stack(
+            [
+                torch.stack([cos * flip[:, 0], -sin, shift[:, 0]], 1),
+                torch.stack([sin, cos * flip[:, 1], shift[:, 1]], 1),
+            ],
+            1,
+        ).to(x.device, torch.float32)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        y = F.grid_sample(
+            y[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
+        )
+        if cfg.intensity > 0:
+            scale = 1 + cfg.intensity * torch.randn(n, 1, 1, 1, generator=gen)
+            offset = cfg.intensity * torch.randn(n, 1, 1, 1, generator=gen)
+            x = x * scale.to(x.device) + offset.to(x.device)
+        return x, y[:, 0].long()
 
 
 def augment_store(
@@ -37,8 +87,6 @@ def augment_store(
     """Write `output`: `source` with its training split grown to `total` slices. Returns
     (path, written); re-running with the same inputs is a no-op."""
     import torch
-
-    from segscale.data import BatchAugment
 
     store = Store.open(source)
     output = Path(output).resolve()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segscale._files import write_text_atomic
+from segscale._files import write_atomic
 from segscale.errors import DataError
 from segscale.imgmed.io import Image, _family_of_name, load, save, sniff, strip_suffix, to_uint8
 
@@ -48,7 +48,7 @@ def export_slices(
         "affine": None if image.affine is None else np.asarray(image.affine).tolist(),
         "files": [p.name for p in written],
     }
-    write_text_atomic(out_dir / SIDE_CAR, json.dumps(meta, indent=1))
+    write_atomic(out_dir / SIDE_CAR, json.dumps(meta, indent=1))
     return written
 
 

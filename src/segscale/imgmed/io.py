@@ -22,6 +22,27 @@ def is_nifti_name(path: Path) -> bool:
     return path.name.endswith(NIFTI_SUFFIXES)
 
 
+def list_images(inputs: list[Path]) -> list[Path]:
+    """The image files that `inputs` name: files as given, folders expanded to their NIfTI and
+    PNG/JPG/TIFF files in name order. Raises DataError for a missing path or an empty folder."""
+    files: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            found = sorted(
+                p
+                for p in path.iterdir()
+                if is_nifti_name(p) or p.name.lower().endswith(PNG_SUFFIXES)
+            )
+            if not found:
+                raise DataError(f"{path}: no NIfTI or PNG/JPG/TIFF files")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    return files
+
+
 def check_nifti(path: Path) -> None:
     """Raise DataError unless the file starts with a NIfTI-1/2 header (gzipped or not)."""
     try:

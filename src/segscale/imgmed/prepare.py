@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from segscale._files import file_sha256
+from segscale._files import file_sha256, write_atomic
 from segscale._progress import progress_bar
 from segscale.errors import DataError
 from segscale.imgmed.io import load_image2d, load_nifti, nifti_shape
@@ -185,7 +184,7 @@ def _run_cases(
         import sys
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        # fork starts at once (spawn re-imports torch in each process, ~2 s); torch's CPU thread
+        # fork starts at once (spawn re-imports torch in each process); torch's CPU thread
         # pools survive a fork, as its DataLoader workers show, but CUDA does not
         torch = sys.modules.get("torch")
         cuda = torch is not None and torch.cuda.is_initialized()
@@ -229,18 +228,13 @@ def _prepare_case(
         "affine": affine.tolist() if affine is not None else None,
         "slice_indices": indices.tolist(),
     }
-    tmp = chunk.with_name(f".{chunk.name}.{os.getpid()}.tmp")
+    masks = to_grid(m, plane, prep.size, masks=True).numpy()
     try:
-        with open(tmp, "wb") as f:
-            np.savez(
-                f,
-                images=x.numpy(),
-                masks=to_grid(m, plane, prep.size, masks=True).numpy(),
-                info=np.array(json.dumps(info)),
-            )
-        os.replace(tmp, chunk)
+        write_atomic(
+            chunk,
+            lambda f: np.savez(f, images=x.numpy(), masks=masks, info=np.array(json.dumps(info))),
+        )
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise DataError(f"cannot write {chunk}: {e.strerror or e}") from None
 
 

@@ -157,10 +157,6 @@ def _read_dicom_folder(root: Path) -> Source:
     return Source("dicom", root, root.name, labels, ["image"], cases)
 
 
-def is_volume_file(path: Path) -> bool:
-    return path.name.endswith(NIFTI_SUFFIXES)
-
-
 def channel_indices(
     root: str | Path, spec: list[int | str] | tuple[int | str, ...]
 ) -> tuple[int, ...]:

@@ -11,15 +11,15 @@ from segscale.errors import SegscaleError
 from segscale.models.cnn import SmallCNN
 from segscale.models.fcn import FCN8s
 from segscale.models.unet import ResUNet, UNet
-from segscale.registry import MODELS, check_kwargs
+from segscale.registry import MODELS
 
 
 def create_model(spec: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
-    """Build a registered or user model; a bad option value (ValueError) is a user error."""
-    check_kwargs(MODELS, spec, kwargs)
+    """Build a registered or user model. Its kwargs were checked against the factory's signature
+    by segscale.engine.plan; a bad option value (ValueError, TypeError) is a user error here."""
     try:
         model = MODELS.resolve(spec)(in_channels=in_channels, num_classes=num_classes, **kwargs)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         raise SegscaleError(f"model '{spec}' kwargs {kwargs}: {e}") from None
     if not isinstance(model, nn.Module):
         raise SegscaleError(

@@ -17,8 +17,8 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 
 def _act(kind: str, channels: int) -> nn.Module:
-    # ReLU by default: PReLU's backward alone took 13-17% of a CPU training step (torch profiler,
-    # ResUNet 16/3 at 128²), for no Dice gain measured by benchmarks/time_to_dice.py
+    # ReLU by default: PReLU's backward is a large share of a CPU training step, for no Dice gain
+    # (docs/performance.md, "Time-to-Dice")
     if kind == "relu":
         return nn.ReLU(inplace=True)
     if kind == "prelu":

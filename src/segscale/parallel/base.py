@@ -94,10 +94,6 @@ class ProcessEnv:
             device_id=self.device if self.device.type == "cuda" else None,
         )
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
     def wrap(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
 
@@ -127,11 +123,21 @@ class ProcessEnv:
 
 
 COMPRESSION = ("none", "fp16", "bf16", "powersgd")
-# torch's bf16 hook casts with NCCL's bf16 support; gloo has none (a TypeError in every worker)
-BF16_NEEDS_GPUS = (
-    "allreduce compression 'bf16' needs GPUs (torch's bf16 hook runs on NCCL only); "
-    "on CPU use fp16 or powersgd"
-)
+
+
+def check_compression(compression: str, device: str, world_size: int) -> None:
+    """Refuse a gradient compression that cannot run: an unknown name, or bf16 between CPU
+    workers (torch's bf16 hook casts with NCCL's bf16 support; gloo has none and every worker
+    would fail with a TypeError at its first step). Raises SegscaleError."""
+    if compression not in COMPRESSION:
+        raise SegscaleError(
+            f"allreduce compression '{compression}': expected one of {', '.join(COMPRESSION)}"
+        )
+    if compression == "bf16" and world_size > 1 and not uses_cuda(device):
+        raise SegscaleError(
+            "allreduce compression 'bf16' needs GPUs (torch's bf16 hook runs on NCCL only); "
+            "on CPU use fp16 or powersgd"
+        )
 
 
 class AllReduceStrategy(ProcessEnv):
@@ -151,16 +157,8 @@ class AllReduceStrategy(ProcessEnv):
         powersgd_rank: int = 1,
         powersgd_start_iter: int = 10,
     ) -> None:
-        if compression not in COMPRESSION:
-            raise SegscaleError(
-                f"allreduce compression '{compression}': expected one of {', '.join(COMPRESSION)}"
-            )
-        if (
-            compression == "bf16"
-            and not uses_cuda(device)
-            and int(os.environ.get("WORLD_SIZE", 1)) > 1
-        ):
-            raise SegscaleError(BF16_NEEDS_GPUS)  # before the process group: no worker waits
+        # before the process group: a refused worker leaves no peer waiting
+        check_compression(compression, device, int(os.environ.get("WORLD_SIZE", 1)))
         super().__init__(device, threads)
         self.ddp_kwargs = {
             "bucket_cap_mb": bucket_cap_mb,

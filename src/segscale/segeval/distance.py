@@ -39,7 +39,7 @@ def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
 
 
 def surface(mask: np.ndarray) -> np.ndarray:
-    # scipy is imported where used: it costs ~0.4 s, and training workers never need it
+    # scipy is imported where used: its import is slow, and training workers never need it
     from scipy.ndimage import binary_erosion, generate_binary_structure
 
     return mask ^ binary_erosion(mask, structure=generate_binary_structure(mask.ndim, 1))
