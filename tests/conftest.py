@@ -85,6 +85,7 @@ def sample_subset(dst: Path, num_cases: int) -> Path:
     """The first cases of the bundled real left-atrium sample, as its own Decathlon folder."""
     meta = json.loads((SAMPLE / "dataset.json").read_text())
     meta["training"] = meta["training"][:num_cases]
+    meta["numTraining"] = num_cases
     (dst / "imagesTr").mkdir(parents=True)
     (dst / "labelsTr").mkdir()
     for entry in meta["training"]:

@@ -162,7 +162,8 @@ def test_image_label_shape_mismatch(msd, tmp_path):
 def test_undeclared_label_values(msd, tmp_path):
     label = np.zeros((24, 20, 6), np.uint8)
     label[2, 2, 2] = 3
-    nib.save(nib.Nifti1Image(label, np.eye(4)), msd / "labelsTr" / "case_001.nii.gz")
+    affine = nib.load(msd / "imagesTr" / "case_001.nii.gz").affine  # on its image's grid
+    nib.save(nib.Nifti1Image(label, affine), msd / "labelsTr" / "case_001.nii.gz")
     with pytest.raises(
         DataError, match=r"case_001.nii.gz: label values \[3\] not declared \(declared: \[0, 1\]"
     ):

@@ -28,6 +28,7 @@ from torch import nn
 
 from segscale._files import write_atomic
 from segscale.errors import DataError
+from segscale.imgmed.geometry import onto_grid
 from segscale.imgmed.io import is_nifti_name, list_images, load_image2d, load_nifti, strip_suffix
 from segscale.imgmed.store import Store
 from segscale.imgmed.transforms import Plane
@@ -290,30 +291,38 @@ def pick_examples(
     return examples
 
 
-def _load_labels(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    """A label file as (slices, H, W) integers and its spacing in that axis order."""
-
+def _load_labels(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """A label file as integers: a NIfTI volume (X, Y, Z) with its affine, or a 2D picture (H, W)
+    with None."""
     if is_nifti_name(path):
         data, affine = load_nifti(path)
         if data.ndim != 3:
             raise DataError(f"{path}: expected a 3D label volume, got shape {data.shape}")
-        sp = spacing_from_affine(affine)
-        volume, spacing = np.ascontiguousarray(np.moveaxis(data, 2, 0)), (sp[2], sp[0], sp[1])
     else:
-        data = load_image2d(path)
+        data, affine = load_image2d(path), None
         if data.ndim != 2:
             raise DataError(
                 f"{path}: expected a single-channel label image, got shape {data.shape}"
             )
-        volume, spacing = data[None], (1.0, 1.0)
-    if not np.array_equal(volume, np.round(volume)):
+    if not np.array_equal(data, np.round(data)):
         raise DataError(f"{path}: non-integer label values")
-    return volume.astype(np.int64), spacing
+    return data.astype(np.int64), affine
+
+
+def _as_slices(data: np.ndarray, affine: np.ndarray | None) -> tuple[np.ndarray, tuple[float, ...]]:
+    """(slices, H, W) with its spacing in that axis order: a volume sliced along its third axis
+    (physical spacing), a picture as one slice (pixel units)."""
+    if affine is None:
+        return data[None], (1.0, 1.0)
+    sp = spacing_from_affine(affine)
+    return np.ascontiguousarray(np.moveaxis(data, 2, 0)), (sp[2], sp[0], sp[1])
 
 
 def evaluate_folders(pred_dir: Path, ref_dir: Path) -> dict[str, Any]:
     """Score a folder of predicted masks (NIfTI or PNG, e.g. from nnU-Net or MONAI) against the
-    reference masks of the same file names, in the files' own geometry and spacing.
+    reference masks of the same file names, in the files' own geometry and spacing. A NIfTI
+    prediction is matched to its reference in world space (segscale.imgmed.geometry): one stored
+    in another axis order is reoriented, one on another grid is refused.
     Label values are taken as classes; when they are not 0..K-1 (e.g. PNG 0/255) they are mapped
     in sorted order, and the map is recorded."""
     refs = list_images([ref_dir])
@@ -322,11 +331,21 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path) -> dict[str, Any]:
         pred = pred_dir / ref.name
         if not pred.is_file():
             raise DataError(f"{pred}: missing prediction for reference {ref}")
-        (p, _), (r, spacing) = _load_labels(pred), _load_labels(ref)
-        if p.shape != r.shape:
-            raise DataError(
-                f"{pred}: shape {p.shape[::-1]} does not match reference {ref} {r.shape[::-1]}"
+        (p, p_affine), (r, r_affine) = _load_labels(pred), _load_labels(ref)
+        if p_affine is not None and r_affine is not None:
+            p = onto_grid(
+                p,
+                p_affine,
+                r_affine,
+                r.shape,
+                name=pred,
+                target=ref,
+                what="prediction",
+                target_what="reference",
             )
+        elif p.shape != r.shape:
+            raise DataError(f"{pred}: shape {p.shape} does not match reference {ref} {r.shape}")
+        (p, _), (r, spacing) = _as_slices(p, r_affine), _as_slices(r, r_affine)
         pairs.append((ref, p, r, spacing))
     values = sorted(
         {0}.union(*(np.unique(p).tolist() + np.unique(r).tolist() for _, p, r, _ in pairs))

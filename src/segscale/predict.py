@@ -1,5 +1,6 @@
 """`segscale predict`: segment NIfTI volumes or 2D images; masks come back in each input's geometry
-(same shape, same affine, same file name), with the training resize undone."""
+(same shape, trailing axes of size 1 included; the input's qform and sform with their codes; the
+same file name), with the training resize undone."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from segscale.imgmed.io import (
     list_images,
     load_image2d,
     load_nifti,
+    nifti_header,
     save_nifti,
     save_png,
 )
@@ -61,6 +63,7 @@ def predict(
         volume = is_nifti_name(path)
         if volume:
             image, affine = load_nifti(path)
+            header = nifti_header(path)
             spatial = image.shape[:3]
         else:
             image, affine = load_image2d(path), None
@@ -75,7 +78,7 @@ def predict(
         masks = segment_slices(model, x, plane, batch_size, dev)
         target = out_dir / path.name
         if volume:
-            save_nifti(from_slices(masks, prep.axis), affine, target)
+            save_nifti(from_slices(masks, prep.axis), affine, target, like=header)
         else:
             save_png(class_to_raw[masks[0]], target.with_suffix(".png"))
             target = target.with_suffix(".png")

@@ -6,9 +6,11 @@ import gzip
 import os
 import struct
 import tempfile
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,9 +70,19 @@ def check_nifti(path: Path) -> None:
         raise DataError(f"{path}: not a NIfTI file (no NIfTI-1/2 header found)")
 
 
+def _without_trailing_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """(X, Y, Z, 1, 1) → (X, Y, Z): axes of size 1 after the third carry nothing."""
+    shape = tuple(int(n) for n in shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
 def load_nifti(path: str | Path, dtype: type | None = np.float32) -> tuple[np.ndarray, np.ndarray]:
     """The voxel array (scaled by the header's slope/intercept; dtype None keeps the file's type
-    when there is no scaling) and the 4×4 affine."""
+    when there is no scaling) and the 4×4 affine. Trailing axes of size 1 after the third, as
+    some writers store 3D volumes ((X, Y, Z, 1)), are dropped with a warning; `save_nifti` with
+    the input's header writes them back."""
     import nibabel as nib
 
     path = Path(path)
@@ -80,28 +92,53 @@ def load_nifti(path: str | Path, dtype: type | None = np.float32) -> tuple[np.nd
         data = np.asarray(img.dataobj, dtype=dtype) if dtype else np.asanyarray(img.dataobj)
     except (OSError, EOFError, zlib.error, ValueError) as e:
         raise DataError(f"{path}: cannot read NIfTI data (truncated or corrupt?): {e}") from e
+    shape = _without_trailing_ones(data.shape)
+    if shape != data.shape:
+        warnings.warn(
+            f"{path}: shape {data.shape} read as {shape} (trailing axes of size 1 dropped)",
+            stacklevel=2,
+        )
+        data = data.reshape(shape)
     affine = np.asarray(img.affine, dtype=np.float64)
     return data, affine
 
 
-def nifti_shape(path: str | Path) -> tuple[int, ...]:
-    """The array shape from the header alone (no voxel data read)."""
+def nifti_header(path: str | Path) -> Any:
+    """The file's NIfTI header (nibabel), for writing an output with the same geometry."""
     import nibabel as nib
 
     path = Path(path)
     check_nifti(path)
     try:
-        return tuple(int(s) for s in nib.load(str(path)).shape)
+        return nib.load(str(path)).header
     except (OSError, EOFError, zlib.error, ValueError) as e:
         raise DataError(f"{path}: cannot read NIfTI header: {e}") from e
 
 
-def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path) -> None:
-    """Write a NIfTI file atomically (temp file in the same folder, then rename)."""
+def nifti_shape(path: str | Path) -> tuple[int, ...]:
+    """The array shape from the header alone (no voxel data read), trailing 1s dropped as by
+    load_nifti."""
+    return _without_trailing_ones(nifti_header(path).get_data_shape())
+
+
+def save_nifti(
+    array: np.ndarray, affine: np.ndarray, path: str | Path, like: Any = None
+) -> None:
+    """Write a NIfTI file atomically (temp file in the same folder, then rename). With `like` (an
+    input's header, from nifti_header), the output carries that input's geometry exactly: its
+    qform and sform with their codes, its units, and its trailing axes of size 1."""
     import nibabel as nib
 
     path = Path(path)
+    if like is not None:
+        own = tuple(int(n) for n in like.get_data_shape())
+        if array.shape != own and _without_trailing_ones(own) == array.shape:
+            array = array.reshape(own)
     img = nib.Nifti1Image(array, affine)
+    if like is not None:
+        img.set_qform(like.get_qform(), code=int(like["qform_code"]))
+        img.set_sform(like.get_sform(), code=int(like["sform_code"]))
+        img.header.set_xyzt_units(*like.get_xyzt_units())
     img.header.set_data_dtype(array.dtype)
     suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)

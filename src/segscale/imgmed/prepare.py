@@ -13,6 +13,7 @@ import numpy as np
 from segscale._files import file_sha256, write_atomic
 from segscale._progress import progress_bar
 from segscale.errors import DataError
+from segscale.imgmed.geometry import onto_grid
 from segscale.imgmed.io import load_image2d, load_nifti, nifti_shape
 from segscale.imgmed.sources import Case, Source, discover
 from segscale.imgmed.store import FORMAT, StoreWriter, is_current
@@ -311,26 +312,48 @@ def _mask2d(path: Path) -> np.ndarray:
 
 
 def _load_case(case: Case, is_volume: bool, value_to_class: dict[int, int]):
+    """A case's image ((X, Y, Z[, C]) or (H, W[, C])), class mask on the image's grid, and
+    affine (None for 2D). Channels and the label are matched to the first image in world space
+    (segscale.imgmed.geometry): reoriented when stored in another axis order, refused otherwise."""
     if is_volume and case.images[0].is_dir():  # a DICOM series
         from segscale.imgmed.dicom import load_dicom_series
 
         image, affine = load_dicom_series(case.images[0])
-        raw_mask, _ = load_nifti(case.label, dtype=None)
-        if raw_mask.shape != image.shape:
-            raise DataError(
-                f"{case.label}: mask shape {raw_mask.shape} does not match the DICOM series' "
-                f"{image.shape} ({case.images[0]})"
-            )
+        raw_mask, mask_affine = _load_label_volume(case.label)
+        raw_mask = onto_grid(
+            raw_mask,
+            mask_affine,
+            affine,
+            image.shape,
+            name=case.label,
+            target=case.images[0],
+            what="mask",
+            target_what="DICOM series",
+        )
     elif is_volume:
-        arrays = [load_nifti(p) for p in case.images]
-        image = arrays[0][0] if len(arrays) == 1 else np.stack([a for a, _ in arrays], axis=-1)
-        affine = arrays[0][1]
-        raw_mask, _ = load_nifti(case.label, dtype=None)  # the file's own type: uint8 mostly
-        spatial = image.shape[:3]
-        if raw_mask.shape != spatial:
-            raise DataError(
-                f"{case.label}: label shape {raw_mask.shape} does not match image shape {spatial} ({case.images[0]})"
+        first, affine = load_nifti(case.images[0])
+        if first.size == 0:
+            raise DataError(f"{case.images[0]}: empty image (shape {first.shape})")
+        channels = [first]
+        for path in case.images[1:]:  # nnU-Net v2: one file per channel
+            data, channel_affine = load_nifti(path)
+            channels.append(
+                onto_grid(
+                    data,
+                    channel_affine,
+                    affine,
+                    first.shape,
+                    name=path,
+                    target=case.images[0],
+                    what="channel",
+                    target_what="first channel",
+                )
             )
+        image = channels[0] if len(channels) == 1 else np.stack(channels, axis=-1)
+        raw_mask, mask_affine = _load_label_volume(case.label)
+        raw_mask = onto_grid(
+            raw_mask, mask_affine, affine, image.shape[:3], name=case.label, target=case.images[0]
+        )
     else:
         image, affine = load_image2d(case.images[0]), None
         raw_mask = _mask2d(case.label)
@@ -343,6 +366,14 @@ def _load_case(case: Case, is_volume: bool, value_to_class: dict[int, int]):
     if not np.isfinite(image).all():
         raise DataError(f"{case.images[0]}: image contains NaN or infinite values")
     return image, _map_labels(raw_mask, value_to_class, case.label), affine
+
+
+def _load_label_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A 3D label volume in the file's own type (uint8 mostly) and its affine."""
+    mask, affine = load_nifti(path, dtype=None)
+    if mask.ndim != 3:
+        raise DataError(f"{path}: expected a 3D label volume, got shape {mask.shape}")
+    return mask, affine
 
 
 def _map_labels(raw: np.ndarray, table: dict[int, int], path: Path | None) -> np.ndarray:

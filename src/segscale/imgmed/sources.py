@@ -70,6 +70,12 @@ def _read_dataset_json(root: Path) -> Source:
         cases = _msd_cases(root, path, meta)
     if sorted(labels) != list(range(len(labels))):
         raise DataError(f"{path}: labels must be 0..K-1, got {sorted(labels)}")
+    declared = meta.get("numTraining")
+    if declared is not None and declared != len(cases):
+        raise DataError(
+            f"{path}: numTraining is {declared} but {len(cases)} training case(s) were found; "
+            "correct numTraining or add the missing cases"
+        )
     return Source("msd", root, str(meta.get("name", root.name)), labels, channels, cases)
 
 

@@ -1,0 +1,94 @@
+"""Two images that must align are compared in world space, not by array shape.
+
+Wherever segscale pairs two volumes (an image and its label in `prepare`, for every source
+format; a prediction and its reference in `evaluate`), the second is brought onto the first's
+voxel grid by `onto_grid`:
+
+- the same grid (every voxel centre within TOLERANCE of a voxel of the smallest spacing of its
+  counterpart): used as it is;
+- the same voxels stored in another axis order or direction (a RAS-reorienting writer, a mask
+  exported with its rows reversed and an affine that says so): reoriented onto the first's grid,
+  exactly (a permutation and flips of the array; no resampling);
+- anything else (another spacing, a shifted origin, another shape): refused in one line naming
+  both files and both geometries. segscale never resamples a label silently.
+
+nnU-Net's dataset integrity check compares spacing, origin and direction the same way, but only
+warns on a shifted origin or flipped axes; segscale fixes the flips and refuses the shift.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from segscale.errors import DataError
+
+TOLERANCE = 0.1  # how far, in voxels (of the smaller spacing), two grids' voxel centres may differ
+
+
+def _corners(shape: tuple[int, ...]) -> np.ndarray:
+    """(4, 8) homogeneous voxel coordinates of the centres of a grid's corner voxels."""
+    axes = [(0, max(n - 1, 0)) for n in shape[:3]]
+    return np.array([[i, j, k, 1.0] for i in axes[0] for j in axes[1] for k in axes[2]]).T
+
+
+def spacing_of(affine: np.ndarray) -> np.ndarray:
+    """Voxel size (mm) along each array axis: the lengths of the affine's columns."""
+    return np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+
+
+def same_grid(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """Whether affines `a` and `b` place every voxel centre of a grid of `shape` within TOLERANCE
+    voxels of each other. The maps are affine, so the largest distance is at a corner."""
+    moved = (np.asarray(a, float) - np.asarray(b, float)) @ _corners(shape)
+    distance = float(np.linalg.norm(moved[:3], axis=0).max())
+    return distance <= TOLERANCE * float(min(spacing_of(a).min(), spacing_of(b).min()))
+
+
+def describe(affine: np.ndarray, shape: tuple[int, ...]) -> str:
+    """'24×20×6 voxels of 0.7×0.8×2 mm, origin (-50, 30, 10) mm, axes LPS'."""
+    import nibabel as nib
+
+    sizes = "×".join(str(int(n)) for n in shape[:3])
+    spacing = "×".join(f"{v:.4g}" for v in spacing_of(affine))
+    origin = ", ".join(f"{v:.4g}" for v in np.asarray(affine)[:3, 3])
+    axes = "".join(nib.aff2axcodes(affine))
+    return f"{sizes} voxels of {spacing} mm, origin ({origin}) mm, axes {axes}"
+
+
+def onto_grid(
+    array: np.ndarray,
+    affine: np.ndarray,
+    target_affine: np.ndarray,
+    target_shape: tuple[int, ...],
+    *,
+    name: Path,
+    target: Path,
+    what: str = "label",
+    target_what: str = "image",
+) -> np.ndarray:
+    """`array` (its first three axes on the grid `affine`) on the grid of (`target_affine`,
+    `target_shape`): unchanged, or reoriented (axis order and flips, exact), as the module says.
+
+    Raises DataError naming `name`, `target` and both geometries when the grids differ otherwise.
+    """
+    shape = tuple(array.shape[:3])
+    target_shape = tuple(int(n) for n in target_shape[:3])
+    if shape == target_shape and same_grid(affine, target_affine, shape):
+        return array
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+
+    transform = ornt_transform(io_orientation(affine), io_orientation(target_affine))
+    moved = apply_orientation(array, transform)
+    moved_affine = np.asarray(affine) @ inv_ornt_aff(transform, shape)
+    if tuple(moved.shape[:3]) == target_shape and same_grid(moved_affine, target_affine, shape):
+        return np.ascontiguousarray(moved)
+    if tuple(moved.shape[:3]) != target_shape:
+        problem = f"{what} shape {shape} does not match {target_what} shape {target_shape}"
+    else:
+        problem = f"{what} is not on the voxel grid of its {target_what}"
+    raise DataError(
+        f"{name}: {problem} ({target}): {what} {describe(affine, shape)}; {target_what} "
+        f"{describe(target_affine, target_shape)}; resample the {what} onto the {target_what}'s grid"
+    )

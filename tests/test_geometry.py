@@ -1,0 +1,198 @@
+"""Two images that must align are matched in world space: prepare (NIfTI and DICOM sources),
+evaluate (prediction vs reference) and predict (the output carries the input's header)."""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import tiny_config, write_msd
+from segscale import worker
+from segscale.config import validate
+from segscale.engine import prepare_run_dir
+from segscale.errors import DataError
+from segscale.evaluation import evaluate_folders
+from segscale.imgmed import Preprocessing, Store, prepare
+from segscale.imgmed.geometry import onto_grid, same_grid
+from segscale.predict import predict
+from test_imgmed_io import write_series
+
+
+def prepared_masks(raw: Path, out: Path) -> np.ndarray:
+    store, _ = prepare(
+        raw, out, Preprocessing(size=16), val_fraction=0, test_fraction=0, progress=False
+    )
+    return np.asarray(Store.open(store).masks)
+
+
+def flip_axes(array: np.ndarray, affine: np.ndarray, axes: tuple[int, ...]):
+    """The same object stored with `axes` reversed, and the affine that says so."""
+    out, aff = array, affine.copy()
+    for a in axes:
+        out = np.flip(out, a)
+        step = np.eye(4)
+        step[a, a], step[a, 3] = -1, array.shape[a] - 1
+        aff = aff @ step
+    return np.ascontiguousarray(out), aff
+
+
+def swap_xy(array: np.ndarray, affine: np.ndarray):
+    """The same object stored with its first two axes swapped, and the affine that says so."""
+    perm = np.eye(4)[[1, 0, 2, 3]]
+    return np.ascontiguousarray(np.swapaxes(array, 0, 1)), affine @ perm
+
+
+def resave(path: Path, transform) -> None:
+    img = nib.load(path)
+    data, affine = transform(np.asanyarray(img.dataobj), img.affine)
+    nib.save(nib.Nifti1Image(data, affine), path)
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        lambda a, aff: flip_axes(a, aff, (0,)),
+        lambda a, aff: flip_axes(a, aff, (0, 1)),
+        swap_xy,
+        lambda a, aff: swap_xy(*flip_axes(a, aff, (2,))),
+    ],
+    ids=["x-reversed", "LPS-like", "axes-swapped", "swapped-and-z-reversed"],
+)
+def test_a_label_stored_in_another_axis_order_is_reoriented_onto_its_image(tmp_path, transform):
+    """The same object in world space: the store must hold the same masks (was: the mirror image,
+    Dice 0 against the truth)."""
+    reference = prepared_masks(write_msd(tmp_path / "a"), tmp_path / "store_a")
+    raw = write_msd(tmp_path / "b")
+    for label in sorted((raw / "labelsTr").iterdir())[:2]:
+        resave(label, transform)
+    assert np.array_equal(prepared_masks(raw, tmp_path / "store_b"), reference)
+
+
+@pytest.mark.parametrize(
+    "affine, problem",
+    [
+        (np.diag([3.0, 3.0, 3.0, 1.0]), "label is not on the voxel grid of its image"),
+        (
+            np.array([[0.7, 0, 0, 10.0], [0, 0.8, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]]),
+            "label is not on the voxel grid of its image",
+        ),
+    ],
+    ids=["3mm-grid", "origin-shifted-10mm"],
+)
+def test_a_label_on_another_grid_is_refused_naming_both_files(tmp_path, affine, problem):
+    raw = write_msd(tmp_path / "raw")
+    label = raw / "labelsTr" / "case_001.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(nib.load(label).dataobj), affine), label)
+    with pytest.raises(DataError) as e:
+        prepare(raw, tmp_path / "out", Preprocessing(size=16), progress=False)
+    msg = str(e.value)
+    assert msg.startswith(f"{label}: {problem} ({raw / 'imagesTr' / 'case_001.nii.gz'})")
+    assert "24×20×6 voxels of 0.7×0.8×2 mm" in msg and "resample the label" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dicom_mask_with_reversed_rows_is_reoriented(tmp_path):
+    """images/<case>/ DICOM series + masks/<case>.nii.gz whose row axis is stored reversed, with
+    an affine that says so: the same store as the mask on the series' own grid."""
+    from segscale.imgmed import load
+
+    rng = np.random.default_rng(0)
+    volume = rng.integers(0, 500, size=(12, 10, 4))
+    mask = np.zeros((12, 10, 4), np.uint8)
+    mask[2:7, 1:4, 1:3] = 1  # off-centre: a mirrored copy would not overlap it
+    masks = {}
+    for name, flip in (("plain", ()), ("reversed", (1,))):
+        root = tmp_path / name
+        write_series(root / "images" / "p1", volume)
+        (root / "masks").mkdir()
+        affine = load(root / "images" / "p1").affine
+        data, aff = flip_axes(mask, affine, flip)
+        nib.save(nib.Nifti1Image(data, aff), root / "masks" / "p1.nii.gz")
+        masks[name] = prepared_masks(root, tmp_path / f"store_{name}")
+    assert masks["plain"].any() and np.array_equal(masks["reversed"], masks["plain"])
+
+
+def test_evaluate_matches_a_prediction_to_its_reference_in_world_space(tmp_path):
+    raw = write_msd(tmp_path / "raw", num_cases=2)
+    pred, ref = tmp_path / "pred", raw / "labelsTr"
+    pred.mkdir()
+    for label in sorted(ref.iterdir()):
+        img = nib.load(label)
+        data, affine = flip_axes(np.asanyarray(img.dataobj), img.affine, (0, 1))
+        nib.save(nib.Nifti1Image(data, affine), pred / label.name)
+    result = evaluate_folders(pred, ref)
+    assert [c["dice"] for c in result["cases"]] == [1.0, 1.0]
+    moved = pred / "case_000.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(nib.load(moved).dataobj), np.eye(4)), moved)
+    with pytest.raises(DataError, match=r"case_000.nii.gz: prediction is not on the voxel grid"):
+        evaluate_folders(pred, ref)
+
+
+def test_trailing_singleton_axes_are_read_as_3d_and_written_back(tmp_path):
+    """(X, Y, Z, 1) images and labels prepare like (X, Y, Z) ones; an (X, Y, Z, 1) prediction is
+    scored against an (X, Y, Z) reference."""
+    reference = prepared_masks(write_msd(tmp_path / "a"), tmp_path / "store_a")
+    raw = write_msd(tmp_path / "b")
+    for folder, extra in (("imagesTr", (None, None)), ("labelsTr", (None,))):
+        for path in (raw / folder).iterdir():
+            resave(path, lambda a, aff, extra=extra: (a[(..., *extra)], aff))
+    with pytest.warns(UserWarning, match=r"trailing axes of size 1 dropped"):
+        assert np.array_equal(prepared_masks(raw, tmp_path / "store_b"), reference)
+    with pytest.warns(UserWarning, match=r"\(24, 20, 6, 1\) read as \(24, 20, 6\)"):
+        result = evaluate_folders(raw / "labelsTr", tmp_path / "a" / "labelsTr")
+    assert all(c["dice"] == 1.0 for c in result["cases"])
+
+
+def test_predict_writes_the_inputs_header_geometry_and_shape(tmp_path):
+    """qform and sform both set (codes 1 and 1) and different: the mask keeps both, with their
+    codes (was: qform dropped, sform code 2); an (X, Y, Z, 1) input gets an (X, Y, Z, 1) mask."""
+    raw = write_msd(tmp_path / "raw")
+    store, _ = prepare(raw, tmp_path / "store", Preprocessing(size=16), progress=False)
+    run_dir = tmp_path / "run"
+    prepare_run_dir(validate(tiny_config(store, epochs=1, steps_per_epoch=1)), run_dir, False)
+    worker.train(run_dir, progress=False)
+
+    image = nib.load(raw / "imagesTr" / "case_000.nii.gz")
+    data = np.asarray(image.dataobj, np.float32)[..., None]
+    qform = np.diag([0.7, 0.8, 2.0, 1.0])
+    sform = qform.copy()
+    sform[:3, 3] = (5.0, -3.0, 12.0)
+    img = nib.Nifti1Image(data, None)
+    img.set_qform(qform, code=1)
+    img.set_sform(sform, code=1)
+    source = tmp_path / "in" / "scan.nii.gz"
+    source.parent.mkdir()
+    nib.save(img, source)
+    with pytest.warns(UserWarning, match="trailing axes of size 1 dropped"):
+        [out] = predict(run_dir, [source], tmp_path / "masks")
+    mask = nib.load(out)
+    assert mask.shape == (24, 20, 6, 1)
+    assert int(mask.header["qform_code"]) == 1 and int(mask.header["sform_code"]) == 1
+    np.testing.assert_allclose(mask.get_qform(), qform, atol=1e-6)
+    np.testing.assert_allclose(mask.get_sform(), sform, atol=1e-6)
+
+
+def test_num_training_that_disagrees_with_the_files_is_refused(tmp_path):
+    import json
+
+    raw = write_msd(tmp_path / "raw")
+    meta = json.loads((raw / "dataset.json").read_text())
+    meta["numTraining"] = 7
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"numTraining is 7 but 5 training case\(s\) were found"):
+        prepare(raw, tmp_path / "out", Preprocessing(size=16), progress=False)
+
+
+def test_same_grid_tolerance_is_a_tenth_of_a_voxel():
+    a = np.diag([0.5, 0.5, 2.0, 1.0])
+    b = a.copy()
+    b[0, 3] = 0.049  # under 0.1 × 0.5 mm
+    assert same_grid(a, b, (100, 100, 10))
+    b[0, 3] = 0.051
+    assert not same_grid(a, b, (100, 100, 10))
+    c = a.copy()
+    c[0, 0] = 0.5005  # 0.05 mm off at the far corner (99 voxels × 0.0005 mm)
+    assert same_grid(a, c, (100, 100, 10)) and not same_grid(a, c, (300, 100, 10))
+    array = np.arange(24).reshape(2, 3, 4)
+    assert onto_grid(array, a, a, (2, 3, 4), name=Path("x"), target=Path("y")) is array
