@@ -28,8 +28,9 @@ from torch import nn
 
 from segscale._files import write_atomic
 from segscale.errors import DataError
+from segscale.imgmed.files import is_nifti_name, list_images, strip_suffix
 from segscale.imgmed.geometry import onto_grid
-from segscale.imgmed.io import is_nifti_name, list_images, load_image2d, load_nifti, strip_suffix
+from segscale.imgmed.io import load_mask2d, load_nifti
 from segscale.imgmed.store import Store
 from segscale.imgmed.transforms import Plane
 from segscale.parallel import Strategy
@@ -299,7 +300,7 @@ def _load_labels(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         if data.ndim != 3:
             raise DataError(f"{path}: expected a 3D label volume, got shape {data.shape}")
     else:
-        data, affine = load_image2d(path), None
+        data, affine = load_mask2d(path), None
         if data.ndim != 2:
             raise DataError(
                 f"{path}: expected a single-channel label image, got shape {data.shape}"

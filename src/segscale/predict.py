@@ -11,14 +11,14 @@ import numpy as np
 import torch
 
 from segscale.errors import DataError, SegscaleError
+from segscale.imgmed.files import list_images
 from segscale.imgmed.io import (
-    is_nifti_name,
-    list_images,
     load_image2d,
     load_nifti,
     nifti_header,
     save_nifti,
     save_png,
+    sniff,
 )
 from segscale.imgmed.transforms import Plane, from_grid, from_slices, inplane_spacing, preprocess
 
@@ -60,7 +60,7 @@ def predict(
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path in list_images(inputs):
-        volume = is_nifti_name(path)
+        volume = sniff(path) == "nifti"  # by content: the name may lie
         if volume:
             image, affine = load_nifti(path)
             header = nifti_header(path)
@@ -88,7 +88,9 @@ def predict(
 
 def _class_to_raw(meta: dict) -> np.ndarray:
     """Class index → the raw mask value it came from, so 2D masks round-trip (e.g. 1 → 255)."""
-    lut = np.arange(len(meta["labels"]), dtype=np.uint8)
+    raw_values = [int(v) for v in meta.get("label_values", {})]
+    wide = meta.get("source_kind") == "png2d" and max(raw_values, default=0) > 255
+    lut = np.arange(len(meta["labels"]), dtype=np.uint16 if wide else np.uint8)  # 16-bit masks
     if meta.get("source_kind") == "png2d":
         for raw, cls in sorted(
             meta["label_values"].items(), key=lambda kv: int(kv[0]), reverse=True

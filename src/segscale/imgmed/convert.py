@@ -15,7 +15,8 @@ import numpy as np
 
 from segscale._files import write_atomic
 from segscale.errors import DataError
-from segscale.imgmed.io import Image, _family_of_name, load, save, sniff, strip_suffix, to_uint8
+from segscale.imgmed.files import list_files, strip_suffix
+from segscale.imgmed.io import Image, _family_of_name, load, save, sniff, to_uint8
 
 SIDE_CAR = "slices.json"
 
@@ -67,7 +68,7 @@ def stack_pictures(folder: Path, spacing: tuple[float, float, float] | None = No
         files = [folder / n for n in names]
     else:
         files = sorted(
-            (p for p in folder.iterdir() if p.is_file() and _family_of_name(p) == "image"),
+            (p for p in list_files(folder) if _family_of_name(p) == "image"),
             key=_natural,
         )
     if not files:
@@ -116,7 +117,7 @@ def convert(
 
 def sniff_folder(folder: Path) -> str:
     """'pictures' for a folder of PNG/JPEG/TIFF files, 'dicom' otherwise."""
-    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    files = list_files(folder)
     if files and all(p.name == SIDE_CAR or sniff(p) == "image" for p in files):
         return "pictures"
     return "dicom"

@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from segscale.errors import DataError
-
-NOT_IMAGES = {"DICOMDIR", ".DS_Store", "Thumbs.db"}
+from segscale.imgmed.files import list_files
 
 
 def load_dicom_series(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -26,11 +25,7 @@ def load_dicom_series(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     from pydicom.errors import InvalidDicomError
 
     path = Path(path)
-    files = (
-        sorted(p for p in path.iterdir() if p.is_file() and not _skipped(p))
-        if path.is_dir()
-        else [path]
-    )
+    files = list_files(path) if path.is_dir() else [path]
     if not files:
         raise DataError(f"{path}: no DICOM files in this folder")
     slices = []
@@ -98,10 +93,6 @@ def load_dicom_series(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
         volume[:, :, k] = pixels.T.astype(np.float32) * slope + intercept
     return volume, affine
-
-
-def _skipped(p: Path) -> bool:
-    return p.name.startswith(".") or p.name in NOT_IMAGES
 
 
 def _check_one_series(path: Path, slices: list) -> None:

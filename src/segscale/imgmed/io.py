@@ -15,38 +15,12 @@ from typing import Any
 import numpy as np
 
 from segscale.errors import DataError
-
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-PNG_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+from segscale.imgmed.files import DICOM_SUFFIXES, NIFTI_SUFFIXES, PNG_SUFFIXES
 
 
-def is_nifti_name(path: Path) -> bool:
-    return path.name.endswith(NIFTI_SUFFIXES)
-
-
-def list_images(inputs: list[Path]) -> list[Path]:
-    """The image files that `inputs` name: files as given, folders expanded to their NIfTI and
-    PNG/JPG/TIFF files in name order. Raises DataError for a missing path or an empty folder."""
-    files: list[Path] = []
-    for path in inputs:
-        if path.is_dir():
-            found = sorted(
-                p
-                for p in path.iterdir()
-                if is_nifti_name(p) or p.name.lower().endswith(PNG_SUFFIXES)
-            )
-            if not found:
-                raise DataError(f"{path}: no NIfTI or PNG/JPG/TIFF files")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise DataError(f"{path}: no such file or folder")
-    return files
-
-
-def check_nifti(path: Path) -> None:
-    """Raise DataError unless the file starts with a NIfTI-1/2 header (gzipped or not)."""
+def check_nifti(path: Path) -> bool:
+    """Raise DataError unless the file holds a NIfTI-1/2 header, gzipped or not, whatever its
+    name says; returns whether it is gzip-compressed."""
     try:
         with open(path, "rb") as f:
             head = f.read(2)
@@ -58,16 +32,49 @@ def check_nifti(path: Path) -> None:
                 header = f.read(548)
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: cannot read as NIfTI ({e})") from e
-    if path.name.endswith(".gz") and head != b"\x1f\x8b":
-        raise DataError(f"{path}: named .gz but is not gzip-compressed; expected a NIfTI file")
+    compressed = head == b"\x1f\x8b"
+    if not _is_nifti_header(header):
+        if path.name.lower().endswith(".gz") and not compressed:
+            raise DataError(f"{path}: named .gz but is not gzip-compressed; expected a NIfTI file")
+        if len(header) < 348:
+            raise DataError(f"{path}: too short for a NIfTI header ({len(header)} bytes)")
+        raise DataError(f"{path}: not a NIfTI file (no NIfTI-1/2 header found)")
+    return compressed
+
+
+def _is_nifti_header(header: bytes) -> bool:
     if len(header) < 348:
-        raise DataError(f"{path}: too short for a NIfTI header ({len(header)} bytes)")
+        return False
     sizes = {struct.unpack("<i", header[:4])[0], struct.unpack(">i", header[:4])[0]}
     magic1, magic2 = header[344:348], header[4:8]
-    if not (348 in sizes and magic1 in (b"n+1\x00", b"ni1\x00")) and not (
+    return (348 in sizes and magic1 in (b"n+1\x00", b"ni1\x00")) or (
         540 in sizes and magic2.startswith((b"n+2", b"ni2"))
-    ):
-        raise DataError(f"{path}: not a NIfTI file (no NIfTI-1/2 header found)")
+    )
+
+
+def _open_nifti(path: Path) -> Any:
+    """nibabel's image of a NIfTI file, read by its content: a gzipped file named .nii, or a
+    plain one named .nii.gz, is read as what it holds (with a warning). Raises DataError."""
+    import nibabel as nib
+
+    compressed = check_nifti(path)
+    try:
+        if compressed == path.name.lower().endswith(".gz"):
+            return nib.load(str(path))
+        warnings.warn(
+            f"{path}: named {'.nii' if compressed else '.nii.gz'} but "
+            f"{'gzip-compressed' if compressed else 'not compressed'}; read by its content",
+            stacklevel=3,
+        )
+        if compressed:
+            with gzip.open(path) as g:
+                data = g.read()
+        else:
+            data = path.read_bytes()
+        sizes = {struct.unpack("<i", data[:4])[0], struct.unpack(">i", data[:4])[0]}
+        return (nib.Nifti2Image if 540 in sizes else nib.Nifti1Image).from_bytes(data)
+    except Exception as e:  # nibabel raises many types for a damaged file
+        raise DataError(f"{path}: cannot read NIfTI (truncated or corrupt?): {e}") from e
 
 
 def _without_trailing_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -83,14 +90,11 @@ def load_nifti(path: str | Path, dtype: type | None = np.float32) -> tuple[np.nd
     when there is no scaling) and the 4×4 affine. Trailing axes of size 1 after the third, as
     some writers store 3D volumes ((X, Y, Z, 1)), are dropped with a warning; `save_nifti` with
     the input's header writes them back."""
-    import nibabel as nib
-
     path = Path(path)
-    check_nifti(path)
+    img = _open_nifti(path)
     try:
-        img = nib.load(str(path))
         data = np.asarray(img.dataobj, dtype=dtype) if dtype else np.asanyarray(img.dataobj)
-    except (OSError, EOFError, zlib.error, ValueError) as e:
+    except Exception as e:  # nibabel raises many types for a damaged file
         raise DataError(f"{path}: cannot read NIfTI data (truncated or corrupt?): {e}") from e
     shape = _without_trailing_ones(data.shape)
     if shape != data.shape:
@@ -105,14 +109,7 @@ def load_nifti(path: str | Path, dtype: type | None = np.float32) -> tuple[np.nd
 
 def nifti_header(path: str | Path) -> Any:
     """The file's NIfTI header (nibabel), for writing an output with the same geometry."""
-    import nibabel as nib
-
-    path = Path(path)
-    check_nifti(path)
-    try:
-        return nib.load(str(path)).header
-    except (OSError, EOFError, zlib.error, ValueError) as e:
-        raise DataError(f"{path}: cannot read NIfTI header: {e}") from e
+    return _open_nifti(Path(path)).header
 
 
 def nifti_shape(path: str | Path) -> tuple[int, ...]:
@@ -121,9 +118,7 @@ def nifti_shape(path: str | Path) -> tuple[int, ...]:
     return _without_trailing_ones(nifti_header(path).get_data_shape())
 
 
-def save_nifti(
-    array: np.ndarray, affine: np.ndarray, path: str | Path, like: Any = None
-) -> None:
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, like: Any = None) -> None:
     """Write a NIfTI file atomically (temp file in the same folder, then rename). With `like` (an
     input's header, from nifti_header), the output carries that input's geometry exactly: its
     qform and sform with their codes, its units, and its trailing axes of size 1."""
@@ -152,20 +147,61 @@ def save_nifti(
 
 
 def load_image2d(path: str | Path) -> np.ndarray:
-    """A 2D image as (H, W) for grayscale or (H, W, C) for colour, via Pillow."""
+    """A 2D image as (H, W) for grayscale or (H, W, C) for colour, via Pillow. Palette and
+    1-bit pictures are read as what they show (RGB, 0/255 grey). For label images: load_mask2d."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("RGBA", "P", "LA"):
+            if im.mode in ("RGBA", "P", "LA", "PA"):
                 im = im.convert("RGB")
-            if im.mode == "I;16":
+            elif im.mode == "1":
+                im = im.convert("L")
+            if im.mode.startswith("I;16"):
                 return np.asarray(im, dtype=np.uint16)
             return np.asarray(im)
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DataError(f"{path}: cannot read as an image: {e}") from e
+
+
+def load_mask2d(path: str | Path) -> np.ndarray:
+    """A 2D label image as (H, W) integers, with the values a user sees in it, for every mode
+    segmentation tools write: 1-bit → 0/1; 8- and 16-bit grey as stored; palette → its indices
+    (what nnU-Net and Pillow read); grey stored as RGB or RGBA (R = G = B) → that grey; grey with
+    alpha → the grey. Raises DataError for a colour mask (RGB that is not grey): its colours have
+    no class order."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode == "1":
+                return np.asarray(im, dtype=np.uint8)  # booleans → 0/1
+            if mode in ("L", "P", "I", "F") or mode.startswith("I;16"):
+                array = np.asarray(im)
+                return array.astype(np.uint16) if mode.startswith("I;16") else array
+            if mode in ("LA", "PA"):
+                return np.asarray(im.getchannel(0))
+            if mode in ("RGB", "RGBA"):
+                rgb = np.asarray(im.convert("RGB"))
+            else:
+                raise DataError(
+                    f"{path}: a {mode} picture; expected a label image (grey, palette or 1-bit)"
+                )
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DataError(f"{path}: cannot read as an image: {e}") from e
+    grey = rgb[..., 0]
+    if not ((rgb[..., 1] == grey) & (rgb[..., 2] == grey)).all():
+        y, x = np.argwhere((rgb != grey[..., None]).any(-1))[0]
+        raise DataError(
+            f"{path}: a colour mask (pixel ({y}, {x}) is RGB {tuple(int(v) for v in rgb[y, x])}); "
+            "expected a single-channel label image: grey values, a palette's indices or 1-bit"
+        )
+    return grey
 
 
 def save_png(array: np.ndarray, path: str | Path) -> None:
@@ -183,17 +219,7 @@ def save_png(array: np.ndarray, path: str | Path) -> None:
         raise
 
 
-def strip_suffix(name: str) -> str:
-    """The name without its image suffix: 'case_001.nii.gz' → 'case_001'."""
-    for s in (*NIFTI_SUFFIXES, *PNG_SUFFIXES, ".bmp", ".npy", ".npz", *DICOM_SUFFIXES):
-        if name.lower().endswith(s):
-            return name[: -len(s)]
-    return name
-
-
 # ------------------------------------------------------------------ one load / save pair
-
-DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
 @dataclass

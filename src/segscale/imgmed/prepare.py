@@ -13,8 +13,9 @@ import numpy as np
 from segscale._files import file_sha256, write_atomic
 from segscale._progress import progress_bar
 from segscale.errors import DataError
+from segscale.imgmed.files import list_files
 from segscale.imgmed.geometry import onto_grid
-from segscale.imgmed.io import load_image2d, load_nifti, nifti_shape
+from segscale.imgmed.io import load_image2d, load_mask2d, load_nifti, nifti_shape
 from segscale.imgmed.sources import Case, Source, discover
 from segscale.imgmed.store import FORMAT, StoreWriter, is_current
 from segscale.imgmed.transforms import (
@@ -99,7 +100,7 @@ def prepare(
 
     labels, value_to_class = _label_table(src, label_map)
     splits = split_cases([c.id for c in src.cases], val_fraction, test_fraction, seed)
-    is_volume = src.kind in ("msd", "dicom")
+    is_volume = src.volumes
     channels = len(prep.channels) if prep.channels is not None else _num_channels(src)
     partial = output.parent / f".{output.name}.partial"
     partial.mkdir(parents=True, exist_ok=True)
@@ -249,11 +250,12 @@ def _read_chunk(chunk: Path, *names: str) -> Any:
 def _num_channels(src: Source) -> int:
     if src.kind == "dicom":
         return 1
-    if src.kind == "msd":
-        shape = nifti_shape(src.cases[0].images[0])
-        return (shape[3] if len(shape) == 4 else 1) * len(src.cases[0].images)
-    first = load_image2d(src.cases[0].images[0])
-    return 1 if first.ndim == 2 else first.shape[-1]
+    files = src.cases[0].images
+    if src.volumes:
+        shape = nifti_shape(files[0])
+        return (shape[3] if len(shape) == 4 else 1) * len(files)
+    first = load_image2d(files[0])
+    return (1 if first.ndim == 2 else first.shape[-1]) * len(files)
 
 
 def _channel_names(src: Source, prep: Preprocessing) -> list[str]:
@@ -295,20 +297,11 @@ def _label_table(
 
 def _mask_values(case: Case, kind: str) -> set[int]:
     if kind == "png2d":
-        return set(np.unique(_mask2d(case.label)).tolist())
+        return set(np.unique(load_mask2d(case.label)).tolist())
     mask, _ = load_nifti(case.label, dtype=None)
     if not np.issubdtype(mask.dtype, np.integer) and not np.array_equal(mask, np.round(mask)):
         raise DataError(f"{case.label}: non-integer label values; expected integer class labels")
     return set(np.unique(mask).astype(np.int64).tolist())
-
-
-def _mask2d(path: Path) -> np.ndarray:
-    mask = load_image2d(path)
-    if mask.ndim == 3:
-        if not (mask == mask[..., :1]).all():
-            raise DataError(f"{path}: colour mask; expected a single-channel label image")
-        mask = mask[..., 0]
-    return mask
 
 
 def _load_case(case: Case, is_volume: bool, value_to_class: dict[int, int]):
@@ -355,8 +348,10 @@ def _load_case(case: Case, is_volume: bool, value_to_class: dict[int, int]):
             raw_mask, mask_affine, affine, image.shape[:3], name=case.label, target=case.images[0]
         )
     else:
-        image, affine = load_image2d(case.images[0]), None
-        raw_mask = _mask2d(case.label)
+        pictures = [load_image2d(p) for p in case.images]  # nnU-Net: one file per channel
+        image = pictures[0] if len(pictures) == 1 else np.dstack(pictures)
+        affine = None
+        raw_mask = load_mask2d(case.label)
         if raw_mask.shape != image.shape[:2]:
             raise DataError(
                 f"{case.label}: mask shape {raw_mask.shape} does not match image shape {image.shape[:2]} ({case.images[0]})"
@@ -404,7 +399,7 @@ def _case_digests(src: Source) -> dict[str, str]:
         h = hashlib.sha256()
         for p in [*case.images, case.label]:
             # a DICOM series is a folder: every file in it counts
-            for f in sorted(p.iterdir()) if p.is_dir() else [p]:
+            for f in list_files(p) if p.is_dir() else [p]:
                 if f.is_file():
                     h.update(f.name.encode())
                     h.update(file_sha256(f).encode())

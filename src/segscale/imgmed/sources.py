@@ -7,7 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from segscale.errors import DataError
-from segscale.imgmed.io import NIFTI_SUFFIXES, PNG_SUFFIXES, strip_suffix
+from segscale.imgmed.files import (
+    NIFTI_SUFFIXES,
+    PNG_SUFFIXES,
+    has_suffix,
+    list_files,
+    list_folders,
+    strip_suffix,
+)
 
 
 @dataclass
@@ -19,12 +26,15 @@ class Case:
 
 @dataclass
 class Source:
-    kind: str  # "msd" | "png2d" | "dicom"
+    kind: str  # "msd" (Decathlon / nnU-Net) | "png2d" | "dicom"
     root: Path
     name: str
     labels: dict[int, str]
     channel_names: list[str]
     cases: list[Case] = field(default_factory=list)
+    volumes: bool = (
+        True  # 3D cases (NIfTI, DICOM); False for pictures (nnU-Net's .png datasets too)
+    )
 
 
 def discover(root: str | Path) -> Source:
@@ -36,7 +46,7 @@ def discover(root: str | Path) -> Source:
     if (root / "dataset.json").is_file():
         return _read_dataset_json(root)
     if (root / "images").is_dir() and (root / "masks").is_dir():
-        if any(p.is_dir() and not p.name.startswith(".") for p in (root / "images").iterdir()):
+        if list_folders(root / "images"):
             return _read_dicom_folder(root)
         return _read_png_folder(root)
     if (root / "imagesTr").is_dir():
@@ -59,6 +69,11 @@ def _read_dataset_json(root: Path) -> Source:
         labels = {int(v): str(k) for k, v in labels_raw.items() if not isinstance(v, list)}
         channels = [meta["channel_names"][k] for k in sorted(meta["channel_names"], key=int)]
         ending = meta.get("file_ending", ".nii.gz")
+        if not isinstance(ending, str) or ending.lower() not in (*NIFTI_SUFFIXES, *PNG_SUFFIXES):
+            raise DataError(
+                f"{path}: file_ending {ending!r}; expected one of "
+                f"{', '.join((*NIFTI_SUFFIXES, *PNG_SUFFIXES))}"
+            )
         cases = _nnunet_v2_cases(root, len(channels), ending)
     else:  # Decathlon: labels are "int" -> name, a 'training' list of image/label pairs
         try:
@@ -76,7 +91,9 @@ def _read_dataset_json(root: Path) -> Source:
             f"{path}: numTraining is {declared} but {len(cases)} training case(s) were found; "
             "correct numTraining or add the missing cases"
         )
-    return Source("msd", root, str(meta.get("name", root.name)), labels, channels, cases)
+    volumes = all(has_suffix(p, NIFTI_SUFFIXES) for p in cases[0].images)
+    name = str(meta.get("name", root.name))
+    return Source("msd", root, name, labels, channels, cases, volumes=volumes)
 
 
 def _msd_cases(root: Path, path: Path, meta: dict) -> list[Case]:
@@ -98,25 +115,36 @@ def _msd_cases(root: Path, path: Path, meta: dict) -> list[Case]:
             raise DataError(f"{image}: image without a label; expected {label_path}")
         cases.append(Case(strip_suffix(image.name), [image], label_path))
     listed = {c.images[0].name for c in cases}
-    for extra in sorted((root / "imagesTr").glob("*.nii*")) if (root / "imagesTr").is_dir() else []:
-        if extra.name not in listed and not extra.name.startswith("."):
+    images_dir = root / "imagesTr"
+    for extra in list_files(images_dir, NIFTI_SUFFIXES) if images_dir.is_dir() else []:
+        if extra.name not in listed:
             raise DataError(f"{extra}: image not listed in {path} 'training'")
     return cases
 
 
 def _nnunet_v2_cases(root: Path, num_channels: int, ending: str) -> list[Case]:
+    """nnU-Net v2: labelsTr/<case><ending> and imagesTr/<case>_<XXXX><ending> per channel; the
+    ending matched in any case, hidden files skipped."""
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    for folder in (images_dir, labels_dir):
+        if not folder.is_dir():
+            raise DataError(
+                f"{folder}: missing; an nnU-Net v2 dataset needs imagesTr/ and labelsTr/"
+            )
+    images = {p.name.lower(): p for p in list_files(images_dir, (ending,))}
+    cut = len(ending)
     cases = []
-    for label in sorted(labels_dir.glob(f"*{ending}")):
-        cid = label.name[: -len(ending)]
-        images = [images_dir / f"{cid}_{c:04d}{ending}" for c in range(num_channels)]
-        for im in images:
-            if not im.is_file():
-                raise DataError(f"{label}: label without its image {im}")
-        cases.append(Case(cid, images, label))
-    for im in sorted(images_dir.glob(f"*{ending}")):
-        cid = im.name[: -len(ending)].rsplit("_", 1)[0]
-        if not (labels_dir / f"{cid}{ending}").is_file():
+    for label in list_files(labels_dir, (ending,)):
+        cid = label.name[:-cut]
+        wanted = [f"{cid}_{c:04d}{ending}" for c in range(num_channels)]
+        missing = [w for w in wanted if w.lower() not in images]
+        if missing:
+            raise DataError(f"{label}: label without its image {images_dir / missing[0]}")
+        cases.append(Case(cid, [images[w.lower()] for w in wanted], label))
+    labelled = {c.id.lower() for c in cases}
+    for im in images.values():
+        cid = im.name[:-cut].rsplit("_", 1)[0]
+        if cid.lower() not in labelled:
             raise DataError(f"{im}: image without a label; expected {labels_dir / (cid + ending)}")
     if not cases:
         raise DataError(f"{labels_dir}: no labels ending in {ending}")
@@ -124,33 +152,29 @@ def _nnunet_v2_cases(root: Path, num_channels: int, ending: str) -> list[Case]:
 
 
 def _read_png_folder(root: Path) -> Source:
-    images = sorted(p for p in (root / "images").iterdir() if p.name.lower().endswith(PNG_SUFFIXES))
+    images = list_files(root / "images", PNG_SUFFIXES)
     if not images:
         raise DataError(f"{root / 'images'}: no PNG/JPG/TIFF images")
+    masks = {strip_suffix(p.name): p for p in list_files(root / "masks", PNG_SUFFIXES)}
     cases = []
     for im in images:
         cid = strip_suffix(im.name)
-        matches = [
-            p for p in (root / "masks").glob(f"{cid}.*") if p.name.lower().endswith(PNG_SUFFIXES)
-        ]
-        if not matches:
+        if cid not in masks:
             raise DataError(f"{im}: image without a mask in {root / 'masks'}")
-        cases.append(Case(cid, [im], matches[0]))
-    return Source("png2d", root, root.name, {}, ["image"], cases)
+        cases.append(Case(cid, [im], masks[cid]))
+    return Source("png2d", root, root.name, {}, ["image"], cases, volumes=False)
 
 
 def _read_dicom_folder(root: Path) -> Source:
     """images/<case>/ (one DICOM series per case) + masks/<case>.nii.gz (the series' voxel grid,
     as ITK-SNAP or 3D Slicer export it); class names from an optional labels.json."""
     cases = []
-    for folder in sorted(p for p in (root / "images").iterdir() if p.is_dir()):
-        if folder.name.startswith("."):
-            continue
-        masks = [root / "masks" / f"{folder.name}{s}" for s in NIFTI_SUFFIXES]
-        found = [m for m in masks if m.is_file()]
-        if not found:
-            raise DataError(f"{folder}: DICOM series without a mask; expected {masks[0]}")
-        cases.append(Case(folder.name, [folder], found[0]))
+    masks = {strip_suffix(p.name): p for p in list_files(root / "masks", NIFTI_SUFFIXES)}
+    for folder in list_folders(root / "images"):
+        if folder.name not in masks:
+            expected = root / "masks" / f"{folder.name}.nii.gz"
+            raise DataError(f"{folder}: DICOM series without a mask; expected {expected}")
+        cases.append(Case(folder.name, [folder], masks[folder.name]))
     labels: dict[int, str] = {}
     names = root / "labels.json"
     if names.is_file():

@@ -1,0 +1,79 @@
+"""Finding input files: one way for every command (prepare's sources, predict, evaluate, imgmed).
+
+- Suffixes match in any case (`CASE.NII.GZ`, `s0.PNG`).
+- Hidden and system files are never inputs: names starting with '.' (macOS' `._name` companions
+  that copying to a FAT/exFAT or network drive leaves beside every file, `.DS_Store`), Windows'
+  `Thumbs.db` and `desktop.ini`, and DICOMDIR indexes.
+- What a file holds is then decided by its content where it matters (segscale.imgmed.io.sniff,
+  load_nifti): a gzipped NIfTI named `.nii` is read as what it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from segscale.errors import DataError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+PNG_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+SYSTEM_FILES = frozenset({".ds_store", "thumbs.db", "desktop.ini", "dicomdir"})
+
+
+def is_hidden(path: Path) -> bool:
+    """Whether a file or folder is hidden or a system file, never a dataset's input."""
+    return path.name.startswith(".") or path.name.lower() in SYSTEM_FILES
+
+
+def has_suffix(path: Path, suffixes: tuple[str, ...]) -> bool:
+    """Whether the name ends in one of `suffixes`, in any case."""
+    return path.name.lower().endswith(tuple(s.lower() for s in suffixes))
+
+
+def is_nifti_name(path: Path) -> bool:
+    return has_suffix(path, NIFTI_SUFFIXES)
+
+
+def strip_suffix(name: str) -> str:
+    """The name without its image suffix, in any case: 'case_001.nii.gz' → 'case_001'."""
+    for s in (*NIFTI_SUFFIXES, *PNG_SUFFIXES, ".bmp", ".npy", ".npz", *DICOM_SUFFIXES):
+        if name.lower().endswith(s):
+            return name[: -len(s)]
+    return name
+
+
+def list_files(folder: Path, suffixes: tuple[str, ...] | None = None) -> list[Path]:
+    """The visible files of `folder` (not hidden, not system files), in name order; only those
+    ending in one of `suffixes` (any case) when given. Raises DataError when it cannot be read."""
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError as e:
+        raise DataError(f"{folder}: cannot list the folder ({e.strerror})") from None
+    return sorted(
+        p
+        for p in entries
+        if p.is_file() and not is_hidden(p) and (suffixes is None or has_suffix(p, suffixes))
+    )
+
+
+def list_folders(folder: Path) -> list[Path]:
+    """The visible subfolders of `folder`, in name order."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_dir() and not is_hidden(p))
+
+
+def list_images(inputs: list[Path]) -> list[Path]:
+    """The image files that `inputs` name: files as given, folders expanded to their visible
+    NIfTI and PNG/JPG/TIFF files in name order. Raises DataError for a missing path or a folder
+    without images."""
+    files: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            found = list_files(path, (*NIFTI_SUFFIXES, *PNG_SUFFIXES))
+            if not found:
+                raise DataError(f"{path}: no NIfTI or PNG/JPG/TIFF files")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    return files
