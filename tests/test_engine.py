@@ -1,9 +1,11 @@
 """The engine's Plan builds every part of a run; options either take effect or are refused."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import tiny_config
 from segscale.config import validate
@@ -96,3 +98,145 @@ def test_params_flatten_the_settings(real_store):
     params = validate(tiny_config(real_store)).params()
     assert params["train.optimizer.lr"] == 0.01 and params["model.kwargs.depth"] == 2
     assert params["train.loss.name"] == "dice_ce" and "tracker.name" not in params
+
+
+PLUGINS = """
+class Boom:
+    def __init__(self, level=1):
+        raise ValueError(f"boom {level}")
+
+def boom_transform():
+    raise RuntimeError("no transform today")
+
+class BoomLoss:
+    def __init__(self):
+        raise ValueError("boom loss")
+"""
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        (
+            "loss",
+            {"name": "dice", "kwargs": {"smooth": "abc"}},
+            r"train.loss 'dice' kwargs .*fails",
+        ),
+        ("loss", "PLUGIN:BoomLoss", r"train.loss '.*:BoomLoss' kwargs \{\}: ValueError: boom loss"),
+        (
+            "callbacks",
+            [{"name": "PLUGIN:Boom", "kwargs": {"level": 3}}],
+            r"train.callbacks\[0\].*boom 3",
+        ),
+        (
+            "optimizer",
+            {"name": "adam", "lr": 0.01, "kwargs": {"betas": [0.9]}},
+            r"train.optimizer 'adam'",
+        ),
+        (
+            "transform",
+            "PLUGIN:boom_transform",
+            r"data.transform .*RuntimeError: no transform today",
+        ),
+    ],
+    ids=["loss-value", "loss-plugin", "callback", "optimizer-kwarg-value", "transform"],
+)
+def test_user_components_that_fail_when_built_fail_before_launch(
+    tmp_path, real_store, key, value, message
+):
+    """Each is one SegscaleError naming the key, from Plan.check (was: a traceback in every
+    worker, after the run folder was written)."""
+    plugin = tmp_path / "plug.py"
+    plugin.write_text(PLUGINS)
+    value = json.loads(json.dumps(value).replace("PLUGIN", str(plugin)))
+    cfg = tiny_config(real_store)
+    (cfg["data"] if key == "transform" else cfg["train"])[key] = value
+    with pytest.raises(SegscaleError, match=message):
+        plan(validate(cfg)).check(1)
+
+
+def test_a_plugin_file_that_does_not_load_is_one_line(tmp_path, real_store):
+    plugin = tmp_path / "broken.py"
+    plugin.write_text("def f(:\n")
+    cfg = tiny_config(real_store, loss=f"{plugin}:f")
+    with pytest.raises(SegscaleError, match=r"broken.py .* fails to load: SyntaxError"):
+        plan(validate(cfg))
+
+
+def test_adam_refuses_momentum_even_at_its_default_and_its_saved_config_loads(real_store):
+    with pytest.raises(ConfigError, match="adam has no momentum"):
+        validate(tiny_config(real_store, optimizer={"name": "adam", "lr": 0.1, "momentum": 0.9}))
+    saved = validate(tiny_config(real_store)).model_dump(mode="json")  # adam: nothing unread
+    assert "momentum" not in saved["train"]["optimizer"]
+    assert validate(saved).train.optimizer.name == "adam"
+    sgd = validate(tiny_config(real_store, optimizer={"name": "sgd", "lr": 0.1}))
+    assert sgd.model_dump()["train"]["optimizer"]["momentum"] == 0.9
+
+
+@pytest.mark.parametrize(
+    "schedule, message",
+    [
+        (
+            {"decay": "cosine", "decay_epochs": [5]},
+            "decay_epochs takes effect only with decay: step",
+        ),
+        ({"decay": "step"}, "decay: step needs decay_epochs"),
+        ({"decay": "cosine", "decay_factor": 0.5}, "decay_factor takes effect only with"),
+        ({"decay": "cosine", "poly_power": 2}, "poly_power takes effect only with decay: poly"),
+        ({"min_lr_ratio": 0.1}, "min_lr_ratio takes effect only with decay: cosine or poly"),
+        ({"scaling": "none", "reference_batch": 64}, "reference_batch takes effect only with"),
+        ({"warmup": "constant"}, "warmup: constant takes effect only with warmup_epochs"),
+    ],
+)
+def test_schedule_options_the_rule_would_ignore_are_refused(real_store, schedule, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(tiny_config(real_store, schedule=schedule))
+
+
+def test_config_messages_inside_lists_and_optional_sections(real_store, tmp_path):
+    cfg = tiny_config(real_store, callbacks=[{"nmae": "x"}])
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'train.callbacks.0.nmae'.*valid keys here: name, kwargs"
+    ):
+        validate(cfg)
+    cfg = tiny_config(real_store)
+    cfg["data"]["transform"] = {"name": "x.py:y", "kwarg": {}}
+    with pytest.raises(ConfigError, match=r"'data.transform.kwarg' \(did you mean 'kwargs'\?\)"):
+        validate(cfg)
+    plugin = tmp_path / "cb.py"
+    plugin.write_text("class C:\n    pass\n")
+    one = validate(tiny_config(real_store, callbacks=f"{plugin}:C"))  # one callback, no list
+    assert [c.name for c in one.train.callbacks] == [f"{plugin}:C"]
+    cfg = tiny_config(real_store)
+    cfg["data"]["val_split"] = "nosuch"
+    with pytest.raises(SegscaleError, match=r"data.val_split: .*split 'nosuch' has no cases"):
+        plan(validate(cfg))
+
+
+def test_the_xml_config_refuses_an_unknown_element(tmp_path):
+    from segscale.config import load_config
+
+    text = (Path(__file__).parents[1] / "examples" / "brats_unet_autocnnp.xml").read_text()
+    bad = tmp_path / "bad.xml"
+    bad.write_text(text.replace("parallelism-degree", "parallelism-degre"))
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown element <parallelism-degre> \(did you mean 'parallelism-degree'\?\)",
+    ):
+        load_config(bad)
+
+
+def test_the_torchrun_entry_takes_overrides_anywhere_and_resumes_after_a_restart(
+    tmp_path, real_store, monkeypatch
+):
+    from segscale import worker
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(real_store)))
+    run = tmp_path / "run"
+    args = ["train", str(config), "--run-dir", str(run), "train.epochs=1", "--no-progress"]
+    assert worker.main(args) == 0  # overrides after --run-dir (was: unrecognized arguments)
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 1
+    assert worker.main(args) == 2  # started: not overwritten
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun's restart of that worker
+    assert worker.main(args) == 0

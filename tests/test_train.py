@@ -10,7 +10,7 @@ import yaml
 
 from conftest import tiny_config
 from segscale import worker
-from segscale.config import validate
+from segscale.config import save_config, validate
 from segscale.engine import prepare_run_dir
 from segscale.errors import SegscaleError
 
@@ -67,7 +67,13 @@ def test_a_started_run_is_not_overwritten_and_resume_checks_the_config(tmp_path,
     with pytest.raises(SegscaleError, match="already holds a run; pass --resume"):
         prepare_run_dir(cfg, run_dir, resume=False)
     other = validate(tiny_config(real_store, epochs=1, batch_size=2))
-    prepare_run_dir(other, run_dir, resume=True)
+    saved = (run_dir / "config.yaml").read_text()
+    with pytest.raises(
+        SegscaleError, match=r"started with other settings \(train.batch_size differ\)"
+    ):
+        prepare_run_dir(other, run_dir, resume=True)
+    assert (run_dir / "config.yaml").read_text() == saved  # refused before anything is written
+    save_config(other, run_dir / "config.yaml")  # a folder edited by hand: the checkpoint says no
     with pytest.raises(SegscaleError, match="written by a different configuration"):
         worker.train(run_dir, resume=True, progress=False)
 

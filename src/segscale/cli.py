@@ -179,13 +179,15 @@ def train_cmd(
     resume: Annotated[
         bool, typer.Option(help="Continue from the run folder's latest checkpoint.")
     ] = False,
-    nodes: Annotated[int, typer.Option(help="Number of nodes (multi-node: run this on each).")] = 1,
-    node_rank: Annotated[int, typer.Option(help="This node's rank (0..nodes-1).")] = 0,
+    nodes: Annotated[
+        int, typer.Option(help="Number of nodes (multi-node: run this on each).", min=1)
+    ] = 1,
+    node_rank: Annotated[int, typer.Option(help="This node's rank (0..nodes-1).", min=0)] = 0,
     rdzv_endpoint: Annotated[
         str | None, typer.Option(help="HOST:PORT of the rendezvous, for --nodes > 1.")
     ] = None,
     max_restarts: Annotated[
-        int, typer.Option(help="Restarts of failed workers by the elastic agent.")
+        int, typer.Option(help="Restarts of failed workers by the elastic agent.", min=0)
     ] = 0,
     simulate_workers: Annotated[
         int | None,
@@ -198,11 +200,12 @@ def train_cmd(
     ] = None,
 ) -> None:
     """Train a model: one process, or N through torch.distributed.run (DDP)."""
-    from segscale.launch import launch, start_worker_server
+    from segscale.launch import check_nodes, launch, start_worker_server
 
     if simulate_workers is not None:  # an override, so the run folder's config records it
         overrides = [*(overrides or []), f"train.simulate_workers={simulate_workers}"]
 
+    check_nodes(nodes, node_rank, rdzv_endpoint)  # before the run folder is written
     if (workers or 1) > 1 or nodes > 1:
         start_worker_server()  # its imports run on another core while the run is checked
     from segscale.engine import plan, prepare_run_dir
@@ -269,8 +272,10 @@ def evaluate_cmd(
         if split is not None:
             raise SegscaleError("--split applies to a run folder's store, not to --pred/--ref")
 
-        evaluation = evaluate_folders(pred, ref)
         out = (json_out or Path("evaluation.json")).resolve()
+        if out.is_dir():
+            raise SegscaleError(f"--json {out}: a folder; give the results file's name")
+        evaluation = evaluate_folders(pred, ref)
         write_evaluation(evaluation, out)
     else:
         from segscale.launch import launch
@@ -280,8 +285,16 @@ def evaluate_cmd(
         run_dir = run_dir.resolve()
         if not (run_dir / "config.yaml").is_file():
             raise SegscaleError(f"{run_dir}: not a run folder (no config.yaml)")
-        split = split or _load(run_dir / "config.yaml", None).data.test_split
+        if not (run_dir / "model.pt").is_file():
+            raise SegscaleError(f"{run_dir}: no model.pt; train the run to the end first")
+        from segscale.imgmed import Store
+
+        cfg = _load(run_dir / "config.yaml", None)
+        split = split or cfg.data.test_split
+        Store.open(cfg.data.store).rows(split)  # a split with no cases: one line, nothing written
         out = (json_out or run_dir / f"evaluation-{split}.json").resolve()
+        if out.is_dir():
+            raise SegscaleError(f"--json {out}: a folder; give the results file's name")
         code = launch(["evaluate", str(run_dir), "--split", split, "--out", str(out)], workers)
         if code != 0:
             raise typer.Exit(code)
@@ -319,8 +332,11 @@ def predict_cmd(
     ],
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
-    """Segment images; masks keep each input's shape and affine."""
+    """Segment images; masks keep each input's shape and header geometry."""
     from segscale.predict import predict
+
+    if out.exists() and not out.is_dir():
+        raise SegscaleError(f"--out {out}: a file; give a folder for the masks")
 
     for path in predict(run_dir.resolve(), inputs, out, device=device):
         typer.echo(f"wrote {path}")
@@ -360,8 +376,8 @@ def launch_cmd(
     slurm: Annotated[
         bool, typer.Option("--slurm", help="Write an sbatch script (srun + torchrun).")
     ] = False,
-    nodes: Annotated[int, typer.Option(help="Nodes to ask for.")] = 1,
-    gpus_per_node: Annotated[int, typer.Option(help="GPUs (= workers) per node.")] = 1,
+    nodes: Annotated[int, typer.Option(help="Nodes to ask for.", min=1)] = 1,
+    gpus_per_node: Annotated[int, typer.Option(help="GPUs (= workers) per node.", min=1)] = 1,
     time: Annotated[str, typer.Option(help="Slurm time limit.")] = "04:00:00",
     partition: Annotated[str | None, typer.Option(help="Slurm partition.")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<name>).")] = None,

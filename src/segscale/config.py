@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -132,16 +134,22 @@ class OptimizerConfig(Component):
 
     @model_validator(mode="after")
     def _momentum_is_read(self) -> OptimizerConfig:
-        # a value other than the default would be silently ignored by adam and adamw
-        given = [
-            k for k, v in (("momentum", self.momentum != 0.9), ("nesterov", self.nesterov)) if v
-        ]
+        given = [k for k in ("momentum", "nesterov") if k in self.model_fields_set]
         if given and self.name in ("adam", "adamw"):
             raise ValueError(
                 f"{self.name} has no {' or '.join(given)}; its moments are "
                 "kwargs.betas (default [0.9, 0.999])"
             )
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_unread(self, handler: Any) -> Any:
+        # adam and adamw read no momentum: not written either, so a saved config loads again
+        data = handler(self)
+        if self.name in ("adam", "adamw") and isinstance(data, dict):
+            data.pop("momentum", None)
+            data.pop("nesterov", None)
+        return data
 
 
 class ScheduleConfig(_Strict):
@@ -174,9 +182,44 @@ class ScheduleConfig(_Strict):
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine/poly floor, × peak lr.")
 
     @model_validator(mode="after")
-    def _one_warmup_length(self) -> ScheduleConfig:
+    def _every_option_takes_effect(self) -> ScheduleConfig:
         if self.warmup_steps is not None and self.warmup_epochs is not None:
             raise ValueError("give warmup_epochs or warmup_steps, not both")
+        unread = [  # values other than the defaults that the chosen rule would ignore
+            ("decay_epochs", bool(self.decay_epochs), self.decay != "step", "decay: step"),
+            (
+                "decay_factor",
+                self.decay_factor != 0.1,
+                self.decay not in ("step", "exponential"),
+                "decay: step or exponential",
+            ),
+            ("poly_power", self.poly_power != 0.9, self.decay != "poly", "decay: poly"),
+            (
+                "min_lr_ratio",
+                self.min_lr_ratio != 0.0,
+                self.decay not in ("cosine", "poly"),
+                "decay: cosine or poly",
+            ),
+            (
+                "reference_batch",
+                self.reference_batch is not None,
+                self.scaling == "none",
+                "scaling: linear or sqrt",
+            ),
+            (
+                "warmup: constant",
+                self.warmup == "constant",
+                self.warmup_epochs is None and self.warmup_steps is None,
+                "warmup_epochs or warmup_steps",
+            ),
+        ]
+        for key, given, ignored, needs in unread:
+            if given and ignored:
+                raise ValueError(f"{key} takes effect only with {needs}")
+        if self.decay == "step" and not self.decay_epochs:
+            raise ValueError(
+                "decay: step needs decay_epochs (the epochs at which lr × decay_factor)"
+            )
         return self
 
 
@@ -248,6 +291,12 @@ class TrainConfig(_Strict):
         default_factory=list,
         description="Objects with hooks (on_step_end, on_epoch_end, ...), by 'pkg.mod:Class'.",
     )
+
+    @field_validator("callbacks", mode="before")
+    @classmethod
+    def _one_callback(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str | dict) else v  # one callback needs no list
+
     strategy: StrategyConfig = StrategyConfig()
 
     simulate_workers: int | None = Field(
@@ -425,14 +474,25 @@ def _describe(err: Any, loc: tuple[str, ...]) -> str:
 
 
 def _fields_at(loc: tuple[str, ...]) -> list[str]:
-    """The valid field names of the config section at loc (for suggestions)."""
+    """The valid field names of the config section at loc (for suggestions); list indices and
+    optional sections (train.callbacks.0, data.transform) are walked through."""
     model: Any = RunConfig
     for part in loc:
+        if part.isdigit():
+            continue  # an item of a list: its model is the list's
         field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
         if field is None:
             return []
-        model = field.annotation
+        model = _section(field.annotation)
     return list(model.model_fields) if hasattr(model, "model_fields") else []
+
+
+def _section(annotation: Any) -> Any:
+    """The pydantic model inside list[...] or X | None, else the annotation itself."""
+    for arg in typing.get_args(annotation):
+        if hasattr(arg, "model_fields") or typing.get_args(arg):
+            return _section(arg)
+    return annotation
 
 
 def _line_of(text: str, loc: tuple[str, ...]) -> int | None:

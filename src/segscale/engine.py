@@ -116,7 +116,15 @@ class Plan:
                 f"{self.cfg.task.name} task needs {tuple(expected)} (batch, classes{dims})"
             )
         self.optimizer(model)
-        self.loss()
+        try:  # the loss on that output: kwargs of the right name but a wrong value fail here
+            self.loss()(out.float(), self.task.target(torch.zeros(2, size, size, dtype=torch.long)))
+        except Exception as e:
+            spec = self.cfg.train.loss
+            raise SegscaleError(
+                f"train.loss '{spec.name}' kwargs {spec.kwargs} fails on the model's output: {e}"
+            ) from None
+        self.callbacks()
+        self.transform()
 
     # ---- the parts of a run
 
@@ -165,14 +173,31 @@ class Plan:
 
     def optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         o = self.cfg.train.optimizer
-        try:
-            return OPTIMIZERS.resolve(o.name)(model.parameters(), o)
-        except (TypeError, ValueError) as e:
-            raise SegscaleError(f"train.optimizer '{o.name}' kwargs {o.kwargs}: {e}") from None
+        return _build(
+            f"train.optimizer '{o.name}' kwargs {o.kwargs}",
+            OPTIMIZERS.resolve(o.name),
+            model.parameters(),
+            o,
+        )
 
     def loss(self) -> torch.nn.Module:
         spec = self.cfg.train.loss
-        return LOSSES.resolve(spec.name)(**spec.kwargs)
+        return _build(
+            f"train.loss '{spec.name}' kwargs {spec.kwargs}",
+            LOSSES.resolve(spec.name),
+            **spec.kwargs,
+        )
+
+    def transform(self) -> Any:
+        """The user's per-sample training transform, or None."""
+        spec = self.cfg.data.transform
+        if spec is None:
+            return None
+        return _build(
+            f"data.transform '{spec.name}' kwargs {spec.kwargs}",
+            TRANSFORMS.resolve(spec.name),
+            **spec.kwargs,
+        )
 
     def loaders(self, strategy: Strategy) -> tuple[TrainLoader, Any]:
         """The training loader (this process's shard, or every virtual rank's when simulating)
@@ -180,12 +205,7 @@ class Plan:
         from segscale.data import SliceDataset, TrainLoader, eval_loader
 
         c, t = self.cfg, self.cfg.train
-        transform = c.data.transform
-        train = SliceDataset(
-            self.store,
-            c.data.train_split,
-            TRANSFORMS.resolve(transform.name)(**transform.kwargs) if transform else None,
-        )
+        train = SliceDataset(self.store, c.data.train_split, self.transform())
         val = SliceDataset(self.store, c.data.val_split)
         # the workers this process plays: its own rank, or all K virtual ranks when simulating
         ranks = list(range(strategy.virtual_workers)) if t.simulate_workers else [strategy.rank]
@@ -202,13 +222,25 @@ class Plan:
         return train_loader, eval_loader(val, t.batch_size, strategy.rank, strategy.world_size)
 
     def callbacks(self) -> list[Any]:
-        return [CALLBACKS.resolve(cb.name)(**cb.kwargs) for cb in self.cfg.train.callbacks]
+        return [
+            _build(
+                f"train.callbacks[{i}] '{cb.name}' kwargs {cb.kwargs}",
+                CALLBACKS.resolve(cb.name),
+                **cb.kwargs,
+            )
+            for i, cb in enumerate(self.cfg.train.callbacks)
+        ]
 
     def tracker(self, run_dir: Path) -> Any:
         """The run's tracker (built on rank 0 only): a callback with close(error)."""
         c = self.cfg
-        return TRACKERS.resolve(c.tracker.name)(
-            run_dir=run_dir, run_name=c.name, params=c.params(), **c.tracker.kwargs
+        return _build(
+            f"tracker '{c.tracker.name}' kwargs {c.tracker.kwargs}",
+            TRACKERS.resolve(c.tracker.name),
+            run_dir=run_dir,
+            run_name=c.name,
+            params=c.params(),
+            **c.tracker.kwargs,
         )
 
     def trainer(
@@ -292,7 +324,7 @@ class Plan:
             extensible: bool, fills: Any, registry: Any = None, **params: Any
         ) -> dict[str, Any]:
             out: dict[str, Any] = {"extensible": extensible, "fills": fills}
-            if registry is not None:
+            if registry is not None and fills is not None:
                 out["source"] = "built-in" if fills in registry else "user"
             return {**out, "params": params}
 
@@ -371,6 +403,17 @@ class Plan:
         }
 
 
+def _build(what: str, factory: Any, *args: Any, **kwargs: Any) -> Any:
+    """factory(*args, **kwargs); whatever a user's component raises while it is built becomes one
+    SegscaleError line naming the config key (a SegscaleError of its own passes as it is)."""
+    try:
+        return factory(*args, **kwargs)
+    except SegscaleError:
+        raise
+    except Exception as e:
+        raise SegscaleError(f"{what}: {type(e).__name__}: {e}") from None
+
+
 def plan(cfg: RunConfig) -> Plan:
     """Resolve and check every component of `cfg` without importing torch: the store and its
     splits, each name or 'module:attr' path, and that each kind's kwargs bind to its factory
@@ -378,8 +421,11 @@ def plan(cfg: RunConfig) -> Plan:
     and threads, a tracker's run folder, name and params; a loss, task, callback or transform
     gets its kwargs only). Raises SegscaleError naming the key and what was expected."""
     store = Store.open(cfg.data.store)
-    for split in (cfg.data.train_split, cfg.data.val_split):
-        store.rows(split)  # raises a clear error for an empty split
+    for key in ("train_split", "val_split"):
+        try:
+            store.rows(getattr(cfg.data, key))
+        except SegscaleError as e:
+            raise SegscaleError(f"data.{key}: {e}") from None
     check_kwargs(TASKS, cfg.task.name, cfg.task.kwargs)
     try:
         task = TASKS.resolve(cfg.task.name)(**cfg.task.kwargs)
@@ -414,6 +460,19 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
         raise SegscaleError(
             f"{run_dir}: already holds a run; pass --resume to continue it or --run-dir for a new one"
         )
+    saved = run_dir / "config.yaml"
+    if started and saved.is_file():  # resuming: only with the settings the run started with
+        before = load_config(saved)
+        if before.digest() != cfg.digest():
+            changed = sorted(
+                k
+                for k in {*before.params(), *cfg.params()}
+                if before.params().get(k) != cfg.params().get(k)
+            )
+            raise SegscaleError(
+                f"{run_dir}: started with other settings ({', '.join(changed[:5])} differ); "
+                "resume it with the config it started with, or train into a new --run-dir"
+            )
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")  # atomic: every node of a multi-node run writes it
 

@@ -20,6 +20,16 @@ from pathlib import Path
 from segscale.errors import SegscaleError
 
 
+def check_nodes(nodes: int, node_rank: int, rdzv_endpoint: str | None) -> None:
+    """Refuse a node layout torchrun cannot start (it would wait for the missing nodes)."""
+    if nodes < 1:
+        raise SegscaleError(f"--nodes {nodes}: expected at least 1")
+    if not 0 <= node_rank < nodes:
+        raise SegscaleError(f"--node-rank {node_rank}: expected 0..{nodes - 1} for --nodes {nodes}")
+    if nodes > 1 and not rdzv_endpoint:
+        raise SegscaleError("--nodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+
+
 def torchrun_args(
     worker_args: list[str],
     workers: int,
@@ -32,14 +42,11 @@ def torchrun_args(
     """torchrun's arguments for `segscale.worker WORKER_ARGS` on `workers` processes: fresh
     interpreters (`python -m segscale.worker`) with start_method "spawn", else function workers
     started by that multiprocessing method."""
+    check_nodes(nodes, node_rank, rdzv_endpoint)
     args = [f"--nproc-per-node={workers}"]
     if nodes == 1:
         args.append("--standalone")  # a free local port, no external rendezvous
     else:
-        if not rdzv_endpoint:
-            raise SegscaleError(
-                "--nodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)"
-            )
         args += [
             f"--nnodes={nodes}",
             f"--node-rank={node_rank}",

@@ -46,6 +46,10 @@ def predict(
 ) -> list[Path]:
     from segscale.engine import load_trained_model
 
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise SegscaleError(f"--device {device}: expected cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SegscaleError(f"--device {device}: no CUDA device is available; use --device cpu")
     dev = torch.device(device)
     model, plan = load_trained_model(run_dir, dev)
     if plan.cfg.task.name != "segmentation":

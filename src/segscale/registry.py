@@ -132,12 +132,22 @@ def load_attr(spec: str) -> Any:
             assert file_spec is not None and file_spec.loader is not None
             module = importlib.util.module_from_spec(file_spec)
             sys.modules[name] = module
-            file_spec.loader.exec_module(module)
+            try:
+                file_spec.loader.exec_module(module)
+            except Exception as e:  # a syntax error, a missing import, a raise at import time
+                del sys.modules[name]
+                raise SegscaleError(
+                    f"plugin file {path} (from '{spec}') fails to load: {type(e).__name__}: {e}"
+                ) from None
     else:
         try:
             module = importlib.import_module(where)
-        except ImportError as e:
-            raise SegscaleError(f"cannot import module '{where}' (from '{spec}'): {e}") from e
+        except SegscaleError:
+            raise
+        except Exception as e:  # ImportError, or the module's own error at import time
+            raise SegscaleError(
+                f"cannot import module '{where}' (from '{spec}'): {type(e).__name__}: {e}"
+            ) from None
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -201,5 +211,6 @@ def check_kwargs(
     except TypeError as e:
         params = [p for p in signature.parameters if p not in ("self", *fixed)]
         raise SegscaleError(
-            f"{registry.kind} '{spec}' kwargs {sorted(kwargs)}: {e}; accepted: {', '.join(params)}"
+            f"{registry.kind} '{spec}' kwargs {sorted(kwargs)}: {e}; "
+            f"accepted: {', '.join(params) or 'none'}"
         ) from None

@@ -33,7 +33,7 @@ def train(run_dir: Path, resume: bool = False, progress: bool = True) -> list[di
     A torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) resumes from the newest checkpoint.
     Raises SegscaleError for bad input, Preempted after a requested stop's checkpoint."""
     p = plan(load_config(run_dir / "config.yaml"))
-    resume = resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    resume = resume or restarted()
     strategy = p.strategy()
     tracker: Any = None
     error: BaseException | None = None
@@ -59,7 +59,9 @@ def evaluate(run_dir: Path, split: str, out: Path) -> dict[str, Any]:
     from segscale.engine import load_trained_model
     from segscale.evaluation import write_evaluation
 
-    process = plan(load_config(run_dir / "config.yaml")).process()
+    p = plan(load_config(run_dir / "config.yaml"))
+    p.store.rows(split)  # a split with no cases is one line, before anything is written
+    process = p.process()
     try:
         model, p = load_trained_model(run_dir, process.device)
         evaluation = {
@@ -89,7 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("run_dir", type=Path)
     e.add_argument("--split", required=True)
     e.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also follow the options (`CONFIG --run-dir DIR key=value`), as with torchrun
+    unknown = [x for x in extra if args.command != "train" or x.startswith("-") or "=" not in x]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "train":
+        args.overrides = [*args.overrides, *extra]
 
     if args.command == "evaluate":
         return exit_code(evaluate, args.run_dir, args.split, args.out)
@@ -100,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.target, args.overrides)
             plan(cfg)
             run_dir = (args.run_dir or Path("runs") / cfg.name).resolve()
-            prepare_run_dir(cfg, run_dir, args.resume)
+            prepare_run_dir(cfg, run_dir, args.resume or restarted())
         elif args.overrides or args.run_dir:
             raise SegscaleError(
                 f"{args.target}: overrides and --run-dir go with a config file, not a run folder"
@@ -108,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         train(run_dir, resume=args.resume, progress=not args.no_progress)
 
     return exit_code(run)
+
+
+def restarted() -> bool:
+    """Whether torchrun restarted this worker after a failure: the run continues from its newest
+    checkpoint."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
 def exit_code(fn: Callable[..., object], *args: object, **kwargs: object) -> int:

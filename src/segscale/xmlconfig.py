@@ -34,6 +34,13 @@ from typing import Any
 
 from segscale.errors import ConfigError, did_you_mean
 
+TASK_ELEMENTS = (
+    "parallelism-degree",
+    "CNN_archi",
+    "CNN-Parallelism-Generator",
+    "data",
+    "hyperparameters",
+)
 STRATEGY_NAMES = {"ring_allreduce": "allreduce", "allreduce": "allreduce", "local_sgd": "local_sgd"}
 PROPERTIES = {
     "lr": ("train.optimizer.lr", float),
@@ -66,6 +73,13 @@ def read_xml(path: Path) -> tuple[dict[str, Any], int | None]:
 
     def fail(msg: str) -> ConfigError:
         return ConfigError(f"{path}: {msg}")
+
+    for child in task:  # a misspelt element would otherwise be dropped without a word
+        if child.tag not in TASK_ELEMENTS:
+            raise fail(
+                f"unknown element <{child.tag}>{did_you_mean(child.tag, TASK_ELEMENTS)} in <task>; "
+                f"expected {', '.join(f'<{t}>' for t in TASK_ELEMENTS)}"
+            )
 
     kinds = {"imaging_segmentation": "segmentation", "imaging_classification": "classification"}
     kind = task.get("name", "imaging_segmentation")
