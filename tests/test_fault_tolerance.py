@@ -187,3 +187,54 @@ def test_fused_simulation_resumes_mid_epoch_exactly(tmp_path, real_store):
     assert step6.stat().st_mtime_ns == written  # resumed after it, not retrained from the start
     assert (cut / "checkpoints" / "step_00000008.pt").exists()
     assert same_weights(full, cut)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kill", [False, True], ids=["raises", "sigkill"])
+def test_the_first_failure_is_the_runs_error(tmp_path, real_store, kill):
+    """Rank 1 fails at step 3; rank 0 then fails on its closed connection. The run's error is
+    rank 1's (was: only rank 0's secondary gloo error, "worker 0 failed ...")."""
+    cfg = tiny_config(real_store, epochs=1, steps_per_epoch=5)
+    cfg["train"]["callbacks"] = [
+        {"name": FAULTS.replace("SignalAt", "RaiseAt"), "kwargs": {"step": 3, "kill": kill}}
+    ]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = train(path, tmp_path / "run", "--workers", 2)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    if kill:  # seen by torchrun, or inferred from the silence of a worker that never reported
+        assert errors[0].startswith("error: worker 1 ") and "SIGKILL" in errors[0]
+    else:
+        assert errors[0].startswith("error: worker 1 on ") and "failed first" in errors[0]
+        assert "ZeroDivisionError: rank 1 divides by zero at step 3" in r.stderr
+        assert 'faults.py", line' in r.stderr  # its traceback, where the user's code raised
+    # rank 0's own failure, when torchrun did not stop it first, is named as a consequence
+    assert all(e.startswith("error: worker 0 failed, after worker 1 (") for e in errors[1:])
+    assert len(errors) <= 2 and "Connection" not in errors[0], r.stderr
+
+
+def test_explain_failure_puts_the_root_cause_first(tmp_path):
+    """Reports as workers write them: the earliest error that does not follow from a peer's is
+    the root cause, even when a secondary one was written first."""
+    from types import SimpleNamespace
+
+    from segscale.launch import explain_failure
+
+    def report(rank, time, error, follows):
+        tb = f"Traceback (most recent call last):\n{error}\n"
+        data = {"rank": rank, "node": "n1", "attempt": 0, "time": time, "error": error}
+        data |= {"user_error": False, "follows_from_peer": follows, "traceback": tb}
+        (tmp_path / f"attempt0-rank{rank}.json").write_text(json.dumps(data))
+
+    report(0, 10.0, "RuntimeError: Connection reset by peer", True)
+    report(2, 10.5, "RuntimeError: Connection closed by peer", True)
+    report(1, 11.0, "ValueError: bad batch", False)
+    failed = {r: SimpleNamespace(exitcode=1, message="") for r in (0, 1, 2)}
+    lines = explain_failure(failed, tmp_path, range(3)).splitlines()
+    assert lines[0] == "error: worker 1 on n1 failed first, with this error:"
+    assert "ValueError: bad batch" in lines
+    assert lines[-2:] == [
+        "error: worker 0 failed, after worker 1 (RuntimeError: Connection reset by peer)",
+        "error: worker 2 failed, after worker 1 (RuntimeError: Connection closed by peer)",
+    ]

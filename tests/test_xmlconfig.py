@@ -8,7 +8,7 @@ import yaml
 
 from conftest import ROOT
 from segscale.config import load_config
-from segscale.errors import ConfigError
+from segscale.errors import ConfigError, SegscaleError
 
 EXAMPLE = ROOT / "examples" / "brats_unet_autocnnp.xml"
 
@@ -81,3 +81,70 @@ def test_bad_xml_configs_say_what_and_where(tmp_path):
         load_config(write(tmp_path, "<system_config><task>"))
     with pytest.raises(ConfigError, match=r"key 'train.batch_size'.*greater than 0"):
         load_config(write(tmp_path, base.replace(">10<", ">0<")))
+
+
+THESIS_LISTING = """<system_config>
+  <task name="imaging_segmentation" run="thesis">
+    <parallelism-degree>1</parallelism-degree>
+    <CNN_archi><path>{path}</path></CNN_archi>
+    <CNN-Parallelism-Generator>
+      <module name="train_env_def">
+        <action class="non_extensible" type="device_placement"><value>local_rank</value></action>
+      </module>
+      <module name="train_srategy_def">
+        <action class="extensible" type="dist_strategy"><value>ring_allreduce</value></action>
+      </module>
+    </CNN-Parallelism-Generator>
+    <data><store>{store}</store></data>
+    <hyperparameters>
+      <property name="lr">0.01</property> <property name="optimiser">SGD</property>
+      <property name="loss">dice</property> <property name="minibatch_size">4</property>
+      <property name="start_epoch">0</property> <property name="end_epoch">1</property>
+    </hyperparameters>
+  </task>
+</system_config>
+"""
+
+NETWORK = """import torch
+
+
+def conv(cin, cout):
+    return torch.nn.Conv2d(cin, cout, 3, padding=1)
+
+
+class UNet(torch.nn.Module):
+    def __init__(self, in_channels, num_classes):
+        super().__init__()
+        self.body = torch.nn.Sequential(conv(in_channels, 4), torch.nn.ReLU(), conv(4, num_classes))
+
+    def forward(self, x):
+        return self.body(x)
+"""
+
+
+def test_the_thesis_listing_as_written_plans_and_trains(tmp_path, real_store):
+    """`<CNN_archi><path>.../U-Net.py</path>` (a file, no factory name) and the module spelt
+    `train_srategy_def`, as Listing 4.1 writes them (was: 'name the factory too')."""
+    from segscale import worker
+    from segscale.engine import plan, prepare_run_dir
+
+    network = tmp_path / "archi" / "U-Net.py"
+    network.parent.mkdir()
+    network.write_text(NETWORK)
+    xml = tmp_path / "thesis.xml"
+    xml.write_text(THESIS_LISTING.format(path=network, store=real_store))
+    cfg = load_config(xml, ["train.steps_per_epoch=1", "tracker=none"])
+    p = plan(cfg)
+    p.check(1)
+    assert type(p.model()).__name__ == "UNet"
+    prepare_run_dir(cfg, tmp_path / "run", resume=False)
+    assert len(worker.train(tmp_path / "run", progress=False)) == 1
+
+    xml.write_text(THESIS_LISTING.format(path="unet", store=real_store))  # a built-in name
+    assert load_config(xml).model.name == "unet"
+
+    two = tmp_path / "archi" / "two.py"
+    two.write_text(NETWORK + "\n\nclass Other(UNet):\n    pass\n")
+    xml.write_text(THESIS_LISTING.format(path=two, store=real_store))
+    with pytest.raises(SegscaleError, match=r"two.py: defines UNet, Other; name the factory"):
+        plan(load_config(xml))

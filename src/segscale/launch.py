@@ -12,10 +12,15 @@ first multi-threaded op) nor touches CUDA (which cannot be used in a child forke
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from segscale.errors import SegscaleError
 
@@ -100,37 +105,124 @@ def launch(
         start_worker_server(training=worker_args[0] == "train")
     # torchrun would force OMP_NUM_THREADS=1 (with a warning); give each worker its share instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
-    args = torchrun_args(worker_args, workers, start_method=method, **kwargs)  # type: ignore[arg-type]
-    return run_elastic(args)
+    failures = Path(tempfile.mkdtemp(prefix="segscale-failures-"))
+    try:
+        args = torchrun_args(
+            [*worker_args, "--failures", str(failures)], workers, start_method=method, **kwargs
+        )  # type: ignore[arg-type]
+        single_node = kwargs.get("nodes", 1) == 1
+        return run_elastic(args, failures, range(workers) if single_node else None)
+    finally:
+        shutil.rmtree(failures, ignore_errors=True)
 
 
-def run_elastic(args: list[str]) -> int:
+def run_elastic(args: list[str], failures: Path | None = None, ranks: range | None = None) -> int:
     """torchrun with `args`, its elastic agent in this process: the CLI has already imported torch
     to check the run, and a separate agent process would import it again before the workers even
-    start. Returns a failed worker's own exit code (2: a user error, 75: preempted)
-    where torchrun would say 1."""
+    start. Returns a failed worker's own exit code (2: a user error, 75: preempted) where torchrun
+    would say 1. When workers fail, names the first failure, its root cause (from the workers'
+    reports in `failures`, see segscale.worker.report_failure), and the failures that followed."""
+    import logging
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    # the agent logs every failed worker's traceback, the secondary ones included; segscale
+    # prints the first failure's instead, and one line for each that followed
+    agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    level = agent_log.level
+    agent_log.setLevel(logging.CRITICAL)
     try:
         run(get_args_parser().parse_args(args))
     except ChildFailedError as e:
-        codes = {rank: f.exitcode for rank, f in sorted(e.failures.items())}
-        for rank, code in codes.items():
-            if code < 0:
-                name = signal.Signals(-code).name if -code in signal.valid_signals() else -code
-                print(f"error: worker {rank} was killed by signal {name}", file=sys.stderr)
-            elif code not in (2, 75):  # those printed their own one-line reason
-                print(
-                    f"error: worker {rank} failed with exit code {code}; its traceback is above",
-                    file=sys.stderr,
-                )
-        return next((c for c in codes.values() if c > 0), 1)
+        print(explain_failure(e.failures, failures, ranks), file=sys.stderr)
+        codes = [f.exitcode for _, f in sorted(e.failures.items())]
+        return next((c for c in codes if c > 0), 1)
     except SignalException as e:
         print(f"stopped by {e.sigval.name}", file=sys.stderr)
         return 128 + int(e.sigval)
+    finally:
+        agent_log.setLevel(level)
     return 0
+
+
+def explain_failure(
+    failed: dict[int, Any], failures: Path | None, ranks: range | None = None
+) -> str:
+    """The message for a failed multi-worker run: the root cause first, then one line per other
+    failure. The root cause is the earliest error that does not follow from another worker's
+    (with its traceback); else a worker torchrun saw killed by a signal; else a worker of `ranks`
+    (this node's, when known) that stopped without any report, as a SIGKILL leaves it; else the
+    earliest error. `failed`: torchrun's ProcessFailure per global rank."""
+    reports = []
+    for path in sorted(failures.glob("attempt*-rank*.json")) if failures else []:
+        with contextlib.suppress(OSError, ValueError):
+            reports.append(json.loads(path.read_text()))
+    if reports:  # the last attempt's: earlier ones were restarted
+        last = max(r["attempt"] for r in reports)
+        reports = sorted((r for r in reports if r["attempt"] == last), key=lambda r: r["time"])
+    by_rank = {r["rank"]: r for r in reports}
+    killed = {rank: f for rank, f in failed.items() if f.exitcode < 0}
+    causes = [r for r in reports if not r["follows_from_peer"]]
+    lines: list[str] = []
+    if causes:
+        root: int | None = causes[0]["rank"]
+        r = by_rank[root]
+        if r["user_error"]:
+            lines.append(f"error: worker {root} on {r['node']} failed first: {r['error']}")
+        else:
+            lines += [
+                f"error: worker {root} on {r['node']} failed first, with this error:",
+                r["traceback"].rstrip(),
+            ]
+    elif killed:
+        root = min(killed)
+        name = _signal_name(-killed[root].exitcode)
+        why = (
+            " (the system's out-of-memory killer sends it, or a kill -9)"
+            if name == "SIGKILL"
+            else ""
+        )
+        lines.append(f"error: worker {root} was killed by signal {name}{why}")
+    elif ranks is not None and (silent := sorted(set(ranks) - set(by_rank) - set(failed))):
+        root = silent[0]
+        lines.append(
+            f"error: worker {root} stopped without reporting an error: killed by a signal (SIGKILL: "
+            "the system's out-of-memory killer, or a kill -9) or crashed in native code"
+        )
+    elif reports:
+        root = reports[0]["rank"]
+        lines += [
+            f"error: worker {root} failed first, with this error:",
+            reports[0]["traceback"].rstrip(),
+        ]
+    else:
+        root = None
+    for rank, f in sorted(failed.items()):
+        if rank == root:
+            continue
+        if rank in by_rank:
+            what = by_rank[rank]["error"].splitlines()[0][:160]
+        elif f.exitcode < 0:
+            what = f"killed by signal {_signal_name(-f.exitcode)}"
+        elif f.exitcode in (2, 75):  # it printed its own one-line reason
+            continue
+        else:
+            what = f"exit code {f.exitcode}: {_first_line(f.message)}"
+        follows = f", after worker {root}" if root is not None else ""
+        lines.append(f"error: worker {rank} failed{follows} ({what})")
+    return "\n".join(lines) if lines else "error: a worker failed; see the messages above"
+
+
+def _signal_name(number: int) -> str:
+    return signal.Signals(number).name if number in signal.valid_signals() else str(number)
+
+
+def _first_line(message: Any) -> str:
+    if isinstance(message, dict):  # torch's error file: {"message": ..., "extraInfo": {...}}
+        message = message.get("message", "")
+    return str(message).strip().splitlines()[0][:160] if str(message).strip() else "no message"
 
 
 def sbatch_script(

@@ -65,7 +65,7 @@ class Registry:
         return inspect.signature(self.resolve(spec))
 
     def _check_spec(self, spec: str) -> None:
-        if ":" not in spec:
+        if ":" not in spec and not spec.endswith(".py"):
             raise SegscaleError(
                 f"unknown {self.kind} '{spec}'{did_you_mean(spec, self._entries)}; "
                 f"expected one of {', '.join(self.names())} or a 'module:attr' path"
@@ -117,9 +117,12 @@ def _signature_of(args: ast.arguments, skip_first: bool) -> inspect.Signature:
 
 
 def load_attr(spec: str) -> Any:
-    """Import `pkg.mod:attr` or `path/to/file.py:attr` (dots in attr walk into the object)."""
+    """Import `pkg.mod:attr` or `path/to/file.py:attr` (dots in attr walk into the object). A bare
+    `path/to/file.py` names the one factory the file defines (see `_the_factory`)."""
     where, _, attr = spec.rpartition(":")
-    if not where or not attr:
+    if not where and spec.endswith(".py"):
+        where, attr = spec, ""
+    elif not where or not attr:
         raise SegscaleError(f"'{spec}' is not a 'module:attr' or 'file.py:attr' path")
     if where.endswith(".py"):
         path = Path(where).expanduser().resolve()
@@ -148,12 +151,37 @@ def load_attr(spec: str) -> Any:
             raise SegscaleError(
                 f"cannot import module '{where}' (from '{spec}'): {type(e).__name__}: {e}"
             ) from None
+    if not attr:
+        return _the_factory(module, where)
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise SegscaleError(f"'{where}' has no attribute '{attr}' (from '{spec}')")
         obj = getattr(obj, part)
     return obj
+
+
+def _the_factory(module: Any, where: str) -> Any:
+    """The one factory a plugin file defines, for a path given without ':attr' (the thesis'
+    `<CNN_archi><path>archi/U-Net.py</path>`): its torch.nn.Module subclass when it defines
+    exactly one, else its one public class or function. Raises SegscaleError listing them when
+    there are several, or when there is none."""
+    defined = [
+        obj
+        for name, obj in vars(module).items()
+        if not name.startswith("_")
+        and (inspect.isclass(obj) or inspect.isfunction(obj))
+        and getattr(obj, "__module__", None) == module.__name__
+    ]
+    nn = sys.modules.get("torch.nn")
+    networks = [o for o in defined if inspect.isclass(o) and nn and issubclass(o, nn.Module)]
+    found = networks if len(networks) == 1 else defined
+    if len(found) == 1:
+        return found[0]
+    names = ", ".join(o.__name__ for o in (networks or defined))
+    raise SegscaleError(
+        f"{where}: defines {names or 'no class or function'}; name the factory as '{where}:NAME'"
+    )
 
 
 MODELS = Registry(

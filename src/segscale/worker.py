@@ -14,9 +14,14 @@ config.yaml (atomically), so it also works when a scheduler starts each node on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
+import socket
 import sys
+import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,10 +32,14 @@ from segscale.engine import plan, prepare_run_dir
 from segscale.errors import PREEMPTED_EXIT_CODE, Preempted, SegscaleError
 
 
-def train(run_dir: Path, resume: bool = False, progress: bool = True) -> list[dict[str, Any]]:
+def train(
+    run_dir: Path, resume: bool = False, progress: bool = True, failures: Path | None = None
+) -> list[dict[str, Any]]:
     """Train run_dir/config.yaml as one process of N (the torchrun environment says which);
     returns the per-epoch history. Rank 0 writes environment.json and drives the tracker.
     A torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) resumes from the newest checkpoint.
+    `failures`: a folder where this process reports its error, if it fails, before it tears
+    anything down (the launcher names the first failure from these reports).
     Raises SegscaleError for bad input, Preempted after a requested stop's checkpoint."""
     p = plan(load_config(run_dir / "config.yaml"))
     resume = resume or restarted()
@@ -46,6 +55,7 @@ def train(run_dir: Path, resume: bool = False, progress: bool = True) -> list[di
         return trainer.fit(resume=resume)
     except BaseException as e:
         error = e
+        report_failure(e, failures)
         raise
     finally:
         if tracker is not None:
@@ -53,7 +63,7 @@ def train(run_dir: Path, resume: bool = False, progress: bool = True) -> list[di
         strategy.close()
 
 
-def evaluate(run_dir: Path, split: str, out: Path) -> dict[str, Any]:
+def evaluate(run_dir: Path, split: str, out: Path, failures: Path | None = None) -> dict[str, Any]:
     """Evaluate run_dir/model.pt on a split, cases shared among the workers; rank 0 writes `out`
     (JSON) and the per-case CSV beside it. Returns the evaluation on every rank."""
     from segscale.engine import load_trained_model
@@ -74,6 +84,9 @@ def evaluate(run_dir: Path, split: str, out: Path) -> dict[str, Any]:
         if process.rank == 0:
             write_evaluation(evaluation, out)
         return evaluation
+    except BaseException as e:
+        report_failure(e, failures)
+        raise
     finally:
         process.close()
 
@@ -91,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("run_dir", type=Path)
     e.add_argument("--split", required=True)
     e.add_argument("--out", type=Path, required=True)
+    for command in (t, e):
+        command.add_argument("--failures", type=Path, help="folder for failure reports (launcher)")
     args, extra = parser.parse_known_args(argv)
     # overrides may also follow the options (`CONFIG --run-dir DIR key=value`), as with torchrun
     unknown = [x for x in extra if args.command != "train" or x.startswith("-") or "=" not in x]
@@ -100,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
 
     if args.command == "evaluate":
-        return exit_code(evaluate, args.run_dir, args.split, args.out)
+        return exit_code(evaluate, args.run_dir, args.split, args.out, args.failures)
 
     def run() -> None:
         run_dir = args.target
@@ -113,9 +128,40 @@ def main(argv: list[str] | None = None) -> int:
             raise SegscaleError(
                 f"{args.target}: overrides and --run-dir go with a config file, not a run folder"
             )
-        train(run_dir, resume=args.resume, progress=not args.no_progress)
+        train(run_dir, args.resume, not args.no_progress, args.failures)
 
     return exit_code(run)
+
+
+# A worker's error that only follows from another worker's failure: its peer closed the
+# connection (gloo), the communicator was aborted (NCCL), or a collective timed out.
+_FOLLOWS_FROM_PEER = re.compile(
+    r"Connection (closed|reset) by peer|remote worker|communicator was aborted|Broken pipe|"
+    r"timed out|Timeout",
+    re.IGNORECASE,
+)
+
+
+def report_failure(error: BaseException, folder: Path | None) -> None:
+    """Write this worker's error to folder/attempt<A>-rank<R>.json at once, before its cleanup
+    closes the process group: the other workers then fail in turn, and the launcher may stop
+    this one before its own traceback is printed. A requested stop is no failure."""
+    if folder is None or isinstance(error, Preempted | KeyboardInterrupt | SystemExit):
+        return
+    rank = int(os.environ.get("RANK", 0))
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    report = {
+        "rank": rank,
+        "node": socket.gethostname(),
+        "attempt": attempt,
+        "time": time.time(),
+        "error": f"{type(error).__name__}: {error}",
+        "user_error": isinstance(error, SegscaleError),
+        "follows_from_peer": bool(_FOLLOWS_FROM_PEER.search(str(error))),
+        "traceback": "".join(traceback.format_exception(error)),
+    }
+    with contextlib.suppress(OSError):  # a report must never hide the error itself
+        write_atomic(folder / f"attempt{attempt}-rank{rank}.json", json.dumps(report))
 
 
 def restarted() -> bool:

@@ -4,7 +4,7 @@ RunConfig as YAML. Parsed with defusedxml: entity expansion and external entitie
     <system_config>
       <task name="imaging_segmentation" run="brain-unet" seed="0">
         <parallelism-degree>3</parallelism-degree>
-        <CNN_archi><name>unet</name></CNN_archi>        (or <path>archi/net.py:factory</path>)
+        <CNN_archi><name>unet</name></CNN_archi>   (or <path>archi/net.py[:factory]</path>)
         <CNN-Parallelism-Generator>
           <module name="train_env_def">
             <action class="non_extensible" type="device_placement"><value>local_rank</value></action>
@@ -95,9 +95,9 @@ def read_xml(path: Path) -> tuple[dict[str, Any], int | None]:
     archi = task.find("CNN_archi")
     if archi is None or not (archi.findtext("name") or archi.findtext("path")):
         raise fail("<CNN_archi> needs a <name> (built-in) or a <path> (file.py:factory)")
+    # <path> as the thesis writes it: a file (its one network is used), file.py:factory, or a
+    # built-in name
     model = (archi.findtext("name") or archi.findtext("path") or "").strip()
-    if archi.findtext("path") and ":" not in model:
-        raise fail(f"<CNN_archi><path>{model}</path>: name the factory too, as file.py:factory")
     raw["model"] = {"name": model}
     data = task.find("data")
     store = data.findtext("store") if data is not None else None

@@ -34,3 +34,17 @@ def agent_pid() -> int:
         # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after ')'
         return int(Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[1])
     return parent
+
+
+class RaiseAt:
+    """At the end of `step` on `rank`, raise an error of the user's code, or die by SIGKILL
+    (`kill=True`) as the out-of-memory killer ends a process."""
+
+    def __init__(self, step: int, rank: int = 1, kill: bool = False) -> None:
+        self.step, self.rank, self.kill = step, rank, kill
+
+    def on_step_end(self, trainer, step: int) -> None:
+        if step == self.step and trainer.strategy.rank == self.rank:
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise ZeroDivisionError(f"rank {self.rank} divides by zero at step {step}")
