@@ -436,6 +436,57 @@ imgmed_app = typer.Typer(
 app.add_typer(imgmed_app, name="imgmed")
 
 
+@imgmed_app.command("check")
+def imgmed_check_cmd(
+    source: Annotated[
+        Path,
+        typer.Argument(help="Decathlon/nnU-Net folder, images/ + masks/, or DICOM images/<case>/."),
+    ],
+    label_map: Annotated[
+        str | None, typer.Option(help="2D masks: raw value → class, e.g. '0:1,255:0'.")
+    ] = None,
+    axis: Annotated[int, typer.Option(help="The slicing axis prepare will use (0, 1, 2).")] = 2,
+) -> None:
+    """Check a raw dataset before preparing it: every problem of every case in one pass (what
+    prepare would refuse, and what is worth a look), as a table; exit 1 when any case would be
+    refused."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from segscale.imgmed.check import check_source
+    from segscale.imgmed.prepare import parse_label_map
+
+    result = check_source(source, parse_label_map(label_map), axis)
+    console = Console()
+    if result.refused:
+        typer.echo(f"refused: {result.refused}", err=True)
+        raise typer.Exit(1)
+    table = Table(title=f"{source}: {len(result.cases)} cases")
+    for col in ("case", "status", "shape", "spacing (mm)", "axes", "classes", "problems"):
+        table.add_column(col, overflow="fold")
+    for c in result.cases:
+        status = "[red]refused[/red]" if c.refused else "[yellow]look[/yellow]" if c.notes else "ok"
+        spacing = "×".join(f"{v:.3g}" for v in c.spacing) if c.spacing else "-"
+        table.add_row(
+            escape(c.case),
+            status,
+            "×".join(map(str, c.shape)) if c.shape else "-",
+            spacing,
+            c.axes or "-",
+            ",".join(map(str, c.classes)) or "-",
+            escape("; ".join([*([c.refused] if c.refused else []), *c.notes])),
+        )
+    console.print(table)
+    for line in [*result.notes, *result.skipped]:
+        console.print(f"note: {escape(line)}")
+    refused = sum(1 for c in result.cases if c.refused)
+    if refused:
+        typer.echo(f"{refused} of {len(result.cases)} cases would be refused by prepare", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"all {len(result.cases)} cases can be prepared")
+
+
 @imgmed_app.command("info")
 def imgmed_info_cmd(
     paths: Annotated[list[Path], typer.Argument(help="Files or DICOM series folders.")],

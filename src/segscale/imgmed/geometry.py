@@ -92,3 +92,44 @@ def onto_grid(
         f"{name}: {problem} ({target}): {what} {describe(affine, shape)}; {target_what} "
         f"{describe(target_affine, target_shape)}; resample the {what} onto the {target_what}'s grid"
     )
+
+
+def dataset_notes(cases: list[tuple[str, list | np.ndarray | None]], axis: int) -> list[str]:
+    """What is worth a warning across a dataset's volumes, from each case's (id, affine): mixed
+    orientations (slicing along array `axis` then cuts different anatomical planes) and voxel
+    spacings more than twice or less than half the median on an axis. 2D cases (affine None)
+    are left out."""
+    import nibabel as nib
+
+    volumes = [(cid, np.asarray(a, float)) for cid, a in cases if a is not None]
+    if len(volumes) < 2:
+        return []
+    notes = []
+    axes: dict[str, list[str]] = {}
+    for cid, affine in volumes:
+        axes.setdefault("".join(nib.aff2axcodes(affine)), []).append(cid)
+    if len(axes) > 1:
+        common = max(axes, key=lambda k: len(axes[k]))
+        others = "; ".join(
+            f"{code}: {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}"
+            for code, ids in axes.items()
+            if code != common
+        )
+        notes.append(
+            f"mixed orientations: {len(axes[common])} cases {common}, others {others}; slices "
+            f"along array axis {axis} then cut other anatomical planes in those "
+            "(reorient them, e.g. to RAS, before preparing)"
+        )
+    spacings = np.array([spacing_of(a) for _, a in volumes])
+    median = np.median(spacings, axis=0)
+    ratio = spacings / median
+    odd = [i for i in range(len(volumes)) if ((ratio[i] > 2) | (ratio[i] < 0.5)).any()]
+    if odd:
+        shown = ", ".join(
+            f"{volumes[i][0]} ({'×'.join(f'{v:.3g}' for v in spacings[i])} mm)" for i in odd[:5]
+        )
+        notes.append(
+            f"spacing outliers against the median {'×'.join(f'{v:.3g}' for v in median)} mm: "
+            f"{shown}{' ...' if len(odd) > 5 else ''}"
+        )
+    return notes

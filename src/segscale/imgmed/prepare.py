@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from segscale._files import file_sha256, write_atomic
 from segscale._progress import progress_bar
 from segscale.errors import DataError
 from segscale.imgmed.files import list_files
-from segscale.imgmed.geometry import onto_grid
+from segscale.imgmed.geometry import dataset_notes, onto_grid
 from segscale.imgmed.io import load_image2d, load_mask2d, load_nifti, nifti_shape
 from segscale.imgmed.sources import Case, Source, discover
 from segscale.imgmed.store import FORMAT, StoreWriter, is_current
@@ -98,7 +99,7 @@ def prepare(
     if is_current(output, input_hash):
         return output, False
 
-    labels, value_to_class = _label_table(src, label_map)
+    labels, value_to_class = label_table(src, label_map)
     splits = split_cases([c.id for c in src.cases], val_fraction, test_fraction, seed)
     is_volume = src.volumes
     channels = len(prep.channels) if prep.channels is not None else _num_channels(src)
@@ -158,6 +159,8 @@ def prepare(
     except BaseException:
         writer.abort()
         raise
+    for note in dataset_notes([(c["id"], c["affine"]) for c in cases_meta], prep.axis):
+        warnings.warn(note, stacklevel=2)
     shutil.rmtree(partial, ignore_errors=True)
     return output, True
 
@@ -176,31 +179,53 @@ def _run_cases(
     """Preprocess each case into its chunk, in this process or in `jobs` processes."""
     args = [(c, chunks[c.id], is_volume, value_to_class, prep, jobs > 1) for c in todo]
     note = f" ({resumed} resumed)" if resumed else ""
+    refused: dict[str, str] = {}  # every case's problem, not only the first one's
     with progress_bar(progress, f"preparing {name}{note}", len(todo)) as advance:
         if jobs == 1 or len(todo) <= 1:
-            for a in args:
-                _prepare_case(*a)
+            for case, a in zip(todo, args):
+                try:
+                    _prepare_case(*a)
+                except DataError as e:
+                    refused[case.id] = str(e)
                 advance()
-            return
-        import multiprocessing as mp
-        import sys
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        else:
+            import multiprocessing as mp
+            import sys
+            from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        # fork starts at once (spawn re-imports torch in each process); torch's CPU thread
-        # pools survive a fork, as its DataLoader workers show, but CUDA does not
-        torch = sys.modules.get("torch")
-        cuda = torch is not None and torch.cuda.is_initialized()
-        method = "fork" if sys.platform == "linux" and not cuda else "spawn"
-        with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=mp.get_context(method)) as pool:
-            futures = [pool.submit(_prepare_case, *a) for a in args]
-            try:
-                for future in as_completed(futures):
-                    future.result()  # a case's DataError stops the run (finished chunks stay)
-                    advance()
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+            # fork starts at once (spawn re-imports torch in each process); torch's CPU thread
+            # pools survive a fork, as its DataLoader workers show, but CUDA does not
+            torch = sys.modules.get("torch")
+            cuda = torch is not None and torch.cuda.is_initialized()
+            method = "fork" if sys.platform == "linux" and not cuda else "spawn"
+            workers = min(jobs, len(todo))
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context(method)) as pool:
+                futures = {pool.submit(_prepare_case, *a): case for case, a in zip(todo, args)}
+                try:
+                    for future in as_completed(futures):
+                        try:
+                            future.result()
+                        except DataError as e:
+                            refused[futures[future].id] = str(e)
+                        advance()
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
+    if refused:
+        raise DataError(refusals(refused, [c.id for c in todo], resumed))
+
+
+def refusals(refused: dict[str, str], order: list[str], resumed: int = 0) -> str:
+    """One case's problem as it is; several as one line each, in case order."""
+    if len(refused) == 1:
+        return next(iter(refused.values()))
+    lines = [f"  {cid}: {refused[cid]}" for cid in order if cid in refused]
+    kept = len(order) - len(refused) + resumed
+    return (
+        f"{len(refused)} of {len(order) + resumed} cases refused ({kept} prepared cases are kept "
+        "for the rerun):\n" + "\n".join(lines)
+    )
 
 
 def _prepare_case(
@@ -216,7 +241,7 @@ def _prepare_case(
         import torch
 
         torch.set_num_threads(1)
-    image, mask, affine = _load_case(case, is_volume, value_to_class)
+    image, mask, affine = load_case(case, is_volume, value_to_class)
     try:
         x, indices = preprocess(image, is_volume, prep, mask=mask, affine=affine)
     except DataError as e:  # say which case
@@ -265,7 +290,7 @@ def _channel_names(src: Source, prep: Preprocessing) -> list[str]:
     return [names[c] if c < len(names) else f"channel_{c}" for c in prep.channels]
 
 
-def _label_table(
+def label_table(
     src: Source, label_map: dict[int, int] | None
 ) -> tuple[dict[int, str], dict[int, int]]:
     """Class names, and the raw mask value → class index table."""
@@ -304,7 +329,7 @@ def _mask_values(case: Case, kind: str) -> set[int]:
     return set(np.unique(mask).astype(np.int64).tolist())
 
 
-def _load_case(case: Case, is_volume: bool, value_to_class: dict[int, int]):
+def load_case(case: Case, is_volume: bool, value_to_class: dict[int, int]):
     """A case's image ((X, Y, Z[, C]) or (H, W[, C])), class mask on the image's grid, and
     affine (None for 2D). Channels and the label are matched to the first image in world space
     (segscale.imgmed.geometry): reoriented when stored in another axis order, refused otherwise."""

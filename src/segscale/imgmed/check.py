@@ -1,0 +1,115 @@
+"""`segscale imgmed check SOURCE`: every problem of every case of a raw dataset, in one pass.
+
+The same loading and checks as `prepare` (sources, file listing, geometry in world space, label
+values), but a refused case does not stop the others: the report lists, per case, what `prepare`
+would refuse and what is only worth a look (a constant image, a label without foreground), and
+for the dataset the files that are skipped and why, mixed orientations and spacing outliers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from segscale._progress import progress_bar
+from segscale.errors import DataError
+from segscale.imgmed.files import NIFTI_SUFFIXES, PNG_SUFFIXES, has_suffix, is_hidden
+from segscale.imgmed.geometry import dataset_notes, spacing_of
+from segscale.imgmed.prepare import label_table, load_case
+from segscale.imgmed.sources import Source, discover
+
+
+@dataclass
+class CaseReport:
+    case: str
+    shape: tuple[int, ...] | None = None
+    spacing: tuple[float, ...] | None = None  # mm per array axis (volumes)
+    axes: str | None = None  # orientation codes, e.g. RAS
+    classes: list[int] = field(default_factory=list)  # classes present in the label
+    refused: str | None = None  # what prepare would refuse, or None
+    notes: list[str] = field(default_factory=list)  # worth a look, not refused
+
+
+@dataclass
+class Check:
+    source: Source | None
+    cases: list[CaseReport]
+    skipped: list[str]  # files that are no input, and why
+    notes: list[str]  # dataset-wide
+    refused: str | None = None  # the dataset itself cannot be read
+
+    @property
+    def ok(self) -> bool:
+        return self.refused is None and not any(c.refused for c in self.cases)
+
+
+def check_source(
+    root: str | Path,
+    label_map: dict[int, int] | None = None,
+    axis: int = 2,
+    progress: bool = True,
+) -> Check:
+    """Check every case of the dataset at `root` as `prepare` would read it (slices along
+    `axis`, for the orientation note). Never raises for a problem of the data: it is reported."""
+    root = Path(root)
+    skipped = _skipped_files(root)
+    try:
+        src = discover(root)
+        _, value_to_class = label_table(src, label_map)
+    except DataError as e:
+        return Check(None, [], skipped, [], refused=str(e))
+    reports = []
+    affines = []
+    with progress_bar(progress, f"checking {src.name}", len(src.cases)) as advance:
+        for case in src.cases:
+            report = CaseReport(case.id)
+            try:
+                image, mask, affine = load_case(case, src.volumes, value_to_class)
+            except DataError as e:
+                report.refused = str(e)
+            else:
+                report.shape = tuple(int(n) for n in image.shape)
+                report.classes = [int(v) for v in np.unique(mask)]
+                if affine is not None:
+                    import nibabel as nib
+
+                    report.spacing = tuple(float(v) for v in spacing_of(affine))
+                    report.axes = "".join(nib.aff2axcodes(affine))
+                    affines.append((case.id, affine))
+                channels = image.shape[-1] if image.ndim > mask.ndim else 1  # channels last
+                if np.ptp(image.reshape(-1, channels), axis=0).min() == 0:
+                    report.notes.append("constant image: no contrast to learn from")
+                if not (mask > 0).any():
+                    report.notes.append("no foreground in the label")
+            reports.append(report)
+            advance()
+    return Check(src, reports, skipped, dataset_notes(affines, axis))
+
+
+def _skipped_files(root: Path) -> list[str]:
+    """Entries of the dataset's folders that no command reads: hidden and system files, and
+    files without an image name where images are expected."""
+    if not root.is_dir():
+        return []
+    out = []
+    folders = [root, *(root / n for n in ("imagesTr", "labelsTr", "images", "masks"))]
+    images = root / "images"
+    if images.is_dir():
+        folders += [p for p in images.iterdir() if p.is_dir() and not is_hidden(p)]
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        dicom = folder.parent == images
+        for p in sorted(folder.iterdir()):
+            if is_hidden(p):
+                out.append(f"{p}: hidden or system file")
+            elif (
+                folder != root
+                and not dicom
+                and p.is_file()
+                and not has_suffix(p, (*NIFTI_SUFFIXES, *PNG_SUFFIXES))
+            ):
+                out.append(f"{p}: not an image name ({', '.join(NIFTI_SUFFIXES + PNG_SUFFIXES)})")
+    return out

@@ -1,0 +1,76 @@
+"""`segscale imgmed check` and prepare report every problem of every case in one pass."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import cli, write_msd
+from segscale.errors import DataError
+from segscale.imgmed import Preprocessing, prepare
+from segscale.imgmed.check import check_source
+from test_geometry import flip_axes, resave
+
+
+def defective(root):
+    """Five cases: two refused (a label on another grid, an undeclared label value), one with a
+    constant image, one stored in another orientation, and junk beside the files."""
+    raw = write_msd(root)
+    label = raw / "labelsTr" / "case_001.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(nib.load(label).dataobj), np.eye(4)), label)
+    label = raw / "labelsTr" / "case_002.nii.gz"
+    img = nib.load(label)
+    data = np.asanyarray(img.dataobj).copy()
+    data[0, 0, 0] = 7
+    nib.save(nib.Nifti1Image(data, img.affine), label)
+    image = raw / "imagesTr" / "case_003.nii.gz"
+    img = nib.load(image)
+    nib.save(nib.Nifti1Image(np.full(img.shape, 5.0, np.float32), img.affine), image)
+    for folder in ("imagesTr", "labelsTr"):  # the same object, stored LPS-like
+        resave(raw / folder / "case_004.nii.gz", lambda a, aff: flip_axes(a, aff, (0, 1)))
+    (raw / "imagesTr" / "._case_000.nii.gz").write_bytes(b"\x00\x05\x16\x07")
+    (raw / "imagesTr" / "notes.txt").write_text("scanner protocol")
+    return raw
+
+
+def test_check_reports_every_case_and_the_dataset(tmp_path):
+    result = check_source(defective(tmp_path / "raw"), progress=False)
+    by_case = {c.case: c for c in result.cases}
+    assert not result.ok and len(by_case) == 5
+    assert "label is not on the voxel grid of its image" in by_case["case_001"].refused
+    assert "label values [7] not declared" in by_case["case_002"].refused
+    assert by_case["case_003"].notes == ["constant image: no contrast to learn from"]
+    assert by_case["case_000"].refused is None and by_case["case_000"].axes == "RAS"
+    assert by_case["case_004"].axes == "LPS" and by_case["case_004"].classes == [0, 1]
+    assert any(
+        n.startswith("mixed orientations: 2 cases RAS, others LPS: case_004") for n in result.notes
+    )
+    assert [s.split(": ", 1)[1] for s in result.skipped] == [
+        "hidden or system file",
+        "not an image name (.nii.gz, .nii, .png, .jpg, .jpeg, .tif, .tiff)",
+    ]
+
+
+def test_check_cli_exits_1_with_a_table_when_a_case_would_be_refused(tmp_path):
+    raw = defective(tmp_path / "raw")
+    r = cli("imgmed", "check", raw)
+    assert r.returncode == 1, r.stderr
+    assert r.stdout.count("refused") == 2 and "2 of 5 cases would be refused" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_prepare_lists_every_refused_case_at_once(tmp_path):
+    raw = defective(tmp_path / "raw")
+    with pytest.raises(DataError) as e:
+        prepare(raw, tmp_path / "out", Preprocessing(size=16), progress=False)
+    lines = str(e.value).splitlines()
+    assert lines[0] == "2 of 5 cases refused (3 prepared cases are kept for the rerun):"
+    assert lines[1].startswith("  case_001: ") and lines[2].startswith("  case_002: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_warns_about_mixed_orientations(tmp_path):
+    raw = write_msd(tmp_path / "raw")
+    for folder in ("imagesTr", "labelsTr"):
+        resave(raw / folder / "case_004.nii.gz", lambda a, aff: flip_axes(a, aff, (0,)))
+    with pytest.warns(UserWarning, match=r"mixed orientations: 4 cases RAS, others LAS: case_004"):
+        prepare(raw, tmp_path / "out", Preprocessing(size=16), progress=False)
