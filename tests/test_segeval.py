@@ -55,9 +55,11 @@ def test_hand_computed_binary_case():
 
 
 def test_empty_masks_convention():
+    """Foreground absent from both: not applicable (NaN), as in nnU-Net; a miss scores 0."""
     empty = torch.zeros(5, 5, dtype=torch.long)
     both_empty = metrics_from_confusion(confusion_matrix(empty, empty, 2).numpy())
-    assert both_empty["dice"] == 1.0 and both_empty["pixel_accuracy"] == 1.0
+    assert np.isnan(both_empty["dice"]) and both_empty["pixel_accuracy"] == 1.0
+    assert both_empty["dice_with_background"] == 1.0  # the background alone is applicable
     one = empty.clone()
     one[0, 0] = 1
     assert metrics_from_confusion(confusion_matrix(one, empty, 2).numpy())["dice"] == 0.0

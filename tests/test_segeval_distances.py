@@ -102,12 +102,9 @@ def test_empty_mask_conventions():
     empty = np.zeros((10, 10, 4), bool)
     full = empty.copy()
     full[3:6, 3:6, 1:3] = True
-    assert distance_metrics(empty, empty) == {
-        "hausdorff": 0.0,
-        "hd95": 0.0,
-        "assd": 0.0,
-        "avd": 0.0,
-    }
+    both_empty = distance_metrics(empty, empty)  # not applicable
+    assert list(both_empty) == ["hausdorff", "hd95", "assd", "avd"]
+    assert all(np.isnan(v) for v in both_empty.values())
     assert all(np.isnan(v) for v in distance_metrics(full, empty).values())
     assert all(np.isnan(v) for v in distance_metrics(empty, full).values())
 
@@ -133,15 +130,17 @@ def test_three_levels_and_nan_aware_aggregation(tmp_path):
     }
     assert s["case_summary"]["hd95"]["n"] == 1 and s["case_summary"]["hd95"]["excluded"] == 1
     assert s["case_summary"]["hd95"]["mean"] == 0.0
-    # 6 slices: 4 empty in both (Dice 1 by convention), 1 perfect, 1 missed
-    assert s["slice_summary"]["dice"]["n"] == 6 and s["slice_summary"]["dice"][
-        "mean"
-    ] == pytest.approx(5 / 6)
+    # 6 slices: 4 empty in both (not applicable: excluded, counted), 1 perfect, 1 missed
+    assert s["slice_summary"]["dice"]["n"] == 2 and s["slice_summary"]["dice"]["excluded"] == 4
+    assert s["slice_summary"]["dice"]["mean"] == pytest.approx(1 / 2)
     assert (
         list(s["dataset_per_class"]) == ["lesion"]
         and s["cases"][1]["per_class"]["lesion"]["dice"] == 0.0
     )
-    assert "both masks empty: 0" in s["conventions"]["distances"]
+    assert (
+        "absent from both reference and prediction is not applicable"
+        in (s["conventions"]["not_applicable"])
+    )
     write_case_csv(s, tmp_path / "cases.csv")
     lines = (tmp_path / "cases.csv").read_text().splitlines()
     assert (
@@ -160,7 +159,7 @@ def test_evaluate_folders_in_the_files_geometry(tmp_path):
     for i, (a, b) in enumerate(pairs):
         nib.save(nib.Nifti1Image(a.astype(np.uint8), affine), tmp_path / "pred" / f"c{i}.nii.gz")
         nib.save(nib.Nifti1Image(b.astype(np.uint8), affine), tmp_path / "ref" / f"c{i}.nii.gz")
-    result = evaluate_folders(tmp_path / "pred", tmp_path / "ref")
+    result = evaluate_folders(tmp_path / "pred", tmp_path / "ref", {1: "lesion"})
     assert [c["case"] for c in result["cases"]] == ["c0", "c1"]
     want = oracle(pairs[1][0], pairs[1][1], (0.8, 0.8, 3.0))
     assert result["cases"][1]["hd95"] == pytest.approx(want["hd95"], rel=1e-6)
@@ -170,7 +169,7 @@ def test_evaluate_folders_in_the_files_geometry(tmp_path):
 
     (tmp_path / "pred" / "c1.nii.gz").unlink()
     with pytest.raises(DataError, match=r"c1.nii.gz: missing prediction"):
-        evaluate_folders(tmp_path / "pred", tmp_path / "ref")
+        evaluate_folders(tmp_path / "pred", tmp_path / "ref", {1: "lesion"})
 
 
 def test_evaluate_folders_maps_png_values(tmp_path):
@@ -181,7 +180,7 @@ def test_evaluate_folders_maps_png_values(tmp_path):
     pred = np.roll(ref, 1, axis=1)
     Image.fromarray(ref).save(tmp_path / "r" / "x.png")
     Image.fromarray(pred).save(tmp_path / "p" / "x.png")
-    result = evaluate_folders(tmp_path / "p", tmp_path / "r")
+    result = evaluate_folders(tmp_path / "p", tmp_path / "r", {255: "membrane"})
     assert result["label_values"] == {"0": 0, "255": 1}
     assert result["cases"][0]["dice"] == pytest.approx(medpy_binary.dc(pred > 0, ref > 0))
     assert result["cases"][0]["hausdorff"] == pytest.approx(medpy_binary.hd(pred > 0, ref > 0))

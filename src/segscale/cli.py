@@ -256,6 +256,13 @@ def evaluate_cmd(
     ref: Annotated[
         Path | None, typer.Option(help="Folder of reference masks with the same file names.")
     ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            help="With --pred/--ref: the label values, e.g. '1,2' or '1:liver,2:tumour' "
+            "[default: a dataset.json beside the references, else inferred with a warning]"
+        ),
+    ] = None,
 ) -> None:
     """SegEval metrics at three levels (dataset, case, slice): JSON, per-case CSV and pictures."""
     from segscale.report import plot_case_dice, print_metrics
@@ -267,21 +274,24 @@ def evaluate_cmd(
     if pred is not None and ref is not None:
         if run_dir is not None:
             raise SegscaleError("give either RUN_DIR or --pred/--ref, not both")
-        from segscale.evaluation import evaluate_folders, write_evaluation
+        from segscale.evaluation import evaluate_folders, parse_labels, write_evaluation
 
         if split is not None:
             raise SegscaleError("--split applies to a run folder's store, not to --pred/--ref")
+        declared = parse_labels(labels) if labels else None
 
         out = (json_out or Path("evaluation.json")).resolve()
         if out.is_dir():
             raise SegscaleError(f"--json {out}: a folder; give the results file's name")
-        evaluation = evaluate_folders(pred, ref)
+        evaluation = evaluate_folders(pred, ref, declared)
         write_evaluation(evaluation, out)
     else:
         from segscale.launch import launch
 
         if run_dir is None:
             raise SegscaleError("give a run folder, or --pred DIR --ref DIR")
+        if labels is not None:
+            raise SegscaleError("--labels applies to --pred/--ref; a run's labels are its store's")
         run_dir = run_dir.resolve()
         if not (run_dir / "config.yaml").is_file():
             raise SegscaleError(f"{run_dir}: not a run folder (no config.yaml)")

@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from segscale.errors import DataError
 from segscale.imgmed.files import is_nifti_name, list_images, strip_suffix
 from segscale.imgmed.geometry import onto_grid
 from segscale.imgmed.io import load_mask2d, load_nifti
+from segscale.imgmed.sources import declared_labels
 from segscale.imgmed.store import Store
 from segscale.imgmed.transforms import Plane
 from segscale.parallel import Strategy
@@ -47,10 +49,16 @@ from segscale.segeval import (
 
 CASE_METRICS = ("dice", "iou", "precision", "sensitivity", "specificity", "f1", *DISTANCE_METRICS)
 CONVENTIONS = {
-    "dice": "mean over foreground classes; a class absent from both reference and prediction scores 1",
-    "dice_with_background": "the thesis' formula: mean over all classes, background included",
-    "distances": "physical units (voxel spacing); both masks empty: 0; one empty: NaN, excluded from means and counted",
-    "aggregation": "dataset = summed confusion matrix; case = one 3D volume per case; slice = one 2D slice",
+    "not_applicable": "a class absent from both reference and prediction is not applicable: every "
+    "overlap and distance metric of it is NaN, left out of every mean and counted in 'excluded' "
+    "(nnU-Net's rule); a class missed entirely scores Dice 0 and F1 0",
+    "dice": "mean over the applicable foreground classes",
+    "dice_with_background": "the thesis' formula: mean over all applicable classes, background included",
+    "distances": "physical units (voxel spacing); one mask empty: NaN (undefined), excluded and counted",
+    "levels": "dataset = summed confusion matrix; case = one 3D volume per case; slice = one 2D slice",
+    "aggregation": "case_first (case_summary): each case's mean over its applicable foreground "
+    "classes, then the mean over cases; label_first (nnU-Net's foreground_mean): each class's mean "
+    "over cases, then the mean over classes. They differ when values are missing",
 }
 
 
@@ -213,18 +221,26 @@ def summarize(results: list[CaseEval], labels: dict[str, str]) -> dict[str, Any]
             row[m] = mean_defined(np.array([v[m] for v in per_class.values()]))
         row["per_class"] = per_class
         cases.append(row)
-    slice_dice = [float(np.mean(per_class_dice(sc)[fg])) for r in results for sc in r.slice_counts]
+    slice_dice = [mean_defined(per_class_dice(sc)[fg]) for r in results for sc in r.slice_counts]
+    case_summary = {m: _stats([c[m] for c in cases]) for m in CASE_METRICS}
+    per_class = {
+        labels[str(c)]: {
+            m: _stats([row["per_class"][labels[str(c)]][m] for row in cases]) for m in CASE_METRICS
+        }
+        for c in fg
+    }
     return {
         "conventions": CONVENTIONS,
         "dataset": metrics_from_confusion(total),
         "dataset_per_class": {labels[str(c)]: dataset_classes[c] for c in fg},
-        "case_summary": {m: _stats([c[m] for c in cases]) for m in CASE_METRICS},
-        "case_summary_per_class": {
-            labels[str(c)]: {
-                m: _stats([row["per_class"][labels[str(c)]][m] for row in cases])
+        "case_summary": case_summary,
+        "case_summary_per_class": per_class,
+        "foreground_mean": {
+            "case_first": {m: case_summary[m]["mean"] for m in CASE_METRICS},
+            "label_first": {
+                m: mean_defined(np.array([per_class[k][m]["mean"] for k in per_class]))
                 for m in CASE_METRICS
-            }
-            for c in fg
+            },
         },
         "slice_summary": {"dice": _stats(slice_dice)},
         "cases": cases,
@@ -276,7 +292,8 @@ def pick_examples(
 ) -> list[Example]:
     """The best, median and worst cases of an evaluation by per-case Dice, each on the slice with
     the most reference foreground, with the model's prediction for that slice (on the CPU)."""
-    ranked = sorted(evaluation["cases"], key=lambda c: c["dice"], reverse=True)
+    scored = [c for c in evaluation["cases"] if not np.isnan(c["dice"])] or evaluation["cases"]
+    ranked = sorted(scored, key=lambda c: c["dice"], reverse=True)
     picks = [ranked[0], ranked[len(ranked) // 2], ranked[-1]][: min(max_cases, len(ranked))]
     by_id = {c["id"]: c for c in store.cases()}
     examples = []
@@ -319,13 +336,19 @@ def _as_slices(data: np.ndarray, affine: np.ndarray | None) -> tuple[np.ndarray,
     return np.ascontiguousarray(np.moveaxis(data, 2, 0)), (sp[2], sp[0], sp[1])
 
 
-def evaluate_folders(pred_dir: Path, ref_dir: Path) -> dict[str, Any]:
+def evaluate_folders(
+    pred_dir: Path, ref_dir: Path, labels: dict[int, str] | None = None
+) -> dict[str, Any]:
     """Score a folder of predicted masks (NIfTI or PNG, e.g. from nnU-Net or MONAI) against the
     reference masks of the same file names, in the files' own geometry and spacing. A NIfTI
     prediction is matched to its reference in world space (segscale.imgmed.geometry): one stored
     in another axis order is reoriented, one on another grid is refused.
-    Label values are taken as classes; when they are not 0..K-1 (e.g. PNG 0/255) they are mapped
-    in sorted order, and the map is recorded."""
+
+    The label set is declared: `labels` (raw mask value → name), else the `labels` of a
+    dataset.json beside the references or one folder up (Decathlon or nnU-Net layout); only
+    without either is it inferred from the values in the files, with a warning. A value no
+    declared label has is refused, naming the file. Values that are not 0..K-1 (e.g. PNG 0/255)
+    are mapped to classes in sorted order, and the map is recorded."""
     refs = list_images([ref_dir])
     pairs = []
     for ref in refs:
@@ -348,9 +371,41 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path) -> dict[str, Any]:
             raise DataError(f"{pred}: shape {p.shape} does not match reference {ref} {r.shape}")
         (p, _), (r, spacing) = _as_slices(p, r_affine), _as_slices(r, r_affine)
         pairs.append((ref, p, r, spacing))
-    values = sorted(
-        {0}.union(*(np.unique(p).tolist() + np.unique(r).tolist() for _, p, r, _ in pairs))
-    )
+    source = "labels given"
+    if labels is None:
+        found = next(
+            (
+                d / "dataset.json"
+                for d in (ref_dir, ref_dir.parent)
+                if (d / "dataset.json").is_file()
+            ),
+            None,
+        )
+        if found is not None:
+            labels, source = declared_labels(found), f"{found}"
+    present = {
+        ref: set(np.unique(p).tolist()) | set(np.unique(r).tolist()) for ref, p, r, _ in pairs
+    }
+    if labels is None:
+        warnings.warn(
+            f"{ref_dir}: labels inferred from the values in the files; declare them (--labels, or "
+            "a dataset.json beside the references) so that the label set does not depend on "
+            "which files share the folder",
+            stacklevel=2,
+        )
+        values = sorted({0}.union(*present.values()))
+        names = {v: "background" if v == 0 else f"label {v}" for v in values}
+        source = "inferred from the files"
+    else:
+        names = {0: "background", **labels}
+        values = sorted(names)
+        for ref, found_values in present.items():
+            undeclared = sorted(found_values - set(values))
+            if undeclared:
+                raise DataError(
+                    f"{ref} (or its prediction): label values {undeclared} not declared "
+                    f"(declared: {values})"
+                )
     lut = {v: i for i, v in enumerate(values)}
     results = []
     for ref, p, r, spacing in pairs:
@@ -361,15 +416,31 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path) -> dict[str, Any]:
                 torch.from_numpy(p), torch.from_numpy(r), len(values), spacing, _stem(ref)
             )
         )
-    labels = {str(i): ("background" if i == 0 else f"label {v}") for i, v in enumerate(values)}
+    classes = {str(i): names[v] for i, v in enumerate(values)}
     return {
         "pred": str(pred_dir),
         "ref": str(ref_dir),
-        "labels": labels,
+        "labels": classes,
+        "labels_source": source,
         "label_values": {str(v): i for v, i in lut.items()},
         "workers": 1,
-        **summarize(results, labels),
+        **summarize(results, classes),
     }
+
+
+def parse_labels(text: str) -> dict[int, str]:
+    """`--labels`: '1,2' or '1:liver,2:tumour' (raw mask values, with names or not); the
+    background, 0, is implied."""
+    out: dict[int, str] = {}
+    for item in text.split(","):
+        value, _, name = item.strip().partition(":")
+        try:
+            out[int(value)] = name.strip() or f"label {int(value)}"
+        except ValueError:
+            raise DataError(
+                f"--labels '{text}': expected values like 1,2 or 1:liver,2:tumour"
+            ) from None
+    return out
 
 
 def _stem(path: Path) -> str:

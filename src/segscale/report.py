@@ -34,7 +34,7 @@ CASE_ROWS = {
 
 
 def _pm(stats: dict[str, Any]) -> str:
-    excluded = f" ({stats['excluded']} undefined)" if stats["excluded"] else ""
+    excluded = f" ({stats['excluded']} excluded)" if stats["excluded"] else ""
     return f"{stats['mean']:.4f} ± {stats['sd']:.4f}{excluded}"
 
 
@@ -49,6 +49,9 @@ def summary_rows(evaluation: dict[str, Any]) -> list[tuple[str, str]]:
         (f"{name} [per case, n={n}]", _pm(evaluation["case_summary"][k]))
         for k, name in CASE_ROWS.items()
     ]
+    if "foreground_mean" in evaluation:  # the other aggregation order, named
+        value = evaluation["foreground_mean"]["label_first"]["dice"]
+        rows.append(("Dice [per class over cases, then mean: nnU-Net's]", f"{value:.4f}"))
     rows.append(("Dice [per slice]", _pm(evaluation["slice_summary"]["dice"])))
     return rows
 
@@ -101,7 +104,8 @@ def plot_case_dice(evaluation: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = sorted(evaluation["cases"], key=lambda c: c["dice"])
+    # cases without an applicable class (Dice NaN) have no bar; they are named last
+    cases = sorted(evaluation["cases"], key=lambda c: (np.isnan(c["dice"]), c["dice"]))
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(cases) + 2), 3.2))
     ax.bar(range(len(cases)), [c["dice"] for c in cases], color="tab:blue")
     ax.axhline(evaluation["case_summary"]["dice"]["mean"], color="tab:red", ls="--", label="mean")

@@ -62,11 +62,8 @@ def _read_dataset_json(root: Path) -> Source:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: cannot read as JSON: {e}") from e
-    labels_raw = meta.get("labels")
-    if not isinstance(labels_raw, dict) or not labels_raw:
-        raise DataError(f"{path}: expected a 'labels' mapping")
-    if "channel_names" in meta:  # nnU-Net v2: labels are name -> int, one file per channel
-        labels = {int(v): str(k) for k, v in labels_raw.items() if not isinstance(v, list)}
+    labels = labels_of(meta, path)
+    if "channel_names" in meta:  # nnU-Net v2: one file per channel
         channels = [meta["channel_names"][k] for k in sorted(meta["channel_names"], key=int)]
         ending = meta.get("file_ending", ".nii.gz")
         if not isinstance(ending, str) or ending.lower() not in (*NIFTI_SUFFIXES, *PNG_SUFFIXES):
@@ -75,11 +72,7 @@ def _read_dataset_json(root: Path) -> Source:
                 f"{', '.join((*NIFTI_SUFFIXES, *PNG_SUFFIXES))}"
             )
         cases = _nnunet_v2_cases(root, len(channels), ending)
-    else:  # Decathlon: labels are "int" -> name, a 'training' list of image/label pairs
-        try:
-            labels = {int(k): str(v) for k, v in labels_raw.items()}
-        except ValueError as e:
-            raise DataError(f"{path}: 'labels' keys must be integers: {e}") from e
+    else:  # Decathlon: a 'training' list of image/label pairs
         modality = meta.get("modality", {"0": "image"})
         channels = [modality[k] for k in sorted(modality, key=int)]
         cases = _msd_cases(root, path, meta)
@@ -94,6 +87,28 @@ def _read_dataset_json(root: Path) -> Source:
     volumes = all(has_suffix(p, NIFTI_SUFFIXES) for p in cases[0].images)
     name = str(meta.get("name", root.name))
     return Source("msd", root, name, labels, channels, cases, volumes=volumes)
+
+
+def labels_of(meta: dict, path: Path) -> dict[int, str]:
+    """Raw label value → name from a dataset.json's `labels`: Decathlon's {"0": "background", ...}
+    or nnU-Net v2's {"background": 0, ...} (region-based entries, lists, are left out)."""
+    raw = meta.get("labels")
+    if not isinstance(raw, dict) or not raw:
+        raise DataError(f"{path}: expected a 'labels' mapping")
+    if all(isinstance(v, int | list) for v in raw.values()):  # nnU-Net v2: name -> value
+        return {int(v): str(k) for k, v in raw.items() if isinstance(v, int)}
+    try:
+        return {int(k): str(v) for k, v in raw.items()}
+    except ValueError as e:
+        raise DataError(f"{path}: 'labels' keys must be integers: {e}") from e
+
+
+def declared_labels(path: Path) -> dict[int, str]:
+    """The labels a dataset.json declares (see labels_of)."""
+    try:
+        return labels_of(json.loads(Path(path).read_text()), path)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read as JSON: {e}") from e
 
 
 def _msd_cases(root: Path, path: Path, meta: dict) -> list[Case]:

@@ -10,8 +10,13 @@ with t_i = Σ_j n_ij:
     Dice_i = 2 n_ii / (2 n_ii + Σ_{j≠i} n_ij + Σ_{j≠i} n_ji)
 `dice` is the mean over foreground classes (what medical papers report); `dice_with_background`
 is the thesis' formula averaged over all n_cl classes. Sensitivity (TPR) and specificity (TNR) are
-one-vs-rest per foreground class, then averaged. MA and mIoU average over classes present in the
-reference or prediction (a class absent from both has no defined ratio).
+one-vs-rest per foreground class, then averaged.
+
+One rule for undefined values, at every level: a class absent from both the reference and the
+prediction is not applicable. Every overlap metric of that class (Dice, IoU, F1, precision,
+sensitivity, specificity) is NaN, left out of every mean and counted as excluded; as nnU-Net's
+evaluator does. A class missed entirely (in the reference, not predicted) scores Dice 0 and F1 0.
+F1 is computed as 2TP / (2TP + FP + FN), so it equals Dice wherever either is defined.
 """
 
 from __future__ import annotations
@@ -51,27 +56,31 @@ def mean_defined(a: np.ndarray) -> float:
     return float(a.mean()) if a.size else float("nan")
 
 
+def applicable(cm: np.ndarray) -> np.ndarray:
+    """Per class: whether it is in the reference or the prediction (else not applicable)."""
+    cm = np.asarray(cm)
+    return (cm.sum(0) + cm.sum(1)) > 0
+
+
 def per_class_dice(cm: np.ndarray) -> np.ndarray:
-    """Dice per class; 1.0 where a class is absent from both reference and prediction."""
+    """Dice per class; NaN where a class is absent from both reference and prediction."""
     cm = np.asarray(cm, dtype=np.float64)
     tp = np.diag(cm)
-    den = 2 * tp + (cm.sum(1) - tp) + (cm.sum(0) - tp)
-    dice = _ratio(2 * tp, den)
-    return np.where(den == 0, 1.0, dice)
+    return _ratio(2 * tp, 2 * tp + (cm.sum(1) - tp) + (cm.sum(0) - tp))
 
 
 def class_metrics(cm: np.ndarray) -> dict[int, dict[str, float]]:
-    """Per-class (one vs rest) overlap metrics. Undefined ratios are NaN, except Dice, whose
-    both-empty convention is 1."""
+    """Per-class (one vs rest) overlap metrics; NaN where undefined, and every metric NaN for a
+    class absent from both masks (not applicable; see the module's rule)."""
     cm = np.asarray(cm, dtype=np.float64)
     tp = np.diag(cm)
     fn, fp = cm.sum(1) - tp, cm.sum(0) - tp
     tn = cm.sum() - tp - fn - fp
     dice = per_class_dice(cm)
     precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
-    f1 = _ratio(2 * precision * recall, precision + recall)
+    f1 = dice  # 2TP / (2TP + FP + FN): the harmonic mean of precision and recall, where defined
     iou = _ratio(tp, tp + fn + fp)
-    spec = _ratio(tn, tn + fp)
+    spec = np.where(applicable(cm), _ratio(tn, tn + fp), np.nan)
     return {
         c: {
             "dice": float(dice[c]),
@@ -98,15 +107,16 @@ def metrics_from_confusion(cm: np.ndarray) -> dict[str, float]:
     fn, fp = t - tp, p - tp
     tn = total - tp - fn - fp
     fg = slice(1, None) if len(cm) > 1 else slice(None)
+    specificity = np.where(present, _ratio(tn, tn + fp), np.nan)
     return {
-        "dice": float(np.mean(dice[fg])),
-        "dice_with_background": float(np.mean(dice)),
+        "dice": mean_defined(dice[fg]),
+        "dice_with_background": mean_defined(dice),
         "pixel_accuracy": float(tp.sum() / total) if total else float("nan"),
         "mean_accuracy": mean_defined(_ratio(tp, t)[present]),
         "mean_iou": mean_defined(iou[present]),
         "fw_iou": float(np.nansum(t * np.nan_to_num(iou)) / total) if total else float("nan"),
         "sensitivity": mean_defined(_ratio(tp, tp + fn)[fg]),
-        "specificity": mean_defined(_ratio(tn, tn + fp)[fg]),
+        "specificity": mean_defined(specificity[fg]),
     }
 
 

@@ -10,8 +10,9 @@ medpy and MONAI). With d(a, S) the distance from point a to the nearest point of
                     medpy's assd and MONAI's symmetric average surface distance)
     AVD             max(d_H(A, B), d_H(B, A)), d_H(A, B) = mean_{a∈A} d(a, B) over all voxels of A:
                     the average Hausdorff distance of the thesis' Table 5.1 (Taha & Hanbury 2015)
-Conventions: both masks empty → every distance is 0; exactly one empty → NaN (undefined; counted as
-excluded by the aggregation, never silently averaged as a number).
+Conventions: both masks empty → not applicable, NaN (the overlap metrics' rule); exactly one empty
+→ NaN (undefined). Either way the aggregation leaves it out and counts it as excluded: it is
+never silently averaged as a number.
 Surfaces are sparse, so distances come from KD-tree queries between surface points (scaled by the
 spacing) rather than dense distance transforms. For AVD, the nearest voxel of B to a voxel a outside
 B always lies on B's surface (were it interior, its face-neighbour towards a would be closer), so
@@ -71,9 +72,7 @@ def distance_metrics(
     if pred.shape != ref.shape:
         raise ValueError(f"shapes differ: prediction {pred.shape}, reference {ref.shape}")
     has_p, has_r = pred.any(), ref.any()
-    if not has_p and not has_r:
-        return dict.fromkeys(DISTANCE_METRICS, 0.0)
-    if has_p != has_r:
+    if not has_p or not has_r:  # not applicable (both empty) or undefined (one empty)
         return dict.fromkeys(DISTANCE_METRICS, float("nan"))
     box = _bbox(pred | ref)
     pred, ref = pred[box], ref[box]
