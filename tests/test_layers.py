@@ -33,6 +33,7 @@ LAYERS: list[set[str]] = [
         "models",
         "parallel",
         "repro",
+        "guideline",
     },
     {"config", "registry", "xmlconfig", "imgmed", "segeval"},
     {"errors", "_files", "_progress", "_memory", "__init__"},

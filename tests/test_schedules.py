@@ -50,3 +50,37 @@ def test_warmup_in_steps_and_exponential_decay():
     s = build_schedule(cfg, 0.1, batch_size=8, world_size=2, steps_per_epoch=10, epochs=5)
     assert s(2) == pytest.approx(0.15) and s(4) == pytest.approx(0.2)
     assert s(14) == pytest.approx(0.1) and s(24) == pytest.approx(0.05)  # halves every epoch
+
+
+def test_grescale_phases_and_values():
+    """GreScale defaults on 40 epochs of 10 steps, 4 workers: gradual warmup over 5 epochs to
+    k·η, stabilisation, then a decay phase of 3/7 of the 35 epochs after the default warmup
+    (15 epochs) in which the lr falls 100-fold (decay coefficient ln 100)."""
+    import math
+
+    from segscale.config import ScheduleConfig
+
+    s = build_schedule(ScheduleConfig(rule="grescale"), 0.01, 8, 4, 10, 40)
+    assert s.peak_lr == pytest.approx(0.04)  # k·η, linear scaling
+    assert s.phases() == (50, 250)
+    assert s(0) == pytest.approx(0.01) and s(25) == pytest.approx(0.025)  # gradual warmup
+    assert s(50) == s(249) == s(250) == pytest.approx(0.04)  # stabilisation, decay from 250
+    assert s(325) == pytest.approx(0.004)  # half the decay phase: e^(−ln 100 / 2) = 1/10
+    assert s(399) == pytest.approx(0.04 * math.exp(-math.log(100) * 149 / 150))
+    longer = build_schedule(ScheduleConfig(rule="grescale", warmup_epochs=7), 0.01, 8, 4, 10, 40)
+    assert longer.phases() == (70, 250)  # a longer warmup shortens stabilisation, not decay
+    steep = ScheduleConfig(rule="grescale", decay_coefficient=math.log(1000), decay_phase=0.5)
+    s = build_schedule(steep, 0.01, 8, 4, 10, 40)
+    assert s.phases() == (50, 225) and s(399) == pytest.approx(0.04 * 1000 ** (-174 / 175))
+
+
+def test_grescale_options_are_refused_where_they_cannot_take_effect():
+    from segscale.config import ScheduleConfig
+    from segscale.errors import SegscaleError
+
+    with pytest.raises(ValueError, match="decay_coefficient takes effect only with rule: grescale"):
+        ScheduleConfig(decay_coefficient=2.0)
+    with pytest.raises(ValueError, match="rule: grescale has its own gradual warmup and decay"):
+        ScheduleConfig(rule="grescale", decay="cosine")
+    with pytest.raises(SegscaleError, match=r"warmup \(30 epochs\) runs into its decay phase"):
+        build_schedule(ScheduleConfig(rule="grescale", warmup_epochs=30), 0.01, 8, 1, 10, 40)

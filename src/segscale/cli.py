@@ -371,7 +371,7 @@ def schedule_cmd(
     t = cfg.train
     title = (
         f"{cfg.name}: {workers} worker(s), global batch {t.batch_size * workers}, "
-        f"{t.schedule.scaling} scaling"
+        f"{t.schedule.scaling} scaling{', GreScale' if t.schedule.rule == 'grescale' else ''}"
     )
     plot_schedule(schedule, out, title)
     typer.echo(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -152,9 +153,33 @@ class OptimizerConfig(Component):
         return data
 
 
+GRESCALE_WARMUP_EPOCHS = 5.0  # the thesis' defaults (ch. 6.3.2)
+GRESCALE_DECAY_PHASE = 3 / 7
+GRESCALE_DECAY_COEFFICIENT = math.log(100.0)  # the lr falls 100× over the decay phase
+
+
 class ScheduleConfig(_Strict):
     """lr(step) = scaled base lr × warmup × decay; see segscale.schedules."""
 
+    rule: Literal["standard", "grescale"] = Field(
+        "standard",
+        description="standard: the scaling, warmup and decay keys below; grescale: the thesis' "
+        "three phases (gradual warmup to the scaled lr, default 5 epochs; stabilisation at it; "
+        "exponential decay over decay_phase), docs/scaling-guideline.md.",
+    )
+    decay_coefficient: float | None = Field(
+        None,
+        gt=0,
+        description="grescale: c in lr = peak · exp(−c · t / T) over the decay phase (t steps into "
+        "it, T its length): the lr falls e^c-fold; default ln 100.",
+    )
+    decay_phase: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="grescale: the decay phase's length, as a fraction of the epochs after the "
+        "default 5-epoch warmup (fixed when warmup grows: stabilisation shrinks); default 3/7.",
+    )
     scaling: Literal["linear", "sqrt", "none"] = Field(
         "linear", description="Scale the lr by global batch / reference batch (or its sqrt)."
     )
@@ -213,9 +238,24 @@ class ScheduleConfig(_Strict):
                 "warmup_epochs or warmup_steps",
             ),
         ]
+        grescale = self.rule == "grescale"
+        unread += [
+            (
+                "decay_coefficient",
+                self.decay_coefficient is not None,
+                not grescale,
+                "rule: grescale",
+            ),
+            ("decay_phase", self.decay_phase is not None, not grescale, "rule: grescale"),
+        ]
         for key, given, ignored, needs in unread:
             if given and ignored:
                 raise ValueError(f"{key} takes effect only with {needs}")
+        if grescale and (self.decay != "none" or self.warmup != "gradual"):
+            raise ValueError(
+                "rule: grescale has its own gradual warmup and decay phase; drop decay and warmup "
+                "(tune them with warmup_epochs, decay_phase and decay_coefficient)"
+            )
         if self.decay == "step" and not self.decay_epochs:
             raise ValueError(
                 "decay: step needs decay_epochs (the epochs at which lr × decay_factor)"

@@ -3,11 +3,18 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from segscale.config import ScheduleConfig
+from segscale.config import (
+    GRESCALE_DECAY_COEFFICIENT,
+    GRESCALE_DECAY_PHASE,
+    GRESCALE_WARMUP_EPOCHS,
+    ScheduleConfig,
+)
+from segscale.errors import SegscaleError
 
 
 def scaled_lr(base_lr: float, global_batch: int, reference_batch: int, rule: str) -> float:
@@ -35,10 +42,28 @@ class Schedule:
     @property
     def warmup_steps(self) -> float:
         """Warmup length in steps: train.schedule.warmup_steps, or warmup_epochs × steps per epoch
-        (the config refuses both)."""
+        (the config refuses both); GreScale's default is 5 epochs."""
         if self.cfg.warmup_steps is not None:
             return float(self.cfg.warmup_steps)
-        return (self.cfg.warmup_epochs or 0.0) * self.steps_per_epoch
+        default = GRESCALE_WARMUP_EPOCHS if self.cfg.rule == "grescale" else 0.0
+        epochs = self.cfg.warmup_epochs if self.cfg.warmup_epochs is not None else default
+        return epochs * self.steps_per_epoch
+
+    @property
+    def decay_phase_steps(self) -> float:
+        """GreScale: the decay phase's length in steps, decay_phase × the steps after the
+        default 5-epoch warmup; the same whatever warmup the run uses (the thesis' fixed decay
+        phase: a longer warmup shortens the stabilisation)."""
+        fraction = (
+            self.cfg.decay_phase if self.cfg.decay_phase is not None else GRESCALE_DECAY_PHASE
+        )
+        after_default = self.total_steps - GRESCALE_WARMUP_EPOCHS * self.steps_per_epoch
+        return fraction * max(after_default, 0.0)
+
+    def phases(self) -> tuple[float, float]:
+        """GreScale: the steps where stabilisation and decay begin."""
+        decay = self.decay_phase_steps
+        return self.warmup_steps, self.total_steps - decay
 
     def __call__(self, step: int) -> float:
         warmup = self.warmup_steps
@@ -47,7 +72,20 @@ class Schedule:
                 return self.base_lr
             # Gradual: linear from the unscaled base lr to the scaled peak (Goyal et al. 2017).
             return self.base_lr + (self.peak_lr - self.base_lr) * step / warmup
+        if self.cfg.rule == "grescale":
+            return self.peak_lr * self._grescale_decay(step)
         return self.peak_lr * self._decay(step)
+
+    def _grescale_decay(self, step: int) -> float:
+        """1 through stabilisation, then exp(−c · t / T) over the decay phase of T steps: the
+        lr falls by the same factor every epoch (an exponential per-epoch decay, continuous in
+        the step so that resuming mid-epoch gives the same lr), e^c-fold in all."""
+        length = self.decay_phase_steps
+        start = self.total_steps - length
+        if length <= 0 or step < start:
+            return 1.0
+        c = self.cfg.decay_coefficient or GRESCALE_DECAY_COEFFICIENT
+        return math.exp(-c * (step - start) / length)
 
     def _decay(self, step: int) -> float:
         cfg = self.cfg
@@ -78,7 +116,16 @@ def build_schedule(
 ) -> Schedule:
     reference = cfg.reference_batch or batch_size
     peak = scaled_lr(base_lr, batch_size * world_size, reference, cfg.scaling)
-    return Schedule(base_lr, peak, steps_per_epoch, steps_per_epoch * epochs, cfg)
+    schedule = Schedule(base_lr, peak, steps_per_epoch, steps_per_epoch * epochs, cfg)
+    if cfg.rule == "grescale":
+        warmup, decay = schedule.phases()
+        if warmup > decay:
+            raise SegscaleError(
+                f"train.schedule: GreScale's warmup ({warmup / steps_per_epoch:g} epochs) runs "
+                f"into its decay phase ({(schedule.total_steps - decay) / steps_per_epoch:g} of "
+                f"{epochs} epochs); shorten warmup_epochs or decay_phase, or train longer"
+            )
+    return schedule
 
 
 def plot_schedule(schedule: Schedule, out: Path, title: str) -> None:
@@ -91,6 +138,21 @@ def plot_schedule(schedule: Schedule, out: Path, title: str) -> None:
     steps = range(schedule.total_steps)
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.plot([s / schedule.steps_per_epoch for s in steps], [schedule(s) for s in steps])
+    if schedule.cfg.rule == "grescale":  # the three phases, shaded
+        bounds = [0, *schedule.phases(), schedule.total_steps]
+        for (a, b), name, shade in zip(
+            itertools.pairwise(bounds), ("warmup", "stabilisation", "decay"), ("0.9", "0.97", "0.9")
+        ):
+            ax.axvspan(a / schedule.steps_per_epoch, b / schedule.steps_per_epoch, color=shade)
+            ax.text(
+                (a + b) / 2 / schedule.steps_per_epoch,
+                0,
+                name,
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                transform=ax.get_xaxis_transform(),
+            )
     ax.set(xlabel="epoch", ylabel="learning rate", title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
