@@ -324,6 +324,8 @@ def _load_labels(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
             )
     if not np.array_equal(data, np.round(data)):
         raise DataError(f"{path}: non-integer label values")
+    if data.min() < 0:
+        raise DataError(f"{path}: negative label value {data.min():g}; expected class labels ≥ 0")
     return data.astype(np.int64), affine
 
 
@@ -394,11 +396,19 @@ def evaluate_folders(
             stacklevel=2,
         )
         values = sorted({0}.union(*present.values()))
+        if values == [0]:  # no foreground anywhere: one foreground class, not applicable
+            values = [0, 1]
         names = {v: "background" if v == 0 else f"label {v}" for v in values}
         source = "inferred from the files"
     else:
         names = {0: "background", **labels}
         values = sorted(names)
+        twice = sorted({n for n in names.values() if list(names.values()).count(n) > 1})
+        if twice:
+            raise DataError(
+                f"labels ({source}): the name(s) {twice} are given to several values; each "
+                "class needs its own name"
+            )
         for ref, found_values in present.items():
             undeclared = sorted(found_values - set(values))
             if undeclared:
@@ -435,11 +445,15 @@ def parse_labels(text: str) -> dict[int, str]:
     for item in text.split(","):
         value, _, name = item.strip().partition(":")
         try:
-            out[int(value)] = name.strip() or f"label {int(value)}"
+            v = int(value)
         except ValueError:
             raise DataError(
                 f"--labels '{text}': expected values like 1,2 or 1:liver,2:tumour"
             ) from None
+        if v < 0 or v in out:
+            why = "negative" if v < 0 else "given twice"
+            raise DataError(f"--labels '{text}': value {v} {why}")
+        out[v] = name.strip() or ("background" if v == 0 else f"label {v}")
     return out
 
 

@@ -63,8 +63,14 @@ def predict(
     class_to_raw = _class_to_raw(store.meta)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in list_images(inputs):
-        volume = sniff(path) == "nifti"  # by content: the name may lie
+    files = [(path, sniff(path) == "nifti") for path in list_images(inputs)]  # by content
+    targets: dict[Path, Path] = {}
+    for path, volume in files:  # two inputs must not write the same mask
+        target = out_dir / path.name if volume else (out_dir / path.name).with_suffix(".png")
+        if target in targets:
+            raise DataError(f"{path} and {targets[target]}: both would write {target}; rename one")
+        targets[target] = path
+    for path, volume in files:
         if volume:
             image, affine = load_nifti(path)
             header = nifti_header(path)

@@ -28,6 +28,7 @@ class CaseReport:
     spacing: tuple[float, ...] | None = None  # mm per array axis (volumes)
     axes: str | None = None  # orientation codes, e.g. RAS
     classes: list[int] = field(default_factory=list)  # classes present in the label
+    channels: int | None = None
     refused: str | None = None  # what prepare would refuse, or None
     notes: list[str] = field(default_factory=list)  # worth a look, not refused
 
@@ -79,12 +80,19 @@ def check_source(
                     report.axes = "".join(nib.aff2axcodes(affine))
                     affines.append((case.id, affine))
                 channels = image.shape[-1] if image.ndim > mask.ndim else 1  # channels last
+                report.channels = int(channels)
                 if np.ptp(image.reshape(-1, channels), axis=0).min() == 0:
                     report.notes.append("constant image: no contrast to learn from")
                 if not (mask > 0).any():
                     report.notes.append("no foreground in the label")
             reports.append(report)
             advance()
+    counts = [r.channels for r in reports if r.channels is not None]
+    if len(set(counts)) > 1:  # a store holds one channel count: prepare refuses the others
+        common = max(set(counts), key=counts.count)
+        for r in reports:
+            if r.channels is not None and r.channels != common:
+                r.refused = f"{r.channels} channel(s); most cases have {common}"
     return Check(src, reports, skipped, dataset_notes(affines, axis))
 
 

@@ -73,6 +73,11 @@ def onto_grid(
 
     Raises DataError naming `name`, `target` and both geometries when the grids differ otherwise.
     """
+    if array.ndim < 3 or len(target_shape) < 3:
+        raise DataError(
+            f"{name}: expected a 3D volume beside {target}, got shapes {array.shape} and "
+            f"{tuple(target_shape)}"
+        )
     shape = tuple(array.shape[:3])
     target_shape = tuple(int(n) for n in target_shape[:3])
     if shape == target_shape and same_grid(affine, target_affine, shape):
@@ -82,7 +87,10 @@ def onto_grid(
     transform = ornt_transform(io_orientation(affine), io_orientation(target_affine))
     moved = apply_orientation(array, transform)
     moved_affine = np.asarray(affine) @ inv_ornt_aff(transform, shape)
-    if tuple(moved.shape[:3]) == target_shape and same_grid(moved_affine, target_affine, shape):
+    # compared on the target's grid: the moved array has the target's shape when it matches
+    if tuple(moved.shape[:3]) == target_shape and same_grid(
+        moved_affine, target_affine, target_shape
+    ):
         return np.ascontiguousarray(moved)
     if tuple(moved.shape[:3]) != target_shape:
         problem = f"{what} shape {shape} does not match {target_what} shape {target_shape}"

@@ -59,13 +59,28 @@ def _open_nifti(path: Path) -> Any:
 
     compressed = check_nifti(path)
     try:
-        if compressed == path.name.lower().endswith(".gz"):
+        # nibabel picks the format by the name, and lower-cases some mixed-case suffixes
+        if path.name.endswith(".nii.gz" if compressed else ".nii"):
             return nib.load(str(path))
+        if compressed == path.name.lower().endswith(".gz"):  # the name is right, in other case
+            return _from_bytes(path, compressed)
         warnings.warn(
             f"{path}: named {'.nii' if compressed else '.nii.gz'} but "
             f"{'gzip-compressed' if compressed else 'not compressed'}; read by its content",
             stacklevel=3,
         )
+        return _from_bytes(path, compressed)
+    except DataError:
+        raise
+    except Exception as e:  # nibabel raises many types for a damaged file
+        raise DataError(f"{path}: cannot read NIfTI (truncated or corrupt?): {e}") from e
+
+
+def _from_bytes(path: Path, compressed: bool) -> Any:
+    """A NIfTI image from the file's bytes, whatever its name (nibabel reads files by name)."""
+    import nibabel as nib
+
+    try:
         if compressed:
             with gzip.open(path) as g:
                 data = g.read()
@@ -135,7 +150,7 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, like: An
         img.set_sform(like.get_sform(), code=int(like["sform_code"]))
         img.header.set_xyzt_units(*like.get_xyzt_units())
     img.header.set_data_dtype(array.dtype)
-    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
+    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
@@ -144,6 +159,14 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, like: An
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _one_frame(im: Any, path: Path) -> None:
+    frames = getattr(im, "n_frames", 1)
+    if frames > 1:  # reading frame 0 alone would drop the rest without a word
+        raise DataError(
+            f"{path}: {frames} frames (a multi-page or animated picture); expected one 2D image"
+        )
 
 
 def load_image2d(path: str | Path) -> np.ndarray:
@@ -155,6 +178,7 @@ def load_image2d(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
+            _one_frame(im, path)
             if im.mode in ("RGBA", "P", "LA", "PA"):
                 im = im.convert("RGB")
             elif im.mode == "1":
@@ -178,6 +202,7 @@ def load_mask2d(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
+            _one_frame(im, path)
             mode = im.mode
             if mode == "1":
                 return np.asarray(im, dtype=np.uint8)  # booleans → 0/1

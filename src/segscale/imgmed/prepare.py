@@ -16,7 +16,7 @@ from segscale._progress import progress_bar
 from segscale.errors import DataError
 from segscale.imgmed.files import list_files
 from segscale.imgmed.geometry import dataset_notes, onto_grid
-from segscale.imgmed.io import load_image2d, load_mask2d, load_nifti, nifti_shape
+from segscale.imgmed.io import load_image2d, load_mask2d, load_nifti
 from segscale.imgmed.sources import Case, Source, discover
 from segscale.imgmed.store import FORMAT, StoreWriter, is_current
 from segscale.imgmed.transforms import (
@@ -102,7 +102,6 @@ def prepare(
     labels, value_to_class = label_table(src, label_map)
     splits = split_cases([c.id for c in src.cases], val_fraction, test_fraction, seed)
     is_volume = src.volumes
-    channels = len(prep.channels) if prep.channels is not None else _num_channels(src)
     partial = output.parent / f".{output.name}.partial"
     partial.mkdir(parents=True, exist_ok=True)
     # a chunk depends on its case's files and the per-case settings, not on the split
@@ -128,6 +127,7 @@ def prepare(
     # the store's size from the small mask arrays; the images are then read one case at a time,
     # so a dataset larger than memory can be assembled
     total = sum(len(_read_chunk(chunks[c.id], "masks")) for c in src.cases)
+    channels = _common_channels({c.id: chunks[c.id] for c in src.cases})
     writer = StoreWriter(output, total, channels, prep.size)
     cases_meta: list[dict[str, Any]] = []
     try:
@@ -254,6 +254,7 @@ def _prepare_case(
         "shape": list(mask.shape),
         "affine": affine.tolist() if affine is not None else None,
         "slice_indices": indices.tolist(),
+        "channels": int(x.shape[1]),
     }
     masks = to_grid(m, plane, prep.size, masks=True).numpy()
     try:
@@ -272,15 +273,26 @@ def _read_chunk(chunk: Path, *names: str) -> Any:
     return arrays[0] if len(arrays) == 1 else arrays
 
 
-def _num_channels(src: Source) -> int:
-    if src.kind == "dicom":
-        return 1
-    files = src.cases[0].images
-    if src.volumes:
-        shape = nifti_shape(files[0])
-        return (shape[3] if len(shape) == 4 else 1) * len(files)
-    first = load_image2d(files[0])
-    return (1 if first.ndim == 2 else first.shape[-1]) * len(files)
+def _common_channels(chunks: dict[str, Path]) -> int:
+    """The channel count every case's chunk has; cases that differ are refused together (a
+    store needs one count: a grey picture beside an RGB one, a 2-channel volume beside 1)."""
+    counts: dict[int, list[str]] = {}
+    for cid, chunk in chunks.items():
+        info = json.loads(str(_read_chunk(chunk, "info")))
+        n = info.get("channels") or len(_read_chunk(chunk, "images")[0])  # older chunks: read
+        counts.setdefault(int(n), []).append(cid)
+    if len(counts) > 1:
+        common = max(counts, key=lambda k: len(counts[k]))
+        odd = "; ".join(
+            f"{n} in {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}"
+            for n, ids in counts.items()
+            if n != common
+        )
+        raise DataError(
+            f"cases differ in their number of channels: {common} in {len(counts[common])} "
+            f"cases, {odd}; give every case the same channels (or pick them with --channels)"
+        )
+    return next(iter(counts))
 
 
 def _channel_names(src: Source, prep: Preprocessing) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,13 +39,46 @@ class Source:
 
 
 def discover(root: str | Path) -> Source:
-    root = Path(root)
+    """The cases of a raw dataset, each with a unique id (two files that would make the same
+    case id are refused: one would silently replace the other)."""
+    source = _discover(Path(root))
+    seen: dict[str, Case] = {}
+    for case in source.cases:
+        if case.id in seen:
+            raise DataError(
+                f"{case.images[0]} and {seen[case.id].images[0]}: both make case '{case.id}'; "
+                "rename or remove one"
+            )
+        seen[case.id] = case
+    return source
+
+
+def _by_stem(files: list[Path]) -> dict[str, Path]:
+    """Files by name without suffix; two with the same stem (a.png, a.tif) are refused."""
+    out: dict[str, Path] = {}
+    for p in files:
+        stem = strip_suffix(p.name)
+        if stem in out:
+            raise DataError(f"{p} and {out[stem]}: two files for '{stem}'; remove one")
+        out[stem] = p
+    return out
+
+
+def _discover(root: Path) -> Source:
     if not root.is_dir():
         raise DataError(
             f"{root}: not a folder; expected a Decathlon/nnU-Net folder or images/ + masks/"
         )
     if (root / "dataset.json").is_file():
-        return _read_dataset_json(root)
+        try:
+            return _read_dataset_json(root)
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(
+                f"{root / 'dataset.json'}: unexpected content ({type(e).__name__}: {e}); "
+                "expected the Decathlon or nnU-Net v2 layout"
+            ) from None
     if (root / "images").is_dir() and (root / "masks").is_dir():
         if list_folders(root / "images"):
             return _read_dicom_folder(root)
@@ -119,13 +153,14 @@ def _msd_cases(root: Path, path: Path, meta: dict) -> list[Case]:
     for i, entry in enumerate(training):
         if not isinstance(entry, dict) or "image" not in entry:
             raise DataError(f"{path}: training[{i}] needs an 'image' (and a 'label')")
-        image = (root / entry["image"]).resolve()
+        # absolute, but not resolved: a symlink (DataLad, git-annex, DVC) names the case
+        image = Path(os.path.normpath(root.absolute() / entry["image"]))
         if not image.is_file():
             raise DataError(f"{path}: training[{i}] image not found: {image}")
         label = entry.get("label")
         if label is None:
             raise DataError(f"{image}: image without a label (training[{i}] in {path})")
-        label_path = (root / label).resolve()
+        label_path = Path(os.path.normpath(root.absolute() / label))
         if not label_path.is_file():
             raise DataError(f"{image}: image without a label; expected {label_path}")
         cases.append(Case(strip_suffix(image.name), [image], label_path))
@@ -170,7 +205,7 @@ def _read_png_folder(root: Path) -> Source:
     images = list_files(root / "images", PNG_SUFFIXES)
     if not images:
         raise DataError(f"{root / 'images'}: no PNG/JPG/TIFF images")
-    masks = {strip_suffix(p.name): p for p in list_files(root / "masks", PNG_SUFFIXES)}
+    masks = _by_stem(list_files(root / "masks", PNG_SUFFIXES))
     cases = []
     for im in images:
         cid = strip_suffix(im.name)
@@ -184,7 +219,7 @@ def _read_dicom_folder(root: Path) -> Source:
     """images/<case>/ (one DICOM series per case) + masks/<case>.nii.gz (the series' voxel grid,
     as ITK-SNAP or 3D Slicer export it); class names from an optional labels.json."""
     cases = []
-    masks = {strip_suffix(p.name): p for p in list_files(root / "masks", NIFTI_SUFFIXES)}
+    masks = _by_stem(list_files(root / "masks", NIFTI_SUFFIXES))
     for folder in list_folders(root / "images"):
         if folder.name not in masks:
             expected = root / "masks" / f"{folder.name}.nii.gz"

@@ -1,0 +1,150 @@
+"""More real-world inputs of the same kinds, each once a silent wrong result or a traceback."""
+
+import gzip
+import json
+import os
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import tiny_config, write_msd
+from segscale import worker
+from segscale.config import validate
+from segscale.engine import prepare_run_dir
+from segscale.errors import DataError
+from segscale.evaluation import evaluate_folders, parse_labels
+from segscale.imgmed import Preprocessing, prepare
+from segscale.imgmed.check import check_source
+from segscale.imgmed.io import load_nifti
+from segscale.predict import predict
+from test_inputs import prepared, write_2d
+
+
+def test_a_permuted_label_on_another_grid_is_refused(tmp_path):
+    """Axes permuted and a 1% spacing error on one axis (was: accepted, as the moved grid was
+    checked with the unpermuted shape)."""
+    raw = write_msd(tmp_path / "raw")
+    label = raw / "labelsTr" / "case_001.nii.gz"
+    img = nib.load(label)
+    data = np.ascontiguousarray(np.asanyarray(img.dataobj).transpose(2, 0, 1))
+    perm = np.zeros((4, 4))
+    perm[2, 0] = perm[0, 1] = perm[1, 2] = perm[3, 3] = 1
+    affine = img.affine @ perm
+    affine[:3, 1] *= 1.01
+    nib.save(nib.Nifti1Image(data, affine), label)
+    with pytest.raises(DataError, match="label is not on the voxel grid of its image"):
+        prepare(raw, tmp_path / "out", Preprocessing(size=16), progress=False)
+
+
+def test_two_files_that_make_one_case_are_refused(tmp_path):
+    raw = write_msd(tmp_path / "raw", num_cases=3)
+    meta = json.loads((raw / "dataset.json").read_text())
+    gz = raw / "imagesTr" / "case_000.nii.gz"
+    (raw / "imagesTr" / "case_000.nii").write_bytes(gzip.decompress(gz.read_bytes()))
+    meta["training"].append(
+        {"image": "./imagesTr/case_000.nii", "label": meta["training"][0]["label"]}
+    )
+    meta["numTraining"] = 4
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        DataError, match=r"case_000.nii and .*case_000.nii.gz: both make case 'case_000'"
+    ):
+        prepare(raw, tmp_path / "out", Preprocessing(size=16), progress=False)
+    pictures = write_2d(tmp_path / "2d", "L")
+    shutil.copy(pictures / "images" / "s0.png", pictures / "images" / "s0.tif")
+    with pytest.raises(DataError, match="both make case 's0'"):
+        prepared(pictures, tmp_path / "out2")
+
+
+def test_cases_with_different_channel_counts_are_refused_together(tmp_path):
+    pictures = write_2d(tmp_path / "2d", "L")
+    Image.open(pictures / "images" / "s2.png").convert("RGB").save(pictures / "images" / "s2.png")
+    with pytest.raises(
+        DataError, match=r"differ in their number of channels: 1 in 3 cases, 3 in s2"
+    ):
+        prepared(pictures, tmp_path / "out")
+    report = {c.case: c for c in check_source(pictures, progress=False).cases}
+    assert report["s2"].refused == "3 channel(s); most cases have 1"
+
+
+def test_suffixes_in_mixed_case_are_read_and_written_by_content(tmp_path):
+    raw = write_msd(tmp_path / "raw", num_cases=3)
+    src = raw / "imagesTr" / "case_000.nii.gz"
+    mixed = tmp_path / "b.Nii.Gz"  # nibabel alone would look for b.nii.Gz
+    shutil.copy(src, mixed)
+    data, _ = load_nifti(mixed)
+    assert data.shape == (24, 20, 6)
+    store, _ = prepare(raw, tmp_path / "store", Preprocessing(size=16), progress=False)
+    run = tmp_path / "run"
+    prepare_run_dir(validate(tiny_config(store, epochs=1, steps_per_epoch=1)), run, False)
+    worker.train(run, progress=False)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(src, scans / "SCAN.NII.GZ")
+    [out] = predict(run, [scans], tmp_path / "masks")
+    assert out.read_bytes()[:2] == b"\x1f\x8b"  # gzip, as its name says (was: uncompressed)
+    assert load_nifti(out)[0].shape == (24, 20, 6)
+    # two inputs that would write one mask are refused before anything is written
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    Image.new("L", (20, 24)).save(pics / "x.png")
+    Image.new("L", (20, 24)).save(pics / "x.tif")
+    with pytest.raises(DataError, match=r"x.tif and .*x.png: both would write .*x.png"):
+        predict(run, [pics], tmp_path / "masks2")
+
+
+def test_symlinked_images_keep_their_case_names(tmp_path):
+    """DataLad / git-annex / DVC keep images as symlinks into a blob store."""
+    raw = write_msd(tmp_path / "raw", num_cases=3)
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for i, p in enumerate(sorted((raw / "imagesTr").iterdir())):
+        p.rename(blobs / f"blob{i}")
+        os.symlink(blobs / f"blob{i}", p)
+    store = prepared(raw, tmp_path / "out")
+    assert [c["id"] for c in store.cases()] == ["case_000", "case_001", "case_002"]
+
+
+def test_malformed_dataset_json_and_multipage_pictures_are_one_line(tmp_path):
+    raw = write_msd(tmp_path / "raw", num_cases=3)
+    meta = json.loads((raw / "dataset.json").read_text())
+    meta["modality"] = {"CT": "CT"}
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"dataset.json: unexpected content \(ValueError"):
+        prepare(raw, tmp_path / "out", Preprocessing(size=16), progress=False)
+    pictures = write_2d(tmp_path / "2d", "L")
+    frames = [Image.new("L", (32, 32), v) for v in (0, 1)]
+    frames[0].save(pictures / "masks" / "s1.tif", save_all=True, append_images=frames[1:])
+    (pictures / "masks" / "s1.png").unlink()
+    with pytest.raises(DataError, match=r"s1.tif: 2 frames \(a multi-page or animated picture\)"):
+        prepared(pictures, tmp_path / "out2")
+
+
+def test_evaluate_refuses_negative_values_and_duplicate_names(tmp_path):
+    for side, shift in (("ref", 0), ("pred", -1)):
+        (tmp_path / side).mkdir()
+        a = np.zeros((8, 8, 3), np.int16)
+        a[2:5, 2:5, 1] = 1
+        nib.save(nib.Nifti1Image(a + shift, np.eye(4)), tmp_path / side / "c.nii.gz")
+    with pytest.raises(DataError, match=r"negative label value -1"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "ref", {1: "x"})
+    with pytest.raises(DataError, match=r"the name\(s\) \['x'\] are given to several values"):
+        evaluate_folders(tmp_path / "ref", tmp_path / "ref", {1: "x", 2: "x"})
+    with pytest.raises(DataError, match="value 1 given twice"):
+        parse_labels("1:a,1:b")
+    assert parse_labels("0,1,2") == {0: "background", 1: "label 1", 2: "label 2"}
+
+
+def test_background_only_folders_have_no_applicable_class(tmp_path):
+    for side in ("ref", "pred"):
+        (tmp_path / side).mkdir()
+        nib.save(
+            nib.Nifti1Image(np.zeros((8, 8, 3), np.uint8), np.eye(4)), tmp_path / side / "c.nii.gz"
+        )
+    with pytest.warns(UserWarning, match="labels inferred"):
+        result = evaluate_folders(tmp_path / "pred", tmp_path / "ref")
+    assert np.isnan(result["cases"][0]["dice"])  # was: the background scored, Dice 1.0
+    assert result["case_summary"]["dice"]["excluded"] == 1
