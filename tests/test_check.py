@@ -74,3 +74,26 @@ def test_prepare_warns_about_mixed_orientations(tmp_path):
         resave(raw / folder / "case_004.nii.gz", lambda a, aff: flip_axes(a, aff, (0,)))
     with pytest.warns(UserWarning, match=r"mixed orientations: 4 cases RAS, others LAS: case_004"):
         prepare(raw, tmp_path / "out", Preprocessing(size=16), progress=False)
+
+
+def test_every_unreadable_mask_and_unsliceable_image_is_named(tmp_path):
+    """Masks without declared labels are scanned first: every bad one is named at once (was: the
+    first only); an image prepare cannot slice ((X, Y, Z, 1, C)) is refused by check too."""
+    from test_inputs import write_2d
+
+    pictures = write_2d(tmp_path / "2d", "L")
+    for name in ("s1.png", "s3.png"):
+        (pictures / "masks" / name).write_bytes(b"not a picture")
+    with pytest.raises(DataError) as e:
+        prepare(pictures, tmp_path / "out", Preprocessing(size=16), progress=False)
+    assert [line.split(":")[0].strip() for line in str(e.value).splitlines()[1:]] == ["s1", "s3"]
+
+    raw = write_msd(tmp_path / "raw", num_cases=3)
+    image = raw / "imagesTr" / "case_002.nii.gz"
+    img = nib.load(image)
+    data = np.asarray(img.dataobj)[:, :, :, None, None].repeat(2, axis=4)
+    nib.save(nib.Nifti1Image(data, img.affine), image)
+    by_case = {c.case: c for c in check_source(raw, progress=False).cases}
+    assert "expected a 3D image (or 3D + channels), got shape (24, 20, 6, 1, 2)" in (
+        by_case["case_002"].refused
+    )

@@ -18,7 +18,8 @@ from segscale.errors import DataError
 from segscale.imgmed.files import NIFTI_SUFFIXES, PNG_SUFFIXES, has_suffix, is_hidden
 from segscale.imgmed.geometry import dataset_notes, spacing_of
 from segscale.imgmed.prepare import label_table, load_case
-from segscale.imgmed.sources import Source, discover
+from segscale.imgmed.sources import Case, Source, discover
+from segscale.imgmed.transforms import channels_first
 
 
 @dataclass
@@ -65,27 +66,10 @@ def check_source(
     affines = []
     with progress_bar(progress, f"checking {src.name}", len(src.cases)) as advance:
         for case in src.cases:
-            report = CaseReport(case.id)
-            try:
-                image, mask, affine = load_case(case, src.volumes, value_to_class)
-            except DataError as e:
-                report.refused = str(e)
-            else:
-                report.shape = tuple(int(n) for n in image.shape)
-                report.classes = [int(v) for v in np.unique(mask)]
-                if affine is not None:
-                    import nibabel as nib
-
-                    report.spacing = tuple(float(v) for v in spacing_of(affine))
-                    report.axes = "".join(nib.aff2axcodes(affine))
-                    affines.append((case.id, affine))
-                channels = image.shape[-1] if image.ndim > mask.ndim else 1  # channels last
-                report.channels = int(channels)
-                if np.ptp(image.reshape(-1, channels), axis=0).min() == 0:
-                    report.notes.append("constant image: no contrast to learn from")
-                if not (mask > 0).any():
-                    report.notes.append("no foreground in the label")
+            report, affine = _check_case(case, src.volumes, value_to_class)
             reports.append(report)
+            if affine is not None:
+                affines.append((case.id, affine))
             advance()
     counts = [r.channels for r in reports if r.channels is not None]
     if len(set(counts)) > 1:  # a store holds one channel count: prepare refuses the others
@@ -94,6 +78,36 @@ def check_source(
             if r.channels is not None and r.channels != common:
                 r.refused = f"{r.channels} channel(s); most cases have {common}"
     return Check(src, reports, skipped, dataset_notes(affines, axis))
+
+
+def _check_case(
+    case: Case, volumes: bool, value_to_class: dict[int, int]
+) -> tuple[CaseReport, np.ndarray | None]:
+    """One case read as prepare reads it: its report, and its affine when it has one."""
+    report = CaseReport(case.id)
+    try:
+        image, mask, affine = load_case(case, volumes, value_to_class)
+    except DataError as e:  # its message names the file
+        report.refused = str(e)
+        return report, None
+    try:
+        channels = channels_first(image, volumes, None).shape[0]  # the shape prepare slices
+    except DataError as e:
+        report.refused = f"{case.images[0]}: {e}"
+        return report, None
+    report.shape = tuple(int(n) for n in image.shape)
+    report.classes = [int(v) for v in np.unique(mask)]
+    report.channels = int(channels)
+    if affine is not None:
+        import nibabel as nib
+
+        report.spacing = tuple(float(v) for v in spacing_of(affine))
+        report.axes = "".join(nib.aff2axcodes(affine))
+    if np.ptp(image.reshape(-1, channels), axis=0).min() == 0:
+        report.notes.append("constant image: no contrast to learn from")
+    if not (mask > 0).any():
+        report.notes.append("no foreground in the label")
+    return report, affine
 
 
 def _skipped_files(root: Path) -> list[str]:

@@ -315,13 +315,21 @@ def label_table(
         return src.labels, {k: k for k in src.labels}
     if label_map is None:
         values: set[int] = set()
+        refused: dict[str, str] = {}  # every unreadable mask, not only the first
         for case in src.cases:
-            values.update(_mask_values(case, src.kind))
+            try:
+                found = _mask_values(case, src.kind)
+            except DataError as e:
+                refused[case.id] = str(e)
+                continue
+            values.update(found)
             if len(values) > 16:
                 raise DataError(
                     f"{case.label}: more than 16 distinct mask values; anti-aliased edges? "
                     "expected a few label values (or pass --label-map)"
                 )
+        if refused:
+            raise DataError(refusals(refused, [c.id for c in src.cases]))
         label_map = {v: i for i, v in enumerate(sorted(values))}
     classes = sorted(set(label_map.values()))
     if classes != list(range(len(classes))):
