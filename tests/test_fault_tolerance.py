@@ -1,6 +1,7 @@
 """Checkpoint/restart: a killed or preempted run ends with the weights of an uninterrupted one."""
 
 import json
+import re
 import resource
 import signal
 import subprocess
@@ -238,3 +239,61 @@ def test_explain_failure_puts_the_root_cause_first(tmp_path):
         "error: worker 0 failed, after worker 1 (RuntimeError: Connection reset by peer)",
         "error: worker 2 failed, after worker 1 (RuntimeError: Connection closed by peer)",
     ]
+
+
+def test_divergence_guard_unit():
+    from segscale.train import DivergenceGuard
+
+    guard = DivergenceGuard(factor=10, patience=3, smoothing=0.0)
+    assert [guard.update(v) for v in (1.0, 0.5, 0.1, 2.0, 0.1)] == [None] * 5  # one spike
+    assert guard.update(2.0) is None and guard.update(2.0) is None
+    assert "above 10× its lowest 0.1 for 3 steps" in guard.update(2.0)
+    assert DivergenceGuard().update(float("nan")) == "loss nan"
+
+
+@pytest.mark.distributed
+def test_a_nan_loss_stops_both_workers_at_that_step_keeping_the_checkpoints_before(
+    tmp_path, real_store
+):
+    cfg = tiny_config(real_store, epochs=2, steps_per_epoch=5, checkpoint_every=2)
+    cfg["train"]["callbacks"] = [
+        {"name": FAULTS.replace("SignalAt", "NaNAt"), "kwargs": {"step": 3}}
+    ]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    r = train(path, run, "--workers", 2)
+    assert r.returncode == 3, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: training diverged at step 4: loss nan, lr 0.02 (a too high lr is the usual "
+        "cause: lower train.optimizer.lr or lengthen the warmup); the checkpoints before this "
+        "step are kept"
+    ], r.stderr
+    steps = sorted(p.name for p in (run / "checkpoints").glob("step_*.pt"))
+    assert steps == ["step_00000002.pt"]  # step 4's NaN weights were never saved
+    assert not (run / "model.pt").exists()
+
+
+@pytest.mark.distributed
+def test_segscale_stop_stops_both_workers_within_a_step_and_resume_finishes(tmp_path, real_store):
+    cfg = tiny_config(real_store, epochs=2, steps_per_epoch=4)
+    cfg["train"]["callbacks"] = [
+        {"name": FAULTS.replace("SignalAt", "StopAt"), "kwargs": {"step": 2}}
+    ]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    r = train(path, run, "--workers", 2)
+    assert r.returncode == PREEMPTED_EXIT_CODE, r.stderr
+    # rank 0 sees the request rank 1 wrote at the end of step 2, or of the next step at the latest
+    found = re.search(r"stopped by `segscale stop` at step ([23]); checkpoint saved", r.stderr)
+    assert found, r.stderr
+    saved = [p.name for p in (run / "checkpoints").glob("step_*.pt")]
+    assert saved == [f"step_0000000{found.group(1)}.pt"]
+    r = train(path, run, "--workers", 2, "--resume")  # the stopper fired at step 2 only
+    assert r.returncode == 0, r.stderr
+    assert (run / "model.pt").is_file() and not (run / "STOP").exists()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    r = cli("stop", run)
+    assert r.returncode == 2 and "the run has finished" in r.stderr

@@ -97,3 +97,16 @@ def test_a_users_tracker_by_path_and_its_kwargs_checked_before_launch(tmp_path, 
                 {**tiny_config(real_store), "tracker": {"name": "mlflow", "kwargs": {"url": 1}}}
             )
         )
+
+
+def test_a_diverged_run_is_failed_in_mlflow_with_its_reason(tmp_path, real_store):
+    from segscale.errors import Diverged
+
+    nan = {"name": FAULTS.replace("SignalAt", "NaNAt"), "kwargs": {"step": 2}}
+    run_dir = make_run(tmp_path, real_store, "mlflow", epochs=2, callbacks=[nan])
+    with pytest.raises(Diverged, match="training diverged at step 3: loss nan"):
+        worker.train(run_dir, progress=False)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("segscale").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["segscale.failure"].startswith("Diverged: training diverged at step 3")

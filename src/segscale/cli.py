@@ -230,6 +230,28 @@ def train_cmd(
     typer.echo(f"trained: {run_dir}")
 
 
+@app.command("stop")
+def stop_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="The folder of a running training.")],
+    now: Annotated[
+        bool, typer.Option("--now", help="Stop at once, without a new checkpoint.")
+    ] = False,
+) -> None:
+    """Stop a running training from any shell that sees its run folder: at the end of the current
+    step, with a checkpoint (continue with --resume); --now: at once, from the last checkpoint."""
+    from segscale._files import write_atomic
+    from segscale.errors import STOP_FILE
+
+    run_dir = run_dir.resolve()
+    if not (run_dir / "config.yaml").is_file():
+        raise SegscaleError(f"{run_dir}: not a run folder (no config.yaml)")
+    if (run_dir / "model.pt").is_file():
+        raise SegscaleError(f"{run_dir}: the run has finished; there is nothing to stop")
+    write_atomic(run_dir / STOP_FILE, "now\n" if now else "graceful\n")
+    when = "at once" if now else "at the end of its current step, after a checkpoint"
+    typer.echo(f"asked {run_dir.name} to stop {when}; continue it with --resume")
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     run_dir: Annotated[

@@ -311,6 +311,19 @@ class CallbackConfig(Component):
     )
 
 
+class DivergenceConfig(_Strict):
+    """Stop a run whose loss diverges, at the step it does, keeping the checkpoints before it."""
+
+    enabled: bool = True
+    factor: float = Field(
+        10.0, gt=1, description="Diverged when the smoothed loss exceeds this × its minimum..."
+    )
+    patience: int = Field(3, ge=1, description="...for this many consecutive steps (or NaN/inf).")
+    smoothing: float = Field(
+        0.9, ge=0, lt=1, description="Exponential moving average of the loss (0: none)."
+    )
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(gt=0)
     batch_size: int = Field(gt=0, description="Per worker; the global batch is × workers.")
@@ -355,6 +368,7 @@ class TrainConfig(_Strict):
     )
     amp: Literal["none", "bf16", "fp16"] = Field("none", description="Mixed precision (autocast).")
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this.")
+    divergence: DivergenceConfig = DivergenceConfig()
     deterministic: bool = Field(True, description="Seed everything, deterministic kernels.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(

@@ -256,9 +256,10 @@ class Plan:
 
         from segscale.parallel import ghost_batchnorm
         from segscale.repro import seed_everything
-        from segscale.train import Trainer
+        from segscale.train import DivergenceGuard, Trainer
 
         c, t = self.cfg, self.cfg.train
+        d = t.divergence
         seed_everything(c.seed, t.deterministic)
         model = self.model()  # the same seed on every rank; DDP also broadcasts rank 0's weights
         if t.simulate_fused:  # one pass for the K micro-batches; BatchNorm still sees each alone
@@ -294,6 +295,7 @@ class Plan:
             callbacks=[*self.callbacks(), *(callbacks or [])],
             amp=t.amp,
             fuse_microbatches=t.simulate_fused,
+            divergence=DivergenceGuard(d.factor, d.patience, d.smoothing) if d.enabled else None,
             progress=progress,
         )
 

@@ -22,6 +22,15 @@ class DataError(SegscaleError):
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; resume to continue
 
 
+DIVERGED_EXIT_CODE = 3  # the loss diverged: the checkpoints before it are kept
+STOP_FILE = "STOP"  # in a run folder: `segscale stop` asks the run to stop ("graceful" or "now")
+
+
+class Diverged(Exception):
+    """Training stopped by the divergence guard: a NaN/inf loss, or a loss far above its running
+    minimum for several steps. Workers exit with DIVERGED_EXIT_CODE; trackers record FAILED."""
+
+
 class Preempted(Exception):
     """A run stopped on request (SIGTERM/SIGINT) after writing its checkpoint; `--resume` goes on.
     Workers exit with PREEMPTED_EXIT_CODE; trackers record the run as KILLED."""

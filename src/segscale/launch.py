@@ -136,7 +136,9 @@ def run_elastic(args: list[str], failures: Path | None = None, ranks: range | No
     try:
         run(get_args_parser().parse_args(args))
     except ChildFailedError as e:
-        print(explain_failure(e.failures, failures, ranks), file=sys.stderr)
+        message = explain_failure(e.failures, failures, ranks)
+        if message:
+            print(message, file=sys.stderr)
         codes = [f.exitcode for _, f in sorted(e.failures.items())]
         return next((c for c in codes if c > 0), 1)
     except SignalException as e:
@@ -185,7 +187,12 @@ def explain_failure(
             else ""
         )
         lines.append(f"error: worker {root} was killed by signal {name}{why}")
-    elif ranks is not None and (silent := sorted(set(ranks) - set(by_rank) - set(failed))):
+    elif (
+        reports
+        and ranks is not None
+        and (silent := sorted(set(ranks) - set(by_rank) - set(failed)))
+    ):
+        # others failed because of a peer, and this one never said a word: it was killed
         root = silent[0]
         lines.append(
             f"error: worker {root} stopped without reporting an error: killed by a signal (SIGKILL: "
@@ -206,13 +213,18 @@ def explain_failure(
             what = by_rank[rank]["error"].splitlines()[0][:160]
         elif f.exitcode < 0:
             what = f"killed by signal {_signal_name(-f.exitcode)}"
-        elif f.exitcode in (2, 75):  # it printed its own one-line reason
+        elif f.exitcode in SAID_WHY:  # it printed its own one-line reason
             continue
         else:
             what = f"exit code {f.exitcode}: {_first_line(f.message)}"
         follows = f", after worker {root}" if root is not None else ""
         lines.append(f"error: worker {rank} failed{follows} ({what})")
+    if not lines and failed and all(f.exitcode in SAID_WHY for f in failed.values()):
+        return ""  # every worker said why
     return "\n".join(lines) if lines else "error: a worker failed; see the messages above"
+
+
+SAID_WHY = (2, 3, 75)  # exit codes of workers that printed their reason: user error, diverged, stop
 
 
 def _signal_name(number: int) -> str:

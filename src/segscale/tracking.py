@@ -75,6 +75,9 @@ class MLflowTracker:
         status = (
             "FINISHED" if error is None else "KILLED" if isinstance(error, Preempted) else "FAILED"
         )
+        if status == "FAILED":  # the reason beside the status, e.g. the step a loss diverged at
+            reason = f"{type(error).__name__}: {error}"[:5000]  # MLflow's limit on a tag
+            self._queue.put(("tags", {"segscale.failure": reason}))
         self._queue.put(("end", status))
         self._thread.join(timeout)
         if self._thread.is_alive():

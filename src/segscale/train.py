@@ -23,6 +23,7 @@ batches, the same augmentations, bit-identical weights on CPU.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import threading
 import time
@@ -37,7 +38,7 @@ from segscale._files import write_atomic
 from segscale._progress import progress_bar
 from segscale.checkpoint import atomic_save, load_latest, write_checkpoint
 from segscale.data import TrainLoader
-from segscale.errors import Preempted, SegscaleError
+from segscale.errors import STOP_FILE, Diverged, Preempted, SegscaleError
 from segscale.parallel import Strategy, unwrap
 from segscale.repro import derive_seed
 
@@ -68,6 +69,7 @@ class Trainer:
         keep_checkpoints: int = 3,
         amp: str = "none",
         fuse_microbatches: bool = False,
+        divergence: DivergenceGuard | None = None,
         progress: bool = True,
     ) -> None:
         self.model, self.optimizer, self.schedule, self.loss_fn = (
@@ -92,6 +94,7 @@ class Trainer:
         )
         self.checkpoint_every, self.keep_checkpoints = checkpoint_every, keep_checkpoints
         self.fuse_microbatches = fuse_microbatches
+        self.divergence = divergence
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         # fp16 needs loss scaling against underflow; bf16 has fp32's range and does not
         self.scaler = torch.amp.GradScaler(strategy.device.type, enabled=amp == "fp16")
@@ -108,6 +111,9 @@ class Trainer:
     def fit(self, resume: bool = False) -> list[dict[str, Any]]:
         if resume:
             self.resume()
+        if self.strategy.rank == 0:  # a stop asked of an earlier attempt is done
+            (self.run_dir / STOP_FILE).unlink(missing_ok=True)
+        self.strategy.barrier()
         self._call("on_train_start")
         with self._stop:
             for epoch in range(self.epoch, self.epochs):
@@ -164,12 +170,29 @@ class Trainer:
                 self.elapsed = time.perf_counter() - t0
                 advance()
                 self._call("on_step_end", self.step)
+                # before any checkpoint of this step: a diverged step's weights are never saved
+                reason = self.divergence.update(float(loss)) if self.divergence else None
+                if self.strategy.rank == 0:
+                    self._stop.check(self.run_dir)
+                stop, abort, diverged = self._stop.agreed(self.strategy, reason is not None)
+                if diverged:
+                    raise Diverged(
+                        f"training diverged at step {self.step}: "
+                        f"{reason or 'on another worker'}, lr {self.schedule(self.step - 1):.3g} "
+                        "(a too high lr is the usual cause: lower train.optimizer.lr or lengthen "
+                        "the warmup); the checkpoints before this step are kept"
+                    )
+                if abort:
+                    raise Preempted(
+                        f"{self._stop.why} at step {self.step}, at once; the last checkpoint is "
+                        "kept, continue with --resume"
+                    )
                 if self.checkpoint_every and self.step % self.checkpoint_every == 0:
                     self.save_checkpoint()
-                if self._stop.agreed(self.strategy):
+                if stop:
                     self.save_checkpoint()
                     raise Preempted(
-                        f"stopped by a signal at step {self.step}; checkpoint saved, continue with --resume"
+                        f"{self._stop.why} at step {self.step}; checkpoint saved, continue with --resume"
                     )
         totals = self.strategy.all_reduce_sum(self.totals.clone()).cpu()
         seconds = time.perf_counter() - t0
@@ -295,12 +318,43 @@ class Trainer:
                 fn(self, *args)
 
 
+class DivergenceGuard:
+    """Says when a loss has diverged: NaN or inf, or its exponential moving average (`smoothing`)
+    above `factor` × the lowest it has been for `patience` consecutive steps. The average keeps
+    one hard batch from counting as a divergence. Host-side: one float per step."""
+
+    def __init__(self, factor: float = 10.0, patience: int = 3, smoothing: float = 0.9) -> None:
+        self.factor, self.patience, self.smoothing = factor, patience, smoothing
+        self.average: float | None = None
+        self.lowest = math.inf
+        self.above = 0
+
+    def update(self, loss: float) -> str | None:
+        """The reason, once the loss of this step makes it diverged; else None."""
+        if not math.isfinite(loss):
+            return f"loss {loss}"
+        s = self.smoothing
+        self.average = loss if self.average is None else s * self.average + (1 - s) * loss
+        self.lowest = min(self.lowest, self.average)
+        self.above = self.above + 1 if self.average > self.factor * self.lowest else 0
+        if self.above >= self.patience:
+            return (
+                f"smoothed loss {self.average:.4g} above {self.factor:g}× its lowest "
+                f"{self.lowest:.4g} for {self.patience} steps"
+            )
+        return None
+
+
 class _StopRequest:
-    """SIGTERM/SIGINT → finish the step, checkpoint, exit; a second signal aborts at once.
-    All ranks agree (one all-reduce per step), so they stop at the same step."""
+    """SIGTERM/SIGINT, or `segscale stop` (a STOP file in the run folder, seen by rank 0) →
+    finish the step, checkpoint, exit; a second signal, or `stop --now`, aborts at once. All
+    ranks agree on stopping and on a divergence (one small all-reduce per step), so they stop
+    at the same step."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.abort = False
+        self.why = "stopped by a signal"
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopRequest:
@@ -319,11 +373,24 @@ class _StopRequest:
             signal.raise_signal(signum)
         self.requested = True
 
-    def agreed(self, strategy: Strategy) -> bool:
-        if strategy.world_size == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=strategy.device)
-        return bool(strategy.all_reduce_sum(flag).item() > 0)
+    def check(self, run_dir: Path) -> None:
+        """A stop asked through the run folder (`segscale stop`): a file stat per step."""
+        path = run_dir / STOP_FILE
+        if not self.requested and path.exists():
+            self.requested, self.why = True, "stopped by `segscale stop`"
+            self.abort = path.read_text().strip() == "now"
+
+    def agreed(self, strategy: Strategy, diverged: bool = False) -> tuple[bool, bool, bool]:
+        """(stop, abort, diverged), each true on every rank when it is on any."""
+        flags = [self.requested, self.abort, diverged]
+        if strategy.world_size > 1:
+            summed = strategy.all_reduce_sum(
+                torch.tensor(flags, dtype=torch.float32, device=strategy.device)
+            )
+            flags = [bool(v > 0) for v in summed.tolist()]
+        if flags[0] and not self.requested:  # another rank saw the request: say why here too
+            self.why = "stopped on request"
+        return flags[0], flags[1], flags[2]
 
 
 def _summary(record: dict[str, Any], epochs: int, metric: str = "dice") -> str:

@@ -29,7 +29,13 @@ from typing import Any
 from segscale._files import write_atomic
 from segscale.config import load_config
 from segscale.engine import plan, prepare_run_dir
-from segscale.errors import PREEMPTED_EXIT_CODE, Preempted, SegscaleError
+from segscale.errors import (
+    DIVERGED_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+    Diverged,
+    Preempted,
+    SegscaleError,
+)
 
 
 def train(
@@ -146,7 +152,8 @@ def report_failure(error: BaseException, folder: Path | None) -> None:
     """Write this worker's error to folder/attempt<A>-rank<R>.json at once, before its cleanup
     closes the process group: the other workers then fail in turn, and the launcher may stop
     this one before its own traceback is printed. A requested stop is no failure."""
-    if folder is None or isinstance(error, Preempted | KeyboardInterrupt | SystemExit):
+    stops = Preempted | Diverged | KeyboardInterrupt | SystemExit  # each says why itself
+    if folder is None or isinstance(error, stops):
         return
     rank = int(os.environ.get("RANK", 0))
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
@@ -171,12 +178,17 @@ def restarted() -> bool:
 
 
 def exit_code(fn: Callable[..., object], *args: object, **kwargs: object) -> int:
-    """Run a worker's job; user errors print one line (exit 2), a preemption exits 75."""
+    """Run a worker's job; user errors print one line (exit 2), a divergence exits 3, a
+    preemption or a requested stop 75."""
     try:
         fn(*args, **kwargs)
     except SegscaleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Diverged as e:
+        if os.environ.get("RANK", "0") == "0":  # every rank stops at the same step: say it once
+            print(f"error: {e}", file=sys.stderr)
+        return DIVERGED_EXIT_CODE
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE

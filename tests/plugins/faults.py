@@ -48,3 +48,29 @@ class RaiseAt:
             if self.kill:
                 os.kill(os.getpid(), signal.SIGKILL)
             raise ZeroDivisionError(f"rank {self.rank} divides by zero at step {step}")
+
+
+class NaNAt:
+    """At the end of `step`, turn every weight into NaN: the next step's loss is NaN."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer, step: int) -> None:
+        if step == self.step:
+            import torch
+
+            with torch.no_grad():
+                for p in trainer.model.parameters():
+                    p.fill_(float("nan"))
+
+
+class StopAt:
+    """At the end of `step`, on `rank`, ask the run to stop as `segscale stop` does."""
+
+    def __init__(self, step: int, rank: int = 1, now: bool = False) -> None:
+        self.step, self.rank, self.now = step, rank, now
+
+    def on_step_end(self, trainer, step: int) -> None:
+        if step == self.step and trainer.strategy.rank == self.rank:
+            (Path(trainer.run_dir) / "STOP").write_text("now" if self.now else "graceful")
