@@ -256,3 +256,19 @@ def test_prepare_a_dataset_of_dicom_series_with_nifti_masks(tmp_path):
     (root / "masks" / "patient1.nii.gz").unlink()
     with pytest.raises(DataError, match=r"patient1: DICOM series without a mask"):
         prepare(root, tmp_path / "store3", Preprocessing(size=16), progress=False)
+
+
+def test_written_files_get_the_permissions_of_a_plain_write(tmp_path):
+    """Atomic writes go through mkstemp, which makes files 0600; outputs are for others too."""
+    import os
+
+    from segscale._files import write_atomic
+
+    mask = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "a.json", "{}")
+        saved = save(np.zeros((4, 4), np.uint8), tmp_path / "m.png")
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+        assert saved.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)

@@ -19,6 +19,26 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    """The process's umask: from /proc on Linux (read-only), else set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish(tmp: str | Path, path: Path) -> None:
+    """Rename a finished temp file into place with the permissions a plain open() would give
+    (mkstemp creates it 0600, readable by its owner alone)."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+
+
 def write_atomic(path: Path, content: str | bytes | Callable[[BinaryIO], object]) -> None:
     """Write `path` through a temp file beside it, fsync and rename: readers never see half of
     it, a crash leaves the old file or the new one, and concurrent writers of the same content
@@ -38,7 +58,7 @@ def write_atomic(path: Path, content: str | bytes | Callable[[BinaryIO], object]
                 content(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from segscale._files import publish
 from segscale.errors import DataError
 from segscale.imgmed.files import DICOM_SUFFIXES, NIFTI_SUFFIXES, PNG_SUFFIXES
 
@@ -155,7 +156,7 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, like: An
     os.close(fd)
     try:
         nib.save(img, tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -238,7 +239,7 @@ def save_png(array: np.ndarray, path: str | Path) -> None:
     try:
         fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
         Image.fromarray(array).save(tmp, format=fmt.get(path.suffix.lower(), "PNG"))
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -384,7 +385,7 @@ def _save_numpy(array: np.ndarray, affine: np.ndarray | None, path: Path, compre
                 np.savez_compressed(f, array=array, **extra)
             else:
                 np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
