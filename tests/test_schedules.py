@@ -84,3 +84,14 @@ def test_grescale_options_are_refused_where_they_cannot_take_effect():
         ScheduleConfig(rule="grescale", decay="cosine")
     with pytest.raises(SegscaleError, match=r"warmup \(30 epochs\) runs into its decay phase"):
         build_schedule(ScheduleConfig(rule="grescale", warmup_epochs=30), 0.01, 8, 1, 10, 40)
+
+
+def test_grescale_phases_that_overlap_are_refused_before_launch(real_store):
+    from conftest import tiny_config
+    from segscale.config import validate
+    from segscale.engine import plan
+    from segscale.errors import SegscaleError
+
+    cfg = tiny_config(real_store, epochs=4, schedule={"rule": "grescale"})  # 5 warmup epochs
+    with pytest.raises(SegscaleError, match="runs into its decay phase"):
+        plan(validate(cfg)).check(1)

@@ -91,6 +91,7 @@ class Plan:
                 f"{torch.cuda.device_count()} GPU(s); use at most that many workers, or "
                 "train.device=cpu"
             )
+        self.schedule(workers * (t.simulate_workers or 1))  # e.g. GreScale phases that overlap
         self._check_model()
 
     def _check_model(self) -> None:
