@@ -132,3 +132,15 @@ def tiny_config(store: Path, **train) -> dict:
     }
     cfg["train"].update(train)
     return cfg
+
+
+def trained_run(store: Path, run_dir: Path, **train) -> Path:
+    """A run of the tiny config trained in this process (one epoch of one step by default)."""
+    from segscale import worker
+    from segscale.config import validate
+    from segscale.engine import prepare_run_dir
+
+    settings = {"epochs": 1, "steps_per_epoch": 1, **train}
+    prepare_run_dir(validate(tiny_config(store, **settings)), run_dir, resume=False)
+    worker.train(run_dir, progress=False)
+    return run_dir

@@ -16,7 +16,7 @@ from conftest import ROOT, cli, tiny_config
 from segscale import worker
 from segscale.config import validate
 from segscale.engine import prepare_run_dir
-from segscale.errors import PREEMPTED_EXIT_CODE, SegscaleError
+from segscale.errors import PREEMPTED_EXIT_CODE
 
 FAULTS = f"{ROOT / 'tests' / 'plugins' / 'faults.py'}:SignalAt"
 
@@ -29,6 +29,15 @@ def config(tmp_path: Path, store: Path, name: str, **callback) -> Path:
         {"name": FAULTS, "kwargs": {"marker": str(tmp_path / f"{name}.fired"), **callback}}
     ]
     path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def plugin_config(tmp_path: Path, store: Path, plugin: str, kwargs: dict, **train) -> Path:
+    """The tiny config with one fault plug-in of tests/plugins/faults.py as its callback."""
+    cfg = tiny_config(store, **train)
+    cfg["train"]["callbacks"] = [{"name": FAULTS.replace("SignalAt", plugin), "kwargs": kwargs}]
+    path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -111,53 +120,7 @@ def in_process_run(tmp_path: Path, store: Path, name: str, **train_kw) -> Path:
 
 
 def test_single_process_sigterm_exits_with_the_preemption_code(tmp_path, real_store):
-    cfg = tiny_config(real_store, epochs=2, steps_per_epoch=4)
-    cfg["train"]["callbacks"] = [
-        {"name": FAULTS, "kwargs": {"step": 3, "sig": "SIGTERM", "marker": str(tmp_path / "m")}}
-    ]
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    r = train(path, tmp_path / "run")
-    assert r.returncode == PREEMPTED_EXIT_CODE, r.stderr[-2000:]
-    assert "stopped by a signal at step 3" in r.stderr
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*.pt")) == [
-        "step_00000003.pt"
-    ]
-
-
-def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, real_store):
-    full = in_process_run(tmp_path, real_store, "full")
-    cut = in_process_run(tmp_path, real_store, "cut")
-    latest = cut / "checkpoints" / "step_00000008.pt"
-    latest.write_bytes(latest.read_bytes()[:1000])  # torn, as by a crash mid-copy
-    (cut / "checkpoints" / "step_00000006.pt.sha256").unlink()  # and one whose write never finished
-    (cut / "model.pt").unlink()
-    with (
-        pytest.warns(UserWarning, match=r"skipping .*step_00000008.pt: checksum mismatch"),
-        pytest.warns(UserWarning, match=r"skipping .*step_00000006.pt: no checksum file"),
-    ):
-        worker.train(cut, resume=True, progress=False)
-    assert same_weights(full, cut)  # resumed from step 4 and still exact
-
-
-def test_checkpoint_of_another_model_is_refused(tmp_path, real_store):
-    other = in_process_run(tmp_path, real_store, "other")
-    cfg = validate(tiny_config(real_store, epochs=2, steps_per_epoch=4, checkpoint_every=2))
-    cfg.model.kwargs["base_channels"] = 8
-    run = tmp_path / "mine"
-    prepare_run_dir(cfg, run, resume=False)
-    (run / "checkpoints").symlink_to(other / "checkpoints")
-    with pytest.raises(SegscaleError, match="written by a different configuration or model"):
-        worker.train(run, resume=True, progress=False)
-
-
-def test_a_failed_checkpoint_write_is_a_clear_error_and_leaves_no_partial_file(
-    tmp_path, real_store
-):
-    """A file-size limit makes the OS refuse the write (EFBIG), as a full disk would (ENOSPC)."""
-    cfg = tiny_config(real_store, epochs=1, steps_per_epoch=2)
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = plugin_config(tmp_path, real_store, "StopAt", {"step": 2}, epochs=2, steps_per_epoch=4)
     run = tmp_path / "run"
 
     def limit() -> None:
@@ -195,12 +158,8 @@ def test_fused_simulation_resumes_mid_epoch_exactly(tmp_path, real_store):
 def test_the_first_failure_is_the_runs_error(tmp_path, real_store, kill):
     """Rank 1 fails at step 3; rank 0 then fails on its closed connection. The run's error is
     rank 1's (was: only rank 0's secondary gloo error, "worker 0 failed ...")."""
-    cfg = tiny_config(real_store, epochs=1, steps_per_epoch=5)
-    cfg["train"]["callbacks"] = [
-        {"name": FAULTS.replace("SignalAt", "RaiseAt"), "kwargs": {"step": 3, "kill": kill}}
-    ]
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    kwargs = {"step": 3, "kill": kill}
+    path = plugin_config(tmp_path, real_store, "RaiseAt", kwargs, epochs=1, steps_per_epoch=5)
     r = train(path, tmp_path / "run", "--workers", 2)
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
@@ -255,12 +214,9 @@ def test_divergence_guard_unit():
 def test_a_nan_loss_stops_both_workers_at_that_step_keeping_the_checkpoints_before(
     tmp_path, real_store
 ):
-    cfg = tiny_config(real_store, epochs=2, steps_per_epoch=5, checkpoint_every=2)
-    cfg["train"]["callbacks"] = [
-        {"name": FAULTS.replace("SignalAt", "NaNAt"), "kwargs": {"step": 3}}
-    ]
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = plugin_config(
+        tmp_path, real_store, "NaNAt", {"step": 3}, epochs=2, steps_per_epoch=5, checkpoint_every=2
+    )
     run = tmp_path / "run"
     r = train(path, run, "--workers", 2)
     assert r.returncode == 3, r.stderr

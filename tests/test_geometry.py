@@ -7,10 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import tiny_config, write_msd
-from segscale import worker
-from segscale.config import validate
-from segscale.engine import prepare_run_dir
+from conftest import trained_run, write_msd
 from segscale.errors import DataError
 from segscale.evaluation import evaluate_folders
 from segscale.imgmed import Preprocessing, Store, prepare
@@ -150,8 +147,7 @@ def test_predict_writes_the_inputs_header_geometry_and_shape(tmp_path):
     raw = write_msd(tmp_path / "raw")
     store, _ = prepare(raw, tmp_path / "store", Preprocessing(size=16), progress=False)
     run_dir = tmp_path / "run"
-    prepare_run_dir(validate(tiny_config(store, epochs=1, steps_per_epoch=1)), run_dir, False)
-    worker.train(run_dir, progress=False)
+    trained_run(store, run_dir)
 
     image = nib.load(raw / "imagesTr" / "case_000.nii.gz")
     data = np.asarray(image.dataobj, np.float32)[..., None]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import cli, tiny_config, write_msd
+from conftest import cli, tiny_config, trained_run, write_msd
 from segscale import worker
 from segscale.config import validate
 from segscale.engine import prepare_run_dir
@@ -215,8 +215,7 @@ def test_predict_takes_a_gzipped_nifti_named_nii(tmp_path):
     raw = write_msd(tmp_path / "raw")
     store, _ = prepare(raw, tmp_path / "store", Preprocessing(size=16), progress=False)
     run_dir = tmp_path / "run"
-    prepare_run_dir(validate(tiny_config(store, epochs=1, steps_per_epoch=1)), run_dir, False)
-    worker.train(run_dir, progress=False)
+    trained_run(store, run_dir)
     scans = tmp_path / "scans"
     scans.mkdir()
     shutil.copy(raw / "imagesTr" / "case_000.nii.gz", scans / "scan.nii")

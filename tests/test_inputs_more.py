@@ -10,10 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_config, write_msd
-from segscale import worker
-from segscale.config import validate
-from segscale.engine import prepare_run_dir
+from conftest import trained_run, write_msd
 from segscale.errors import DataError
 from segscale.evaluation import evaluate_folders, parse_labels
 from segscale.imgmed import Preprocessing, prepare
@@ -79,8 +76,7 @@ def test_suffixes_in_mixed_case_are_read_and_written_by_content(tmp_path):
     assert data.shape == (24, 20, 6)
     store, _ = prepare(raw, tmp_path / "store", Preprocessing(size=16), progress=False)
     run = tmp_path / "run"
-    prepare_run_dir(validate(tiny_config(store, epochs=1, steps_per_epoch=1)), run, False)
-    worker.train(run, progress=False)
+    trained_run(store, run)
     scans = tmp_path / "scans"
     scans.mkdir()
     shutil.copy(src, scans / "SCAN.NII.GZ")

@@ -102,6 +102,18 @@ def onto_grid(
     )
 
 
+def split_majority(groups: dict, item: str) -> tuple[object, str]:
+    """The key most cases share, and the other groups as text: `item` formatted with {key} and
+    {ids} (the first five case ids) per group, joined by '; '."""
+    common = max(groups, key=lambda k: len(groups[k]))
+    others = "; ".join(
+        item.format(key=key, ids=", ".join(ids[:5]) + (" ..." if len(ids) > 5 else ""))
+        for key, ids in groups.items()
+        if key != common
+    )
+    return common, others
+
+
 def dataset_notes(cases: list[tuple[str, list | np.ndarray | None]], axis: int) -> list[str]:
     """What is worth a warning across a dataset's volumes, from each case's (id, affine): mixed
     orientations (slicing along array `axis` then cuts different anatomical planes) and voxel
@@ -117,12 +129,7 @@ def dataset_notes(cases: list[tuple[str, list | np.ndarray | None]], axis: int) 
     for cid, affine in volumes:
         axes.setdefault("".join(nib.aff2axcodes(affine)), []).append(cid)
     if len(axes) > 1:
-        common = max(axes, key=lambda k: len(axes[k]))
-        others = "; ".join(
-            f"{code}: {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}"
-            for code, ids in axes.items()
-            if code != common
-        )
+        common, others = split_majority(axes, "{key}: {ids}")
         notes.append(
             f"mixed orientations: {len(axes[common])} cases {common}, others {others}; slices "
             f"along array axis {axis} then cut other anatomical planes in those "

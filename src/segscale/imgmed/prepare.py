@@ -15,7 +15,7 @@ from segscale._files import file_sha256, write_atomic
 from segscale._progress import progress_bar
 from segscale.errors import DataError
 from segscale.imgmed.files import list_files
-from segscale.imgmed.geometry import dataset_notes, onto_grid
+from segscale.imgmed.geometry import dataset_notes, onto_grid, split_majority
 from segscale.imgmed.io import load_image2d, load_mask2d, load_nifti
 from segscale.imgmed.sources import Case, Source, discover
 from segscale.imgmed.store import FORMAT, StoreWriter, is_current
@@ -282,12 +282,7 @@ def _common_channels(chunks: dict[str, Path]) -> int:
         n = info.get("channels") or len(_read_chunk(chunk, "images")[0])  # older chunks: read
         counts.setdefault(int(n), []).append(cid)
     if len(counts) > 1:
-        common = max(counts, key=lambda k: len(counts[k]))
-        odd = "; ".join(
-            f"{n} in {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}"
-            for n, ids in counts.items()
-            if n != common
-        )
+        common, odd = split_majority(counts, "{key} in {ids}")
         raise DataError(
             f"cases differ in their number of channels: {common} in {len(counts[common])} "
             f"cases, {odd}; give every case the same channels (or pick them with --channels)"
