@@ -16,7 +16,7 @@ from conftest import ROOT, cli, tiny_config
 from segscale import worker
 from segscale.config import validate
 from segscale.engine import prepare_run_dir
-from segscale.errors import PREEMPTED_EXIT_CODE
+from segscale.errors import PREEMPTED_EXIT_CODE, SegscaleError
 
 FAULTS = f"{ROOT / 'tests' / 'plugins' / 'faults.py'}:SignalAt"
 
@@ -29,15 +29,6 @@ def config(tmp_path: Path, store: Path, name: str, **callback) -> Path:
         {"name": FAULTS, "kwargs": {"marker": str(tmp_path / f"{name}.fired"), **callback}}
     ]
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def plugin_config(tmp_path: Path, store: Path, plugin: str, kwargs: dict, **train) -> Path:
-    """The tiny config with one fault plug-in of tests/plugins/faults.py as its callback."""
-    cfg = tiny_config(store, **train)
-    cfg["train"]["callbacks"] = [{"name": FAULTS.replace("SignalAt", plugin), "kwargs": kwargs}]
-    path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -120,7 +111,53 @@ def in_process_run(tmp_path: Path, store: Path, name: str, **train_kw) -> Path:
 
 
 def test_single_process_sigterm_exits_with_the_preemption_code(tmp_path, real_store):
-    path = plugin_config(tmp_path, real_store, "StopAt", {"step": 2}, epochs=2, steps_per_epoch=4)
+    cfg = tiny_config(real_store, epochs=2, steps_per_epoch=4)
+    cfg["train"]["callbacks"] = [
+        {"name": FAULTS, "kwargs": {"step": 3, "sig": "SIGTERM", "marker": str(tmp_path / "m")}}
+    ]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = train(path, tmp_path / "run")
+    assert r.returncode == PREEMPTED_EXIT_CODE, r.stderr[-2000:]
+    assert "stopped by a signal at step 3" in r.stderr
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*.pt")) == [
+        "step_00000003.pt"
+    ]
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, real_store):
+    full = in_process_run(tmp_path, real_store, "full")
+    cut = in_process_run(tmp_path, real_store, "cut")
+    latest = cut / "checkpoints" / "step_00000008.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # torn, as by a crash mid-copy
+    (cut / "checkpoints" / "step_00000006.pt.sha256").unlink()  # and one whose write never finished
+    (cut / "model.pt").unlink()
+    with (
+        pytest.warns(UserWarning, match=r"skipping .*step_00000008.pt: checksum mismatch"),
+        pytest.warns(UserWarning, match=r"skipping .*step_00000006.pt: no checksum file"),
+    ):
+        worker.train(cut, resume=True, progress=False)
+    assert same_weights(full, cut)  # resumed from step 4 and still exact
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path, real_store):
+    other = in_process_run(tmp_path, real_store, "other")
+    cfg = validate(tiny_config(real_store, epochs=2, steps_per_epoch=4, checkpoint_every=2))
+    cfg.model.kwargs["base_channels"] = 8
+    run = tmp_path / "mine"
+    prepare_run_dir(cfg, run, resume=False)
+    (run / "checkpoints").symlink_to(other / "checkpoints")
+    with pytest.raises(SegscaleError, match="written by a different configuration or model"):
+        worker.train(run, resume=True, progress=False)
+
+
+def test_a_failed_checkpoint_write_is_a_clear_error_and_leaves_no_partial_file(
+    tmp_path, real_store
+):
+    """A file-size limit makes the OS refuse the write (EFBIG), as a full disk would (ENOSPC)."""
+    cfg = tiny_config(real_store, epochs=1, steps_per_epoch=2)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
 
     def limit() -> None:
@@ -151,6 +188,15 @@ def test_fused_simulation_resumes_mid_epoch_exactly(tmp_path, real_store):
     assert step6.stat().st_mtime_ns == written  # resumed after it, not retrained from the start
     assert (cut / "checkpoints" / "step_00000008.pt").exists()
     assert same_weights(full, cut)
+
+
+def plugin_config(tmp_path: Path, store: Path, plugin: str, kwargs: dict, **train) -> Path:
+    """The tiny config with one fault plug-in of tests/plugins/faults.py as its callback."""
+    cfg = tiny_config(store, **train)
+    cfg["train"]["callbacks"] = [{"name": FAULTS.replace("SignalAt", plugin), "kwargs": kwargs}]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
 
 
 @pytest.mark.distributed
@@ -233,12 +279,7 @@ def test_a_nan_loss_stops_both_workers_at_that_step_keeping_the_checkpoints_befo
 
 @pytest.mark.distributed
 def test_segscale_stop_stops_both_workers_within_a_step_and_resume_finishes(tmp_path, real_store):
-    cfg = tiny_config(real_store, epochs=2, steps_per_epoch=4)
-    cfg["train"]["callbacks"] = [
-        {"name": FAULTS.replace("SignalAt", "StopAt"), "kwargs": {"step": 2}}
-    ]
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = plugin_config(tmp_path, real_store, "StopAt", {"step": 2}, epochs=2, steps_per_epoch=4)
     run = tmp_path / "run"
     r = train(path, run, "--workers", 2)
     assert r.returncode == PREEMPTED_EXIT_CODE, r.stderr
