@@ -18,9 +18,9 @@ import torch
 from scipy.ndimage import binary_dilation
 
 from segscale.evaluation import evaluate_case
+from segscale.imgmed.geometry import spacing_from_affine
 from segscale.imgmed.io import load_nifti
 from segscale.models import create_model
-from segscale.segeval import spacing_from_affine
 
 
 def median_time(fn, repeats: int) -> float:

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from segscale.errors import SegscaleError
+from segscale.errors import USER_ERROR_EXIT_CODE, SegscaleError
 
 app = typer.Typer(
     add_completion=False,
@@ -302,9 +302,7 @@ def evaluate_cmd(
             raise SegscaleError("--split applies to a run folder's store, not to --pred/--ref")
         declared = parse_labels(labels) if labels else None
 
-        out = (json_out or Path("evaluation.json")).resolve()
-        if out.is_dir():
-            raise SegscaleError(f"--json {out}: a folder; give the results file's name")
+        out = _results_file(json_out or Path("evaluation.json"))
         evaluation = evaluate_folders(pred, ref, declared)
         write_evaluation(evaluation, out)
     else:
@@ -317,16 +315,14 @@ def evaluate_cmd(
         run_dir = run_dir.resolve()
         if not (run_dir / "config.yaml").is_file():
             raise SegscaleError(f"{run_dir}: not a run folder (no config.yaml)")
-        if not (run_dir / "model.pt").is_file():
-            raise SegscaleError(f"{run_dir}: no model.pt; train the run to the end first")
+        from segscale.engine import trained_weights
         from segscale.imgmed import Store
 
+        trained_weights(run_dir)  # a finished run, before any worker starts
         cfg = _load(run_dir / "config.yaml", None)
         split = split or cfg.data.test_split
         Store.open(cfg.data.store).rows(split)  # a split with no cases: one line, nothing written
-        out = (json_out or run_dir / f"evaluation-{split}.json").resolve()
-        if out.is_dir():
-            raise SegscaleError(f"--json {out}: a folder; give the results file's name")
+        out = _results_file(json_out or run_dir / f"evaluation-{split}.json")
         code = launch(["evaluate", str(run_dir), "--split", split, "--out", str(out)], workers)
         if code != 0:
             raise typer.Exit(code)
@@ -342,6 +338,14 @@ def evaluate_cmd(
     plot_case_dice(evaluation, out.with_suffix(".png"))
     print_metrics(evaluation)
     typer.echo(f"wrote {out}, {out.with_suffix('.csv').name}, {out.with_suffix('.png').name}")
+
+
+def _results_file(path: Path) -> Path:
+    """The evaluation's JSON path, resolved; a folder is refused before anything runs."""
+    path = path.resolve()
+    if path.is_dir():
+        raise SegscaleError(f"--json {path}: a folder; give the results file's name")
+    return path
 
 
 def _plot_overlays(run_dir: Path, evaluation: dict, out: Path) -> None:
@@ -657,7 +661,7 @@ def main() -> None:
         app()
     except SegscaleError as e:
         typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(USER_ERROR_EXIT_CODE)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

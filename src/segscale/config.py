@@ -121,6 +121,9 @@ class LossConfig(Component):
     )
 
 
+NO_MOMENTUM = ("adam", "adamw")  # built-in optimisers that read neither momentum nor nesterov
+
+
 class OptimizerConfig(Component):
     name: str = Field(
         "sgd",
@@ -136,7 +139,7 @@ class OptimizerConfig(Component):
     @model_validator(mode="after")
     def _momentum_is_read(self) -> OptimizerConfig:
         given = [k for k in ("momentum", "nesterov") if k in self.model_fields_set]
-        if given and self.name in ("adam", "adamw"):
+        if given and self.name in NO_MOMENTUM:
             raise ValueError(
                 f"{self.name} has no {' or '.join(given)}; its moments are "
                 "kwargs.betas (default [0.9, 0.999])"
@@ -147,7 +150,7 @@ class OptimizerConfig(Component):
     def _without_unread(self, handler: Any) -> Any:
         # adam and adamw read no momentum: not written either, so a saved config loads again
         data = handler(self)
-        if self.name in ("adam", "adamw") and isinstance(data, dict):
+        if self.name in NO_MOMENTUM and isinstance(data, dict):
             data.pop("momentum", None)
             data.pop("nesterov", None)
         return data

@@ -129,6 +129,15 @@ class Plan:
 
     # ---- the parts of a run
 
+    def trained_model(self, run_dir: Path, device: torch.device | str = "cpu") -> torch.nn.Module:
+        """This run's architecture with the weights run_dir/model.pt holds, in eval mode."""
+        import torch
+
+        model = self.model()
+        weights = torch.load(trained_weights(run_dir), map_location="cpu", weights_only=True)
+        model.load_state_dict(weights)
+        return model.to(device).eval()
+
     def model(self) -> torch.nn.Module:
         """The architecture, freshly initialised from torch's global RNG: (N, in_channels, S, S)
         → the task's output, e.g. (N, num_classes, S, S) logits."""
@@ -480,17 +489,18 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
     save_config(cfg, run_dir / "config.yaml")  # atomic: every node of a multi-node run writes it
 
 
+def trained_weights(run_dir: Path) -> Path:
+    """run_dir/model.pt; raises SegscaleError when the run has not finished."""
+    weights = run_dir / "model.pt"
+    if not weights.is_file():
+        raise SegscaleError(f"{run_dir}: no model.pt; train the run to the end first")
+    return weights
+
+
 def load_trained_model(
     run_dir: Path, device: torch.device | str = "cpu"
 ) -> tuple[torch.nn.Module, Plan]:
     """A finished run's model (run_dir/model.pt) in eval mode on `device`, with its Plan.
     Raises SegscaleError when the run has no model.pt."""
-    import torch
-
     p = plan(load_config(run_dir / "config.yaml"))
-    weights = run_dir / "model.pt"
-    if not weights.is_file():
-        raise SegscaleError(f"{run_dir}: no model.pt; train the run to the end first")
-    model = p.model()
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return model.to(device).eval(), p
+    return p.trained_model(run_dir, device), p

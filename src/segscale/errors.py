@@ -22,6 +22,7 @@ class DataError(SegscaleError):
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; resume to continue
 
 
+USER_ERROR_EXIT_CODE = 2  # bad input: the one line printed says what and where
 DIVERGED_EXIT_CODE = 3  # the loss diverged: the checkpoints before it are kept
 STOP_FILE = "STOP"  # in a run folder: `segscale stop` asks the run to stop ("graceful" or "now")
 

@@ -30,7 +30,7 @@ from torch import nn
 from segscale._files import write_atomic
 from segscale.errors import DataError
 from segscale.imgmed.files import is_nifti_name, list_images, strip_suffix
-from segscale.imgmed.geometry import onto_grid
+from segscale.imgmed.geometry import onto_grid, spacing_from_affine
 from segscale.imgmed.io import load_mask2d, load_nifti
 from segscale.imgmed.sources import declared_labels
 from segscale.imgmed.store import Store
@@ -44,7 +44,6 @@ from segscale.segeval import (
     mean_defined,
     metrics_from_confusion,
     per_class_dice,
-    spacing_from_affine,
 )
 
 CASE_METRICS = ("dice", "iou", "precision", "sensitivity", "specificity", "f1", *DISTANCE_METRICS)

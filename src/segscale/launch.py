@@ -22,7 +22,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from segscale.errors import SegscaleError
+from segscale.errors import (
+    DIVERGED_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+    USER_ERROR_EXIT_CODE,
+    SegscaleError,
+)
 
 
 def check_nodes(nodes: int, node_rank: int, rdzv_endpoint: str | None) -> None:
@@ -119,8 +124,8 @@ def launch(
 def run_elastic(args: list[str], failures: Path | None = None, ranks: range | None = None) -> int:
     """torchrun with `args`, its elastic agent in this process: the CLI has already imported torch
     to check the run, and a separate agent process would import it again before the workers even
-    start. Returns a failed worker's own exit code (2: a user error, 75: preempted) where torchrun
-    would say 1. When workers fail, names the first failure, its root cause (from the workers'
+    start. Returns a failed worker's own exit code (2: a user error, 3: diverged, 75: stopped)
+    where torchrun would say 1. When workers fail, names the first failure, its root cause (from the workers'
     reports in `failures`, see segscale.worker.report_failure), and the failures that followed."""
     import logging
 
@@ -224,7 +229,8 @@ def explain_failure(
     return "\n".join(lines) if lines else "error: a worker failed; see the messages above"
 
 
-SAID_WHY = (2, 3, 75)  # exit codes of workers that printed their reason: user error, diverged, stop
+# exit codes of workers that printed their own reason: a user error, a divergence, a stop
+SAID_WHY = (USER_ERROR_EXIT_CODE, DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE)
 
 
 def _signal_name(number: int) -> str:

@@ -14,8 +14,7 @@ from segscale.errors import DataError, SegscaleError
 from segscale.imgmed.files import list_images
 from segscale.imgmed.io import (
     load_image2d,
-    load_nifti,
-    nifti_header,
+    read_nifti,
     save_nifti,
     save_png,
     sniff,
@@ -63,17 +62,18 @@ def predict(
     class_to_raw = _class_to_raw(store.meta)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    files = [(path, sniff(path) == "nifti") for path in list_images(inputs)]  # by content
-    targets: dict[Path, Path] = {}
-    for path, volume in files:  # two inputs must not write the same mask
+    targets: dict[Path, tuple[Path, bool]] = {}  # mask → (input, a volume?)
+    for path in list_images(inputs):
+        volume = sniff(path) == "nifti"  # by content: the name may lie
         target = out_dir / path.name if volume else (out_dir / path.name).with_suffix(".png")
-        if target in targets:
-            raise DataError(f"{path} and {targets[target]}: both would write {target}; rename one")
-        targets[target] = path
-    for path, volume in files:
+        if target in targets:  # two inputs must not write the same mask
+            raise DataError(
+                f"{path} and {targets[target][0]}: both would write {target}; rename one"
+            )
+        targets[target] = (path, volume)
+    for target, (path, volume) in targets.items():
         if volume:
-            image, affine = load_nifti(path)
-            header = nifti_header(path)
+            image, affine, header = read_nifti(path)
             spatial = image.shape[:3]
         else:
             image, affine = load_image2d(path), None
@@ -86,12 +86,10 @@ def predict(
         hw = tuple(s for i, s in enumerate(spatial) if i != prep.axis) if volume else spatial
         plane = Plane.of(prep, hw, inplane_spacing(affine, prep.axis) if volume else None)
         masks = segment_slices(model, x, plane, batch_size, dev)
-        target = out_dir / path.name
         if volume:
             save_nifti(from_slices(masks, prep.axis), affine, target, like=header)
         else:
-            save_png(class_to_raw[masks[0]], target.with_suffix(".png"))
-            target = target.with_suffix(".png")
+            save_png(class_to_raw[masks[0]], target)
         written.append(target)
     return written
 

@@ -32,6 +32,7 @@ from segscale.engine import plan, prepare_run_dir
 from segscale.errors import (
     DIVERGED_EXIT_CODE,
     PREEMPTED_EXIT_CODE,
+    USER_ERROR_EXIT_CODE,
     Diverged,
     Preempted,
     SegscaleError,
@@ -72,14 +73,13 @@ def train(
 def evaluate(run_dir: Path, split: str, out: Path, failures: Path | None = None) -> dict[str, Any]:
     """Evaluate run_dir/model.pt on a split, cases shared among the workers; rank 0 writes `out`
     (JSON) and the per-case CSV beside it. Returns the evaluation on every rank."""
-    from segscale.engine import load_trained_model
     from segscale.evaluation import write_evaluation
 
     p = plan(load_config(run_dir / "config.yaml"))
     p.store.rows(split)  # a split with no cases is one line, before anything is written
     process = p.process()
     try:
-        model, p = load_trained_model(run_dir, process.device)
+        model = p.trained_model(run_dir, process.device)
         evaluation = {
             "run": str(run_dir),
             "split": split,
@@ -184,7 +184,7 @@ def exit_code(fn: Callable[..., object], *args: object, **kwargs: object) -> int
         fn(*args, **kwargs)
     except SegscaleError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return USER_ERROR_EXIT_CODE
     except Diverged as e:
         if os.environ.get("RANK", "0") == "0":  # every rank stops at the same step: say it once
             print(f"error: {e}", file=sys.stderr)

@@ -16,7 +16,7 @@ import numpy as np
 from segscale._progress import progress_bar
 from segscale.errors import DataError
 from segscale.imgmed.files import NIFTI_SUFFIXES, PNG_SUFFIXES, has_suffix, is_hidden
-from segscale.imgmed.geometry import dataset_notes, spacing_of
+from segscale.imgmed.geometry import dataset_notes, majority, spacing_from_affine
 from segscale.imgmed.prepare import label_table, load_case
 from segscale.imgmed.sources import Case, Source, discover
 from segscale.imgmed.transforms import channels_first
@@ -71,9 +71,12 @@ def check_source(
             if affine is not None:
                 affines.append((case.id, affine))
             advance()
-    counts = [r.channels for r in reports if r.channels is not None]
-    if len(set(counts)) > 1:  # a store holds one channel count: prepare refuses the others
-        common = max(set(counts), key=counts.count)
+    groups: dict[int, list[str]] = {}
+    for r in reports:
+        if r.channels is not None:
+            groups.setdefault(r.channels, []).append(r.case)
+    if len(groups) > 1:  # a store holds one channel count: prepare refuses the others
+        common = majority(groups)
         for r in reports:
             if r.channels is not None and r.channels != common:
                 r.refused = f"{r.channels} channel(s); most cases have {common}"
@@ -101,7 +104,7 @@ def _check_case(
     if affine is not None:
         import nibabel as nib
 
-        report.spacing = tuple(float(v) for v in spacing_of(affine))
+        report.spacing = spacing_from_affine(affine)
         report.axes = "".join(nib.aff2axcodes(affine))
     if np.ptp(image.reshape(-1, channels), axis=0).min() == 0:
         report.notes.append("constant image: no contrast to learn from")

@@ -33,9 +33,9 @@ def _corners(shape: tuple[int, ...]) -> np.ndarray:
     return np.array([[i, j, k, 1.0] for i in axes[0] for j in axes[1] for k in axes[2]]).T
 
 
-def spacing_of(affine: np.ndarray) -> np.ndarray:
-    """Voxel size (mm) along each array axis: the lengths of the affine's columns."""
-    return np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+def spacing_from_affine(affine: np.ndarray) -> tuple[float, ...]:
+    """Voxel size (mm) along each array axis: the lengths of the affine's first three columns."""
+    return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
 
 
 def same_grid(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> bool:
@@ -43,7 +43,7 @@ def same_grid(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> bool:
     voxels of each other. The maps are affine, so the largest distance is at a corner."""
     moved = (np.asarray(a, float) - np.asarray(b, float)) @ _corners(shape)
     distance = float(np.linalg.norm(moved[:3], axis=0).max())
-    return distance <= TOLERANCE * float(min(spacing_of(a).min(), spacing_of(b).min()))
+    return distance <= TOLERANCE * min(*spacing_from_affine(a), *spacing_from_affine(b))
 
 
 def describe(affine: np.ndarray, shape: tuple[int, ...]) -> str:
@@ -51,7 +51,7 @@ def describe(affine: np.ndarray, shape: tuple[int, ...]) -> str:
     import nibabel as nib
 
     sizes = "×".join(str(int(n)) for n in shape[:3])
-    spacing = "×".join(f"{v:.4g}" for v in spacing_of(affine))
+    spacing = "×".join(f"{v:.4g}" for v in spacing_from_affine(affine))
     origin = ", ".join(f"{v:.4g}" for v in np.asarray(affine)[:3, 3])
     axes = "".join(nib.aff2axcodes(affine))
     return f"{sizes} voxels of {spacing} mm, origin ({origin}) mm, axes {axes}"
@@ -102,10 +102,15 @@ def onto_grid(
     )
 
 
+def majority(groups: dict) -> object:
+    """The key of the largest group (case ids by a value they share)."""
+    return max(groups, key=lambda k: len(groups[k]))
+
+
 def split_majority(groups: dict, item: str) -> tuple[object, str]:
     """The key most cases share, and the other groups as text: `item` formatted with {key} and
     {ids} (the first five case ids) per group, joined by '; '."""
-    common = max(groups, key=lambda k: len(groups[k]))
+    common = majority(groups)
     others = "; ".join(
         item.format(key=key, ids=", ".join(ids[:5]) + (" ..." if len(ids) > 5 else ""))
         for key, ids in groups.items()
@@ -135,7 +140,7 @@ def dataset_notes(cases: list[tuple[str, list | np.ndarray | None]], axis: int) 
             f"along array axis {axis} then cut other anatomical planes in those "
             "(reorient them, e.g. to RAS, before preparing)"
         )
-    spacings = np.array([spacing_of(a) for _, a in volumes])
+    spacings = np.array([spacing_from_affine(a) for _, a in volumes])
     median = np.median(spacings, axis=0)
     ratio = spacings / median
     odd = [i for i in range(len(volumes)) if ((ratio[i] > 2) | (ratio[i] < 0.5)).any()]

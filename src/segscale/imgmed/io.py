@@ -106,6 +106,15 @@ def load_nifti(path: str | Path, dtype: type | None = np.float32) -> tuple[np.nd
     when there is no scaling) and the 4×4 affine. Trailing axes of size 1 after the third, as
     some writers store 3D volumes ((X, Y, Z, 1)), are dropped with a warning; `save_nifti` with
     the input's header writes them back."""
+    data, affine, _ = read_nifti(path, dtype)
+    return data, affine
+
+
+def read_nifti(
+    path: str | Path, dtype: type | None = np.float32
+) -> tuple[np.ndarray, np.ndarray, Any]:
+    """load_nifti's array and affine, and the file's header (for an output with its geometry),
+    from one read of the file."""
     path = Path(path)
     img = _open_nifti(path)
     try:
@@ -116,11 +125,11 @@ def load_nifti(path: str | Path, dtype: type | None = np.float32) -> tuple[np.nd
     if shape != data.shape:
         warnings.warn(
             f"{path}: shape {data.shape} read as {shape} (trailing axes of size 1 dropped)",
-            stacklevel=2,
+            stacklevel=3,
         )
         data = data.reshape(shape)
     affine = np.asarray(img.affine, dtype=np.float64)
-    return data, affine
+    return data, affine, img.header
 
 
 def nifti_header(path: str | Path) -> Any:
@@ -263,7 +272,9 @@ class Image:
         """Voxel size in mm along each array axis (volumes with an affine only)."""
         if self.affine is None:
             return None
-        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+        from segscale.imgmed.geometry import spacing_from_affine
+
+        return spacing_from_affine(self.affine)
 
 
 def sniff(path: Path) -> str:

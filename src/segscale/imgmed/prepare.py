@@ -126,8 +126,7 @@ def prepare(
 
     # the store's size from the small mask arrays; the images are then read one case at a time,
     # so a dataset larger than memory can be assembled
-    total = sum(len(_read_chunk(chunks[c.id], "masks")) for c in src.cases)
-    channels = _common_channels({c.id: chunks[c.id] for c in src.cases})
+    total, channels = _store_size({c.id: chunks[c.id] for c in src.cases})
     writer = StoreWriter(output, total, channels, prep.size)
     cases_meta: list[dict[str, Any]] = []
     try:
@@ -273,13 +272,17 @@ def _read_chunk(chunk: Path, *names: str) -> Any:
     return arrays[0] if len(arrays) == 1 else arrays
 
 
-def _common_channels(chunks: dict[str, Path]) -> int:
-    """The channel count every case's chunk has; cases that differ are refused together (a
-    store needs one count: a grey picture beside an RGB one, a 2-channel volume beside 1)."""
+def _store_size(chunks: dict[str, Path]) -> tuple[int, int]:
+    """(slices, channels) of the store the cases' chunks make, from one read of each chunk's
+    small arrays. Every case must have the same channel count; cases that differ are refused
+    together (a grey picture beside an RGB one, a 2-channel volume beside 1)."""
+    total = 0
     counts: dict[int, list[str]] = {}
     for cid, chunk in chunks.items():
-        info = json.loads(str(_read_chunk(chunk, "info")))
-        n = info.get("channels") or len(_read_chunk(chunk, "images")[0])  # older chunks: read
+        masks, info = _read_chunk(chunk, "masks", "info")
+        total += len(masks)
+        # chunks written before the count was recorded: read it off the images
+        n = json.loads(str(info)).get("channels") or len(_read_chunk(chunk, "images")[0])
         counts.setdefault(int(n), []).append(cid)
     if len(counts) > 1:
         common, odd = split_majority(counts, "{key} in {ids}")
@@ -287,7 +290,7 @@ def _common_channels(chunks: dict[str, Path]) -> int:
             f"cases differ in their number of channels: {common} in {len(counts[common])} "
             f"cases, {odd}; give every case the same channels (or pick them with --channels)"
         )
-    return next(iter(counts))
+    return total, next(iter(counts))
 
 
 def _channel_names(src: Source, prep: Preprocessing) -> list[str]:

@@ -215,9 +215,11 @@ def inplane_spacing(affine: np.ndarray | None, axis: int) -> tuple[float, float]
     """The two in-plane voxel sizes (mm) of slices along `axis`, from a 4×4 affine."""
     if affine is None:
         return None
-    sp = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    from segscale.imgmed.geometry import spacing_from_affine
+
+    sp = spacing_from_affine(affine)
     a, b = (i for i in range(3) if i != axis)
-    return float(sp[a]), float(sp[b])
+    return sp[a], sp[b]
 
 
 def preprocess(

@@ -8,7 +8,7 @@ from segscale.segeval.confusion import (
     metrics_from_confusion,
     per_class_dice,
 )
-from segscale.segeval.distance import DISTANCE_METRICS, distance_metrics, spacing_from_affine
+from segscale.segeval.distance import DISTANCE_METRICS, distance_metrics
 
 __all__ = [
     "DISTANCE_METRICS",
@@ -19,5 +19,4 @@ __all__ = [
     "mean_defined",
     "metrics_from_confusion",
     "per_class_dice",
-    "spacing_from_affine",
 ]

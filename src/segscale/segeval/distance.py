@@ -26,11 +26,6 @@ import numpy as np
 DISTANCE_METRICS = ("hausdorff", "hd95", "assd", "avd")
 
 
-def spacing_from_affine(affine: np.ndarray) -> tuple[float, ...]:
-    """Voxel sizes: the lengths of the affine's first three columns."""
-    return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
-
-
 def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
     out = []
     for axis in range(mask.ndim):
