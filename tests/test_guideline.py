@@ -69,7 +69,8 @@ def test_each_action_changes_its_setting_by_one_step():
         (DP, "decay_phase", 3 / 7 + 1 / 14),
         ("change_optimizer", "optimizer", "adam"),
     ]:
-        assert getattr(guide._apply(action, base, "").settings, field) == pytest.approx(want)
+        applied = guide._apply(action, base, "", [Trial(D, base)])
+        assert getattr(applied.settings, field) == pytest.approx(want)
     # the settings are a config segscale trains with
     cfg = tiny_config("/store", optimizer={"name": "sgd", "lr": 1.0})
     for item in base.overrides():
@@ -115,3 +116,27 @@ def test_scores_rank_dice_then_ma_then_miou():
         0.6,
         0.7,
     )
+
+
+def test_change_optimizer_takes_the_first_one_no_trial_used():
+    guide = Guideline(LA, 16)
+    adam = Settings(1e-3, optimizer="adam")
+    # an adam user: sgd is the one left
+    assert guide._apply("change_optimizer", adam, "", [Trial(D, adam)]).settings.optimizer == "sgd"
+    # both tried: nothing left, whatever the current one
+    both = [Trial(D, adam), Trial("change_optimizer", Settings(1e-3))]
+    assert guide._apply("change_optimizer", adam, "", both).settings is None
+
+
+def test_noise_widens_reached_and_raises_the_bar_for_improved():
+    s0, s1 = Settings(1e-3), Settings(5e-4)
+    trials = [Trial(D, s0, Scores(*worse(0.70))), Trial(LR, s1, Scores(*worse(0.72)))]
+    # without noise a 2-point gain is an improvement: repeat decrease_lr
+    assert Guideline(LA, 16).next(trials).action == LR
+    # with a 3-point run-to-run spread it is not: the next action, from the best trial
+    noisy = Guideline(LA, 16, noise=0.03)
+    assert noisy.next(trials).action == DC
+    # reached: within the spread of the baseline (0.8132), not only within 0.25 points
+    assert not Guideline(LA, 16).reached(Scores(*worse(0.79)))
+    assert noisy.reached(Scores(*worse(0.79)))
+    assert not noisy.reached(Scores(*worse(0.78)))

@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "segscale"
 # Top to bottom: a module may import its own layer (without a cycle) or any layer below it.
 LAYERS: list[set[str]] = [
     {"cli"},
-    {"demo", "launch", "_forked_worker"},
+    {"demo", "tune", "launch", "_forked_worker"},
     {"worker"},
     {"engine", "predict", "report"},
     {

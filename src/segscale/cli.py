@@ -230,6 +230,84 @@ def train_cmd(
     typer.echo(f"trained: {run_dir}")
 
 
+@app.command("tune")
+def tune_cmd(
+    config: Annotated[Path, typer.Argument(help="A config that trains well on one worker.")],
+    overrides: Overrides = None,
+    workers: Annotated[int, typer.Option(help="K: the workers to tune for.", min=2)] = ...,
+    simulate: Annotated[
+        bool,
+        typer.Option(
+            help="Train each trial as K workers' math in one process (train.simulate_workers), "
+            "so K = 12-18 can be tuned on one machine and the result used on K real workers."
+        ),
+    ] = False,
+    baseline: Annotated[
+        list[Path] | None,
+        typer.Option(help="A finished one-worker run of this config to reuse (repeatable)."),
+    ] = None,
+    baseline_runs: Annotated[
+        int, typer.Option(help="One-worker runs to train (seeds seed, seed+1, ...).", min=1)
+    ] = 2,
+    max_trials: Annotated[int, typer.Option(help="At most this many trials.", min=1)] = 10,
+    max_hours: Annotated[
+        float | None, typer.Option(help="Start no trial after this many hours of training.")
+    ] = None,
+    min_workers: Annotated[
+        int,
+        typer.Option(help="Below this many workers GreScale's defaults are kept (the thesis: 12)."),
+    ] = 12,
+    patience: Annotated[
+        int,
+        typer.Option(
+            help="Finish a trial early after this many validations under the baseline.", min=1
+        ),
+    ] = 3,
+    margin: Annotated[
+        float, typer.Option(help="...by more than this much Dice plus the baseline's spread.")
+    ] = 0.05,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="guideline: the thesis' flowchart (Fig. 6.3); optuna: TPE over the same "
+            "settings, with the same budget and early stopping."
+        ),
+    ] = "guideline",
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: runs/<name>-tune-K).")
+    ] = None,
+) -> None:
+    """Tune GreScale for K workers with the thesis' guideline: one-worker baseline, then trials
+    until one matches it; writes tune.md, tune.png and tuned.yaml. Rerun to continue after a stop."""
+    from segscale.errors import PREEMPTED_EXIT_CODE, Preempted
+    from segscale.tune import TuneOptions, tune
+
+    options = TuneOptions(
+        workers=workers,
+        simulate=simulate,
+        baseline_runs=baseline_runs,
+        baselines=tuple(str(b.resolve()) for b in baseline or ()),
+        max_trials=max_trials,
+        max_hours=max_hours,
+        min_workers=min_workers,
+        patience=patience,
+        margin=margin,
+        method=method,
+    )
+    if out is None:
+        out = Path("runs") / f"{_load(config, overrides).name}-tune-{workers}"
+    try:
+        state = tune(config, overrides, options, out)
+    except Preempted as e:
+        typer.echo(f"preempted: {e}", err=True)
+        raise typer.Exit(PREEMPTED_EXIT_CODE) from None
+    decision = state["decision"]
+    chosen = f"trial {decision['trial']}" if decision["trial"] else "no trial"
+    typer.echo(
+        f"{decision['action']}: {decision['reason']}; chosen: {chosen}; see {out / 'tune.md'}"
+    )
+
+
 @app.command("stop")
 def stop_cmd(
     run_dir: Annotated[Path, typer.Argument(help="The folder of a running training.")],

@@ -309,8 +309,9 @@ class StrategyConfig(Component):
 
 class CallbackConfig(Component):
     name: str = Field(
-        description="A 'pkg.mod:Class' / 'file.py:Class' with hooks (on_step_end, "
-        "on_epoch_end, ...), called as Class(**kwargs)."
+        description="early_stop (finish when the validation metric stays under a reference "
+        "curve: kwargs reference, margin, patience, after, metric) | a 'pkg.mod:Class' / "
+        "'file.py:Class' with hooks (on_step_end, on_epoch_end, ...), called as Class(**kwargs)."
     )
 
 

@@ -212,7 +212,7 @@ STRATEGIES = Registry(
         "local_sgd": "segscale.parallel.local_sgd:LocalSGDStrategy",
     },
 )
-CALLBACKS = Registry("callback")
+CALLBACKS = Registry("callback", {"early_stop": "segscale.train:EarlyStop"})
 TRACKERS = Registry(
     "tracker",
     {"mlflow": "segscale.tracking:MLflowTracker", "none": "segscale.tracking:NoTracker"},

@@ -277,3 +277,160 @@ def write_report(
     path = out_dir / "report.md"
     write_atomic(path, "\n".join(parts))
     return path
+
+
+# ---------------------------------------------------------------- `segscale tune`
+
+TUNE_COLUMNS = (  # the thesis' Tables 6.1–6.10
+    ("dice", "Dice"),
+    ("pixel_accuracy", "PA"),
+    ("mean_accuracy", "MA"),
+    ("mean_iou", "mIoU"),
+    ("fw_iou", "fwIoU"),
+)
+
+
+def _percent(value: Any) -> str:
+    return "–" if not isinstance(value, int | float) or value != value else f"{100 * value:.2f}"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def tuning_table(state: dict[str, Any], name: str, workers: int, simulated: bool) -> str:
+    """tune.md: the baseline runs and every trial in the shape of the thesis' Tables 6.1–6.10
+    (validation metrics in %), the decision, the test-split comparison, the compute early
+    stopping saved. `state`: OUT/tune.json as segscale.tune writes it."""
+    base = state["baselines"]
+    dice = [b["scores"]["dice"] for b in base]
+    mean = sum(dice) / len(dice)
+    how = "simulated in one process (train.simulate_workers)" if simulated else "real workers"
+    head = "| Iteration | Action | Changed | " + " | ".join(c for _, c in TUNE_COLUMNS)
+    lines = [
+        f"# Tuning `{name}` for {workers} workers",
+        "",
+        f"Workers: {workers}, {how}. Every decision uses the validation split; the test split is "
+        "scored once, at the end. Metrics in %.",
+        "",
+        f"Baseline: one worker, {len(base)} run(s); validation Dice {100 * mean:.2f} "
+        f"(spread {100 * (max(dice) - min(dice)):.2f} points, the noise the guideline allows).",
+        "",
+        "## Validation",
+        "",
+        head + " | Wall time | Finished early |",
+        "|" + "---|" * (len(TUNE_COLUMNS) + 5),
+    ]
+    for i, b in enumerate(base, 1):
+        cells = " | ".join(_percent(b["scores"].get(k)) for k, _ in TUNE_COLUMNS)
+        lines.append(
+            f"| baseline {i} | one worker | seed {b['seed']} | {cells} | {_minutes(b['seconds'])} | no |"
+        )
+    saved_epochs, saved_seconds = 0, 0.0
+    for t in state["trials"]:
+        if t["status"] == "refused":
+            cells = " | ".join("–" for _ in TUNE_COLUMNS)
+            lines.append(
+                f"| {t['index']} | {t['action']} | {t['change']} | {cells} | – | not trained: "
+                f"{t['reason']} |"
+            )
+            continue
+        cells = " | ".join(_percent(t["scores"].get(k)) for k, _ in TUNE_COLUMNS)
+        early = "diverged" if t["status"] == "diverged" else "no"
+        if t["status"] == "finished_early":
+            early = f"at epoch {t['epochs']}"
+            total = _run_epochs(t)
+            if total and t["epochs"]:
+                saved_epochs += total - t["epochs"]
+                saved_seconds += t["seconds"] / t["epochs"] * (total - t["epochs"])
+        lines.append(
+            f"| {t['index']} | {t['action']} | {t['change']} | {cells} | "
+            f"{_minutes(t['seconds'])} | {early} |"
+        )
+    decision = state["decision"]
+    lines += ["", f"**{decision['action']}**: {decision['reason']}."]
+    if decision["trial"] is not None:
+        lines.append(f"Chosen: trial {decision['trial']}; its settings are in `tuned.yaml`.")
+    elif decision["settings"] is not None:
+        lines.append("Its settings are in `tuned.yaml`.")
+    if saved_epochs:
+        lines.append(
+            f"Early stopping saved {saved_epochs} epochs of training (about "
+            f"{_minutes(saved_seconds)} at those trials' own pace)."
+        )
+    lines += [
+        f"Training and evaluation, in all: {_minutes(state['seconds'])}.",
+        "",
+        "## Test split (scored once, at the end)",
+        "",
+        "| Run | " + " | ".join(c for _, c in TUNE_COLUMNS) + " |",
+        "|" + "---|" * (len(TUNE_COLUMNS) + 1),
+    ]
+    for i, b in enumerate(base, 1):
+        if b.get("test"):
+            cells = " | ".join(_percent(b["test"].get(k)) for k, _ in TUNE_COLUMNS)
+            lines.append(f"| baseline {i} (one worker) | {cells} |")
+    for t in state["trials"]:
+        if t.get("test"):
+            cells = " | ".join(_percent(t["test"].get(k)) for k, _ in TUNE_COLUMNS)
+            what = "its validation run" if t["action"] == "validate" else "chosen"
+            lines.append(f"| trial {t['index']} ({workers} workers, {what}) | {cells} |")
+    lines += [
+        "",
+        "![learning rate and validation Dice of every trial](tune.png)",
+        "",
+        f"Train with it: `segscale train tuned.yaml --workers {workers}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _run_epochs(entry: dict[str, Any]) -> int | None:
+    """The epochs a run was configured for (its config.yaml), or None when unreadable."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((Path(entry["run_dir"]) / "config.yaml").read_text())
+        return int(cfg["train"]["epochs"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return None
+
+
+def plot_tuning(state: dict[str, Any], schedules: dict[int, Any], out: Path) -> None:
+    """tune.png: each trial's lr curve (left) and validation Dice per epoch (right), the
+    baseline's runs in grey. `schedules`: trial index → its Schedule (for K workers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (lr_ax, dice_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for b in state["baselines"]:
+        epochs = sorted(b["curve"], key=int)
+        dice_ax.plot([int(e) for e in epochs], [b["curve"][e] for e in epochs], color="0.6", lw=2)
+    dice_ax.plot([], [], color="0.6", lw=2, label="baseline (1 worker)")
+    for t in state["trials"]:
+        if t["index"] not in schedules:
+            continue
+        s = schedules[t["index"]]
+        steps = range(0, s.total_steps, max(1, s.total_steps // 400))
+        label = f"{t['index']}: {t['action']}"
+        (line,) = lr_ax.plot([x / s.steps_per_epoch for x in steps], [s(x) for x in steps], lw=1)
+        epochs = sorted(t["curve"], key=int)
+        style = "--" if t["status"] == "finished_early" else "-"
+        dice_ax.plot(
+            [int(e) for e in epochs],
+            [t["curve"][e] for e in epochs],
+            style,
+            color=line.get_color(),
+            marker=".",
+            label=label,
+        )
+    lr_ax.set(xlabel="epoch", ylabel="learning rate", title="lr per trial (K workers)")
+    dice_ax.set(xlabel="epoch", ylabel="Dice", title="validation Dice (dashed: finished early)")
+    dice_ax.legend(fontsize=7, loc="lower right")
+    for ax in (lr_ax, dice_ax):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

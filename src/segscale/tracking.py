@@ -43,7 +43,9 @@ class MLflowTracker:
     lands in one store (`mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`); the experiment's
     artifacts go beside it in mlartifacts/. All MLflow work happens on one background thread, so
     training never waits for mlflow's import or the store's creation (seconds; docs/performance.md).
-    Errors (an unwritable store, a bad URI) become one warning; training goes on."""
+    Errors (an unwritable store, a bad URI) become one warning; training goes on.
+    `parent_run_id` nests the run under another (MLflow's mlflow.parentRunId tag); `tags` are
+    set at its creation."""
 
     def __init__(
         self,
@@ -52,9 +54,14 @@ class MLflowTracker:
         params: dict[str, Any],
         uri: str | None = None,
         experiment: str = "segscale",
+        parent_run_id: str | None = None,
+        tags: dict[str, str] | None = None,
     ) -> None:
         self.run_dir, self.run_name, self.params = Path(run_dir), run_name, params
-        self.uri = uri or f"sqlite:///{(self.run_dir.parent / 'mlflow.db').resolve()}"
+        self.tags = {"segscale.run_dir": str(self.run_dir), **(tags or {})}
+        if parent_run_id:  # nested under it in the UI (`segscale tune`: trials under the tuning)
+            self.tags["mlflow.parentRunId"] = parent_run_id
+        self.uri = uri or default_uri(self.run_dir.parent)
         self.experiment = experiment
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="segscale-mlflow", daemon=True)
@@ -125,15 +132,8 @@ class MLflowTracker:
             run_id = saved.read_text().strip()
             client.update_run(run_id, status="RUNNING")
             return client, run_id
-        found = client.get_experiment_by_name(self.experiment)
-        if found is not None:
-            experiment_id = found.experiment_id
-        else:
-            artifacts = (self.run_dir.parent / "mlartifacts").resolve().as_uri()
-            experiment_id = client.create_experiment(self.experiment, artifact_location=artifacts)
-        run = client.create_run(
-            experiment_id, run_name=self.run_name, tags={"segscale.run_dir": str(self.run_dir)}
-        )
+        experiment_id = experiment(client, self.experiment, self.run_dir.parent)
+        run = client.create_run(experiment_id, run_name=self.run_name, tags=self.tags)
         run_id = run.info.run_id
         from mlflow.entities import Param
 
@@ -155,6 +155,20 @@ class MLflowTracker:
 
     def _warn(self, error: Exception) -> None:
         warnings.warn(f"mlflow tracking stopped ({self.uri}): {error}", stacklevel=1)
+
+
+def default_uri(folder: Path) -> str:
+    """The MLflow store of the runs in `folder`: folder/mlflow.db."""
+    return f"sqlite:///{(Path(folder) / 'mlflow.db').resolve()}"
+
+
+def experiment(client: Any, name: str, folder: Path) -> str:
+    """The id of the experiment `name`, created with its artifacts in folder/mlartifacts if new."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    artifacts = (Path(folder) / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=artifacts)
 
 
 def _param(value: Any) -> str:

@@ -12,6 +12,7 @@ it (segscale.engine.Plan.trainer).
                 on SIGTERM/SIGINT: finish the step, checkpoint, exit (code 75)
             every val_every epochs: validate (exact, sharded)            → on_validation_end
             log metrics, checkpoint (+ best.pt)                          → on_epoch_end
+            a callback called finish_early(reason): stop here, the record says why
         write model.pt                                                   → on_train_end
 
 Callbacks are duck-typed: a hook is called only on objects that define it.
@@ -107,6 +108,18 @@ class Trainer:
         self.elapsed = 0.0
         self._resumed_rank_state: dict[str, Any] | None = None
         self._stop = _StopRequest()
+        self._finish_reason: str | None = None
+
+    def finish_early(self, reason: str) -> None:
+        """End training after the current epoch (its checkpoint, metrics and model.pt are written as
+        at the last epoch); its record gets `finished_early: reason`. For callbacks, which must ask
+        it on every rank alike: they see the same all-reduced validation metrics."""
+        self._finish_reason = reason
+
+    @property
+    def finished_early(self) -> str | None:
+        """Why the run finished before its last epoch, or None."""
+        return self.history[-1].get("finished_early") if self.history else None
 
     def fit(self, resume: bool = False) -> list[dict[str, Any]]:
         if resume:
@@ -115,13 +128,17 @@ class Trainer:
             (self.run_dir / STOP_FILE).unlink(missing_ok=True)
         self.strategy.barrier()
         self._call("on_train_start")
+        # a run that finished early and was stopped before its model.pt was written is done
+        last = self.epoch if self.finished_early else self.epochs
         with self._stop:
-            for epoch in range(self.epoch, self.epochs):
+            for epoch in range(self.epoch, last):
                 self.set_epoch(epoch)
                 record = self.train_epoch(epoch)
                 if (epoch + 1) % self.val_every == 0 or epoch + 1 == self.epochs:
                     record.update({f"val_{k}": v for k, v in self.validate().items()})
                     self._call("on_validation_end", record)
+                if self._finish_reason is not None and epoch + 1 < self.epochs:
+                    record["finished_early"] = self._finish_reason
                 self.history.append(record)
                 self.epoch, self.epoch_step = epoch + 1, 0
                 self.save_checkpoint(best=record.get(f"val_{self.task.metric}"))
@@ -130,6 +147,10 @@ class Trainer:
                     if self.progress:
                         print(_summary(record, self.epochs, self.task.metric), flush=True)
                 self._call("on_epoch_end", record)
+                if self.finished_early:
+                    if self.progress:
+                        print(f"finished early: {self.finished_early}", flush=True)
+                    break
         if self.strategy.rank == 0:
             atomic_save(unwrap(self.model).state_dict(), self.run_dir / "model.pt")
         self.strategy.barrier()
@@ -316,6 +337,58 @@ class Trainer:
             fn = getattr(cb, hook, None)
             if fn is not None:
                 fn(self, *args)
+
+
+class EarlyStop:
+    """Finish a run early (Trainer.finish_early) when its validation metric stays clearly below a
+    reference curve, e.g. a baseline's: `patience` validations in a row under the reference at
+    the same epoch minus `margin`, counted from epoch `after` on. The rule of Optuna's
+    MedianPruner and of ASHA's early rungs (compare with others at the same point of training),
+    against one reference curve. Stateless between calls: it reads the run's history, so a
+    resumed run decides as an uninterrupted one would.
+
+    reference: {epoch (1-based): value}; margin: a number, or {epoch: number} (e.g. the
+    reference's run-to-run spread at each epoch); metric: the validation metric's name (`dice`:
+    the record's `val_dice`). Raises ValueError for an empty reference or patience < 1."""
+
+    def __init__(
+        self,
+        reference: dict[int | str, float],
+        margin: float | dict[int | str, float] = 0.05,
+        patience: int = 3,
+        after: float = 0,
+        metric: str = "dice",
+    ) -> None:
+        if not reference:
+            raise ValueError("early_stop: the reference curve is empty")
+        if patience < 1:
+            raise ValueError(f"early_stop: patience {patience}, expected at least 1")
+        self.reference = {int(k): float(v) for k, v in reference.items()}
+        self.margin = (
+            {int(k): float(v) for k, v in margin.items()} if isinstance(margin, dict) else margin
+        )
+        self.patience, self.after, self.key = patience, after, f"val_{metric}"
+
+    def below(self, record: dict[str, Any]) -> bool | None:
+        """Whether a validation record lies under the reference (None: not comparable)."""
+        epoch, value = record.get("epoch"), record.get(self.key)
+        if value is None or epoch not in self.reference or epoch <= self.after:
+            return None
+        margin = self.margin if isinstance(self.margin, float | int) else self.margin.get(epoch, 0)
+        return not value >= self.reference[epoch] - margin  # NaN counts as below
+
+    def on_validation_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        run = 0
+        for r in [*trainer.history, record]:
+            verdict = self.below(r)
+            if verdict is not None:
+                run = run + 1 if verdict else 0
+        if run >= self.patience:
+            ref = self.reference[record["epoch"]]
+            trainer.finish_early(
+                f"{self.key} {record[self.key]:.4f} at epoch {record['epoch']}, under the "
+                f"reference ({ref:.4f}) for {self.patience} validations in a row"
+            )
 
 
 class DivergenceGuard:

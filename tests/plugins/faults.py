@@ -7,10 +7,16 @@ from pathlib import Path
 
 class SignalAt:
     """Once (guarded by a marker file), at the end of `step` on `rank`, send `sig` to this worker
-    ('self') or to the torchrun agent ('agent')."""
+    ('self') or to the torchrun agent ('agent'); with `run`, only in the run folder of that name."""
 
     def __init__(
-        self, step: int, sig: str, marker: str, rank: int = 0, target: str = "self"
+        self,
+        step: int,
+        sig: str,
+        marker: str,
+        rank: int = 0,
+        target: str = "self",
+        run: str | None = None,
     ) -> None:
         self.step, self.sig, self.marker, self.rank, self.target = (
             step,
@@ -19,9 +25,12 @@ class SignalAt:
             rank,
             target,
         )
+        self.run = run
 
     def on_step_end(self, trainer, step: int) -> None:
         if step != self.step or trainer.strategy.rank != self.rank or self.marker.exists():
+            return
+        if self.run is not None and trainer.run_dir.name != self.run:
             return
         self.marker.touch()
         os.kill(os.getpid() if self.target == "self" else agent_pid(), getattr(signal, self.sig))

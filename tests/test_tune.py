@@ -1,0 +1,213 @@
+"""`segscale tune` end to end on real MRI slices (simulated workers, a tiny U-Net), the early stop
+it relies on, and a resume after SIGTERM that retrains nothing finished."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, cli, tiny_config
+from segscale import worker
+from segscale.config import load_config, validate
+from segscale.engine import prepare_run_dir
+from segscale.errors import PREEMPTED_EXIT_CODE, SegscaleError
+from segscale.guideline import Guideline, Scores, Settings, Trial
+from segscale.tune import TuneOptions, tune
+
+FAULTS = f"{ROOT / 'tests' / 'plugins' / 'faults.py'}:SignalAt"
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def early_stop_run(tmp_path: Path, store: Path, name: str, **kwargs) -> Path:
+    cfg = tiny_config(store, epochs=4, steps_per_epoch=1)
+    cfg["train"]["callbacks"] = [{"name": "early_stop", "kwargs": kwargs}]
+    run = tmp_path / name
+    prepare_run_dir(validate(cfg), run, resume=False)
+    worker.train(run, progress=False)
+    return run
+
+
+def test_early_stop_finishes_a_run_that_stays_under_its_reference(tmp_path, real_store):
+    unreachable = {e: 1.0 for e in range(1, 5)}  # Dice 1 at every epoch: always under it
+    run = early_stop_run(tmp_path, real_store, "stop", reference=unreachable, patience=2)
+    history = rows(run)
+    assert [r["epoch"] for r in history] == [1, 2]  # two validations under it: done
+    assert "under the reference" in history[-1]["finished_early"]
+    assert (run / "model.pt").is_file() and "finished_early" not in history[0]
+    # stopped after its last checkpoint but before model.pt: a resume trains nothing more
+    (run / "model.pt").unlink()
+    worker.train(run, resume=True, progress=False)
+    assert [r["epoch"] for r in rows(run)] == [1, 2] and (run / "model.pt").is_file()
+    # never during the first `after` epochs; a margin as wide as the reference never stops it
+    late = early_stop_run(tmp_path, real_store, "late", reference=unreachable, patience=1, after=2)
+    assert [r["epoch"] for r in rows(late)] == [1, 2, 3]
+    kept = early_stop_run(tmp_path, real_store, "kept", reference=unreachable, margin=1.0)
+    assert [r["epoch"] for r in rows(kept)] == [1, 2, 3, 4]
+    assert not any("finished_early" in r for r in rows(kept))
+
+
+def tune_config(tmp_path: Path, store: Path, **extra) -> Path:
+    """Adam at a base lr that one worker trains with; × 8 (linear scaling) it overshoots."""
+    cfg = tiny_config(
+        store,
+        epochs=6,
+        steps_per_epoch=4,
+        optimizer={"name": "adam", "lr": 0.01},
+        schedule={"rule": "grescale", "warmup_epochs": 1},
+        **extra,
+    )
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_tune_runs_the_guideline_end_to_end(tmp_path, real_store):
+    path = tune_config(tmp_path, real_store)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["tracker"] = "mlflow"  # trials as children of the tuning run
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    options = TuneOptions(workers=8, simulate=True, min_workers=2, max_trials=3, baseline_runs=2)
+    state = tune(path, None, options, out, progress=False)
+
+    # two one-worker baselines with their own seeds, then the guideline's actions in its order
+    assert [b["seed"] for b in state["baselines"]] == [0, 1]
+    assert all(b["status"] == "finished" for b in state["baselines"])
+    trials = state["trials"]
+    assert len(trials) <= 3 and trials[0]["action"] == "defaults"
+    for t in trials:
+        assert t["status"] in ("finished", "finished_early", "diverged")
+        run_cfg = load_config(Path(t["run_dir"]) / "config.yaml")
+        assert run_cfg.train.simulate_workers == 8 and run_cfg.train.schedule.rule == "grescale"
+    # each trial is what the state machine asks for, given the baselines and the trials before
+    dice = [b["scores"]["dice"] for b in state["baselines"]]
+    mean = {
+        m: sum(b["scores"][m] for b in state["baselines"]) / 2
+        for m in state["baselines"][0]["scores"]
+    }
+    guide = Guideline(Scores.of(mean), 8, min_workers=2, noise=max(dice) - min(dice))
+    decision, replay = guide.start(Settings(lr=0.01, warmup_epochs=1, optimizer="adam")), []
+    for t in trials:
+        assert (t["action"], Settings(**t["settings"])) == (decision.action, decision.settings)
+        replay.append(Trial(t["action"], Settings(**t["settings"]), Scores.of(t["scores"])))
+        decision = guide.next(replay)
+    assert state["decision"]["action"] == (decision.action if len(trials) < 3 else "budget") or (
+        decision.action in ("done", "exhausted") and state["decision"]["action"] == decision.action
+    )
+    actions = [t["action"] for t in trials]
+    # the test split: scored once, for the baselines and the chosen trial only
+    chosen = state["decision"]["trial"]
+    assert all(b["test"]["dice"] is not None for b in state["baselines"])
+    assert next(t["index"] for t in trials if t.get("test")) == chosen
+    # tuned.yaml: the chosen settings for 8 real workers, without the tuner's own parts
+    tuned = load_config(out / "tuned.yaml")
+    best = next(t for t in trials if t["index"] == chosen)
+    assert tuned.workers == 8 and tuned.train.simulate_workers is None
+    assert tuned.train.callbacks == [] and tuned.train.optimizer.lr == best["settings"]["lr"]
+    assert tuned.train.schedule.rule == "grescale"
+    # tune.md: a row per baseline and trial; tune.png drawn
+    table = (out / "tune.md").read_text()
+    assert table.count("| baseline ") == 2 + 2  # validation rows and test rows
+    for t in trials:
+        assert f"| {t['index']} | {t['action']} |" in table
+    assert (out / "tune.png").stat().st_size > 10_000
+    # MLflow: every run a child of the tuning run, which holds the outputs
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs(client.get_experiment_by_name("segscale").experiment_id)
+    parent = next(r for r in runs if r.info.run_id == state["mlflow_run_id"])
+    assert parent.info.status == "FINISHED" and "trial_val_dice" in parent.data.metrics
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2 + len(trials)
+    assert {r.data.tags.get("segscale.tune.action") for r in children} >= set(actions)
+    # a rerun of a finished tuning trains nothing and returns the same decision
+    again = tune(path, None, options, out, progress=False)
+    assert again["decision"] == state["decision"] and again["trials"] == trials
+
+
+def test_tune_refuses_what_it_cannot_do(tmp_path, real_store):
+    path = tune_config(tmp_path, real_store)
+    out = tmp_path / "out"
+    with pytest.raises(SegscaleError, match="2 or more workers"):
+        tune(path, None, TuneOptions(workers=1), out)
+    with pytest.raises(SegscaleError, match="--method"):
+        tune(path, None, TuneOptions(workers=4, method="grid"), out)
+    # a baseline trained with other settings is not this config's baseline
+    other = tmp_path / "other"
+    cfg = validate(tiny_config(real_store, epochs=1, steps_per_epoch=1))
+    prepare_run_dir(cfg, other, resume=False)
+    worker.train(other, progress=False)
+    with pytest.raises(SegscaleError, match=r"--baseline .*other settings \(.*train.epochs"):
+        tune(path, None, TuneOptions(workers=4, baselines=(str(other),)), out)
+    # an output folder holding another tuning
+    (out / "tune.json").write_text(json.dumps({"signature": {"workers": 16}}))
+    with pytest.raises(SegscaleError, match=r"other settings \(.*workers differ\)"):
+        tune(path, None, TuneOptions(workers=4), out)
+
+
+def test_tune_with_optuna_starts_from_the_defaults_and_keeps_its_study(tmp_path, real_store):
+    import optuna
+
+    path, out = tune_config(tmp_path, real_store), tmp_path / "out"
+    options = TuneOptions(
+        workers=8, simulate=True, min_workers=2, max_trials=3, baseline_runs=1, method="optuna"
+    )
+    state = tune(path, None, options, out, progress=False)
+    trials = state["trials"]
+    assert trials[0]["action"] == "defaults" and trials[0]["settings"]["lr"] == 0.01
+    searched = [t for t in trials if t["action"] == "optuna"]
+    study = optuna.load_study(study_name="segscale-tune", storage=f"sqlite:///{out / 'optuna.db'}")
+    done = {t.number: t.value for t in study.trials if t.state.name == "COMPLETE"}
+    failed = {t.number for t in study.trials if t.state.name == "FAIL"}
+    assert len(trials) <= 3 and trials[0]["optuna_number"] == 0
+    assert failed == {t["optuna_number"] for t in trials if t["status"] == "refused"}
+    for t in [trials[0], *searched]:  # the study knows each trained trial's validation Dice
+        if t["status"] != "refused":
+            assert done[t["optuna_number"]] == pytest.approx(t["scores"]["dice"])
+    for t in searched:  # within the ranges the guideline's steps reach
+        assert 0.01 / 32 <= t["settings"]["lr"] <= 0.01
+
+
+def test_tune_resumes_after_sigterm_without_retraining_finished_runs(tmp_path, real_store):
+    marker = tmp_path / "signalled"
+    fault = {
+        "name": FAULTS,
+        "kwargs": {"step": 3, "sig": "SIGTERM", "marker": str(marker), "run": "trial-02"},
+    }
+    path = tune_config(tmp_path, real_store, callbacks=[fault])
+    out = tmp_path / "out"
+    args = ["tune", path, "--workers", "8", "--simulate", "--min-workers", "2", "--max-trials", "2"]
+    args += ["--baseline-runs", "1", "--out", out]
+    first = cli(*args)
+    # SIGTERM in trial 2, at step 3 of 6: it checkpoints and the tuner stops with 75
+    assert first.returncode == PREEMPTED_EXIT_CODE, first.stderr[-2000:]
+    assert marker.exists() and "rerun the same command to continue" in first.stderr
+    state = json.loads((out / "tune.json").read_text())
+    assert [t["status"] for t in state["trials"]][-1] == "running"
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("*/model.pt")}
+    assert {p.parent.name for p in finished} == {"baseline-1", "trial-01"}
+    assert (out / "trial-02" / "checkpoints" / "step_00000003.pt").is_file()
+
+    second = cli(*args)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "baseline 1/1" not in second.stdout and "trial 1:" not in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # not retrained
+    resumed = rows(out / "trial-02")
+    assert [r["epoch"] for r in resumed][:3] == [1, 2, 3]  # one line per epoch: resumed at step 3
+    state = json.loads((out / "tune.json").read_text())
+    assert state["trials"][-1]["status"] != "running" and state["decision"]["action"]
+
+
+def test_tune_cli_help_names_its_options():
+    r = subprocess.run(
+        [sys.executable, "-m", "segscale.cli", "tune", "--help"], capture_output=True, text=True
+    )
+    for option in ("--workers", "--simulate", "--baseline", "--max-trials", "--max-hours", "--out"):
+        assert option in r.stdout
