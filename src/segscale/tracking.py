@@ -177,3 +177,85 @@ def _param(value: Any) -> str:
 
 def _chunks(items: list[Any], n: int) -> list[list[Any]]:
     return [items[i : i + n] for i in range(0, len(items), n)]
+
+
+class ParentRun:
+    """One MLflow run that groups others (`segscale tune`: its baselines and trials; `segscale
+    repeat`: its runs), which name it as their tracker's parent_run_id. It lives in the store of
+    the runs in `folder` (or the tracker's `uri`) and is created at the first `run_id()`. With a
+    tracker other than mlflow it does nothing; like a tracker it never fails the job it records:
+    an error becomes one warning and the recording stops."""
+
+    def __init__(
+        self,
+        tracker: str,
+        kwargs: dict[str, Any],
+        folder: Path,
+        run_name: str,
+        tags: dict[str, str],
+        run_id: str | None = None,
+    ) -> None:
+        self.enabled = tracker == "mlflow"
+        self.uri = kwargs.get("uri") or default_uri(folder)
+        self.experiment = kwargs.get("experiment", "segscale")
+        self.folder, self.run_name, self.tags, self._run_id = Path(folder), run_name, tags, run_id
+        self._client: Any = None
+        if run_id is not None:  # a rerun continues the run (a stopped one was marked KILLED)
+            self._safely(lambda client: client.update_run(run_id, status="RUNNING"))
+
+    def _safely(self, fn: Any) -> Any:
+        if not self.enabled:
+            return None
+        try:
+            if self._client is None:
+                from mlflow.tracking import MlflowClient
+
+                for name in ("mlflow", "alembic"):
+                    logging.getLogger(name).setLevel(logging.WARNING)
+                self._client = MlflowClient(tracking_uri=self.uri)
+            return fn(self._client)
+        except Exception as e:  # tracking must never fail the job
+            warnings.warn(f"mlflow: {self.run_name} is not recorded further: {e}", stacklevel=3)
+            self.enabled = False
+            return None
+
+    def run_id(self) -> str | None:
+        """The parent's MLflow run id (created now if new), or None when not tracked."""
+        if self._run_id is None:
+
+            def create(client: Any) -> str:
+                exp = experiment(client, self.experiment, self.folder)
+                return client.create_run(exp, run_name=self.run_name, tags=self.tags).info.run_id
+
+            self._run_id = self._safely(create)
+        return self._run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Finite metrics at `step` (e.g. a trial's index)."""
+        run_id = self.run_id()
+        finite = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and v == v}
+        if run_id is not None and finite:
+            self._safely(
+                lambda c: [c.log_metric(run_id, k, v, step=step) for k, v in finite.items()]
+            )
+
+    def tag_child(self, run_dir: Path, tags: dict[str, str]) -> None:
+        """Tags on the MLflow run of a child's run folder (its mlflow_run_id file)."""
+        saved = Path(run_dir) / MLFLOW_RUN_ID
+        if self.enabled and saved.is_file():
+            child = saved.read_text().strip()
+            self._safely(lambda c: [c.set_tag(child, k, str(v)) for k, v in tags.items()])
+
+    def finish(self, artifacts: list[str] | tuple[str, ...], status: str = "FINISHED") -> None:
+        """Log the files of `folder` named in `artifacts` that exist, and end the run."""
+        run_id = self._run_id
+        if run_id is None:
+            return
+
+        def end(client: Any) -> None:
+            for name in artifacts:
+                if (self.folder / name).is_file():
+                    client.log_artifact(run_id, str(self.folder / name))
+            client.set_terminated(run_id, status=status)
+
+        self._safely(end)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +42,10 @@ from segscale.engine import plan, prepare_run_dir
 from segscale.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, SegscaleError
 from segscale.guideline import Decision, Guideline, Scores, Settings, Trial
 from segscale.launch import launch, start_worker_server
+from segscale.tracking import ParentRun
 
 STATE = "tune.json"
+OUTPUTS = ("tune.md", "tune.png", "tuned.yaml", STATE)  # the tuning run's artifacts
 METRICS = ("dice", "pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou")  # tune.md's columns
 
 
@@ -119,13 +120,19 @@ class _Tuner:
         self.signature = {"config": cfg.digest(), **options.signature()}
         self.state = self._load_state()
         self.started = time.monotonic()
-        self.tracking = _Parent(cfg, out, self.state)
+        self.tracking = ParentRun(
+            cfg.tracker.name,
+            cfg.tracker.kwargs,
+            out,
+            f"{cfg.name}-tune",
+            {"segscale.tune": str(out)},
+            self.state.get("mlflow_run_id"),
+        )
         self.search = _OptunaSearch(out, cfg.seed) if options.method == "optuna" else None
 
     # ---- the whole job
 
     def run(self) -> dict[str, Any]:
-        self.tracking.resume()
         try:
             self._baselines()
             guide = self._guideline()
@@ -133,9 +140,9 @@ class _Tuner:
             self._trials(guide)
             self._test()
             self._write_outputs()
-            self.tracking.finish(self.out, self.state, "FINISHED")
+            self.tracking.finish(OUTPUTS, "FINISHED")
         except Preempted:
-            self.tracking.finish(self.out, self.state, "KILLED")
+            self.tracking.finish([], "KILLED")
             raise
         return self.state
 
@@ -244,7 +251,7 @@ class _Tuner:
             if self.search is not None:
                 self.search.tell_finished(self.state["trials"])
             self._say(f"trial {trial['index']}: {_verdict(trial)}")
-            self.tracking.trial(trial)
+            self._track(trial)
             decision = self._next(guide)
         best = guide.best(self._as_trials()) if trials else None
         chosen = next(
@@ -347,6 +354,13 @@ class _Tuner:
             return
         self._train(cfg, trial, workers=1 if self.options.simulate else self.options.workers)
 
+    def _track(self, trial: dict[str, Any]) -> None:
+        """The trial's validation scores on the tuning run; its action and status on its own."""
+        scores = {f"trial_val_{m}": v for m, v in trial["scores"].items() if m in METRICS}
+        self.tracking.log_metrics(scores, trial["index"])
+        tags = {"segscale.tune.action": trial["action"], "segscale.tune.status": trial["status"]}
+        self.tracking.tag_child(Path(trial["run_dir"]), tags)
+
     def _sync(self) -> None:
         if self.search is not None:  # a trial that finished as the tuner stopped
             self.search.tell_finished(self.state["trials"])
@@ -402,6 +416,9 @@ class _Tuner:
     def _finish_config(self, raw: dict[str, Any], what: str) -> RunConfig:
         if raw["tracker"]["name"] == "mlflow":
             parent = self.tracking.run_id()
+            if parent and "mlflow_run_id" not in self.state:
+                self.state["mlflow_run_id"] = parent
+                self._save()
             if parent:
                 raw["tracker"]["kwargs"] = {**raw["tracker"]["kwargs"], "parent_run_id": parent}
         return validate(raw, source=f"{self.out.name}/{what}")
@@ -670,92 +687,3 @@ class _OptunaSearch:
             else:  # a diverged model segments nothing: Dice 0
                 dice = t["scores"].get("dice", math.nan)
                 self.study.tell(number, 0.0 if math.isnan(dice) else dice)
-
-
-class _Parent:
-    """The tuning as one MLflow run, its baselines and trials as children, when the config's tracker
-    is MLflow. Like a tracker, it never fails the tuning: an error becomes one warning."""
-
-    def __init__(self, cfg: RunConfig, out: Path, state: dict[str, Any]) -> None:
-        self.enabled = cfg.tracker.name == "mlflow"
-        self.kwargs = cfg.tracker.kwargs
-        self.name, self.out, self.state = cfg.name, out, state
-        self._client: Any = None
-
-    def _connect(self) -> Any:
-        if self._client is None:
-            import logging
-
-            from mlflow.tracking import MlflowClient
-
-            from segscale.tracking import default_uri
-
-            for name in ("mlflow", "alembic"):
-                logging.getLogger(name).setLevel(logging.WARNING)
-            self._client = MlflowClient(
-                tracking_uri=self.kwargs.get("uri") or default_uri(self.out)
-            )
-        return self._client
-
-    def _safely(self, fn: Any) -> Any:
-        if not self.enabled:
-            return None
-        try:
-            return fn(self._connect())
-        except Exception as e:  # tracking must never fail the tuning
-            warnings.warn(f"mlflow: the tuning run was not recorded: {e}", stacklevel=2)
-            self.enabled = False
-            return None
-
-    def run_id(self) -> str | None:
-        """The tuning run's id, created at the first call (and kept in the state)."""
-        if "mlflow_run_id" not in self.state:
-
-            def create(client: Any) -> str:
-                from segscale.tracking import experiment
-
-                exp = experiment(client, self.kwargs.get("experiment", "segscale"), self.out)
-                tags = {"segscale.tune": str(self.out)}
-                return client.create_run(exp, run_name=f"{self.name}-tune", tags=tags).info.run_id
-
-            run_id = self._safely(create)
-            if run_id is None:
-                return None
-            self.state["mlflow_run_id"] = run_id
-        return self.state["mlflow_run_id"]
-
-    def resume(self) -> None:
-        """A rerun continues the tuning's MLflow run (stopped runs are marked KILLED)."""
-        run_id = self.state.get("mlflow_run_id")
-        if run_id is not None:
-            self._safely(lambda client: client.update_run(run_id, status="RUNNING"))
-
-    def trial(self, trial: dict[str, Any]) -> None:
-        run_id = self.run_id()
-        if run_id is None:
-            return
-
-        def log(client: Any) -> None:
-            for m, v in trial["scores"].items():
-                if m in METRICS and isinstance(v, float) and math.isfinite(v):
-                    client.log_metric(run_id, f"trial_val_{m}", v, step=trial["index"])
-            child = Path(trial["run_dir"]) / "mlflow_run_id"
-            if child.is_file():
-                child_id = child.read_text().strip()
-                client.set_tag(child_id, "segscale.tune.action", trial["action"])
-                client.set_tag(child_id, "segscale.tune.status", trial["status"])
-
-        self._safely(log)
-
-    def finish(self, out: Path, state: dict[str, Any], status: str) -> None:
-        run_id = state.get("mlflow_run_id")
-        if not self.enabled or run_id is None:
-            return
-
-        def end(client: Any) -> None:
-            for name in ("tune.md", "tune.png", "tuned.yaml", STATE):
-                if status == "FINISHED" and (out / name).is_file():
-                    client.log_artifact(run_id, str(out / name))
-            client.set_terminated(run_id, status=status)
-
-        self._safely(end)
