@@ -17,9 +17,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "segscale"
 # Top to bottom: a module may import its own layer (without a cycle) or any layer below it.
 LAYERS: list[set[str]] = [
     {"cli"},
-    {"demo", "tune", "launch", "_forked_worker"},
+    {"demo", "tune", "repeat", "launch", "_forked_worker"},
     {"worker"},
-    {"engine", "predict", "report"},
+    {"engine", "predict", "report", "zoo"},
     {
         "train",
         "tasks",
@@ -34,6 +34,7 @@ LAYERS: list[set[str]] = [
         "parallel",
         "repro",
         "guideline",
+        "stats",
     },
     {"config", "registry", "xmlconfig", "imgmed", "segeval"},
     {"errors", "_files", "_progress", "_memory", "__init__"},

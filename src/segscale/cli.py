@@ -308,6 +308,43 @@ def tune_cmd(
     )
 
 
+@app.command("repeat")
+def repeat_cmd(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
+    overrides: Overrides = None,
+    runs: Annotated[int, typer.Option(help="How many runs.", min=2)] = 5,
+    vary: Annotated[
+        str,
+        typer.Option(
+            help="seed: every seed differs; init: only the weight init (init_seed); order: only "
+            "the data order, augmentation and dropout (data_seed)."
+        ),
+    ] = "seed",
+    workers: Annotated[int, typer.Option(help="Workers per run.", min=1)] = 1,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: runs/<name>-repeat).")
+    ] = None,
+) -> None:
+    """Train one config N times, one source of randomness varied, test each run, and report the
+    spread: per metric mean, SD, 95% CI, min/max; per case; ICC(A,1) between runs. Resumable."""
+    from segscale.errors import PREEMPTED_EXIT_CODE, Preempted
+    from segscale.repeat import RepeatOptions, repeat
+
+    if out is None:
+        out = Path("runs") / f"{_load(config, overrides).name}-repeat"
+    try:
+        report = repeat(config, overrides, RepeatOptions(runs, vary, workers), out)
+    except Preempted as e:
+        typer.echo(f"preempted: {e}", err=True)
+        raise typer.Exit(PREEMPTED_EXIT_CODE) from None
+    dice = report["metrics"]["dice"]
+    line = f"test Dice {dice['mean']:.4f} ± {dice['sd']:.4f} (SD over {report['runs']} runs)"
+    if report["agreement"] is not None:
+        a = report["agreement"]
+        line += f"; ICC(A,1) {a['icc']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]"
+    typer.echo(f"{line}; see {out / 'variability.md'}")
+
+
 @app.command("stop")
 def stop_cmd(
     run_dir: Annotated[Path, typer.Argument(help="The folder of a running training.")],
@@ -437,7 +474,9 @@ def _plot_overlays(run_dir: Path, evaluation: dict, out: Path) -> None:
 
 @app.command("predict")
 def predict_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="A trained run folder.")],
+    run_dir: Annotated[
+        str, typer.Argument(help="A trained run folder, or zoo:NAME[@VERSION] (a zoo model).")
+    ],
     inputs: Annotated[
         list[Path], typer.Argument(help="NIfTI volumes or 2D images (or folders of them).")
     ],
@@ -445,14 +484,26 @@ def predict_cmd(
         Path, typer.Option("--out", help="Folder for the masks (same file names as the inputs).")
     ],
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    zoo: Annotated[
+        str | None,
+        typer.Option(
+            help="With zoo:NAME: the zoo (folder or URL) [default: SEGSCALE_ZOO, else the shipped one]"
+        ),
+    ] = None,
 ) -> None:
-    """Segment images; masks keep each input's shape and header geometry."""
+    """Segment images with a run's model or a zoo model; masks keep each input's shape and header
+    geometry."""
     from segscale.predict import predict
 
     if out.exists() and not out.is_dir():
         raise SegscaleError(f"--out {out}: a file; give a folder for the masks")
+    if run_dir.startswith("zoo:"):  # pulled (or found in the cache) and verified first
+        from segscale.zoo import pull
 
-    for path in predict(run_dir.resolve(), inputs, out, device=device):
+        source = pull(run_dir, zoo)
+    else:
+        source = Path(run_dir).resolve()
+    for path in predict(source, inputs, out, device=device):
         typer.echo(f"wrote {path}")
 
 
@@ -513,6 +564,71 @@ def launch_cmd(
     script = out or run_dir / "job.sbatch"
     write_atomic(script, sbatch_script(run_dir, nodes, gpus_per_node, time, partition, cfg.name))
     typer.echo(f"wrote {script}; submit with: sbatch {script}")
+
+
+zoo_app = typer.Typer(
+    help="Pretrained models: publish a run, list a zoo, pull an entry (verified by sha256).",
+    no_args_is_help=True,
+)
+app.add_typer(zoo_app, name="zoo")
+
+ZooOption = Annotated[
+    str | None,
+    typer.Option(help="A zoo folder or http(s) URL [default: SEGSCALE_ZOO, else the shipped one]"),
+]
+
+
+@zoo_app.command("publish")
+def zoo_publish_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A finished segmentation run folder.")],
+    name: Annotated[str, typer.Option(help="The model's name (letters, digits, . _ -).")],
+    zoo: Annotated[Path, typer.Option(help="The zoo folder to publish into.")],
+    version: Annotated[str, typer.Option(help="The entry's version.")] = "1",
+    licence: Annotated[str, typer.Option(help="The weights' licence (SPDX id).")] = "CC-BY-4.0",
+    description: Annotated[str, typer.Option(help="One paragraph for the model card.")] = "",
+) -> None:
+    """Publish a run's model: safetensors weights, config, store description, metadata with the
+    sha256 of every file, a model card; added to the zoo's index.json."""
+    from segscale.zoo import publish
+
+    entry = publish(run_dir, name, zoo, version, licence, description)
+    typer.echo(f"published {name}@{version}: {entry} (card: {entry / 'card.md'})")
+
+
+@zoo_app.command("list")
+def zoo_list_cmd(zoo: ZooOption = None) -> None:
+    """The models of a zoo: name, version, classes, input, test Dice, licence."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from segscale.zoo import default_zoo, entries
+
+    table = Table("model", "classes", "input", "network", "test Dice", "licence")
+    for e in entries(zoo):
+        dice = f"{e['dice']:.4f}" if isinstance(e.get("dice"), float) else "–"
+        channels = ", ".join(e["channels"]) or "?"
+        table.add_row(
+            f"{e['name']}@{e['version']}",
+            ", ".join(e["classes"]),
+            f"{channels}, {e['size']}²",
+            e["architecture"],
+            dice,
+            e["licence"],
+        )
+    Console().print(table)
+    typer.echo(f"zoo: {zoo or default_zoo()}")
+
+
+@zoo_app.command("pull")
+def zoo_pull_cmd(
+    ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION (default: the newest).")],
+    zoo: ZooOption = None,
+) -> None:
+    """Download an entry into the cache (SEGSCALE_CACHE, default ~/.cache/segscale), every file
+    checked against the zoo's sha256; prints the local folder."""
+    from segscale.zoo import pull
+
+    typer.echo(pull(ref, zoo))
 
 
 config_app = typer.Typer(help="Work with config files.", no_args_is_help=True)

@@ -404,7 +404,14 @@ class TrainConfig(_Strict):
 
 class RunConfig(_Strict):
     name: str = Field(description="Run name; the default run folder is runs/<name>.")
-    seed: int = 0
+    seed: int = Field(0, description="Seeds everything random (init_seed, data_seed: one part).")
+    init_seed: int | None = Field(
+        None, description="Seed of the weight initialisation only (default: seed)."
+    )
+    data_seed: int | None = Field(
+        None,
+        description="Seed of the data order, augmentation and dropout only (default: seed).",
+    )
     workers: int | None = Field(
         None,
         gt=0,
@@ -422,6 +429,11 @@ class RunConfig(_Strict):
         if not v or "/" in v or v.startswith("."):
             raise ValueError("must be a plain folder name (no '/', not starting with '.')")
         return v
+
+    def seed_for(self, part: Literal["init", "data"]) -> int:
+        """The seed of one part of the randomness: `init_seed`/`data_seed`, else `seed`."""
+        own = self.init_seed if part == "init" else self.data_seed
+        return self.seed if own is None else own
 
     def settings(self) -> dict[str, Any]:
         """Everything that shapes training, as JSON data: not the tracker, which only records. The

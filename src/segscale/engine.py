@@ -225,7 +225,7 @@ class Plan:
             ranks,
             strategy.virtual_workers,
             strategy.device,
-            c.seed,
+            c.seed_for("data"),
             c.data.augment,
             c.data.num_workers,
         )
@@ -270,7 +270,7 @@ class Plan:
 
         c, t = self.cfg, self.cfg.train
         d = t.divergence
-        seed_everything(c.seed, t.deterministic)
+        seed_everything(c.seed_for("init"), t.deterministic)
         model = self.model()  # the same seed on every rank; DDP also broadcasts rank 0's weights
         if t.simulate_fused:  # one pass for the K micro-batches; BatchNorm still sees each alone
             model = ghost_batchnorm(model, t.simulate_workers or 1)
@@ -295,7 +295,7 @@ class Plan:
             num_val_cases=len(val_loader.dataset.cases),
             task=self.task,
             run_dir=run_dir,
-            seed=c.seed,
+            seed=c.seed_for("data"),
             steps_per_epoch=steps,
             val_every=t.val_every,
             grad_clip=t.grad_clip,
@@ -318,6 +318,8 @@ class Plan:
         return {
             **environment(),
             "seed": c.seed,
+            "init_seed": c.seed_for("init"),
+            "data_seed": c.seed_for("data"),
             "config_digest": c.digest(),
             "peak_lr": trainer.schedule.peak_lr,
             "workers": workers,
@@ -461,6 +463,17 @@ def plan(cfg: RunConfig) -> Plan:
     check_kwargs(TRACKERS, cfg.tracker.name, cfg.tracker.kwargs, tracker)
     if cfg.data.transform is not None:
         check_kwargs(TRANSFORMS, cfg.data.transform.name, cfg.data.transform.kwargs)
+    return Plan(cfg, store, task)
+
+
+def inference_plan(cfg: RunConfig) -> Plan:
+    """A Plan that builds and runs a trained model without its training data (a zoo entry): the
+    store's description (labels, channels, preprocessing, slice size) is all it reads; no split
+    needs any case. Raises SegscaleError for an unknown task or model, or kwargs that do not fit."""
+    store = Store.open(cfg.data.store)
+    check_kwargs(TASKS, cfg.task.name, cfg.task.kwargs)
+    task = TASKS.resolve(cfg.task.name)(**cfg.task.kwargs)
+    check_kwargs(MODELS, cfg.model.name, cfg.model.kwargs, {"in_channels": 1, "num_classes": 2})
     return Plan(cfg, store, task)
 
 

@@ -20,6 +20,7 @@ from segscale.imgmed.io import (
     sniff,
 )
 from segscale.imgmed.transforms import Plane, from_grid, from_slices, inplane_spacing, preprocess
+from segscale.zoo import ENTRY_META, load_model
 
 
 @torch.no_grad()
@@ -43,6 +44,8 @@ def segment_slices(
 def predict(
     run_dir: Path, inputs: list[Path], out_dir: Path, batch_size: int = 16, device: str = "cpu"
 ) -> list[Path]:
+    """Segment `inputs` with the model of a finished run folder or of a pulled zoo entry's folder;
+    returns the masks written (out_dir/<input name>). Raises SegscaleError for bad input."""
     from segscale.engine import load_trained_model
 
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
@@ -50,7 +53,10 @@ def predict(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SegscaleError(f"--device {device}: no CUDA device is available; use --device cpu")
     dev = torch.device(device)
-    model, plan = load_trained_model(run_dir, dev)
+    if (run_dir / ENTRY_META).is_file():  # a zoo entry (segscale.zoo.pull gives its folder)
+        model, plan = load_model(run_dir, dev)
+    else:
+        model, plan = load_trained_model(run_dir, dev)
     if plan.cfg.task.name != "segmentation":
         raise SegscaleError(
             f"{run_dir}: a {plan.cfg.task.name} run; `segscale predict` writes masks, for "

@@ -1,0 +1,296 @@
+"""`segscale repeat`: the same config trained N times with one source of randomness varied, each
+run scored on the same test split, and the spread reported (the thesis' Fig. 5.5: "run each
+setting several times and report the spread").
+
+    --vary seed    everything random differs (seed = seed, seed+1, ...)
+    --vary init    only the weight initialisation (init_seed); data order and augmentation fixed
+    --vary order   only the data order, augmentation and dropout (data_seed); the init fixed
+
+Each run is a normal run folder OUT/run-N (resumable as any run; with the MLflow tracker a child of
+one repeat run). The report, OUT/variability.{md,json,png}: per metric the mean, SD, 95% CI of
+the mean, min and max over runs; per case the spread of Dice over runs; the agreement between runs
+on per-case Dice, ICC(A,1) with its 95% CI, and the two-way ANOVA's F test of a systematic
+difference between runs (segscale.stats). The state lives in OUT/repeat.json, so a rerun of the
+same command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segscale._files import write_atomic
+from segscale.config import load_config, validate
+from segscale.engine import plan, prepare_run_dir
+from segscale.errors import PREEMPTED_EXIT_CODE, Preempted, SegscaleError
+from segscale.launch import launch, start_worker_server
+from segscale.stats import agreement, spread
+from segscale.tracking import ParentRun
+
+STATE = "repeat.json"
+VARY = {"seed": "seed", "init": "init_seed", "order": "data_seed"}  # --vary → the config key
+# dataset-level metrics, then per-case means (distances: a case mean is the usual report)
+DATASET_METRICS = ("dice", "mean_iou", "pixel_accuracy", "mean_accuracy", "fw_iou")
+CASE_METRICS = ("hd95", "assd")
+OUTPUTS = ("variability.md", "variability.json", "variability.png", STATE)
+
+
+@dataclass(frozen=True)
+class RepeatOptions:
+    runs: int = 5
+    vary: str = "seed"
+    workers: int = 1
+
+    def signature(self) -> dict[str, Any]:
+        return {"runs": self.runs, "vary": self.vary, "workers": self.workers}
+
+
+def repeat(
+    config: Path,
+    overrides: list[str] | None,
+    options: RepeatOptions,
+    out: Path,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train and test `options.runs` runs; returns the variability report (as variability.json).
+    Raises SegscaleError for bad input, Preempted when a run was stopped (rerun to continue)."""
+    if options.vary not in VARY:
+        raise SegscaleError(f"--vary {options.vary}: expected one of {', '.join(VARY)}")
+    if options.runs < 2:
+        raise SegscaleError(f"--runs {options.runs}: a spread needs at least 2 runs")
+    cfg = load_config(config, overrides)
+    plan(cfg).check(options.workers)
+    if options.workers > 1:
+        start_worker_server()
+    out = out.resolve()
+    state = _load_state(out, {"config": cfg.digest(), **options.signature()})
+    parent = ParentRun(
+        cfg.tracker.name,
+        cfg.tracker.kwargs,
+        out,
+        f"{cfg.name}-repeat",
+        {"segscale.repeat": str(out), "segscale.repeat.vary": options.vary},
+        state.get("mlflow_run_id"),
+    )
+    key = VARY[options.vary]
+    base = {"seed": cfg.seed, "init": cfg.seed_for("init"), "order": cfg.seed_for("data")}[
+        options.vary
+    ]
+    split = cfg.data.test_split
+    try:
+        for i in range(options.runs):
+            entry = state["runs"].setdefault(str(i + 1), {"run_dir": str(out / f"run-{i + 1}")})
+            if "test" in entry:
+                continue
+            run_dir = Path(entry["run_dir"])
+            raw = cfg.model_dump(mode="json")
+            raw[key], raw["name"] = base + i, f"{cfg.name}-run-{i + 1}"
+            entry[key] = base + i
+            if cfg.tracker.name == "mlflow" and (parent_id := parent.run_id()):
+                state["mlflow_run_id"] = parent_id
+                raw["tracker"]["kwargs"] = {**raw["tracker"]["kwargs"], "parent_run_id": parent_id}
+            run_cfg = validate(raw, source=f"{out.name}/run-{i + 1}")
+            if progress:
+                print(f"[repeat] run {i + 1}/{options.runs}: {key} {base + i}", flush=True)
+            t0 = time.monotonic()
+            if not (run_dir / "model.pt").is_file():
+                started = (run_dir / "checkpoints").is_dir()
+                prepare_run_dir(run_cfg, run_dir, resume=started)
+                args = ["train", str(run_dir), *(["--resume"] if started else [])]
+                code = launch([*args, *([] if progress else ["--no-progress"])], options.workers)
+                if code != 0:
+                    _save(out, state)
+                    if code == PREEMPTED_EXIT_CODE or code > 128:
+                        raise Preempted(
+                            f"stopped during run-{i + 1}; rerun the same command to continue"
+                        )
+                    raise SegscaleError(f"run-{i + 1} failed (exit code {code}); see above")
+            result = run_dir / f"evaluation-{split}.json"
+            code = launch(
+                ["evaluate", str(run_dir), "--split", split, "--out", str(result)], options.workers
+            )
+            if code != 0:
+                raise SegscaleError(f"evaluating run-{i + 1} on '{split}' failed (exit {code})")
+            evaluation = json.loads(result.read_text())
+            entry["seconds"] = entry.get("seconds", 0.0) + time.monotonic() - t0
+            entry["test"] = {m: evaluation["dataset"].get(m) for m in DATASET_METRICS} | {
+                m: evaluation["case_summary"][m]["mean"] for m in CASE_METRICS
+            }
+            entry["cases"] = {c["case"]: c["dice"] for c in evaluation["cases"]}
+            parent.log_metrics({f"test_{m}": v for m, v in entry["test"].items()}, i + 1)
+            _save(out, state)
+        report = variability(state, cfg.name, options, split)
+        write_atomic(out / "variability.json", json.dumps(report, indent=1))
+        write_atomic(out / "variability.md", variability_markdown(report))
+        plot_variability(report, out / "variability.png")
+        parent.finish(OUTPUTS, "FINISHED")
+    except Preempted:
+        parent.finish((), "KILLED")
+        raise
+    if progress:
+        print(f"[repeat] wrote {out / 'variability.md'}, variability.json, variability.png")
+    return report
+
+
+def _load_state(out: Path, signature: dict[str, Any]) -> dict[str, Any]:
+    path = out / STATE
+    if not path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        return {"signature": signature, "runs": {}}
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SegscaleError(f"{path}: unreadable ({e}); use another --out") from e
+    before = state.get("signature", {})
+    if before != signature:
+        changed = sorted(k for k in {*before, *signature} if before.get(k) != signature.get(k))
+        raise SegscaleError(
+            f"{out}: holds repeated runs with other settings ({', '.join(changed)} differ); "
+            "rerun it as it started, or use another --out"
+        )
+    return state
+
+
+def _save(out: Path, state: dict[str, Any]) -> None:
+    write_atomic(out / STATE, json.dumps(state, indent=1))
+
+
+def variability(
+    state: dict[str, Any], name: str, options: RepeatOptions, split: str
+) -> dict[str, Any]:
+    """The report's numbers from the runs' test scores: per metric a Spread, per case the spread
+    of Dice over runs, and the runs' agreement on per-case Dice (the cases every run scored)."""
+    runs = [state["runs"][str(i + 1)] for i in range(options.runs)]
+
+    def defined(m: str) -> bool:
+        return all(
+            isinstance(r["test"].get(m), int | float) and r["test"][m] == r["test"][m] for r in runs
+        )
+
+    every = (*DATASET_METRICS, *CASE_METRICS)
+    metrics = {m: spread([r["test"][m] for r in runs]).as_dict() for m in every if defined(m)}
+    cases = sorted(set.intersection(*(set(r["cases"]) for r in runs)))
+    scored = [c for c in cases if all(r["cases"][c] == r["cases"][c] for r in runs)]  # not NaN
+    matrix = np.array([[r["cases"][c] for r in runs] for c in scored])
+    per_case = {c: spread(list(row)).as_dict() for c, row in zip(scored, matrix)}
+    agree = agreement(matrix).as_dict() if len(scored) >= 2 else None
+    return {
+        "name": name,
+        "runs": options.runs,
+        "vary": options.vary,
+        "workers": options.workers,
+        "split": split,
+        "seeds": [r.get(VARY[options.vary]) for r in runs],
+        "metrics": metrics,
+        "undefined": [m for m in every if m not in metrics],  # NaN in some run: no spread
+        "per_run": [r["test"] for r in runs],
+        "cases": per_case,
+        "cases_left_out": sorted(set().union(*(set(r["cases"]) for r in runs)) - set(scored)),
+        "agreement": agree,
+        "seconds": sum(r.get("seconds", 0.0) for r in runs),
+    }
+
+
+NAMES = {
+    "dice": "Dice",
+    "mean_iou": "mIoU",
+    "pixel_accuracy": "PA",
+    "mean_accuracy": "MA",
+    "fw_iou": "fwIoU",
+    "hd95": "HD95 (mm, case mean)",
+    "assd": "ASSD (mm, case mean)",
+}
+
+
+def variability_markdown(report: dict[str, Any]) -> str:
+    what = {"seed": "every seed", "init": "the weight init only", "order": "the data order only"}
+    lines = [
+        f"# `{report['name']}`: {report['runs']} runs, {what[report['vary']]} varied",
+        "",
+        f"{report['workers']} worker(s) per run; each run scored on the `{report['split']}` split. "
+        f"{VARY[report['vary']]}: {', '.join(map(str, report['seeds']))}.",
+        "",
+        "| metric | mean | SD | 95% CI of the mean | min | max |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m, s in report["metrics"].items():
+        lines.append(
+            f"| {NAMES.get(m, m)} | {s['mean']:.4f} | {s['sd']:.4f} | "
+            f"[{s['ci_low']:.4f}, {s['ci_high']:.4f}] | {s['min']:.4f} | {s['max']:.4f} |"
+        )
+    if report["undefined"]:
+        names = ", ".join(NAMES.get(m, m) for m in report["undefined"])
+        lines.append(
+            f"\nUndefined in some run (e.g. a distance with an empty prediction): {names}."
+        )
+    a = report["agreement"]
+    lines += ["", "## Agreement between runs on per-case Dice", ""]
+    if a is None:
+        lines.append("Fewer than 2 cases scored by every run: no agreement to compute.")
+    else:
+        verdict = "differ systematically" if a["p_runs"] < 0.05 else "show no systematic difference"
+        lines += [
+            f"ICC(A,1) = {a['icc']:.3f}, 95% CI [{a['ci_low']:.3f}, {a['ci_high']:.3f}] "
+            f"({a['cases']} cases × {a['runs']} runs). Two-way random effects, absolute "
+            "agreement, single run (McGraw & Wong 1996; Shrout & Fleiss' ICC(2,1)): how far one "
+            "run's per-case Dice stands for any other run's, a systematic offset between runs "
+            "counting as disagreement.",
+            "",
+            f"Runs: F = {a['f_runs']:.3g}, p = {a['p_runs']:.3g} (two-way ANOVA, runs × cases): "
+            f"the runs {verdict} at the 5% level.",
+        ]
+    lines += [
+        "",
+        "## Per case (Dice over runs)",
+        "",
+        "| case | mean | SD | min | max |",
+        "|---|---|---|---|---|",
+    ]
+    for c, s in report["cases"].items():
+        lines.append(f"| {c} | {s['mean']:.4f} | {s['sd']:.4f} | {s['min']:.4f} | {s['max']:.4f} |")
+    if report["cases_left_out"]:
+        lines.append(
+            f"\nLeft out (not scored by every run): {', '.join(report['cases_left_out'])}."
+        )
+    lines += ["", "![per metric and per case over runs](variability.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_variability(report: dict[str, Any], out: Path) -> None:
+    """Left: each overlap metric over runs (box + the runs as points); right: per-case Dice over
+    runs (each case's runs as points, its mean as a bar), cases sorted by mean Dice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    overlap = [m for m in DATASET_METRICS if m in report["metrics"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), width_ratios=[1, 1.4])
+    values = [[r[m] for r in report["per_run"]] for m in overlap]
+    left.boxplot(values, tick_labels=[NAMES[m] for m in overlap], showfliers=False)
+    rng = np.random.default_rng(0)  # jitter only
+    for i, v in enumerate(values, 1):
+        left.scatter(i + rng.uniform(-0.12, 0.12, len(v)), v, s=14, color="tab:blue", zorder=3)
+    left.set(title=f"test metrics over {report['runs']} runs", ylabel="score")
+    left.grid(alpha=0.3, axis="y")
+    cases = sorted(report["cases"], key=lambda c: report["cases"][c]["mean"])
+    if cases:
+        means = [report["cases"][c]["mean"] for c in cases]
+        lows = [report["cases"][c]["mean"] - report["cases"][c]["min"] for c in cases]
+        highs = [report["cases"][c]["max"] - report["cases"][c]["mean"] for c in cases]
+        right.errorbar(range(len(cases)), means, yerr=[lows, highs], fmt="o", capsize=3)
+        right.set_xticks(range(len(cases)), cases, rotation=60, ha="right", fontsize=7)
+    a = report["agreement"]
+    title = "per-case Dice (mean, min–max over runs)"
+    if a is not None:
+        title += f"; ICC(A,1) {a['icc']:.2f} [{a['ci_low']:.2f}, {a['ci_high']:.2f}]"
+    right.set(title=title, ylabel="Dice")
+    right.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
