@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from segscale.config import load_config, save_config
+from segscale.config import load_config, save_config, validate
 from segscale.errors import ConfigError
 
 GOOD = """\
@@ -102,3 +102,16 @@ def test_augmentation_presets_by_name(tmp_path):
         ConfigError, match=r"cfg\.yaml:3: key 'data\.augment': .*unknown preset 'brain'"
     ):
         load_config(write(tmp_path, text.replace("left-atrium", "brain")))
+
+
+def test_unset_init_and_data_seeds_leave_the_digest_as_it_was(tmp_path):
+    """Run folders started before init_seed/data_seed existed resume: unset, they are not part
+    of the settings a checkpoint's digest hashes; set, they are."""
+    from conftest import tiny_config
+
+    cfg = tiny_config(tmp_path)
+    plain = validate(cfg)
+    assert "init_seed" not in plain.settings() and "data_seed" not in plain.settings()
+    assert validate({**cfg, "init_seed": None}).digest() == plain.digest()
+    assert validate({**cfg, "init_seed": 1}).digest() != plain.digest()
+    assert validate({**cfg, "data_seed": 0}).settings()["data_seed"] == 0

@@ -438,7 +438,11 @@ class RunConfig(_Strict):
     def settings(self) -> dict[str, Any]:
         """Everything that shapes training, as JSON data: not the tracker, which only records. The
         digest hashes it; trackers record it as the run's parameters."""
-        return self.model_dump(mode="json", exclude={"tracker"})
+        data = self.model_dump(mode="json", exclude={"tracker"})
+        for key in ("init_seed", "data_seed"):  # unset: the digest runs had before these existed
+            if data[key] is None:
+                del data[key]
+        return data
 
     def digest(self) -> str:
         """A short hash of the settings (for checkpoints and records)."""
