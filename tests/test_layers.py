@@ -27,6 +27,7 @@ LAYERS: list[set[str]] = [
         "data",
         "checkpoint",
         "tracking",
+        "monitor",
         "schedules",
         "optim",
         "losses",

@@ -289,7 +289,25 @@ class TrackerConfig(Component):
     )
     kwargs: dict[str, Any] = Field(
         default_factory=dict,
-        description="mlflow: uri (any MLflow tracking URI), experiment (default 'segscale').",
+        description="mlflow: uri (any MLflow tracking URI), experiment (default 'segscale'), "
+        "poll_seconds (how often the run's tags are read for segscale.stop; default 5).",
+    )
+
+
+class MonitorConfig(_Strict):
+    """What a running job reports besides its per-epoch rows; it never changes what is trained."""
+
+    log_every: int = Field(
+        50,
+        gt=0,
+        description="Step metrics (loss, lr, img/s, step time, data wait, gradient norm) every N "
+        "steps, to trackers' on_log (MLflow: step/...).",
+    )
+    system_every: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds between samples of every rank's CPU, memory, disk and network use "
+        "(and its GPU's, with nvidia-ml-py) into RUN_DIR/system/; 0: none.",
     )
 
 
@@ -422,6 +440,7 @@ class RunConfig(_Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig
     tracker: TrackerConfig = TrackerConfig()
+    monitor: MonitorConfig = MonitorConfig()
 
     @field_validator("name")
     @classmethod
@@ -436,9 +455,9 @@ class RunConfig(_Strict):
         return self.seed if own is None else own
 
     def settings(self) -> dict[str, Any]:
-        """Everything that shapes training, as JSON data: not the tracker, which only records. The
-        digest hashes it; trackers record it as the run's parameters."""
-        data = self.model_dump(mode="json", exclude={"tracker"})
+        """Everything that shapes training, as JSON data: not the tracker and the monitor, which
+        only record. The digest hashes it; trackers record it as the run's parameters."""
+        data = self.model_dump(mode="json", exclude={"tracker", "monitor"})
         for key in ("init_seed", "data_seed"):  # unset: the digest runs had before these existed
             if data[key] is None:
                 del data[key]

@@ -307,7 +307,14 @@ class Plan:
             fuse_microbatches=t.simulate_fused,
             divergence=DivergenceGuard(d.factor, d.patience, d.smoothing) if d.enabled else None,
             progress=progress,
+            log_every=c.monitor.log_every,
         )
+
+    def system_sampler(self, run_dir: Path, strategy: Strategy) -> Any:
+        """This rank's system sampler (monitor.system_every; started by the caller)."""
+        from segscale.monitor import SystemSampler
+
+        return SystemSampler(run_dir, strategy.rank, self.cfg.monitor.system_every, strategy.device)
 
     def record(self, trainer: Trainer) -> dict[str, Any]:
         """What environment.json holds for a run: the machine and software, and how the config

@@ -371,9 +371,11 @@ def tuning_table(state: dict[str, Any], name: str, workers: int, simulated: bool
             cells = " | ".join(_percent(b["test"].get(k)) for k, _ in TUNE_COLUMNS)
             lines.append(f"| baseline {i} (one worker) | {cells} |")
     for t in state["trials"]:
-        if t.get("test"):
+        chosen = t["index"] == decision["trial"]
+        validation = t["action"] == "validate" and t["settings"] == decision["settings"]
+        if t.get("test") and (chosen or validation):  # not an earlier decision's
             cells = " | ".join(_percent(t["test"].get(k)) for k, _ in TUNE_COLUMNS)
-            what = "its validation run" if t["action"] == "validate" else "chosen"
+            what = "its validation run" if validation else "chosen"
             lines.append(f"| trial {t['index']} ({workers} workers, {what}) | {cells} |")
     lines += [
         "",

@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from segscale._files import write_atomic
-from segscale.errors import Preempted
+from segscale.errors import STOP_FILE, Preempted
+from segscale.monitor import SystemFiles
 
 MLFLOW_RUN_ID = "mlflow_run_id"  # in the run folder: a resumed run continues the same MLflow run
+STOP_TAG = "segscale.stop"  # set to true on a run in MLflow: it stops as by `segscale stop`
 
 
 class NoTracker:
@@ -36,8 +38,12 @@ class NoTracker:
 
 class MLflowTracker:
     """Mirror the run into MLflow: parameters (the flattened config), one metrics row per epoch at
-    its global step, tags (run folder, config digest), and at the end config.yaml, environment.json
-    and metrics.jsonl as artifacts. Status: FINISHED, KILLED (preempted) or FAILED.
+    its global step, step metrics (step/...) every monitor.log_every steps, every rank's system
+    metrics (system/<node>/<rank>/...), tags (run folder, config digest), and at the end
+    config.yaml, environment.json and metrics.jsonl as artifacts. Status: FINISHED, KILLED
+    (preempted or stopped) or FAILED. Every `poll_seconds` it reads the run's tags: segscale.stop
+    = true, set in the MLflow UI or through its API, stops the run gracefully (checkpoint, resume
+    with --resume), as `segscale stop` does.
 
     `uri` defaults to `sqlite:///<the run folder's parent>/mlflow.db`, so every run under runs/
     lands in one store (`mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`); the experiment's
@@ -56,8 +62,10 @@ class MLflowTracker:
         experiment: str = "segscale",
         parent_run_id: str | None = None,
         tags: dict[str, str] | None = None,
+        poll_seconds: float = 5.0,
     ) -> None:
         self.run_dir, self.run_name, self.params = Path(run_dir), run_name, params
+        self.poll_seconds = poll_seconds
         self.tags = {"segscale.run_dir": str(self.run_dir), **(tags or {})}
         if parent_run_id:  # nested under it in the UI (`segscale tune`: trials under the tuning)
             self.tags["mlflow.parentRunId"] = parent_run_id
@@ -74,6 +82,15 @@ class MLflowTracker:
 
     def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
         self._queue.put(("metrics", dict(record)))
+
+    def on_log(self, trainer: Any, row: dict[str, Any]) -> None:
+        """Step metrics, as step/<name> at their global step."""
+        self._queue.put(
+            (
+                "metrics",
+                {"step": row["step"], **{f"step/{k}": v for k, v in row.items() if k != "step"}},
+            )
+        )
 
     def close(self, error: BaseException | None = None, timeout: float = 120.0) -> None:
         """End the MLflow run and wait (at most `timeout` s) for the thread to write everything."""
@@ -100,9 +117,21 @@ class MLflowTracker:
         except Exception as e:  # tracking must never fail training
             self._warn(e)
             return
+        system = SystemFiles(self.run_dir)
+        polled = time.monotonic()
         while True:
-            kind, item = self._queue.get()
             try:
+                kind, item = self._queue.get(timeout=self.poll_seconds)
+            except queue.Empty:
+                kind, item = "poll", None
+            try:
+                if time.monotonic() - polled >= self.poll_seconds or kind == "end":
+                    polled = time.monotonic()
+                    self._log_system(client, run_id, system)
+                    if kind != "end":
+                        self._check_stop_tag(client, run_id)
+                if kind == "poll":
+                    continue
                 if kind == "tags":
                     for k, v in item.items():
                         client.set_tag(run_id, k, str(v))
@@ -141,6 +170,30 @@ class MLflowTracker:
             client.log_batch(run_id, params=[Param(k, _param(v)) for k, v in chunk])
         write_atomic(saved, run_id + "\n")
         return client, run_id
+
+    def _log_system(self, client: Any, run_id: str, system: SystemFiles) -> None:
+        """Every rank's new system samples, as system/<node>/<rank>/<metric>."""
+        from mlflow.entities import Metric
+
+        metrics = [
+            Metric(f"system/{row['node']}/{row['rank']}/{k}", float(v), int(row["time"] * 1000), i)
+            for i, row in system.read()
+            for k, v in row.items()
+            if k not in ("node", "rank", "time") and isinstance(v, int | float)
+        ]
+        for chunk in _chunks(metrics, 1000):  # MLflow's batch limit
+            client.log_batch(run_id, metrics=chunk)
+
+    def _check_stop_tag(self, client: Any, run_id: str) -> None:
+        """The tag segscale.stop = true (set in the MLflow UI or API) asks for a graceful stop: the
+        STOP file `segscale stop` writes, which rank 0 checks at every step."""
+        value = client.get_run(run_id).data.tags.get(STOP_TAG, "")
+        if (
+            value.strip().lower() in ("true", "1", "yes")
+            and not (self.run_dir / STOP_FILE).exists()
+        ):
+            write_atomic(self.run_dir / STOP_FILE, f"graceful\nthe MLflow tag {STOP_TAG}\n")
+            client.set_tag(run_id, STOP_TAG, "seen")  # a resumed run is not stopped again
 
     def _log_metrics(self, client: Any, run_id: str, record: dict[str, Any]) -> None:
         from mlflow.entities import Metric

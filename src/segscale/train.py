@@ -72,6 +72,7 @@ class Trainer:
         fuse_microbatches: bool = False,
         divergence: DivergenceGuard | None = None,
         progress: bool = True,
+        log_every: int | None = None,
     ) -> None:
         self.model, self.optimizer, self.schedule, self.loss_fn = (
             model,
@@ -109,6 +110,13 @@ class Trainer:
         self._resumed_rank_state: dict[str, Any] | None = None
         self._stop = _StopRequest()
         self._finish_reason: str | None = None
+        # step metrics every `log_every` steps (on_log): this interval's Σ loss·n and Σ n on the
+        # device, its start, the host time spent waiting for batches, the last gradient norm
+        self.log_every = log_every
+        self._interval = torch.zeros(2, dtype=torch.float64, device=strategy.device)
+        self._interval_start, self._interval_step, self._waited = time.perf_counter(), 0, 0.0
+        self._paused_at: float | None = None
+        self._grad_norm = math.nan
 
     def finish_early(self, reason: str) -> None:
         """End training after the current epoch (its checkpoint, metrics and model.pt are written as
@@ -177,17 +185,27 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         self.model.train()
         t0 = time.perf_counter() - self.elapsed
+        if self._paused_at is not None:  # validation and checkpoints are not step time
+            self._interval_start += time.perf_counter() - self._paused_at
+        batches = iter(self.train_loader)
         with progress_bar(
             self.progress, f"epoch {epoch + 1}/{self.epochs}", self.steps_per_epoch, self.epoch_step
         ) as advance:
-            for micro in self.train_loader:
-                if self.epoch_step == self.steps_per_epoch:
+            while self.epoch_step < self.steps_per_epoch:
+                fetch = time.perf_counter()
+                micro = next(batches, None)
+                if micro is None:
                     break
+                self._waited += time.perf_counter() - fetch
                 loss = self.train_step(micro)
                 n = sum(len(x) for x, _ in micro)
                 self.totals[0] += loss.double() * n
                 self.totals[1] += n
+                self._interval[0] += loss.double() * n
+                self._interval[1] += n
                 self.epoch_step += 1
+                if self.log_every and self.step % self.log_every == 0:
+                    self._call("on_log", self.step_metrics())
                 self.elapsed = time.perf_counter() - t0
                 advance()
                 self._call("on_step_end", self.step)
@@ -216,7 +234,8 @@ class Trainer:
                         f"{self._stop.why} at step {self.step}; checkpoint saved, continue with --resume"
                     )
         totals = self.strategy.all_reduce_sum(self.totals.clone()).cpu()
-        seconds = time.perf_counter() - t0
+        self._paused_at = time.perf_counter()
+        seconds = self._paused_at - t0
         return {
             "epoch": epoch + 1,
             "step": self.step,
@@ -254,11 +273,47 @@ class Trainer:
             loss += part.detach().float()
         if self.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            if self._log_due():
+                self._grad_norm = float(norm)
+        elif self._log_due():  # one host sync per logged step
+            grads = [q.grad for q in self.model.parameters() if q.grad is not None]
+            norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g) for g in grads])
+            )
+            self._grad_norm = float(norm) / (
+                self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+            )
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
         return loss
+
+    def _log_due(self) -> bool:
+        """Whether the step being taken ends a logging interval."""
+        return bool(self.log_every) and (self.step + 1) % self.log_every == 0
+
+    def step_metrics(self) -> dict[str, float]:
+        """The logging interval that ends at this step, over all workers (collective: one small
+        all-reduce): mean loss, lr, global img/s, seconds per step, the fraction of it spent
+        waiting for data (this rank's), the gradient norm at this step."""
+        interval = self.strategy.all_reduce_sum(self._interval.clone()).cpu()
+        now = time.perf_counter()
+        seconds = max(now - self._interval_start, 1e-9)
+        steps = max(self.step - self._interval_step, 1)
+        row = {
+            "step": self.step,
+            "epoch": self.epoch + self.epoch_step / self.steps_per_epoch,
+            "loss": float(interval[0] / interval[1]) if interval[1] else math.nan,
+            "lr": self.schedule(self.step - 1),
+            "images_per_second": float(interval[1]) / seconds,
+            "step_seconds": seconds / steps,
+            "data_wait_fraction": self._waited / seconds,
+            "grad_norm": self._grad_norm,
+        }
+        self._interval.zero_()
+        self._interval_start, self._interval_step, self._waited = now, self.step, 0.0
+        return row
 
     def validate(self) -> dict[str, float]:
         return self.task.validate(
@@ -450,8 +505,9 @@ class _StopRequest:
         """A stop asked through the run folder (`segscale stop`): a file stat per step."""
         path = run_dir / STOP_FILE
         if not self.requested and path.exists():
-            self.requested, self.why = True, "stopped by `segscale stop`"
-            self.abort = path.read_text().strip() == "now"
+            mode, _, who = path.read_text().strip().partition("\n")  # "graceful|now[\nby whom]"
+            self.requested, self.why = True, f"stopped by {who.strip() or '`segscale stop`'}"
+            self.abort = mode.strip() == "now"
 
     def agreed(self, strategy: Strategy, diverged: bool = False) -> tuple[bool, bool, bool]:
         """(stop, abort, diverged), each true on every rank when it is on any."""

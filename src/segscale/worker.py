@@ -53,6 +53,7 @@ def train(
     strategy = p.strategy()
     tracker: Any = None
     error: BaseException | None = None
+    sampler = p.system_sampler(run_dir, strategy).start()
     try:
         if strategy.rank == 0:  # the one process that records the run
             tracker = p.tracker(run_dir)
@@ -65,6 +66,7 @@ def train(
         report_failure(e, failures)
         raise
     finally:
+        sampler.stop()
         if tracker is not None:
             tracker.close(error)
         strategy.close()
