@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "segscale"
 # Top to bottom: a module may import its own layer (without a cycle) or any layer below it.
 LAYERS: list[set[str]] = [
     {"cli"},
-    {"demo", "tune", "repeat", "launch", "_forked_worker"},
+    {"demo", "tune", "repeat", "compare", "methods", "launch", "_forked_worker"},
     {"worker"},
     {"engine", "predict", "report", "zoo"},
     {
@@ -36,6 +36,8 @@ LAYERS: list[set[str]] = [
         "repro",
         "guideline",
         "stats",
+        "hub",
+        "transfer",
     },
     {"config", "registry", "xmlconfig", "imgmed", "segeval"},
     {"errors", "_files", "_progress", "_memory", "__init__"},

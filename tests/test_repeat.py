@@ -3,6 +3,7 @@ test-only), and `segscale repeat` end to end on real MRI slices."""
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -154,6 +155,15 @@ def test_repeat_trains_tests_and_reports_the_spread(tmp_path, store10):
     parent = next(r for r in runs if r.info.run_id == state["mlflow_run_id"])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 3 and parent.info.status == "FINISHED"
+    # the methods section of a repeat: the number of runs and their spread, checked off
+    from segscale.methods import methods
+
+    text = methods(out)
+    assert "trained 3 times, varying the data order only" in text
+    assert (
+        f"{report['metrics']['dice']['mean']:.4f} ± {report['metrics']['dice']['sd']:.4f}" in text
+    )
+    assert "| several runs per setting, their number and spread | yes |" in text
     # a rerun retrains nothing; other options on the same folder are refused
     mtimes = [(out / f"run-{i}" / "model.pt").stat().st_mtime_ns for i in (1, 2, 3)]
     assert repeat(path, None, RepeatOptions(runs=3, vary="order"), out, progress=False) == report
@@ -182,3 +192,102 @@ def test_same_seed_gives_bit_identical_runs_in_process(tmp_path, real_store):
         worker.train(tmp_path / name, progress=False)
         runs.append(torch.load(tmp_path / name / "model.pt"))
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_paired_tests_match_pingouin():
+    from segscale.stats import paired
+
+    rng = np.random.default_rng(3)
+    a = rng.uniform(0.6, 0.9, 12)
+    b = a + rng.normal(0.02, 0.02, 12)
+    mine = paired(a, b)
+    t = pg.ttest(b, a, paired=True)
+    assert mine.p_t == pytest.approx(t["p_val"].iloc[0], rel=1e-9)
+    assert (mine.ci_low, mine.ci_high) == pytest.approx(tuple(t["CI95"].iloc[0]), abs=0.005)
+    w = pg.wilcoxon(b, a)
+    assert mine.p_wilcoxon == pytest.approx(w["p_val"].iloc[0], rel=1e-9)
+    same = paired(a, a)
+    assert same.mean_difference == 0 and same.p_t == 1.0
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        paired([0.5], [0.6])
+
+
+def test_compare_runs_and_repeats_with_a_paired_test(tmp_path, store10):
+    from conftest import cli, trained_run
+
+    a = trained_run(store10, tmp_path / "a", epochs=1, steps_per_epoch=2)
+    b = trained_run(store10, tmp_path / "b", epochs=3, steps_per_epoch=6)
+    r = cli("compare", a, b, "--out", tmp_path / "cmp")
+    assert (
+        r.returncode == 2
+        and "not evaluated on 'test'" in r.stderr
+        and "segscale evaluate" in r.stderr
+    )
+    for run in (a, b):
+        worker.evaluate(run, "test", run / "evaluation-test.json")
+    r = cli("compare", a, b, "--out", tmp_path / "cmp")
+    assert r.returncode == 0, r.stderr
+    # the methods section of one evaluated run: its metrics, no spread, what to add by hand
+    r = cli("methods", b, "--out", tmp_path / "methods.md")
+    assert r.returncode == 0 and "to add by hand" in r.stdout, r.stderr
+    text = (tmp_path / "methods.md").read_text()
+    assert "One run: no spread over runs is reported." in text
+    assert "| at least three evaluation metrics | yes |" in text
+    assert "| several runs per setting, their number and spread | no |" in text
+    assert "batch 4 per worker × 1 worker(s) = global batch 4" in text
+    r = cli("methods", tmp_path / "nowhere")
+    assert r.returncode == 2 and "neither a run folder nor" in r.stderr
+    result = json.loads((tmp_path / "cmp.json").read_text())
+    cases = {c: v for c, v in result["cases"].items()}
+    ea = {
+        c["case"]: c["dice"] for c in json.loads((a / "evaluation-test.json").read_text())["cases"]
+    }
+    assert all(v["a"] == ea[c] for c, v in cases.items())
+    if result["paired"] is not None:
+        assert result["paired"]["n"] == len(cases) and "no difference shown" in result["verdict"]
+    assert "Verdict" in (tmp_path / "cmp.md").read_text()
+    # a repeat folder: per metric its runs' mean and SD, per case its runs' mean Dice
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    runs = {
+        str(i): {
+            "test": {"dice": d, "mean_iou": d},
+            "cases": {c: v["b"] - 0.01 * i for c, v in cases.items()},
+        }
+        for i, d in ((1, 0.7), (2, 0.8))
+    }
+    (rep / "repeat.json").write_text(json.dumps({"signature": {}, "runs": runs}))
+    from segscale.compare import compare
+
+    result = compare(b, rep)
+    assert result["runs"] == {"a": 1, "b": 2}
+    assert result["metrics"]["dice"]["b"]["mean"] == pytest.approx(0.75)
+    for c, v in result["cases"].items():
+        assert v["b"] == pytest.approx(cases[c]["b"] - 0.015)
+    with pytest.raises(SegscaleError, match="neither a run folder nor a `segscale repeat` folder"):
+        compare(tmp_path, rep)
+
+
+def test_the_environment_record_names_packages_git_store_and_determinism(tmp_path, real_store):
+    run = tmp_path / "run"
+    cfg = validate({**tiny_config(real_store, epochs=1, steps_per_epoch=1), "init_seed": 5})
+    prepare_run_dir(cfg, run, resume=False)
+    worker.train(run, progress=False)
+    env = json.loads((run / "environment.json").read_text())
+    listed = (run / "packages.txt").read_text().splitlines()
+    import hashlib
+
+    assert any(line.lower().startswith("torch==") for line in listed)
+    assert env["packages_sha256"] == hashlib.sha256("\n".join(listed).encode()).hexdigest()
+    assert env["cpu_model"] and env["strategy"] == "allreduce"
+    assert (env["init_seed"], env["data_seed"]) == (5, 0)
+    meta = json.loads((real_store / "meta.json").read_text())
+    assert env["store"]["content_sha256"] == meta["content_hash"]
+    assert env["store"]["input_sha256"] == meta["input_hash"]
+    assert env["determinism"] == {"requested": True, "bit_identical": True, "why_not": []}
+    # the working directory's git state: this checkout's commit, or null outside a repository
+    from segscale.repro import git_state
+
+    assert git_state(tmp_path) is None
+    here = git_state(Path(__file__).parent)
+    assert here is None or len(here["commit"]) == 40

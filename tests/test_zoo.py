@@ -19,7 +19,8 @@ import torch
 from conftest import SAMPLE, trained_run
 from segscale import worker
 from segscale.errors import SegscaleError
-from segscale.zoo import entries, load_model, parse_ref, publish, pull
+from segscale.hub import entries, parse_ref, pull
+from segscale.zoo import load_model, publish
 
 
 @pytest.fixture(scope="module")

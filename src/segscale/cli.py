@@ -345,6 +345,45 @@ def repeat_cmd(
     typer.echo(f"{line}; see {out / 'variability.md'}")
 
 
+@app.command("compare")
+def compare_cmd(
+    a: Annotated[Path, typer.Argument(help="A: a run folder or a `segscale repeat` folder.")],
+    b: Annotated[Path, typer.Argument(help="B: the same kind, scored on the same cases.")],
+    split: Annotated[str, typer.Option(help="The split both were scored on.")] = "test",
+    out: Annotated[Path, typer.Option(help="Writes OUT.md and OUT.json.")] = Path("comparison"),
+) -> None:
+    """B against A: each metric with its spread over runs, and paired tests (t, Wilcoxon) on
+    per-case Dice; B is said to beat A only when both tests say so."""
+    from segscale.compare import compare, write_comparison
+
+    result = compare(a, b, split)
+    write_comparison(result, out)
+    t = result["paired"]
+    if t is not None:
+        typer.echo(
+            f"per-case Dice B − A: {t['mean_difference']:+.4f} [{t['ci_low']:+.4f}, "
+            f"{t['ci_high']:+.4f}] over {t['n']} cases; t p = {t['p_t']:.3g}, "
+            f"Wilcoxon p = {t['p_wilcoxon']:.3g}"
+        )
+    typer.echo(f"{result['verdict']}; wrote {out.with_suffix('.md')}, {out.with_suffix('.json')}")
+
+
+@app.command("methods")
+def methods_cmd(
+    target: Annotated[Path, typer.Argument(help="A run folder or a `segscale repeat` folder.")],
+    out: Annotated[Path, typer.Option(help="The Markdown file to write.")] = Path("methods.md"),
+) -> None:
+    """A methods section written from what the run recorded, with a checklist against the
+    thesis' Fig. 5.5 and CLAIM's training items: what is covered, what to add by hand."""
+    from segscale._files import write_atomic
+    from segscale.methods import methods
+
+    text = methods(target)
+    write_atomic(out, text)
+    missing = text.count("| no |")
+    typer.echo(f"wrote {out}; {missing} checklist item(s) to add by hand")
+
+
 @app.command("stop")
 def stop_cmd(
     run_dir: Annotated[Path, typer.Argument(help="The folder of a running training.")],
@@ -498,7 +537,7 @@ def predict_cmd(
     if out.exists() and not out.is_dir():
         raise SegscaleError(f"--out {out}: a file; give a folder for the masks")
     if run_dir.startswith("zoo:"):  # pulled (or found in the cache) and verified first
-        from segscale.zoo import pull
+        from segscale.hub import pull
 
         source = pull(run_dir, zoo)
     else:
@@ -601,7 +640,7 @@ def zoo_list_cmd(zoo: ZooOption = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from segscale.zoo import default_zoo, entries
+    from segscale.hub import default_zoo, entries
 
     table = Table("model", "classes", "input", "network", "test Dice", "licence")
     for e in entries(zoo):
@@ -626,7 +665,7 @@ def zoo_pull_cmd(
 ) -> None:
     """Download an entry into the cache (SEGSCALE_CACHE, default ~/.cache/segscale), every file
     checked against the zoo's sha256; prints the local folder."""
-    from segscale.zoo import pull
+    from segscale.hub import pull
 
     typer.echo(pull(ref, zoo))
 

@@ -111,6 +111,12 @@ class ModelConfig(Component):
         description="unet | resunet | fcn | cnn (classifier), or a factory as 'pkg.mod:attr' / "
         "'file.py:attr'; called as factory(in_channels=, num_classes=, **kwargs), both from the store.",
     )
+    pretrained: str | None = Field(
+        None,
+        description="Initialise from zoo:NAME[@VERSION], a zoo entry or run folder, or a "
+        ".safetensors / torch state dict file, as far as the shapes fit (another number of "
+        "classes or input channels): RUN_DIR/pretrained.json says what was loaded.",
+    )
 
 
 class LossConfig(Component):
@@ -458,9 +464,12 @@ class RunConfig(_Strict):
         """Everything that shapes training, as JSON data: not the tracker and the monitor, which
         only record. The digest hashes it; trackers record it as the run's parameters."""
         data = self.model_dump(mode="json", exclude={"tracker", "monitor"})
-        for key in ("init_seed", "data_seed"):  # unset: the digest runs had before these existed
+        # unset, options added since 0.1 leave the digest that runs started before them have
+        for key in ("init_seed", "data_seed"):
             if data[key] is None:
                 del data[key]
+        if data["model"]["pretrained"] is None:
+            del data["model"]["pretrained"]
         return data
 
     def digest(self) -> str:

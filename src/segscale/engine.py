@@ -16,10 +16,12 @@ for anything else that builds runs from a config:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from segscale._files import write_atomic
 from segscale.config import RunConfig, load_config, save_config
 from segscale.errors import SegscaleError
 from segscale.imgmed.store import Store
@@ -101,6 +103,10 @@ class Plan:
 
         size = self.store.images.shape[-1]
         model = self.model()
+        if self.cfg.model.pretrained:  # found, readable and fitting, before any worker starts
+            from segscale.transfer import load_pretrained
+
+            load_pretrained(model, self.cfg.model.pretrained)
         try:
             with torch.inference_mode():
                 out = model(torch.zeros(2, self.in_channels, size, size))
@@ -272,6 +278,14 @@ class Plan:
         d = t.divergence
         seed_everything(c.seed_for("init"), t.deterministic)
         model = self.model()  # the same seed on every rank; DDP also broadcasts rank 0's weights
+        if c.model.pretrained:  # every rank loads the same file (a resume then overwrites it)
+            from segscale.transfer import load_pretrained
+
+            report = load_pretrained(model, c.model.pretrained)
+            if strategy.rank == 0:
+                write_atomic(run_dir / "pretrained.json", json.dumps(report.as_dict(), indent=1))
+                if progress:
+                    print(report.summary(), flush=True)
         if t.simulate_fused:  # one pass for the K micro-batches; BatchNorm still sees each alone
             model = ghost_batchnorm(model, t.simulate_workers or 1)
         if t.sync_batchnorm and strategy.world_size > 1:
@@ -319,11 +333,23 @@ class Plan:
     def record(self, trainer: Trainer) -> dict[str, Any]:
         """What environment.json holds for a run: the machine and software, and how the config
         was scaled for this run's workers."""
-        from segscale.repro import environment
+        from segscale.repro import determinism, environment
 
         c, t, workers = self.cfg, self.cfg.train, trainer.strategy.virtual_workers
+        meta = self.store.meta
         return {
             **environment(),
+            "determinism": determinism(
+                t.deterministic, trainer.strategy.device.type, t.strategy.name
+            ),
+            "strategy": t.strategy.name,
+            "store": {
+                "path": str(self.store.path),
+                "content_sha256": meta.get("content_hash"),
+                "input_sha256": meta.get(
+                    "input_hash"
+                ),  # the raw files with the preprocessing parameters
+            },
             "seed": c.seed,
             "init_seed": c.seed_for("init"),
             "data_seed": c.seed_for("data"),

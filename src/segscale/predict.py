@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from segscale.errors import DataError, SegscaleError
+from segscale.hub import ENTRY_META
 from segscale.imgmed.files import list_images
 from segscale.imgmed.io import (
     load_image2d,
@@ -20,7 +21,7 @@ from segscale.imgmed.io import (
     sniff,
 )
 from segscale.imgmed.transforms import Plane, from_grid, from_slices, inplane_spacing, preprocess
-from segscale.zoo import ENTRY_META, load_model
+from segscale.zoo import load_model
 
 
 @torch.no_grad()

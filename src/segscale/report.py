@@ -324,7 +324,8 @@ def tuning_table(state: dict[str, Any], name: str, workers: int, simulated: bool
     for i, b in enumerate(base, 1):
         cells = " | ".join(_percent(b["scores"].get(k)) for k, _ in TUNE_COLUMNS)
         lines.append(
-            f"| baseline {i} | one worker | seed {b['seed']} | {cells} | {_minutes(b['seconds'])} | no |"
+            f"| baseline {i} | one worker | seed {b['seed']} | {cells} | "
+            f"{_minutes(b['seconds']) if b['seconds'] else 'given'} | no |"
         )
     saved_epochs, saved_seconds = 0, 0.0
     for t in state["trials"]:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import platform
 import random
 import socket
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,7 +56,9 @@ def deterministic_kernels() -> None:
 
 
 def environment() -> dict[str, Any]:
-    """What ran the job: software versions, hardware, and the distributed layout."""
+    """What ran the job: software versions, hardware (CPU model; GPU model, memory, driver; CUDA,
+    cuDNN and NCCL versions), the installed packages' digest, and the git commit of the working
+    directory the job started from (with a dirty flag), when it is a git repository."""
     import segscale
 
     env: dict[str, Any] = {
@@ -62,11 +68,85 @@ def environment() -> dict[str, Any]:
         "numpy": np.__version__,
         "platform": platform.platform(),
         "hostname": socket.gethostname(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "world_size": int(os.environ.get("WORLD_SIZE", 1)),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
     }
     if torch.cuda.is_available():
-        env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+        env["gpus"] = [p.name for p in props]
+        env["gpu_memory_gb"] = [round(p.total_memory / 2**30, 1) for p in props]
+        env["cudnn"] = torch.backends.cudnn.version()
+        nccl = torch.cuda.nccl.version() if hasattr(torch.cuda, "nccl") else None
+        env["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl
+        env["gpu_driver"] = _nvidia_driver()
+    env["packages_sha256"] = hashlib.sha256("\n".join(packages()).encode()).hexdigest()
+    env["git"] = git_state(Path.cwd())
     return env
+
+
+def packages() -> list[str]:
+    """Every installed distribution as 'name==version', sorted (the environment's fingerprint)."""
+    from importlib import metadata
+
+    found = {
+        f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions() if d.metadata["Name"]
+    }
+    return sorted(found, key=str.lower)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what platform says)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def git_state(folder: Path) -> dict[str, Any] | None:
+    """{'commit', 'dirty'} of the git repository holding `folder`, or None (not one, or no git)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return None
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        import pynvml  # nvidia-ml-py, optional
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else version
+    except Exception:
+        return None
+
+
+def determinism(deterministic: bool, device: str, strategy: str) -> dict[str, Any]:
+    """Whether this run can be repeated bit for bit, and why not when it cannot."""
+    why = []
+    if not deterministic:
+        why.append(
+            "train.deterministic is false (cuDNN autotuning and non-deterministic kernels allowed)"
+        )
+    if device == "cuda" and deterministic:
+        why.append(
+            "on CUDA, deterministic kernels are requested (warn-only): an op without one warns at "
+            "its first call and stays non-deterministic (docs/reproducibility.md)"
+        )
+    return {"requested": deterministic, "bit_identical": not why, "why_not": why}

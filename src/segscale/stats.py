@@ -116,3 +116,43 @@ def agreement(scores: np.ndarray, confidence: float = 0.95) -> Agreement:
     return Agreement(
         float(icc), float(low), float(high), n, k, float(f_runs), p_runs, msr, msc, mse
     )
+
+
+@dataclass(frozen=True)
+class Paired:
+    """B − A on paired scores (e.g. per-case Dice of two models on the same cases): the mean
+    difference with its 95% CI (Student's t), the paired t test and the Wilcoxon signed-rank
+    test (two-sided; exact for small n without ties, SciPy's default)."""
+
+    n: int
+    mean_difference: float
+    ci_low: float
+    ci_high: float
+    t: float
+    p_t: float
+    w: float
+    p_wilcoxon: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def paired(a: list[float] | np.ndarray, b: list[float] | np.ndarray) -> Paired:
+    """Raises ValueError for fewer than 2 pairs, unequal lengths or a NaN."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"paired scores of different shapes: {x.shape} and {y.shape}")
+    if x.size < 2:
+        raise ValueError("a paired test needs at least 2 pairs")
+    if np.isnan(x).any() or np.isnan(y).any():
+        raise ValueError("paired: a score is NaN; keep the cases both scored")
+    d = y - x
+    s = spread(d)
+    if not np.any(d):  # identical scores: no difference, nothing to test
+        return Paired(d.size, 0.0, 0.0, 0.0, math.nan, 1.0, math.nan, 1.0)
+    t = sps.ttest_rel(y, x)
+    w = sps.wilcoxon(y, x)
+    return Paired(
+        d.size, s.mean, s.ci_low, s.ci_high, float(t.statistic), float(t.pvalue),
+        float(w.statistic), float(w.pvalue),
+    )  # fmt: skip

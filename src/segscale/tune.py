@@ -119,7 +119,6 @@ class _Tuner:
         self.cfg, self.options, self.out, self.progress = cfg, options, out, progress
         self.signature = {"config": cfg.digest(), **options.signature()}
         self.state = self._load_state()
-        self.started = time.monotonic()
         self.tracking = ParentRun(
             cfg.tracker.name,
             cfg.tracker.kwargs,

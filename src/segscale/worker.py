@@ -37,6 +37,7 @@ from segscale.errors import (
     Preempted,
     SegscaleError,
 )
+from segscale.repro import packages
 
 
 def train(
@@ -60,6 +61,7 @@ def train(
         trainer = p.trainer(strategy, run_dir, [tracker] if tracker else [], progress)
         if strategy.rank == 0:
             write_atomic(run_dir / "environment.json", json.dumps(p.record(trainer), indent=1))
+            write_atomic(run_dir / "packages.txt", "\n".join(packages()) + "\n")
         return trainer.fit(resume=resume)
     except BaseException as e:
         error = e

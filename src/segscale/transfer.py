@@ -1,0 +1,139 @@
+"""Transfer learning: initialise a model from pretrained weights that may not fit it whole (another
+number of classes or of input channels), and say exactly what was loaded.
+
+Per tensor of the model:
+    loaded    the source has it with the same shape
+    adapted   a convolution's weight that differs only in its input channels: the source's
+              kernels averaged over its channels, copied to each of the model's and scaled by
+              C_source / C_model, so a constant input over the channels gives the same response
+              (the rule timm uses to adapt an RGB stem to other channel counts)
+    skipped   the source has it with another shape (e.g. a classifier for other classes): kept
+              as initialised
+    kept      the source does not have it: kept as initialised
+Sources: `zoo:NAME[@VERSION]` (pulled and verified, segscale.hub), a zoo entry's folder, a run
+folder (its model.pt), a .safetensors file, or a torch state dict / checkpoint file (loaded with
+weights_only: no code runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segscale.errors import SegscaleError
+
+
+@dataclass
+class TransferReport:
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    adapted: list[dict[str, Any]] = field(default_factory=list)  # name, from, to
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # name, from, to
+    kept: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)  # source tensors the model has no place for
+    fraction: float = 0.0  # of the model's weights (elements) that came from the source
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        line = (
+            f"pretrained {self.source}: {len(self.loaded)} tensors loaded, {len(self.adapted)} "
+            f"adapted, {len(self.skipped)} skipped, {len(self.kept)} kept as initialised "
+            f"({100 * self.fraction:.1f}% of the weights from the source)"
+        )
+        if self.skipped:
+            line += "; skipped: " + ", ".join(
+                f"{s['name']} {s['from']}→{s['to']}" for s in self.skipped[:4]
+            )
+        return line
+
+
+def read_weights(spec: str) -> dict[str, torch.Tensor]:
+    """The tensors of a pretrained source (see the module's docstring). Raises SegscaleError when
+    it cannot be found or read."""
+    where = f"model.pretrained {spec}"
+    if spec.startswith("zoo:"):
+        from segscale.hub import WEIGHTS, pull
+
+        return _safetensors(pull(spec) / WEIGHTS, where)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        for name in ("model.safetensors", "model.pt"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise SegscaleError(f"{where}: a folder without model.safetensors or model.pt")
+    if not path.is_file():
+        raise SegscaleError(f"{where}: no such file or folder")
+    if path.suffix == ".safetensors":
+        return _safetensors(path, where)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or one that would need pickled code to load
+        raise SegscaleError(f"{where}: not a readable torch state dict ({e})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # a segscale checkpoint
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SegscaleError(f"{where}: expected a state dict of tensors")
+    return state
+
+
+def _safetensors(path: Path, where: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:
+        raise SegscaleError(f"{where}: {path}: not a readable safetensors file ({e})") from None
+
+
+def load_pretrained(model: torch.nn.Module, spec: str, min_fraction: float = 0.5) -> TransferReport:
+    """Initialise `model` in place from `spec` as far as it fits; returns what happened. Raises
+    SegscaleError when less than `min_fraction` of the model's weights fit (another
+    architecture, most likely), naming a few tensors that did not."""
+    source = read_weights(spec)
+    own = model.state_dict()
+    report = TransferReport(spec)
+    new: dict[str, torch.Tensor] = {}
+    total = taken = 0
+    for name, mine in own.items():
+        weight = mine.is_floating_point()
+        total += mine.numel() if weight else 0
+        theirs = source.get(name)
+        if theirs is None:
+            report.kept.append(name)
+            continue
+        if theirs.shape == mine.shape:
+            new[name] = theirs.to(mine.dtype)
+            report.loaded.append(name)
+        elif (
+            mine.dim() == 4 and theirs.dim() == 4
+            and theirs.shape[0] == mine.shape[0] and theirs.shape[2:] == mine.shape[2:]
+        ):  # fmt: skip
+            c_src, c_dst = theirs.shape[1], mine.shape[1]
+            kernel = theirs.to(mine.dtype).mean(1, keepdim=True) * (c_src / c_dst)
+            new[name] = kernel.expand_as(mine).clone()
+            report.adapted.append(
+                {"name": name, "from": list(theirs.shape), "to": list(mine.shape)}
+            )
+        else:
+            report.skipped.append(
+                {"name": name, "from": list(theirs.shape), "to": list(mine.shape)}
+            )
+            continue
+        taken += mine.numel() if weight else 0
+    report.unused = sorted(set(source) - set(own))
+    report.fraction = taken / total if total else 0.0
+    if report.fraction < min_fraction:
+        missing = [s["name"] for s in report.skipped[:3]] + report.kept[:3]
+        raise SegscaleError(
+            f"model.pretrained {spec}: only {100 * report.fraction:.1f}% of the model's weights "
+            f"fit (e.g. {', '.join(missing) or 'none'}); is it the same architecture?"
+        )
+    model.load_state_dict({**own, **new})
+    return report

@@ -1,0 +1,91 @@
+"""Transfer learning: model.pretrained from a run, a file or a zoo entry, loading what fits and
+saying what did not."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config, trained_run
+from segscale import worker
+from segscale.config import validate
+from segscale.engine import plan, prepare_run_dir
+from segscale.errors import SegscaleError
+from segscale.registry import MODELS
+from segscale.transfer import load_pretrained
+
+
+def unet(in_channels: int, num_classes: int) -> torch.nn.Module:
+    torch.manual_seed(in_channels * 10 + num_classes)
+    return MODELS.resolve("unet")(
+        in_channels=in_channels, num_classes=num_classes, base_channels=4, depth=2
+    )
+
+
+def test_other_classes_and_channels_load_what_fits(tmp_path):
+    from safetensors.torch import save_file
+
+    source = unet(1, 2)
+    path = tmp_path / "w.safetensors"
+    save_file(source.state_dict(), str(path))
+    target = unet(2, 3)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    report = load_pretrained(target, str(path))
+    state = target.state_dict()
+    skipped = {s["name"] for s in report.skipped}
+    adapted = {a["name"] for a in report.adapted}
+    assert len(adapted) == 1 and len(skipped) >= 1  # the first conv; the 3-class head
+    for name in skipped:  # kept as initialised
+        assert torch.equal(state[name], before[name])
+    for name in report.loaded:
+        assert torch.equal(state[name], source.state_dict()[name])
+    # the adapted stem answers a constant 2-channel input as the source did a constant 1-channel
+    (stem,) = adapted
+    w_src, w_dst = source.state_dict()[stem], state[stem]
+    assert torch.allclose(w_dst.sum(1), w_src.sum(1), atol=1e-6)
+    assert 0.9 < report.fraction < 1.0
+    assert "adapted" in report.summary() and "skipped" in report.summary()
+
+
+def test_another_architecture_is_refused(tmp_path):
+    other = MODELS.resolve("resunet")(in_channels=1, num_classes=2, base_channels=4, depth=2)
+    path = tmp_path / "other.pt"
+    torch.save(other.state_dict(), path)
+    with pytest.raises(
+        SegscaleError, match=r"only .*% of the model's weights fit .*same architecture"
+    ):
+        load_pretrained(unet(1, 2), str(path))
+    with pytest.raises(SegscaleError, match="no such file or folder"):
+        load_pretrained(unet(1, 2), str(tmp_path / "missing.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not torch")
+    with pytest.raises(SegscaleError, match="not a readable torch state dict"):
+        load_pretrained(unet(1, 2), str(tmp_path / "junk.pt"))
+
+
+def test_fine_tuning_from_a_run_and_from_a_zoo_entry(tmp_path, real_store, monkeypatch):
+    from segscale.zoo import publish
+
+    source = trained_run(real_store, tmp_path / "source", epochs=1, steps_per_epoch=2)
+    trained = torch.load(source / "model.pt", weights_only=True)
+    publish(source, "tiny", tmp_path / "zoo")
+    monkeypatch.setenv("SEGSCALE_ZOO", str(tmp_path / "zoo"))
+    monkeypatch.setenv("SEGSCALE_CACHE", str(tmp_path / "cache"))
+    for name, spec in (("from-run", str(source)), ("from-zoo", "zoo:tiny@1")):
+        cfg = tiny_config(
+            real_store, epochs=1, steps_per_epoch=1, optimizer={"name": "sgd", "lr": 1e-12}
+        )
+        cfg["model"]["pretrained"] = spec
+        run = tmp_path / name
+        config = validate(cfg)
+        plan(config).check(1)  # resolved and fitted before any worker starts
+        prepare_run_dir(config, run, resume=False)
+        worker.train(run, progress=False)
+        report = json.loads((run / "pretrained.json").read_text())
+        assert report["fraction"] == 1.0 and not report["skipped"] and report["source"] == spec
+        tuned = torch.load(run / "model.pt", weights_only=True)
+        # an lr of 1e-12 moves nothing measurable: the run started from the source's weights
+        conv = next(k for k in trained if k.endswith("weight") and trained[k].dim() == 4)
+        assert torch.allclose(tuned[conv], trained[conv], atol=1e-6)
+    bad = validate({**tiny_config(real_store), "model": {"name": "unet", "pretrained": "zoo:none"}})
+    with pytest.raises(SegscaleError, match="no model 'none'"):
+        plan(bad).check(1)
