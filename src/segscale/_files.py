@@ -62,3 +62,30 @@ def write_atomic(path: Path, content: str | bytes | Callable[[BinaryIO], object]
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def job_state(path: Path, signature: dict, fresh: dict, what: str) -> dict:
+    """The state of a resumable job (`segscale tune`, `segscale repeat`) in the JSON file `path`:
+    `fresh` (with `signature`) when there is none yet, else the saved one, refused when it was
+    started with another signature (one line naming the keys that differ). `what` names the
+    job in messages, e.g. "a tuning"."""
+    import json
+
+    from segscale.errors import SegscaleError
+
+    folder = path.parent
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        return {"signature": signature, **fresh}
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SegscaleError(f"{path}: unreadable ({e}); use another --out") from None
+    before = state.get("signature", {}) if isinstance(state, dict) else {}
+    if before != signature:
+        changed = sorted(k for k in {*before, *signature} if before.get(k) != signature.get(k))
+        raise SegscaleError(
+            f"{folder}: holds {what} with other settings ({', '.join(changed)} differ); "
+            "rerun it as it started, or use another --out"
+        )
+    return state

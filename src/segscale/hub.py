@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from segscale._files import file_sha256
 from segscale.errors import SegscaleError
 
 FORMAT = "segscale-zoo/1"
@@ -61,14 +62,6 @@ def default_zoo() -> str:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("SEGSCALE_CACHE") or Path.home() / ".cache" / "segscale") / "zoo"
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _is_url(zoo: str | Path) -> bool:
@@ -141,7 +134,7 @@ def pull(ref: str, zoo: str | Path | None = None) -> Path:
             raise SegscaleError(f"zoo {zoo}: {name}@{version} lists an unsafe path {rel!r}")
     target = cache_dir() / name / version
     if target.is_dir() and all(
-        (target / rel).is_file() and sha256_of(target / rel) == f["sha256"]
+        (target / rel).is_file() and file_sha256(target / rel) == f["sha256"]
         for rel, f in files.items()
     ):
         return target

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from segscale._files import write_atomic
+from segscale._files import job_state, write_atomic
 from segscale.config import load_config, validate
 from segscale.engine import plan, prepare_run_dir
 from segscale.errors import PREEMPTED_EXIT_CODE, Preempted, SegscaleError
@@ -68,7 +68,8 @@ def repeat(
     if options.workers > 1:
         start_worker_server()
     out = out.resolve()
-    state = _load_state(out, {"config": cfg.digest(), **options.signature()})
+    signature = {"config": cfg.digest(), **options.signature()}
+    state = job_state(out / STATE, signature, {"runs": {}}, "repeated runs")
     parent = ParentRun(
         cfg.tracker.name,
         cfg.tracker.kwargs,
@@ -135,25 +136,6 @@ def repeat(
     if progress:
         print(f"[repeat] wrote {out / 'variability.md'}, variability.json, variability.png")
     return report
-
-
-def _load_state(out: Path, signature: dict[str, Any]) -> dict[str, Any]:
-    path = out / STATE
-    if not path.is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        return {"signature": signature, "runs": {}}
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise SegscaleError(f"{path}: unreadable ({e}); use another --out") from e
-    before = state.get("signature", {})
-    if before != signature:
-        changed = sorted(k for k in {*before, *signature} if before.get(k) != signature.get(k))
-        raise SegscaleError(
-            f"{out}: holds repeated runs with other settings ({', '.join(changed)} differ); "
-            "rerun it as it started, or use another --out"
-        )
-    return state
 
 
 def _save(out: Path, state: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segscale._files import write_atomic
+from segscale._files import job_state, write_atomic
 from segscale.config import (
     GRESCALE_DECAY_COEFFICIENT,
     GRESCALE_DECAY_PHASE,
@@ -118,7 +118,12 @@ class _Tuner:
     def __init__(self, cfg: RunConfig, options: TuneOptions, out: Path, progress: bool) -> None:
         self.cfg, self.options, self.out, self.progress = cfg, options, out, progress
         self.signature = {"config": cfg.digest(), **options.signature()}
-        self.state = self._load_state()
+        self.state = job_state(
+            out / STATE,
+            self.signature,
+            {"baselines": [], "trials": [], "seconds": 0.0},
+            "a tuning",
+        )
         self.tracking = ParentRun(
             cfg.tracker.name,
             cfg.tracker.kwargs,
@@ -146,26 +151,6 @@ class _Tuner:
         return self.state
 
     # ---- state
-
-    def _load_state(self) -> dict[str, Any]:
-        path = self.out / STATE
-        if not path.is_file():
-            self.out.mkdir(parents=True, exist_ok=True)
-            return {"signature": self.signature, "baselines": [], "trials": [], "seconds": 0.0}
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise SegscaleError(f"{path}: unreadable tuner state ({e}); use another --out") from e
-        if state.get("signature") != self.signature:
-            before = state.get("signature", {})
-            changed = sorted(
-                k for k in {*before, *self.signature} if before.get(k) != self.signature.get(k)
-            )
-            raise SegscaleError(
-                f"{self.out}: holds a tuning with other settings ({', '.join(changed)} differ); "
-                "rerun it as it started, or use another --out"
-            )
-        return state
 
     def _save(self) -> None:
         write_atomic(self.out / STATE, json.dumps(self.state, indent=1))

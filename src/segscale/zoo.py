@@ -29,11 +29,11 @@ import numpy as np
 import torch
 import yaml
 
-from segscale._files import write_atomic
+from segscale._files import file_sha256, write_atomic
 from segscale.config import RunConfig, load_config, validate
 from segscale.engine import Plan, inference_plan, plan, trained_weights
 from segscale.errors import SegscaleError
-from segscale.hub import ENTRY_META, FORMAT, INDEX, WEIGHTS, check_name, read_index, sha256_of
+from segscale.hub import ENTRY_META, FORMAT, INDEX, WEIGHTS, check_name, read_index
 
 # ---------------------------------------------------------------- publish
 
@@ -115,14 +115,14 @@ def publish(
         }
         write_atomic(staging / "card.md", model_card(info))
         files = {
-            str(f.relative_to(staging)): {"sha256": sha256_of(f), "size": f.stat().st_size}
+            str(f.relative_to(staging)): {"sha256": file_sha256(f), "size": f.stat().st_size}
             for f in sorted(staging.rglob("*"))
             if f.is_file()
         }
         info["files"] = files
         write_atomic(staging / ENTRY_META, json.dumps(info, indent=1))
         files[ENTRY_META] = {
-            "sha256": sha256_of(staging / ENTRY_META),
+            "sha256": file_sha256(staging / ENTRY_META),
             "size": (staging / ENTRY_META).stat().st_size,
         }
         entry.parent.mkdir(parents=True, exist_ok=True)
