@@ -138,7 +138,8 @@ class Paired:
 
 
 def paired(a: list[float] | np.ndarray, b: list[float] | np.ndarray) -> Paired:
-    """Raises ValueError for fewer than 2 pairs, unequal lengths or a NaN."""
+    """Raises ValueError for fewer than 2 pairs, unequal lengths or a NaN. When every pair differs
+    by the same amount the t test is undefined (p_t NaN) and only the Wilcoxon test speaks."""
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"paired scores of different shapes: {x.shape} and {y.shape}")
@@ -150,9 +151,12 @@ def paired(a: list[float] | np.ndarray, b: list[float] | np.ndarray) -> Paired:
     s = spread(d)
     if not np.any(d):  # identical scores: no difference, nothing to test
         return Paired(d.size, 0.0, 0.0, 0.0, math.nan, 1.0, math.nan, 1.0)
-    t = sps.ttest_rel(y, x)
     w = sps.wilcoxon(y, x)
+    if s.sd <= 1e-9 * abs(s.mean):  # the same difference on every case: t is undefined (0 SD)
+        t_stat, p_t = math.nan, math.nan
+    else:
+        t = sps.ttest_rel(y, x)
+        t_stat, p_t = float(t.statistic), float(t.pvalue)
     return Paired(
-        d.size, s.mean, s.ci_low, s.ci_high, float(t.statistic), float(t.pvalue),
-        float(w.statistic), float(w.pvalue),
-    )  # fmt: skip
+        d.size, s.mean, s.ci_low, s.ci_high, t_stat, p_t, float(w.statistic), float(w.pvalue)
+    )
