@@ -8,9 +8,10 @@ image installs it first, from the index for its CPU or CUDA variant).
 from __future__ import annotations
 
 import re
-import tomllib
 from importlib import metadata
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
