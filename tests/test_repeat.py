@@ -291,3 +291,37 @@ def test_the_environment_record_names_packages_git_store_and_determinism(tmp_pat
     assert git_state(tmp_path) is None
     here = git_state(Path(__file__).parent)
     assert here is None or len(here["commit"]) == 40
+
+
+def test_split_seed_redraws_the_validation_cases_and_keeps_the_test_split(store10):
+    from segscale.engine import plan
+
+    def ids(p, split):
+        return sorted(c["id"] for c in p.store.cases(split))
+
+    base = plan(validate(tiny_config(store10)))
+    drawn = [
+        plan(validate({**tiny_config(store10), "data": {"store": str(store10), "split_seed": s}}))
+        for s in range(6)
+    ]
+    for p in drawn:
+        assert ids(p, "test") == ids(base, "test")  # never touched
+        assert len(ids(p, "val")) == len(ids(base, "val"))
+        assert sorted(ids(p, "train") + ids(p, "val")) == sorted(
+            ids(base, "train") + ids(base, "val")
+        )
+        # the loaders read the drawn partition: its rows, not the store's own
+        assert set(p.store.rows("val")) == {
+            r for c in p.store.cases("val") for r in range(c["start"], c["start"] + c["count"])
+        }
+    assert len({tuple(ids(p, "val")) for p in drawn}) > 1  # the seed moves it
+    same = plan(
+        validate({**tiny_config(store10), "data": {"store": str(store10), "split_seed": 3}})
+    )
+    assert ids(same, "val") == ids(drawn[3], "val")  # and is reproducible
+    assert (
+        validate(tiny_config(store10)).digest()
+        == validate(
+            {**tiny_config(store10), "data": {"store": str(store10), "split_seed": None}}
+        ).digest()
+    )

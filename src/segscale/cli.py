@@ -317,7 +317,8 @@ def repeat_cmd(
         str,
         typer.Option(
             help="seed: every seed differs; init: only the weight init (init_seed); order: only "
-            "the data order, augmentation and dropout (data_seed)."
+            "the data order, augmentation and dropout (data_seed); split: only which training "
+            "cases validate (data.split_seed), the test split fixed."
         ),
     ] = "seed",
     workers: Annotated[int, typer.Option(help="Workers per run.", min=1)] = 1,

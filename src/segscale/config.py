@@ -82,6 +82,12 @@ class DataConfig(_Strict):
     test_split: str = Field("test", description="Split that `segscale evaluate` scores by default.")
     num_workers: int = Field(0, ge=0, description="DataLoader processes per training worker.")
     augment: AugmentConfig = AugmentConfig()
+    split_seed: int | None = Field(
+        None,
+        description="Draw which of the store's training and validation cases validate (as many "
+        "as the store has), with this seed; the test split never changes (`segscale repeat "
+        "--vary split`). Default: the store's own split.",
+    )
 
     @field_validator("store")
     @classmethod
@@ -470,6 +476,8 @@ class RunConfig(_Strict):
                 del data[key]
         if data["model"]["pretrained"] is None:
             del data["model"]["pretrained"]
+        if data["data"]["split_seed"] is None:
+            del data["data"]["split_seed"]
         return data
 
     def digest(self) -> str:

@@ -468,6 +468,8 @@ def plan(cfg: RunConfig) -> Plan:
     and threads, a tracker's run folder, name and params; a loss, task, callback or transform
     gets its kwargs only). Raises SegscaleError naming the key and what was expected."""
     store = Store.open(cfg.data.store)
+    if cfg.data.split_seed is not None:  # another train/validation partition, the test split kept
+        store = store.repartition(cfg.data.train_split, cfg.data.val_split, cfg.data.split_seed)
     for key in ("train_split", "val_split"):
         try:
             store.rows(getattr(cfg.data, key))

@@ -5,6 +5,7 @@ setting several times and report the spread").
     --vary seed    everything random differs (seed = seed, seed+1, ...)
     --vary init    only the weight initialisation (init_seed); data order and augmentation fixed
     --vary order   only the data order, augmentation and dropout (data_seed); the init fixed
+    --vary split   only which training cases validate (data.split_seed); the test split fixed
 
 Each run is a normal run folder OUT/run-N (resumable as any run; with the MLflow tracker a child of
 one repeat run). The report, OUT/variability.{md,json,png}: per metric the mean, SD, 95% CI of
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from segscale._files import job_state, write_atomic
-from segscale.config import load_config, validate
+from segscale.config import apply_override, load_config, validate
 from segscale.engine import plan, prepare_run_dir
 from segscale.errors import PREEMPTED_EXIT_CODE, Preempted, SegscaleError
 from segscale.launch import launch, start_worker_server
@@ -33,7 +34,8 @@ from segscale.stats import agreement, spread
 from segscale.tracking import ParentRun
 
 STATE = "repeat.json"
-VARY = {"seed": "seed", "init": "init_seed", "order": "data_seed"}  # --vary → the config key
+# --vary → the config key it sets
+VARY = {"seed": "seed", "init": "init_seed", "order": "data_seed", "split": "data.split_seed"}
 # dataset-level metrics, then per-case means (distances: a case mean is the usual report)
 DATASET_METRICS = ("dice", "mean_iou", "pixel_accuracy", "mean_accuracy", "fw_iou")
 CASE_METRICS = ("hd95", "assd")
@@ -79,9 +81,12 @@ def repeat(
         state.get("mlflow_run_id"),
     )
     key = VARY[options.vary]
-    base = {"seed": cfg.seed, "init": cfg.seed_for("init"), "order": cfg.seed_for("data")}[
-        options.vary
-    ]
+    base = {
+        "seed": cfg.seed,
+        "init": cfg.seed_for("init"),
+        "order": cfg.seed_for("data"),
+        "split": cfg.data.split_seed or 0,
+    }[options.vary]
     split = cfg.data.test_split
     try:
         for i in range(options.runs):
@@ -90,7 +95,8 @@ def repeat(
                 continue
             run_dir = Path(entry["run_dir"])
             raw = cfg.model_dump(mode="json")
-            raw[key], raw["name"] = base + i, f"{cfg.name}-run-{i + 1}"
+            apply_override(raw, f"{key}={base + i}")
+            raw["name"] = f"{cfg.name}-run-{i + 1}"
             entry[key] = base + i
             if cfg.tracker.name == "mlflow" and (parent_id := parent.run_id()):
                 state["mlflow_run_id"] = parent_id
@@ -190,7 +196,12 @@ NAMES = {
 
 
 def variability_markdown(report: dict[str, Any]) -> str:
-    what = {"seed": "every seed", "init": "the weight init only", "order": "the data order only"}
+    what = {
+        "seed": "every seed",
+        "init": "the weight init only",
+        "order": "the data order only",
+        "split": "the training/validation partition only",
+    }
     lines = [
         f"# `{report['name']}`: {report['runs']} runs, {what[report['vary']]} varied",
         "",

@@ -62,6 +62,24 @@ class Store:
     def preprocessing(self) -> Preprocessing:
         return Preprocessing.from_dict(self.meta["preprocessing"])
 
+    def repartition(self, train: str, val: str, seed: int) -> Store:
+        """This store with its `train` and `val` cases drawn anew (seeded), as many validation
+        cases as before; every other split (the test split) untouched. The arrays are shared."""
+        pooled = sorted(c["id"] for c in self.meta["cases"] if c["split"] in (train, val))
+        n_val = sum(c["split"] == val for c in self.meta["cases"])
+        order = np.random.default_rng(seed).permutation(len(pooled))
+        chosen = {pooled[i] for i in order[:n_val]}
+        cases = [
+            {**c, "split": val if c["id"] in chosen else train} if c["split"] in (train, val) else c
+            for c in self.meta["cases"]
+        ]
+        splits = {}
+        for c in cases:
+            splits.setdefault(c["split"], []).append(c["id"])
+        return Store(
+            self.path, {**self.meta, "cases": cases, "splits": splits}, self.images, self.masks
+        )
+
     def cases(self, split: str | None = None) -> list[dict[str, Any]]:
         return [c for c in self.meta["cases"] if split is None or c["split"] == split]
 
