@@ -177,8 +177,10 @@ def test_repeat_refuses_what_makes_no_spread(tmp_path, real_store):
     path.write_text(yaml.safe_dump(tiny_config(real_store)))
     with pytest.raises(SegscaleError, match="at least 2 runs"):
         repeat(path, None, RepeatOptions(runs=1), tmp_path / "o")
-    with pytest.raises(SegscaleError, match="--vary split: expected one of seed, init, order"):
-        repeat(path, None, RepeatOptions(vary="split"), tmp_path / "o")
+    with pytest.raises(
+        SegscaleError, match="--vary grid: expected one of seed, init, order, split"
+    ):
+        repeat(path, None, RepeatOptions(vary="grid"), tmp_path / "o")
 
 
 def test_same_seed_gives_bit_identical_runs_in_process(tmp_path, real_store):
@@ -266,6 +268,15 @@ def test_compare_runs_and_repeats_with_a_paired_test(tmp_path, store10):
         assert v["b"] == pytest.approx(cases[c]["b"] - 0.015)
     with pytest.raises(SegscaleError, match="neither a run folder nor a `segscale repeat` folder"):
         compare(tmp_path, rep)
+    with pytest.raises(
+        SegscaleError, match="scored on 'test', not 'val'; compare with --split test"
+    ):
+        compare(rep, b, split="val")
+    (rep / "repeat.json").write_text('{"runs": ')  # torn: one line naming the file
+    with pytest.raises(SegscaleError, match=r"repeat.json: unreadable repeat state \(not JSON"):
+        compare(b, rep)
+    r = cli("methods", b, "--out", tmp_path / "no" / "where.md")
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_the_environment_record_names_packages_git_store_and_determinism(tmp_path, real_store):

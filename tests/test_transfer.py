@@ -58,7 +58,7 @@ def test_another_architecture_is_refused(tmp_path):
     with pytest.raises(SegscaleError, match="no such file or folder"):
         load_pretrained(unet(1, 2), str(tmp_path / "missing.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not torch")
-    with pytest.raises(SegscaleError, match="not a readable torch state dict"):
+    with pytest.raises(SegscaleError, match="not a PyTorch state dict or safetensors file"):
         load_pretrained(unet(1, 2), str(tmp_path / "junk.pt"))
 
 

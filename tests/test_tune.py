@@ -139,6 +139,15 @@ def test_tune_refuses_what_it_cannot_do(tmp_path, real_store):
         tune(path, None, TuneOptions(workers=1), out)
     with pytest.raises(SegscaleError, match="--method"):
         tune(path, None, TuneOptions(workers=4, method="grid"), out)
+    with pytest.raises(SegscaleError, match="--max-hours 0: expected a positive number"):
+        tune(path, None, TuneOptions(workers=4, max_hours=0), out)
+    with pytest.raises(SegscaleError, match="--margin -1: expected"):
+        tune(path, None, TuneOptions(workers=4, margin=-1), out)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(
+        SegscaleError, match=r"--out .*a-file/out: is inside .*a-file, a file; give a folder"
+    ):
+        tune(path, None, TuneOptions(workers=4), tmp_path / "a-file" / "out")
     # a baseline trained with other settings is not this config's baseline
     other = tmp_path / "other"
     cfg = validate(tiny_config(real_store, epochs=1, steps_per_epoch=1))
@@ -147,7 +156,12 @@ def test_tune_refuses_what_it_cannot_do(tmp_path, real_store):
     with pytest.raises(SegscaleError, match=r"--baseline .*other settings \(.*train.epochs"):
         tune(path, None, TuneOptions(workers=4, baselines=(str(other),)), out)
     # an output folder holding another tuning
-    (out / "tune.json").write_text(json.dumps({"signature": {"workers": 16}}))
+    out.mkdir(exist_ok=True)
+    (out / "tune.json").write_text("[1, 2]")  # not a tuner's state: one line, not a traceback
+    with pytest.raises(SegscaleError, match="unreadable a tuning state"):
+        tune(path, None, TuneOptions(workers=4), out)
+    state = {"signature": {"workers": 16}, "baselines": [], "trials": [], "seconds": 0}
+    (out / "tune.json").write_text(json.dumps(state))
     with pytest.raises(SegscaleError, match=r"other settings \(.*workers differ\)"):
         tune(path, None, TuneOptions(workers=4), out)
 

@@ -64,24 +64,68 @@ def write_atomic(path: Path, content: str | bytes | Callable[[BinaryIO], object]
         raise
 
 
+def read_record(path: Path, keys: tuple[str, ...], what: str) -> dict:
+    """A JSON object segscale wrote (a job's state, a record), with `keys` at its top level.
+    Raises SegscaleError naming the file when it cannot be read, is not JSON, or is not of
+    that shape."""
+    import json
+
+    from segscale.errors import SegscaleError
+
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise SegscaleError(f"{path}: cannot read {what} ({e.strerror})") from None
+    except ValueError as e:
+        raise SegscaleError(f"{path}: unreadable {what} (not JSON: {e})") from None
+    missing = [k for k in keys if k not in data] if isinstance(data, dict) else list(keys)
+    if missing:
+        raise SegscaleError(f"{path}: unreadable {what} (no {', '.join(missing)})")
+    return data
+
+
+def output_file(path: Path, option: str = "--out") -> Path:
+    """`path` resolved, where a file can be written: not a folder, in an existing folder.
+    Raises SegscaleError naming the option otherwise (before anything is computed)."""
+    from segscale.errors import SegscaleError
+
+    path = Path(path).resolve()
+    if path.is_dir():
+        raise SegscaleError(f"{option} {path}: a folder; give a file name")
+    if not path.parent.is_dir():
+        what = "is a file" if path.parent.exists() else "does not exist"
+        raise SegscaleError(f"{option} {path}: its folder {path.parent} {what}")
+    return path
+
+
+def output_dir(path: Path, option: str = "--out") -> Path:
+    """`path` resolved, where a folder can be (or is): not a file, and no file on its way.
+    Raises SegscaleError naming the option otherwise."""
+    from segscale.errors import SegscaleError
+
+    path = Path(path).resolve()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "is a file" if folder == path else f"is inside {folder}, a file"
+                raise SegscaleError(f"{option} {path}: {where}; give a folder")
+            break
+    return path
+
+
 def job_state(path: Path, signature: dict, fresh: dict, what: str) -> dict:
     """The state of a resumable job (`segscale tune`, `segscale repeat`) in the JSON file `path`:
     `fresh` (with `signature`) when there is none yet, else the saved one, refused when it was
     started with another signature (one line naming the keys that differ). `what` names the
     job in messages, e.g. "a tuning"."""
-    import json
-
     from segscale.errors import SegscaleError
 
-    folder = path.parent
+    folder = output_dir(path.parent)
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         return {"signature": signature, **fresh}
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise SegscaleError(f"{path}: unreadable ({e}); use another --out") from None
-    before = state.get("signature", {}) if isinstance(state, dict) else {}
+    state = read_record(path, ("signature", *fresh), f"{what} state (use another --out)")
+    before = state["signature"] if isinstance(state["signature"], dict) else {}
     if before != signature:
         changed = sorted(k for k in {*before, *signature} if before.get(k) != signature.get(k))
         raise SegscaleError(

@@ -349,14 +349,16 @@ def repeat_cmd(
 @app.command("compare")
 def compare_cmd(
     a: Annotated[Path, typer.Argument(help="A: a run folder or a `segscale repeat` folder.")],
-    b: Annotated[Path, typer.Argument(help="B: the same kind, scored on the same cases.")],
+    b: Annotated[Path, typer.Argument(help="B: a run or repeat folder, the same cases scored.")],
     split: Annotated[str, typer.Option(help="The split both were scored on.")] = "test",
     out: Annotated[Path, typer.Option(help="Writes OUT.md and OUT.json.")] = Path("comparison"),
 ) -> None:
     """B against A: each metric with its spread over runs, and paired tests (t, Wilcoxon) on
     per-case Dice; B is said to beat A only when both tests say so."""
+    from segscale._files import output_file
     from segscale.compare import compare, write_comparison
 
+    output_file(out.with_suffix(".md"))
     result = compare(a, b, split)
     write_comparison(result, out)
     t = result["paired"]
@@ -376,9 +378,10 @@ def methods_cmd(
 ) -> None:
     """A methods section written from what the run recorded, with a checklist against the
     thesis' Fig. 5.5 and CLAIM's training items: what is covered, what to add by hand."""
-    from segscale._files import write_atomic
+    from segscale._files import output_file, write_atomic
     from segscale.methods import methods
 
+    out = output_file(out)
     text = methods(target)
     write_atomic(out, text)
     missing = text.count("| no |")
@@ -629,9 +632,10 @@ def zoo_publish_cmd(
 ) -> None:
     """Publish a run's model: safetensors weights, config, store description, metadata with the
     sha256 of every file, a model card; added to the zoo's index.json."""
+    from segscale._files import output_dir
     from segscale.zoo import publish
 
-    entry = publish(run_dir, name, zoo, version, licence, description)
+    entry = publish(run_dir, name, output_dir(zoo, "--zoo"), version, licence, description)
     typer.echo(f"published {name}@{version}: {entry} (card: {entry / 'card.md'})")
 
 

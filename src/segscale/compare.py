@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from segscale._files import write_atomic
+from segscale._files import read_record, write_atomic
 from segscale.errors import SegscaleError
 from segscale.stats import paired, spread
 
@@ -26,8 +26,15 @@ def scores_of(path: Path, split: str) -> dict[str, Any]:
     """{'kind', 'runs', 'metrics': {m: [value per run]}, 'cases': {case: Dice (run mean)}} of a
     run folder or a repeat folder. Raises SegscaleError for anything else, or an unevaluated run."""
     path = path.resolve()
-    if (path / "repeat.json").is_file():
-        state = json.loads((path / "repeat.json").read_text())
+    if (path / "repeat.json").exists():
+        state = read_record(path / "repeat.json", ("runs",), "repeat state")
+        report = path / "variability.json"
+        tested = json.loads(report.read_text()).get("split", "test") if report.is_file() else "test"
+        if split != tested:
+            raise SegscaleError(
+                f"{path}: its runs were scored on '{tested}', not '{split}'; "
+                f"compare with --split {tested}"
+            )
         runs = [
             r for _, r in sorted(state["runs"].items(), key=lambda kv: int(kv[0])) if "test" in r
         ]

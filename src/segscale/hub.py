@@ -10,6 +10,7 @@ versions are validated: letters, digits, '.', '_', '-', no path tricks.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -86,8 +87,9 @@ def _fetch(zoo: str | Path, rel: str) -> bytes:
 
 def read_index(zoo: str | Path) -> dict[str, Any]:
     where = f"{str(zoo).rstrip('/')}/{INDEX}"
+    data = _fetch(zoo, INDEX)  # its own one-line error when missing or unreachable
     try:
-        index = json.loads(_fetch(zoo, INDEX))
+        index = json.loads(data)
     except ValueError as e:
         raise SegscaleError(f"{where}: not a zoo index (invalid JSON: {e})") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
@@ -155,4 +157,6 @@ def pull(ref: str, zoo: str | Path | None = None) -> Path:
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):  # a refused first pull leaves no empty folder
+            target.parent.rmdir()
     return target

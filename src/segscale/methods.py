@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from segscale._files import read_record
 from segscale.config import RunConfig, load_config
 from segscale.errors import SegscaleError
 
@@ -29,13 +30,14 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def _record(target: Path) -> dict[str, Any]:
     """What a run folder, or a repeat folder's first run, recorded."""
     target = target.resolve()
-    repeat = _read_json(target / "repeat.json")
+    repeat = None
     run_dir = target
-    if repeat is not None:
+    if (target / "repeat.json").exists():
+        repeat = read_record(target / "repeat.json", ("runs",), "repeat state")
         runs = sorted(repeat["runs"].items(), key=lambda kv: int(kv[0]))
         if not runs:
             raise SegscaleError(f"{target}: a repeat folder with no run yet")
-        run_dir = Path(runs[0][1]["run_dir"])
+        run_dir = target / Path(runs[0][1]["run_dir"]).name  # where the folder is now
     if not (run_dir / "config.yaml").is_file():
         raise SegscaleError(f"{target}: neither a run folder nor a `segscale repeat` folder")
     cfg = load_config(run_dir / "config.yaml")
@@ -46,6 +48,8 @@ def _record(target: Path) -> dict[str, Any]:
     dataset = _read_json(Path(source) / "dataset.json") if source else None
     evaluation = _read_json(run_dir / f"evaluation-{cfg.data.test_split}.json")
     tuning = _read_json(run_dir.parent / "tune.json")
+    if not isinstance(tuning, dict) or not isinstance(tuning.get("trials"), list):
+        tuning = None  # not a tuner's state: no tuning to report
     return {
         "target": target,
         "run_dir": run_dir,

@@ -90,10 +90,11 @@ def repeat(
     split = cfg.data.test_split
     try:
         for i in range(options.runs):
-            entry = state["runs"].setdefault(str(i + 1), {"run_dir": str(out / f"run-{i + 1}")})
+            # relative to OUT: a moved or copied repeat folder still finds its runs
+            entry = state["runs"].setdefault(str(i + 1), {"run_dir": f"run-{i + 1}"})
             if "test" in entry:
                 continue
-            run_dir = Path(entry["run_dir"])
+            run_dir = out / entry["run_dir"]
             raw = cfg.model_dump(mode="json")
             apply_override(raw, f"{key}={base + i}")
             raw["name"] = f"{cfg.name}-run-{i + 1}"

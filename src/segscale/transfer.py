@@ -74,8 +74,11 @@ def read_weights(spec: str) -> dict[str, torch.Tensor]:
         return _safetensors(path, where)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, or one that would need pickled code to load
-        raise SegscaleError(f"{where}: not a readable torch state dict ({e})") from None
+    except Exception:  # not a torch file, or one that would need pickled code to load
+        raise SegscaleError(
+            f"{where}: not a PyTorch state dict or safetensors file (read with weights_only: "
+            "no pickled code is run)"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a segscale checkpoint
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -102,6 +102,12 @@ def tune(
         raise SegscaleError(f"--workers {k}: tuning is for 2 or more workers")
     if options.max_trials < 1:
         raise SegscaleError(f"--max-trials {options.max_trials}: expected at least 1")
+    if options.max_hours is not None and options.max_hours <= 0:
+        raise SegscaleError(f"--max-hours {options.max_hours:g}: expected a positive number")
+    if options.margin < 0:
+        raise SegscaleError(f"--margin {options.margin:g}: expected a Dice margin ≥ 0")
+    if options.min_workers < 1 or options.patience < 1:
+        raise SegscaleError("--min-workers and --patience: expected at least 1")
     if options.method not in ("guideline", "optuna"):
         raise SegscaleError(f"--method {options.method}: expected guideline or optuna")
     if not options.baselines and options.baseline_runs < 1:
@@ -210,22 +216,16 @@ class _Tuner:
         while decision.action not in ("done", "exhausted"):
             running = trials and trials[-1]["status"] == "running"
             if not running:
-                if (
-                    len(trials) >= self.options.max_trials
-                ):  # refused ones count: no endless refusals
-                    decision = Decision(
-                        "budget",
-                        guide.best(self._as_trials()).settings,
-                        f"--max-trials {self.options.max_trials} reached",
-                    )
+                best = guide.best(self._as_trials()).settings if trials else None
+                # refused trials count too: no endless refusals
+                if len(trials) >= self.options.max_trials:
+                    reason = f"--max-trials {self.options.max_trials} reached"
+                    decision = Decision("budget", best, reason)
                     break
                 hours = self.options.max_hours
                 if hours is not None and self.state["seconds"] / 3600 >= hours:
-                    decision = Decision(
-                        "budget",
-                        guide.best(self._as_trials()).settings,
-                        f"--max-hours {hours:g} spent",
-                    )
+                    spent = "spent" if trials else "spent before any trial"
+                    decision = Decision("budget", best, f"--max-hours {hours:g} {spent}")
                     break
                 trials.append(self._new_trial(len(trials) + 1, decision))
                 self._save()

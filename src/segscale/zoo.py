@@ -54,6 +54,8 @@ def publish(
     import segscale
 
     check_name(name, version)
+    if not licence.strip():
+        raise SegscaleError("--licence: give the weights' licence (an SPDX id such as CC-BY-4.0)")
     run_dir = run_dir.resolve()
     weights = trained_weights(run_dir)
     cfg = load_config(run_dir / "config.yaml")
@@ -213,7 +215,14 @@ def load_model(entry: Path, device: torch.device | str = "cpu") -> tuple[torch.n
     p = inference_plan(entry_config(entry))
     model = p.model()
     try:
-        model.load_state_dict(load_file(str(entry / WEIGHTS), device="cpu"))
-    except (RuntimeError, OSError) as e:
-        raise SegscaleError(f"{entry / WEIGHTS}: does not fit its config's model: {e}") from None
+        weights = load_file(str(entry / WEIGHTS), device="cpu")
+    except Exception as e:  # SafetensorError, OSError: a damaged file, whatever its hash says
+        raise SegscaleError(f"{entry / WEIGHTS}: not a readable safetensors file ({e})") from None
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise SegscaleError(
+            f"{entry / WEIGHTS}: does not fit its config's model: {first}"
+        ) from None
     return model.to(device).eval(), p
