@@ -136,6 +136,8 @@ class Trainer:
             (self.run_dir / STOP_FILE).unlink(missing_ok=True)
         self.strategy.barrier()
         self._call("on_train_start")
+        # the first logging interval starts here, at the resumed step when resuming
+        self._interval_start, self._interval_step = time.perf_counter(), self.step
         # a run that finished early and was stopped before its model.pt was written is done
         last = self.epoch if self.finished_early else self.epochs
         with self._stop:
