@@ -215,7 +215,9 @@ class Trainer:
                 reason = self.divergence.update(float(loss)) if self.divergence else None
                 if self.strategy.rank == 0:
                     self._stop.check(self.run_dir)
-                stop, abort, diverged = self._stop.agreed(self.strategy, reason is not None)
+                stop, abort, diverged = self._stop.agreed(
+                    self.strategy, reason is not None, self.run_dir
+                )
                 if diverged:
                     raise Diverged(
                         f"training diverged at step {self.step}: "
@@ -507,12 +509,25 @@ class _StopRequest:
         """A stop asked through the run folder (`segscale stop`): a file stat per step."""
         path = run_dir / STOP_FILE
         if not self.requested and path.exists():
-            mode, _, who = path.read_text().strip().partition("\n")  # "graceful|now[\nby whom]"
-            self.requested, self.why = True, f"stopped by {who.strip() or '`segscale stop`'}"
-            self.abort = mode.strip() == "now"
+            self.requested, self.why = True, self._who(path)
+            self.abort = path.read_text().strip().partition("\n")[0].strip() == "now"
 
-    def agreed(self, strategy: Strategy, diverged: bool = False) -> tuple[bool, bool, bool]:
-        """(stop, abort, diverged), each true on every rank when it is on any."""
+    @staticmethod
+    def _who(path: Path) -> str:
+        """Why, from a STOP file: "graceful|now[\nby whom]"."""
+        try:
+            who = path.read_text().strip().partition("\n")[2].strip()
+        except OSError:  # gone already: the stop was asked all the same
+            return "stopped on request"
+        return f"stopped by {who or '`segscale stop`'}"
+
+    def agreed(
+        self, strategy: Strategy, diverged: bool = False, run_dir: Path | None = None
+    ) -> tuple[bool, bool, bool]:
+        """(stop, abort, diverged), each true on every rank when it is on any. A rank that did
+        not see the request itself reads why from the run folder's STOP file when there is one,
+        so every rank that reports the stop gives the same reason (torchrun may end the others
+        before they print)."""
         flags = [self.requested, self.abort, diverged]
         if strategy.world_size > 1:
             summed = strategy.all_reduce_sum(
@@ -520,7 +535,12 @@ class _StopRequest:
             )
             flags = [bool(v > 0) for v in summed.tolist()]
         if flags[0] and not self.requested:  # another rank saw the request: say why here too
-            self.why = "stopped on request"
+            stop_file = run_dir / STOP_FILE if run_dir is not None else None
+            self.why = (
+                self._who(stop_file)
+                if stop_file is not None and stop_file.exists()
+                else "stopped on request"
+            )
         return flags[0], flags[1], flags[2]
 
 
