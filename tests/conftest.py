@@ -95,23 +95,26 @@ def sample_subset(dst: Path, num_cases: int) -> Path:
     return dst
 
 
-@pytest.fixture(scope="session")
-def real_store(tmp_path_factory) -> Path:
-    """A tiny prepared store of real MRI: 5 left-atrium cases, 12 slices each, 32 × 32."""
+def prepared_sample(root: Path, num_cases: int, val_fraction: float, test_fraction: float) -> Path:
+    """A store of the bundled sample's first cases, 12 slices each, 32 × 32, split by case."""
     from segscale.imgmed import Preprocessing, prepare
 
-    root = tmp_path_factory.mktemp("real")
-    raw = sample_subset(root / "raw", 5)
     store, _ = prepare(
-        raw,
+        sample_subset(root / "raw", num_cases),
         root / "store",
         Preprocessing(size=32, slices=12),
-        val_fraction=0.2,
-        test_fraction=0.2,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
         seed=0,
         progress=False,
     )
     return store
+
+
+@pytest.fixture(scope="session")
+def real_store(tmp_path_factory) -> Path:
+    """A tiny prepared store of real MRI: 5 left-atrium cases, 12 slices each, 32 × 32."""
+    return prepared_sample(tmp_path_factory.mktemp("real"), 5, 0.2, 0.2)
 
 
 def tiny_config(store: Path, **train) -> dict:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from scipy import stats as sps
 
-from conftest import sample_subset, tiny_config
+from conftest import prepared_sample, tiny_config
 from segscale import worker
 from segscale.config import load_config, validate
 from segscale.engine import prepare_run_dir
@@ -107,20 +107,7 @@ def test_init_and_data_seeds_vary_one_part_each(tmp_path, real_store):
 @pytest.fixture(scope="module")
 def store10(tmp_path_factory):
     """10 real left-atrium cases, 4 of them in the test split (the ICC needs several)."""
-    from segscale.imgmed import Preprocessing, prepare
-
-    root = tmp_path_factory.mktemp("store10")
-    raw = sample_subset(root / "raw", 10)
-    store, _ = prepare(
-        raw,
-        root / "store",
-        Preprocessing(size=32, slices=12),
-        val_fraction=0.1,
-        test_fraction=0.4,
-        seed=0,
-        progress=False,
-    )
-    return store
+    return prepared_sample(tmp_path_factory.mktemp("store10"), 10, 0.1, 0.4)
 
 
 def test_repeat_trains_tests_and_reports_the_spread(tmp_path, store10):

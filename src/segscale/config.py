@@ -485,6 +485,12 @@ class RunConfig(_Strict):
         blob = json.dumps(self.settings(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    def differing_keys(self, other: RunConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+        """The dotted keys (params()) whose values differ between the two configs, sorted."""
+        mine, theirs = self.params(), other.params()
+        keys = {*mine, *theirs} - set(ignore)
+        return sorted(k for k in keys if mine.get(k) != theirs.get(k))
+
     def params(self) -> dict[str, Any]:
         """The settings flattened to dotted keys, as trackers record them:
         {'train': {'optimizer': {'lr': 1e-3}}} → {'train.optimizer.lr': 1e-3}."""

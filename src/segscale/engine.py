@@ -346,9 +346,8 @@ class Plan:
             "store": {
                 "path": str(self.store.path),
                 "content_sha256": meta.get("content_hash"),
-                "input_sha256": meta.get(
-                    "input_hash"
-                ),  # the raw files with the preprocessing parameters
+                # prepare's input hash: the raw files with the preprocessing parameters
+                "input_sha256": meta.get("input_hash"),
             },
             "seed": c.seed,
             "init_seed": c.seed_for("init"),
@@ -524,11 +523,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
     if started and saved.is_file():  # resuming: only with the settings the run started with
         before = load_config(saved)
         if before.digest() != cfg.digest():
-            changed = sorted(
-                k
-                for k in {*before.params(), *cfg.params()}
-                if before.params().get(k) != cfg.params().get(k)
-            )
+            changed = before.differing_keys(cfg)
             raise SegscaleError(
                 f"{run_dir}: started with other settings ({', '.join(changed[:5])} differ); "
                 "resume it with the config it started with, or train into a new --run-dir"

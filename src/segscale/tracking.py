@@ -149,13 +149,7 @@ class MLflowTracker:
                 return
 
     def _start(self) -> tuple[Any, str]:
-        from mlflow.tracking import MlflowClient
-
-        # after the import, which sets mlflow's logger to INFO: store creation logs its migrations
-        for name in ("mlflow", "alembic"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-
-        client = MlflowClient(tracking_uri=self.uri)
+        client = mlflow_client(self.uri)
         saved = self.run_dir / MLFLOW_RUN_ID
         if saved.is_file():  # a resumed run: continue its MLflow run
             run_id = saved.read_text().strip()
@@ -210,6 +204,16 @@ class MLflowTracker:
         warnings.warn(f"mlflow tracking stopped ({self.uri}): {error}", stacklevel=1)
 
 
+def mlflow_client(uri: str) -> Any:
+    """An MlflowClient for `uri`, mlflow's and alembic's loggers at WARNING: the import sets
+    mlflow's to INFO, and a new store would log each of its migrations."""
+    from mlflow.tracking import MlflowClient
+
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri=uri)
+
+
 def default_uri(folder: Path) -> str:
     """The MLflow store of the runs in `folder`: folder/mlflow.db."""
     return f"sqlite:///{(Path(folder) / 'mlflow.db').resolve()}"
@@ -261,11 +265,7 @@ class ParentRun:
             return None
         try:
             if self._client is None:
-                from mlflow.tracking import MlflowClient
-
-                for name in ("mlflow", "alembic"):
-                    logging.getLogger(name).setLevel(logging.WARNING)
-                self._client = MlflowClient(tracking_uri=self.uri)
+                self._client = mlflow_client(self.uri)
             return fn(self._client)
         except Exception as e:  # tracking must never fail the job
             warnings.warn(f"mlflow: {self.run_name} is not recorded further: {e}", stacklevel=3)

@@ -590,9 +590,7 @@ def _given_baseline(cfg: RunConfig, run_dir: Path) -> RunResult:
             f"--baseline {run_dir}: not a finished run folder (no config.yaml or model.pt)"
         )
     theirs = load_config(run_dir / "config.yaml")
-    ignore = {"seed", "name", "workers"}
-    mine, other = cfg.params(), theirs.params()
-    changed = sorted(k for k in {*mine, *other} if k not in ignore and mine.get(k) != other.get(k))
+    changed = cfg.differing_keys(theirs, ignore=("seed", "name", "workers"))
     if changed:
         raise SegscaleError(
             f"--baseline {run_dir}: trained with other settings ({', '.join(changed[:5])} differ); "
