@@ -50,6 +50,56 @@ def test_step_and_system_metrics_reach_mlflow(tmp_path, real_store):
     )
     rss = client.get_metric_history(run_id, f"system/{node}/0/rss_gb")
     assert len(rss) == len(samples) and all(0 < h.value < 64 for h in rss)
+    # each validation's picture grid: in the run folder, named by its epoch's row, in MLflow
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    pictures = [row["validation_picture"] for row in rows]
+    assert pictures == ["pictures/validation_epoch001.png", "pictures/validation_epoch002.png"]
+    assert all((run / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pictures)
+    logged = {a.path for a in client.list_artifacts(run_id, "validation")}
+    assert logged == {"validation/validation_epoch001.png", "validation/validation_epoch002.png"}
+
+
+def test_validation_pictures_show_fixed_slices_with_their_dice(tmp_path, real_store):
+    """The watched slices are the same every time, each with its most foreground; the Dice shown
+    is the slice's: 1 for a model that predicts the reference, 0 for one that predicts nothing."""
+    import numpy as np
+    import torch
+
+    from segscale.evaluation import plot_examples, slice_examples, validation_slices
+    from segscale.imgmed import Store
+
+    store = Store.open(real_store)
+    slices = validation_slices(store, "train", 2)
+    assert slices == validation_slices(store, "train", 2) and len(slices) == 2
+    cases = {c["id"]: c for c in store.cases("train")}
+    for case, row in slices:
+        c = cases[case]
+        fg = (np.asarray(store.masks[c["start"] : c["start"] + c["count"]]) > 0).sum((1, 2))
+        assert fg[row - c["start"]] == fg.max() > 0
+
+    masks = {
+        row: torch.from_numpy(np.asarray(store.masks[row]).astype(np.int64)) for _, row in slices
+    }
+
+    class Oracle(torch.nn.Module):  # one-hot logits of the reference of each row in the batch
+        def __init__(self, rows):
+            super().__init__()
+            self.rows = rows
+
+        def forward(self, x):
+            ref = torch.stack([masks[r] for r in self.rows])
+            return torch.nn.functional.one_hot(ref, store.num_classes).permute(0, 3, 1, 2).float()
+
+    perfect = slice_examples(Oracle([r for _, r in slices]), store, slices)
+    assert [e.dice for e in perfect] == [1.0, 1.0]
+    assert all((e.prediction == e.reference).all() for e in perfect)
+    background = torch.nn.Conv2d(store.in_channels, store.num_classes, 1)
+    torch.nn.init.zeros_(background.weight)
+    with torch.no_grad():
+        background.bias.copy_(torch.tensor([1.0] + [0.0] * (store.num_classes - 1)))
+    assert [e.dice for e in slice_examples(background, store, slices)] == [0.0, 0.0]
+    plot_examples(perfect, tmp_path / "grid.png", store.num_classes, "epoch 1")
+    assert (tmp_path / "grid.png").stat().st_size > 1000
 
 
 def test_the_interval_loss_is_the_mean_over_its_steps(tmp_path, real_store):
@@ -113,3 +163,48 @@ def test_the_mlflow_stop_tag_stops_a_two_worker_run_which_resumes(tmp_path, real
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert (run / "model.pt").is_file() and client.get_run(run_id).info.status == "FINISHED"
+
+
+def _train_output(cfg_path: Path, run: Path, terminal: bool) -> str:
+    """`segscale train` run as a user runs it, its output on a pseudo-terminal or a pipe."""
+    import pty
+
+    command = [sys.executable, "-m", "segscale.cli", "train", str(cfg_path), "--run-dir", str(run)]
+    env = {**os.environ, "COLUMNS": "120"}
+    if not terminal:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(command, stdout=follower, stderr=follower, env=env)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the process closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert proc.wait(timeout=300) == 0, b"".join(chunks).decode(errors="replace")
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_the_console_is_one_live_table_on_a_terminal_and_lines_elsewhere(tmp_path, real_store):
+    cfg = tiny_config(real_store, epochs=2, steps_per_epoch=2)
+    cfg["monitor"] = {"log_every": 1}
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+
+    shown = _train_output(cfg_path, tmp_path / "tty", terminal=True)
+    assert "val Dice" in shown and "ETA" in shown and "CPU" in shown
+    assert "│   1/2 │" in shown and "│   2/2 │" in shown  # a row per finished epoch
+    assert "\x1b[" in shown and "epoch 1/2  loss" not in shown  # redrawn in place, no lines
+    final = json.loads((tmp_path / "tty" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"{final['train_loss']:.4f}" in shown
+
+    logged = _train_output(cfg_path, tmp_path / "pipe", terminal=False)
+    assert "epoch 1/2  loss" in logged and "epoch 2/2  loss" in logged
+    assert "\x1b[" not in logged and "│" not in logged

@@ -410,6 +410,32 @@ def stop_cmd(
     typer.echo(f"asked {run_dir.name} to stop {when}; continue it with --resume")
 
 
+@app.command("ui")
+def ui_cmd(
+    runs_dir: Annotated[
+        Path, typer.Argument(help="The folder that holds the runs and their mlflow.db.")
+    ] = Path("runs"),
+    port: Annotated[int, typer.Option(help="Port to serve on.", min=1, max=65535)] = 5000,
+    host: Annotated[
+        str, typer.Option(help="Address to bind; 0.0.0.0 shows it to the whole network.")
+    ] = "127.0.0.1",
+) -> None:
+    """The MLflow UI over the runs' store: every run's metrics, system metrics per rank, validation
+    pictures and artifacts; set the tag segscale.stop = true on a running run to stop it. Needs the
+    full MLflow: pip install 'segscale[ui]'. Ctrl-C ends it."""
+    import subprocess
+
+    from segscale.tracking import ui_command
+
+    command = ui_command(runs_dir, host, port)
+    typer.echo(f"MLflow UI of {runs_dir.resolve()}: http://{host}:{port}  (Ctrl-C ends it)")
+    try:
+        code = subprocess.call(command)
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code)
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     run_dir: Annotated[
@@ -508,11 +534,10 @@ def _results_file(path: Path) -> Path:
 
 def _plot_overlays(run_dir: Path, evaluation: dict, out: Path) -> None:
     from segscale.engine import load_trained_model
-    from segscale.evaluation import pick_examples
-    from segscale.report import plot_overlays
+    from segscale.evaluation import pick_examples, plot_examples
 
     model, p = load_trained_model(run_dir)
-    plot_overlays(pick_examples(model, p.store, evaluation), out, p.num_classes)
+    plot_examples(pick_examples(model, p.store, evaluation), out, p.num_classes)
 
 
 @app.command("predict")

@@ -321,6 +321,14 @@ class MonitorConfig(_Strict):
         description="Seconds between samples of every rank's CPU, memory, disk and network use "
         "(and its GPU's, with nvidia-ml-py) into RUN_DIR/system/; 0: none.",
     )
+    pictures: int = Field(
+        4,
+        ge=0,
+        description="At each validation, image / ground truth / prediction for N fixed validation "
+        "slices (cases spread over the split, each on its slice with the most foreground) into "
+        "RUN_DIR/pictures/ and to the trackers (MLflow: artifacts validation/); segmentation "
+        "only; 0: none.",
+    )
 
 
 class StrategyConfig(Component):

@@ -316,13 +316,23 @@ class Plan:
             config_digest=c.digest(),
             checkpoint_every=t.checkpoint_every,
             keep_checkpoints=t.keep_checkpoints,
-            callbacks=[*self.callbacks(), *(callbacks or [])],
+            callbacks=[*self.callbacks(), *self.pictures(strategy), *(callbacks or [])],
             amp=t.amp,
             fuse_microbatches=t.simulate_fused,
             divergence=DivergenceGuard(d.factor, d.patience, d.smoothing) if d.enabled else None,
             progress=progress,
             log_every=c.monitor.log_every,
         )
+
+    def pictures(self, strategy: Strategy) -> list[Any]:
+        """Rank 0's validation picture grid (monitor.pictures slices; segmentation tasks only),
+        before the trackers so they find the picture in the epoch's record."""
+        from segscale.monitor import ValidationPictures
+
+        count = self.cfg.monitor.pictures
+        if strategy.rank != 0 or not count or getattr(self.task, "metric", None) != "dice":
+            return []
+        return [ValidationPictures(self.store, self.cfg.data.val_split, count, self.num_classes)]
 
     def system_sampler(self, run_dir: Path, strategy: Strategy) -> Any:
         """This rank's system sampler (monitor.system_every; started by the caller)."""

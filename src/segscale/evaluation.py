@@ -308,6 +308,78 @@ def pick_examples(
     return examples
 
 
+def plot_examples(
+    examples: list[Example], out: Path, num_classes: int, title: str | None = None
+) -> None:
+    """Image / ground truth / prediction, one row per example (pick_examples, validation_examples),
+    as a PNG; the masks drawn over the image's first channel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(examples), 3, figsize=(9, 3 * len(examples)), squeeze=False)
+    for row, ex in zip(axes, examples):
+        for ax, (name, mask) in zip(
+            row, [("image", None), ("ground truth", ex.reference), ("prediction", ex.prediction)]
+        ):
+            ax.imshow(ex.image[0].T, cmap="gray", origin="lower")
+            if mask is not None:
+                ax.imshow(
+                    np.ma.masked_equal(mask.T, 0),
+                    cmap="autumn",
+                    alpha=0.5,
+                    origin="lower",
+                    vmin=0,
+                    vmax=max(1, num_classes - 1),
+                )
+            dice = f" (Dice {ex.dice:.3f})" if name == "prediction" else ""
+            ax.set_title(f"{ex.case}: {name}{dice}", fontsize=9)
+            ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=100, format="png")
+    plt.close(fig)
+    write_atomic(out, buffer.getvalue())
+
+
+def validation_slices(store: Store, split: str, count: int) -> list[tuple[str, int]]:
+    """A fixed set of `count` slices to watch during training: cases spread evenly over the split,
+    each on its slice with the most reference foreground. [(case id, store row)]."""
+    cases = store.cases(split)
+    if not cases or count <= 0:
+        return []
+    picks = np.unique(np.linspace(0, len(cases) - 1, min(count, len(cases))).round().astype(int))
+    out = []
+    for i in picks:
+        c = cases[int(i)]
+        masks = np.asarray(store.masks[c["start"] : c["start"] + c["count"]])
+        out.append((c["id"], c["start"] + int(np.argmax((masks > 0).sum((1, 2))))))
+    return out
+
+
+@torch.no_grad()
+def slice_examples(
+    model: nn.Module, store: Store, slices: list[tuple[str, int]], device: Any = "cpu"
+) -> list[Example]:
+    """The model's predictions for store rows [(case id, row)], each with its 2D Dice (the mean over
+    the foreground classes present in the reference or the prediction; NaN when none is)."""
+    if not slices:
+        return []
+    images = np.stack([np.array(store.images[k]) for _, k in slices])
+    preds = model(torch.from_numpy(images).to(device)).argmax(1).cpu()
+    examples = []
+    for (case, k), image, pred in zip(slices, images, preds):
+        ref = np.asarray(store.masks[k])
+        cm = confusion_matrix(pred, torch.from_numpy(ref.astype(np.int64)), store.num_classes)
+        dice = mean_defined(per_class_dice(cm.numpy())[1:])
+        examples.append(Example(case, dice, image, ref, pred.numpy()))
+    return examples
+
+
 def _load_labels(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """A label file as integers: a NIfTI volume (X, Y, Z) with its affine, or a 2D picture (H, W)
     with None."""

@@ -147,3 +147,137 @@ class SystemFiles:
                     out.append((self._index.get(path, 0), json.loads(line)))
                     self._index[path] = self._index.get(path, 0) + 1
         return out
+
+
+PICTURES_DIR = "pictures"
+
+
+class ValidationPictures:
+    """A callback (rank 0) that draws, after each validation, image / ground truth / prediction for
+    a fixed set of validation slices (segscale.evaluation.validation_slices) into
+    RUN_DIR/pictures/validation_epoch<E>.png, and names the file in the epoch's record
+    (`validation_picture`, relative to the run folder) for the trackers. The same slices every
+    time, so pictures of successive epochs show the model learning."""
+
+    def __init__(self, store: Any, split: str, count: int, num_classes: int) -> None:
+        from segscale.evaluation import validation_slices
+
+        self.store, self.num_classes = store, num_classes
+        self.slices = validation_slices(store, split, count)
+
+    def on_validation_end(self, trainer: Any, record: dict[str, Any]) -> None:
+        if not self.slices:
+            return
+        from segscale.evaluation import plot_examples, slice_examples
+        from segscale.parallel import unwrap
+
+        model = unwrap(trainer.model)
+        was_training = model.training
+        model.eval()
+        try:
+            examples = slice_examples(model, self.store, self.slices, trainer.strategy.device)
+        finally:
+            model.train(was_training)
+        name = f"{PICTURES_DIR}/validation_epoch{record['epoch']:03d}.png"
+        metric = record.get(f"val_{trainer.task.metric}")
+        title = f"epoch {record['epoch']}" + (
+            f": val Dice {metric:.3f}" if metric is not None else ""
+        )
+        plot_examples(examples, trainer.run_dir / name, self.num_classes, title)
+        record["validation_picture"] = name
+
+
+class ConsoleView:
+    """The live console view of rank 0 on a terminal: one rich table redrawn in place, a row per
+    finished epoch (the last `keep`) and one for the epoch in progress: epoch, step, loss, lr,
+    validation metric, img/s, ETA, this process's CPU use and its GPU's. It reads the Trainer's
+    state when it redraws (4 times a second, on rich's thread): nothing on the training path.
+    Used as a context manager around training; prints go above the table."""
+
+    def __init__(self, trainer: Any, console: Any = None, keep: int = 8) -> None:
+        from rich.console import Console
+
+        self.trainer, self.keep = trainer, keep
+        self.console = console or Console()
+        self._live: Any = None
+        self._started: tuple[float, int] | None = None
+        self._process: Any = None
+
+    def __enter__(self) -> ConsoleView:
+        import psutil
+        from rich.live import Live
+
+        self._process = psutil.Process()
+        self._process.cpu_percent(None)
+        self._started = (time.perf_counter(), self.trainer.step)
+        self._live = Live(
+            get_renderable=self.render, console=self.console, refresh_per_second=4, transient=False
+        )
+        self._live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.refresh()
+            self._live.stop()
+
+    def render(self) -> Any:
+        from rich.table import Table
+
+        t = self.trainer
+        metric = t.task.metric
+        name = "val Dice" if metric == "dice" else f"val {metric.replace('_', ' ')}"
+        table = Table(title=f"{t.run_dir.name}: {t.epochs} epochs, {t.steps_per_epoch} steps each")
+        for column in ("epoch", "step", "loss", "lr", name, "img/s", "ETA", "CPU", "GPU"):
+            table.add_column(column, justify="right")
+        for record in t.history[-self.keep :]:
+            val = record.get(f"val_{metric}")
+            table.add_row(
+                f"{record['epoch']}/{t.epochs}",
+                str(record["step"]),
+                f"{record['train_loss']:.4f}",
+                f"{record['lr']:.3g}",
+                "" if val is None else f"{val:.4f}",
+                f"{record['images_per_second']:.1f}",
+                "",
+                "",
+                "",
+            )
+        if t.epoch < t.epochs and not t.finished_early:
+            row = t.last_log or {}
+            table.add_row(
+                f"[bold]{t.epoch + 1}/{t.epochs}",
+                f"{t.step} ({t.epoch_step}/{t.steps_per_epoch})",
+                f"{row['loss']:.4f}" if "loss" in row else "",
+                f"{t.schedule(max(t.step - 1, 0)):.3g}",
+                "",
+                f"{row['images_per_second']:.1f}" if "images_per_second" in row else "",
+                self._eta(),
+                f"{self._process.cpu_percent(None):.0f}%" if self._process else "",
+                _gpu_use(t.strategy.device),
+            )
+        return table
+
+    def _eta(self) -> str:
+        if self._started is None:
+            return ""
+        start, first = self._started
+        t = self.trainer
+        done = t.step - first
+        if done <= 0:
+            return "…"
+        left = t.epochs * t.steps_per_epoch - t.step
+        seconds = (time.perf_counter() - start) / done * left
+        return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else ">1 day"
+
+
+def _gpu_use(device: Any) -> str:
+    """This rank's GPU utilisation (torch.cuda.utilization, through NVML), or '' without one."""
+    if getattr(device, "type", None) != "cuda":
+        return ""
+    try:
+        import torch
+
+        return f"{torch.cuda.utilization(device)}%"
+    except Exception:  # no NVML: nothing to show
+        return ""

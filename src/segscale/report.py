@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from segscale._files import write_atomic
-from segscale.evaluation import Example
+from segscale.evaluation import Example, plot_examples
 
 METRIC_NAMES = {
     "dice": "Dice (foreground)",
@@ -188,36 +188,6 @@ def plot_curves(run_dir: Path, out: Path, metric: str = "dice") -> bool:
     return True
 
 
-def plot_overlays(examples: list[Example], out: Path, num_classes: int) -> None:
-    """Image / ground truth / prediction, one row per example (segscale.evaluation.pick_examples)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(examples), 3, figsize=(9, 3 * len(examples)), squeeze=False)
-    for row, ex in zip(axes, examples):
-        for ax, (title, mask) in zip(
-            row, [("image", None), ("ground truth", ex.reference), ("prediction", ex.prediction)]
-        ):
-            ax.imshow(ex.image[0].T, cmap="gray", origin="lower")
-            if mask is not None:
-                ax.imshow(
-                    np.ma.masked_equal(mask.T, 0),
-                    cmap="autumn",
-                    alpha=0.5,
-                    origin="lower",
-                    vmin=0,
-                    vmax=max(1, num_classes - 1),
-                )
-            dice = f" (Dice {ex.dice:.3f})" if title == "prediction" else ""
-            ax.set_title(f"{ex.case}: {title}{dice}", fontsize=9)
-            ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-
-
 def write_report(
     out_dir: Path,
     run_dir: Path,
@@ -230,7 +200,7 @@ def write_report(
     from segscale.evaluation.pick_examples, `metric` the task's validation metric."""
     out_dir.mkdir(parents=True, exist_ok=True)
     has_curves = plot_curves(run_dir, out_dir / "curves.png", metric)
-    plot_overlays(examples, out_dir / "overlays.png", num_classes)
+    plot_examples(examples, out_dir / "overlays.png", num_classes)
     plot_case_dice(evaluation, out_dir / "case_dice.png")
     env_path = run_dir / "environment.json"
     env = json.loads(env_path.read_text()) if env_path.is_file() else {}

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from segscale._files import write_atomic
-from segscale.errors import STOP_FILE, Preempted
+from segscale.errors import STOP_FILE, Preempted, SegscaleError
 from segscale.monitor import SystemFiles
 
 MLFLOW_RUN_ID = "mlflow_run_id"  # in the run folder: a resumed run continues the same MLflow run
 STOP_TAG = "segscale.stop"  # set to true on a run in MLflow: it stops as by `segscale stop`
+EXPERIMENT_KIND = "mlflow.experimentKind"
 
 
 class NoTracker:
@@ -39,7 +40,8 @@ class NoTracker:
 class MLflowTracker:
     """Mirror the run into MLflow: parameters (the flattened config), one metrics row per epoch at
     its global step, step metrics (step/...) every monitor.log_every steps, every rank's system
-    metrics (system/<node>/<rank>/...), tags (run folder, config digest), and at the end
+    metrics (system/<node>/<rank>/...), each validation's picture grid (artifacts validation/),
+    tags (run folder, config digest), and at the end
     config.yaml, environment.json and metrics.jsonl as artifacts. Status: FINISHED, KILLED
     (preempted or stopped) or FAILED. Every `poll_seconds` it reads the run's tags: segscale.stop
     = true, set in the MLflow UI or through its API, stops the run gracefully (checkpoint, resume
@@ -137,6 +139,9 @@ class MLflowTracker:
                         client.set_tag(run_id, k, str(v))
                 elif kind == "metrics":
                     self._log_metrics(client, run_id, item)
+                    picture = item.get("validation_picture")
+                    if picture and (self.run_dir / picture).is_file():
+                        client.log_artifact(run_id, str(self.run_dir / picture), "validation")
                 else:
                     if item == "FINISHED":
                         for name in ("config.yaml", "environment.json", "metrics.jsonl"):
@@ -225,7 +230,47 @@ def experiment(client: Any, name: str, folder: Path) -> str:
     if found is not None:
         return found.experiment_id
     artifacts = (Path(folder) / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=artifacts)
+    # MLflow 3's UI opens an experiment in its GenAI view unless told it holds model training
+    return client.create_experiment(
+        name, artifact_location=artifacts, tags={EXPERIMENT_KIND: "custom_model_development"}
+    )
+
+
+def ui_command(runs_dir: Path, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
+    """The command line that serves the MLflow UI (a tracking server) over the store of the runs in
+    `runs_dir` (runs_dir/mlflow.db, its artifacts in runs_dir/mlartifacts), bound to `host`.
+    Raises SegscaleError when the folder has no store or the full MLflow (its server) is not
+    installed: segscale itself needs only mlflow-skinny."""
+    import importlib.util
+    import sys
+
+    runs_dir = Path(runs_dir).resolve()
+    if not (runs_dir / "mlflow.db").is_file():
+        raise SegscaleError(
+            f"{runs_dir}: no MLflow store (mlflow.db) here; give the folder that holds the runs "
+            "(e.g. runs/), trained with the default tracker"
+        )
+    if (
+        importlib.util.find_spec("flask") is None
+        or importlib.util.find_spec("mlflow.server") is None
+    ):
+        raise SegscaleError(
+            "segscale ui needs the full MLflow (its UI server): pip install 'segscale[ui]'"
+        )
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        default_uri(runs_dir),
+        "--default-artifact-root",
+        (runs_dir / "mlartifacts").as_uri(),
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
 
 
 def _param(value: Any) -> str:

@@ -23,6 +23,7 @@ batches, the same augmentations, bit-identical weights on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -40,6 +41,7 @@ from segscale._progress import progress_bar
 from segscale.checkpoint import atomic_save, load_latest, write_checkpoint
 from segscale.data import TrainLoader
 from segscale.errors import STOP_FILE, Diverged, Preempted, SegscaleError
+from segscale.monitor import ConsoleView
 from segscale.parallel import Strategy, unwrap
 from segscale.repro import derive_seed
 
@@ -117,6 +119,8 @@ class Trainer:
         self._interval_start, self._interval_step, self._waited = time.perf_counter(), 0, 0.0
         self._paused_at: float | None = None
         self._grad_norm = math.nan
+        self.last_log: dict[str, float] | None = None  # the latest step metrics (console view)
+        self._view: ConsoleView | None = None
 
     def finish_early(self, reason: str) -> None:
         """End training after the current epoch (its checkpoint, metrics and model.pt are written as
@@ -140,7 +144,11 @@ class Trainer:
         self._interval_start, self._interval_step = time.perf_counter(), self.step
         # a run that finished early and was stopped before its model.pt was written is done
         last = self.epoch if self.finished_early else self.epochs
-        with self._stop:
+        # on a terminal, rank 0 shows one table redrawn in place; elsewhere, a line per epoch
+        self._view = ConsoleView(self) if self.progress else None
+        if self._view is not None and not self._view.console.is_terminal:
+            self._view = None
+        with self._stop, self._view or contextlib.nullcontext():
             for epoch in range(self.epoch, last):
                 self.set_epoch(epoch)
                 record = self.train_epoch(epoch)
@@ -154,7 +162,7 @@ class Trainer:
                 self.save_checkpoint(best=record.get(f"val_{self.task.metric}"))
                 if self.strategy.rank == 0:
                     self.write_metrics()
-                    if self.progress:
+                    if self.progress and self._view is None:
                         print(_summary(record, self.epochs, self.task.metric), flush=True)
                 self._call("on_epoch_end", record)
                 if self.finished_early:
@@ -191,7 +199,10 @@ class Trainer:
             self._interval_start += time.perf_counter() - self._paused_at
         batches = iter(self.train_loader)
         with progress_bar(
-            self.progress, f"epoch {epoch + 1}/{self.epochs}", self.steps_per_epoch, self.epoch_step
+            self.progress and self._view is None,
+            f"epoch {epoch + 1}/{self.epochs}",
+            self.steps_per_epoch,
+            self.epoch_step,
         ) as advance:
             while self.epoch_step < self.steps_per_epoch:
                 fetch = time.perf_counter()
@@ -317,6 +328,7 @@ class Trainer:
         }
         self._interval.zero_()
         self._interval_start, self._interval_step, self._waited = now, self.step, 0.0
+        self.last_log = row
         return row
 
     def validate(self) -> dict[str, float]:
