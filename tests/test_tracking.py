@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import ROOT, tiny_config
@@ -110,3 +111,52 @@ def test_a_diverged_run_is_failed_in_mlflow_with_its_reason(tmp_path, real_store
     (run,) = client.search_runs([client.get_experiment_by_name("segscale").experiment_id])
     assert run.info.status == "FAILED"
     assert run.data.tags["segscale.failure"].startswith("Diverged: training diverged at step 3")
+
+
+def tensorboard_events(folder: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return events
+
+
+def test_mlflow_and_tensorboard_together_each_record_the_run(tmp_path, real_store):
+    """`tracker: [mlflow, tensorboard]`: both get the epoch rows, step metrics and the picture;
+    a preempted run's resume drops TensorBoard's events past its checkpoint (no doubled curve)."""
+    fault = {"name": FAULTS, "kwargs": {"step": 4, "sig": "SIGTERM", "marker": str(tmp_path / "m")}}
+    run_dir = make_run(tmp_path, real_store, ["mlflow", "tensorboard"], epochs=3, callbacks=[fault])
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["monitor"] = {"log_every": 1, "system_every": 0.05}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    described = plan(validate(config)).describe()["training_strategy"]["tracker"]
+    assert described["fills"] == ["mlflow", "tensorboard"]
+    with pytest.raises(Preempted):
+        worker.train(run_dir, progress=False)
+    worker.train(run_dir, resume=True, progress=False)
+
+    rows = jsonl(run_dir)
+    events = tensorboard_events(run_dir / "tensorboard")
+    assert [(e.step, e.value) for e in events.Scalars("train_loss")] == [
+        (r["step"], pytest.approx(r["train_loss"], rel=1e-6)) for r in rows
+    ]
+    assert [e.step for e in events.Scalars("step/loss")] == list(range(1, 10))
+    assert len(events.Images("validation")) == 3
+    assert any(tag.startswith("system/") for tag in events.Tags()["scalars"])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [3, 6, 9]
+
+
+def test_a_tracker_list_nests_the_mlflow_one_under_a_parent(real_store):
+    from segscale.tracking import nest_under
+
+    cfg = validate({**tiny_config(real_store), "tracker": ["tensorboard", "mlflow"]})
+    raw = nest_under(cfg.model_dump(mode="json"), "abc")
+    assert raw["tracker"] == [
+        {"name": "tensorboard", "kwargs": {}},
+        {"name": "mlflow", "kwargs": {"parent_run_id": "abc"}},
+    ]
+    assert cfg.tracker_config("mlflow").name == "mlflow" and cfg.tracker_config("x") is None
+    assert validate({**tiny_config(real_store), "tracker": "none"}).tracker[0].name == "none"

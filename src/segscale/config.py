@@ -296,7 +296,8 @@ class TrackerConfig(Component):
 
     name: str = Field(
         "mlflow",
-        description="mlflow (a local SQLite store: <runs folder>/mlflow.db) | none | a "
+        description="mlflow (a local SQLite store: <runs folder>/mlflow.db) | tensorboard "
+        "(event files in RUN_DIR/tensorboard; pip install 'segscale[tensorboard]') | none | a "
         "'pkg.mod:Class' tracker.",
     )
     kwargs: dict[str, Any] = Field(
@@ -459,8 +460,20 @@ class RunConfig(_Strict):
     data: DataConfig
     model: ModelConfig = ModelConfig()
     train: TrainConfig
-    tracker: TrackerConfig = TrackerConfig()
+    tracker: list[TrackerConfig] = Field(
+        default_factory=lambda: [TrackerConfig()],
+        description="One tracker or a list: every one records the run (e.g. [mlflow, tensorboard]).",
+    )
     monitor: MonitorConfig = MonitorConfig()
+
+    @field_validator("tracker", mode="before")
+    @classmethod
+    def _one_tracker(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str | dict) else v  # one tracker needs no list
+
+    def tracker_config(self, name: str) -> TrackerConfig | None:
+        """The tracker of that name (e.g. 'mlflow') among the run's trackers, or None."""
+        return next((t for t in self.tracker if t.name == name), None)
 
     @field_validator("name")
     @classmethod

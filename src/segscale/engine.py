@@ -16,6 +16,7 @@ for anything else that builds runs from a config:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,13 @@ class Plan:
             )
         self.schedule(workers * (t.simulate_workers or 1))  # e.g. GreScale phases that overlap
         self._check_model()
+        if (
+            self.cfg.tracker_config("tensorboard")
+            and importlib.util.find_spec("tensorboard") is None
+        ):
+            raise SegscaleError(
+                "tracker tensorboard needs the tensorboard package: pip install 'segscale[tensorboard]'"
+            )
 
     def _check_model(self) -> None:
         # A real CPU forward in inference mode, not one on torch's meta device: meta tensors
@@ -247,17 +255,20 @@ class Plan:
             for i, cb in enumerate(self.cfg.train.callbacks)
         ]
 
-    def tracker(self, run_dir: Path) -> Any:
-        """The run's tracker (built on rank 0 only): a callback with close(error)."""
+    def trackers(self, run_dir: Path) -> list[Any]:
+        """The run's trackers (built on rank 0 only): callbacks with close(error)."""
         c = self.cfg
-        return _build(
-            f"tracker '{c.tracker.name}' kwargs {c.tracker.kwargs}",
-            TRACKERS.resolve(c.tracker.name),
-            run_dir=run_dir,
-            run_name=c.name,
-            params=c.params(),
-            **c.tracker.kwargs,
-        )
+        return [
+            _build(
+                f"tracker '{t.name}' kwargs {t.kwargs}",
+                TRACKERS.resolve(t.name),
+                run_dir=run_dir,
+                run_name=c.name,
+                params=c.params(),
+                **t.kwargs,
+            )
+            for t in c.tracker
+        ]
 
     def trainer(
         self,
@@ -426,7 +437,13 @@ class Plan:
                     checkpoint_every=t.checkpoint_every,
                     keep_checkpoints=t.keep_checkpoints,
                 ),
-                "tracker": part(True, c.tracker.name, TRACKERS, **c.tracker.kwargs),
+                "tracker": (
+                    part(True, c.tracker[0].name, TRACKERS, **c.tracker[0].kwargs)
+                    if len(c.tracker) == 1
+                    else part(
+                        True, [t.name for t in c.tracker], **{t.name: t.kwargs for t in c.tracker}
+                    )
+                ),
                 "hyperparameters": part(
                     False,
                     "injected",
@@ -503,8 +520,8 @@ def plan(cfg: RunConfig) -> Plan:
     check_kwargs(STRATEGIES, strategy.name, strategy.kwargs, {"device": "cpu", "threads": None})
     for cb in cfg.train.callbacks:
         check_kwargs(CALLBACKS, cb.name, cb.kwargs)
-    tracker = {"run_dir": None, "run_name": "", "params": {}}
-    check_kwargs(TRACKERS, cfg.tracker.name, cfg.tracker.kwargs, tracker)
+    for t in cfg.tracker:
+        check_kwargs(TRACKERS, t.name, t.kwargs, {"run_dir": None, "run_name": "", "params": {}})
     if cfg.data.transform is not None:
         check_kwargs(TRANSFORMS, cfg.data.transform.name, cfg.data.transform.kwargs)
     return Plan(cfg, store, task)

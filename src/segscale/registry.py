@@ -215,7 +215,11 @@ STRATEGIES = Registry(
 CALLBACKS = Registry("callback", {"early_stop": "segscale.train:EarlyStop"})
 TRACKERS = Registry(
     "tracker",
-    {"mlflow": "segscale.tracking:MLflowTracker", "none": "segscale.tracking:NoTracker"},
+    {
+        "mlflow": "segscale.tracking:MLflowTracker",
+        "tensorboard": "segscale.tracking:TensorBoardTracker",
+        "none": "segscale.tracking:NoTracker",
+    },
 )
 TRANSFORMS = Registry("transform")  # users' per-sample transforms, by path
 TASKS = Registry(

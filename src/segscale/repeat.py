@@ -31,7 +31,7 @@ from segscale.engine import plan, prepare_run_dir
 from segscale.errors import PREEMPTED_EXIT_CODE, Preempted, SegscaleError
 from segscale.launch import launch, start_worker_server
 from segscale.stats import agreement, spread
-from segscale.tracking import ParentRun
+from segscale.tracking import ParentRun, nest_under
 
 STATE = "repeat.json"
 # --vary → the config key it sets
@@ -73,8 +73,7 @@ def repeat(
     signature = {"config": cfg.digest(), **options.signature()}
     state = job_state(out / STATE, signature, {"runs": {}}, "repeated runs")
     parent = ParentRun(
-        cfg.tracker.name,
-        cfg.tracker.kwargs,
+        cfg.tracker_config("mlflow"),
         out,
         f"{cfg.name}-repeat",
         {"segscale.repeat": str(out), "segscale.repeat.vary": options.vary},
@@ -99,9 +98,9 @@ def repeat(
             apply_override(raw, f"{key}={base + i}")
             raw["name"] = f"{cfg.name}-run-{i + 1}"
             entry[key] = base + i
-            if cfg.tracker.name == "mlflow" and (parent_id := parent.run_id()):
+            if parent_id := parent.run_id():
                 state["mlflow_run_id"] = parent_id
-                raw["tracker"]["kwargs"] = {**raw["tracker"]["kwargs"], "parent_run_id": parent_id}
+                nest_under(raw, parent_id)
             run_cfg = validate(raw, source=f"{out.name}/run-{i + 1}")
             if progress:
                 print(f"[repeat] run {i + 1}/{options.runs}: {key} {base + i}", flush=True)

@@ -3,8 +3,8 @@
 A tracker is built on rank 0 with the run's folder, name and flattened config (`params`) plus its
 own kwargs, and is called like a callback (duck-typed hooks: on_train_start, on_epoch_end,
 on_train_end), then `close(error)` once the worker stops for any reason. Built-ins: `mlflow` (the
-default: a local SQLite store shared by the runs beside this one) and `none`; users name their own
-class as 'pkg.mod:Class'. The run folder (metrics.jsonl, checkpoints, model.pt) stays the record
+default: a local SQLite store shared by the runs beside this one), `tensorboard` and `none`; a run
+may have several (`tracker: [mlflow, tensorboard]`); users name their own class as 'pkg.mod:Class'. The run folder (metrics.jsonl, checkpoints, model.pt) stays the record
 that resume and reports read: a tracker only mirrors it, and never fails a run.
 """
 
@@ -209,6 +209,80 @@ class MLflowTracker:
         warnings.warn(f"mlflow tracking stopped ({self.uri}): {error}", stacklevel=1)
 
 
+class TensorBoardTracker:
+    """`tracker: tensorboard` (alone or beside mlflow): TensorBoard event files in
+    RUN_DIR/tensorboard (or `log_dir`): the epoch rows at their global step, step metrics as
+    step/<name>, every rank's system metrics as system/<node>/<rank>/<name> (at the training step
+    they were read, with their own wall time), each validation's picture grid as the image `validation`, and the flattened config
+    as text. A resumed run drops the events past its checkpoint's step (purge_step), so curves
+    never double back. Needs the tensorboard package: pip install 'segscale[tensorboard]'; view
+    with `tensorboard --logdir runs/`. Writing happens on TensorBoard's own writer thread."""
+
+    def __init__(
+        self, run_dir: Path, run_name: str, params: dict[str, Any], log_dir: str | None = None
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.log_dir = Path(log_dir) if log_dir else self.run_dir / "tensorboard"
+        self.params = params
+        self._writer: Any = None
+        self._system = SystemFiles(self.run_dir)
+        self._step = 0
+
+    def on_train_start(self, trainer: Any) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # resumed at step S: events after S came from steps this run trains again
+        self._writer = SummaryWriter(
+            str(self.log_dir), purge_step=trainer.step + 1 if trainer.step else None
+        )
+        if trainer.step:  # resumed: the samples already in the files were logged before
+            self._system.read()
+        else:
+            table = "\n".join(f"| {k} | {_param(v)} |" for k, v in sorted(self.params.items()))
+            self._writer.add_text("config", "| setting | value |\n|---|---|\n" + table, 0)
+
+    def on_log(self, trainer: Any, row: dict[str, Any]) -> None:
+        for k, v in row.items():
+            if k != "step":
+                self._writer.add_scalar(f"step/{k}", v, row["step"])
+        self._log_system(row["step"])
+
+    def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
+        step = int(record["step"])
+        for k, v in record.items():
+            if isinstance(v, int | float) and not isinstance(v, bool) and k != "step":
+                self._writer.add_scalar(k, v, step)
+        picture = record.get("validation_picture")
+        if picture and (self.run_dir / picture).is_file():
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(self.run_dir / picture) as image:
+                pixels = np.asarray(image.convert("RGB"))
+            self._writer.add_image("validation", pixels, step, dataformats="HWC")
+        self._log_system(step)
+        self._writer.flush()
+
+    def close(self, error: BaseException | None = None) -> None:
+        if self._writer is None:
+            return
+        self._log_system(self._step)
+        if error is not None:
+            self._writer.add_text("status", f"{type(error).__name__}: {error}")
+        self._writer.close()
+        self._writer = None
+
+    def _log_system(self, step: int) -> None:
+        """The system samples written since the last call, at the training step reached."""
+        self._step = step
+        for _, row in self._system.read():
+            for k, v in row.items():
+                if k not in ("node", "rank", "time") and isinstance(v, int | float):
+                    self._writer.add_scalar(
+                        f"system/{row['node']}/{row['rank']}/{k}", v, step, walltime=row["time"]
+                    )
+
+
 def mlflow_client(uri: str) -> Any:
     """An MlflowClient for `uri`, mlflow's and alembic's loggers at WARNING: the import sets
     mlflow's to INFO, and a new store would log each of its migrations."""
@@ -230,7 +304,7 @@ def experiment(client: Any, name: str, folder: Path) -> str:
     if found is not None:
         return found.experiment_id
     artifacts = (Path(folder) / "mlartifacts").resolve().as_uri()
-    # MLflow 3's UI opens an experiment in its GenAI view unless told it holds model training
+    # MLflow 3 records what an experiment holds (its kind); these are model-training runs
     return client.create_experiment(
         name, artifact_location=artifacts, tags={EXPERIMENT_KIND: "custom_model_development"}
     )
@@ -281,6 +355,16 @@ def _chunks(items: list[Any], n: int) -> list[list[Any]]:
     return [items[i : i + n] for i in range(0, len(items), n)]
 
 
+def nest_under(raw: dict[str, Any], parent_run_id: str | None) -> dict[str, Any]:
+    """A run config's data (RunConfig.model_dump) with its MLflow tracker nested under the run
+    `parent_run_id` (MLflow's parent tag), when it has an MLflow tracker and a parent is given."""
+    if parent_run_id:
+        for tracker in raw["tracker"]:
+            if tracker["name"] == "mlflow":
+                tracker["kwargs"] = {**tracker["kwargs"], "parent_run_id": parent_run_id}
+    return raw
+
+
 class ParentRun:
     """One MLflow run that groups others (`segscale tune`: its baselines and trials; `segscale
     repeat`: its runs), which name it as their tracker's parent_run_id. It lives in the store of
@@ -290,14 +374,15 @@ class ParentRun:
 
     def __init__(
         self,
-        tracker: str,
-        kwargs: dict[str, Any],
+        mlflow: Any,
         folder: Path,
         run_name: str,
         tags: dict[str, str],
         run_id: str | None = None,
     ) -> None:
-        self.enabled = tracker == "mlflow"
+        """`mlflow`: the run config's MLflow tracker (RunConfig.tracker_config('mlflow')), or None."""
+        kwargs = mlflow.kwargs if mlflow is not None else {}
+        self.enabled = mlflow is not None
         self.uri = kwargs.get("uri") or default_uri(folder)
         self.experiment = kwargs.get("experiment", "segscale")
         self.folder, self.run_name, self.tags, self._run_id = Path(folder), run_name, tags, run_id

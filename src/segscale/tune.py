@@ -42,7 +42,7 @@ from segscale.engine import plan, prepare_run_dir
 from segscale.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, SegscaleError
 from segscale.guideline import Decision, Guideline, Scores, Settings, Trial
 from segscale.launch import launch, start_worker_server
-from segscale.tracking import ParentRun
+from segscale.tracking import ParentRun, nest_under
 
 STATE = "tune.json"
 OUTPUTS = ("tune.md", "tune.png", "tuned.yaml", STATE)  # the tuning run's artifacts
@@ -131,8 +131,7 @@ class _Tuner:
             "a tuning",
         )
         self.tracking = ParentRun(
-            cfg.tracker.name,
-            cfg.tracker.kwargs,
+            cfg.tracker_config("mlflow"),
             out,
             f"{cfg.name}-tune",
             {"segscale.tune": str(out)},
@@ -398,13 +397,11 @@ class _Tuner:
         return {"name": "early_stop", "kwargs": kwargs}
 
     def _finish_config(self, raw: dict[str, Any], what: str) -> RunConfig:
-        if raw["tracker"]["name"] == "mlflow":
-            parent = self.tracking.run_id()
-            if parent and "mlflow_run_id" not in self.state:
-                self.state["mlflow_run_id"] = parent
-                self._save()
-            if parent:
-                raw["tracker"]["kwargs"] = {**raw["tracker"]["kwargs"], "parent_run_id": parent}
+        parent = self.tracking.run_id()
+        if parent and "mlflow_run_id" not in self.state:
+            self.state["mlflow_run_id"] = parent
+            self._save()
+        nest_under(raw, parent)
         return validate(raw, source=f"{self.out.name}/{what}")
 
     def _train(self, cfg: RunConfig, entry: dict[str, Any], workers: int) -> RunResult:
@@ -488,7 +485,7 @@ class _Tuner:
             raw = cfg.model_dump(mode="json")
             raw["name"], raw["workers"] = self.cfg.name, self.options.workers
             raw["train"]["simulate_workers"] = None
-            raw["tracker"] = self.cfg.tracker.model_dump(mode="json")
+            raw["tracker"] = [t.model_dump(mode="json") for t in self.cfg.tracker]
             save_config(validate(raw, source="tuned.yaml"), self.out / "tuned.yaml")
         schedules = {}
         for t in self.state["trials"]:

@@ -44,7 +44,7 @@ def train(
     run_dir: Path, resume: bool = False, progress: bool = True, failures: Path | None = None
 ) -> list[dict[str, Any]]:
     """Train run_dir/config.yaml as one process of N (the torchrun environment says which);
-    returns the per-epoch history. Rank 0 writes environment.json and drives the tracker.
+    returns the per-epoch history. Rank 0 writes environment.json and drives the trackers.
     A torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) resumes from the newest checkpoint.
     `failures`: a folder where this process reports its error, if it fails, before it tears
     anything down (the launcher names the first failure from these reports).
@@ -52,13 +52,13 @@ def train(
     p = plan(load_config(run_dir / "config.yaml"))
     resume = resume or restarted()
     strategy = p.strategy()
-    tracker: Any = None
+    trackers: list[Any] = []
     error: BaseException | None = None
     sampler = p.system_sampler(run_dir, strategy).start()
     try:
         if strategy.rank == 0:  # the one process that records the run
-            tracker = p.tracker(run_dir)
-        trainer = p.trainer(strategy, run_dir, [tracker] if tracker else [], progress)
+            trackers = p.trackers(run_dir)
+        trainer = p.trainer(strategy, run_dir, trackers, progress)
         if strategy.rank == 0:
             write_atomic(run_dir / "environment.json", json.dumps(p.record(trainer), indent=1))
             write_atomic(run_dir / "packages.txt", "\n".join(packages()) + "\n")
@@ -69,7 +69,7 @@ def train(
         raise
     finally:
         sampler.stop()
-        if tracker is not None:
+        for tracker in trackers:
             tracker.close(error)
         strategy.close()
 
