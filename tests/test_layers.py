@@ -19,7 +19,7 @@ LAYERS: list[set[str]] = [
     {"cli"},
     {"demo", "tune", "repeat", "compare", "methods", "launch", "_forked_worker"},
     {"worker"},
-    {"engine", "predict", "report", "zoo"},
+    {"engine", "predict", "export", "report", "zoo"},
     {
         "train",
         "tasks",

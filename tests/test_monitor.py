@@ -135,6 +135,7 @@ def test_the_mlflow_stop_tag_stops_a_two_worker_run_which_resumes(tmp_path, real
     # long enough that the tag is seen before the end on a fast machine (about 0.1 s an epoch)
     cfg = tiny_config(real_store, epochs=150, steps_per_epoch=2)
     cfg["tracker"] = {"name": "mlflow", "kwargs": {"poll_seconds": 0.3}}
+    cfg["monitor"] = {"log_every": 2, "system_every": 0.2}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     run = tmp_path / "runs" / "tagged"
@@ -163,6 +164,13 @@ def test_the_mlflow_stop_tag_stops_a_two_worker_run_which_resumes(tmp_path, real
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert (run / "model.pt").is_file() and client.get_run(run_id).info.status == "FINISHED"
+    # both ranks' system metrics and the step metrics, in the one MLflow run
+    node = socket.gethostname()
+    logged = client.get_run(run_id).data.metrics
+    for rank in (0, 1):
+        assert 0 < logged[f"system/{node}/{rank}/rss_gb"] < 64
+        assert f"system/{node}/{rank}/cpu_percent" in logged
+    assert logged["step/loss"] > 0 and logged["step/images_per_second"] > 0
 
 
 def _train_output(cfg_path: Path, run: Path, terminal: bool) -> str:

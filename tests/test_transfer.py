@@ -89,3 +89,77 @@ def test_fine_tuning_from_a_run_and_from_a_zoo_entry(tmp_path, real_store, monke
     bad = validate({**tiny_config(real_store), "model": {"name": "unet", "pretrained": "zoo:none"}})
     with pytest.raises(SegscaleError, match="no model 'none'"):
         plan(bad).check(1)
+
+
+def encoder_and_rest(state: dict) -> tuple[dict, dict]:
+    """A UNet's parameters (not BatchNorm's running statistics) split into encoder and rest."""
+    params = {
+        k: v
+        for k, v in state.items()
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    }
+    encoder = {k: v for k, v in params.items() if k.startswith("down.")}
+    return encoder, {k: v for k, v in params.items() if k not in encoder}
+
+
+def test_a_frozen_encoder_is_not_updated_until_its_epochs_are_over(tmp_path, real_store):
+    source = trained_run(real_store, tmp_path / "source")
+    pretrained = torch.load(source / "model.pt", weights_only=True)
+    cfg = tiny_config(
+        real_store, epochs=2, steps_per_epoch=2, finetune={"freeze_encoder_epochs": 1}
+    )
+    cfg["model"]["pretrained"] = str(source)
+    run = tmp_path / "tuned"
+    prepare_run_dir(validate(cfg), run, resume=False)
+    worker.train(run, progress=False)
+
+    after_one = torch.load(run / "checkpoints" / "step_00000002.pt", weights_only=False)["model"]
+    encoder, rest = encoder_and_rest(after_one)
+    assert encoder and all(torch.equal(v, pretrained[k]) for k, v in encoder.items())
+    assert any(not torch.equal(v, pretrained[k]) for k, v in rest.items())
+    final_encoder, _ = encoder_and_rest(torch.load(run / "model.pt", weights_only=True))
+    assert any(not torch.equal(v, after_one[k]) for k, v in final_encoder.items())
+
+
+def test_the_encoder_learns_at_its_own_lr_scale(tmp_path, real_store):
+    class Lrs:
+        def __init__(self):
+            self.seen = []
+
+        def on_step_end(self, trainer, step):
+            self.seen.append(
+                [(g.get("encoder", False), g["lr"]) for g in trainer.optimizer.param_groups]
+            )
+
+    cfg = validate(
+        tiny_config(real_store, epochs=1, steps_per_epoch=2, finetune={"encoder_lr_scale": 0.1})
+    )
+    run = tmp_path / "run"
+    prepare_run_dir(cfg, run, resume=False)
+    p = plan(cfg)
+    strategy = p.strategy()
+    lrs = Lrs()
+    trainer = p.trainer(strategy, run, [lrs], progress=False)
+    trainer.fit()
+    strategy.close()
+    assert len(lrs.seen) == 2
+    for (enc, enc_lr), (dec, dec_lr) in lrs.seen:
+        assert enc and not dec and enc_lr == pytest.approx(0.1 * dec_lr) and dec_lr > 0
+    encoder = {id(q) for q in trainer.model.down.parameters()}  # exactly the contracting path
+    assert {id(q) for q in trainer.optimizer.param_groups[0]["params"]} == encoder
+
+
+def test_fine_tuning_a_model_without_an_encoder_is_one_line_before_launch(tmp_path, real_store):
+    from conftest import ROOT
+
+    cfg = tiny_config(real_store, finetune={"freeze_encoder_epochs": 1})
+    cfg["model"] = {"name": f"{ROOT / 'examples' / 'plugins' / 'tiny_net.py'}:tiny_net"}
+    with pytest.raises(SegscaleError, match="has no encoder that segscale can find"):
+        plan(validate(cfg)).check(1)
+    # unset, the options leave the digest of configs written before them
+    plain = validate(tiny_config(real_store))
+    assert "finetune" not in plain.settings()["train"]
+    assert (
+        validate(tiny_config(real_store, finetune={"encoder_lr_scale": 0.5})).digest()
+        != plain.digest()
+    )

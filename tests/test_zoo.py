@@ -139,3 +139,30 @@ def test_predict_with_a_zoo_model_matches_its_run(published, tmp_path):
     from_zoo = predict("zoo:tiny-la@1", tmp_path / "zoo-out")
     from_run = predict(str(run), tmp_path / "run-out")
     assert from_zoo.shape == nib.load(volume).shape[:3] and np.array_equal(from_zoo, from_run)
+
+
+def test_publishing_an_mlflow_tracked_run_registers_the_model_there(tmp_path, real_store):
+    from mlflow.tracking import MlflowClient
+
+    from conftest import cli, tiny_config
+    from segscale.config import validate
+    from segscale.engine import prepare_run_dir
+
+    cfg = tiny_config(real_store, epochs=1, steps_per_epoch=1)
+    cfg["tracker"] = "mlflow"
+    run = tmp_path / "runs" / "tracked"
+    prepare_run_dir(validate(cfg), run, resume=False)
+    worker.train(run, progress=False)
+    done = cli("zoo", "publish", run, "--name", "tracked-la", "--zoo", tmp_path / "zoo")
+    assert done.returncode == 0, done.stderr
+    assert "registered as model tracked-la, version 1" in done.stdout
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    run_id = (run / "mlflow_run_id").read_text().strip()
+    (version,) = client.search_model_versions("name = 'tracked-la'")
+    assert version.run_id == run_id and version.tags["segscale.zoo_version"] == "1"
+    logged = {a.path for a in client.list_artifacts(run_id, "zoo/tracked-la-1")}
+    assert "zoo/tracked-la-1/model.safetensors" in logged
+    local = client.download_artifacts(run_id, "zoo/tracked-la-1/model.safetensors", str(tmp_path))
+    entry = tmp_path / "zoo" / "tracked-la" / "1" / "model.safetensors"
+    assert Path(local).read_bytes() == entry.read_bytes()

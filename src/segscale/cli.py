@@ -15,6 +15,8 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # help texts are plain: [--x] and [default: ...] must show, not be read as rich markup
+    rich_markup_mode=None,
     help="Train CNN segmentation models for medical images on one or many workers, from one config file.",
 )
 
@@ -575,6 +577,37 @@ def predict_cmd(
         typer.echo(f"wrote {path}")
 
 
+@app.command("export")
+def export_cmd(
+    source: Annotated[
+        str, typer.Argument(help="A trained run folder, or zoo:NAME[@VERSION] (a zoo model).")
+    ],
+    fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript")] = "onnx",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="File to write [default: SOURCE/model.onnx or model.torchscript.pt]"),
+    ] = None,
+    zoo: ZooOption = None,
+) -> None:
+    """Export a model to run without segscale: ONNX (onnxruntime, TensorRT, ...) or TorchScript,
+    with a dynamic batch size and its preprocessing and classes in the file's metadata. The
+    export is run against PyTorch on a second batch size and kept only when they agree."""
+    from segscale.export import TOLERANCE, export
+
+    if source.startswith("zoo:"):
+        from segscale.hub import pull
+
+        path = pull(source, zoo)
+        if out is None:
+            out = Path(
+                f"{source.removeprefix('zoo:').replace('@', '-')}.{'onnx' if fmt == 'onnx' else 'torchscript.pt'}"
+            )
+    else:
+        path = Path(source).resolve()
+    written = export(path, fmt, out)
+    typer.echo(f"wrote {written} (checked against PyTorch: max |Δ logits| ≤ {TOLERANCE:g})")
+
+
 @app.command("schedule")
 def schedule_cmd(
     config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
@@ -656,12 +689,16 @@ def zoo_publish_cmd(
     description: Annotated[str, typer.Option(help="One paragraph for the model card.")] = "",
 ) -> None:
     """Publish a run's model: safetensors weights, config, store description, metadata with the
-    sha256 of every file, a model card; added to the zoo's index.json."""
+    sha256 of every file, a model card; added to the zoo's index.json. A run tracked by MLflow
+    also gets the entry as artifacts and in MLflow's model registry."""
     from segscale._files import output_dir
-    from segscale.zoo import publish
+    from segscale.zoo import log_to_mlflow, publish
 
     entry = publish(run_dir, name, output_dir(zoo, "--zoo"), version, licence, description)
     typer.echo(f"published {name}@{version}: {entry} (card: {entry / 'card.md'})")
+    logged = log_to_mlflow(run_dir, entry)
+    if logged:
+        typer.echo(logged)
 
 
 @zoo_app.command("list")

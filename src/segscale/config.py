@@ -367,6 +367,21 @@ class DivergenceConfig(_Strict):
     )
 
 
+class FinetuneConfig(_Strict):
+    """Fine-tuning from model.pretrained: the encoder (the model's `encoder_modules`, or its
+    submodule named `encoder`) learns later or slower than the rest."""
+
+    freeze_encoder_epochs: int = Field(
+        0,
+        ge=0,
+        description="The encoder's weights are not updated for the first N epochs (its lr is 0; "
+        "gradients still flow through it, normalisation statistics still adapt).",
+    )
+    encoder_lr_scale: float = Field(
+        1.0, ge=0, description="The encoder's lr is the schedule's lr × this (after any freeze)."
+    )
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(gt=0)
     batch_size: int = Field(gt=0, description="Per worker; the global batch is × workers.")
@@ -411,6 +426,7 @@ class TrainConfig(_Strict):
     )
     amp: Literal["none", "bf16", "fp16"] = Field("none", description="Mixed precision (autocast).")
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this.")
+    finetune: FinetuneConfig = FinetuneConfig()
     divergence: DivergenceConfig = DivergenceConfig()
     deterministic: bool = Field(True, description="Seed everything, deterministic kernels.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -499,6 +515,8 @@ class RunConfig(_Strict):
             del data["model"]["pretrained"]
         if data["data"]["split_seed"] is None:
             del data["data"]["split_seed"]
+        if data["train"]["finetune"] == FinetuneConfig().model_dump(mode="json"):
+            del data["train"]["finetune"]
         return data
 
     def digest(self) -> str:

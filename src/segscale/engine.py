@@ -196,11 +196,28 @@ class Plan:
         return build_schedule(t.schedule, t.optimizer.lr, t.batch_size, workers, steps, t.epochs)
 
     def optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
-        o = self.cfg.train.optimizer
+        """The optimiser over the model's parameters; with train.finetune options, two parameter
+        groups: the encoder's (marked `encoder`, its `lr_scale`) and the rest, which the Trainer
+        gives the schedule's lr × lr_scale (0 while the encoder is frozen)."""
+        o, f = self.cfg.train.optimizer, self.cfg.train.finetune
+        params: Any = model.parameters()
+        if f.freeze_encoder_epochs or f.encoder_lr_scale != 1.0:
+            from segscale.models import encoder_parameters
+            from segscale.parallel import unwrap
+
+            encoder = {id(q) for q in encoder_parameters(unwrap(model))}
+            params = [
+                {
+                    "params": [q for q in model.parameters() if id(q) in encoder],
+                    "encoder": True,
+                    "lr_scale": f.encoder_lr_scale,
+                },
+                {"params": [q for q in model.parameters() if id(q) not in encoder]},
+            ]
         return _build(
             f"train.optimizer '{o.name}' kwargs {o.kwargs}",
             OPTIMIZERS.resolve(o.name),
-            model.parameters(),
+            params,
             o,
         )
 
@@ -333,6 +350,7 @@ class Plan:
             divergence=DivergenceGuard(d.factor, d.patience, d.smoothing) if d.enabled else None,
             progress=progress,
             log_every=c.monitor.log_every,
+            freeze_encoder_epochs=t.finetune.freeze_encoder_epochs,
         )
 
     def pictures(self, strategy: Strategy) -> list[Any]:

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from segscale.errors import DataError, SegscaleError
-from segscale.hub import ENTRY_META
 from segscale.imgmed.files import list_images
 from segscale.imgmed.io import (
     load_image2d,
@@ -21,7 +20,7 @@ from segscale.imgmed.io import (
     sniff,
 )
 from segscale.imgmed.transforms import Plane, from_grid, from_slices, inplane_spacing, preprocess
-from segscale.zoo import load_model
+from segscale.zoo import load_any_model
 
 
 @torch.no_grad()
@@ -47,17 +46,12 @@ def predict(
 ) -> list[Path]:
     """Segment `inputs` with the model of a finished run folder or of a pulled zoo entry's folder;
     returns the masks written (out_dir/<input name>). Raises SegscaleError for bad input."""
-    from segscale.engine import load_trained_model
-
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise SegscaleError(f"--device {device}: expected cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SegscaleError(f"--device {device}: no CUDA device is available; use --device cpu")
     dev = torch.device(device)
-    if (run_dir / ENTRY_META).is_file():  # a zoo entry (segscale.zoo.pull gives its folder)
-        model, plan = load_model(run_dir, dev)
-    else:
-        model, plan = load_trained_model(run_dir, dev)
+    model, plan = load_any_model(run_dir, dev)  # a run folder or a pulled zoo entry's folder
     if plan.cfg.task.name != "segmentation":
         raise SegscaleError(
             f"{run_dir}: a {plan.cfg.task.name} run; `segscale predict` writes masks, for "

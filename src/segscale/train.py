@@ -75,6 +75,7 @@ class Trainer:
         divergence: DivergenceGuard | None = None,
         progress: bool = True,
         log_every: int | None = None,
+        freeze_encoder_epochs: int = 0,
     ) -> None:
         self.model, self.optimizer, self.schedule, self.loss_fn = (
             model,
@@ -98,6 +99,7 @@ class Trainer:
         )
         self.checkpoint_every, self.keep_checkpoints = checkpoint_every, keep_checkpoints
         self.fuse_microbatches = fuse_microbatches
+        self.freeze_encoder_epochs = freeze_encoder_epochs
         self.divergence = divergence
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         # fp16 needs loss scaling against underflow; bf16 has fp32's range and does not
@@ -264,8 +266,10 @@ class Trainer:
         """One optimiser step over this process's micro-batches: one per worker it plays (one under
         torchrun; K when simulating K workers, whose gradients add up to the all-reduced mean)."""
         lr = self.schedule(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        frozen = self.epoch < self.freeze_encoder_epochs
+        for group in self.optimizer.param_groups:  # fine-tuning: the encoder's group is scaled
+            scale = 0.0 if frozen and group.get("encoder") else group.get("lr_scale", 1.0)
+            group["lr"] = lr * scale
         self.optimizer.zero_grad(set_to_none=True)
         # Fused, the K micro-batches share one forward pass (faster), BatchNorm still normalising
         # each alone (ghost_batchnorm); the loss stays per micro-batch, as on K workers.

@@ -71,6 +71,12 @@ def train(
         sampler.stop()
         for tracker in trackers:
             tracker.close(error)
+        if isinstance(error, Preempted | Diverged):
+            # An agreed stop: every rank raised it at the same step. The others wait for rank 0
+            # to record it (its trackers' status), because torchrun ends the remaining workers
+            # as soon as one exits with a non-zero code.
+            with contextlib.suppress(Exception):
+                strategy.barrier()
         strategy.close()
 
 

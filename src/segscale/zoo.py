@@ -145,6 +145,43 @@ def publish(
     return entry
 
 
+def log_to_mlflow(run_dir: Path, entry: Path) -> str | None:
+    """Log a published entry to the MLflow run of `run_dir` (artifacts zoo/NAME-VERSION/) and
+    register it in the store's model registry as model NAME (the zoo version as a tag), so the
+    zoo and the tracking UI show the same model. Returns a line saying what was logged, or None
+    when the run was not tracked by MLflow. Like a tracker it never fails: an error is a warning."""
+    import warnings
+
+    from segscale.tracking import MLFLOW_RUN_ID, default_uri, mlflow_client
+
+    run_dir = run_dir.resolve()
+    tracker = load_config(run_dir / "config.yaml").tracker_config("mlflow")
+    if tracker is None or not (run_dir / MLFLOW_RUN_ID).is_file():
+        return None
+    info = json.loads((entry / ENTRY_META).read_text())
+    name, version = info["name"], info["version"]
+    run_id = (run_dir / MLFLOW_RUN_ID).read_text().strip()
+    uri = tracker.kwargs.get("uri") or default_uri(run_dir.parent)
+    try:
+        client = mlflow_client(uri)
+        path = f"zoo/{name}-{version}"
+        client.log_artifacts(run_id, str(entry), path)
+        client.set_tag(run_id, "segscale.zoo", f"{name}@{version}")
+        if not client.search_registered_models(f"name = '{name}'"):
+            client.create_registered_model(name, description=info.get("description") or None)
+        model = client.create_model_version(
+            name,
+            source=f"{client.get_run(run_id).info.artifact_uri}/{path}",
+            run_id=run_id,
+            tags={"segscale.zoo_version": version},
+            description=(entry / "card.md").read_text(),
+        )
+    except Exception as e:  # the entry is published; only its mirror in MLflow is missing
+        warnings.warn(f"mlflow: {name}@{version} not logged to {uri}: {e}", stacklevel=2)
+        return None
+    return f"logged to MLflow run {run_id} and registered as model {name}, version {model.version}"
+
+
 def _evaluation(run_dir: Path, split: str) -> dict[str, Any] | None:
     """The run's test-split evaluation (dataset level and per-case summary), if it has one."""
     for path in (run_dir / f"evaluation-{split}.json", run_dir.parent / "evaluation.json"):
@@ -226,3 +263,17 @@ def load_model(entry: Path, device: torch.device | str = "cpu") -> tuple[torch.n
             f"{entry / WEIGHTS}: does not fit its config's model: {first}"
         ) from None
     return model.to(device).eval(), p
+
+
+def load_any_model(
+    source: Path, device: torch.device | str = "cpu"
+) -> tuple[torch.nn.Module, Plan]:
+    """The model of a finished run folder or of a pulled zoo entry's folder, in eval mode on
+    `device`, with its Plan. Raises SegscaleError when it is neither or its weights do not load."""
+    from segscale.engine import load_trained_model
+
+    if (Path(source) / ENTRY_META).is_file():
+        return load_model(Path(source), device)
+    if not (Path(source) / "config.yaml").is_file():
+        raise SegscaleError(f"{source}: neither a run folder (config.yaml) nor a zoo entry")
+    return load_trained_model(Path(source), device)

@@ -28,4 +28,27 @@ def create_model(spec: str, in_channels: int, num_classes: int, **kwargs: Any) -
     return model
 
 
-__all__ = ["FCN8s", "ResUNet", "SmallCNN", "UNet", "create_model"]
+def encoder_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of a model's encoder: the submodules its `encoder_modules` attribute names
+    (the built-in models declare theirs), else its submodule called `encoder`. Raises
+    SegscaleError when the model declares neither."""
+    names = getattr(model, "encoder_modules", None)
+    if names is None and isinstance(getattr(model, "encoder", None), nn.Module):
+        names = ("encoder",)
+    if not names:
+        raise SegscaleError(
+            f"{type(model).__name__} has no encoder that segscale can find: give the class an "
+            "`encoder_modules` tuple naming its encoder submodules, or a submodule `encoder`"
+        )
+    params: list[nn.Parameter] = []
+    for name in names:
+        try:
+            params.extend(model.get_submodule(name).parameters())
+        except AttributeError:
+            raise SegscaleError(
+                f"{type(model).__name__}.encoder_modules names '{name}', which it does not have"
+            ) from None
+    return params
+
+
+__all__ = ["FCN8s", "ResUNet", "SmallCNN", "UNet", "create_model", "encoder_parameters"]

@@ -14,6 +14,8 @@ class SmallCNN(nn.Module):
     base·2^i, then global average pooling, dropout and one linear layer: (N, C, H, W) → (N, K)
     logits, for any input size."""
 
+    encoder_modules = ("features",)  # the convolutions before the classifier (train.finetune)
+
     def __init__(
         self,
         in_channels: int,

@@ -32,6 +32,8 @@ def _bilinear_kernel(channels: int, k: int) -> torch.Tensor:
 
 
 class FCN8s(nn.Module):
+    encoder_modules = ("features", "fc6", "fc7")  # VGG-16's layers (train.finetune)
+
     def __init__(
         self,
         in_channels: int,

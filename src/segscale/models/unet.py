@@ -48,6 +48,8 @@ class UNet(nn.Module):
     """Ronneberger U-Net: `depth` max-pool downsamplings, widths base·2^i (64 → 1024 by default),
     transposed-conv upsampling and skip concatenation. Input sides must be divisible by 2^depth."""
 
+    encoder_modules = ("down",)  # the contracting path, bottleneck included (train.finetune)
+
     def __init__(
         self,
         in_channels: int,
@@ -141,6 +143,8 @@ class ResUNet(nn.Module):
     times more images per second than the Ronneberger U-Net of the same width. Encoder units have
     two convolutions, decoder units `decoder_convs` (one by default: as accurate in
     benchmarks/time_to_dice.py, and faster)."""
+
+    encoder_modules = ("down", "bottom")  # the encoder and its bottleneck (train.finetune)
 
     def __init__(
         self,

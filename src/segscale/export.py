@@ -1,0 +1,147 @@
+"""`segscale export`: a run's or a zoo entry's model as a file that runs without segscale.
+
+- ONNX (torch.onnx's torch.export-based exporter; needs `onnx` and `onnxscript`:
+  pip install 'segscale[export]'): input `image` (N, C, S, S) float32, output `logits`
+  (N, classes, S, S) or the task's shape, N dynamic. Run it with onnxruntime or any ONNX runtime.
+- TorchScript (torch.jit.trace): the same signature; `torch.jit.load(path)` in any PyTorch.
+
+Each file carries the model's description (segscale-model.json: channels, slice size, the
+preprocessing to apply first, the classes) as ONNX metadata or a TorchScript extra file, and the
+export is checked before it is kept: the exported model is run on a batch of a different size than
+the one traced and must agree with PyTorch's outputs within `TOLERANCE` (largest absolute
+difference of the logits), else nothing is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segscale import __version__
+from segscale.errors import SegscaleError
+from segscale.zoo import load_any_model
+
+FORMATS = ("onnx", "torchscript")
+SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+TOLERANCE = 1e-4  # max |exported − PyTorch| over the check batch's logits (float32 arithmetic)
+DESCRIPTION = "segscale-model.json"
+
+
+def describe(plan: Any, source: Path) -> dict[str, Any]:
+    """What a user of the exported file must know: input layout, preprocessing, classes."""
+    meta, size = plan.store.meta, plan.store.preprocessing.size
+    return {
+        "source": str(source),
+        "segscale_version": __version__,
+        "task": plan.cfg.task.name,
+        "model": plan.cfg.model.name,
+        "input": {
+            "name": "image",
+            "shape": ["N", plan.in_channels, size, size],
+            "dtype": "float32",
+            "channels": meta.get("channel_names"),
+        },
+        "output": {"name": "logits", "classes": plan.task.labels(plan.store)},
+        "preprocessing": meta.get("preprocessing"),
+    }
+
+
+def export(source: Path, fmt: str, out: Path | None = None, check_batch: int = 3) -> Path:
+    """Export the model of a finished run folder or a pulled zoo entry to `out` (default:
+    SOURCE/model.onnx or SOURCE/model.torchscript.pt). Returns the written path.
+    Raises SegscaleError for an unknown format, a missing exporter, or an export whose outputs
+    differ from PyTorch's by more than TOLERANCE."""
+    if fmt not in FORMATS:
+        raise SegscaleError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    model, plan = load_any_model(source, "cpu")
+    size = plan.store.preprocessing.size
+    out = out or source / ("model.onnx" if fmt == "onnx" else "model.torchscript.pt")
+    if out.is_dir():
+        raise SegscaleError(f"--out {out}: a folder; give the file to write")
+    description = describe(plan, source)
+    generator = torch.Generator().manual_seed(0)
+    traced = torch.randn(2, plan.in_channels, size, size, generator=generator)
+    checked = torch.randn(check_batch, plan.in_channels, size, size, generator=generator)
+    with torch.no_grad():
+        expected = model(checked)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # written beside `out` and renamed once checked: never a half-written or unverified file
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=SUFFIX[fmt])
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        if fmt == "onnx":
+            got = _onnx(model, traced, checked, tmp_path, description)
+        else:
+            got = _torchscript(model, traced, checked, tmp_path, description)
+        difference = float((got - expected).abs().max())
+        if not difference <= TOLERANCE:
+            raise SegscaleError(
+                f"{source}: the {fmt} export differs from PyTorch by {difference:.3g} "
+                f"(tolerance {TOLERANCE:g}) on a batch of {check_batch}; nothing written"
+            )
+        tmp_path.replace(out)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    return out
+
+
+def _onnx(
+    model: torch.nn.Module,
+    traced: torch.Tensor,
+    checked: torch.Tensor,
+    path: Path,
+    description: dict[str, Any],
+) -> torch.Tensor:
+    for package in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            __import__(package)
+        except ImportError:
+            raise SegscaleError(
+                f"--format onnx needs {package}: pip install 'segscale[export]'"
+            ) from None
+    import onnx
+    import onnxruntime
+
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # the exporter's own deprecation notices
+        program = torch.onnx.export(
+            model,
+            (traced,),
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_shapes=({0: batch},),
+            dynamo=True,
+            verbose=False,
+        )
+    program.save(str(path))
+    proto = onnx.load(str(path))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = DESCRIPTION, json.dumps(description)
+    onnx.save(proto, str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"image": checked.numpy()})[0])
+
+
+def _torchscript(
+    model: torch.nn.Module,
+    traced: torch.Tensor,
+    checked: torch.Tensor,
+    path: Path,
+    description: dict[str, Any],
+) -> torch.Tensor:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+        script = torch.jit.trace(model, traced)
+        torch.jit.save(script, str(path), _extra_files={DESCRIPTION: json.dumps(description)})
+        loaded = torch.jit.load(str(path))
+        return loaded(checked)

@@ -1,0 +1,79 @@
+"""`segscale export`: a run's or a zoo entry's model as ONNX (run in onnxruntime) and TorchScript,
+with a dynamic batch size; outputs on real slices equal PyTorch's within a stated tolerance."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import cli, trained_run
+from segscale.engine import load_trained_model
+from segscale.export import DESCRIPTION, TOLERANCE, export
+from segscale.imgmed import Store
+from segscale.zoo import publish
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, real_store):
+    return trained_run(real_store, tmp_path_factory.mktemp("export") / "run", epochs=1)
+
+
+def real_slices(store_path, n: int) -> torch.Tensor:
+    store = Store.open(store_path)
+    rows = store.rows("test")[:n]
+    return torch.from_numpy(np.stack([np.array(store.images[r]) for r in rows]))
+
+
+def test_onnx_export_runs_in_onnxruntime_like_pytorch_for_any_batch(run, real_store, tmp_path):
+    import onnx
+    import onnxruntime
+
+    path = export(run, "onnx", tmp_path / "model.onnx")
+    model, _ = load_trained_model(run)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in (1, 5):  # neither the traced batch (2) nor the checked one (3)
+        x = real_slices(real_store, n)
+        got = torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+        with torch.no_grad():
+            expected = model(x)
+        assert got.shape == expected.shape == (n, 2, 32, 32)
+        assert float((got - expected).abs().max()) <= TOLERANCE
+        assert torch.equal(got.argmax(1), expected.argmax(1))
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    described = json.loads(meta[DESCRIPTION])
+    assert described["input"]["shape"] == ["N", 1, 32, 32]
+    assert described["output"]["classes"] == {"0": "background", "1": "left atrium"}
+    assert described["preprocessing"]["size"] == 32
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left beside it
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.load.*:DeprecationWarning")
+def test_torchscript_export_from_a_zoo_entry_through_the_cli(run, real_store, tmp_path):
+    publish(run, "tiny-la", tmp_path / "zoo", version="1")
+    out = tmp_path / "tiny.pt"
+    done = cli(
+        "export", "zoo:tiny-la@1", "--format", "torchscript", "--out", out,
+        "--zoo", tmp_path / "zoo",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {out}" in done.stdout
+    files = {DESCRIPTION: ""}
+    scripted = torch.jit.load(str(out), _extra_files=files)
+    assert json.loads(files[DESCRIPTION])["model"] == "unet"
+    model, _ = load_trained_model(run)
+    x = real_slices(real_store, 4)
+    with torch.no_grad():
+        assert float((scripted(x) - model(x)).abs().max()) <= TOLERANCE
+
+
+def test_bad_exports_are_one_line(run, tmp_path):
+    done = cli("export", run, "--format", "tflite")
+    assert (
+        done.returncode == 2 and "--format tflite: expected one of onnx, torchscript" in done.stderr
+    )
+    done = cli("export", tmp_path, "--format", "onnx")
+    assert done.returncode == 2 and "neither a run folder" in done.stderr
+    (tmp_path / "folder").mkdir()
+    done = cli("export", run, "--out", tmp_path / "folder")
+    assert done.returncode == 2 and "a folder; give the file to write" in done.stderr
