@@ -22,6 +22,8 @@ python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py >"$OUT/gpu_tes
 # (Multi-worker tests need one GPU per worker: the `distributed` ones run on CPU machines.)
 python3 -m pytest -q -p no:cacheprovider -m "not distributed" tests/test_train.py tests/test_fault_tolerance.py \
   tests/test_parallel.py >"$OUT/train_tests.log" 2>&1; train_tests=$?
+# checks first (bf16 vs fp32, compiled vs eager, resident batches), then img/s and MFU per variant
+python3 benchmarks/gpu.py --json "$OUT/gpu_bench.json" >"$OUT/gpu_bench.log" 2>&1; bench=$?
 start=$(date +%s)
 python3 -m segscale.cli demo --workers 1 --out /tmp/demo >"$OUT/demo.log" 2>&1; demo=$?
 demo_s=$(( $(date +%s) - start ))
@@ -35,6 +37,8 @@ ips=$(python3 -c "import json; r=[json.loads(l) for l in open('/tmp/demo/run/met
 printf '\n| check | result |\n|---|---|\n'
 printf '| pytest -m gpu (CUDA train + eval vs CPU eval, fork-server worker vs fresh interpreter, bf16/fp16 autocast) | rc=%s %s |\n' "$gpu_tests" "$(tail -1 "$OUT/gpu_tests.log")"
 printf '| train/fault-tolerance/parallel tests on CUDA (not distributed) | rc=%s %s |\n' "$train_tests" "$(tail -1 "$OUT/train_tests.log")"
+printf '| benchmarks/gpu.py (see gpu_bench.log for its table) | rc=%s |\n' "$bench"
 printf '| demo, 1 GPU worker | rc=%s, %ss, per-case Dice %s, %s img/s |\n' "$demo" "$demo_s" "$dice" "$ips"
 printf '| demo: MLflow run (the default tracker) | %s |\n' "$mlflow"
 printf '| demo --workers 2 on 1 GPU (expect a clear error, rc=2) | rc=%s %s |\n' "$two" "$(tail -1 "$OUT/two_workers.log")"
+[ -f "$OUT/gpu_bench.log" ] && sed -n '/^| variant/,$p' "$OUT/gpu_bench.log"

@@ -156,3 +156,24 @@ def test_predict_undoes_spacing_resampling_into_the_input_geometry(tmp_path):
     pred, src = nib.load(str(out)), nib.load(str(scan))
     assert pred.shape == src.shape and np.allclose(pred.affine, src.affine)
     assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
+
+
+def test_predict_reports_its_throughput_and_bf16_agrees_with_fp32(tmp_path, real_store):
+    import nibabel as nib
+
+    from conftest import SAMPLE, cli, trained_run
+
+    run_dir = trained_run(real_store, tmp_path / "run", epochs=2, steps_per_epoch=3)
+    scan = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
+    masks = {}
+    for amp in ("none", "bf16"):
+        written = predict(run_dir, [scan], tmp_path / amp, batch_size=7, amp=amp)
+        assert written.slices == nib.load(str(scan)).shape[2] and written.images_per_second > 0
+        masks[amp] = np.asarray(nib.load(str(written[0])).dataobj)
+    # bf16 rounds the logits: a few boundary pixels may flip, no more
+    assert (masks["none"] == masks["bf16"]).mean() > 0.99
+    done = cli("predict", run_dir, scan, "--out", tmp_path / "cli", "--batch-size", "32")
+    assert done.returncode == 0, done.stderr
+    assert "img/s on cpu" in done.stdout and "slices in" in done.stdout
+    bad = cli("predict", run_dir, scan, "--out", tmp_path / "cli", "--amp", "fp8")
+    assert bad.returncode == 2 and "--amp fp8: expected auto, none or bf16" in bad.stderr

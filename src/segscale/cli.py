@@ -425,17 +425,16 @@ def ui_cmd(
     """The MLflow UI over the runs' store: every run's metrics, system metrics per rank, validation
     pictures and artifacts; set the tag segscale.stop = true on a running run to stop it. Needs the
     full MLflow: pip install 'segscale[ui]'. Ctrl-C ends it."""
-    import subprocess
+    import os
+    import sys
 
     from segscale.tracking import ui_command
 
     command = ui_command(runs_dir, host, port)
     typer.echo(f"MLflow UI of {runs_dir.resolve()}: http://{host}:{port}  (Ctrl-C ends it)")
-    try:
-        code = subprocess.call(command)
-    except KeyboardInterrupt:
-        code = 0
-    raise typer.Exit(code)
+    sys.stdout.flush()
+    # the server replaces this process: a signal to it (Ctrl-C, kill, a test's terminate) ends it
+    os.execv(command[0], command)
 
 
 @app.command("evaluate")
@@ -554,6 +553,10 @@ def predict_cmd(
         Path, typer.Option("--out", help="Folder for the masks (same file names as the inputs).")
     ],
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    batch_size: Annotated[int, typer.Option(help="Slices per forward pass.", min=1)] = 16,
+    amp: Annotated[
+        str, typer.Option(help="auto (bf16 on a GPU that supports it) | none | bf16")
+    ] = "auto",
     zoo: Annotated[
         str | None,
         typer.Option(
@@ -573,8 +576,13 @@ def predict_cmd(
         source = pull(run_dir, zoo)
     else:
         source = Path(run_dir).resolve()
-    for path in predict(source, inputs, out, device=device):
+    written = predict(source, inputs, out, batch_size=batch_size, device=device, amp=amp)
+    for path in written:
         typer.echo(f"wrote {path}")
+    typer.echo(
+        f"segmented {written.slices} slices in {written.seconds:.2f} s of model time "
+        f"({written.images_per_second:.0f} img/s on {device})"
+    )
 
 
 @app.command("export")

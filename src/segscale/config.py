@@ -81,6 +81,12 @@ class DataConfig(_Strict):
     val_split: str = "val"
     test_split: str = Field("test", description="Split that `segscale evaluate` scores by default.")
     num_workers: int = Field(0, ge=0, description="DataLoader processes per training worker.")
+    on_device: Literal["auto"] | bool = Field(
+        "auto",
+        description="Hold the training split in the training device's memory and gather batches "
+        "there (no DataLoader; the same batches): auto on a GPU when it takes under a quarter of "
+        "the free memory and there is no per-sample transform; true on CPU keeps it in RAM.",
+    )
     augment: AugmentConfig = AugmentConfig()
     split_seed: int | None = Field(
         None,
@@ -109,6 +115,15 @@ class DataConfig(_Strict):
         description="Your own per-sample training transform (MONAI, TorchIO, ...), applied before "
         "batching and before `augment`.",
     )
+
+    @model_validator(mode="after")
+    def _on_device_gathers_whole_batches(self) -> DataConfig:
+        if self.on_device is True and (self.transform is not None or self.num_workers):
+            raise ValueError(
+                "on_device gathers batches on the device, without per-sample work: it cannot "
+                "run data.transform or DataLoader processes (num_workers); set one of them off"
+            )
+        return self
 
 
 class ModelConfig(Component):
@@ -424,7 +439,24 @@ class TrainConfig(_Strict):
     sync_batchnorm: bool = Field(
         False, description="Synchronise BatchNorm statistics across workers."
     )
-    amp: Literal["none", "bf16", "fp16"] = Field("none", description="Mixed precision (autocast).")
+    amp: Literal["auto", "none", "bf16", "fp16"] = Field(
+        "auto",
+        description="Mixed precision (autocast): auto is bf16 on a GPU that supports it, none "
+        "(fp32) on CPU; fp16 adds loss scaling.",
+    )
+    channels_last: Literal["auto"] | bool = Field(
+        "auto",
+        description="Model and batches in channels-last memory format (faster convolutions on "
+        "tensor cores); auto: on GPUs.",
+    )
+    compile: (
+        bool | Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+    ) = Field(
+        False,
+        description="torch.compile the model (in place: its weights, checkpoints and resume are "
+        "unchanged); true or a torch.compile mode. Worth it where benchmarks/gpu.py measures it "
+        "faster; the first steps pay the compilation.",
+    )
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this.")
     finetune: FinetuneConfig = FinetuneConfig()
     divergence: DivergenceConfig = DivergenceConfig()
@@ -517,6 +549,12 @@ class RunConfig(_Strict):
             del data["data"]["split_seed"]
         if data["train"]["finetune"] == FinetuneConfig().model_dump(mode="json"):
             del data["train"]["finetune"]
+        # how fast, not what: the result is the same up to float rounding
+        for key, default in (("channels_last", "auto"), ("compile", False)):
+            if data["train"][key] == default:
+                del data["train"][key]
+        if data["data"]["on_device"] == "auto":
+            del data["data"]["on_device"]
         return data
 
     def digest(self) -> str:

@@ -2,13 +2,14 @@
 
 Training loaders shard with DistributedSampler (set_epoch each epoch); evaluation loaders shard
 exactly (rank::world, no padding duplicates), so summed confusion counts are exact. Loaders yield
-batches already on the device, augmented there when augmentation is on.
+batches already on the device, augmented there when augmentation is on; with data.on_device the
+training split lives on the device and batches are gathered there (the same batches).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -99,6 +100,7 @@ class TrainLoader:
         seed: int,
         augment: AugmentConfig,
         num_workers: int = 0,
+        on_device: bool = False,
     ) -> None:
         self.seed, self.ranks, self.device, self.dataset = seed, ranks, device, dataset
         self.samplers = [
@@ -126,6 +128,15 @@ class TrainLoader:
         self.steps = len(self.loaders[0])  # full batches per epoch
         self.augment = BatchAugment(augment) if augment.enabled else None
         self.aug_generators = [torch.Generator() for _ in ranks]
+        # on_device: the split's rows copied once to the device, batches gathered there by the
+        # same sampler indices (what the DataLoaders above would yield, without their work)
+        self.resident: tuple[torch.Tensor, torch.Tensor] | None = None
+        if on_device:
+            if dataset.transform is not None:
+                raise ValueError("on_device cannot apply a per-sample transform")
+            images = torch.from_numpy(np.asarray(dataset.store.images[dataset.rows]))
+            masks = torch.from_numpy(np.asarray(dataset.store.masks[dataset.rows]))
+            self.resident = (images.to(device), masks.to(device))
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         for sampler, offset, gen, aug, rank in zip(
@@ -151,15 +162,31 @@ class TrainLoader:
             g.set_state(s)
 
     def __iter__(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-        for batches in zip(*self.loaders):
+        batches: Iterable[Any] = (
+            zip(*self.loaders) if self.resident is None else zip(*map(self._gathered, self.offsets))
+        )
+        for batch in batches:
             step = []
-            for (x, y, _), aug in zip(batches, self.aug_generators):
+            for (x, y, *_), aug in zip(batch, self.aug_generators):
                 x = x.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
                 if self.augment is not None:
                     x, y = self.augment(x, y, aug)
                 step.append((x, y))
             yield step
+
+    def _gathered(self, sampler: _OffsetSampler) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches a DataLoader over `sampler` would yield (drop_last as there), gathered
+        from the device-resident split."""
+        images, masks = self.resident
+        drop_last = len(sampler.sampler) >= self.batch_size
+        indices = iter(sampler)
+        while True:
+            chunk = list(itertools.islice(indices, self.batch_size))
+            if not chunk or (drop_last and len(chunk) < self.batch_size):
+                return
+            index = torch.tensor(chunk, device=images.device)
+            yield images[index], masks[index].long()
 
 
 def eval_loader(

@@ -259,8 +259,26 @@ class Plan:
             c.seed_for("data"),
             c.data.augment,
             c.data.num_workers,
+            on_device=self.on_device(train, strategy.device),
         )
         return train_loader, eval_loader(val, t.batch_size, strategy.rank, strategy.world_size)
+
+    def on_device(self, train: Any, device: torch.device) -> bool:
+        """data.on_device resolved: auto holds the training split on a GPU when it takes under a
+        quarter of the GPU's free memory and no per-sample work (transform, DataLoader
+        processes) is asked for."""
+        import torch
+
+        d = self.cfg.data
+        if d.on_device != "auto":
+            return d.on_device
+        if device.type != "cuda" or d.transform is not None or d.num_workers:
+            return False
+        images, masks = self.store.images, self.store.masks
+        rows = len(train.rows)
+        need = rows * (images[0].nbytes + masks[0].nbytes)
+        free, _ = torch.cuda.mem_get_info(device)
+        return need < free / 4
 
     def callbacks(self) -> list[Any]:
         return [
@@ -298,7 +316,7 @@ class Plan:
         strategy, the schedule scaled for its workers. `callbacks` come after the config's."""
         import torch
 
-        from segscale.parallel import ghost_batchnorm
+        from segscale.parallel import ghost_batchnorm, unwrap
         from segscale.repro import seed_everything
         from segscale.train import DivergenceGuard, Trainer
 
@@ -318,7 +336,16 @@ class Plan:
             model = ghost_batchnorm(model, t.simulate_workers or 1)
         if t.sync_batchnorm and strategy.world_size > 1:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        fast = speed_settings(t, strategy.device)
+        if fast["channels_last"]:
+            model = model.to(memory_format=torch.channels_last)
         model = strategy.wrap(model)
+        if fast["compile"]:  # in place: the module, its state_dict and checkpoints stay as they are
+            if t.deterministic:  # the public switch also makes inductor's kernels deterministic
+                torch.use_deterministic_algorithms(True, warn_only=True)
+            unwrap(model).compile(mode=None if fast["compile"] is True else fast["compile"])
+        if fast["cudnn_benchmark"]:
+            torch.backends.cudnn.benchmark = True
         train_loader, val_loader = self.loaders(strategy)
         steps = self.steps_per_epoch(strategy.virtual_workers)
         schedule = self.schedule(strategy.virtual_workers, steps)
@@ -345,7 +372,8 @@ class Plan:
             checkpoint_every=t.checkpoint_every,
             keep_checkpoints=t.keep_checkpoints,
             callbacks=[*self.callbacks(), *self.pictures(strategy), *(callbacks or [])],
-            amp=t.amp,
+            amp=fast["amp"],
+            channels_last=fast["channels_last"],
             fuse_microbatches=t.simulate_fused,
             divergence=DivergenceGuard(d.factor, d.patience, d.smoothing) if d.enabled else None,
             progress=progress,
@@ -398,6 +426,13 @@ class Plan:
             "fused_microbatches": t.simulate_fused,
             "global_batch": t.batch_size * workers,
             "steps_per_epoch": trainer.steps_per_epoch,
+            # the speed settings as resolved on this device (train.amp auto → bf16 or none)
+            "data_on_device": trainer.train_loader.resident is not None,
+            **{
+                k: v
+                for k, v in speed_settings(t, trainer.strategy.device).items()
+                if k != "cudnn_benchmark"
+            },
         }
 
     def describe(self) -> dict[str, Any]:
@@ -429,6 +464,8 @@ class Plan:
                     "memory-mapped prepared store",
                     dataloader_workers=c.data.num_workers,
                     amp=t.amp,
+                    channels_last=t.channels_last,
+                    compile=t.compile,
                 ),
             },
             "training_strategy": {
@@ -543,6 +580,25 @@ def plan(cfg: RunConfig) -> Plan:
     if cfg.data.transform is not None:
         check_kwargs(TRANSFORMS, cfg.data.transform.name, cfg.data.transform.kwargs)
     return Plan(cfg, store, task)
+
+
+def speed_settings(train: Any, device: torch.device) -> dict[str, Any]:
+    """train.amp, channels_last and compile resolved for `device`, and whether cuDNN may pick its
+    fastest kernels: amp auto is bf16 on a GPU that supports it and none elsewhere; channels_last
+    auto is on for GPUs; cudnn.benchmark on GPUs when the run is not deterministic."""
+    import torch
+
+    cuda = device.type == "cuda"
+    amp = train.amp
+    if amp == "auto":
+        amp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "none"
+    channels_last = cuda if train.channels_last == "auto" else train.channels_last
+    return {
+        "amp": amp,
+        "channels_last": channels_last,
+        "compile": train.compile,
+        "cudnn_benchmark": cuda and not train.deterministic,
+    }
 
 
 def inference_plan(cfg: RunConfig) -> Plan:

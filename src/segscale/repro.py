@@ -40,8 +40,8 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 def deterministic_kernels() -> None:
     """torch.use_deterministic_algorithms(True, warn_only=True) without its import of the compiler
     in every worker: the public function also sets torch._inductor.config.deterministic, and importing that config imports
-    torch._inductor and torch._dynamo. segscale compiles nothing, so unless a compiler is already
-    loaded (a plug-in that compiles at import) it sets only the eager flag, through the same C++
+    torch._inductor and torch._dynamo. Unless a compiler is already loaded (train.compile, or a
+    plug-in that compiles at import) it sets only the eager flag, through the same C++
     switch the public function calls. A model compiled later, inside its constructor, keeps
     inductor's default autotuning."""
     if "torch._inductor" in sys.modules or not hasattr(torch._C, "_set_deterministic_algorithms"):

@@ -71,6 +71,7 @@ class Trainer:
         checkpoint_every: int | None = None,
         keep_checkpoints: int = 3,
         amp: str = "none",
+        channels_last: bool = False,
         fuse_microbatches: bool = False,
         divergence: DivergenceGuard | None = None,
         progress: bool = True,
@@ -101,6 +102,7 @@ class Trainer:
         self.fuse_microbatches = fuse_microbatches
         self.freeze_encoder_epochs = freeze_encoder_epochs
         self.divergence = divergence
+        self.amp, self.channels_last = amp, channels_last
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         # fp16 needs loss scaling against underflow; bf16 has fp32's range and does not
         self.scaler = torch.amp.GradScaler(strategy.device.type, enabled=amp == "fp16")
@@ -279,9 +281,10 @@ class Trainer:
             with torch.autocast(
                 self.strategy.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
             ):
-                logits = self.model(
-                    torch.cat([x for x, _ in group]) if len(group) > 1 else group[0][0]
-                )
+                x = torch.cat([x for x, _ in group]) if len(group) > 1 else group[0][0]
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                logits = self.model(x)
                 chunks = logits.split([len(x) for x, _ in group])
                 part = sum(
                     self.loss_fn(z, self.task.target(y)) for z, (_, y) in zip(chunks, group)
