@@ -129,3 +129,23 @@ def test_cuda_predict_in_bf16_matches_fp32_masks(tmp_path, real_store):
         assert written.images_per_second > 0
         masks[amp] = np.asarray(nib.load(str(written[0])).dataobj)
     assert (masks["none"] == masks["auto"]).mean() > 0.99
+
+
+def test_a_cuda_op_without_a_deterministic_kernel_is_named_at_run_start(tmp_path, real_store):
+    from conftest import ROOT
+
+    cfg = tiny_config(real_store, device="cuda", epochs=1, steps_per_epoch=1)
+    cfg["model"] = {"name": f"{ROOT / 'tests' / 'plugins' / 'bilinear_net.py'}:bilinear_net"}
+    path = tmp_path / "cfg.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    done = subprocess.run(
+        [sys.executable, "-m", "segscale.cli", "train", str(path), "--run-dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "upsample_bilinear2d_backward" in done.stdout
+    record = json.loads((tmp_path / "run" / "environment.json").read_text())["determinism"]
+    assert any("upsample_bilinear2d_backward" in op for op in record["nondeterministic_ops"])
+    assert record["bit_identical"] is False

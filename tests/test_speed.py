@@ -109,3 +109,20 @@ def test_the_gpu_benchmark_checks_and_measures_on_cpu(tmp_path):
     for row in result["variants"].values():
         assert row["train_img_s"] > 0 and row["infer_img_s"] > 0 and 0 <= row["data_wait"] < 1
     assert result["flops_per_image"] > 1e6 and result["peak_tflops"] is None
+
+
+def test_the_determinism_probe_leaves_the_run_untouched(tmp_path, real_store):
+    """The run-start probe for CUDA ops without deterministic kernels trains a copy of its own:
+    on CPU (where nothing alerts) it finds none, and the run's weights and RNG are as before."""
+    cfg = validate(tiny_config(real_store))
+    prepare_run_dir(cfg, tmp_path / "run", resume=False)
+    p = plan(cfg)
+    strategy = p.strategy()
+    trainer = p.trainer(strategy, tmp_path / "run", progress=False)
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert p.probe_determinism(trainer) == []
+    assert p.nondeterministic_ops(trainer) is None  # not probed off CUDA
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items())
+    strategy.close()

@@ -397,9 +397,46 @@ class Plan:
 
         return SystemSampler(run_dir, strategy.rank, self.cfg.monitor.system_every, strategy.device)
 
-    def record(self, trainer: Trainer) -> dict[str, Any]:
-        """What environment.json holds for a run: the machine and software, and how the config
-        was scaled for this run's workers."""
+    def nondeterministic_ops(self, trainer: Trainer) -> list[str] | None:
+        """On CUDA with train.deterministic: the ops of one training step (forward, loss,
+        backward of a fresh copy of the model on a zero batch, under the run's autocast) that
+        have no deterministic kernel there; None elsewhere (nothing to probe). Changes no state
+        of the run: the probe's model and RNG draws are its own."""
+
+        device, t = trainer.strategy.device, self.cfg.train
+        if device.type != "cuda" or not t.deterministic:
+            return None
+        return self.probe_determinism(trainer)
+
+    def probe_determinism(self, trainer: Trainer) -> list[str]:
+        """nondeterministic_ops' probe, on any device (on CPU no op alerts)."""
+        import torch
+
+        from segscale.repro import nondeterministic_ops
+
+        device = trainer.strategy.device
+
+        size = self.store.images.shape[-1]
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            model = self.model().to(device).train()
+            if trainer.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            x = torch.zeros(2, self.in_channels, size, size, device=device)
+            y = self.task.target(torch.zeros(2, size, size, dtype=torch.long, device=device))
+
+            def step() -> None:
+                with torch.autocast(
+                    device.type, dtype=trainer.amp_dtype, enabled=trainer.amp_dtype is not None
+                ):
+                    loss = trainer.loss_fn(model(x), y)
+                loss.backward()
+
+            return nondeterministic_ops(step)
+
+    def record(self, trainer: Trainer, nondeterministic: list[str] | None = None) -> dict[str, Any]:
+        """What environment.json holds for a run: the machine and software, how the config was
+        scaled for this run's workers, and whether it is repeatable (`nondeterministic`: the ops
+        nondeterministic_ops found, None when not probed)."""
         from segscale.repro import determinism, environment
 
         c, t, workers = self.cfg, self.cfg.train, trainer.strategy.virtual_workers
@@ -407,7 +444,7 @@ class Plan:
         return {
             **environment(),
             "determinism": determinism(
-                t.deterministic, trainer.strategy.device.type, t.strategy.name
+                t.deterministic, trainer.strategy.device.type, t.strategy.name, nondeterministic
             ),
             "strategy": t.strategy.name,
             "store": {

@@ -7,9 +7,11 @@ import hashlib
 import os
 import platform
 import random
+import re
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -137,16 +139,43 @@ def _nvidia_driver() -> str | None:
         return None
 
 
-def determinism(deterministic: bool, device: str, strategy: str) -> dict[str, Any]:
-    """Whether this run can be repeated bit for bit, and why not when it cannot."""
+def determinism(
+    deterministic: bool, device: str, strategy: str, nondeterministic: list[str] | None = None
+) -> dict[str, Any]:
+    """Whether this run can be repeated bit for bit, and why not when it cannot. `nondeterministic`:
+    the ops of a training step found without a deterministic kernel on this device
+    (nondeterministic_ops), or None when no step was probed."""
     why = []
     if not deterministic:
         why.append(
             "train.deterministic is false (cuDNN autotuning and non-deterministic kernels allowed)"
         )
     if device == "cuda" and deterministic:
-        why.append(
-            "on CUDA, deterministic kernels are requested (warn-only): an op without one warns at "
-            "its first call and stays non-deterministic (docs/reproducibility.md)"
-        )
-    return {"requested": deterministic, "bit_identical": not why, "why_not": why}
+        if nondeterministic is None:
+            why.append(
+                "on CUDA, deterministic kernels are requested (warn-only): an op without one "
+                "warns at its first call and stays non-deterministic (docs/reproducibility.md)"
+            )
+        elif nondeterministic:
+            why.append(
+                "these CUDA ops of a training step have no deterministic kernel: "
+                + ", ".join(nondeterministic)
+            )
+    out = {"requested": deterministic, "bit_identical": not why, "why_not": why}
+    if nondeterministic is not None:
+        out["nondeterministic_ops"] = nondeterministic
+    return out
+
+
+_ALERT = re.compile(r"^(\S+) does not have a deterministic implementation")
+
+
+def nondeterministic_ops(step: Any) -> list[str]:
+    """The ops that raise torch's deterministic-algorithms alert while `step()` runs (warn-only
+    mode, as segscale sets it): their names as torch gives them, e.g.
+    'upsample_bilinear2d_backward_out_cuda', sorted, each once."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step()
+    found = {m.group(1) for w in caught if (m := _ALERT.search(str(w.message)))}
+    return sorted(found)

@@ -60,7 +60,15 @@ def train(
             trackers = p.trackers(run_dir)
         trainer = p.trainer(strategy, run_dir, trackers, progress)
         if strategy.rank == 0:
-            write_atomic(run_dir / "environment.json", json.dumps(p.record(trainer), indent=1))
+            ops = p.nondeterministic_ops(trainer)  # CUDA with deterministic kernels asked
+            if ops and progress:
+                print(
+                    "warning: deterministic kernels were asked for, but these CUDA ops of a "
+                    f"training step have none: {', '.join(ops)}; the run may differ in the last "
+                    "bits between repeats (docs/reproducibility.md)",
+                    flush=True,
+                )
+            write_atomic(run_dir / "environment.json", json.dumps(p.record(trainer, ops), indent=1))
             write_atomic(run_dir / "packages.txt", "\n".join(packages()) + "\n")
         return trainer.fit(resume=resume)
     except BaseException as e:
