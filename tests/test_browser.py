@@ -166,3 +166,31 @@ def test_segscale_ui_shows_the_run_its_dice_and_its_validation_pictures(
     with Image.open(run / "pictures" / "validation_epoch002.png") as png:
         assert width == png.width and len(expected) > 1000
     shot("mlflow-ui-pictures.png")
+
+
+def test_segscale_ui_refuses_what_it_cannot_serve_in_one_line(tmp_path):
+    import socket
+
+    from conftest import cli
+
+    missing = cli("ui", tmp_path / "nowhere")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    (tmp_path / "runs").mkdir()
+    empty = cli("ui", tmp_path / "runs")
+    assert empty.returncode == 2 and "no MLflow store (mlflow.db) here" in empty.stderr
+    (tmp_path / "runs" / "mlflow.db").write_text("not a database")
+    damaged = cli("ui", tmp_path / "runs")
+    assert damaged.returncode == 2 and "not a readable MLflow store" in damaged.stderr
+    import sqlite3
+
+    (tmp_path / "runs" / "mlflow.db").unlink()
+    with sqlite3.connect(tmp_path / "runs" / "mlflow.db") as db:  # a store's table, empty
+        db.execute("CREATE TABLE experiments (experiment_id INTEGER)")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        taken = cli("ui", tmp_path / "runs", "--port", port)
+    assert taken.returncode == 2 and f"--port {port}: cannot listen there" in taken.stderr
+    for result in (missing, empty, damaged, taken):
+        assert "Traceback" not in result.stderr

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli, trained_run
+from conftest import cli, tiny_config, trained_run
 from segscale.engine import load_trained_model
 from segscale.export import DESCRIPTION, TOLERANCE, export
 from segscale.imgmed import Store
@@ -76,4 +76,34 @@ def test_bad_exports_are_one_line(run, tmp_path):
     assert done.returncode == 2 and "neither a run folder" in done.stderr
     (tmp_path / "folder").mkdir()
     done = cli("export", run, "--out", tmp_path / "folder")
-    assert done.returncode == 2 and "a folder; give the file to write" in done.stderr
+    assert done.returncode == 2 and "a folder; give a file name" in done.stderr
+    # an existing file is not replaced without --force; a device never
+    config = (run / "config.yaml").read_bytes()
+    done = cli("export", run, "--format", "torchscript", "--out", run / "config.yaml")
+    assert done.returncode == 2 and "exists; give another name or --force" in done.stderr
+    assert (run / "config.yaml").read_bytes() == config
+    done = cli("export", run, "--format", "torchscript", "--out", "/dev/null", "--force")
+    assert done.returncode == 2 and "not a regular file" in done.stderr
+    (tmp_path / "a-file").write_text("x")
+    done = cli("export", run, "--out", tmp_path / "a-file" / "m.onnx")
+    assert done.returncode == 2 and "a-file" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_model_torch_cannot_trace_is_one_line(tmp_path, real_store):
+    from conftest import ROOT
+    from segscale import worker
+    from segscale.config import validate
+    from segscale.engine import prepare_run_dir
+
+    cfg = tiny_config(real_store, epochs=1, steps_per_epoch=1)
+    cfg["model"] = {"name": f"{ROOT / 'tests' / 'plugins' / 'branchy_net.py'}:branchy_net"}
+    run = tmp_path / "run"
+    prepare_run_dir(validate(cfg), run, resume=False)
+    worker.train(run, progress=False)
+    done = cli("export", run, "--format", "onnx", "--out", tmp_path / "m.onnx")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert (
+        "torch cannot export this model to onnx" in done.stderr
+        and "--format torchscript" in done.stderr
+    )
+    assert "Traceback" not in done.stderr and not (tmp_path / "m.onnx").exists()

@@ -160,3 +160,30 @@ def test_a_tracker_list_nests_the_mlflow_one_under_a_parent(real_store):
     ]
     assert cfg.tracker_config("mlflow").name == "mlflow" and cfg.tracker_config("x") is None
     assert validate({**tiny_config(real_store), "tracker": "none"}).tracker[0].name == "none"
+
+
+def test_tracker_lists_and_values_are_checked_before_launch(tmp_path, real_store):
+    for trackers, message in (
+        (["mlflow", "mlflow"], "each tracker once"),
+        (["none", "tensorboard"], "'none' means no tracker"),
+    ):
+        with pytest.raises(SegscaleError, match=message):
+            validate({**tiny_config(real_store), "tracker": trackers})
+    bad = {"name": "mlflow", "kwargs": {"poll_seconds": -1}}
+    with pytest.raises(SegscaleError, match="poll_seconds -1: expected a number of seconds > 0"):
+        plan(validate({**tiny_config(real_store), "tracker": bad})).check(1)
+
+
+def test_a_bad_override_is_named_as_such_with_the_values_it_may_take(tmp_path, real_store):
+    from segscale.config import load_config
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(real_store)))
+    with pytest.raises(
+        SegscaleError,
+        match=r"override 'train.channels_last=maybe': key 'train.channels_last': expected one of "
+        r"auto, true, false, got 'maybe'",
+    ):
+        load_config(path, ["train.channels_last=maybe"])
+    with pytest.raises(SegscaleError, match=r"fractional part \(1.5\)$"):
+        load_config(path, ["train.finetune.freeze_encoder_epochs=1.5"])

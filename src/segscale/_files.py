@@ -84,14 +84,30 @@ def read_record(path: Path, keys: tuple[str, ...], what: str) -> dict:
     return data
 
 
-def output_file(path: Path, option: str = "--out") -> Path:
-    """`path` resolved, where a file can be written: not a folder, in an existing folder.
-    Raises SegscaleError naming the option otherwise (before anything is computed)."""
+def output_file(
+    path: Path, option: str = "--out", overwrite: bool = True, create_folder: bool = False
+) -> Path:
+    """`path` resolved, where a file can be written: not a folder, not a device or other special
+    file, in an existing folder (created when `create_folder`, unless a file is in its way); an
+    existing file only when `overwrite`. Raises SegscaleError naming the option otherwise (before
+    anything is computed)."""
     from segscale.errors import SegscaleError
 
     path = Path(path).resolve()
     if path.is_dir():
         raise SegscaleError(f"{option} {path}: a folder; give a file name")
+    if path.exists() and not path.is_file():
+        raise SegscaleError(f"{option} {path}: exists and is not a regular file; give a file name")
+    if path.exists() and not overwrite:
+        raise SegscaleError(f"{option} {path}: exists; give another name or --force to replace it")
+    if create_folder:
+        output_dir(path.parent, option)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SegscaleError(
+                f"{option} {path}: cannot create its folder ({e.strerror})"
+            ) from None
     if not path.parent.is_dir():
         what = "is a file" if path.parent.exists() else "does not exist"
         raise SegscaleError(f"{option} {path}: its folder {path.parent} {what}")

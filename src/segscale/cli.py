@@ -144,7 +144,10 @@ def plan_cmd(
     """Resolve and check every component of a run, without starting it."""
     from segscale.engine import plan
 
-    described = plan(_load(config, overrides)).describe()
+    cfg = _load(config, overrides)
+    p = plan(cfg)
+    p.check(cfg.workers or 1)  # what `train` checks before launch: a real batch through it all
+    described = p.describe()
     if as_json:
         typer.echo(json.dumps(described, indent=1))
         return
@@ -596,6 +599,7 @@ def export_cmd(
         typer.Option(help="File to write [default: SOURCE/model.onnx or model.torchscript.pt]"),
     ] = None,
     zoo: ZooOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
 ) -> None:
     """Export a model to run without segscale: ONNX (onnxruntime, TensorRT, ...) or TorchScript,
     with a dynamic batch size and its preprocessing and classes in the file's metadata. The
@@ -612,7 +616,7 @@ def export_cmd(
             )
     else:
         path = Path(source).resolve()
-    written = export(path, fmt, out)
+    written = export(path, fmt, out, force=force)
     typer.echo(f"wrote {written} (checked against PyTorch: max |Δ logits| ≤ {TOLERANCE:g})")
 
 

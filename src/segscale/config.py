@@ -340,8 +340,9 @@ class MonitorConfig(_Strict):
     pictures: int = Field(
         4,
         ge=0,
-        description="At each validation, image / ground truth / prediction for N fixed validation "
-        "slices (cases spread over the split, each on its slice with the most foreground) into "
+        description="At each validation, image / ground truth / prediction for up to N fixed "
+        "validation slices (N cases spread over the split, or all when it has fewer, each on its "
+        "slice with the most foreground) into "
         "RUN_DIR/pictures/ and to the trackers (MLflow: artifacts validation/); segmentation "
         "only; 0: none.",
     )
@@ -393,7 +394,11 @@ class FinetuneConfig(_Strict):
         "gradients still flow through it, normalisation statistics still adapt).",
     )
     encoder_lr_scale: float = Field(
-        1.0, ge=0, description="The encoder's lr is the schedule's lr × this (after any freeze)."
+        1.0,
+        ge=0,
+        le=100,
+        allow_inf_nan=False,
+        description="The encoder's lr is the schedule's lr × this (after any freeze); 0 to 100.",
     )
 
 
@@ -519,6 +524,16 @@ class RunConfig(_Strict):
     def _one_tracker(cls, v: Any) -> Any:
         return [v] if isinstance(v, str | dict) else v  # one tracker needs no list
 
+    @field_validator("tracker")
+    @classmethod
+    def _trackers_once_each(cls, v: list[TrackerConfig]) -> list[TrackerConfig]:
+        names = [t.name for t in v]
+        if len(set(names)) < len(names):
+            raise ValueError("each tracker once (two would record the run twice)")
+        if "none" in names and len(names) > 1:
+            raise ValueError("'none' means no tracker; drop it or the others")
+        return v
+
     def tracker_config(self, name: str) -> TrackerConfig | None:
         """The tracker of that name (e.g. 'mlflow') among the run's trackers, or None."""
         return next((t for t in self.tracker if t.name == name), None)
@@ -606,7 +621,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
     for item in overrides or []:
         apply_override(raw, item)
-    return validate(raw, source=str(path), text=text)
+    return validate(raw, source=str(path), text=text, overrides=overrides)
 
 
 def _load_xml(path: Path, overrides: list[str] | None) -> RunConfig:
@@ -619,7 +634,7 @@ def _load_xml(path: Path, overrides: list[str] | None) -> RunConfig:
         raw["workers"] = degree
     for item in overrides or []:
         apply_override(raw, item)
-    return validate(raw, source=str(path))
+    return validate(raw, source=str(path), overrides=overrides)
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -640,16 +655,38 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override '{item}': value is not valid YAML") from e
 
 
-def validate(raw: dict[str, Any], source: str = "<config>", text: str | None = None) -> RunConfig:
+def validate(
+    raw: dict[str, Any],
+    source: str = "<config>",
+    text: str | None = None,
+    overrides: list[str] | None = None,
+) -> RunConfig:
+    """A RunConfig from raw data; ConfigError names where the bad value came from: the
+    command-line override that set it, else the file's line (`text`), else `source`."""
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
         # A misspelt key shows up twice (unknown + missing); the unknown one carries the suggestion.
         err = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
-        loc = tuple(str(p) for p in err["loc"])
-        line = _line_of(text, loc) if text else None
-        where = f"{source}:{line}" if line else source
+        # a value that fits no member of a union (bool | 'auto') names each member in its loc
+        loc = tuple(str(p) for p in err["loc"] if not _is_union_member(p))
+        key = ".".join(loc)
+        given = [
+            o
+            for o in overrides or []
+            if key == (k := o.partition("=")[0]) or key.startswith(k + ".")
+        ]
+        line = _line_of(text, loc) if text and not given else None
+        where = f"override '{given[-1]}'" if given else f"{source}:{line}" if line else source
         raise ConfigError(f"{where}: {_describe(err, loc)}") from None
+
+
+def _is_union_member(part: Any) -> bool:
+    """Whether a pydantic error-location part names a member of a union (e.g. "bool",
+    "literal['auto']", "function-after[...]") rather than a key or a list index."""
+    return isinstance(part, str) and (
+        "[" in part or part in ("bool", "int", "float", "str", "none", "dict", "list")
+    )
 
 
 def _describe(err: Any, loc: tuple[str, ...]) -> str:
@@ -663,7 +700,34 @@ def _describe(err: Any, loc: tuple[str, ...]) -> str:
     if err["type"] == "value_error":  # a rule of ours: its message says what was expected
         shown = "" if isinstance(got, dict) else f", got {got!r}"  # a whole section says nothing
         return f"key '{key}': {err['ctx']['error']}{shown}"
-    return f"key '{key}': {err['msg'].replace('Input should', 'expected a value that should')}, got {got!r}"
+    choices = _choices(loc)
+    if choices:
+        return f"key '{key}': expected one of {', '.join(choices)}, got {got!r}"
+    msg = err["msg"].replace("Input should", "expected a value that should")
+    return f"key '{key}': {msg}" + (f" ({got!r})" if ", got " in msg else f", got {got!r}")
+
+
+def _choices(loc: tuple[str, ...]) -> list[str]:
+    """The values a field of literals and booleans accepts (e.g. auto, true, false), as YAML
+    spells them; [] for any other field."""
+    model: Any = RunConfig
+    annotation: Any = None
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if part.isdigit() or fields is None or part not in fields:
+            return []
+        annotation = fields[part].annotation
+        model = _section(annotation)
+    members = typing.get_args(annotation) or (annotation,)
+    values: list[str] = []
+    for member in members:
+        if member is bool:
+            values += ["true", "false"]
+        elif typing.get_origin(member) is typing.Literal:
+            values += [str(v) for v in typing.get_args(member)]
+        else:
+            return []
+    return values
 
 
 def _fields_at(loc: tuple[str, ...]) -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,6 +89,11 @@ class Plan:
         if t.strategy.name == "allreduce":
             compression = t.strategy.kwargs.get("compression", "none")
             check_compression(compression, t.device, workers)
+        if not on_cpu and torch.cuda.device_count() == 0:
+            raise SegscaleError(
+                f"train.device={t.device}: torch sees no GPU on this machine; use "
+                "train.device=cpu (or auto)"
+            )
         if not on_cpu and workers > torch.cuda.device_count():
             raise SegscaleError(
                 f"--workers {workers} with train.device={t.device}: this machine has "
@@ -103,6 +109,8 @@ class Plan:
             raise SegscaleError(
                 "tracker tensorboard needs the tensorboard package: pip install 'segscale[tensorboard]'"
             )
+        with tempfile.TemporaryDirectory() as tmp:  # built, not started: kwargs values checked
+            self.trackers(Path(tmp) / self.cfg.name)
 
     def _check_model(self) -> None:
         # A real CPU forward in inference mode, not one on torch's meta device: meta tensors

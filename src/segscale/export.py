@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from segscale import __version__
+from segscale._files import output_file, publish
 from segscale.errors import SegscaleError
 from segscale.zoo import load_any_model
 
@@ -54,41 +55,56 @@ def describe(plan: Any, source: Path) -> dict[str, Any]:
     }
 
 
-def export(source: Path, fmt: str, out: Path | None = None, check_batch: int = 3) -> Path:
+def export(
+    source: Path, fmt: str, out: Path | None = None, check_batch: int = 3, force: bool = False
+) -> Path:
     """Export the model of a finished run folder or a pulled zoo entry to `out` (default:
-    SOURCE/model.onnx or SOURCE/model.torchscript.pt). Returns the written path.
-    Raises SegscaleError for an unknown format, a missing exporter, or an export whose outputs
-    differ from PyTorch's by more than TOLERANCE."""
+    SOURCE/model.onnx or SOURCE/model.torchscript.pt; its folder created). An existing file is
+    replaced only with `force`, never a device or other special file. Returns the written path.
+    Raises SegscaleError for an unknown format, a missing exporter, a model the exporter cannot
+    trace, an unwritable place, or an export whose outputs differ from PyTorch's by more than
+    TOLERANCE (nothing is written then)."""
     if fmt not in FORMATS:
         raise SegscaleError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    out = out or source / ("model.onnx" if fmt == "onnx" else "model.torchscript.pt")
+    out = output_file(out, "--out", overwrite=force, create_folder=True)
     model, plan = load_any_model(source, "cpu")
     size = plan.store.preprocessing.size
-    out = out or source / ("model.onnx" if fmt == "onnx" else "model.torchscript.pt")
-    if out.is_dir():
-        raise SegscaleError(f"--out {out}: a folder; give the file to write")
     description = describe(plan, source)
     generator = torch.Generator().manual_seed(0)
     traced = torch.randn(2, plan.in_channels, size, size, generator=generator)
     checked = torch.randn(check_batch, plan.in_channels, size, size, generator=generator)
     with torch.no_grad():
         expected = model(checked)
-    out.parent.mkdir(parents=True, exist_ok=True)
     # written beside `out` and renamed once checked: never a half-written or unverified file
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=SUFFIX[fmt])
+    try:
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=SUFFIX[fmt])
+    except OSError as e:
+        raise SegscaleError(f"--out {out}: cannot write there ({e.strerror})") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        if fmt == "onnx":
-            got = _onnx(model, traced, checked, tmp_path, description)
-        else:
-            got = _torchscript(model, traced, checked, tmp_path, description)
+        try:
+            if fmt == "onnx":
+                got = _onnx(model, traced, checked, tmp_path, description)
+            else:
+                got = _torchscript(model, traced, checked, tmp_path, description)
+        except SegscaleError:
+            raise
+        except Exception as e:  # the exporter's own failure: a model it cannot trace
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            other = "torchscript" if fmt == "onnx" else "onnx"
+            raise SegscaleError(
+                f"{source}: torch cannot export this model to {fmt} ({first[:300]}); "
+                f"try --format {other}"
+            ) from None
         difference = float((got - expected).abs().max())
         if not difference <= TOLERANCE:
             raise SegscaleError(
                 f"{source}: the {fmt} export differs from PyTorch by {difference:.3g} "
                 f"(tolerance {TOLERANCE:g}) on a batch of {check_batch}; nothing written"
             )
-        tmp_path.replace(out)
+        publish(tmp_path, out)  # the permissions a plain open() gives, not mkstemp's 0600
     finally:
         tmp_path.unlink(missing_ok=True)
     return out

@@ -10,6 +10,7 @@ that resume and reports read: a tracker only mirrors it, and never fails a run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -66,6 +67,8 @@ class MLflowTracker:
         tags: dict[str, str] | None = None,
         poll_seconds: float = 5.0,
     ) -> None:
+        if not 0 < poll_seconds < float("inf"):
+            raise ValueError(f"poll_seconds {poll_seconds}: expected a number of seconds > 0")
         self.run_dir, self.run_name, self.params = Path(run_dir), run_name, params
         self.poll_seconds = poll_seconds
         self.tags = {"segscale.run_dir": str(self.run_dir), **(tags or {})}
@@ -313,17 +316,28 @@ def experiment(client: Any, name: str, folder: Path) -> str:
 def ui_command(runs_dir: Path, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
     """The command line that serves the MLflow UI (a tracking server) over the store of the runs in
     `runs_dir` (runs_dir/mlflow.db, its artifacts in runs_dir/mlartifacts), bound to `host`.
-    Raises SegscaleError when the folder has no store or the full MLflow (its server) is not
-    installed: segscale itself needs only mlflow-skinny."""
+    Raises SegscaleError when the folder has no readable store, the full MLflow (its server) is
+    not installed (segscale itself needs only mlflow-skinny), or host:port cannot be listened on."""
     import importlib.util
+    import socket
+    import sqlite3
     import sys
 
     runs_dir = Path(runs_dir).resolve()
-    if not (runs_dir / "mlflow.db").is_file():
+    if not runs_dir.is_dir():
+        what = "is a file" if runs_dir.exists() else "does not exist"
+        raise SegscaleError(f"{runs_dir}: {what}; give the folder that holds the runs (e.g. runs/)")
+    store = runs_dir / "mlflow.db"
+    if not store.is_file():
         raise SegscaleError(
             f"{runs_dir}: no MLflow store (mlflow.db) here; give the folder that holds the runs "
             "(e.g. runs/), trained with the default tracker"
         )
+    try:  # read-only: a damaged store is one line here, not the server's traceback
+        with contextlib.closing(sqlite3.connect(f"{store.as_uri()}?mode=ro", uri=True)) as db:
+            db.execute("SELECT count(*) FROM experiments").fetchone()
+    except sqlite3.Error as e:
+        raise SegscaleError(f"{store}: not a readable MLflow store ({e})") from None
     if (
         importlib.util.find_spec("flask") is None
         or importlib.util.find_spec("mlflow.server") is None
@@ -331,6 +345,17 @@ def ui_command(runs_dir: Path, host: str = "127.0.0.1", port: int = 5000) -> lis
         raise SegscaleError(
             "segscale ui needs the full MLflow (its UI server): pip install 'segscale[ui]'"
         )
+    # the server's own failure to listen would be a log line and exit code 0
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+            probe.bind(address)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise SegscaleError(
+            f"--host {host} --port {port}: cannot listen there ({reason})"
+        ) from None
     return [
         sys.executable,
         "-m",

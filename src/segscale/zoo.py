@@ -162,6 +162,12 @@ def log_to_mlflow(run_dir: Path, entry: Path) -> str | None:
     name, version = info["name"], info["version"]
     run_id = (run_dir / MLFLOW_RUN_ID).read_text().strip()
     uri = tracker.kwargs.get("uri") or default_uri(run_dir.parent)
+    if not tracker.kwargs.get("uri") and not (run_dir.parent / "mlflow.db").is_file():
+        warnings.warn(
+            f"mlflow: {name}@{version} not logged: no MLflow store beside {run_dir} (moved?)",
+            stacklevel=2,
+        )
+        return None
     try:
         client = mlflow_client(uri)
         path = f"zoo/{name}-{version}"
