@@ -166,3 +166,31 @@ def test_publishing_an_mlflow_tracked_run_registers_the_model_there(tmp_path, re
     local = client.download_artifacts(run_id, "zoo/tracked-la-1/model.safetensors", str(tmp_path))
     entry = tmp_path / "zoo" / "tracked-la" / "1" / "model.safetensors"
     assert Path(local).read_bytes() == entry.read_bytes()
+
+
+def test_the_shipped_left_atrium_model_is_found_verified_and_segments(tmp_path, monkeypatch):
+    """With no network and no SEGSCALE_ZOO: `zoo list` shows la-resunet, a pull verifies every
+    file, and it segments a scan of one of its own test cases (la2018_011; the bundled sample's
+    1.25 mm copy of it) close to the expert mask."""
+    from conftest import cli
+    from segscale.segeval import confusion_matrix, per_class_dice
+
+    monkeypatch.delenv("SEGSCALE_ZOO", raising=False)
+    monkeypatch.setenv("SEGSCALE_CACHE", str(tmp_path / "cache"))
+    listed = cli("zoo", "list")
+    assert listed.returncode == 0 and "la-resunet" in listed.stdout
+    [shipped] = [e for e in entries() if e["name"] == "la-resunet"]
+    assert shipped["version"] == "1" and shipped["dice"] > 0.8
+    entry = pull("zoo:la-resunet@1")
+    info = json.loads((entry / "segscale-model.json").read_text())
+    assert info["classes"] == {"0": "background", "1": "left atrium"}
+    assert "research" in info["licence"] and "Xiong" in (entry / "card.md").read_text()
+    scan = SAMPLE / "imagesTr" / "la2018_011.nii.gz"
+    done = cli("predict", "zoo:la-resunet@1", scan, "--out", tmp_path / "masks")
+    assert done.returncode == 0, done.stderr
+    pred = np.asarray(nib.load(str(tmp_path / "masks" / scan.name)).dataobj)
+    ref = np.asarray(nib.load(str(SAMPLE / "labelsTr" / scan.name)).dataobj)
+    dice = per_class_dice(
+        confusion_matrix(torch.from_numpy(pred), torch.from_numpy(ref), 2).numpy()
+    )
+    assert pred.shape == ref.shape and dice[1] > 0.7
