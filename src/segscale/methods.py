@@ -167,7 +167,7 @@ def methods(target: Path) -> str:
         )
         + (f"; {t.steps_per_epoch} steps per epoch" if t.steps_per_epoch else "")
         + (f"; gradient clipping at norm {t.grad_clip}" if t.grad_clip else "")
-        + (f"; mixed precision {t.amp}" if t.amp != "none" else "")
+        + (f"; mixed precision {amp}" if (amp := env.get("amp", t.amp)) != "none" else "")
         + "."
     )
     if s.rule == "grescale":
@@ -254,6 +254,8 @@ def methods(target: Path) -> str:
 
     lines += ["", "## Evaluation", ""]
     e = r["evaluation"]
+    if e is not None and r["variability"] is not None:  # a repeat: the first run stands for them
+        lines.append(f"The first run ({r['run_dir'].name}) in detail:")
     if e is not None:
         ds = e["dataset"]
         names = [
