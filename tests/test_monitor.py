@@ -71,6 +71,13 @@ def test_validation_pictures_show_fixed_slices_with_their_dice(tmp_path, real_st
     store = Store.open(real_store)
     slices = validation_slices(store, "train", 2)
     assert slices == validation_slices(store, "train", 2) and len(slices) == 2
+    # a split of fewer cases than slices asked: several of each, all with foreground, no repeat
+    (val_case,) = store.cases("val")
+    more = validation_slices(store, "val", 4)
+    assert len(more) == len(set(more)) == 4 and {c for c, _ in more} == {val_case["id"]}
+    assert all(np.asarray(store.masks[row]).any() for _, row in more)
+    first = np.asarray(store.masks[val_case["start"] : val_case["start"] + val_case["count"]])
+    assert more[0][1] - val_case["start"] == int(np.argmax((first > 0).sum((1, 2))))
     cases = {c["id"]: c for c in store.cases("train")}
     for case, row in slices:
         c = cases[case]

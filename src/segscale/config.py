@@ -340,9 +340,9 @@ class MonitorConfig(_Strict):
     pictures: int = Field(
         4,
         ge=0,
-        description="At each validation, image / ground truth / prediction for up to N fixed "
-        "validation slices (N cases spread over the split, or all when it has fewer, each on its "
-        "slice with the most foreground) into "
+        description="At each validation, image / ground truth / prediction for N fixed "
+        "validation slices (N cases spread over the split, each on its slice with the most "
+        "foreground; several slices per case when the split has fewer cases) into "
         "RUN_DIR/pictures/ and to the trackers (MLflow: artifacts validation/); segmentation "
         "only; 0: none.",
     )

@@ -347,17 +347,25 @@ def plot_examples(
 
 
 def validation_slices(store: Store, split: str, count: int) -> list[tuple[str, int]]:
-    """A fixed set of `count` slices to watch during training: cases spread evenly over the split,
-    each on its slice with the most reference foreground. [(case id, store row)]."""
+    """A fixed set of up to `count` slices to watch during training: `count` cases spread evenly
+    over the split, each on its slice with the most reference foreground; when the split has
+    fewer cases, several slices of each (after that one, others spread over the case's slices
+    with foreground). [(case id, store row)], case by case."""
     cases = store.cases(split)
     if not cases or count <= 0:
         return []
     picks = np.unique(np.linspace(0, len(cases) - 1, min(count, len(cases))).round().astype(int))
+    per_case = [count // len(picks) + (i < count % len(picks)) for i in range(len(picks))]
     out = []
-    for i in picks:
+    for i, n in zip(picks, per_case):
         c = cases[int(i)]
         masks = np.asarray(store.masks[c["start"] : c["start"] + c["count"]])
-        out.append((c["id"], c["start"] + int(np.argmax((masks > 0).sum((1, 2))))))
+        foreground = (masks > 0).sum((1, 2))
+        best = int(np.argmax(foreground))
+        others = [k for k in np.flatnonzero(foreground).tolist() if k != best]
+        spread = np.linspace(0, len(others) - 1, min(n - 1, len(others))).round().astype(int)
+        rows = [best, *sorted({others[j] for j in spread})] if others else [best]
+        out += [(c["id"], c["start"] + k) for k in rows[:n]]
     return out
 
 
