@@ -72,8 +72,11 @@ def test_bad_exports_are_one_line(run, tmp_path):
     assert (
         done.returncode == 2 and "--format tflite: expected one of onnx, torchscript" in done.stderr
     )
-    done = cli("export", tmp_path, "--format", "onnx")
+    done = cli(
+        "export", tmp_path, "--format", "onnx", "--out", tmp_path / "new" / "deep" / "m.onnx"
+    )
     assert done.returncode == 2 and "neither a run folder" in done.stderr
+    assert not (tmp_path / "new").exists()  # the folders made for the file are gone with it
     (tmp_path / "folder").mkdir()
     done = cli("export", run, "--out", tmp_path / "folder")
     assert done.returncode == 2 and "a folder; give a file name" in done.stderr

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -67,7 +68,18 @@ def export(
     if fmt not in FORMATS:
         raise SegscaleError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     out = out or source / ("model.onnx" if fmt == "onnx" else "model.torchscript.pt")
+    missing = [f for f in Path(out).resolve().parents if not f.exists()]  # created below
     out = output_file(out, "--out", overwrite=force, create_folder=True)
+    try:
+        return _export(source, fmt, out, check_batch)
+    except BaseException:
+        for folder in missing:  # innermost first: the folders made for it, when still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _export(source: Path, fmt: str, out: Path, check_batch: int) -> Path:
     model, plan = load_any_model(source, "cpu")
     size = plan.store.preprocessing.size
     description = describe(plan, source)
@@ -128,17 +140,24 @@ def _onnx(
     import onnxruntime
 
     batch = torch.export.Dim("batch", min=1)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")  # the exporter's own deprecation notices
-        program = torch.onnx.export(
-            model,
-            (traced,),
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_shapes=({0: batch},),
-            dynamo=True,
-            verbose=False,
-        )
+    # the exporter logs that torchvision's detection ops are skipped: nothing a U-Net uses
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")  # the exporter's own deprecation notices
+            program = torch.onnx.export(
+                model,
+                (traced,),
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_shapes=({0: batch},),
+                dynamo=True,
+                verbose=False,
+            )
+    finally:
+        registration.setLevel(level)
     program.save(str(path))
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
