@@ -4,7 +4,8 @@ A tracker is built on rank 0 with the run's folder, name and flattened config (`
 own kwargs, and is called like a callback (duck-typed hooks: on_train_start, on_epoch_end,
 on_train_end), then `close(error)` once the worker stops for any reason. Built-ins: `mlflow` (the
 default: a local SQLite store shared by the runs beside this one), `tensorboard` and `none`; a run
-may have several (`tracker: [mlflow, tensorboard]`); users name their own class as 'pkg.mod:Class'. The run folder (metrics.jsonl, checkpoints, model.pt) stays the record
+may have several (`tracker: [mlflow, tensorboard]`); users name their own class as
+'pkg.mod:Class'. The run folder (metrics.jsonl, checkpoints, model.pt) stays the record
 that resume and reports read: a tracker only mirrors it, and never fails a run.
 """
 
@@ -49,7 +50,7 @@ class MLflowTracker:
     with --resume), as `segscale stop` does.
 
     `uri` defaults to `sqlite:///<the run folder's parent>/mlflow.db`, so every run under runs/
-    lands in one store (`mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`); the experiment's
+    lands in one store (`segscale ui runs/` serves it); the experiment's
     artifacts go beside it in mlartifacts/. All MLflow work happens on one background thread, so
     training never waits for mlflow's import or the store's creation (seconds; docs/performance.md).
     Errors (an unwritable store, a bad URI) become one warning; training goes on.
@@ -216,8 +217,8 @@ class TensorBoardTracker:
     """`tracker: tensorboard` (alone or beside mlflow): TensorBoard event files in
     RUN_DIR/tensorboard (or `log_dir`): the epoch rows at their global step, step metrics as
     step/<name>, every rank's system metrics as system/<node>/<rank>/<name> (at the training step
-    they were read, with their own wall time), each validation's picture grid as the image `validation`, and the flattened config
-    as text. A resumed run drops the events past its checkpoint's step (purge_step), so curves
+    they were read, with their own wall time), each validation's picture grid as the image
+    `validation`, and the flattened config as text. A resumed run drops the events past its checkpoint's step (purge_step), so curves
     never double back. Needs the tensorboard package: pip install 'segscale[tensorboard]'; view
     with `tensorboard --logdir runs/`. Writing happens on TensorBoard's own writer thread."""
 
