@@ -183,7 +183,15 @@ class ValidationPictures:
         title = f"epoch {record['epoch']}" + (
             f": val Dice {metric:.3f}" if metric is not None else ""
         )
-        plot_examples(examples, trainer.run_dir / name, self.num_classes, title)
+        try:
+            plot_examples(examples, trainer.run_dir / name, self.num_classes, title)
+        except OSError as e:  # a picture is a view of the run: it never stops training
+            import warnings
+
+            warnings.warn(
+                f"{trainer.run_dir / name}: not written ({e.strerror or e})", stacklevel=1
+            )
+            return
         record["validation_picture"] = name
 
 
