@@ -223,3 +223,25 @@ def test_the_console_is_one_live_table_on_a_terminal_and_lines_elsewhere(tmp_pat
     logged = _train_output(cfg_path, tmp_path / "pipe", terminal=False)
     assert "epoch 1/2  loss" in logged and "epoch 2/2  loss" in logged
     assert "\x1b[" not in logged and "│" not in logged
+
+
+def test_a_system_file_that_cannot_be_written_stops_sampling_with_one_warning(tmp_path):
+    import threading
+    import warnings
+
+    from segscale.monitor import SystemSampler
+
+    sampler = SystemSampler(tmp_path, rank=0, interval=0.01)
+    sampler.path.mkdir(parents=True)  # a folder where its file would be: open() fails
+    seen = []
+    hook, threading.excepthook = threading.excepthook, lambda args: seen.append(args)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sampler.start()
+            time.sleep(0.2)
+            sampler.stop()
+    finally:
+        threading.excepthook = hook
+    assert not seen  # no exception escaped the thread (it used to print a traceback)
+    assert any("system sampling stopped" in str(w.message) for w in caught)

@@ -78,16 +78,21 @@ class SystemSampler:
         process = psutil.Process()
         process.cpu_percent(None)  # the first call only starts the measurement
         previous = None
-        with open(self.path, "a") as f:
-            while not self._stop.wait(self.interval):
-                try:
-                    row = self.sample(previous, process)
-                except Exception:  # a metric the platform lacks must not end the sampling
-                    continue
-                previous = row
-                public = {k: v for k, v in row.items() if not k.startswith("_")}
-                f.write(json.dumps({"node": self.node, "rank": self.rank, **public}) + "\n")
-                f.flush()
+        try:
+            with open(self.path, "a") as f:
+                while not self._stop.wait(self.interval):
+                    try:
+                        row = self.sample(previous, process)
+                    except Exception:  # a metric the platform lacks must not end the sampling
+                        continue
+                    previous = row
+                    public = {k: v for k, v in row.items() if not k.startswith("_")}
+                    f.write(json.dumps({"node": self.node, "rank": self.rank, **public}) + "\n")
+                    f.flush()
+        except OSError as e:  # disk full, a file-size limit: the sampling stops, training goes on
+            import warnings
+
+            warnings.warn(f"{self.path}: system sampling stopped ({e.strerror or e})", stacklevel=1)
 
 
 def _nvml_handle(device: Any) -> Any:
