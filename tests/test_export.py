@@ -31,10 +31,10 @@ def test_onnx_export_runs_in_onnxruntime_like_pytorch_for_any_batch(run, real_st
 
     path = export(run, "onnx", tmp_path / "model.onnx")
     model, _ = load_trained_model(run)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    runtime = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for n in (1, 5):  # neither the traced batch (2) nor the checked one (3)
         x = real_slices(real_store, n)
-        got = torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+        got = torch.from_numpy(runtime.run(None, {"image": x.numpy()})[0])
         with torch.no_grad():
             expected = model(x)
         assert got.shape == expected.shape == (n, 2, 32, 32)

@@ -604,16 +604,14 @@ def export_cmd(
     """Export a model to run without segscale: ONNX (onnxruntime, TensorRT, ...) or TorchScript,
     with a dynamic batch size and its preprocessing and classes in the file's metadata. The
     export is run against PyTorch on a second batch size and kept only when they agree."""
-    from segscale.export import TOLERANCE, export
+    from segscale.export import TOLERANCE, export, file_name
 
     if source.startswith("zoo:"):
         from segscale.hub import pull
 
         path = pull(source, zoo)
-        if out is None:
-            out = Path(
-                f"{source.removeprefix('zoo:').replace('@', '-')}.{'onnx' if fmt == 'onnx' else 'torchscript.pt'}"
-            )
+        if out is None:  # in the working directory, named after the entry
+            out = Path(file_name(fmt, source.removeprefix("zoo:").replace("@", "-")))
     else:
         path = Path(source).resolve()
     written = export(path, fmt, out, force=force)

@@ -710,15 +710,10 @@ def _describe(err: Any, loc: tuple[str, ...]) -> str:
 def _choices(loc: tuple[str, ...]) -> list[str]:
     """The values a field of literals and booleans accepts (e.g. auto, true, false), as YAML
     spells them; [] for any other field."""
-    model: Any = RunConfig
-    annotation: Any = None
-    for part in loc:
-        fields = getattr(model, "model_fields", None)
-        if part.isdigit() or fields is None or part not in fields:
-            return []
-        annotation = fields[part].annotation
-        model = _section(annotation)
-    members = typing.get_args(annotation) or (annotation,)
+    field = _field_at(loc)
+    if field is None:
+        return []
+    members = typing.get_args(field.annotation) or (field.annotation,)
     values: list[str] = []
     for member in members:
         if member is bool:
@@ -731,17 +726,29 @@ def _choices(loc: tuple[str, ...]) -> list[str]:
 
 
 def _fields_at(loc: tuple[str, ...]) -> list[str]:
-    """The valid field names of the config section at loc (for suggestions); list indices and
-    optional sections (train.callbacks.0, data.transform) are walked through."""
+    """The valid field names of the config section at loc (for suggestions)."""
+    if not loc:
+        model: Any = RunConfig
+    else:
+        field = _field_at(loc)
+        model = _section(field.annotation) if field is not None else None
+    return list(model.model_fields) if hasattr(model, "model_fields") else []
+
+
+def _field_at(loc: tuple[str, ...]) -> Any:
+    """The pydantic field at a config location, or None; list indices and optional sections
+    (train.callbacks.0, data.transform) are walked through."""
     model: Any = RunConfig
+    field = None
     for part in loc:
         if part.isdigit():
             continue  # an item of a list: its model is the list's
-        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        fields = getattr(model, "model_fields", None)
+        field = fields.get(part) if fields else None
         if field is None:
-            return []
+            return None
         model = _section(field.annotation)
-    return list(model.model_fields) if hasattr(model, "model_fields") else []
+    return field
 
 
 def _section(annotation: Any) -> Any:

@@ -631,15 +631,12 @@ def speed_settings(train: Any, device: torch.device) -> dict[str, Any]:
     """train.amp, channels_last and compile resolved for `device`, and whether cuDNN may pick its
     fastest kernels: amp auto is bf16 on a GPU that supports it and none elsewhere; channels_last
     auto is on for GPUs; cudnn.benchmark on GPUs when the run is not deterministic."""
-    import torch
+    from segscale.parallel.base import resolve_amp
 
     cuda = device.type == "cuda"
-    amp = train.amp
-    if amp == "auto":
-        amp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "none"
     channels_last = cuda if train.channels_last == "auto" else train.channels_last
     return {
-        "amp": amp,
+        "amp": resolve_amp(train.amp, device),
         "channels_last": channels_last,
         "compile": train.compile,
         "cudnn_benchmark": cuda and not train.deterministic,

@@ -298,8 +298,7 @@ def pick_examples(
     examples = []
     for case in picks:
         meta = by_id[case["case"]]
-        masks = np.asarray(store.masks[meta["start"] : meta["start"] + meta["count"]])
-        k = meta["start"] + int(np.argmax((masks > 0).sum((1, 2))))
+        k = meta["start"] + int(np.argmax(_foreground_per_slice(store, meta)))
         image = np.array(store.images[k])  # a writable copy of the memmap row
         pred = model(torch.from_numpy(image)[None]).argmax(1)[0].numpy()
         examples.append(
@@ -346,6 +345,12 @@ def plot_examples(
     write_atomic(out, buffer.getvalue())
 
 
+def _foreground_per_slice(store: Store, case: dict[str, Any]) -> np.ndarray:
+    """The reference foreground pixels of each slice of a case (an entry of store.cases())."""
+    masks = np.asarray(store.masks[case["start"] : case["start"] + case["count"]])
+    return (masks > 0).sum((1, 2))
+
+
 def validation_slices(store: Store, split: str, count: int) -> list[tuple[str, int]]:
     """A fixed set of up to `count` slices to watch during training: `count` cases spread evenly
     over the split, each on its slice with the most reference foreground; when the split has
@@ -359,8 +364,7 @@ def validation_slices(store: Store, split: str, count: int) -> list[tuple[str, i
     out = []
     for i, n in zip(picks, per_case):
         c = cases[int(i)]
-        masks = np.asarray(store.masks[c["start"] : c["start"] + c["count"]])
-        foreground = (masks > 0).sum((1, 2))
+        foreground = _foreground_per_slice(store, c)
         best = int(np.argmax(foreground))
         others = [k for k in np.flatnonzero(foreground).tolist() if k != best]
         spread = np.linspace(0, len(others) - 1, min(n - 1, len(others))).round().astype(int)

@@ -32,7 +32,7 @@ from segscale.errors import SegscaleError
 from segscale.zoo import load_any_model
 
 FORMATS = ("onnx", "torchscript")
-SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 TOLERANCE = 1e-4  # max |exported − PyTorch| over the check batch's logits (float32 arithmetic)
 DESCRIPTION = "segscale-model.json"
 
@@ -56,6 +56,14 @@ def describe(plan: Any, source: Path) -> dict[str, Any]:
     }
 
 
+def file_name(fmt: str, stem: str = "model") -> str:
+    """The default name of an export: model.onnx or model.torchscript.pt (another `stem` for a zoo
+    entry's). Raises SegscaleError for an unknown format."""
+    if fmt not in FORMATS:
+        raise SegscaleError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    return stem + SUFFIX[fmt]
+
+
 def export(
     source: Path, fmt: str, out: Path | None = None, check_batch: int = 3, force: bool = False
 ) -> Path:
@@ -65,9 +73,8 @@ def export(
     Raises SegscaleError for an unknown format, a missing exporter, a model the exporter cannot
     trace, an unwritable place, or an export whose outputs differ from PyTorch's by more than
     TOLERANCE (nothing is written then)."""
-    if fmt not in FORMATS:
-        raise SegscaleError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
-    out = out or source / ("model.onnx" if fmt == "onnx" else "model.torchscript.pt")
+    name = file_name(fmt)  # checks the format first
+    out = out or source / name
     missing = [f for f in Path(out).resolve().parents if not f.exists()]  # created below
     out = output_file(out, "--out", overwrite=force, create_folder=True)
     try:
@@ -163,8 +170,8 @@ def _onnx(
     entry = proto.metadata_props.add()
     entry.key, entry.value = DESCRIPTION, json.dumps(description)
     onnx.save(proto, str(path))
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return torch.from_numpy(session.run(None, {"image": checked.numpy()})[0])
+    runtime = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(runtime.run(None, {"image": checked.numpy()})[0])
 
 
 def _torchscript(

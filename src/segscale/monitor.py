@@ -153,6 +153,16 @@ class SystemFiles:
                     self._index[path] = self._index.get(path, 0) + 1
         return out
 
+    def metrics(self) -> list[tuple[str, float, float, int]]:
+        """The new samples as trackers log them: (system/<node>/<rank>/<metric>, value, the
+        sample's time in seconds, its index within its file), one per number of each sample."""
+        return [
+            (f"system/{row['node']}/{row['rank']}/{k}", float(v), row["time"], i)
+            for i, row in self.read()
+            for k, v in row.items()
+            if k not in ("node", "rank", "time") and isinstance(v, int | float)
+        ]
+
 
 PICTURES_DIR = "pictures"
 

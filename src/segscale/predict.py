@@ -21,6 +21,7 @@ from segscale.imgmed.io import (
     sniff,
 )
 from segscale.imgmed.transforms import Plane, from_grid, from_slices, inplane_spacing, preprocess
+from segscale.parallel.base import resolve_amp
 from segscale.zoo import load_any_model
 
 
@@ -77,8 +78,7 @@ def predict(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SegscaleError(f"--device {device}: no CUDA device is available; use --device cpu")
     dev = torch.device(device)
-    if amp == "auto":
-        amp = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+    amp = resolve_amp(amp, dev)
     model, plan = load_any_model(run_dir, dev)  # a run folder or a pulled zoo entry's folder
     if plan.cfg.task.name != "segmentation":
         raise SegscaleError(

@@ -179,10 +179,8 @@ class MLflowTracker:
         from mlflow.entities import Metric
 
         metrics = [
-            Metric(f"system/{row['node']}/{row['rank']}/{k}", float(v), int(row["time"] * 1000), i)
-            for i, row in system.read()
-            for k, v in row.items()
-            if k not in ("node", "rank", "time") and isinstance(v, int | float)
+            Metric(name, value, int(seconds * 1000), i)
+            for name, value, seconds, i in system.metrics()
         ]
         for chunk in _chunks(metrics, 1000):  # MLflow's batch limit
             client.log_batch(run_id, metrics=chunk)
@@ -202,11 +200,7 @@ class MLflowTracker:
         from mlflow.entities import Metric
 
         now, step = int(time.time() * 1000), int(record.get("step", 0))
-        metrics = [
-            Metric(k, float(v), now, step)
-            for k, v in record.items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and k != "step"
-        ]
+        metrics = [Metric(k, v, now, step) for k, v in _numbers(record).items()]
         client.log_batch(run_id, metrics=metrics)
 
     def _warn(self, error: Exception) -> None:
@@ -253,9 +247,8 @@ class TensorBoardTracker:
 
     def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
         step = int(record["step"])
-        for k, v in record.items():
-            if isinstance(v, int | float) and not isinstance(v, bool) and k != "step":
-                self._writer.add_scalar(k, v, step)
+        for k, v in _numbers(record).items():
+            self._writer.add_scalar(k, v, step)
         picture = record.get("validation_picture")
         if picture and (self.run_dir / picture).is_file():
             import numpy as np
@@ -279,12 +272,8 @@ class TensorBoardTracker:
     def _log_system(self, step: int) -> None:
         """The system samples written since the last call, at the training step reached."""
         self._step = step
-        for _, row in self._system.read():
-            for k, v in row.items():
-                if k not in ("node", "rank", "time") and isinstance(v, int | float):
-                    self._writer.add_scalar(
-                        f"system/{row['node']}/{row['rank']}/{k}", v, step, walltime=row["time"]
-                    )
+        for name, value, seconds, _ in self._system.metrics():
+            self._writer.add_scalar(name, value, step, walltime=seconds)
 
 
 def mlflow_client(uri: str) -> Any:
@@ -371,6 +360,15 @@ def ui_command(runs_dir: Path, host: str = "127.0.0.1", port: int = 5000) -> lis
         "--port",
         str(port),
     ]
+
+
+def _numbers(record: dict[str, Any]) -> dict[str, float]:
+    """A metrics row's numbers (not its step, flags or names such as the picture's path)."""
+    return {
+        k: float(v)
+        for k, v in record.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and k != "step"
+    }
 
 
 def _param(value: Any) -> str:

@@ -50,6 +50,14 @@ def uses_cuda(device: str) -> bool:
     return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
 
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """An amp setting ('auto', 'none', 'bf16', 'fp16') for `device`: auto is bf16 on a GPU that
+    supports it (fp32's range, no loss scaling) and none (fp32) elsewhere; the others as given."""
+    if amp != "auto":
+        return amp
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside a DDP (or similar) wrapper."""
     return getattr(model, "module", model)
