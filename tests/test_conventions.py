@@ -134,3 +134,29 @@ def test_the_label_set_is_declared_from_dataset_json_or_refused(two_labels):
         DataError, match=r"a.nii.gz \(or its prediction\): label values \[2\] not declared"
     ):
         evaluate_folders(root / "pred", root / "ref", {1: "atrium"})
+
+
+def _strict(text):
+    """Parse as RFC 8259 JSON: bare NaN/Infinity tokens, which Python would accept, fail."""
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_records_are_strict_json_with_null_for_undefined_values(two_labels, tmp_path):
+    from segscale._files import from_json
+    from segscale.evaluation import write_evaluation
+
+    root, _ = two_labels
+    result = evaluate_folders(root / "pred", root / "ref", {1: "atrium", 2: "scar"})
+    out = tmp_path / "out" / "evaluation.json"
+    write_evaluation(result, out)
+    strict = _strict(out.read_text())  # jq, JSON.parse and pandas read it as it is
+    c = next(c for c in strict["cases"] if c["case"] == "c")
+    assert c["dice"] is None and c["hd95"] is None  # undefined: null, not a NaN token
+    assert strict["case_summary"]["dice"]["excluded"] == 1
+    back = from_json(out.read_text())  # segscale's readers: null back to NaN
+    assert np.isnan(next(c for c in back["cases"] if c["case"] == "c")["dice"])
+    assert back["dataset"] == pytest.approx(result["dataset"], nan_ok=True)

@@ -192,3 +192,30 @@ def test_same_grid_tolerance_is_a_tenth_of_a_voxel():
     assert same_grid(a, c, (100, 100, 10)) and not same_grid(a, c, (300, 100, 10))
     array = np.arange(24).reshape(2, 3, 4)
     assert onto_grid(array, a, a, (2, 3, 4), name=Path("x"), target=Path("y")) is array
+
+
+@pytest.mark.parametrize("degrees", [45.0, 30.0, 0.0])
+def test_an_oblique_grid_stored_in_another_axis_order_is_reoriented_exactly(degrees):
+    """At 45° every axis is as near one world axis as another (nibabel's io_orientation ties;
+    was: a label stored with swapped axes refused as 'not on the voxel grid')."""
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    if degrees == 45.0:
+        c = s = np.sqrt(0.5)  # an exact tie, as a header written with 0.7071 in both places has
+    rotation = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([0.8, 0.9, 2.0])
+    affine[:3, 3] = (-20.0, 5.0, 3.0)
+    label = np.random.default_rng(0).integers(0, 3, (12, 10, 4)).astype(np.uint8)
+    for stored, stored_affine in (
+        swap_xy(label, affine),
+        flip_axes(label, affine, (0, 2)),
+        swap_xy(*flip_axes(label, affine, (1,))),
+    ):
+        back = onto_grid(
+            stored, stored_affine, affine, label.shape, name=Path("l"), target=Path("i")
+        )
+        assert np.array_equal(back, label)
+    shifted = affine.copy()
+    shifted[:3, 3] += rotation @ np.array([0.4, 0.0, 0.0])  # half a voxel: refused, not moved
+    with pytest.raises(DataError, match="not on the voxel grid"):
+        onto_grid(label, shifted, affine, label.shape, name=Path("l"), target=Path("i"))

@@ -17,7 +17,7 @@ from segscale.imgmed import Preprocessing, prepare
 from segscale.imgmed.check import check_source
 from segscale.imgmed.io import load_nifti
 from segscale.predict import predict
-from test_inputs import prepared, write_2d
+from test_inputs import prepared, write_2d, write_nnunet_v2
 
 
 def test_a_permuted_label_on_another_grid_is_refused(tmp_path):
@@ -144,3 +144,61 @@ def test_background_only_folders_have_no_applicable_class(tmp_path):
         result = evaluate_folders(tmp_path / "pred", tmp_path / "ref")
     assert np.isnan(result["cases"][0]["dice"])  # was: the background scored, Dice 1.0
     assert result["case_summary"]["dice"]["excluded"] == 1
+
+
+def test_masks_pair_with_images_by_name_in_any_case(tmp_path):
+    """(was: 'image without a mask' for s1.png beside masks/S1.PNG)"""
+    pictures = write_2d(tmp_path / "2d", "L")
+    (pictures / "masks" / "s1.png").rename(pictures / "masks" / "S1.PNG")
+    store = prepared(pictures, tmp_path / "out")
+    assert sorted(c["id"] for c in store.cases()) == ["s0", "s1", "s2", "s3"]
+    shutil.copy(pictures / "masks" / "S1.PNG", pictures / "masks" / "s1.png")
+    with pytest.raises(DataError, match=r"two masks for 's1'"):
+        prepared(pictures, tmp_path / "out2")
+
+
+def test_jpeg_masks_are_named_in_a_warning(tmp_path):
+    pictures = write_2d(tmp_path / "2d", "L")
+    for p in (pictures / "masks").iterdir():  # JPEG content under a .png name
+        Image.open(p).save(p, format="JPEG", quality=75)
+    with (
+        pytest.warns(UserWarning, match=r"masks: masks stored as JPEG, whose lossy compression"),
+        pytest.raises(DataError),  # edges become many values: refused, after the warning
+    ):
+        prepared(pictures, tmp_path / "out")
+
+
+def test_nnunet_v2_channel_files_beyond_channel_names_are_refused(tmp_path):
+    """(was: case_000_0001 silently left out of a 1-channel dataset)"""
+    raw = write_nnunet_v2(tmp_path / "v2")
+    images = raw / "imagesTr"
+    shutil.copy(images / "case_000_0000.nii.gz", images / "case_000_0001.nii.gz")
+    with pytest.raises(
+        DataError,
+        match=r"case_000_0001.nii.gz: channel 0001 of case 'case_000', but dataset.json's "
+        r"channel_names declares 1 channel\(s\) \(_0000 to _0000\)",
+    ):
+        prepared(raw, tmp_path / "out")
+    (images / "case_000_0001.nii.gz").rename(images / "case_000.nii.gz")
+    with pytest.raises(DataError, match=r"case_000.nii.gz: not named <case>_<XXXX>.nii.gz"):
+        prepared(raw, tmp_path / "out")
+
+
+def test_nnunet_region_labels_train_and_score_the_label_values(tmp_path):
+    """nnU-Net's region-based dataset.json (BraTS: whole tumour = 1 ∪ 2 ∪ 3, ...): the label files
+    hold the values, which segscale trains and scores, one class each (was: 'labels must be
+    0..K-1, got [0, 3]')."""
+    raw = write_nnunet_v2(tmp_path / "v2")
+    meta = json.loads((raw / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "lesion": [1], "core": 1}
+    meta["regions_class_order"] = [1]
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=r"'lesion' are regions .* the label values 0, 1, one"):
+        store = prepared(raw, tmp_path / "out")
+    assert store.meta["labels"] == {"0": "background", "1": "core"}
+    meta["labels"] = {"background": 0, "whole": [1, 2], "part": 2}
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    from segscale.imgmed.sources import declared_labels
+
+    with pytest.warns(UserWarning, match="'whole' are regions"):
+        assert declared_labels(raw / "dataset.json") == {0: "background", 2: "part", 1: "label 1"}

@@ -58,6 +58,28 @@ def test_png_prediction_round_trips_mask_values_and_size(tmp_path):
     assert set(np.unique(mask)) <= {0, 255}  # class indices mapped back to the raw mask values
     with pytest.raises(DataError, match="no such file"):
         predict(run_dir, [tmp_path / "missing.png"], tmp_path / "pred")
+    # a picture is read as what it shows: grey with alpha, and grey saved as RGB, are grey
+    # (were: read as RGB, refused by a grey model)
+    grey = Image.open(root / "images" / "s0.png")
+    more = tmp_path / "more"
+    more.mkdir()
+    grey.convert("LA").save(more / "a_la.png")
+    grey.convert("RGB").save(more / "b_rgb.png")
+    outs = predict(run_dir, [more], tmp_path / "pred")
+    assert [o.name for o in outs] == ["a_la.png", "b_rgb.png"]
+    for o in outs:
+        assert np.array_equal(np.asarray(Image.open(o)), mask)
+    # all or nothing: a later input that fails leaves the output folder as it was
+    colour = np.asarray(grey.convert("RGB")).copy()
+    colour[0, 0] = (255, 0, 0)
+    Image.fromarray(colour).save(more / "c_colour.png")
+    before = sorted(p.name for p in (tmp_path / "pred").iterdir())
+    with pytest.raises(DataError, match=r"c_colour.png: 3 channel\(s\) .* trained on 1"):
+        predict(run_dir, [more], tmp_path / "pred")
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == before  # nor a hidden folder
+    with pytest.raises(DataError, match=r"c_colour\.png"):
+        predict(run_dir, [more], tmp_path / "new")
+    assert not (tmp_path / "new").exists()
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"] == 1
 
 

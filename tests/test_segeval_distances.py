@@ -167,8 +167,23 @@ def test_evaluate_folders_in_the_files_geometry(tmp_path):
     assert result["cases"][1]["dice"] == pytest.approx(medpy_binary.dc(*pairs[1]), abs=1e-12)
     json.dumps(result)  # serialisable as is
 
-    (tmp_path / "pred" / "c1.nii.gz").unlink()
-    with pytest.raises(DataError, match=r"c1.nii.gz: missing prediction"):
+    # names pair in any case and format (tools differ: C1.NII.GZ from one, c1.nii from another)
+    (tmp_path / "pred" / "c1.nii.gz").rename(tmp_path / "pred" / "C1.NII.GZ")
+    nib.save(nib.load(tmp_path / "pred" / "c0.nii.gz"), tmp_path / "pred" / "c0.nii")
+    (tmp_path / "pred" / "c0.nii.gz").unlink()
+    again = evaluate_folders(tmp_path / "pred", tmp_path / "ref", {1: "lesion"})
+    assert [c["dice"] for c in again["cases"]] == [c["dice"] for c in result["cases"]]
+    # a prediction without a reference is named, not silently dropped
+    nib.save(nib.load(tmp_path / "pred" / "c0.nii"), tmp_path / "pred" / "extra.nii.gz")
+    with pytest.warns(UserWarning, match=r"1 prediction\(s\) without a reference .* extra.nii.gz"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "ref", {1: "lesion"})
+    (tmp_path / "pred" / "C1.NII.GZ").unlink()
+    with pytest.raises(
+        DataError, match=r"pred: no prediction for 1 of 2 reference\(s\), e.g. c1.nii.gz"
+    ):
+        evaluate_folders(tmp_path / "pred", tmp_path / "ref", {1: "lesion"})
+    nib.save(nib.load(tmp_path / "pred" / "c0.nii"), tmp_path / "pred" / "C0.nii.gz")
+    with pytest.raises(DataError, match=r"two predictions for 'c0'"):
         evaluate_folders(tmp_path / "pred", tmp_path / "ref", {1: "lesion"})
 
 

@@ -1,13 +1,15 @@
-"""File helpers shared across the package: one atomic write, one checksum."""
+"""File helpers shared across the package: one atomic write, one checksum, one JSON dialect."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 def file_sha256(path: Path) -> str:
@@ -17,6 +19,48 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def to_json(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON text (RFC 8259) of `obj`: NaN and ±inf, which JSON has no token for, are
+    written as null. Python's json would write bare NaN/Infinity, which jq, JavaScript's
+    JSON.parse and most other parsers refuse. Every record segscale writes for its users
+    (evaluations, metrics.jsonl, reports) goes through here; `from_json` reads them back."""
+    return json.dumps(_nulled(obj), indent=indent, allow_nan=False)
+
+
+def _nulled(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _nulled(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_nulled(v) for v in obj]
+    return obj
+
+
+def from_json(text: str | bytes) -> Any:
+    """A metric record written by `to_json`, with null read back as NaN (a metric that is not
+    defined, e.g. HD95 of an empty mask; in these records null never means anything else).
+    Older records with bare NaN tokens read the same. Raises ValueError for text that is not
+    JSON."""
+    return _nan(json.loads(text))
+
+
+def _nan(obj: Any) -> Any:
+    if obj is None:
+        return math.nan
+    if isinstance(obj, dict):
+        return {k: _nan(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan(v) for v in obj]
+    return obj
+
+
+def read_jsonl(path: Path) -> list[Any]:
+    """The records of a JSON-lines metric file (metrics.jsonl), null read as NaN; blank lines
+    skipped. Raises OSError when it cannot be read, ValueError for a line that is not JSON."""
+    return [from_json(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def _umask() -> int:
@@ -68,8 +112,6 @@ def read_record(path: Path, keys: tuple[str, ...], what: str) -> dict:
     """A JSON object segscale wrote (a job's state, a record), with `keys` at its top level.
     Raises SegscaleError naming the file when it cannot be read, is not JSON, or is not of
     that shape."""
-    import json
-
     from segscale.errors import SegscaleError
 
     try:

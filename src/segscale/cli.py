@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from segscale._files import from_json
 from segscale.errors import USER_ERROR_EXIT_CODE, SegscaleError
 
 app = typer.Typer(
@@ -514,7 +515,7 @@ def evaluate_cmd(
         code = launch(["evaluate", str(run_dir), "--split", split, "--out", str(out)], workers)
         if code != 0:
             raise typer.Exit(code)
-        evaluation = json.loads(out.read_text())
+        evaluation = from_json(out.read_text())
         if evaluation.get("task") == "classification":
             from segscale.report import plot_confusion
 

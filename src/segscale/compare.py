@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from segscale._files import read_record, write_atomic
+from segscale._files import from_json, read_record, to_json, write_atomic
 from segscale.errors import SegscaleError
 from segscale.stats import paired, spread
 
@@ -55,7 +55,7 @@ def scores_of(path: Path, split: str) -> dict[str, Any]:
             f"{path}: not evaluated on '{split}' (no {evaluation.name}); run "
             f"`segscale evaluate {path} --split {split}` first"
         )
-    e = json.loads(evaluation.read_text())
+    e = from_json(evaluation.read_text())
     metrics = {m: [e["dataset"][m]] for m in METRICS if m in e["dataset"]}
     metrics |= {
         m: [e["case_summary"][m]["mean"]] for m in ("hd95", "assd") if m in e["case_summary"]
@@ -143,5 +143,5 @@ def compare_markdown(result: dict[str, Any]) -> str:
 
 def write_comparison(result: dict[str, Any], out: Path) -> None:
     """OUT.md and OUT.json."""
-    write_atomic(out.with_suffix(".json"), json.dumps(result, indent=1))
+    write_atomic(out.with_suffix(".json"), to_json(result, indent=1))
     write_atomic(out.with_suffix(".md"), compare_markdown(result))

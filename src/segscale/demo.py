@@ -5,11 +5,11 @@ prepare → train (2 workers) → evaluate on held-out cases → report (Markdow
 
 from __future__ import annotations
 
-import json
 import shutil
 from importlib import resources
 from pathlib import Path
 
+from segscale._files import from_json
 from segscale.config import load_config
 from segscale.engine import load_trained_model, plan, prepare_run_dir
 from segscale.errors import SegscaleError
@@ -68,7 +68,7 @@ def run_demo(out: Path, workers: int = 2, overrides: list[str] | None = None) ->
         != 0
     ):
         raise SegscaleError("evaluation failed; see the messages above")
-    evaluation = json.loads(evaluation_path.read_text())
+    evaluation = from_json(evaluation_path.read_text())
     print_metrics(evaluation)
     model, p = load_trained_model(run_dir)
     examples = pick_examples(model, p.store, evaluation)

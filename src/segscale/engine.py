@@ -17,13 +17,12 @@ for anything else that builds runs from a config:
 from __future__ import annotations
 
 import importlib.util
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from segscale._files import write_atomic
+from segscale._files import to_json, write_atomic
 from segscale.config import RunConfig, load_config, save_config
 from segscale.errors import SegscaleError
 from segscale.imgmed.store import Store
@@ -337,7 +336,7 @@ class Plan:
 
             report = load_pretrained(model, c.model.pretrained)
             if strategy.rank == 0:
-                write_atomic(run_dir / "pretrained.json", json.dumps(report.as_dict(), indent=1))
+                write_atomic(run_dir / "pretrained.json", to_json(report.as_dict(), indent=1))
                 if progress:
                     print(report.summary(), flush=True)
         if t.simulate_fused:  # one pass for the K micro-batches; BatchNorm still sees each alone

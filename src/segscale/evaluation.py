@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import warnings
 from collections.abc import Callable, Iterable
@@ -27,9 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from segscale._files import write_atomic
+from segscale._files import to_json, write_atomic
 from segscale.errors import DataError
-from segscale.imgmed.files import is_nifti_name, list_images, strip_suffix
+from segscale.imgmed.files import by_case, case_key, is_nifti_name, list_images, strip_suffix
 from segscale.imgmed.geometry import onto_grid, spacing_from_affine
 from segscale.imgmed.io import load_mask2d, load_nifti
 from segscale.imgmed.sources import declared_labels
@@ -249,7 +248,7 @@ def summarize(results: list[CaseEval], labels: dict[str, str]) -> dict[str, Any]
 def write_evaluation(evaluation: dict[str, Any], out: Path) -> None:
     """`out` (JSON) and, for a segmentation, the per-case CSV beside it (same name, .csv)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, json.dumps(evaluation, indent=1))
+    write_atomic(out, to_json(evaluation, indent=1))
     if "cases" in evaluation:
         write_case_csv(evaluation, out.with_suffix(".csv"))
 
@@ -425,7 +424,8 @@ def evaluate_folders(
     pred_dir: Path, ref_dir: Path, labels: dict[int, str] | None = None
 ) -> dict[str, Any]:
     """Score a folder of predicted masks (NIfTI or PNG, e.g. from nnU-Net or MONAI) against the
-    reference masks of the same file names, in the files' own geometry and spacing. A NIfTI
+    reference masks of the same names (compared in any case, and in any image format: a.nii.gz
+    pairs with A.nii), in the files' own geometry and spacing. A NIfTI
     prediction is matched to its reference in world space (segscale.imgmed.geometry): one stored
     in another axis order is reoriented, one on another grid is refused.
 
@@ -435,11 +435,24 @@ def evaluate_folders(
     declared label has is refused, naming the file. Values that are not 0..K-1 (e.g. PNG 0/255)
     are mapped to classes in sorted order, and the map is recorded."""
     refs = list_images([ref_dir])
+    preds = by_case(list_images([pred_dir]), "predictions")
+    missing = [ref for ref in refs if case_key(ref.name) not in preds]
+    if missing:
+        raise DataError(
+            f"{pred_dir}: no prediction for {len(missing)} of {len(refs)} reference(s), e.g. "
+            f"{missing[0].name} (a prediction pairs with its reference by name, in any case and "
+            "image format)"
+        )
+    unscored = sorted(set(preds) - {case_key(ref.name) for ref in refs})
+    if unscored:
+        warnings.warn(
+            f"{pred_dir}: {len(unscored)} prediction(s) without a reference in {ref_dir} not "
+            f"scored, e.g. {preds[unscored[0]].name}",
+            stacklevel=2,
+        )
     pairs = []
     for ref in refs:
-        pred = pred_dir / ref.name
-        if not pred.is_file():
-            raise DataError(f"{pred}: missing prediction for reference {ref}")
+        pred = preds[case_key(ref.name)]
         (p, p_affine), (r, r_affine) = _load_labels(pred), _load_labels(ref)
         if p_affine is not None and r_affine is not None:
             p = onto_grid(

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from segscale._files import read_record
+from segscale._files import from_json, read_record
 from segscale.config import RunConfig, load_config
 from segscale.errors import SegscaleError
 
@@ -20,9 +20,11 @@ FIG_5_5 = "thesis Fig. 5.5"
 CLAIM = "CLAIM"
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(path: Path, metrics: bool = False) -> dict[str, Any] | None:
+    """A JSON record, or None when it cannot be read; `metrics`: a metric record, null as NaN."""
     try:
-        return json.loads(path.read_text())
+        text = path.read_text()
+        return from_json(text) if metrics else json.loads(text)
     except (OSError, ValueError):
         return None
 
@@ -46,7 +48,7 @@ def _record(target: Path) -> dict[str, Any]:
         raise SegscaleError(f"{cfg.data.store}: the run's store is not readable (meta.json)")
     source = store_meta.get("source")
     dataset = _read_json(Path(source) / "dataset.json") if source else None
-    evaluation = _read_json(run_dir / f"evaluation-{cfg.data.test_split}.json")
+    evaluation = _read_json(run_dir / f"evaluation-{cfg.data.test_split}.json", metrics=True)
     tuning = _read_json(run_dir.parent / "tune.json")
     if not isinstance(tuning, dict) or not isinstance(tuning.get("trials"), list):
         tuning = None  # not a tuner's state: no tuning to report
@@ -58,7 +60,9 @@ def _record(target: Path) -> dict[str, Any]:
         "dataset": dataset or {},
         "environment": _read_json(run_dir / "environment.json") or {},
         "evaluation": evaluation,
-        "variability": _read_json(target / "variability.json") if repeat is not None else None,
+        "variability": _read_json(target / "variability.json", metrics=True)
+        if repeat is not None
+        else None,
         "tuning": tuning,
     }
 

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from segscale._files import to_json
+
 SYSTEM_DIR = "system"
 
 
@@ -87,7 +89,7 @@ class SystemSampler:
                         continue
                     previous = row
                     public = {k: v for k, v in row.items() if not k.startswith("_")}
-                    f.write(json.dumps({"node": self.node, "rank": self.rank, **public}) + "\n")
+                    f.write(to_json({"node": self.node, "rank": self.rank, **public}) + "\n")
                     f.flush()
         except OSError as e:  # disk full, a file-size limit: the sampling stops, training goes on
             import warnings

@@ -4,7 +4,11 @@ same file name), with the training resize undone."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,7 +74,10 @@ def predict(
 ) -> Written:
     """Segment `inputs` with the model of a finished run folder or of a pulled zoo entry's folder;
     returns the masks written (out_dir/<input name>) with the model's throughput. `amp`: auto is
-    bf16 on a GPU that supports it, none (fp32) elsewhere. Raises SegscaleError for bad input."""
+    bf16 on a GPU that supports it, none (fp32) elsewhere. All or nothing: the masks are written
+    into a hidden folder in `out_dir` and moved into place once every input is segmented, so an
+    input that fails (unreadable, wrong channels) leaves `out_dir` as it was. Raises
+    SegscaleError for bad input."""
     if amp not in ("auto", "none", "bf16"):
         raise SegscaleError(f"--amp {amp}: expected auto, none or bf16")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
@@ -89,6 +96,7 @@ def predict(
     # Every slice of a volume gets segmented, whatever subset training used.
     prep = dataclasses.replace(store.preprocessing, slices=None, foreground_margin=None)
     class_to_raw = _class_to_raw(store.meta)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     written = Written()
     targets: dict[Path, tuple[Path, bool]] = {}  # mask → (input, a volume?)
@@ -100,17 +108,19 @@ def predict(
                 f"{path} and {targets[target][0]}: both would write {target}; rename one"
             )
         targets[target] = (path, volume)
-    for target, (path, volume) in targets.items():
+
+    def segment(path: Path, volume: bool, target: Path) -> None:
         if volume:
             image, affine, header = read_nifti(path)
             spatial = image.shape[:3]
         else:
-            image, affine = load_image2d(path), None
+            image, affine = _as_channels(load_image2d(path), plan.in_channels, prep), None
             spatial = image.shape[:2]
         x, _ = preprocess(image, volume, prep, affine=affine)
         if x.shape[1] != plan.in_channels:
             raise DataError(
-                f"{path}: {x.shape[1]} channel(s) after preprocessing; the model was trained on {plan.in_channels}"
+                f"{path}: {x.shape[1]} channel(s) after preprocessing; the model was trained "
+                f"on {plan.in_channels}"
             )
         hw = tuple(s for i, s in enumerate(spatial) if i != prep.axis) if volume else spatial
         plane = Plane.of(prep, hw, inplane_spacing(affine, prep.axis) if volume else None)
@@ -122,8 +132,37 @@ def predict(
             save_nifti(from_slices(masks, prep.axis), affine, target, like=header)
         else:
             save_png(class_to_raw[masks[0]], target)
-        written.append(target)
+
+    try:
+        stage = Path(tempfile.mkdtemp(dir=out_dir, prefix=".segscale-predict-"))
+    except OSError as e:
+        raise SegscaleError(f"--out {out_dir}: cannot write there ({e.strerror})") from None
+    try:
+        for target, (path, volume) in targets.items():
+            segment(path, volume, stage / target.name)
+        for target in targets:  # every input segmented: publish them all
+            os.replace(stage / target.name, target)
+            written.append(target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and not written:  # a folder made for masks that never came
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
     return written
+
+
+def _as_channels(picture: np.ndarray, channels: int, prep) -> np.ndarray:
+    """A 2D picture with the channels the model was trained on, where what it shows allows: a
+    grey picture stored as RGB (R = G = B) for a grey model, a grey picture for a colour one
+    (R = G = B). Anything else is left to the channel check."""
+    if prep.channels is not None:
+        return picture
+    grey_rgb = picture.ndim == 3 and picture.shape[-1] == 3
+    if channels == 1 and grey_rgb and (picture[..., 1:] == picture[..., :1]).all():
+        return picture[..., 0]
+    if channels == 3 and picture.ndim == 2:
+        return np.repeat(picture[..., None], 3, axis=-1)
+    return picture
 
 
 def _class_to_raw(meta: dict) -> np.ndarray:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from segscale._files import job_state, write_atomic
+from segscale._files import from_json, job_state, to_json, write_atomic
 from segscale.config import apply_override, load_config, validate
 from segscale.engine import plan, prepare_run_dir
 from segscale.errors import PREEMPTED_EXIT_CODE, Preempted, SegscaleError
@@ -123,7 +123,7 @@ def repeat(
             )
             if code != 0:
                 raise SegscaleError(f"evaluating run-{i + 1} on '{split}' failed (exit {code})")
-            evaluation = json.loads(result.read_text())
+            evaluation = from_json(result.read_text())
             entry["seconds"] = entry.get("seconds", 0.0) + time.monotonic() - t0
             entry["test"] = {m: evaluation["dataset"].get(m) for m in DATASET_METRICS} | {
                 m: evaluation["case_summary"][m]["mean"] for m in CASE_METRICS
@@ -132,7 +132,7 @@ def repeat(
             parent.log_metrics({f"test_{m}": v for m, v in entry["test"].items()}, i + 1)
             _save(out, state)
         report = variability(state, cfg.name, options, split)
-        write_atomic(out / "variability.json", json.dumps(report, indent=1))
+        write_atomic(out / "variability.json", to_json(report, indent=1))
         write_atomic(out / "variability.md", variability_markdown(report))
         plot_variability(report, out / "variability.png")
         parent.finish(OUTPUTS, "FINISHED")

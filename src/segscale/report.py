@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from segscale._files import write_atomic
+from segscale._files import read_jsonl, write_atomic
 from segscale.evaluation import Example, plot_examples
 
 METRIC_NAMES = {
@@ -167,7 +167,7 @@ def plot_curves(run_dir: Path, out: Path, metric: str = "dice") -> bool:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return False
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(path)
     points = curve_points(rows, metric)
     name = METRIC_NAMES.get(metric, metric.replace("_", " "))
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))

@@ -24,7 +24,6 @@ batches, the same augmentations, bit-identical weights on CPU.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import threading
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from segscale._files import write_atomic
+from segscale._files import to_json, write_atomic
 from segscale._progress import progress_bar
 from segscale.checkpoint import atomic_save, load_latest, write_checkpoint
 from segscale.data import TrainLoader
@@ -346,7 +345,7 @@ class Trainer:
     def write_metrics(self) -> None:
         """Rewrite metrics.jsonl from the history, so a resumed run never duplicates a line."""
         write_atomic(
-            self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history)
+            self.run_dir / "metrics.jsonl", "".join(to_json(r) + "\n" for r in self.history)
         )
 
     def _rank_state(self) -> dict[str, Any]:

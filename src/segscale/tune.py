@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segscale._files import job_state, write_atomic
+from segscale._files import from_json, job_state, read_jsonl, write_atomic
 from segscale.config import (
     GRESCALE_DECAY_COEFFICIENT,
     GRESCALE_DECAY_PHASE,
@@ -469,7 +469,7 @@ class _Tuner:
                 raise SegscaleError(
                     f"evaluating {run_dir.name} on '{split}' failed (exit code {code})"
                 )
-            dataset = json.loads(out.read_text())["dataset"]
+            dataset = from_json(out.read_text())["dataset"]
             entry["test"] = {m: dataset.get(m) for m in METRICS}
             self._save()
 
@@ -557,11 +557,7 @@ def _verdict(trial: dict[str, Any]) -> str:
 def _read_metrics(run_dir: Path) -> tuple[dict[str, float], dict[str, float], int, str | None]:
     """(last validation's metrics, epoch → val Dice, epochs trained, why it finished early)."""
     path = run_dir / "metrics.jsonl"
-    rows = (
-        [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if path.is_file()
-        else []
-    )
+    rows = read_jsonl(path) if path.is_file() else []
     validated = [r for r in rows if "val_dice" in r]
     if not validated:
         raise SegscaleError(

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from segscale._files import write_atomic
+from segscale._files import to_json, write_atomic
 from segscale.config import load_config
 from segscale.engine import plan, prepare_run_dir
 from segscale.errors import (
@@ -68,7 +68,7 @@ def train(
                     "bits between repeats (docs/reproducibility.md)",
                     flush=True,
                 )
-            write_atomic(run_dir / "environment.json", json.dumps(p.record(trainer, ops), indent=1))
+            write_atomic(run_dir / "environment.json", to_json(p.record(trainer, ops), indent=1))
             write_atomic(run_dir / "packages.txt", "\n".join(packages()) + "\n")
         return trainer.fit(resume=resume)
     except BaseException as e:

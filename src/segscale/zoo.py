@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import yaml
 
-from segscale._files import file_sha256, write_atomic
+from segscale._files import file_sha256, from_json, to_json, write_atomic
 from segscale.config import RunConfig, load_config, validate
 from segscale.engine import Plan, inference_plan, plan, trained_weights
 from segscale.errors import SegscaleError
@@ -122,7 +122,7 @@ def publish(
             if f.is_file()
         }
         info["files"] = files
-        write_atomic(staging / ENTRY_META, json.dumps(info, indent=1))
+        write_atomic(staging / ENTRY_META, to_json(info, indent=1))
         files[ENTRY_META] = {
             "sha256": file_sha256(staging / ENTRY_META),
             "size": (staging / ENTRY_META).stat().st_size,
@@ -192,7 +192,7 @@ def _evaluation(run_dir: Path, split: str) -> dict[str, Any] | None:
     """The run's test-split evaluation (dataset level and per-case summary), if it has one."""
     for path in (run_dir / f"evaluation-{split}.json", run_dir.parent / "evaluation.json"):
         if path.is_file():
-            e = json.loads(path.read_text())
+            e = from_json(path.read_text())
             if Path(e.get("run", "")).resolve() == run_dir and e.get("split") == split:
                 summary = {k: v["mean"] for k, v in e.get("case_summary", {}).items()}
                 return {"split": split, "cases": len(e["cases"]), "dataset": e["dataset"],

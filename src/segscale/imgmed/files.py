@@ -42,6 +42,28 @@ def strip_suffix(name: str) -> str:
     return name
 
 
+def by_case(files: list[Path], what: str = "files") -> dict[str, Path]:
+    """`files` by case id for pairing with other files by name: the name without its image suffix,
+    case-folded, so that 'Case_01.PNG' pairs with 'case_01.nii.gz' (tools and file systems
+    differ in the case they write; macOS and Windows do not tell them apart). Look a case up
+    with `case_key`. Raises DataError when two files make one case id (a.png beside a.tif,
+    A.nii.gz beside a.nii.gz): one would silently stand for the other."""
+    out: dict[str, Path] = {}
+    for p in files:
+        key = case_key(p.name)
+        if key in out:
+            raise DataError(
+                f"{p} and {out[key]}: two {what} for '{strip_suffix(p.name)}'; remove one"
+            )
+        out[key] = p
+    return out
+
+
+def case_key(name: str) -> str:
+    """The key `by_case` files a name under: without its image suffix, case-folded."""
+    return strip_suffix(name).casefold()
+
+
 def list_files(folder: Path, suffixes: tuple[str, ...] | None = None) -> list[Path]:
     """The visible files of `folder` (not hidden, not system files), in name order; only those
     ending in one of `suffixes` (any case) when given. Raises DataError when it cannot be read."""

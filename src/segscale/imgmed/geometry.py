@@ -57,6 +57,23 @@ def describe(affine: np.ndarray, shape: tuple[int, ...]) -> str:
     return f"{sizes} voxels of {spacing} mm, origin ({origin}) mm, axes {axes}"
 
 
+def _axis_map(affine: np.ndarray, target_affine: np.ndarray) -> np.ndarray:
+    """The axis order and flips (a nibabel orientation, (3, 2): target axis, ±1) that bring the
+    grid `affine` nearest to `target_affine`, read from the voxel-to-voxel map between them.
+    Comparing the two grids directly, not each with the world axes (nibabel's io_orientation),
+    keeps oblique grids exact: at 45° the nearest world axis is a tie. Identity when the map
+    is singular; the caller's grid check then refuses the pair."""
+    try:
+        steps = np.linalg.solve(np.asarray(target_affine, float), np.asarray(affine, float))[:3, :3]
+    except np.linalg.LinAlgError:
+        steps = np.eye(3)
+    magnitude = np.abs(steps)
+    axes = magnitude.argmax(axis=0)  # array axis i steps along target axis axes[i]
+    if sorted(axes.tolist()) != [0, 1, 2]:
+        axes = np.arange(3)
+    return np.array([[a, 1.0 if steps[a, i] >= 0 else -1.0] for i, a in enumerate(axes)])
+
+
 def onto_grid(
     array: np.ndarray,
     affine: np.ndarray,
@@ -82,9 +99,9 @@ def onto_grid(
     target_shape = tuple(int(n) for n in target_shape[:3])
     if shape == target_shape and same_grid(affine, target_affine, shape):
         return array
-    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+    from nibabel.orientations import apply_orientation, inv_ornt_aff
 
-    transform = ornt_transform(io_orientation(affine), io_orientation(target_affine))
+    transform = _axis_map(affine, target_affine)
     moved = apply_orientation(array, transform)
     moved_affine = np.asarray(affine) @ inv_ornt_aff(transform, shape)
     # compared on the target's grid: the moved array has the target's shape when it matches

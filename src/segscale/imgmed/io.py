@@ -180,8 +180,9 @@ def _one_frame(im: Any, path: Path) -> None:
 
 
 def load_image2d(path: str | Path) -> np.ndarray:
-    """A 2D image as (H, W) for grayscale or (H, W, C) for colour, via Pillow. Palette and
-    1-bit pictures are read as what they show (RGB, 0/255 grey). For label images: load_mask2d."""
+    """A 2D image as (H, W) for grayscale or (H, W, C) for colour, via Pillow, read as what it
+    shows: palette → RGB, 1-bit → 0/255 grey, grey with alpha → grey, RGBA → RGB (transparency is
+    not an image channel), CMYK and YCbCr → RGB. For label images: load_mask2d."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -189,10 +190,10 @@ def load_image2d(path: str | Path) -> np.ndarray:
         with Image.open(path) as im:
             im.load()
             _one_frame(im, path)
-            if im.mode in ("RGBA", "P", "LA", "PA"):
-                im = im.convert("RGB")
-            elif im.mode == "1":
+            if im.mode in ("LA", "La", "1"):
                 im = im.convert("L")
+            elif im.mode not in ("L", "I", "F", "RGB") and not im.mode.startswith("I;16"):
+                im = im.convert("RGB")  # RGBA, RGBa, P, PA, CMYK, YCbCr, LAB, HSV
             if im.mode.startswith("I;16"):
                 return np.asarray(im, dtype=np.uint16)
             return np.asarray(im)
@@ -213,6 +214,12 @@ def load_mask2d(path: str | Path) -> np.ndarray:
         with Image.open(path) as im:
             im.load()
             _one_frame(im, path)
+            if im.format == "JPEG":  # by content: a .png name does not make it lossless
+                warnings.warn(
+                    f"{path.parent}: masks stored as JPEG, whose lossy compression changes "
+                    "label values along every edge; save masks as PNG",
+                    stacklevel=2,
+                )
             mode = im.mode
             if mode == "1":
                 return np.asarray(im, dtype=np.uint8)  # booleans → 0/1

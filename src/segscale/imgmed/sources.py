@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from segscale.errors import DataError
 from segscale.imgmed.files import (
     NIFTI_SUFFIXES,
     PNG_SUFFIXES,
+    by_case,
+    case_key,
     has_suffix,
     list_files,
     list_folders,
@@ -51,17 +55,6 @@ def discover(root: str | Path) -> Source:
             )
         seen[case.id] = case
     return source
-
-
-def _by_stem(files: list[Path]) -> dict[str, Path]:
-    """Files by name without suffix; two with the same stem (a.png, a.tif) are refused."""
-    out: dict[str, Path] = {}
-    for p in files:
-        stem = strip_suffix(p.name)
-        if stem in out:
-            raise DataError(f"{p} and {out[stem]}: two files for '{stem}'; remove one")
-        out[stem] = p
-    return out
 
 
 def _discover(root: Path) -> Source:
@@ -125,16 +118,38 @@ def _read_dataset_json(root: Path) -> Source:
 
 def labels_of(meta: dict, path: Path) -> dict[int, str]:
     """Raw label value → name from a dataset.json's `labels`: Decathlon's {"0": "background", ...}
-    or nnU-Net v2's {"background": 0, ...} (region-based entries, lists, are left out)."""
+    or nnU-Net v2's {"background": 0, ...}. nnU-Net's region-based entries ({"whole tumor":
+    [1, 2, 3]}) are unions of label values, which the label files hold as they are: segscale
+    trains and scores those values, one class each (named by a plain entry, else "label V"), and
+    says so in a warning. Raises DataError for any other shape."""
     raw = meta.get("labels")
     if not isinstance(raw, dict) or not raw:
         raise DataError(f"{path}: expected a 'labels' mapping")
-    if all(isinstance(v, int | list) for v in raw.values()):  # nnU-Net v2: name -> value
-        return {int(v): str(k) for k, v in raw.items() if isinstance(v, int)}
+    if all(_label_value(v) or _region(v) for v in raw.values()):  # nnU-Net v2: name -> value
+        names = {int(v): str(k) for k, v in raw.items() if _label_value(v)}
+        regions = {str(k): v for k, v in raw.items() if _region(v)}
+        if regions:
+            values = sorted({v for r in regions.values() for v in r} - set(names))
+            names |= {v: f"label {v}" for v in values}
+            warnings.warn(
+                f"{path}: {', '.join(repr(k) for k in regions)} are regions (nnU-Net "
+                f"region-based training); segscale trains and scores the label values "
+                f"{', '.join(str(v) for v in sorted(names))}, one class each",
+                stacklevel=2,
+            )
+        return names
     try:
         return {int(k): str(v) for k, v in raw.items()}
     except ValueError as e:
         raise DataError(f"{path}: 'labels' keys must be integers: {e}") from e
+
+
+def _label_value(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _region(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(_label_value(x) for x in v)
 
 
 def declared_labels(path: Path) -> dict[int, str]:
@@ -192,10 +207,23 @@ def _nnunet_v2_cases(root: Path, num_channels: int, ending: str) -> list[Case]:
             raise DataError(f"{label}: label without its image {images_dir / missing[0]}")
         cases.append(Case(cid, [images[w.lower()] for w in wanted], label))
     labelled = {c.id.lower() for c in cases}
+    used = {p for c in cases for p in c.images}
     for im in images.values():
-        cid = im.name[:-cut].rsplit("_", 1)[0]
-        if cid.lower() not in labelled:
-            raise DataError(f"{im}: image without a label; expected {labels_dir / (cid + ending)}")
+        if im in used:
+            continue
+        cid, _, channel = im.name[:-cut].rpartition("_")
+        if not cid or not (len(channel) == 4 and channel.isdigit()):
+            raise DataError(
+                f"{im}: not named <case>_<XXXX>{ending} (XXXX: the channel, e.g. _0000); "
+                "nnU-Net v2 names every image by its case and channel"
+            )
+        if cid.lower() in labelled:  # a channel file beyond channel_names would be left out
+            raise DataError(
+                f"{im}: channel {channel} of case '{cid}', but dataset.json's channel_names "
+                f"declares {num_channels} channel(s) (_0000 to _{num_channels - 1:04d}); "
+                "declare it or remove the file"
+            )
+        raise DataError(f"{im}: image without a label; expected {labels_dir / (cid + ending)}")
     if not cases:
         raise DataError(f"{labels_dir}: no labels ending in {ending}")
     return cases
@@ -205,13 +233,13 @@ def _read_png_folder(root: Path) -> Source:
     images = list_files(root / "images", PNG_SUFFIXES)
     if not images:
         raise DataError(f"{root / 'images'}: no PNG/JPG/TIFF images")
-    masks = _by_stem(list_files(root / "masks", PNG_SUFFIXES))
+    masks = by_case(list_files(root / "masks", PNG_SUFFIXES), "masks")
     cases = []
     for im in images:
-        cid = strip_suffix(im.name)
-        if cid not in masks:
+        mask = masks.get(case_key(im.name))
+        if mask is None:
             raise DataError(f"{im}: image without a mask in {root / 'masks'}")
-        cases.append(Case(cid, [im], masks[cid]))
+        cases.append(Case(strip_suffix(im.name), [im], mask))
     return Source("png2d", root, root.name, {}, ["image"], cases, volumes=False)
 
 
@@ -219,12 +247,13 @@ def _read_dicom_folder(root: Path) -> Source:
     """images/<case>/ (one DICOM series per case) + masks/<case>.nii.gz (the series' voxel grid,
     as ITK-SNAP or 3D Slicer export it); class names from an optional labels.json."""
     cases = []
-    masks = _by_stem(list_files(root / "masks", NIFTI_SUFFIXES))
+    masks = by_case(list_files(root / "masks", NIFTI_SUFFIXES), "masks")
     for folder in list_folders(root / "images"):
-        if folder.name not in masks:
+        mask = masks.get(case_key(folder.name))
+        if mask is None:
             expected = root / "masks" / f"{folder.name}.nii.gz"
             raise DataError(f"{folder}: DICOM series without a mask; expected {expected}")
-        cases.append(Case(folder.name, [folder], masks[folder.name]))
+        cases.append(Case(folder.name, [folder], mask))
     labels: dict[int, str] = {}
     names = root / "labels.json"
     if names.is_file():
