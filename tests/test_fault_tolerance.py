@@ -256,6 +256,34 @@ def test_divergence_guard_unit():
     assert DivergenceGuard().update(float("nan")) == "loss nan"
 
 
+@pytest.mark.parametrize(
+    ("checkpoint_every", "kept"), [(None, []), (2, ["step_00000002.pt"])], ids=["epoch", "every-2"]
+)
+def test_read_every_n_steps_the_guard_names_the_diverged_step_and_saves_nothing_after_it(
+    tmp_path, real_store, checkpoint_every, kept
+):
+    """train.check_every 5 (a GPU runs ahead of the host between reads): the NaN of step 3 is
+    read at the next check (step 4's checkpoint, or step 5, the epoch's end), named as step 3,
+    and no checkpoint after step 2 is written."""
+    from segscale.errors import Diverged
+
+    nan = {"name": FAULTS.replace("SignalAt", "NaNAt"), "kwargs": {"step": 2}}
+    cfg = tiny_config(
+        real_store,
+        epochs=2,
+        steps_per_epoch=5,
+        check_every=5,
+        checkpoint_every=checkpoint_every,
+        callbacks=[nan],
+    )
+    run_dir = tmp_path / "run"
+    prepare_run_dir(validate(cfg), run_dir, resume=False)
+    with pytest.raises(Diverged, match=r"training diverged at step 3: loss nan, lr 0.01 "):
+        worker.train(run_dir, progress=False)
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == kept
+    assert not (run_dir / "model.pt").exists()
+
+
 @pytest.mark.distributed
 def test_a_nan_loss_stops_both_workers_at_that_step_keeping_the_checkpoints_before(
     tmp_path, real_store

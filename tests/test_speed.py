@@ -52,8 +52,13 @@ def test_speed_settings_resolve_per_device(tmp_path, real_store):
     cpu = torch.device("cpu")
     auto = validate(tiny_config(real_store)).train
     assert speed_settings(auto, cpu) == {
-        "amp": "none", "channels_last": False, "compile": False, "cudnn_benchmark": False
+        "amp": "none", "channels_last": False, "compile": False, "check_every": 1,
+        "cudnn_benchmark": False,
     }  # fmt: skip
+    assert (
+        speed_settings(validate(tiny_config(real_store, check_every=7)).train, cpu)["check_every"]
+        == 7
+    )
     chosen = validate(tiny_config(real_store, amp="bf16", channels_last=True)).train
     assert (
         speed_settings(chosen, cpu)["amp"] == "bf16"
@@ -63,6 +68,7 @@ def test_speed_settings_resolve_per_device(tmp_path, real_store):
     plain = validate(tiny_config(real_store))
     settings = plain.settings()
     assert "channels_last" not in settings["train"] and "on_device" not in settings["data"]
+    assert "check_every" not in settings["train"]
     assert validate(tiny_config(real_store, compile=True)).digest() != plain.digest()
 
 
@@ -90,7 +96,8 @@ def test_on_device_refuses_per_sample_work(real_store):
 
 def test_the_gpu_benchmark_checks_and_measures_on_cpu(tmp_path):
     """benchmarks/gpu.py --quick: its correctness checks pass (else it exits 1) and it reports
-    every chosen variant; fp32, bf16, channels_last and everything at once (compile included)."""
+    every chosen variant; fp32, bf16, channels_last, everything at once (compile included), and
+    that with the host's check after every step."""
     import subprocess
     import sys
 
@@ -98,14 +105,16 @@ def test_the_gpu_benchmark_checks_and_measures_on_cpu(tmp_path):
 
     out = tmp_path / "gpu.json"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--quick", "--variants", "1,2,3,5",
+        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--quick", "--variants", "1,2,3,5,6",
          "--json", str(out)],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "check compiled vs eager logits" in done.stdout and "FAILED" not in done.stdout
     result = json.loads(out.read_text())
-    assert list(result["variants"]) == ["fp32", "bf16", "+ channels_last", "+ data on device"]
+    assert list(result["variants"]) == [
+        "fp32", "bf16", "+ channels_last", "+ data on device", "check every step"
+    ]  # fmt: skip
     for row in result["variants"].values():
         assert row["train_img_s"] > 0 and row["infer_img_s"] > 0 and 0 <= row["data_wait"] < 1
     assert result["flops_per_image"] > 1e6 and result["peak_tflops"] is None

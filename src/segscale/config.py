@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveInt,
     ValidationError,
     field_validator,
     model_serializer,
@@ -462,6 +463,13 @@ class TrainConfig(_Strict):
         "unchanged); true or a torch.compile mode. Worth it where benchmarks/gpu.py measures it "
         "faster; the first steps pay the compilation.",
     )
+    check_every: Literal["auto"] | PositiveInt = Field(
+        "auto",
+        description="Every N steps (and before every checkpoint) the host reads the losses for "
+        "the divergence guard and the workers agree on a stop. Each read waits for the device; "
+        "between them a GPU runs ahead. A stop or divergence is acted on up to N-1 steps later "
+        "(the diverged step is still named, its weights never saved). auto: 1 on CPU, 10 on GPUs.",
+    )
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this.")
     finetune: FinetuneConfig = FinetuneConfig()
     divergence: DivergenceConfig = DivergenceConfig()
@@ -565,7 +573,11 @@ class RunConfig(_Strict):
         if data["train"]["finetune"] == FinetuneConfig().model_dump(mode="json"):
             del data["train"]["finetune"]
         # how fast, not what: the result is the same up to float rounding
-        for key, default in (("channels_last", "auto"), ("compile", False)):
+        for key, default in (
+            ("channels_last", "auto"),
+            ("compile", False),
+            ("check_every", "auto"),
+        ):
             if data["train"][key] == default:
                 del data["train"][key]
         if data["data"]["on_device"] == "auto":

@@ -386,6 +386,7 @@ class Plan:
             progress=progress,
             log_every=c.monitor.log_every,
             freeze_encoder_epochs=t.finetune.freeze_encoder_epochs,
+            check_every=fast["check_every"],
         )
 
     def pictures(self, strategy: Strategy) -> list[Any]:
@@ -627,9 +628,10 @@ def plan(cfg: RunConfig) -> Plan:
 
 
 def speed_settings(train: Any, device: torch.device) -> dict[str, Any]:
-    """train.amp, channels_last and compile resolved for `device`, and whether cuDNN may pick its
-    fastest kernels: amp auto is bf16 on a GPU that supports it and none elsewhere; channels_last
-    auto is on for GPUs; cudnn.benchmark on GPUs when the run is not deterministic."""
+    """train.amp, channels_last, compile and check_every resolved for `device`, and whether cuDNN
+    may pick its fastest kernels: amp auto is bf16 on a GPU that supports it and none elsewhere;
+    channels_last auto is on for GPUs; check_every auto is 1 on CPU (a host read costs nothing
+    there) and 10 on GPUs; cudnn.benchmark on GPUs when the run is not deterministic."""
     from segscale.parallel.base import resolve_amp
 
     cuda = device.type == "cuda"
@@ -638,6 +640,7 @@ def speed_settings(train: Any, device: torch.device) -> dict[str, Any]:
         "amp": resolve_amp(train.amp, device),
         "channels_last": channels_last,
         "compile": train.compile,
+        "check_every": (10 if cuda else 1) if train.check_every == "auto" else train.check_every,
         "cudnn_benchmark": cuda and not train.deterministic,
     }
 

@@ -76,6 +76,7 @@ class Trainer:
         progress: bool = True,
         log_every: int | None = None,
         freeze_encoder_epochs: int = 0,
+        check_every: int = 1,
     ) -> None:
         self.model, self.optimizer, self.schedule, self.loss_fn = (
             model,
@@ -101,6 +102,10 @@ class Trainer:
         self.fuse_microbatches = fuse_microbatches
         self.freeze_encoder_epochs = freeze_encoder_epochs
         self.divergence = divergence
+        # The host reads the losses (divergence) and the workers agree on a stop every
+        # `check_every` steps, and before every checkpoint: each read waits for the device.
+        self.check_every = check_every
+        self._unchecked: list[torch.Tensor] = []  # losses of the steps since the last check
         self.amp, self.channels_last = amp, channels_last
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         # fp16 needs loss scaling against underflow; bf16 has fp32's range and does not
@@ -225,32 +230,9 @@ class Trainer:
                 self.elapsed = time.perf_counter() - t0
                 advance()
                 self._call("on_step_end", self.step)
-                # before any checkpoint of this step: a diverged step's weights are never saved
-                reason = self.divergence.update(float(loss)) if self.divergence else None
-                if self.strategy.rank == 0:
-                    self._stop.check(self.run_dir)
-                stop, abort, diverged = self._stop.agreed(
-                    self.strategy, reason is not None, self.run_dir
-                )
-                if diverged:
-                    raise Diverged(
-                        f"training diverged at step {self.step}: "
-                        f"{reason or 'on another worker'}, lr {self.schedule(self.step - 1):.3g} "
-                        "(a too high lr is the usual cause: lower train.optimizer.lr or lengthen "
-                        "the warmup); the checkpoints before this step are kept"
-                    )
-                if abort:
-                    raise Preempted(
-                        f"{self._stop.why} at step {self.step}, at once; the last checkpoint is "
-                        "kept, continue with --resume"
-                    )
-                if self.checkpoint_every and self.step % self.checkpoint_every == 0:
-                    self.save_checkpoint()
-                if stop:
-                    self.save_checkpoint()
-                    raise Preempted(
-                        f"{self._stop.why} at step {self.step}; checkpoint saved, continue with --resume"
-                    )
+                self.end_step(loss)
+        if self._unchecked:  # the epoch's last steps, before its checkpoint
+            self._check(False)
         totals = self.strategy.all_reduce_sum(self.totals.clone()).cpu()
         self._paused_at = time.perf_counter()
         seconds = self._paused_at - t0
@@ -262,6 +244,54 @@ class Trainer:
             "epoch_seconds": seconds,
             "images_per_second": float(totals[1]) / seconds,
         }
+
+    def end_step(self, loss: torch.Tensor) -> None:
+        """The host's side of a finished step (`loss`: its device scalar): every `check_every`
+        steps, and at a checkpoint step, the check below; else nothing that waits for the
+        device."""
+        self._unchecked.append(loss)
+        checkpoint = bool(self.checkpoint_every) and self.step % self.checkpoint_every == 0
+        if checkpoint or self.step % self.check_every == 0:
+            self._check(checkpoint)
+
+    def _check(self, checkpoint: bool) -> None:
+        """The host's look at the steps since the last one (one wait for the device): the
+        divergence guard reads their losses in order, rank 0 looks for a STOP file, and all
+        ranks agree (one small all-reduce). Raises Diverged naming the first diverged step,
+        Preempted for a stop (after a checkpoint, unless `stop --now`); else writes the
+        checkpoint due at this step. Runs before any checkpoint: a diverged step's weights are
+        never saved."""
+        losses = torch.stack(self._unchecked).tolist() if self.divergence else []
+        first = self.step - len(self._unchecked) + 1
+        self._unchecked = []
+        reason, at = None, self.step
+        for i, value in enumerate(losses):
+            reason = self.divergence.update(value)
+            if reason is not None:
+                at = first + i
+                break
+        if self.strategy.rank == 0:
+            self._stop.check(self.run_dir)
+        stop, abort, diverged = self._stop.agreed(self.strategy, reason is not None, self.run_dir)
+        if diverged:
+            raise Diverged(
+                f"training diverged at step {at}: "
+                f"{reason or 'on another worker'}, lr {self.schedule(at - 1):.3g} "
+                "(a too high lr is the usual cause: lower train.optimizer.lr or lengthen "
+                "the warmup); the checkpoints before this step are kept"
+            )
+        if abort:
+            raise Preempted(
+                f"{self._stop.why} at step {self.step}, at once; the last checkpoint is "
+                "kept, continue with --resume"
+            )
+        if checkpoint:
+            self.save_checkpoint()
+        if stop:
+            self.save_checkpoint()
+            raise Preempted(
+                f"{self._stop.why} at step {self.step}; checkpoint saved, continue with --resume"
+            )
 
     def train_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """One optimiser step over this process's micro-batches: one per worker it plays (one under
