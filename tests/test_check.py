@@ -91,9 +91,10 @@ def test_every_unreadable_mask_and_unsliceable_image_is_named(tmp_path):
     raw = write_msd(tmp_path / "raw", num_cases=3)
     image = raw / "imagesTr" / "case_002.nii.gz"
     img = nib.load(image)
-    data = np.asarray(img.dataobj)[:, :, :, None, None].repeat(2, axis=4)
+    # 5D with 2 time points (ITK's (X, Y, Z, 1, C) vector images are read as channels)
+    data = np.asarray(img.dataobj)[:, :, :, None, None].repeat(2, axis=3).repeat(2, axis=4)
     nib.save(nib.Nifti1Image(data, img.affine), image)
     by_case = {c.case: c for c in check_source(raw, progress=False).cases}
-    assert "expected a 3D image (or 3D + channels), got shape (24, 20, 6, 1, 2)" in (
+    assert "expected a 3D image (or 3D + channels), got shape (24, 20, 6, 2, 2)" in (
         by_case["case_002"].refused
     )

@@ -130,9 +130,7 @@ def test_the_label_set_is_declared_from_dataset_json_or_refused(two_labels):
     result = evaluate_folders(root / "pred", root / "ref")  # no warning: declared
     assert result["labels"] == {"0": "background", "1": "atrium", "2": "scar"}
     assert result["labels_source"] == str(root / "dataset.json")
-    with pytest.raises(
-        DataError, match=r"a.nii.gz \(or its prediction\): label values \[2\] not declared"
-    ):
+    with pytest.raises(DataError, match=r"pred/a.nii.gz: label values \[2\] not declared"):
         evaluate_folders(root / "pred", root / "ref", {1: "atrium"})
 
 

@@ -31,7 +31,7 @@ from segscale.errors import DataError
 from segscale.imgmed.files import by_case, case_key, is_nifti_name, list_images, strip_suffix
 from segscale.imgmed.geometry import onto_grid, spacing_from_affine
 from segscale.imgmed.io import load_mask2d, load_nifti
-from segscale.imgmed.sources import declared_labels
+from segscale.imgmed.sources import IGNORE, declared_labels
 from segscale.imgmed.store import Store
 from segscale.imgmed.transforms import Plane
 from segscale.parallel import Strategy
@@ -434,7 +434,7 @@ def evaluate_folders(
     without either is it inferred from the values in the files, with a warning. A value no
     declared label has is refused, naming the file. Values that are not 0..K-1 (e.g. PNG 0/255)
     are mapped to classes in sorted order, and the map is recorded."""
-    refs = list_images([ref_dir])
+    refs = list(by_case(list_images([ref_dir]), "references").values())
     preds = by_case(list_images([pred_dir]), "predictions")
     missing = [ref for ref in refs if case_key(ref.name) not in preds]
     if missing:
@@ -468,7 +468,7 @@ def evaluate_folders(
         elif p.shape != r.shape:
             raise DataError(f"{pred}: shape {p.shape} does not match reference {ref} {r.shape}")
         (p, _), (r, spacing) = _as_slices(p, r_affine), _as_slices(r, r_affine)
-        pairs.append((ref, p, r, spacing))
+        pairs.append((ref, pred, p, r, spacing))
     source = "labels given"
     if labels is None:
         found = next(
@@ -481,10 +481,22 @@ def evaluate_folders(
         )
         if found is not None:
             labels, source = declared_labels(found), f"{found}"
+    # the values each file holds, predictions and references alike
     present = {
-        ref: set(np.unique(p).tolist()) | set(np.unique(r).tolist()) for ref, p, r, _ in pairs
+        path: set(np.unique(a).tolist())
+        for ref, pred, p, r, _ in pairs
+        for path, a in ((pred, p), (ref, r))
     }
-    if labels is None:
+    predicted = set().union(*(present[pred] for _, pred, *_ in pairs)) - {0}
+    referenced = set().union(*(present[ref] for ref, *_ in pairs)) - {0}
+    if predicted and referenced and not predicted & referenced:
+        warnings.warn(
+            f"{pred_dir}: the predictions' foreground values {sorted(predicted)} and the "
+            f"references' {sorted(referenced)} have none in common, so every overlap is 0; "
+            "saved in two encodings (1-bit 0/1 against 8-bit 0/255)?",
+            stacklevel=2,
+        )
+    if labels is None:  # (declared labels: below)
         warnings.warn(
             f"{ref_dir}: labels inferred from the values in the files; declare them (--labels, or "
             "a dataset.json beside the references) so that the label set does not depend on "
@@ -496,32 +508,52 @@ def evaluate_folders(
             values = [0, 1]
         names = {v: "background" if v == 0 else f"label {v}" for v in values}
         source = "inferred from the files"
-    else:
+    ignore = None
+    if labels is not None:
         names = {0: "background", **labels}
+        # nnU-Net's "ignore" label marks voxels nobody annotated: scored by neither side
+        ignore = next((v for v, n in names.items() if n == IGNORE and v != 0), None)
+        if ignore is not None:
+            del names[ignore]
         values = sorted(names)
+        if values == [0]:
+            raise DataError(
+                f"labels ({source}): no foreground label; 0 is the background (declare the "
+                "values to score, e.g. --labels 1 or --labels 1:liver,2:tumour)"
+            )
         twice = sorted({n for n in names.values() if list(names.values()).count(n) > 1})
         if twice:
             raise DataError(
                 f"labels ({source}): the name(s) {twice} are given to several values; each "
                 "class needs its own name"
             )
-        for ref, found_values in present.items():
-            undeclared = sorted(found_values - set(values))
+        for path, found_values in present.items():
+            allowed = set(values) | (
+                {ignore} if ignore is not None and path in set(refs) else set()
+            )
+            undeclared = sorted(found_values - allowed)
             if undeclared:
                 raise DataError(
-                    f"{ref} (or its prediction): label values {undeclared} not declared "
-                    f"(declared: {values})"
+                    f"{path}: label values {undeclared} not declared (declared: {values})"
                 )
     lut = {v: i for i, v in enumerate(values)}
     results = []
-    for ref, p, r, spacing in pairs:
+    ignored = 0
+    for ref, _, p, r, spacing in pairs:
+        unannotated = r == ignore if ignore is not None else None
+        if unannotated is not None:  # background in both, then taken out of the counts
+            p, r = np.where(unannotated, 0, p), np.where(unannotated, 0, r)
         if values != list(range(len(values))):
             p, r = np.vectorize(lut.get)(p), np.vectorize(lut.get)(r)
-        results.append(
-            evaluate_case(
-                torch.from_numpy(p), torch.from_numpy(r), len(values), spacing, _stem(ref)
-            )
+        result = evaluate_case(
+            torch.from_numpy(p), torch.from_numpy(r), len(values), spacing, _stem(ref)
         )
+        if unannotated is not None:
+            per_slice = unannotated.reshape(len(unannotated), -1).sum(1)
+            result.slice_counts[:, 0, 0] -= per_slice
+            result.counts[0, 0] -= int(per_slice.sum())
+            ignored += int(per_slice.sum())
+        results.append(result)
     classes = {str(i): names[v] for i, v in enumerate(values)}
     return {
         "pred": str(pred_dir),
@@ -529,6 +561,7 @@ def evaluate_folders(
         "labels": classes,
         "labels_source": source,
         "label_values": {str(v): i for v, i in lut.items()},
+        **({"ignore_label": {"value": ignore, "voxels": ignored}} if ignore is not None else {}),
         "workers": 1,
         **summarize(results, classes),
     }

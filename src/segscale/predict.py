@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -16,14 +17,9 @@ import numpy as np
 import torch
 
 from segscale.errors import DataError, SegscaleError
-from segscale.imgmed.files import list_images
-from segscale.imgmed.io import (
-    load_image2d,
-    read_nifti,
-    save_nifti,
-    save_png,
-    sniff,
-)
+from segscale.imgmed.files import list_images, strip_suffix
+from segscale.imgmed.io import nifti_header, save_nifti, save_png, sniff
+from segscale.imgmed.prepare import load_channel_files
 from segscale.imgmed.transforms import Plane, from_grid, from_slices, inplane_spacing, preprocess
 from segscale.parallel.base import resolve_amp
 from segscale.zoo import load_any_model
@@ -96,31 +92,27 @@ def predict(
     # Every slice of a volume gets segmented, whatever subset training used.
     prep = dataclasses.replace(store.preprocessing, slices=None, foreground_margin=None)
     class_to_raw = _class_to_raw(store.meta)
-    created = not out_dir.exists()
+    cases = input_cases(list_images(inputs), plan.in_channels)
+    targets = _targets(cases, out_dir)
+    made = _missing_folders(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = Written()
-    targets: dict[Path, tuple[Path, bool]] = {}  # mask → (input, a volume?)
-    for path in list_images(inputs):
-        volume = sniff(path) == "nifti"  # by content: the name may lie
-        target = out_dir / path.name if volume else (out_dir / path.name).with_suffix(".png")
-        if target in targets:  # two inputs must not write the same mask
-            raise DataError(
-                f"{path} and {targets[target][0]}: both would write {target}; rename one"
-            )
-        targets[target] = (path, volume)
 
-    def segment(path: Path, volume: bool, target: Path) -> None:
+    def segment(files: list[Path], target: Path) -> None:
+        volume = sniff(files[0]) == "nifti"  # by content: the name may lie
         if volume:
-            image, affine, header = read_nifti(path)
+            image, affine = load_channel_files(files)
+            header = nifti_header(files[0])
             spatial = image.shape[:3]
         else:
-            image, affine = _as_channels(load_image2d(path), plan.in_channels, prep), None
+            image, affine = load_channel_files(files)
+            image = _as_channels(image, plan.in_channels, prep)
             spatial = image.shape[:2]
         x, _ = preprocess(image, volume, prep, affine=affine)
         if x.shape[1] != plan.in_channels:
             raise DataError(
-                f"{path}: {x.shape[1]} channel(s) after preprocessing; the model was trained "
-                f"on {plan.in_channels}"
+                f"{files[0]}: {x.shape[1]} channel(s) after preprocessing; the model was trained "
+                f"on {plan.in_channels}" + _channel_hint(plan.in_channels, files)
             )
         hw = tuple(s for i, s in enumerate(spatial) if i != prep.axis) if volume else spatial
         plane = Plane.of(prep, hw, inplane_spacing(affine, prep.axis) if volume else None)
@@ -138,17 +130,99 @@ def predict(
     except OSError as e:
         raise SegscaleError(f"--out {out_dir}: cannot write there ({e.strerror})") from None
     try:
-        for target, (path, volume) in targets.items():
-            segment(path, volume, stage / target.name)
+        for target, files in targets.items():
+            segment(files, stage / target.name)
         for target in targets:  # every input segmented: publish them all
             os.replace(stage / target.name, target)
             written.append(target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-        if created and not written:  # a folder made for masks that never came
-            with contextlib.suppress(OSError):
-                out_dir.rmdir()
+        if not written:  # folders made for masks that never came
+            for folder in made:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
     return written
+
+
+CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def input_cases(files: list[Path], channels: int) -> list[tuple[str, list[Path]]]:
+    """(mask name, its input files) per case to segment. Files named as nnU-Net v2 names them,
+    <case>_XXXX<ending>, with exactly the channels 0000 to the model's last in each case, are
+    grouped: one case, its mask named <case><ending>, as nnU-Net names predictions (so that
+    `segscale evaluate` pairs it with labelsTs/<case><ending>). Otherwise each file is a case
+    of its own, its mask named like it (.png for 2D pictures). Raises DataError for a case with
+    some of its channel files missing, or two inputs that would write one mask."""
+    parsed = [(CHANNEL_FILE.match(strip_suffix(f.name)), f) for f in files]
+    groups: dict[str, dict[int, Path]] = {}
+    if all(m for m, _ in parsed):
+        for m, f in parsed:
+            groups.setdefault(m["case"], {})[int(m["channel"])] = f
+        wanted = set(range(channels))
+        if all(set(g) == wanted for g in groups.values()):
+            return [
+                (f"{case}{_suffix(g[0])}", [g[c] for c in range(channels)])
+                for case, g in groups.items()
+            ]
+        if channels > 1:  # channel files, but not the model's channels
+            case, g = next((c, g) for c, g in groups.items() if set(g) != wanted)
+            missing = sorted(wanted - set(g))
+            raise DataError(
+                f"{case}: channel files {', '.join(f'_{c:04d}' for c in sorted(g))}; the model "
+                f"takes {channels} channel(s), _0000 to _{channels - 1:04d}"
+                + (f" (missing _{missing[0]:04d})" if missing else "")
+            )
+    return [(f.name, [f]) for f in files]
+
+
+def _suffix(path: Path) -> str:
+    return path.name[len(strip_suffix(path.name)) :]
+
+
+def _channel_hint(channels: int, files: list[Path]) -> str:
+    if channels > 1 and len(files) == 1:
+        return (
+            "; give its channels as one 4D file, or as nnU-Net's <case>_0000, <case>_0001, ... "
+            "files together"
+        )
+    return ""
+
+
+def _targets(cases: list[tuple[str, list[Path]]], out_dir: Path) -> dict[Path, list[Path]]:
+    """mask path → input files, checked before anything is computed: two inputs never write one
+    mask, a mask never replaces an input, and nothing but a file is in a mask's way. An older
+    mask of the same name is replaced."""
+    inputs = {f.resolve(): f for _, files in cases for f in files}
+    targets: dict[Path, list[Path]] = {}
+    for name, files in cases:
+        volume = sniff(files[0]) == "nifti"
+        target = out_dir / name if volume else (out_dir / name).with_suffix(".png")
+        if target in targets:
+            raise DataError(
+                f"{files[0]} and {targets[target][0]}: both would write {target}; rename one"
+            )
+        if target.resolve() in inputs:
+            raise DataError(
+                f"--out {out_dir}: the mask of {files[0].name} would replace the input "
+                f"{inputs[target.resolve()]}; write masks to another folder"
+            )
+        if target.exists() and not target.is_file():
+            raise DataError(
+                f"{target}: in the way of a mask (not a file); move it or use another --out"
+            )
+        targets[target] = files
+    return targets
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders `folder.mkdir(parents=True)` would create, deepest first."""
+    missing = []
+    for f in (folder, *folder.parents):
+        if f.exists():
+            break
+        missing.append(f)
+    return missing
 
 
 def _as_channels(picture: np.ndarray, channels: int, prep) -> np.ndarray:

@@ -47,14 +47,21 @@ def same_grid(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> bool:
 
 
 def describe(affine: np.ndarray, shape: tuple[int, ...]) -> str:
-    """'24×20×6 voxels of 0.7×0.8×2 mm, origin (-50, 30, 10) mm, axes LPS'."""
+    """'24×20×6 voxels of 0.7×0.8×2 mm, origin (-50, 30, 10) mm, axes LPS', with ', oblique:
+    axes 30°, 30°, 0° off LPS' when the grid is turned from the world axes (the axis codes name
+    only the nearest world axis, so two grids at different angles read alike without it)."""
     import nibabel as nib
+    from nibabel.affines import obliquity
 
     sizes = "×".join(str(int(n)) for n in shape[:3])
     spacing = "×".join(f"{v:.4g}" for v in spacing_from_affine(affine))
     origin = ", ".join(f"{v:.4g}" for v in np.asarray(affine)[:3, 3])
     axes = "".join(nib.aff2axcodes(affine))
-    return f"{sizes} voxels of {spacing} mm, origin ({origin}) mm, axes {axes}"
+    text = f"{sizes} voxels of {spacing} mm, origin ({origin}) mm, axes {axes}"
+    angles = np.degrees(obliquity(np.asarray(affine, float)))
+    if np.abs(angles).max() > 0.01:
+        text += f", oblique: axes {', '.join(f'{abs(a):.3g}°' for a in angles)} off {axes}"
+    return text
 
 
 def _axis_map(affine: np.ndarray, target_affine: np.ndarray) -> np.ndarray:

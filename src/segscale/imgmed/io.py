@@ -105,7 +105,8 @@ def load_nifti(path: str | Path, dtype: type | None = np.float32) -> tuple[np.nd
     """The voxel array (scaled by the header's slope/intercept; dtype None keeps the file's type
     when there is no scaling) and the 4×4 affine. Trailing axes of size 1 after the third, as
     some writers store 3D volumes ((X, Y, Z, 1)), are dropped with a warning; `save_nifti` with
-    the input's header writes them back."""
+    the input's header writes them back. ITK's multi-component images, (X, Y, Z, 1, C) with
+    the components on NIfTI's fifth axis, are read as (X, Y, Z, C) channels."""
     data, affine, _ = read_nifti(path, dtype)
     return data, affine
 
@@ -128,6 +129,8 @@ def read_nifti(
             stacklevel=3,
         )
         data = data.reshape(shape)
+    if data.ndim == 5 and data.shape[3] == 1:  # ITK's vector image: (X, Y, Z, 1 time, C)
+        data = data[:, :, :, 0, :]
     affine = np.asarray(img.affine, dtype=np.float64)
     return data, affine, img.header
 
@@ -135,12 +138,6 @@ def read_nifti(
 def nifti_header(path: str | Path) -> Any:
     """The file's NIfTI header (nibabel), for writing an output with the same geometry."""
     return _open_nifti(Path(path)).header
-
-
-def nifti_shape(path: str | Path) -> tuple[int, ...]:
-    """The array shape from the header alone (no voxel data read), trailing 1s dropped as by
-    load_nifti."""
-    return _without_trailing_ones(nifti_header(path).get_data_shape())
 
 
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, like: Any = None) -> None:
@@ -226,6 +223,8 @@ def load_mask2d(path: str | Path) -> np.ndarray:
             if mode in ("L", "P", "I", "F") or mode.startswith("I;16"):
                 array = np.asarray(im)
                 return array.astype(np.uint16) if mode.startswith("I;16") else array
+            if mode in ("LA", "PA", "RGBA"):
+                _not_in_alpha(im, path)
             if mode in ("LA", "PA"):
                 return np.asarray(im.getchannel(0))
             if mode in ("RGB", "RGBA"):
@@ -244,6 +243,18 @@ def load_mask2d(path: str | Path) -> np.ndarray:
             "expected a single-channel label image: grey values, a palette's indices or 1-bit"
         )
     return grey
+
+
+def _not_in_alpha(im: Any, path: Path) -> None:
+    """Refuse a mask drawn in its alpha channel (one colour everywhere, the shape in its
+    transparency): read as what it shows, it would be one value with no foreground."""
+    alpha = np.asarray(im.getchannel("A"))
+    colour = np.asarray(im)[..., :3] if im.mode == "RGBA" else np.asarray(im.getchannel(0))
+    if alpha.min() != alpha.max() and colour.min() == colour.max():
+        raise DataError(
+            f"{path}: one colour everywhere, with the shape in its alpha channel (transparency); "
+            "save the mask as grey values"
+        )
 
 
 def save_png(array: np.ndarray, path: str | Path) -> None:

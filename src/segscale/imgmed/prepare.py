@@ -14,9 +14,9 @@ import numpy as np
 from segscale._files import file_sha256, write_atomic
 from segscale._progress import progress_bar
 from segscale.errors import DataError
-from segscale.imgmed.files import list_files
+from segscale.imgmed.files import is_nifti_name, list_files
 from segscale.imgmed.geometry import dataset_notes, onto_grid, split_majority
-from segscale.imgmed.io import load_image2d, load_mask2d, load_nifti
+from segscale.imgmed.io import load_image2d, load_mask2d, load_nifti, sniff
 from segscale.imgmed.sources import Case, Source, discover
 from segscale.imgmed.store import FORMAT, StoreWriter, is_current
 from segscale.imgmed.transforms import (
@@ -150,7 +150,7 @@ def prepare(
             "label_values": {
                 str(v): c for v, c in value_to_class.items()
             },  # raw mask value → class
-            "channel_names": _channel_names(src, prep),
+            "channel_names": _channel_names(src, prep, channels),
             **params,
             "input_hash": input_hash,
         }
@@ -293,11 +293,20 @@ def _store_size(chunks: dict[str, Path]) -> tuple[int, int]:
     return total, next(iter(counts))
 
 
-def _channel_names(src: Source, prep: Preprocessing) -> list[str]:
+def _channel_names(src: Source, prep: Preprocessing, channels: int) -> list[str]:
+    """The store's channel names: the source's, of the channels kept. Raises DataError when a
+    dataset.json declares another number of channels than its images hold."""
     names = src.channel_names
-    if prep.channels is None:
+    if prep.channels is not None:
+        return [names[c] if c < len(names) else f"channel_{c}" for c in prep.channels]
+    if len(names) == channels:
         return names
-    return [names[c] if c < len(names) else f"channel_{c}" for c in prep.channels]
+    if src.channels_declared:
+        raise DataError(
+            f"{src.root / 'dataset.json'}: declares {len(names)} channel(s) "
+            f"({', '.join(names)}), but the images hold {channels} (a colour picture is 3)"
+        )
+    return [f"channel_{c}" for c in range(channels)]
 
 
 def label_table(
@@ -314,6 +323,7 @@ def label_table(
     if label_map is None:
         values: set[int] = set()
         refused: dict[str, str] = {}  # every unreadable mask, not only the first
+        by_case: dict[Path, set[int]] = {}
         for case in src.cases:
             try:
                 found = _mask_values(case, src.kind)
@@ -321,6 +331,7 @@ def label_table(
                 refused[case.id] = str(e)
                 continue
             values.update(found)
+            by_case[case.label] = found
             if len(values) > 16:
                 raise DataError(
                     f"{case.label}: more than 16 distinct mask values; anti-aliased edges? "
@@ -328,6 +339,7 @@ def label_table(
                 )
         if refused:
             raise DataError(refusals(refused, [c.id for c in src.cases]))
+        _one_encoding(by_case)
         label_map = {v: i for i, v in enumerate(sorted(values))}
     classes = sorted(set(label_map.values()))
     if classes != list(range(len(classes))):
@@ -336,6 +348,28 @@ def label_table(
     return {
         c: "background" if c == 0 else f"class_{c} (mask value {raw[c]})" for c in classes
     }, label_map
+
+
+def _one_encoding(values: dict[Path, set[int]]) -> None:
+    """Masks without declared labels must say foreground one way. Refused: no foreground value
+    anywhere (every mask one value), and a binary foreground written as 1 in some masks and 255
+    in others, never both in one mask (1-bit pictures read 0/1, 8-bit ones 0/255): as classes
+    they would be two. Raises DataError naming a mask of each kind and the --label-map fix."""
+    every = set().union(*values.values()) if values else set()
+    if len(every) == 1:
+        (value,) = every
+        raise DataError(
+            f"{next(iter(values))}: every mask holds only the value {value}; nothing to segment "
+            "(masks drawn in an alpha channel: save them as grey values)"
+        )
+    ones = [m for m, v in values.items() if 1 in v]
+    full = [m for m, v in values.items() if 255 in v]
+    if ones and full and not set(ones) & set(full) and every <= {0, 1, 255}:
+        raise DataError(
+            f"masks give the foreground as 1 in {len(ones)} (e.g. {ones[0].name}) and as 255 in "
+            f"{len(full)} (e.g. {full[0].name}), never both in one: 1-bit pictures read 0/1, 8-bit "
+            "ones 0/255. Save them alike, or pass --label-map 0:0,1:1,255:1"
+        )
 
 
 def _mask_values(case: Case, kind: str) -> set[int]:
@@ -367,33 +401,13 @@ def load_case(case: Case, is_volume: bool, value_to_class: dict[int, int]):
             target_what="DICOM series",
         )
     elif is_volume:
-        first, affine = load_nifti(case.images[0])
-        if first.size == 0:
-            raise DataError(f"{case.images[0]}: empty image (shape {first.shape})")
-        channels = [first]
-        for path in case.images[1:]:  # nnU-Net v2: one file per channel
-            data, channel_affine = load_nifti(path)
-            channels.append(
-                onto_grid(
-                    data,
-                    channel_affine,
-                    affine,
-                    first.shape,
-                    name=path,
-                    target=case.images[0],
-                    what="channel",
-                    target_what="first channel",
-                )
-            )
-        image = channels[0] if len(channels) == 1 else np.stack(channels, axis=-1)
+        image, affine = load_channel_files(case.images)
         raw_mask, mask_affine = _load_label_volume(case.label)
         raw_mask = onto_grid(
             raw_mask, mask_affine, affine, image.shape[:3], name=case.label, target=case.images[0]
         )
     else:
-        pictures = [load_image2d(p) for p in case.images]  # nnU-Net: one file per channel
-        image = pictures[0] if len(pictures) == 1 else np.dstack(pictures)
-        affine = None
+        image, affine = load_channel_files(case.images)
         raw_mask = load_mask2d(case.label)
         if raw_mask.shape != image.shape[:2]:
             raise DataError(
@@ -404,6 +418,46 @@ def load_case(case: Case, is_volume: bool, value_to_class: dict[int, int]):
     if not np.isfinite(image).all():
         raise DataError(f"{case.images[0]}: image contains NaN or infinite values")
     return image, _map_labels(raw_mask, value_to_class, case.label), affine
+
+
+def load_channel_files(paths: list[Path]) -> tuple[np.ndarray, np.ndarray | None]:
+    """One image from its files: one file, or nnU-Net v2's one file per channel (or per group of
+    channels: an RGB picture is three). NIfTI → ((X, Y, Z[, C]), affine), each further file
+    matched to the first in world space (segscale.imgmed.geometry); 2D pictures → ((H, W[, C]),
+    None), each of the first's size. Raises DataError naming the file that does not fit."""
+    if is_nifti_name(paths[0]) or sniff(paths[0]) == "nifti":
+        first, affine = load_nifti(paths[0])
+        if first.size == 0:
+            raise DataError(f"{paths[0]}: empty image (shape {first.shape})")
+        channels = [first]
+        for path in paths[1:]:
+            data, channel_affine = load_nifti(path)
+            channels.append(
+                onto_grid(
+                    data,
+                    channel_affine,
+                    affine,
+                    first.shape,
+                    name=path,
+                    target=paths[0],
+                    what="channel",
+                    target_what="first channel",
+                )
+            )
+        if len(channels) == 1:
+            return first, affine
+        channels = [c if c.ndim == 4 else c[..., None] for c in channels]
+        return np.concatenate(channels, axis=-1), affine
+    pictures = [load_image2d(p) for p in paths]
+    for path, picture in zip(paths[1:], pictures[1:]):
+        if picture.shape[:2] != pictures[0].shape[:2]:
+            h, w = picture.shape[:2]
+            raise DataError(
+                f"{path}: {h}×{w} pixels, but {paths[0].name} (the first channel) is "
+                f"{pictures[0].shape[0]}×{pictures[0].shape[1]}; every channel file of a case "
+                "needs the same size"
+            )
+    return (pictures[0] if len(pictures) == 1 else np.dstack(pictures)), None
 
 
 def _load_label_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -21,6 +21,8 @@ from segscale.imgmed.files import (
     strip_suffix,
 )
 
+IGNORE = "ignore"  # nnU-Net v2's label name for voxels nobody annotated
+
 
 @dataclass
 class Case:
@@ -40,20 +42,23 @@ class Source:
     volumes: bool = (
         True  # 3D cases (NIfTI, DICOM); False for pictures (nnU-Net's .png datasets too)
     )
+    channels_declared: bool = False  # channel_names from dataset.json, not a default
 
 
 def discover(root: str | Path) -> Source:
-    """The cases of a raw dataset, each with a unique id (two files that would make the same
-    case id are refused: one would silently replace the other)."""
-    source = _discover(Path(root))
+    """The cases of a raw dataset, each with a unique id, compared in any case (two files that
+    would make one case id, such as a.png beside a.tif or A.png, are refused: one would stand
+    for the other, or one image would land in two splits)."""
+    source = _discover(Path(os.path.abspath(root)))  # absolute, symlinks kept: records name it
     seen: dict[str, Case] = {}
     for case in source.cases:
-        if case.id in seen:
+        key = case.id.casefold()
+        if key in seen:
             raise DataError(
-                f"{case.images[0]} and {seen[case.id].images[0]}: both make case '{case.id}'; "
+                f"{case.images[0]} and {seen[key].images[0]}: both make case '{case.id}'; "
                 "rename or remove one"
             )
-        seen[case.id] = case
+        seen[key] = case
     return source
 
 
@@ -90,6 +95,13 @@ def _read_dataset_json(root: Path) -> Source:
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: cannot read as JSON: {e}") from e
     labels = labels_of(meta, path)
+    ignored = [v for v, n in labels.items() if n == IGNORE]
+    if ignored:
+        raise DataError(
+            f"{path}: label {ignored[0]} is nnU-Net's 'ignore' (voxels nobody annotated); "
+            "segscale cannot train on partly annotated masks: annotate them, or give those voxels "
+            "a class (`segscale evaluate` does leave them out)"
+        )
     if "channel_names" in meta:  # nnU-Net v2: one file per channel
         channels = [meta["channel_names"][k] for k in sorted(meta["channel_names"], key=int)]
         ending = meta.get("file_ending", ".nii.gz")
@@ -113,7 +125,8 @@ def _read_dataset_json(root: Path) -> Source:
         )
     volumes = all(has_suffix(p, NIFTI_SUFFIXES) for p in cases[0].images)
     name = str(meta.get("name", root.name))
-    return Source("msd", root, name, labels, channels, cases, volumes=volumes)
+    declared_channels = "channel_names" in meta or "modality" in meta
+    return Source("msd", root, name, labels, channels, cases, volumes, declared_channels)
 
 
 def labels_of(meta: dict, path: Path) -> dict[int, str]:
@@ -190,18 +203,30 @@ def _msd_cases(root: Path, path: Path, meta: dict) -> list[Case]:
 def _nnunet_v2_cases(root: Path, num_channels: int, ending: str) -> list[Case]:
     """nnU-Net v2: labelsTr/<case><ending> and imagesTr/<case>_<XXXX><ending> per channel; the
     ending matched in any case, hidden files skipped."""
+    pictures = ending.lower() in PNG_SUFFIXES  # an RGB picture holds 3 channels in one file
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     for folder in (images_dir, labels_dir):
         if not folder.is_dir():
             raise DataError(
                 f"{folder}: missing; an nnU-Net v2 dataset needs imagesTr/ and labelsTr/"
             )
-    images = {p.name.lower(): p for p in list_files(images_dir, (ending,))}
+    images: dict[str, Path] = {}
+    for p in list_files(images_dir, (ending,)):
+        if p.name.lower() in images:
+            raise DataError(
+                f"{p} and {images[p.name.lower()]}: two files for one channel of one case; "
+                "remove one"
+            )
+        images[p.name.lower()] = p
     cut = len(ending)
     cases = []
     for label in list_files(labels_dir, (ending,)):
         cid = label.name[:-cut]
         wanted = [f"{cid}_{c:04d}{ending}" for c in range(num_channels)]
+        if pictures:  # the files there are, from _0000 on: the channel count is checked on read
+            present = [w for w in wanted if w.lower() in images]
+            wanted = wanted[: len(present)] if present == wanted[: len(present)] else wanted
+            wanted = wanted or [f"{cid}_0000{ending}"]
         missing = [w for w in wanted if w.lower() not in images]
         if missing:
             raise DataError(f"{label}: label without its image {images_dir / missing[0]}")
@@ -240,7 +265,19 @@ def _read_png_folder(root: Path) -> Source:
         if mask is None:
             raise DataError(f"{im}: image without a mask in {root / 'masks'}")
         cases.append(Case(strip_suffix(im.name), [im], mask))
+    _no_orphans(masks, cases, "image", root / "images")
     return Source("png2d", root, root.name, {}, ["image"], cases, volumes=False)
+
+
+def _no_orphans(masks: dict[str, Path], cases: list[Case], what: str, where: Path) -> None:
+    """A mask that no case uses is refused: a stale or misnamed file, whose image is missing."""
+    used = {c.label for c in cases}
+    orphans = [m for m in masks.values() if m not in used]
+    if orphans:
+        raise DataError(
+            f"{orphans[0]}: mask without an {what} in {where}"
+            + (f" ({len(orphans)} such masks)" if len(orphans) > 1 else "")
+        )
 
 
 def _read_dicom_folder(root: Path) -> Source:
@@ -254,6 +291,7 @@ def _read_dicom_folder(root: Path) -> Source:
             expected = root / "masks" / f"{folder.name}.nii.gz"
             raise DataError(f"{folder}: DICOM series without a mask; expected {expected}")
         cases.append(Case(folder.name, [folder], mask))
+    _no_orphans(masks, cases, "DICOM series", root / "images")
     labels: dict[int, str] = {}
     names = root / "labels.json"
     if names.is_file():

@@ -1,0 +1,242 @@
+"""Real-world inputs, third round: what pairs with what (case ids in any case, nnU-Net channel
+files, predictions with references), how masks encode their foreground, and what predict may
+write. Each test builds real files and runs the public functions."""
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import trained_run
+from segscale.errors import DataError
+from segscale.evaluation import evaluate_folders
+from segscale.imgmed.geometry import describe
+from segscale.imgmed.io import load_nifti
+from segscale.predict import predict
+from test_inputs import prepared, write_2d, write_nnunet_v2
+
+
+def nnunet_two_channels(root: Path) -> Path:
+    """write_nnunet_v2's dataset with a second channel file per case (the first, doubled)."""
+    raw = write_nnunet_v2(root)
+    for first in sorted((raw / "imagesTr").glob("*_0000.nii.gz")):
+        img = nib.load(first)
+        data = np.asarray(img.dataobj, dtype=np.float32) * 2
+        nib.save(nib.Nifti1Image(data, img.affine), str(first).replace("_0000", "_0001"))
+    meta = json.loads((raw / "dataset.json").read_text())
+    meta["channel_names"] = {"0": "MRI", "1": "MRI x2"}
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    return raw
+
+
+def store_for(raw: Path, out: Path) -> Path:
+    """A store with a validation split, for a run."""
+    from segscale.imgmed import Preprocessing, prepare
+
+    store, _ = prepare(
+        raw, out, Preprocessing(size=16), val_fraction=0.34, test_fraction=0, progress=False
+    )
+    return store
+
+
+# ---- one case id, one case: names that differ only in case
+
+
+def test_files_that_differ_only_in_case_are_one_case_and_refused(tmp_path):
+    """(were: two cases sharing one mask or image, which could land in two splits; or one
+    file silently dropped)"""
+    pictures = write_2d(tmp_path / "2d", "L")
+    shutil.copy(pictures / "images" / "s0.png", pictures / "images" / "S0.png")
+    with pytest.raises(DataError, match=r"s0.png and .*S0.png: both make case 's0'"):
+        prepared(pictures, tmp_path / "a")
+    raw = write_nnunet_v2(tmp_path / "v2")
+    shutil.copy(
+        raw / "imagesTr" / "case_000_0000.nii.gz", raw / "imagesTr" / "CASE_000_0000.nii.gz"
+    )
+    with pytest.raises(DataError, match=r"two files for one channel of one case"):
+        prepared(raw, tmp_path / "b")
+    (raw / "imagesTr" / "CASE_000_0000.nii.gz").unlink()
+    meta = json.loads((raw / "dataset.json").read_text())
+    del meta["numTraining"]
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    shutil.copy(raw / "labelsTr" / "case_000.nii.gz", raw / "labelsTr" / "CASE_000.nii.gz")
+    with pytest.raises(DataError, match=r"both make case"):
+        prepared(raw, tmp_path / "c")
+
+
+def test_a_mask_without_an_image_is_refused(tmp_path):
+    pictures = write_2d(tmp_path / "2d", "L")
+    shutil.copy(pictures / "masks" / "s0.png", pictures / "masks" / "s9.png")
+    with pytest.raises(DataError, match=r"s9.png: mask without an image in .*images"):
+        prepared(pictures, tmp_path / "out")
+
+
+def test_evaluate_refuses_two_references_for_one_case(tmp_path):
+    for side in ("pred", "ref"):
+        (tmp_path / side).mkdir()
+    mask = np.zeros((8, 8, 2), np.uint8)
+    mask[2:5, 2:5] = 1
+    for path in (tmp_path / "pred" / "a.nii.gz", tmp_path / "ref" / "a.nii.gz"):
+        nib.save(nib.Nifti1Image(mask, np.eye(4)), path)
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), tmp_path / "ref" / "A.nii.gz")
+    with pytest.raises(DataError, match=r"two references for 'a'"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "ref", {1: "blob"})
+
+
+# ---- how masks say foreground
+
+
+def test_binary_masks_saved_two_ways_are_refused_with_the_fix(tmp_path):
+    """1-bit pictures read 0/1, 8-bit ones 0/255 (was: three classes, 1 and 255 apart)."""
+    one_bit = write_2d(tmp_path / "bits", "1", (0, 1))
+    grey = write_2d(tmp_path / "grey", "L")
+    for name in ("s1.png", "s3.png"):
+        shutil.copy(grey / "masks" / name, one_bit / "masks" / name)
+    with pytest.raises(
+        DataError, match=r"as 1 in 2 \(e.g. s0.png\) and as 255 in 2 \(e.g. s1.png\).*--label-map"
+    ):
+        prepared(one_bit, tmp_path / "a")
+    from segscale.imgmed import Preprocessing, Store, prepare
+
+    store, _ = prepare(
+        one_bit, tmp_path / "b", Preprocessing(size=16), label_map={0: 0, 1: 1, 255: 1},
+        val_fraction=0, test_fraction=0, progress=False,
+    )  # fmt: skip
+    assert Store.open(store).num_classes == 2
+    # evaluate: identical shapes, one side 1-bit: no value in common is said, not just Dice 0
+    bits = write_2d(tmp_path / "bits2", "1", (0, 1))
+    with pytest.warns(UserWarning, match=r"foreground values \[1\] and the references' \[255\]"):
+        result = evaluate_folders(bits / "masks", grey / "masks", {1: "a", 255: "b"})
+    assert result["dataset"]["dice"] == 0.0
+
+
+def test_masks_with_no_foreground_or_drawn_in_alpha_are_refused(tmp_path):
+    pictures = write_2d(tmp_path / "alpha", "L")
+    for p in (pictures / "masks").iterdir():  # white everywhere, the shape in the transparency
+        alpha = np.asarray(Image.open(p))
+        rgba = np.dstack([np.full_like(alpha, 255)] * 3 + [alpha])
+        Image.fromarray(rgba, "RGBA").save(p)
+    with pytest.raises(DataError, match=r"one colour everywhere, with the shape in its alpha"):
+        prepared(pictures, tmp_path / "a")
+    flat = write_2d(tmp_path / "flat", "L", (255, 255))
+    with pytest.raises(DataError, match=r"every mask holds only the value 255; nothing to segment"):
+        prepared(flat, tmp_path / "b")
+
+
+def test_labels_without_foreground_and_the_ignore_label(tmp_path):
+    for side in ("pred", "ref"):
+        (tmp_path / side).mkdir()
+    ref = np.zeros((10, 10, 3), np.uint8)
+    ref[2:6, 2:6] = 1
+    ref[7:9, :] = 2  # nobody annotated these rows
+    pred = np.where(ref == 1, 1, 0).astype(np.uint8)
+    pred[7, :4] = 1  # whatever the prediction says there is not scored
+    pred[0, 0, 0] = 1  # one false positive where it is
+    nib.save(nib.Nifti1Image(ref, np.eye(4)), tmp_path / "ref" / "a.nii.gz")
+    nib.save(nib.Nifti1Image(pred, np.eye(4)), tmp_path / "pred" / "a.nii.gz")
+    with pytest.raises(DataError, match=r"no foreground label; 0 is the background"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "ref", {0: "background"})
+    result = evaluate_folders(tmp_path / "pred", tmp_path / "ref", {1: "la", 2: "ignore"})
+    assert result["labels"] == {"0": "background", "1": "la"}
+    assert result["ignore_label"] == {"value": 2, "voxels": int((ref == 2).sum())}
+    la = result["cases"][0]["per_class"]["la"]
+    tp, fp = int((ref == 1).sum()), 1
+    negatives = int((ref == 0).sum())  # the unannotated voxels are neither side's
+    assert la["dice"] == pytest.approx(2 * tp / (2 * tp + fp))
+    assert la["specificity"] == pytest.approx((negatives - fp) / negatives)
+    raw = write_nnunet_v2(tmp_path / "v2")  # training on it: refused in one line
+    meta = json.loads((raw / "dataset.json").read_text())
+    meta["labels"]["ignore"] = 2
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"label 2 is nnU-Net's 'ignore'"):
+        prepared(raw, tmp_path / "out")
+
+
+# ---- channel files
+
+
+def test_channel_files_of_different_sizes_and_undeclared_colour_are_one_line(tmp_path):
+    raw = write_nnunet_v2(tmp_path / "v2png", ".png")
+    meta = json.loads((raw / "dataset.json").read_text())
+    meta["channel_names"] = {"0": "a", "1": "b"}
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    for first in sorted((raw / "imagesTr").glob("*_0000.png")):
+        shutil.copy(first, str(first).replace("_0000", "_0001"))
+    Image.new("L", (20, 11)).save(raw / "imagesTr" / "case_001_0001.png")
+    with pytest.raises(DataError, match=r"case_001_0001.png: 11×20 pixels, but case_001_0000.png"):
+        prepared(raw, tmp_path / "a")
+    # nnU-Net's natural images: one RGB file for channel_names R, G, B
+    for second in (raw / "imagesTr").glob("*_0001.png"):
+        second.unlink()
+    for first in (raw / "imagesTr").glob("*_0000.png"):
+        Image.open(first).convert("RGB").save(first)
+    meta["channel_names"] = {"0": "R", "1": "G", "2": "B"}
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    assert prepared(raw, tmp_path / "b").meta["channel_names"] == ["R", "G", "B"]
+    meta["channel_names"] = {"0": "R", "1": "G"}
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"declares 2 channel\(s\) \(R, G\), but the images hold 3"):
+        prepared(raw, tmp_path / "c")
+
+
+def test_itk_vector_images_are_read_as_channels(tmp_path):
+    data = np.random.default_rng(0).random((6, 5, 4, 1, 3)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "v.nii.gz")
+    read, _ = load_nifti(tmp_path / "v.nii.gz")
+    assert read.shape == (6, 5, 4, 3) and np.array_equal(read, data[:, :, :, 0, :])
+
+
+def test_a_refused_grid_names_how_oblique_each_is():
+    t = np.radians(30)
+    turned = np.eye(4)
+    turned[:2, :2] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+    assert describe(turned, (4, 4, 4)).endswith("axes RAS, oblique: axes 30°, 30°, 0° off RAS")
+    assert "oblique" not in describe(np.eye(4), (4, 4, 4))
+
+
+# ---- predict: what it reads together, what it may write
+
+
+def test_predict_groups_nnunet_channel_files_and_names_masks_as_nnunet(tmp_path):
+    """A 2-channel nnU-Net v2 model takes imagesTr as laid out (was: '1 channel(s) after
+    preprocessing'); masks are named <case>.nii.gz, so evaluate pairs them with labelsTr."""
+    raw = nnunet_two_channels(tmp_path / "v2")
+    run = trained_run(store_for(raw, tmp_path / "store"), tmp_path / "run")
+    written = predict(run, [raw / "imagesTr"], tmp_path / "pred")
+    assert [p.name for p in written] == ["case_000.nii.gz", "case_001.nii.gz", "case_002.nii.gz"]
+    assert nib.load(written[0]).shape == nib.load(raw / "labelsTr" / "case_000.nii.gz").shape
+    result = evaluate_folders(tmp_path / "pred", raw / "labelsTr")
+    assert len(result["cases"]) == 3
+    (raw / "imagesTr" / "case_001_0001.nii.gz").unlink()
+    with pytest.raises(
+        DataError, match=r"case_001: channel files _0000; the model takes 2 .*_0001"
+    ):
+        predict(run, [raw / "imagesTr"], tmp_path / "pred2")
+    shutil.copy(raw / "imagesTr" / "case_000_0000.nii.gz", tmp_path / "scan.nii.gz")
+    with pytest.raises(DataError, match=r"trained on 2; give its channels as one 4D file"):
+        predict(run, [tmp_path / "scan.nii.gz"], tmp_path / "pred3")
+
+
+def test_predict_never_writes_over_its_inputs_and_checks_before_computing(tmp_path):
+    pictures = write_2d(tmp_path / "2d", "L")
+    run = trained_run(store_for(pictures, tmp_path / "store"), tmp_path / "run")
+    images = pictures / "images"
+    before = {p.name: p.read_bytes() for p in images.iterdir()}
+    with pytest.raises(
+        DataError, match=r"would replace the input .*s0.png; write masks to another"
+    ):
+        predict(run, [images], images)
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == before
+    (tmp_path / "out" / "s2.png").mkdir(parents=True)  # in the way of a mask
+    with pytest.raises(DataError, match=r"s2.png: in the way of a mask"):
+        predict(run, [images], tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["s2.png"]
+    colour = tmp_path / "colour.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)).save(colour)
+    with pytest.raises(DataError, match=r"colour.png: 3 channel"):
+        predict(run, [images / "s0.png", colour], tmp_path / "new" / "deeper" / "out")
+    assert not (tmp_path / "new").exists()  # every folder it made, removed
