@@ -501,7 +501,8 @@ class EarlyStop:
 class DivergenceGuard:
     """Says when a loss has diverged: NaN or inf, or its exponential moving average (`smoothing`)
     above `factor` × the lowest it has been for `patience` consecutive steps. The average keeps
-    one hard batch from counting as a divergence. Host-side: one float per step."""
+    one hard batch from counting as a divergence. Host-side: the Trainer feeds it the losses
+    of the steps since its last check, in order."""
 
     def __init__(self, factor: float = 10.0, patience: int = 3, smoothing: float = 0.9) -> None:
         self.factor, self.patience, self.smoothing = factor, patience, smoothing
@@ -527,9 +528,9 @@ class DivergenceGuard:
 
 class _StopRequest:
     """SIGTERM/SIGINT, or `segscale stop` (a STOP file in the run folder, seen by rank 0) →
-    finish the step, checkpoint, exit; a second signal, or `stop --now`, aborts at once. All
-    ranks agree on stopping and on a divergence (one small all-reduce per step), so they stop
-    at the same step."""
+    train on to the next check (Trainer.check_every), checkpoint, exit; a second signal, or
+    `stop --now`, aborts at once. All ranks agree on stopping and on a divergence (one small
+    all-reduce per check), so they stop at the same step."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -554,7 +555,7 @@ class _StopRequest:
         self.requested = True
 
     def check(self, run_dir: Path) -> None:
-        """A stop asked through the run folder (`segscale stop`): a file stat per step."""
+        """A stop asked through the run folder (`segscale stop`): a file stat per check."""
         path = run_dir / STOP_FILE
         if not self.requested and path.exists():
             self.requested, self.why = True, self._who(path)
