@@ -284,6 +284,26 @@ def test_read_every_n_steps_the_guard_names_the_diverged_step_and_saves_nothing_
     assert not (run_dir / "model.pt").exists()
 
 
+def test_a_resumed_run_diverges_where_the_uninterrupted_one_did(tmp_path, real_store):
+    """The guard's state travels in the checkpoint (was: a resume after a divergence took the
+    runaway loss as its new baseline, trained on and saved the diverged model, exit 0)."""
+    from segscale.errors import Diverged
+
+    cfg = tiny_config(
+        real_store, epochs=3, steps_per_epoch=5, checkpoint_every=2, loss="ce",
+        optimizer={"name": "sgd", "lr": 30.0},
+    )  # fmt: skip
+    run_dir = tmp_path / "run"
+    prepare_run_dir(validate(cfg), run_dir, resume=False)
+    with pytest.raises(Diverged) as first:
+        worker.train(run_dir, progress=False)
+    assert "training diverged at step 6: smoothed loss" in str(first.value)
+    with pytest.raises(Diverged) as again:
+        worker.train(run_dir, resume=True, progress=False)  # from step 4's checkpoint
+    assert str(again.value) == str(first.value)
+    assert not (run_dir / "model.pt").exists()
+
+
 @pytest.mark.distributed
 def test_a_nan_loss_stops_both_workers_at_that_step_keeping_the_checkpoints_before(
     tmp_path, real_store

@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import trained_run
 from segscale.errors import DataError
-from segscale.evaluation import evaluate_folders
+from segscale.evaluation import evaluate_folders, parse_labels
 from segscale.imgmed.geometry import describe
 from segscale.imgmed.io import load_nifti
 from segscale.predict import predict
@@ -109,19 +109,27 @@ def test_binary_masks_saved_two_ways_are_refused_with_the_fix(tmp_path):
     assert Store.open(store).num_classes == 2
     # evaluate: identical shapes, one side 1-bit: no value in common is said, not just Dice 0
     bits = write_2d(tmp_path / "bits2", "1", (0, 1))
-    with pytest.warns(UserWarning, match=r"foreground values \[1\] and the references' \[255\]"):
+    with pytest.warns(
+        UserWarning, match=r"in 4 of 4 case\(s\) .* \(e.g. s0.png: \[1\] against \[255\]\)"
+    ):
         result = evaluate_folders(bits / "masks", grey / "masks", {1: "a", 255: "b"})
     assert result["dataset"]["dice"] == 0.0
+    shutil.copy(grey / "masks" / "s1.png", bits / "masks" / "s1.png")  # one case saved alike
+    with pytest.warns(UserWarning, match=r"in 3 of 4 case\(s\)"):
+        evaluate_folders(bits / "masks", grey / "masks", {1: "a", 255: "b"})
 
 
 def test_masks_with_no_foreground_or_drawn_in_alpha_are_refused(tmp_path):
     pictures = write_2d(tmp_path / "alpha", "L")
-    for p in (pictures / "masks").iterdir():  # white everywhere, the shape in the transparency
-        alpha = np.asarray(Image.open(p))
-        rgba = np.dstack([np.full_like(alpha, 255)] * 3 + [alpha])
-        Image.fromarray(rgba, "RGBA").save(p)
-    with pytest.raises(DataError, match=r"one colour everywhere, with the shape in its alpha"):
-        prepared(pictures, tmp_path / "a")
+    for colour in ((255, 255, 255), (255, 0, 0)):  # one colour, the shape in the transparency
+        for p in sorted((pictures / "masks").iterdir()):
+            alpha = (
+                np.asarray(Image.open(p))[..., -1] if colour[1] == 0 else np.asarray(Image.open(p))
+            )
+            rgba = np.dstack([np.full_like(alpha, c) for c in colour] + [alpha])
+            Image.fromarray(rgba, "RGBA").save(p)
+        with pytest.raises(DataError, match=r"s0.png: one colour everywhere, with the shape in"):
+            prepared(pictures, tmp_path / "a")
     flat = write_2d(tmp_path / "flat", "L", (255, 255))
     with pytest.raises(DataError, match=r"every mask holds only the value 255; nothing to segment"):
         prepared(flat, tmp_path / "b")
@@ -140,6 +148,11 @@ def test_labels_without_foreground_and_the_ignore_label(tmp_path):
     nib.save(nib.Nifti1Image(pred, np.eye(4)), tmp_path / "pred" / "a.nii.gz")
     with pytest.raises(DataError, match=r"no foreground label; 0 is the background"):
         evaluate_folders(tmp_path / "pred", tmp_path / "ref", {0: "background"})
+    with pytest.raises(DataError, match=r"--labels '': expected values like 1,2"):
+        parse_labels("")
+    for twice in ({1: "la", 2: "ignore", 3: "ignore"}, {0: "ignore", 1: "la"}):
+        with pytest.raises(DataError, match=r"'ignore' given to \[.*\]; one value other than"):
+            evaluate_folders(tmp_path / "pred", tmp_path / "ref", twice)
     result = evaluate_folders(tmp_path / "pred", tmp_path / "ref", {1: "la", 2: "ignore"})
     assert result["labels"] == {"0": "background", "1": "la"}
     assert result["ignore_label"] == {"value": 2, "voxels": int((ref == 2).sum())}
@@ -211,14 +224,32 @@ def test_predict_groups_nnunet_channel_files_and_names_masks_as_nnunet(tmp_path)
     assert nib.load(written[0]).shape == nib.load(raw / "labelsTr" / "case_000.nii.gz").shape
     result = evaluate_folders(tmp_path / "pred", raw / "labelsTr")
     assert len(result["cases"]) == 3
-    (raw / "imagesTr" / "case_001_0001.nii.gz").unlink()
-    with pytest.raises(
-        DataError, match=r"case_001: channel files _0000; the model takes 2 .*_0001"
-    ):
-        predict(run, [raw / "imagesTr"], tmp_path / "pred2")
-    shutil.copy(raw / "imagesTr" / "case_000_0000.nii.gz", tmp_path / "scan.nii.gz")
+    # one folder's files make a case, never two folders' (two patients), and a name never
+    # depends on what else is given: the same file alone, or beside others, gives one mask name
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(raw / "imagesTr" / "case_001_0001.nii.gz", other / "case_000_0001.nii.gz")
+    given = [raw / "imagesTr" / "case_000_0000.nii.gz", other / "case_000_0001.nii.gz"]
+    with pytest.raises(DataError, match=r"case_000_0000.nii.gz: 1 channel\(s\) .* trained on 2"):
+        predict(run, given, tmp_path / "pred2")
+    shutil.copy(raw / "imagesTr" / "case_000_0000.nii.gz", other / "case_000_0000.nii.gz")
+    with pytest.raises(DataError, match=r"both would write .*case_000.nii.gz; rename one"):
+        predict(run, [raw / "imagesTr", other], tmp_path / "pred2")
+    four_d = tmp_path / "scan.nii.gz"  # a 4D file beside channel files: each as it is
+    img = nib.load(raw / "imagesTr" / "case_002_0000.nii.gz")
+    pair = [
+        np.asarray(nib.load(raw / "imagesTr" / f"case_002_000{c}.nii.gz").dataobj) for c in (0, 1)
+    ]
+    nib.save(nib.Nifti1Image(np.stack(pair, -1), img.affine), four_d)
+    mixed = predict(run, [*sorted((raw / "imagesTr").glob("case_000_*")), four_d], tmp_path / "mix")
+    assert [p.name for p in mixed] == ["case_000.nii.gz", "scan.nii.gz"]
+    assert np.array_equal(nib.load(mixed[1]).dataobj, nib.load(written[2]).dataobj)
+    (other / "case_000_0001.nii.gz").rename(other / "case_000_0002.nii.gz")
+    with pytest.raises(DataError, match=r"other/case_000: channel files _0000, _0002; _0001 is"):
+        predict(run, [other], tmp_path / "pred3")
     with pytest.raises(DataError, match=r"trained on 2; give its channels as one 4D file"):
-        predict(run, [tmp_path / "scan.nii.gz"], tmp_path / "pred3")
+        predict(run, [other / "case_000_0000.nii.gz", raw / "imagesTr" / "case_001_0001.nii.gz"],
+                tmp_path / "pred3")  # fmt: skip
 
 
 def test_predict_never_writes_over_its_inputs_and_checks_before_computing(tmp_path):
@@ -240,3 +271,13 @@ def test_predict_never_writes_over_its_inputs_and_checks_before_computing(tmp_pa
     with pytest.raises(DataError, match=r"colour.png: 3 channel"):
         predict(run, [images / "s0.png", colour], tmp_path / "new" / "deeper" / "out")
     assert not (tmp_path / "new").exists()  # every folder it made, removed
+
+
+def test_a_missing_channel_file_is_named_as_such(tmp_path):
+    """(was: 'label without its image', for a case whose other channel files are there)"""
+    raw = nnunet_two_channels(tmp_path / "v2")
+    (raw / "imagesTr" / "case_001_0001.nii.gz").unlink()
+    with pytest.raises(
+        DataError, match=r"case_001_0001.nii.gz: missing; case 'case_001' has other channel files"
+    ):
+        prepared(raw, tmp_path / "out")

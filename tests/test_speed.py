@@ -11,7 +11,7 @@ from segscale import worker
 from segscale.config import AugmentConfig, validate
 from segscale.data import SliceDataset, TrainLoader
 from segscale.engine import plan, prepare_run_dir, speed_settings
-from segscale.errors import SegscaleError
+from segscale.errors import ConfigError, SegscaleError
 from segscale.imgmed import Store
 
 
@@ -68,7 +68,11 @@ def test_speed_settings_resolve_per_device(tmp_path, real_store):
     plain = validate(tiny_config(real_store))
     settings = plain.settings()
     assert "channels_last" not in settings["train"] and "on_device" not in settings["data"]
-    assert "check_every" not in settings["train"]
+    assert "check_every" not in settings["train"]  # when the host looks, never what is trained
+    assert validate(tiny_config(real_store, check_every=7)).digest() == plain.digest()
+    for bad in (0, -1, 1.5, True, "AUTO", None):  # (was: true read as 1; 0 'should be auto')
+        with pytest.raises(ConfigError, match=r"check_every': expected auto or a whole number"):
+            validate(tiny_config(real_store, check_every=bad))
     assert validate(tiny_config(real_store, compile=True)).digest() != plain.digest()
 
 

@@ -401,8 +401,9 @@ def stop_cmd(
         bool, typer.Option("--now", help="Stop at once, without a new checkpoint.")
     ] = False,
 ) -> None:
-    """Stop a running training from any shell that sees its run folder: at the end of the current
-    step, with a checkpoint (continue with --resume); --now: at once, from the last checkpoint."""
+    """Stop a running training from any shell that sees its run folder: at its next check
+    (train.check_every: the end of this step on CPU, within 10 steps on GPUs), with a
+    checkpoint (continue with --resume); --now: at once, from the last checkpoint."""
     from segscale._files import write_atomic
     from segscale.errors import STOP_FILE
 
@@ -412,7 +413,7 @@ def stop_cmd(
     if (run_dir / "model.pt").is_file():
         raise SegscaleError(f"{run_dir}: the run has finished; there is nothing to stop")
     write_atomic(run_dir / STOP_FILE, "now\n" if now else "graceful\n")
-    when = "at once" if now else "at the end of its current step, after a checkpoint"
+    when = "at once" if now else "at its next check (train.check_every steps), after a checkpoint"
     typer.echo(f"asked {run_dir.name} to stop {when}; continue it with --resume")
 
 
@@ -489,7 +490,7 @@ def evaluate_cmd(
 
         if split is not None:
             raise SegscaleError("--split applies to a run folder's store, not to --pred/--ref")
-        declared = parse_labels(labels) if labels else None
+        declared = parse_labels(labels) if labels is not None else None
 
         out = _results_file(json_out or Path("evaluation.json"))
         evaluation = evaluate_folders(pred, ref, declared)

@@ -471,6 +471,14 @@ class TrainConfig(_Strict):
         "(the diverged step is still named, its weights never saved). auto: 1 on CPU, 10 on GPUs.",
     )
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this.")
+
+    @field_validator("check_every", mode="before")
+    @classmethod
+    def _steps_or_auto(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            return v
+        raise ValueError("expected auto or a whole number of steps > 0")
+
     finetune: FinetuneConfig = FinetuneConfig()
     divergence: DivergenceConfig = DivergenceConfig()
     deterministic: bool = Field(True, description="Seed everything, deterministic kernels.")
@@ -560,8 +568,12 @@ class RunConfig(_Strict):
 
     def settings(self) -> dict[str, Any]:
         """Everything that shapes training, as JSON data: not the tracker and the monitor, which
-        only record. The digest hashes it; trackers record it as the run's parameters."""
-        data = self.model_dump(mode="json", exclude={"tracker", "monitor"})
+        only record, nor train.check_every, which only sets when the host looks (a run may
+        resume with another). The digest hashes it; trackers record it as the run's
+        parameters."""
+        data = self.model_dump(
+            mode="json", exclude={"tracker": True, "monitor": True, "train": {"check_every"}}
+        )
         # unset, options added since 0.1 leave the digest that runs started before them have
         for key in ("init_seed", "data_seed"):
             if data[key] is None:
@@ -573,11 +585,7 @@ class RunConfig(_Strict):
         if data["train"]["finetune"] == FinetuneConfig().model_dump(mode="json"):
             del data["train"]["finetune"]
         # how fast, not what: the result is the same up to float rounding
-        for key, default in (
-            ("channels_last", "auto"),
-            ("compile", False),
-            ("check_every", "auto"),
-        ):
+        for key, default in (("channels_last", "auto"), ("compile", False)):
             if data["train"][key] == default:
                 del data["train"][key]
         if data["data"]["on_device"] == "auto":

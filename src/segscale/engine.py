@@ -500,6 +500,7 @@ class Plan:
                     False,
                     "torch.distributed via torchrun (gloo on CPU, NCCL on GPU)",
                     device=t.device,
+                    check_every=t.check_every,
                 ),
                 "device_placement": part(
                     False, "one process per device, by local rank", threads=t.threads

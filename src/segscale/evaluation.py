@@ -199,7 +199,7 @@ def _stats(values: list[float]) -> dict[str, float | int]:
     ok = a[~np.isnan(a)]
     return {
         "mean": float(ok.mean()) if ok.size else float("nan"),
-        "sd": float(ok.std(ddof=1)) if ok.size > 1 else 0.0 if ok.size else float("nan"),
+        "sd": float(ok.std(ddof=1)) if ok.size > 1 else float("nan"),  # none from one value
         "median": float(np.median(ok)) if ok.size else float("nan"),
         "n": int(ok.size),
         "excluded": int(a.size - ok.size),
@@ -487,13 +487,18 @@ def evaluate_folders(
         for ref, pred, p, r, _ in pairs
         for path, a in ((pred, p), (ref, r))
     }
-    predicted = set().union(*(present[pred] for _, pred, *_ in pairs)) - {0}
-    referenced = set().union(*(present[ref] for ref, *_ in pairs)) - {0}
-    if predicted and referenced and not predicted & referenced:
+    apart = [
+        (pred, sorted(present[pred] - {0}), sorted(present[ref] - {0}))
+        for ref, pred, *_ in pairs
+        if present[pred] - {0} and present[ref] - {0} and not present[pred] & present[ref] - {0}
+    ]
+    if apart:
+        pred, p_values, r_values = apart[0]
         warnings.warn(
-            f"{pred_dir}: the predictions' foreground values {sorted(predicted)} and the "
-            f"references' {sorted(referenced)} have none in common, so every overlap is 0; "
-            "saved in two encodings (1-bit 0/1 against 8-bit 0/255)?",
+            f"{pred_dir}: in {len(apart)} of {len(pairs)} case(s) the prediction's foreground "
+            f"values and the reference's have none in common, so their overlap is 0 (e.g. "
+            f"{pred.name}: {p_values} against {r_values}); saved in two encodings (1-bit 0/1 "
+            "against 8-bit 0/255)?",
             stacklevel=2,
         )
     if labels is None:  # (declared labels: below)
@@ -512,7 +517,13 @@ def evaluate_folders(
     if labels is not None:
         names = {0: "background", **labels}
         # nnU-Net's "ignore" label marks voxels nobody annotated: scored by neither side
-        ignore = next((v for v, n in names.items() if n == IGNORE and v != 0), None)
+        ignored = [v for v, n in names.items() if n == IGNORE]
+        if ignored[1:] or 0 in ignored:
+            raise DataError(
+                f"labels ({source}): 'ignore' given to {ignored}; one value other than the "
+                "background (0) may mark the voxels nobody annotated"
+            )
+        ignore = ignored[0] if ignored else None
         if ignore is not None:
             del names[ignore]
         values = sorted(names)

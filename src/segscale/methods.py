@@ -280,7 +280,9 @@ def methods(target: Path) -> str:
             f"On the {e['split']} split ({len(e['cases'])} cases), SegEval: "
             + ", ".join(f"{k} {ds[k]:.4f}" for k in names)
             + "".join(
-                f"; {k.upper()} {cs[k]['mean']:.2f} ± {cs[k]['sd']:.2f} mm (per case)"
+                f"; {k.upper()} {cs[k]['mean']:.2f}"
+                + (f" ± {cs[k]['sd']:.2f}" if cs[k]["n"] > 1 else "")
+                + " mm (per case)"
                 for k in ("hd95", "assd")
                 if k in cs
             )

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from segscale._files import output_dir
 from segscale.errors import DataError, SegscaleError
 from segscale.imgmed.files import list_images, strip_suffix
 from segscale.imgmed.io import nifti_header, save_nifti, save_png, sniff
@@ -82,6 +83,8 @@ def predict(
         raise SegscaleError(f"--device {device}: no CUDA device is available; use --device cpu")
     dev = torch.device(device)
     amp = resolve_amp(amp, dev)
+    out_dir = output_dir(out_dir)  # inputs and outputs checked before the model is read
+    targets = _targets(input_cases(list_images(inputs)), out_dir)
     model, plan = load_any_model(run_dir, dev)  # a run folder or a pulled zoo entry's folder
     if plan.cfg.task.name != "segmentation":
         raise SegscaleError(
@@ -92,10 +95,11 @@ def predict(
     # Every slice of a volume gets segmented, whatever subset training used.
     prep = dataclasses.replace(store.preprocessing, slices=None, foreground_margin=None)
     class_to_raw = _class_to_raw(store.meta)
-    cases = input_cases(list_images(inputs), plan.in_channels)
-    targets = _targets(cases, out_dir)
     made = _missing_folders(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SegscaleError(f"--out {out_dir}: cannot create it ({e.strerror})") from None
     written = Written()
 
     def segment(files: list[Path], target: Path) -> None:
@@ -147,33 +151,36 @@ def predict(
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
-def input_cases(files: list[Path], channels: int) -> list[tuple[str, list[Path]]]:
-    """(mask name, its input files) per case to segment. Files named as nnU-Net v2 names them,
-    <case>_XXXX<ending>, with exactly the channels 0000 to the model's last in each case, are
-    grouped: one case, its mask named <case><ending>, as nnU-Net names predictions (so that
-    `segscale evaluate` pairs it with labelsTs/<case><ending>). Otherwise each file is a case
-    of its own, its mask named like it (.png for 2D pictures). Raises DataError for a case with
-    some of its channel files missing, or two inputs that would write one mask."""
-    parsed = [(CHANNEL_FILE.match(strip_suffix(f.name)), f) for f in files]
-    groups: dict[str, dict[int, Path]] = {}
-    if all(m for m, _ in parsed):
-        for m, f in parsed:
-            groups.setdefault(m["case"], {})[int(m["channel"])] = f
-        wanted = set(range(channels))
-        if all(set(g) == wanted for g in groups.values()):
-            return [
-                (f"{case}{_suffix(g[0])}", [g[c] for c in range(channels)])
-                for case, g in groups.items()
-            ]
-        if channels > 1:  # channel files, but not the model's channels
-            case, g = next((c, g) for c, g in groups.items() if set(g) != wanted)
-            missing = sorted(wanted - set(g))
-            raise DataError(
-                f"{case}: channel files {', '.join(f'_{c:04d}' for c in sorted(g))}; the model "
-                f"takes {channels} channel(s), _0000 to _{channels - 1:04d}"
-                + (f" (missing _{missing[0]:04d})" if missing else "")
-            )
-    return [(f.name, [f]) for f in files]
+def input_cases(files: list[Path]) -> list[tuple[str, list[Path]]]:
+    """(mask name, its input files) per case to segment, in input order. A <case>_0000<ending>
+    file is nnU-Net v2's first channel of <case>: it and the <case>_0001, _0002, ... files
+    given from the same folder are one case, whose mask is named <case><ending> as nnU-Net
+    names predictions (so that `segscale evaluate` pairs it with labelsTs/<case><ending>).
+    Every other file is a case of its own, its mask named like it (.png for 2D pictures). How
+    many channels the files hold (an RGB picture is 3) is checked against the model when they
+    are read. Raises DataError for a case whose channel files skip a number."""
+    groups: dict[tuple[Path, str], dict[int, Path]] = {}
+    for f in files:
+        m = CHANNEL_FILE.match(strip_suffix(f.name))
+        if m:
+            groups.setdefault((f.parent, m["case"]), {})[int(m["channel"])] = f
+    cases, done = [], set()
+    for f in files:
+        m = CHANNEL_FILE.match(strip_suffix(f.name))
+        key = (f.parent, m["case"]) if m else None
+        if key is None or 0 not in groups[key]:  # not a channel file: a case of its own
+            cases.append((f.name, [f]))
+        elif key not in done:
+            done.add(key)
+            channels = groups[key]
+            gap = next((c for c in range(len(channels)) if c not in channels), None)
+            if gap is not None:
+                raise DataError(
+                    f"{f.parent / m['case']}: channel files "
+                    f"{', '.join(f'_{c:04d}' for c in sorted(channels))}; _{gap:04d} is missing"
+                )
+            cases.append((f"{m['case']}{_suffix(f)}", [channels[c] for c in sorted(channels)]))
+    return cases
 
 
 def _suffix(path: Path) -> str:
@@ -184,7 +191,12 @@ def _channel_hint(channels: int, files: list[Path]) -> str:
     if channels > 1 and len(files) == 1:
         return (
             "; give its channels as one 4D file, or as nnU-Net's <case>_0000, <case>_0001, ... "
-            "files together"
+            "files from one folder"
+        )
+    if len(files) > 1:
+        return (
+            f"; {', '.join(f.name for f in files)} were read together as nnU-Net's channel "
+            "files of one case (rename files that are cases of their own)"
         )
     return ""
 

@@ -34,8 +34,10 @@ CASE_ROWS = {
 
 
 def _pm(stats: dict[str, Any]) -> str:
+    """'0.8533 ± 0.0750', with how many values were left out; no SD from fewer than two."""
     excluded = f" ({stats['excluded']} excluded)" if stats["excluded"] else ""
-    return f"{stats['mean']:.4f} ± {stats['sd']:.4f}{excluded}"
+    spread = f" ± {stats['sd']:.4f}" if stats["n"] > 1 else ""
+    return f"{stats['mean']:.4f}{spread}{excluded}"
 
 
 def summary_rows(evaluation: dict[str, Any]) -> list[tuple[str, str]]:
@@ -46,7 +48,7 @@ def summary_rows(evaluation: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     n = evaluation["case_summary"]["dice"]["n"] + evaluation["case_summary"]["dice"]["excluded"]
     rows += [
-        (f"{name} [per case, n={n}]", _pm(evaluation["case_summary"][k]))
+        (f"{name} [per case, {n} cases]", _pm(evaluation["case_summary"][k]))
         for k, name in CASE_ROWS.items()
     ]
     if "foreground_mean" in evaluation:  # the other aggregation order, named
@@ -86,7 +88,7 @@ def print_metrics(evaluation: dict[str, Any]) -> None:
     table.add_column("metric [level]")
     table.add_column("value", justify="right")
     for name, value in summary_rows(evaluation):
-        table.add_row(escape(name), value)  # "[per case, n=4]" is text, not a rich style
+        table.add_row(escape(name), value)  # "[per case, 4 cases]" is text, not a rich style
     cases = Table(title="per case (foreground mean; distances in mm or pixels)")
     for col in ("case", "Dice", "HD95", "ASSD"):
         cases.add_column(col, justify="left" if col == "case" else "right")

@@ -385,6 +385,9 @@ class Trainer:
             "loader": self.train_loader.state_dict(),
             "totals": self.totals.cpu(),
             "elapsed": self.elapsed,
+            # this rank's loss history as the guard saw it: a resumed run diverges where the
+            # uninterrupted one would (was: a fresh guard took the diverging loss as its baseline)
+            "divergence": self.divergence.state_dict() if self.divergence else None,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -417,8 +420,12 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
         self.history, self.best_metric = list(state["history"]), state["best_metric"]
+        ranks = state["ranks"]
+        mine = ranks[min(self.strategy.rank, len(ranks) - 1)]  # another world size: at an epoch end
+        if self.divergence and mine.get("divergence"):
+            self.divergence.load_state_dict(mine["divergence"])
         if self.epoch_step:
-            self._resumed_rank_state = state["ranks"][self.strategy.rank]
+            self._resumed_rank_state = ranks[self.strategy.rank]
 
     def save_checkpoint(self, best: float | None = None) -> None:
         """Collective: every rank hands its RNG, augmentation and loss state to rank 0, which writes
@@ -509,6 +516,12 @@ class DivergenceGuard:
         self.average: float | None = None
         self.lowest = math.inf
         self.above = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"average": self.average, "lowest": self.lowest, "above": self.above}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.average, self.lowest, self.above = state["average"], state["lowest"], state["above"]
 
     def update(self, loss: float) -> str | None:
         """The reason, once the loss of this step makes it diverged; else None."""

@@ -194,6 +194,8 @@ def load_image2d(path: str | Path) -> np.ndarray:
             if im.mode.startswith("I;16"):
                 return np.asarray(im, dtype=np.uint16)
             return np.asarray(im)
+    except DataError:  # ours, saying what is wrong already
+        raise
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DataError(f"{path}: cannot read as an image: {e}") from e
 
@@ -233,6 +235,8 @@ def load_mask2d(path: str | Path) -> np.ndarray:
                 raise DataError(
                     f"{path}: a {mode} picture; expected a label image (grey, palette or 1-bit)"
                 )
+    except DataError:  # ours, saying what is wrong already
+        raise
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DataError(f"{path}: cannot read as an image: {e}") from e
     grey = rgb[..., 0]
@@ -250,7 +254,7 @@ def _not_in_alpha(im: Any, path: Path) -> None:
     transparency): read as what it shows, it would be one value with no foreground."""
     alpha = np.asarray(im.getchannel("A"))
     colour = np.asarray(im)[..., :3] if im.mode == "RGBA" else np.asarray(im.getchannel(0))
-    if alpha.min() != alpha.max() and colour.min() == colour.max():
+    if alpha.min() != alpha.max() and (colour == colour.reshape(-1, *colour.shape[2:])[0]).all():
         raise DataError(
             f"{path}: one colour everywhere, with the shape in its alpha channel (transparency); "
             "save the mask as grey values"

@@ -228,6 +228,11 @@ def _nnunet_v2_cases(root: Path, num_channels: int, ending: str) -> list[Case]:
             wanted = wanted[: len(present)] if present == wanted[: len(present)] else wanted
             wanted = wanted or [f"{cid}_0000{ending}"]
         missing = [w for w in wanted if w.lower() not in images]
+        if missing and len(missing) < len(wanted):
+            raise DataError(
+                f"{images_dir / missing[0]}: missing; case '{cid}' has other channel files, and "
+                f"dataset.json's channel_names declares {num_channels}"
+            )
         if missing:
             raise DataError(f"{label}: label without its image {images_dir / missing[0]}")
         cases.append(Case(cid, [images[w.lower()] for w in wanted], label))
