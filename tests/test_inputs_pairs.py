@@ -281,3 +281,91 @@ def test_a_missing_channel_file_is_named_as_such(tmp_path):
         DataError, match=r"case_001_0001.nii.gz: missing; case 'case_001' has other channel files"
     ):
         prepared(raw, tmp_path / "out")
+
+
+# ---- stores, conversions and DICOM (a third break-test)
+
+
+def test_a_store_follows_its_declarations_and_never_lives_in_its_data(tmp_path):
+    """(were: a renamed label kept the old store, 'up to date'; a store written inside images/
+    turned the 2D dataset into a DICOM one on the next run)"""
+    raw = write_nnunet_v2(tmp_path / "v2")
+    first = prepared(raw, tmp_path / "out")
+    meta = json.loads((raw / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "atrium": 1}
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    assert prepared(raw, tmp_path / "out").meta["labels"] == {"0": "background", "1": "atrium"}
+    assert first.meta["labels"]["1"] == "blob"
+    pictures = write_2d(tmp_path / "2d", "L")
+    with pytest.raises(DataError, match=r"images/store: inside .*images, which the dataset's"):
+        prepared(pictures, pictures / "images" / "store")
+
+
+def test_preprocessing_and_label_map_refuse_what_cannot_be_meant():
+    from segscale.imgmed import Preprocessing
+    from segscale.imgmed.prepare import parse_label_map
+
+    with pytest.raises(DataError, match=r"slices 0: expected at least 1"):
+        Preprocessing(slices=0)
+    with pytest.raises(DataError, match=r"channels \[1, 1\]: \[1\] given twice"):
+        Preprocessing(channels=(1, 1))
+    with pytest.raises(DataError, match=r"channels \[-1\]: expected channel indices ≥ 0"):
+        Preprocessing(channels=(-1,))
+    with pytest.raises(DataError, match=r"raw value\(s\) \[0\] given twice"):
+        parse_label_map("0:0,255:1,0:1")
+
+
+def test_conversions_keep_label_values_and_refuse_what_they_cannot_write(tmp_path):
+    from segscale.imgmed.convert import convert
+
+    labels = np.zeros((6, 6, 3), np.int16)
+    labels[1:3, 1:3], labels[3:5, 3:5] = 2, 1
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), tmp_path / "l.nii.gz")
+    convert(tmp_path / "l.nii.gz", tmp_path / "slices")  # int16 labels (was: 0/128/255)
+    convert(tmp_path / "slices", tmp_path / "back.nii.gz")
+    assert np.array_equal(np.asarray(nib.load(tmp_path / "back.nii.gz").dataobj), labels)
+    grey = (np.arange(108).reshape(6, 6, 3) * 2).astype(np.uint8)
+    nib.save(nib.Nifti1Image(grey, np.eye(4)), tmp_path / "u8.nii.gz")
+    [first, *_] = convert(tmp_path / "u8.nii.gz", tmp_path / "win", window=(0, 100))
+    assert np.asarray(Image.open(first)).max() == 255 and np.asarray(Image.open(first)).min() == 0
+    assert json.loads((tmp_path / "win" / "slices.json").read_text())["window"] == [0, 100]
+    np.save(tmp_path / "b.npy", labels > 0)
+    np.save(tmp_path / "i.npy", labels.astype(np.int64))
+    for name in ("b", "i"):  # (were: nibabel tracebacks on bool and int64)
+        [out] = convert(tmp_path / f"{name}.npy", tmp_path / f"{name}.nii.gz")
+        assert np.array_equal(np.asarray(nib.load(out).dataobj) > 0, labels > 0)
+    nib.save(nib.Nifti1Image(np.zeros((6, 6, 5), np.int16), np.eye(4)), tmp_path / "v.nii.gz")
+    with pytest.raises(DataError, match=r"a 6×6×5 volume into one picture one.png"):
+        convert(tmp_path / "v.nii.gz", tmp_path / "one.png")
+    rgb = np.zeros((4, 4, 2), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), tmp_path / "rgb.nii.gz")
+    with pytest.raises(DataError, match=r"rgb.nii.gz: a \('R', 'G', 'B'\) colour NIfTI"):
+        convert(tmp_path / "rgb.nii.gz", tmp_path / "rgb")
+
+
+def test_dicom_rounded_positions_monochrome1_and_multiframe(tmp_path):
+    import pydicom
+
+    from segscale.imgmed.dicom import load_dicom_series
+    from test_imgmed_io import write_series
+
+    volume = np.random.default_rng(0).integers(0, 100, (8, 6, 5)).astype(np.int16)
+    write_series(tmp_path / "s", volume, step=0.625, slope=1.0, intercept=0.0)
+    for f in (tmp_path / "s").iterdir():  # positions written to 0.01 mm, as some scanners do
+        ds = pydicom.dcmread(f)
+        ds.ImagePositionPatient = [round(float(v), 2) for v in ds.ImagePositionPatient]
+        ds.save_as(f)
+    read, affine = load_dicom_series(tmp_path / "s")  # (was: 'spacing varies ... missing slices?')
+    assert read.shape == (8, 6, 5) and abs(affine[2, 2] - 0.625) < 0.01
+    for f in (tmp_path / "s").iterdir():
+        ds = pydicom.dcmread(f)
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.save_as(f)
+    inverted, _ = load_dicom_series(tmp_path / "s")
+    assert np.array_equal(inverted, -read)  # bright is high, as MONOCHROME2 stores it
+    f = next((tmp_path / "s").iterdir())
+    ds = pydicom.dcmread(f)
+    ds.NumberOfFrames = 2
+    ds.save_as(f)
+    with pytest.raises(DataError, match=r"a multi-frame \(enhanced\) DICOM; segscale reads one"):
+        load_dicom_series(tmp_path / "s")

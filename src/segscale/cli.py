@@ -102,7 +102,7 @@ def prepare_cmd(
         raise SegscaleError(f"--axis {axis}: expected 0, 1 or 2")
     if normalize not in ("zscore", "minmax", "none"):
         raise SegscaleError(f"--normalize {normalize}: expected zscore, minmax or none")
-    chans = channel_indices(source, channels.split(",")) if channels else None
+    chans = channel_indices(source, channels.split(",")) if channels is not None else None
     prep = Preprocessing(
         size=size,
         axis=axis,

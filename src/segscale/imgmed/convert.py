@@ -25,14 +25,19 @@ def export_slices(
     image: Image, out_dir: Path, axis: int = 2, window: tuple[float, float] | None = None
 ) -> list[Path]:
     """Each slice along `axis` as an 8-bit PNG `<stem>_<k>.png` (one window for the whole volume,
-    so slices stay comparable); rows of a picture run along the volume's second in-plane axis."""
-    a = image.array
+    so slices stay comparable); rows of a picture run along the volume's second in-plane axis.
+    Without `window`, integer data within 0..255 (a label map, 8-bit data) keeps its values
+    (slices.json then records no window); anything else, or any data with `window`, is windowed."""
+    a = _numeric(image)
     if a.ndim != 3:
         raise DataError(f"{image.path}: {a.ndim}D array; slice export takes a 3D volume")
     if axis not in (0, 1, 2):
         raise DataError(f"axis {axis}: expected 0, 1 or 2")
-    low, high = window if window is not None else np.percentile(a, (0.5, 99.5))
-    pixels = to_uint8(a, (float(low), float(high))) if a.dtype != np.uint8 else a
+    if window is None and np.issubdtype(a.dtype, np.integer) and a.min() >= 0 and a.max() < 256:
+        pixels, recorded = a.astype(np.uint8), None  # values kept, whatever the integer type
+    else:
+        low, high = window if window is not None else np.percentile(a, (0.5, 99.5))
+        pixels, recorded = to_uint8(a, (float(low), float(high))), [float(low), float(high)]
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = strip_suffix(image.path.name)
     width = max(3, len(str(a.shape[axis] - 1)))
@@ -44,7 +49,7 @@ def export_slices(
     meta = {
         "source": str(image.path),
         "axis": axis,
-        "window": [float(low), float(high)],
+        "window": recorded,
         "shape": list(a.shape),
         "affine": None if image.affine is None else np.asarray(image.affine).tolist(),
         "files": [p.name for p in written],
@@ -109,10 +114,38 @@ def convert(
     if dst.is_dir() or not dst.suffix:
         return export_slices(image, dst, axis, window)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    array = image.array
-    if _family_of_name(dst) == "image" and array.dtype not in (np.uint8, np.uint16):
-        array = to_uint8(array, window)
+    array = _numeric(image)
+    if _family_of_name(dst) == "image":
+        if array.ndim == 3 and array.shape[-1] not in (3, 4):
+            raise DataError(
+                f"{src}: a {'×'.join(map(str, array.shape))} volume into one picture {dst.name}; "
+                "give a folder as the destination for one picture per slice"
+            )
+        if window is not None or array.dtype not in (np.uint8, np.uint16):
+            array = to_uint8(array, window)
+    elif array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    elif array.dtype in (np.int64, np.uint64):  # NIfTI-1 writers refuse 64-bit integers
+        if array.size and (
+            array.min() < np.iinfo(np.int32).min or array.max() > np.iinfo(np.int32).max
+        ):
+            raise DataError(
+                f"{src}: 64-bit integers beyond the 32-bit range; NIfTI cannot hold them"
+            )
+        array = array.astype(np.int32)
     return [save(array, dst, image.affine)]
+
+
+def _numeric(image: Image) -> np.ndarray:
+    """The image's array as numbers: booleans as 0/1; a structured (RGB24 NIfTI) array refused
+    in one line."""
+    a = np.asarray(image.array)
+    if a.dtype.names is not None:
+        raise DataError(
+            f"{image.path}: a structured ({', '.join(a.dtype.names)}) array, e.g. an RGB24 "
+            "NIfTI; expected one number per voxel"
+        )
+    return a.astype(np.uint8) if a.dtype == np.bool_ else a
 
 
 def sniff_folder(folder: Path) -> str:

@@ -20,7 +20,9 @@ from segscale.imgmed.files import list_files
 
 
 def load_dicom_series(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(volume float32 (columns, rows, slices), affine 4×4 RAS) of a series folder or one file."""
+    """(volume float32 (columns, rows, slices), affine 4×4 RAS) of a series folder or one file.
+    Rescale slope and intercept are applied; MONOCHROME1 pixels (low values shown white) are
+    negated so that bright is high, as MONOCHROME2 stores them."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -40,6 +42,15 @@ def load_dicom_series(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: DICOM files without image data (no PixelData)")
     _check_one_series(path, slices)
     first = slices[0][1]
+    for f, ds in slices:
+        if (
+            "PerFrameFunctionalGroupsSequence" in ds
+            or int(getattr(ds, "NumberOfFrames", 1) or 1) > 1
+        ):
+            raise DataError(
+                f"{f}: a multi-frame (enhanced) DICOM; segscale reads one frame per file. "
+                "Convert it to NIfTI first (dcm2niix, 3D Slicer)"
+            )
     orientation = _floats(first, "ImageOrientationPatient", slices[0][0], 6)
     row_dir, col_dir = np.array(orientation[:3]), np.array(orientation[3:])
     normal = np.cross(row_dir, col_dir)
@@ -62,7 +73,8 @@ def load_dicom_series(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             f"{path}: {slices[i][0].name} and {slices[i + 1][0].name} lie at the same position; "
             "two series or duplicated files?"
         )
-    if len(gaps) and np.ptp(gaps) > 0.01 * max(float(np.mean(gaps)), 1e-6):
+    # 1% of the spacing, and never under 0.02 mm: positions written to 0.01 mm round by 0.005
+    if len(gaps) and np.ptp(gaps) > max(0.01 * float(np.mean(gaps)), 0.02):
         raise DataError(
             f"{path}: slice spacing varies from {gaps.min():.3g} to {gaps.max():.3g} mm "
             "(missing slices?); resampling such a series is not supported"
@@ -92,6 +104,10 @@ def load_dicom_series(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         slope = float(getattr(ds, "RescaleSlope", 1) or 1)
         intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
         volume[:, :, k] = pixels.T.astype(np.float32) * slope + intercept
+        if str(getattr(ds, "PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+            volume[
+                :, :, k
+            ] *= -1  # low values shown white: negated, so bright is high (MONOCHROME2)
     return volume, affine
 
 

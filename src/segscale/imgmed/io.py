@@ -118,6 +118,12 @@ def read_nifti(
     from one read of the file."""
     path = Path(path)
     img = _open_nifti(path)
+    stored = img.get_data_dtype()
+    if stored.names is not None:  # RGB24/RGBA32: a record per voxel, not a number
+        raise DataError(
+            f"{path}: a {stored.names} colour NIfTI (one record per voxel); expected one number "
+            "per voxel: store the colours as a 4th axis of 3 channels"
+        )
     try:
         data = np.asarray(img.dataobj, dtype=dtype) if dtype else np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises many types for a damaged file
@@ -132,7 +138,24 @@ def read_nifti(
     if data.ndim == 5 and data.shape[3] == 1:  # ITK's vector image: (X, Y, Z, 1 time, C)
         data = data[:, :, :, 0, :]
     affine = np.asarray(img.affine, dtype=np.float64)
+    _forms_agree(img, path)
     return data, affine, img.header
+
+
+def _forms_agree(img: Any, path: Path) -> None:
+    """Warn when a file's qform and sform, both set, place it differently: segscale (like nibabel)
+    uses the sform, and a tool that reads the qform would put the image elsewhere."""
+    header = img.header
+    if int(header["qform_code"]) > 0 and int(header["sform_code"]) > 0:
+        q, s = img.get_qform(), img.get_sform()
+        apart = float(np.abs(q - s).max())
+        if apart > 1e-3:
+            warnings.warn(
+                f"{path}: its qform and sform disagree (by up to {apart:.3g} mm or its "
+                "direction); segscale uses the sform, tools that read the qform place it "
+                "elsewhere",
+                stacklevel=4,
+            )
 
 
 def nifti_header(path: str | Path) -> Any:

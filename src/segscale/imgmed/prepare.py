@@ -60,9 +60,14 @@ def parse_label_map(text: str | None) -> dict[int, int] | None:
     if not text:
         return None
     try:
-        return {int(a): int(b) for a, b in (kv.split(":") for kv in text.split(","))}
+        pairs = [(int(a), int(b)) for a, b in (kv.split(":") for kv in text.split(","))]
     except ValueError as e:
         raise DataError(f"label map '{text}': expected raw:class pairs like 0:1,255:0") from e
+    raw = [a for a, _ in pairs]
+    twice = sorted({a for a in raw if raw.count(a) > 1})
+    if twice:
+        raise DataError(f"label map '{text}': raw value(s) {twice} given twice")
+    return dict(pairs)
 
 
 def prepare(
@@ -87,22 +92,34 @@ def prepare(
         raise DataError(f"jobs {jobs}: expected at least 1")
     src = discover(source)
     output = Path(output).resolve()
+    # a store inside a folder the source lists files from would be read as data next time
+    listed = {p.resolve().parent for c in src.cases for p in (*c.images, c.label) if p is not None}
+    inside = next((f for f in listed if f == output or f in output.parents), None)
+    inside = src.root.resolve() if output == src.root.resolve() else inside
+    if inside is not None:
+        raise DataError(
+            f"{output}: inside {inside}, which the dataset's files are listed from; the next "
+            "prepare would read the store as data. Write it elsewhere"
+        )
     params = {
         "preprocessing": prep.to_dict(),
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
         "seed": seed,
         "label_map": {str(k): v for k, v in label_map.items()} if label_map else None,
+        # what dataset.json / labels.json declare: a new name or label makes a new store
+        "declared": [src.name, sorted(src.labels.items()), src.channel_names],
     }
     digests = _case_digests(src)
     input_hash = _input_hash(digests, params)
+    partial = output.parent / f".{output.name}.partial"
     if is_current(output, input_hash):
+        shutil.rmtree(partial, ignore_errors=True)  # chunks of a run stopped after its commit
         return output, False
 
     labels, value_to_class = label_table(src, label_map)
     splits = split_cases([c.id for c in src.cases], val_fraction, test_fraction, seed)
     is_volume = src.volumes
-    partial = output.parent / f".{output.name}.partial"
     partial.mkdir(parents=True, exist_ok=True)
     # a chunk depends on its case's files and the per-case settings, not on the split
     setting = json.dumps([prep.to_dict(), sorted(value_to_class.items()), FORMAT]).encode()

@@ -318,7 +318,7 @@ def channel_indices(
     names: list[str] | None = None
     out = []
     for c in spec:
-        if isinstance(c, int) or c.isdigit():
+        if isinstance(c, int) or c.strip().lstrip("-").isdigit():
             out.append(int(c))
             continue
         names = names if names is not None else discover(root).channel_names

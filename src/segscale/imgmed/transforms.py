@@ -44,6 +44,13 @@ class Preprocessing:
         return cls(**d)
 
     def __post_init__(self) -> None:
+        if self.slices is not None and self.slices < 1:
+            raise DataError(f"slices {self.slices}: expected at least 1 per case (or all)")
+        if self.channels is not None:
+            twice = sorted({c for c in self.channels if list(self.channels).count(c) > 1})
+            if not self.channels or twice or min(self.channels) < 0:
+                why = f"{twice} given twice" if twice else "expected channel indices ≥ 0"
+                raise DataError(f"channels {list(self.channels)}: {why}")
         if self.clip is not None and not 0 <= self.clip[0] < self.clip[1] <= 100:
             raise DataError(f"clip {self.clip}: expected percentiles 0 ≤ low < high ≤ 100")
         if self.foreground_margin is not None and self.foreground_margin < 0:
