@@ -369,3 +369,23 @@ def test_dicom_rounded_positions_monochrome1_and_multiframe(tmp_path):
     ds.save_as(f)
     with pytest.raises(DataError, match=r"a multi-frame \(enhanced\) DICOM; segscale reads one"):
         load_dicom_series(tmp_path / "s")
+
+
+def test_one_picture_to_nifti_is_a_stack_of_one_and_predict_names_dicom(tmp_path):
+    from segscale.imgmed.convert import convert
+    from test_imgmed_io import write_series
+
+    picture = np.arange(40 * 32, dtype=np.uint16).reshape(40, 32)
+    Image.fromarray(picture).save(tmp_path / "p.png")
+    (tmp_path / "stack").mkdir()
+    Image.fromarray(picture).save(tmp_path / "stack" / "p.png")
+    [one] = convert(tmp_path / "p.png", tmp_path / "one.nii.gz", spacing=(0.5, 0.5, 2.0))
+    [stacked] = convert(tmp_path / "stack", tmp_path / "stacked.nii.gz")
+    assert nib.load(one).shape == nib.load(stacked).shape == (32, 40, 1)  # (was: 40 × 32)
+    assert np.array_equal(nib.load(one).dataobj, nib.load(stacked).dataobj)
+    assert np.allclose(np.diag(nib.load(one).affine), (0.5, 0.5, 2.0, 1.0))  # (was: ignored)
+    write_series(tmp_path / "series", np.zeros((4, 4, 3), np.int16), names=["a", "b", "c"])
+    with pytest.raises(DataError, match=r"no NIfTI or PNG.* \(a DICOM series\? convert it"):
+        predict(tmp_path / "run", [tmp_path / "series"], tmp_path / "out")
+    with pytest.raises(DataError, match=r"series/a: DICOM; predict reads NIfTI and pictures"):
+        predict(tmp_path / "run", [tmp_path / "series" / "a"], tmp_path / "out")

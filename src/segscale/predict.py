@@ -208,7 +208,13 @@ def _targets(cases: list[tuple[str, list[Path]]], out_dir: Path) -> dict[Path, l
     inputs = {f.resolve(): f for _, files in cases for f in files}
     targets: dict[Path, list[Path]] = {}
     for name, files in cases:
-        volume = sniff(files[0]) == "nifti"
+        kind = sniff(files[0])
+        if kind == "dicom":
+            raise DataError(
+                f"{files[0]}: DICOM; predict reads NIfTI and pictures: convert the series first "
+                "(`segscale imgmed convert SERIES_FOLDER scan.nii.gz`)"
+            )
+        volume = kind == "nifti"
         target = out_dir / name if volume else (out_dir / name).with_suffix(".png")
         if target in targets:
             raise DataError(

@@ -106,11 +106,17 @@ def convert(
     spacing: tuple[float, float, float] | None = None,
 ) -> list[Path]:
     """One call for every conversion; returns the files written. `dst` without a suffix (or an
-    existing folder) receives PNG slices; a folder of pictures as `src` is stacked into a volume."""
+    existing folder) receives PNG slices; a folder of pictures as `src` is stacked into a volume,
+    and one picture into a NIfTI is a stack of one (the same axes, `spacing` applied)."""
     if src.is_dir() and sniff_folder(src) == "pictures":
         image = stack_pictures(src, spacing)
     else:
         image = load(src)
+        if image.kind == "image" and _family_of_name(dst) == "nifti":  # a stack of one
+            if image.array.ndim != 2:
+                raise DataError(f"{src}: a colour picture; a NIfTI volume takes greyscale slices")
+            affine = np.diag([*(spacing or (1.0, 1.0, 1.0)), 1.0])
+            image = Image(image.array.T[:, :, None], affine, "image", src)
     if dst.is_dir() or not dst.suffix:
         return export_slices(image, dst, axis, window)
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -83,6 +83,17 @@ def list_folders(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_dir() and not is_hidden(p))
 
 
+def _looks_dicom(path: Path) -> bool:
+    """A .dcm name, or DICOM Part 10's 'DICM' after its 128-byte preamble."""
+    if has_suffix(path, DICOM_SUFFIXES):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def list_images(inputs: list[Path]) -> list[Path]:
     """The image files that `inputs` name: files as given, folders expanded to their visible
     NIfTI and PNG/JPG/TIFF files in name order. Raises DataError for a missing path or a folder
@@ -92,7 +103,9 @@ def list_images(inputs: list[Path]) -> list[Path]:
         if path.is_dir():
             found = list_files(path, (*NIFTI_SUFFIXES, *PNG_SUFFIXES))
             if not found:
-                raise DataError(f"{path}: no NIfTI or PNG/JPG/TIFF files")
+                dicom = any(_looks_dicom(p) for p in list_files(path)[:5])
+                hint = " (a DICOM series? convert it: segscale imgmed convert FOLDER scan.nii.gz)"
+                raise DataError(f"{path}: no NIfTI or PNG/JPG/TIFF files" + (hint if dicom else ""))
             files += found
         elif path.is_file():
             files.append(path)
