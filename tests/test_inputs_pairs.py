@@ -389,3 +389,24 @@ def test_one_picture_to_nifti_is_a_stack_of_one_and_predict_names_dicom(tmp_path
         predict(tmp_path / "run", [tmp_path / "series"], tmp_path / "out")
     with pytest.raises(DataError, match=r"series/a: DICOM; predict reads NIfTI and pictures"):
         predict(tmp_path / "run", [tmp_path / "series" / "a"], tmp_path / "out")
+
+
+def test_gantry_tilt_and_a_spacing_that_leaves_no_pixels_are_said(tmp_path):
+    import pydicom
+
+    from segscale.imgmed import Preprocessing, prepare
+    from segscale.imgmed.dicom import load_dicom_series
+    from test_imgmed_io import write_series
+
+    t = np.radians(20)  # rows tilted, positions stepping straight along z (a CT gantry tilt)
+    write_series(tmp_path / "tilt", np.zeros((6, 5, 4), np.int16),
+                 orientation=(1, 0, 0, 0, np.cos(t), -np.sin(t)))  # fmt: skip
+    for f in (tmp_path / "tilt").iterdir():
+        ds = pydicom.dcmread(f)
+        ds.ImagePositionPatient = [-50.0, 30.0, float(ds.ImagePositionPatient[2])]
+        ds.save_as(f)
+    with pytest.warns(UserWarning, match=r"slices sheared by 20.0° against their normal"):
+        load_dicom_series(tmp_path / "tilt")
+    raw = write_nnunet_v2(tmp_path / "v2")
+    with pytest.warns(UserWarning, match=r"--spacing 100 mm: 3 case\(s\) resample to under 8"):
+        prepare(raw, tmp_path / "out", Preprocessing(size=16, spacing=100.0), progress=False)

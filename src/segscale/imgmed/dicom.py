@@ -10,6 +10,7 @@ RAS millimetres (DICOM positions are LPS: x and y change sign).
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -85,6 +86,15 @@ def load_dicom_series(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         if len(slices) > 1
         else normal * float(getattr(first, "SliceThickness", 1.0) or 1.0)
     )
+    if len(slices) > 1:  # positions off the slice normal: a gantry tilt shears the grid
+        tilt = np.degrees(np.arccos(min(1.0, abs(float(step @ normal)) / np.linalg.norm(step))))
+        if tilt > 0.5:
+            warnings.warn(
+                f"{path}: slices sheared by {tilt:.1f}° against their normal (gantry tilt); the "
+                "affine keeps the shear, which ITK-based tools refuse to read (dcm2niix can "
+                "resample a tilted series)",
+                stacklevel=2,
+            )
     lps = np.eye(4)
     lps[:3, 0] = row_dir * col_spacing  # along a row: the column index grows
     lps[:3, 1] = col_dir * row_spacing  # down a column: the row index grows

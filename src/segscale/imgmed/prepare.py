@@ -177,8 +177,20 @@ def prepare(
         raise
     for note in dataset_notes([(c["id"], c["affine"]) for c in cases_meta], prep.axis):
         warnings.warn(note, stacklevel=2)
+    small = [c for c in cases_meta if min(c.get("resampled") or [prep.size]) < MIN_PLANE]
+    if prep.spacing is not None and small:
+        c = small[0]
+        warnings.warn(
+            f"--spacing {prep.spacing:g} mm: {len(small)} case(s) resample to under {MIN_PLANE} "
+            f"pixels across (e.g. {c['id']}: {c['resampled'][0]}×{c['resampled'][1]}); the "
+            "spacing is far coarser than the voxels",
+            stacklevel=2,
+        )
     shutil.rmtree(partial, ignore_errors=True)
     return output, True
+
+
+MIN_PLANE = 8  # pixels across a resampled slice below which little anatomy is left
 
 
 def _run_cases(
@@ -271,6 +283,7 @@ def _prepare_case(
         "affine": affine.tolist() if affine is not None else None,
         "slice_indices": indices.tolist(),
         "channels": int(x.shape[1]),
+        "resampled": list(plane.resampled),
     }
     masks = to_grid(m, plane, prep.size, masks=True).numpy()
     try:
