@@ -75,13 +75,17 @@ def test_a_mask_without_an_image_is_refused(tmp_path):
         prepared(pictures, tmp_path / "out")
 
 
+def write_case(root: Path, pred: np.ndarray, ref: np.ndarray, name: str = "a") -> None:
+    """root/pred/<name>.nii.gz and root/ref/<name>.nii.gz (identity affine), folders made."""
+    for side, mask in (("pred", pred), ("ref", ref)):
+        (root / side).mkdir(exist_ok=True)
+        nib.save(nib.Nifti1Image(mask, np.eye(4)), root / side / f"{name}.nii.gz")
+
+
 def test_evaluate_refuses_two_references_for_one_case(tmp_path):
-    for side in ("pred", "ref"):
-        (tmp_path / side).mkdir()
     mask = np.zeros((8, 8, 2), np.uint8)
     mask[2:5, 2:5] = 1
-    for path in (tmp_path / "pred" / "a.nii.gz", tmp_path / "ref" / "a.nii.gz"):
-        nib.save(nib.Nifti1Image(mask, np.eye(4)), path)
+    write_case(tmp_path, mask, mask)
     nib.save(nib.Nifti1Image(mask, np.eye(4)), tmp_path / "ref" / "A.nii.gz")
     with pytest.raises(DataError, match=r"two references for 'a'"):
         evaluate_folders(tmp_path / "pred", tmp_path / "ref", {1: "blob"})
@@ -136,16 +140,13 @@ def test_masks_with_no_foreground_or_drawn_in_alpha_are_refused(tmp_path):
 
 
 def test_labels_without_foreground_and_the_ignore_label(tmp_path):
-    for side in ("pred", "ref"):
-        (tmp_path / side).mkdir()
     ref = np.zeros((10, 10, 3), np.uint8)
     ref[2:6, 2:6] = 1
     ref[7:9, :] = 2  # nobody annotated these rows
     pred = np.where(ref == 1, 1, 0).astype(np.uint8)
     pred[7, :4] = 1  # whatever the prediction says there is not scored
     pred[0, 0, 0] = 1  # one false positive where it is
-    nib.save(nib.Nifti1Image(ref, np.eye(4)), tmp_path / "ref" / "a.nii.gz")
-    nib.save(nib.Nifti1Image(pred, np.eye(4)), tmp_path / "pred" / "a.nii.gz")
+    write_case(tmp_path, pred, ref)
     with pytest.raises(DataError, match=r"no foreground label; 0 is the background"):
         evaluate_folders(tmp_path / "pred", tmp_path / "ref", {0: "background"})
     with pytest.raises(DataError, match=r"--labels '': expected values like 1,2"):

@@ -28,7 +28,7 @@ from torch import nn
 
 from segscale._files import to_json, write_atomic
 from segscale.errors import DataError
-from segscale.imgmed.files import by_case, case_key, is_nifti_name, list_images, strip_suffix
+from segscale.imgmed.files import by_case, is_nifti_name, list_images, strip_suffix
 from segscale.imgmed.geometry import onto_grid, spacing_from_affine
 from segscale.imgmed.io import load_mask2d, load_nifti
 from segscale.imgmed.sources import IGNORE, declared_labels
@@ -434,16 +434,16 @@ def evaluate_folders(
     without either is it inferred from the values in the files, with a warning. A value no
     declared label has is refused, naming the file. Values that are not 0..K-1 (e.g. PNG 0/255)
     are mapped to classes in sorted order, and the map is recorded."""
-    refs = list(by_case(list_images([ref_dir]), "references").values())
+    refs = by_case(list_images([ref_dir]), "references")
     preds = by_case(list_images([pred_dir]), "predictions")
-    missing = [ref for ref in refs if case_key(ref.name) not in preds]
+    missing = [ref for key, ref in refs.items() if key not in preds]
     if missing:
         raise DataError(
             f"{pred_dir}: no prediction for {len(missing)} of {len(refs)} reference(s), e.g. "
             f"{missing[0].name} (a prediction pairs with its reference by name, in any case and "
             "image format)"
         )
-    unscored = sorted(set(preds) - {case_key(ref.name) for ref in refs})
+    unscored = sorted(set(preds) - set(refs))
     if unscored:
         warnings.warn(
             f"{pred_dir}: {len(unscored)} prediction(s) without a reference in {ref_dir} not "
@@ -451,8 +451,8 @@ def evaluate_folders(
             stacklevel=2,
         )
     pairs = []
-    for ref in refs:
-        pred = preds[case_key(ref.name)]
+    for key, ref in refs.items():
+        pred = preds[key]
         (p, p_affine), (r, r_affine) = _load_labels(pred), _load_labels(ref)
         if p_affine is not None and r_affine is not None:
             p = onto_grid(
@@ -487,13 +487,10 @@ def evaluate_folders(
         for ref, pred, p, r, _ in pairs
         for path, a in ((pred, p), (ref, r))
     }
-    apart = [
-        (pred, sorted(present[pred] - {0}), sorted(present[ref] - {0}))
-        for ref, pred, *_ in pairs
-        if present[pred] - {0} and present[ref] - {0} and not present[pred] & present[ref] - {0}
-    ]
+    foreground = [(pred, present[pred] - {0}, present[ref] - {0}) for ref, pred, *_ in pairs]
+    apart = [(pred, p, r) for pred, p, r in foreground if p and r and not p & r]
     if apart:
-        pred, p_values, r_values = apart[0]
+        pred, p_values, r_values = apart[0][0], sorted(apart[0][1]), sorted(apart[0][2])
         warnings.warn(
             f"{pred_dir}: in {len(apart)} of {len(pairs)} case(s) the prediction's foreground "
             f"values and the reference's have none in common, so their overlap is 0 (e.g. "
@@ -517,13 +514,13 @@ def evaluate_folders(
     if labels is not None:
         names = {0: "background", **labels}
         # nnU-Net's "ignore" label marks voxels nobody annotated: scored by neither side
-        ignored = [v for v, n in names.items() if n == IGNORE]
-        if ignored[1:] or 0 in ignored:
+        marked = [v for v, n in names.items() if n == IGNORE]
+        if marked[1:] or 0 in marked:
             raise DataError(
-                f"labels ({source}): 'ignore' given to {ignored}; one value other than the "
+                f"labels ({source}): 'ignore' given to {marked}; one value other than the "
                 "background (0) may mark the voxels nobody annotated"
             )
-        ignore = ignored[0] if ignored else None
+        ignore = marked[0] if marked else None
         if ignore is not None:
             del names[ignore]
         values = sorted(names)
@@ -538,9 +535,10 @@ def evaluate_folders(
                 f"labels ({source}): the name(s) {twice} are given to several values; each "
                 "class needs its own name"
             )
+        references = set(refs.values())
         for path, found_values in present.items():
             allowed = set(values) | (
-                {ignore} if ignore is not None and path in set(refs) else set()
+                {ignore} if ignore is not None and path in references else set()
             )
             undeclared = sorted(found_values - allowed)
             if undeclared:

@@ -104,12 +104,11 @@ def predict(
 
     def segment(files: list[Path], target: Path) -> None:
         volume = sniff(files[0]) == "nifti"  # by content: the name may lie
+        image, affine = load_channel_files(files, volume)
         if volume:
-            image, affine = load_channel_files(files)
             header = nifti_header(files[0])
             spatial = image.shape[:3]
         else:
-            image, affine = load_channel_files(files)
             image = _as_channels(image, plan.in_channels, prep)
             spatial = image.shape[:2]
         x, _ = preprocess(image, volume, prep, affine=affine)

@@ -14,9 +14,9 @@ import numpy as np
 from segscale._files import file_sha256, write_atomic
 from segscale._progress import progress_bar
 from segscale.errors import DataError
-from segscale.imgmed.files import is_nifti_name, list_files
+from segscale.imgmed.files import list_files
 from segscale.imgmed.geometry import dataset_notes, onto_grid, split_majority
-from segscale.imgmed.io import load_image2d, load_mask2d, load_nifti, sniff
+from segscale.imgmed.io import load_image2d, load_mask2d, load_nifti
 from segscale.imgmed.sources import Case, Source, discover
 from segscale.imgmed.store import FORMAT, StoreWriter, is_current
 from segscale.imgmed.transforms import (
@@ -431,13 +431,13 @@ def load_case(case: Case, is_volume: bool, value_to_class: dict[int, int]):
             target_what="DICOM series",
         )
     elif is_volume:
-        image, affine = load_channel_files(case.images)
+        image, affine = load_channel_files(case.images, is_volume)
         raw_mask, mask_affine = _load_label_volume(case.label)
         raw_mask = onto_grid(
             raw_mask, mask_affine, affine, image.shape[:3], name=case.label, target=case.images[0]
         )
     else:
-        image, affine = load_channel_files(case.images)
+        image, affine = load_channel_files(case.images, is_volume)
         raw_mask = load_mask2d(case.label)
         if raw_mask.shape != image.shape[:2]:
             raise DataError(
@@ -450,12 +450,13 @@ def load_case(case: Case, is_volume: bool, value_to_class: dict[int, int]):
     return image, _map_labels(raw_mask, value_to_class, case.label), affine
 
 
-def load_channel_files(paths: list[Path]) -> tuple[np.ndarray, np.ndarray | None]:
+def load_channel_files(paths: list[Path], volume: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """One image from its files: one file, or nnU-Net v2's one file per channel (or per group of
-    channels: an RGB picture is three). NIfTI → ((X, Y, Z[, C]), affine), each further file
-    matched to the first in world space (segscale.imgmed.geometry); 2D pictures → ((H, W[, C]),
-    None), each of the first's size. Raises DataError naming the file that does not fit."""
-    if is_nifti_name(paths[0]) or sniff(paths[0]) == "nifti":
+    channels: an RGB picture is three). `volume`: NIfTI → ((X, Y, Z[, C]), affine), each further
+    file matched to the first in world space (segscale.imgmed.geometry); else 2D pictures →
+    ((H, W[, C]), None), each of the first's size. Raises DataError naming the file that does
+    not fit."""
+    if volume:
         first, affine = load_nifti(paths[0])
         if first.size == 0:
             raise DataError(f"{paths[0]}: empty image (shape {first.shape})")
