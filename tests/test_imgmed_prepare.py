@@ -229,3 +229,42 @@ def test_an_empty_volume_is_named(tmp_path):
     )
     with pytest.raises(DataError, match=r"case_001\.nii\.gz: empty image"):
         prepare(raw, tmp_path / "s", Preprocessing(size=16), progress=False)
+
+
+def test_ctrl_c_stops_a_parallel_prepare_at_once_and_the_rerun_resumes(tmp_path):
+    """Ctrl-C reaches the terminal's whole process group: parent and workers at once."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    raw = write_msd(tmp_path / "raw", num_cases=30, shape=(64, 64, 32))
+    out, partial = tmp_path / "store", tmp_path / ".store.partial"
+    args = [sys.executable, "-m", "segscale.cli", "prepare", raw, out, "--size", "128"]
+    proc = subprocess.Popen(
+        [*map(str, args), "--jobs", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own group, as a terminal gives it
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (partial.is_dir() and any(partial.glob("*.npz"))):  # first case done
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.05)
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert workers  # the pool's processes are running cases
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"workers left running after Ctrl-C: {alive}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    kept = len(list(partial.glob("*.npz")))
+    # the cases in hand finish and are kept (two running, a few queued), no others; nothing published
+    assert 1 <= kept <= 10 and not out.exists()
+    rerun = subprocess.run([*map(str, args), "--jobs", "2"], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert Store.open(out).meta["cases"] and not partial.exists()

@@ -227,7 +227,8 @@ def _run_cases(
             cuda = torch is not None and torch.cuda.is_initialized()
             method = "fork" if sys.platform == "linux" and not cuda else "spawn"
             workers = min(jobs, len(todo))
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context(method)) as pool:
+            context = mp.get_context(method)
+            with ProcessPoolExecutor(workers, context, initializer=_ignore_interrupt) as pool:
                 futures = {pool.submit(_prepare_case, *a): case for case, a in zip(todo, args)}
                 try:
                     for future in as_completed(futures):
@@ -236,12 +237,26 @@ def _run_cases(
                         except DataError as e:
                             refused[futures[future].id] = str(e)
                         advance()
-                except BaseException:
+                except BaseException:  # Ctrl-C or a failure: the cases in hand finish, no others
+                    # cancelled here and now: shutdown(cancel_futures=True) leaves it to the pool's
+                    # thread, and the with-exit's own shutdown() can undo it first
                     for f in futures:
                         f.cancel()
                     raise
     if refused:
         raise DataError(refusals(refused, [c.id for c in todo], resumed))
+
+
+def _ignore_interrupt() -> None:
+    """In each pool process: leave Ctrl-C to the parent.
+
+    A terminal's Ctrl-C reaches every process of its group. A pool process interrupted while it
+    holds the task queue's lock dies with it held, and the pool's shutdown then waits forever; the
+    parent alone stops the pool instead.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def refusals(refused: dict[str, str], order: list[str], resumed: int = 0) -> str:
