@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one command (for a lent GPU machine: `bash scripts/gpu_check.sh`), ending in a table.
-# Where packages are missing, wheels in .whl/ are installed first. For an image with torch but not
-# segscale's other needs, download them here for that machine's Python (3.12, x86-64), e.g.:
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-#     --platform manylinux_2_28_x86_64 -d .whl nibabel pydicom pydantic pydantic-core defusedxml \
-#     mlflow-skinny sqlalchemy alembic mako databricks-sdk google-auth cryptography cffi ...
-# (each package's own needs that the image lacks too: `pip show` there lists what it has).
+# Where packages are missing, wheels in .whl/ are installed first: `bash scripts/gpu_wheels.sh` here
+# downloads those the GPU image lacks (Python 3.12, x86-64; about 26 MB), to carry with this run.
 set -uo pipefail
 OUT=${OUT:-/tmp/segscale-gpu-check}
 mkdir -p "$OUT"
