@@ -1,5 +1,6 @@
 """prepare in parallel and resumable; intensity options; slices near the foreground."""
 
+import re
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import write_msd
-from segscale.errors import DataError
+from segscale.errors import PREEMPTED_EXIT_CODE, DataError
 from segscale.imgmed import Preprocessing, Store, prepare
 from segscale.imgmed.transforms import normalize, select_slices
 
@@ -256,13 +257,16 @@ def test_ctrl_c_stops_a_parallel_prepare_at_once_and_the_rerun_resumes(tmp_path)
         workers = psutil.Process(proc.pid).children(recursive=True)
         assert workers  # the pool's processes are running cases
         os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=60) == 130
+        assert proc.wait(timeout=60) == PREEMPTED_EXIT_CODE
+        said = proc.stdout.read().decode()
+        assert re.search(r"preempted: .*store: interrupted with \d+ of 30 cases prepared", said)
         _, alive = psutil.wait_procs(workers, timeout=10)
         assert not alive, f"workers left running after Ctrl-C: {alive}"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     kept = len(list(partial.glob("*.npz")))
+    assert f"with {kept} of 30 cases" in said
     # the cases in hand finish and are kept (two running, a few queued), no others; nothing published
     assert 1 <= kept <= 10 and not out.exists()
     rerun = subprocess.run([*map(str, args), "--jobs", "2"], capture_output=True, text=True)

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from segscale._files import from_json
-from segscale.errors import USER_ERROR_EXIT_CODE, SegscaleError
+from segscale.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, Preempted, SegscaleError
 
 app = typer.Typer(
     add_completion=False,
@@ -285,7 +285,6 @@ def tune_cmd(
 ) -> None:
     """Tune GreScale for K workers with the thesis' guideline: one-worker baseline, then trials
     until one matches it; writes tune.md, tune.png and tuned.yaml. Rerun to continue after a stop."""
-    from segscale.errors import PREEMPTED_EXIT_CODE, Preempted
     from segscale.tune import TuneOptions, tune
 
     options = TuneOptions(
@@ -302,11 +301,7 @@ def tune_cmd(
     )
     if out is None:
         out = Path("runs") / f"{_load(config, overrides).name}-tune-{workers}"
-    try:
-        state = tune(config, overrides, options, out)
-    except Preempted as e:
-        typer.echo(f"preempted: {e}", err=True)
-        raise typer.Exit(PREEMPTED_EXIT_CODE) from None
+    state = tune(config, overrides, options, out)
     decision = state["decision"]
     chosen = f"trial {decision['trial']}" if decision["trial"] else "no trial"
     typer.echo(
@@ -334,16 +329,11 @@ def repeat_cmd(
 ) -> None:
     """Train one config N times, one source of randomness varied, test each run, and report the
     spread: per metric mean, SD, 95% CI, min/max; per case; ICC(A,1) between runs. Resumable."""
-    from segscale.errors import PREEMPTED_EXIT_CODE, Preempted
     from segscale.repeat import RepeatOptions, repeat
 
     if out is None:
         out = Path("runs") / f"{_load(config, overrides).name}-repeat"
-    try:
-        report = repeat(config, overrides, RepeatOptions(runs, vary, workers), out)
-    except Preempted as e:
-        typer.echo(f"preempted: {e}", err=True)
-        raise typer.Exit(PREEMPTED_EXIT_CODE) from None
+    report = repeat(config, overrides, RepeatOptions(runs, vary, workers), out)
     dice = report["metrics"]["dice"]
     line = f"test Dice {dice['mean']:.4f} ± {dice['sd']:.4f} (SD over {report['runs']} runs)"
     if report["agreement"] is not None:
@@ -974,6 +964,9 @@ def main() -> None:
     except SegscaleError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(USER_ERROR_EXIT_CODE)
+    except Preempted as e:  # a resumable job stopped with its state kept: the same command goes on
+        typer.echo(f"preempted: {e}", err=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

@@ -13,7 +13,7 @@ import numpy as np
 
 from segscale._files import file_sha256, write_atomic
 from segscale._progress import progress_bar
-from segscale.errors import DataError
+from segscale.errors import DataError, Preempted
 from segscale.imgmed.files import list_files
 from segscale.imgmed.geometry import dataset_notes, onto_grid, split_majority
 from segscale.imgmed.io import load_image2d, load_mask2d, load_nifti
@@ -129,17 +129,24 @@ def prepare(
         for c in src.cases
     }
     todo = [c for c in src.cases if not chunks[c.id].is_file()]
-    _run_cases(
-        todo,
-        chunks,
-        is_volume,
-        value_to_class,
-        prep,
-        jobs,
-        progress,
-        src.name,
-        resumed=len(src.cases) - len(todo),
-    )
+    try:
+        _run_cases(
+            todo,
+            chunks,
+            is_volume,
+            value_to_class,
+            prep,
+            jobs,
+            progress,
+            src.name,
+            resumed=len(src.cases) - len(todo),
+        )
+    except KeyboardInterrupt:
+        kept = sum(chunks[c.id].is_file() for c in src.cases)
+        raise Preempted(
+            f"{output}: interrupted with {kept} of {len(src.cases)} cases prepared, kept in "
+            f"{partial}; the same command goes on from them"
+        ) from None
 
     # the store's size from the small mask arrays; the images are then read one case at a time,
     # so a dataset larger than memory can be assembled
