@@ -73,6 +73,22 @@ def test_unknown_override_key_and_bad_override(tmp_path):
         load_config(write(tmp_path, GOOD), ["train.epochs"])
 
 
+def test_a_rule_over_a_section_names_the_file_line_and_the_override_inside_it(tmp_path):
+    path = write(tmp_path, GOOD)
+    # momentum in the file, adam from the command line: a rule over the optimizer needs both
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["train.optimizer.name=adam"])
+    assert str(e.value).startswith(
+        f"{path}:8 and override 'train.optimizer.name=adam': key 'train.optimizer': adam has no "
+        "momentum"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["seed=1", "train.schedule.poly_power=2"])
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:10 and override 'train.schedule.poly_power=2': ")
+    assert "poly_power takes effect only with decay: poly" in msg and "seed=1" not in msg
+
+
 def test_missing_key_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="missing required key 'train'"):
         load_config(write(tmp_path, "name: x\ndata: {store: s}\n"))

@@ -691,13 +691,15 @@ def validate(
         # a value that fits no member of a union (bool | 'auto') names each member in its loc
         loc = tuple(str(p) for p in err["loc"] if not _is_union_member(p))
         key = ".".join(loc)
-        given = [
-            o
-            for o in overrides or []
-            if key == (k := o.partition("=")[0]) or key.startswith(k + ".")
-        ]
+        keys = [(o, o.partition("=")[0]) for o in overrides or []]
+        # an override that set this key (or the section holding it) is where the value came from
+        given = [o for o, k in keys if key == k or key.startswith(k + ".")]
+        # a rule over a whole section can fail on what the file and overrides set inside it
+        inside = [o for o, k in keys if not key or k.startswith(key + ".")]
         line = _line_of(text, loc) if text and not given else None
         where = f"override '{given[-1]}'" if given else f"{source}:{line}" if line else source
+        if inside and not given:
+            where += "".join(f" and override '{o}'" for o in inside)
         raise ConfigError(f"{where}: {_describe(err, loc)}") from None
 
 
