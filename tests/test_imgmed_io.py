@@ -272,3 +272,17 @@ def test_written_files_get_the_permissions_of_a_plain_write(tmp_path):
         assert saved.stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(mask)
+
+
+def test_the_python_api_takes_paths_as_strings(tmp_path):
+    """As documented in docs/imgmed.md: convert("scan.nii.gz", "slices/", axis=2)."""
+    from segscale.imgmed import export_slices
+
+    volume = np.arange(4 * 5 * 3, dtype=np.float32).reshape(4, 5, 3)
+    nifti = str(save(volume, str(tmp_path / "scan.nii.gz")))
+    written = convert(nifti, str(tmp_path / "slices"), axis=2)
+    assert [p.name for p in written] == ["scan_000.png", "scan_001.png", "scan_002.png"]
+    back = convert(str(tmp_path / "slices"), str(tmp_path / "back.nii.gz"))
+    assert load(back[0]).array.shape == (4, 5, 3)
+    assert stack_pictures(str(tmp_path / "slices")).array.shape == (4, 5, 3)
+    assert len(export_slices(load(nifti), str(tmp_path / "again"))) == 3

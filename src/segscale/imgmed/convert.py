@@ -22,7 +22,7 @@ SIDE_CAR = "slices.json"
 
 
 def export_slices(
-    image: Image, out_dir: Path, axis: int = 2, window: tuple[float, float] | None = None
+    image: Image, out_dir: str | Path, axis: int = 2, window: tuple[float, float] | None = None
 ) -> list[Path]:
     """Each slice along `axis` as an 8-bit PNG `<stem>_<k>.png` (one window for the whole volume,
     so slices stay comparable); rows of a picture run along the volume's second in-plane axis.
@@ -38,6 +38,7 @@ def export_slices(
     else:
         low, high = window if window is not None else np.percentile(a, (0.5, 99.5))
         pixels, recorded = to_uint8(a, (float(low), float(high))), [float(low), float(high)]
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = strip_suffix(image.path.name)
     width = max(3, len(str(a.shape[axis] - 1)))
@@ -58,9 +59,10 @@ def export_slices(
     return written
 
 
-def stack_pictures(folder: Path, spacing: tuple[float, float, float] | None = None) -> Image:
+def stack_pictures(folder: str | Path, spacing: tuple[float, float, float] | None = None) -> Image:
     """A folder of 2D pictures → a volume, slices in natural name order (img_2 before img_10).
     With the slices.json of `export_slices`, the original axis, shape and affine come back."""
+    folder = Path(folder)
     side = folder / SIDE_CAR
     meta = json.loads(side.read_text()) if side.is_file() else None
     if meta is not None:
@@ -99,8 +101,8 @@ def stack_pictures(folder: Path, spacing: tuple[float, float, float] | None = No
 
 
 def convert(
-    src: Path,
-    dst: Path,
+    src: str | Path,
+    dst: str | Path,
     axis: int = 2,
     window: tuple[float, float] | None = None,
     spacing: tuple[float, float, float] | None = None,
@@ -108,6 +110,7 @@ def convert(
     """One call for every conversion; returns the files written. `dst` without a suffix (or an
     existing folder) receives PNG slices; a folder of pictures as `src` is stacked into a volume,
     and one picture into a NIfTI is a stack of one (the same axes, `spacing` applied)."""
+    src, dst = Path(src), Path(dst)
     if src.is_dir() and sniff_folder(src) == "pictures":
         image = stack_pictures(src, spacing)
     else:
