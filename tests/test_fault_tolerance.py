@@ -1,11 +1,13 @@
 """Checkpoint/restart: a killed or preempted run ends with the weights of an uninterrupted one."""
 
 import json
+import os
 import re
 import resource
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -323,6 +325,72 @@ def test_a_nan_loss_stops_both_workers_at_that_step_keeping_the_checkpoints_befo
     steps = sorted(p.name for p in (run / "checkpoints").glob("step_*.pt"))
     assert steps == ["step_00000002.pt"]  # step 4's NaN weights were never saved
     assert not (run / "model.pt").exists()
+
+
+def test_a_running_training_holds_its_folder_and_stop_tells_running_from_stopped(
+    tmp_path, real_store
+):
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    path = plugin_config(
+        tmp_path,
+        real_store,
+        "PauseAt",
+        {"step": 1, "ready": str(ready), "go": str(go)},
+        epochs=2,
+        steps_per_epoch=4,
+    )
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "segscale.cli", "train", path, "--run-dir", run]
+    first = subprocess.Popen(list(map(str, args)), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.exists():  # paused after step 1, its lock held
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+            time.sleep(0.05)
+        second = train(path, run, "--resume")  # a second training into the same folder
+        assert second.returncode == 2, second.stderr
+        assert re.search(
+            rf"{run}: a training is running in it \(pid {first.pid} on ", second.stderr
+        )
+        asked = cli("stop", run)
+        assert asked.returncode == 0, asked.stderr
+        go.touch()
+        assert first.wait(timeout=300) == PREEMPTED_EXIT_CODE, first.stderr.read()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert "stopped by `segscale stop` at step 1" in first.stderr.read()  # the paused step
+    # stopped: nothing holds the folder, and a stop asked now has nothing to stop
+    late = cli("stop", run)
+    assert late.returncode == 2 and "no training is running in it" in late.stderr
+    resumed = train(path, run, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (run / "model.pt").is_file() and not (run / "STOP").exists()
+
+
+def test_the_run_lock_is_released_with_its_holder_not_with_forked_children(tmp_path):
+    """A data-loading process forked while rank 0 holds the lock can outlive rank 0 by seconds;
+    it must not keep the folder locked (an immediate --resume would be refused)."""
+    import multiprocessing
+
+    from segscale._files import held_lock, lock_holder
+
+    lock = tmp_path / ".running"
+    with held_lock(lock, what="busy"):
+        assert lock_holder(lock).startswith(f"pid {os.getpid()} on ")
+        second = held_lock(lock, wait=0.3, what="busy")
+        with pytest.raises(SegscaleError, match=r": busy \(pid \d+ on .* since "):
+            second.__enter__()
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+        child.start()
+    try:
+        deadline = time.monotonic() + 10  # the child closes its copy as it starts
+        while lock_holder(lock) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lock_holder(lock) is None and child.is_alive()
+    finally:
+        child.terminate()
+        child.join()
 
 
 @pytest.mark.distributed

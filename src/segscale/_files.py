@@ -191,3 +191,85 @@ def job_state(path: Path, signature: dict, fresh: dict, what: str) -> dict:
             "rerun it as it started, or use another --out"
         )
     return state
+
+
+RUN_LOCK = ".running"  # in a run folder: held (flock) by the process that records a training
+_HELD: set[int] = set()  # descriptors of the locks this process holds
+_FORK_HOOK: list[bool] = []  # whether _drop_held_in_child is registered (once per process)
+
+
+def _drop_held_in_child() -> None:
+    # a forked child (a data-loading worker) shares the lock while it holds a copy of the
+    # descriptor, and may outlive its parent by seconds; its copies are closed at once
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+def lock_holder(path: Path) -> str | None:
+    """Who holds the lock file `path` ('pid P on HOST since T', as its holder wrote), or None
+    when nobody does. Raises OSError where that cannot be told (a file system without flock,
+    a file that cannot be opened for writing)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return Path(path).read_text(errors="replace").strip() or "another process"
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+class held_lock:
+    """Hold an exclusive flock on `path` for a `with` block, waiting up to `wait` seconds for
+    it (a restarted worker may wait for its predecessor's last child to exit); the file then
+    says who holds it. The kernel releases it when the holder dies, however it dies. Raises
+    SegscaleError naming the holder when the wait runs out. A file system without flock
+    (some parallel file systems) is not locked."""
+
+    def __init__(self, path: Path, wait: float = 0.0, what: str = "") -> None:
+        self.path, self.wait, self.what, self.fd = Path(path), wait, what, -1
+
+    def __enter__(self) -> held_lock:
+        import fcntl
+        import socket
+        import time
+
+        from segscale.errors import SegscaleError
+
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = self.path.read_text(errors="replace").strip() or "another process"
+                    os.close(self.fd)
+                    raise SegscaleError(f"{self.path.parent}: {self.what} ({holder})") from None
+                time.sleep(0.2)
+            except OSError:  # no flock here: run unlocked rather than not at all
+                return self
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        os.ftruncate(self.fd, 0)
+        who = f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n"
+        os.pwrite(self.fd, who.encode(), 0)
+        if not _HELD and not _FORK_HOOK:
+            os.register_at_fork(after_in_child=_drop_held_in_child)
+            _FORK_HOOK.append(True)
+        _HELD.add(self.fd)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            _HELD.discard(self.fd)
+            os.close(self.fd)  # closing its last descriptor releases the lock
+            self.fd = -1

@@ -394,7 +394,7 @@ def stop_cmd(
     """Stop a running training from any shell that sees its run folder: at its next check
     (train.check_every: the end of this step on CPU, within 10 steps on GPUs), with a
     checkpoint (continue with --resume); --now: at once, from the last checkpoint."""
-    from segscale._files import write_atomic
+    from segscale._files import RUN_LOCK, lock_holder, write_atomic
     from segscale.errors import STOP_FILE
 
     run_dir = run_dir.resolve()
@@ -402,6 +402,15 @@ def stop_cmd(
         raise SegscaleError(f"{run_dir}: not a run folder (no config.yaml)")
     if (run_dir / "model.pt").is_file():
         raise SegscaleError(f"{run_dir}: the run has finished; there is nothing to stop")
+    try:
+        running = lock_holder(run_dir / RUN_LOCK) is not None
+    except OSError:  # a file system without flock: the request is left for a run to find
+        running = True
+    if not running:
+        raise SegscaleError(
+            f"{run_dir}: no training is running in it (a starting one takes its lock within "
+            "seconds; ask again then); nothing to stop"
+        )
     write_atomic(run_dir / STOP_FILE, "now\n" if now else "graceful\n")
     when = "at once" if now else "at its next check (train.check_every steps), after a checkpoint"
     typer.echo(f"asked {run_dir.name} to stop {when}; continue it with --resume")

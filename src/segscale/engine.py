@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from segscale._files import to_json, write_atomic
+from segscale._files import RUN_LOCK, lock_holder, to_json, write_atomic
 from segscale.config import RunConfig, load_config, save_config
 from segscale.errors import SegscaleError
 from segscale.imgmed.store import Store
@@ -660,6 +660,15 @@ def inference_plan(cfg: RunConfig) -> Plan:
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
     """Create the run folder and save the resolved config; refuse to overwrite a finished or
     started run unless resuming it."""
+    try:
+        holder = lock_holder(run_dir / RUN_LOCK)
+    except OSError:  # cannot be told here; the training's own lock still refuses a second one
+        holder = None
+    if holder is not None:
+        raise SegscaleError(
+            f"{run_dir}: a training is running in it ({holder}); stop it with `segscale stop "
+            f"{run_dir}`, or train into a new --run-dir"
+        )
     started = (run_dir / "checkpoints").is_dir() or (run_dir / "model.pt").exists()
     if started and not resume:
         raise SegscaleError(

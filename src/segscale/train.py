@@ -144,8 +144,6 @@ class Trainer:
     def fit(self, resume: bool = False) -> list[dict[str, Any]]:
         if resume:
             self.resume()
-        if self.strategy.rank == 0:  # a stop asked of an earlier attempt is done
-            (self.run_dir / STOP_FILE).unlink(missing_ok=True)
         self.strategy.barrier()
         self._call("on_train_start")
         # the first logging interval starts here, at the resumed step when resuming

@@ -26,12 +26,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from segscale._files import to_json, write_atomic
+from segscale._files import RUN_LOCK, held_lock, to_json, write_atomic
 from segscale.config import load_config
 from segscale.engine import plan, prepare_run_dir
 from segscale.errors import (
     DIVERGED_EXIT_CODE,
     PREEMPTED_EXIT_CODE,
+    STOP_FILE,
     USER_ERROR_EXIT_CODE,
     Diverged,
     Preempted,
@@ -54,9 +55,15 @@ def train(
     strategy = p.strategy()
     trackers: list[Any] = []
     error: BaseException | None = None
+    lock = contextlib.ExitStack()
     sampler = p.system_sampler(run_dir, strategy).start()
     try:
         if strategy.rank == 0:  # the one process that records the run
+            # held to the end: a second training in this folder is refused, and `segscale stop`
+            # can tell a running training from a stopped one. The wait is for a restarted rank 0,
+            # whose predecessor's data-loading processes may still hold the lock for a moment.
+            lock.enter_context(held_lock(run_dir / RUN_LOCK, 60, "a training is running in it"))
+            (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop asked of an earlier attempt
             trackers = p.trackers(run_dir)
         trainer = p.trainer(strategy, run_dir, trackers, progress)
         if strategy.rank == 0:
@@ -86,6 +93,7 @@ def train(
             with contextlib.suppress(Exception):
                 strategy.barrier()
         strategy.close()
+        lock.close()
 
 
 def evaluate(run_dir: Path, split: str, out: Path, failures: Path | None = None) -> dict[str, Any]:

@@ -83,3 +83,20 @@ class StopAt:
     def on_step_end(self, trainer, step: int) -> None:
         if step == self.step and trainer.strategy.rank == self.rank:
             (Path(trainer.run_dir) / "STOP").write_text("now" if self.now else "graceful")
+
+
+class PauseAt:
+    """At the end of `step` on rank 0, say so (touch `ready`) and wait until `go` exists."""
+
+    def __init__(self, step: int, ready: str, go: str, timeout: float = 300) -> None:
+        self.step, self.ready, self.go, self.timeout = step, Path(ready), Path(go), timeout
+
+    def on_step_end(self, trainer, step: int) -> None:
+        import time
+
+        if step != self.step or trainer.strategy.rank != 0:
+            return
+        self.ready.touch()
+        deadline = time.monotonic() + self.timeout
+        while not self.go.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
