@@ -131,3 +131,25 @@ def test_unset_init_and_data_seeds_leave_the_digest_as_it_was(tmp_path):
     assert validate({**cfg, "init_seed": None}).digest() == plain.digest()
     assert validate({**cfg, "init_seed": 1}).digest() != plain.digest()
     assert validate({**cfg, "data_seed": 0}).settings()["data_seed"] == 0
+
+
+def test_yaml_is_read_as_yaml_1_2_and_slips_are_refused(tmp_path):
+    # 010 is ten, not octal 8; 1:30 is text, not sexagesimal 90; 1e-3 is a number
+    cfg = load_config(write(tmp_path, GOOD), ["train.epochs=010", "train.optimizer.lr=1e-3"])
+    assert cfg.train.epochs == 10 and cfg.train.optimizer.lr == pytest.approx(1e-3)
+    with pytest.raises(ConfigError, match=r"override 'seed=1:30': key 'seed': .*integer"):
+        load_config(write(tmp_path, GOOD), ["seed=1:30"])
+    for bad, message in [
+        ("train.epochs=true", r"epochs: expected a number, got true"),
+        ("train.optimizer.lr=.inf", r"key 'train.optimizer.lr': .*finite"),
+        ("train.optimizer.lr=1e400", r"key 'train.optimizer.lr': .*finite"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(write(tmp_path, GOOD), [bad])
+    # a section given twice: the second no longer replaces the first silently
+    with pytest.raises(ConfigError, match=r"cfg.yaml:11: not valid YAML: key 'train' given twice"):
+        load_config(write(tmp_path, GOOD + "train: {epochs: 5}\n"))
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(GOOD.replace("la-unet", "b\xe9t").encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte \d+"):
+        load_config(path)

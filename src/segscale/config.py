@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -28,9 +30,83 @@ from pydantic import (
 from segscale._files import write_atomic
 from segscale.errors import ConfigError, did_you_mean
 
+_UNIONS = (typing.Union, types.UnionType)
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # no infinite or NaN settings: an lr, a weight decay or a warmup of .inf is a slip, not a plan
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        # pydantic reads true as 1 for a number; in a config it is a slip (epochs: true)
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                value = data.get(name)
+                if isinstance(value, bool) and _is_number(field.annotation):
+                    raise ValueError(f"{name}: expected a number, got {str(value).lower()}")
+        return data
+
+
+def _is_number(annotation: Any) -> bool:
+    """Whether a field takes a number and no boolean (int, float, int | None, PositiveInt ...)."""
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in _UNIONS else ()
+    kinds = [m for m in members or (annotation,) if m is not type(None)]
+    base = [typing.get_args(k)[0] if typing.get_origin(k) is typing.Annotated else k for k in kinds]
+    return bool(base) and all(b in (int, float) for b in base)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2's core schema for scalars: 010 is ten and 1:30 is text (YAML 1.1, PyYAML's
+    default, reads them as 8 and 90), only true/false are booleans (not yes/no/on/off), 1e-3
+    is a number; and a key given twice is an error (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key '{key}' given twice (first on line {seen[key] + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+_CORE = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _CORE]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    _CORE[0], re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Loader.add_implicit_resolver(
+    _CORE[1], re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+)
+_Loader.add_implicit_resolver(
+    _CORE[2],
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+.0123456789"),
+)
+_Loader.add_constructor(
+    _CORE[1],
+    lambda loader, node: (
+        int(v, 0) if (v := loader.construct_scalar(node))[:2] in ("0o", "0x") else int(v, 10)
+    ),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """YAML text as Python data, read as segscale reads configs and overrides (see _Loader)."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds plain data only
 
 
 class AugmentConfig(_Strict):
@@ -628,15 +704,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if path.suffix.lower() == ".xml":
         return _load_xml(path, overrides)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = read_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from e
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # one line
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
     for item in overrides or []:
@@ -670,7 +749,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             raise ConfigError(f"override '{item}': '{part}' is not a section")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = read_yaml(value)
     except yaml.YAMLError as e:
         raise ConfigError(f"override '{item}': value is not valid YAML") from e
 
