@@ -111,6 +111,27 @@ def boom_transform():
 class BoomLoss:
     def __init__(self):
         raise ValueError("boom loss")
+
+class VectorLoss:  # forgot to reduce
+    def __call__(self, out, target):
+        return out.mean(dim=(1, 2, 3))
+
+class NoHooks:
+    pass
+
+class Misspelt:
+    def on_stepend(self, trainer, step):
+        pass
+
+class OneArgument:
+    def on_step_end(self, trainer):
+        pass
+
+def no_optimizer(parameters, config):
+    return None
+
+def not_a_transform():
+    return 3
 """
 
 
@@ -138,8 +159,42 @@ class BoomLoss:
             "PLUGIN:boom_transform",
             r"data.transform .*RuntimeError: no transform today",
         ),
+        ("loss", "PLUGIN:VectorLoss", r"gives \(2,\) on the model's output; expected a scalar"),
+        (
+            "callbacks",
+            ["PLUGIN:NoHooks"],
+            r"train.callbacks\[0\] .*has none of the Trainer's hooks",
+        ),
+        (
+            "callbacks",
+            ["PLUGIN:Misspelt"],
+            r"on_stepend is not a hook .*did you mean 'on_step_end'",
+        ),
+        (
+            "callbacks",
+            ["PLUGIN:OneArgument"],
+            r"on_step_end\(trainer\) cannot be called as on_step_end\(trainer, step\)",
+        ),
+        (
+            "optimizer",
+            {"name": "PLUGIN:no_optimizer", "lr": 0.01},
+            r"returns NoneType; expected a torch.optim.Optimizer",
+        ),
+        ("transform", "PLUGIN:not_a_transform", r"builds int; expected a callable"),
     ],
-    ids=["loss-value", "loss-plugin", "callback", "optimizer-kwarg-value", "transform"],
+    ids=[
+        "loss-value",
+        "loss-plugin",
+        "callback",
+        "optimizer-kwarg-value",
+        "transform",
+        "loss-not-scalar",
+        "callback-no-hooks",
+        "callback-misspelt-hook",
+        "callback-hook-signature",
+        "optimizer-returns-none",
+        "transform-not-callable",
+    ],
 )
 def test_user_components_that_fail_when_built_fail_before_launch(
     tmp_path, real_store, key, value, message
@@ -240,3 +295,17 @@ def test_the_torchrun_entry_takes_overrides_anywhere_and_resumes_after_a_restart
     assert worker.main(args) == 2  # started: not overwritten
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun's restart of that worker
     assert worker.main(args) == 0
+
+
+def test_names_and_paths_that_name_no_component_are_one_line(tmp_path, real_store):
+    plugin = tmp_path / "things.py"
+    plugin.write_text("answer = 42\nclass NotATask:\n    metric = 'dice'\n")
+    for changes, message in [
+        ({"model": {"name": f"{plugin}:answer"}}, r"model '.*:answer' is a int, not something"),
+        ({"model": {"name": "UNET"}}, r"unknown model 'UNET' \(did you mean 'unet'\?\)"),
+        ({"task": f"{plugin}:NotATask"}, r"task '.*' has no num_outputs, labels, .*evaluate of"),
+    ]:
+        cfg = tiny_config(real_store)
+        cfg.update(changes)
+        with pytest.raises(SegscaleError, match=message):
+            plan(validate(cfg))

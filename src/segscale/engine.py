@@ -37,6 +37,7 @@ from segscale.registry import (
     TRANSFORMS,
     check_kwargs,
 )
+from segscale.tasks import TASK_API
 
 if TYPE_CHECKING:
     import torch
@@ -109,12 +110,20 @@ class Plan:
                 "tracker tensorboard needs the tensorboard package: pip install 'segscale[tensorboard]'"
             )
         with tempfile.TemporaryDirectory() as tmp:  # built, not started: kwargs values checked
-            self.trackers(Path(tmp) / self.cfg.name)
+            from segscale.train import check_hooks
+
+            for spec, tracker in zip(self.cfg.tracker, self.trackers(Path(tmp) / self.cfg.name)):
+                check_hooks(f"tracker '{spec.name}'", tracker, tracker=True)
 
     def _check_model(self) -> None:
-        # A real CPU forward in inference mode, not one on torch's meta device: meta tensors
-        # reach torch's Python reference kernels, whose imports would slow every launch.
+        """One training step's parts on a batch of 2 zeros, on the CPU: the model's forward (a
+        tensor of the task's shape), the loss (a scalar), its backward, the optimiser over the
+        model, each callback's hooks and the transform on one training sample. Whatever a user's
+        part raises or returns wrong is one SegscaleError naming its key."""
+        import numpy as np
         import torch
+
+        from segscale.train import check_hooks
 
         size = self.store.images.shape[-1]
         model = self.model()
@@ -122,31 +131,55 @@ class Plan:
             from segscale.transfer import load_pretrained
 
             load_pretrained(model, self.cfg.model.pretrained)
-        try:
-            with torch.inference_mode():
-                out = model(torch.zeros(2, self.in_channels, size, size))
-        except (RuntimeError, ValueError) as e:
-            raise SegscaleError(
-                f"model '{self.cfg.model.name}' fails on a batch of the store's "
-                f"{self.in_channels}×{size}×{size} inputs: {e}"
-            ) from None
+        name = f"model '{self.cfg.model.name}'"
+        out = _build(
+            f"{name} on a batch of the store's {self.in_channels}×{size}×{size} inputs",
+            model,
+            torch.zeros(2, self.in_channels, size, size),
+        )
         expected = self.task.output_shape(2, self.num_classes, size)
+        if not isinstance(out, torch.Tensor):
+            raise SegscaleError(
+                f"{name} returns {type(out).__name__} for a batch; expected one tensor of "
+                f"{tuple(expected)}"
+            )
         if tuple(out.shape) != tuple(expected):
             dims = ", H, W" if len(expected) == 4 else ""
             raise SegscaleError(
-                f"model '{self.cfg.model.name}' outputs {tuple(out.shape)} for a batch of 2; the "
+                f"{name} outputs {tuple(out.shape)} for a batch of 2; the "
                 f"{self.cfg.task.name} task needs {tuple(expected)} (batch, classes{dims})"
             )
-        self.optimizer(model)
-        try:  # the loss on that output: kwargs of the right name but a wrong value fail here
-            self.loss()(out.float(), self.task.target(torch.zeros(2, size, size, dtype=torch.long)))
-        except Exception as e:
-            spec = self.cfg.train.loss
+        optimizer = self.optimizer(model)
+        if not isinstance(optimizer, torch.optim.Optimizer):
             raise SegscaleError(
-                f"train.loss '{spec.name}' kwargs {spec.kwargs} fails on the model's output: {e}"
-            ) from None
-        self.callbacks()
-        self.transform()
+                f"train.optimizer '{self.cfg.train.optimizer.name}' returns "
+                f"{type(optimizer).__name__}; expected a torch.optim.Optimizer"
+            )
+        spec = self.cfg.train.loss
+        key = f"train.loss '{spec.name}' kwargs {spec.kwargs}"
+        target = self.task.target(torch.zeros(2, size, size, dtype=torch.long))
+        loss = _build(f"{key} fails on the model's output", self.loss(), out.float(), target)
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise SegscaleError(
+                f"{key} gives {shape} on the model's output; expected a scalar tensor (one number)"
+            )
+        _build(f"{key}: its backward fails", loss.backward)
+        for i, cb in enumerate(self.callbacks()):
+            check_hooks(f"train.callbacks[{i}] '{self.cfg.train.callbacks[i].name}'", cb)
+        transform = self.transform()
+        if transform is not None:
+            image = torch.from_numpy(np.array(self.store.images[0]))
+            mask = torch.from_numpy(self.store.masks[0].astype(np.int64))
+            key = f"data.transform '{self.cfg.data.transform.name}'"
+            if not callable(transform):
+                raise SegscaleError(
+                    f"{key} builds {type(transform).__name__}; expected a callable "
+                    "(image, mask) → (image, mask)"
+                )
+            pair = _build(f"{key} on a training sample", transform, image, mask)
+            if not (isinstance(pair, tuple) and len(pair) == 2):
+                raise SegscaleError(f"{key} returns {type(pair).__name__}; expected (image, mask)")
 
     # ---- the parts of a run
 
@@ -603,11 +636,16 @@ def plan(cfg: RunConfig) -> Plan:
         except SegscaleError as e:
             raise SegscaleError(f"data.{key}: {e}") from None
     check_kwargs(TASKS, cfg.task.name, cfg.task.kwargs)
-    try:
-        task = TASKS.resolve(cfg.task.name)(**cfg.task.kwargs)
-        task.num_outputs(store)
-    except ValueError as e:
-        raise SegscaleError(f"task '{cfg.task.name}' kwargs {cfg.task.kwargs}: {e}") from None
+    what = f"task '{cfg.task.name}' kwargs {cfg.task.kwargs}"
+    task = _build(what, TASKS.resolve(cfg.task.name), **cfg.task.kwargs)
+    missing = [a for a in TASK_API if not hasattr(task, a)]
+    if missing:
+        lacks = "none" if len(missing) == len(TASK_API) else "no " + ", ".join(missing)
+        raise SegscaleError(
+            f"task '{cfg.task.name}' has {lacks} of what a task has: {', '.join(TASK_API)} "
+            "(segscale.tasks)"
+        )
+    _build(what, task.num_outputs, store)
     check_kwargs(MODELS, cfg.model.name, cfg.model.kwargs, {"in_channels": 1, "num_classes": 2})
     loss = cfg.train.loss
     check_kwargs(LOSSES, loss.name, loss.kwargs)  # an unknown name or a broken user path fails here

@@ -42,7 +42,13 @@ class Registry:
             entry = self._entries[spec]
             return load_attr(entry) if isinstance(entry, str) else entry
         self._check_spec(spec)
-        return load_attr(spec)
+        found = load_attr(spec)
+        if not callable(found):
+            raise SegscaleError(
+                f"{self.kind} '{spec}' is a {type(found).__name__}, not something to call (a "
+                "class or a factory function)"
+            )
+        return found
 
     def check(self, spec: str) -> None:
         """Fail now if `spec` names nothing: a built-in name is taken as is (not imported), a
@@ -66,9 +72,10 @@ class Registry:
 
     def _check_spec(self, spec: str) -> None:
         if ":" not in spec and not spec.endswith(".py"):
+            known = f"one of {', '.join(self.names())} or " if self._entries else ""
             raise SegscaleError(
                 f"unknown {self.kind} '{spec}'{did_you_mean(spec, self._entries)}; "
-                f"expected one of {', '.join(self.names())} or a 'module:attr' path"
+                f"expected {known}a 'module:attr' path"
             )
 
 

@@ -20,6 +20,10 @@ if TYPE_CHECKING:  # torch is imported where used: planning a run must not impor
     from segscale.parallel import Strategy
 
 
+# What the engine, the Trainer and evaluate use of a task (a plug-in task has them all).
+TASK_API = ("metric", "num_outputs", "labels", "target", "output_shape", "validate", "evaluate")
+
+
 class Segmentation:
     """A class per pixel, from the store's masks; Dice (foreground mean) selects the best model.
     Full evaluation: SegEval at dataset, case and slice levels (segscale.evaluation)."""

@@ -39,7 +39,7 @@ from segscale._files import to_json, write_atomic
 from segscale._progress import progress_bar
 from segscale.checkpoint import atomic_save, load_latest, write_checkpoint
 from segscale.data import TrainLoader
-from segscale.errors import STOP_FILE, Diverged, Preempted, SegscaleError
+from segscale.errors import STOP_FILE, Diverged, Preempted, SegscaleError, did_you_mean
 from segscale.monitor import ConsoleView
 from segscale.parallel import Strategy, unwrap
 from segscale.repro import derive_seed
@@ -449,6 +449,56 @@ class Trainer:
             fn = getattr(cb, hook, None)
             if fn is not None:
                 fn(self, *args)
+
+
+# What the Trainer calls on each callback and tracker: hook → its arguments after the trainer.
+HOOKS: dict[str, tuple[str, ...]] = {
+    "on_train_start": (),
+    "on_epoch_start": ("epoch",),
+    "on_step_end": ("step",),
+    "on_log": ("metrics",),
+    "on_validation_end": ("record",),
+    "on_epoch_end": ("record",),
+    "on_checkpoint": ("path",),
+    "on_train_end": ("history",),
+}
+
+
+def check_hooks(what: str, part: Any, tracker: bool = False) -> None:
+    """Refuse a callback (or tracker) the Trainer would never call, or call and fail on: one
+    with no hook of HOOKS, an `on_...` method that is no hook (a misspelt one is never called),
+    or a hook that cannot take the Trainer's arguments; a tracker needs close(error) as well.
+    Raises SegscaleError naming `what`."""
+    import inspect
+
+    methods = [a for a in dir(part) if a.startswith("on_") and callable(getattr(part, a))]
+    stray = [a for a in methods if a not in HOOKS]
+    if stray:
+        raise SegscaleError(
+            f"{what}: {stray[0]} is not a hook the Trainer calls{did_you_mean(stray[0], HOOKS)}; "
+            f"the hooks: {', '.join(HOOKS)}"
+        )
+    calls = {h: HOOKS[h] for h in methods}
+    if tracker:
+        calls["close"] = ("error",)
+        if not callable(getattr(part, "close", None)):
+            raise SegscaleError(f"{what}: has no close(error) method, which ends its record")
+    elif not calls:
+        raise SegscaleError(
+            f"{what}: has none of the Trainer's hooks ({', '.join(HOOKS)}); it would never be "
+            "called"
+        )
+    for hook, args in calls.items():
+        try:
+            inspect.signature(getattr(part, hook)).bind(*([None] * (len(args) + (hook != "close"))))
+        except TypeError:
+            shown = ", ".join(("trainer", *args) if hook != "close" else args)
+            raise SegscaleError(
+                f"{what}: {hook}{inspect.signature(getattr(part, hook))} cannot be called as "
+                f"{hook}({shown})"
+            ) from None
+        except ValueError:  # no signature to read (a builtin): left to run time
+            continue
 
 
 class EarlyStop:

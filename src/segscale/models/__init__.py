@@ -19,8 +19,12 @@ def create_model(spec: str, in_channels: int, num_classes: int, **kwargs: Any) -
     by segscale.engine.plan; a bad option value (ValueError, TypeError) is a user error here."""
     try:
         model = MODELS.resolve(spec)(in_channels=in_channels, num_classes=num_classes, **kwargs)
-    except (TypeError, ValueError) as e:
+    except SegscaleError:
+        raise
+    except (TypeError, ValueError) as e:  # an option value the factory refuses
         raise SegscaleError(f"model '{spec}' kwargs {kwargs}: {e}") from None
+    except Exception as e:  # whatever else a user's factory raises: one line, not a traceback
+        raise SegscaleError(f"model '{spec}' kwargs {kwargs}: {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
         raise SegscaleError(
             f"model '{spec}' returned {type(model).__name__}, expected a torch.nn.Module"
