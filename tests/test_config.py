@@ -153,3 +153,51 @@ def test_yaml_is_read_as_yaml_1_2_and_slips_are_refused(tmp_path):
     path.write_bytes(GOOD.replace("la-unet", "b\xe9t").encode("latin-1"))
     with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte \d+"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.augment.rotation=15"], r"augment: rotation take effect only with enabled: true"),
+        (["data.augment={enabled: true, zoom: [0, 0]}"], r"zoom \[0.0, 0.0\]: expected"),
+        (["data.augment={enabled: true, zoom: [1.2, 0.8]}"], r"0 < min ≤ max"),
+        (["train.schedule.scaling=none", "train.schedule.warmup_epochs=5"], r"scaling: linear"),
+        (["train.schedule.warmup_epochs=50"], r"longer than the run \(epochs 10\)"),
+        (["train.schedule={warmup_steps: 0, warmup: constant}"], r"warmup_steps > 0"),
+        (["train.schedule.decay=step", "train.schedule.decay_epochs=[-3]"], r"epochs ≥ 1"),
+        (["train.schedule.decay=step", "train.schedule.decay_epochs=[2, 2]"], r"each once"),
+        (["train.schedule.decay=step", "train.schedule.decay_epochs=[12]"], r"never happens"),
+        (["train.finetune.freeze_encoder_epochs=3"], r"only with model.pretrained"),
+        (["train.divergence={enabled: false, factor: 5}"], r"factor take effect only with"),
+        (["train.simulate_workers=4", "train.sync_batchnorm=true"], r"sync_batchnorm"),
+        (["data.train_split=test"], r"the test would score what the model trained on"),
+        (["seed=-1"], r"key 'seed': .*greater than or equal to 0"),
+        (["train.optimizer.kwargs={momentum: 0.5}"], r"give it as train.optimizer.momentum"),
+        (["train.warmup_epochs=2"], r"\(it is train.schedule.warmup_epochs\)"),
+        (["train..epochs=3"], r"an empty key"),
+        (["train.callbacks.0.name=early_stop"], r"'callbacks' is a list; give it whole"),
+    ],
+)
+def test_settings_that_would_do_nothing_or_something_else_are_refused(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, GOOD + "  callbacks: []\n"), overrides)
+
+
+def test_overrides_name_where_they_go_when_the_file_has_no_such_section(tmp_path):
+    path = write(
+        tmp_path,
+        GOOD.replace("  schedule: {scaling: linear, reference_batch: 8, warmup_epochs: 0}\n", ""),
+    )
+    both = ["train.schedule.warmup_epochs=1", "train.schedule.warmup_steps=5"]
+    with pytest.raises(ConfigError) as e:
+        load_config(path, both)
+    # the file has no schedule section: only the overrides are named
+    assert str(e.value).startswith(f"override '{both[0]}' and override '{both[1]}': ")
+    with pytest.raises(ConfigError, match=r"^override 'trian.epochs=2': unknown key 'trian'"):
+        load_config(path, ["trian.epochs=2"])
+    null = GOOD.replace(
+        "data: {store: prepared/left_atrium}",
+        "data:\n  store: prepared/left_atrium\n  transform: null",
+    )
+    cfg = load_config(write(tmp_path, null), ["data.transform.name=pkg.mod:T"])
+    assert cfg.data.transform.name == "pkg.mod:T"  # a section given as null takes an override

@@ -410,3 +410,18 @@ def test_segscale_stop_stops_both_workers_within_a_step_and_resume_finishes(tmp_
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     r = cli("stop", run)
     assert r.returncode == 2 and "the run has finished" in r.stderr
+
+
+def test_a_started_run_folder_is_continued_only_when_asked(tmp_path, real_store, capsys):
+    cfg = validate(tiny_config(real_store))
+    run = tmp_path / "run"
+    prepare_run_dir(cfg, run, resume=False)
+    (run / "checkpoints").mkdir()
+    # torchrun's own form, a run folder: without --resume it would have trained from scratch
+    # over the folder's checkpoints
+    assert worker.main(["train", str(run)]) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    (run / "config.yaml").unlink()
+    with pytest.raises(SegscaleError, match=r"has checkpoints but no config\.yaml"):
+        prepare_run_dir(cfg, run, resume=True)
+    assert not (run / "config.yaml").exists()  # the refused config was not written in its place

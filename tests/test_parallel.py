@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import cli, tiny_config
+from conftest import ROOT, cli, tiny_config
 from segscale import worker
 from segscale.config import validate
 from segscale.engine import plan, prepare_run_dir
@@ -325,6 +326,31 @@ def test_launch_commands_and_slurm_script(tmp_path, real_store):
         and "srun torchrun" in script
     )
     assert (tmp_path / "job" / "config.yaml").is_file()
+    # submitted again after a time limit, the job goes on from its newest checkpoint
+    assert f"-m segscale.worker train {tmp_path / 'job'} --resume --no-progress" in script
+    with pytest.raises(SegscaleError, match="--rdzv-endpoint nohostport: expected HOST:PORT"):
+        torchrun_args(["train", "RUN"], 1, nodes=2, rdzv_endpoint="nohostport")
+
+
+def test_launch_writes_nothing_a_shell_would_misread_and_checks_as_train_does(tmp_path, real_store):
+    config = write_config(tmp_path, real_store, "job")
+    for args, message in [
+        # a line break in the name would have been a command line of the script
+        ([r'name="x\nrm -rf $HOME"'], r"key 'name': must be a plain folder name"),
+        (["--run-dir", tmp_path / "sp ace"], r"a path with spaces, quotes or other shell"),
+        (["model.kwargs.depth=6"], r"model 'unet'"),  # 32-px slices: train refuses it too
+        (["--run-dir", config], r"a file, not a run folder"),
+    ]:
+        r = cli("launch", "--slurm", config, *args)
+        assert r.returncode == 2 and re.search(message, r.stderr), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not list(tmp_path.glob("sp ace*")) and not (ROOT / "runs" / "job").exists()
+    run = tmp_path / "started"
+    assert cli("launch", "--slurm", config, "--run-dir", run).returncode == 0
+    (run / "checkpoints").mkdir()
+    again = cli("launch", "--slurm", config, "--run-dir", run)
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+    assert cli("launch", "--slurm", config, "--run-dir", run, "--resume").returncode == 0
 
 
 def test_schedule_plot(tmp_path, real_store):

@@ -152,7 +152,7 @@ def test_the_encoder_learns_at_its_own_lr_scale(tmp_path, real_store):
 def test_fine_tuning_a_model_without_an_encoder_is_one_line_before_launch(tmp_path, real_store):
     from conftest import ROOT
 
-    cfg = tiny_config(real_store, finetune={"freeze_encoder_epochs": 1})
+    cfg = tiny_config(real_store, finetune={"encoder_lr_scale": 0.5})
     cfg["model"] = {"name": f"{ROOT / 'examples' / 'plugins' / 'tiny_net.py'}:tiny_net"}
     with pytest.raises(SegscaleError, match="has no encoder that segscale can find"):
         plan(validate(cfg)).check(1)

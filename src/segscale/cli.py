@@ -221,6 +221,10 @@ def train_cmd(
     workers = workers or cfg.workers or 1
     p.check(workers)
     run_dir = (run_dir or Path("runs") / cfg.name).resolve()
+    if resume and not (run_dir / "checkpoints").is_dir():
+        typer.echo(
+            f"--resume: {run_dir} holds no checkpoint yet; training from the start", err=True
+        )
     prepare_run_dir(cfg, run_dir, resume)
     args = ["train", str(run_dir), *(["--resume"] if resume else [])]
     code = launch(
@@ -661,19 +665,30 @@ def launch_cmd(
     out: Annotated[
         Path | None, typer.Option(help="Script to write (default: RUN_DIR/job.sbatch).")
     ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Write the job for a run already started.")
+    ] = False,
 ) -> None:
-    """Write a cluster job for a config (checked first), to submit with sbatch."""
-    from segscale._files import write_atomic
+    """Write a cluster job for a config (checked first, as `train` checks it), to submit with
+    sbatch; submitting it again continues the run from its newest checkpoint."""
+    import shlex
+
+    from segscale._files import output_file, write_atomic
     from segscale.engine import plan, prepare_run_dir
     from segscale.launch import sbatch_script
 
     if not slurm:
         raise SegscaleError("say which scheduler: --slurm (the only one so far)")
     cfg = _load(config, overrides)
-    plan(cfg)
+    plan(cfg).check(1)  # the model, loss, optimiser and plug-ins; the GPUs are the cluster's
     run_dir = (run_dir or Path("runs") / cfg.name).resolve()
-    prepare_run_dir(cfg, run_dir, resume=False)
-    script = out or run_dir / "job.sbatch"
+    if shlex.quote(str(run_dir)) != str(run_dir):  # #SBATCH lines are not shell: no quoting
+        raise SegscaleError(
+            f"--run-dir {str(run_dir)!r}: a path with spaces, quotes or other shell characters "
+            "cannot go into an sbatch script; choose another --run-dir"
+        )
+    script = output_file(out, "--out") if out else run_dir / "job.sbatch"
+    prepare_run_dir(cfg, run_dir, resume)
     write_atomic(script, sbatch_script(run_dir, nodes, gpus_per_node, time, partition, cfg.name))
     typer.echo(f"wrote {script}; submit with: sbatch {script}")
 
@@ -765,13 +780,15 @@ def config_convert_cmd(
 
     if to != "yaml":
         raise SegscaleError(f"--to {to}: only yaml is supported")
-    cfg = _load(source, None)
-    # what the source file says (plus the resolved store path), not every default
-    text = yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True), sort_keys=False)
-    if out:
-        from segscale._files import write_atomic
+    from segscale.config import as_written, read_raw
 
-        write_atomic(out, text)
+    cfg = _load(source, None)
+    # what the source file says, paths as it wrote them (relative to the working directory)
+    text = yaml.safe_dump(as_written(cfg, read_raw(source)[0]), sort_keys=False)
+    if out:
+        from segscale._files import output_file, write_atomic
+
+        write_atomic(output_file(out, "--out"), text)
         typer.echo(f"wrote {out}")
     else:
         typer.echo(text, nl=False)

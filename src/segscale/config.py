@@ -121,6 +121,13 @@ class AugmentConfig(_Strict):
     flip: bool = Field(False, description="Random horizontal and vertical flips.")
     intensity: float = Field(0.0, ge=0, description="Std of a random intensity scale and shift.")
 
+    @model_validator(mode="after")
+    def _zoom_range(self) -> AugmentConfig:
+        low, high = self.zoom
+        if not 0 < low <= high:
+            raise ValueError(f"zoom {list(self.zoom)}: expected (min, max) with 0 < min ≤ max")
+        return self
+
 
 # Table 2.1 of the thesis (left atrium): rotation ±45°, zoom 0.8–1.2, translation up to 25.6 px of
 # 512 (5%). `augment: left-atrium` in a config, `--preset left-atrium` offline.
@@ -142,6 +149,23 @@ class Component(_Strict):
     @classmethod
     def _from_name(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("name")
+    @classmethod
+    def _absolute_file(cls, v: str) -> str:
+        # a plug-in file is found from the working directory, as data.store is; the run folder's
+        # config.yaml then names it absolutely, so that config reads the same from anywhere
+        where, sep, attr = v.rpartition(":")
+        if not sep and v.endswith(".py"):
+            where, attr = v, ""
+        if where.endswith(".py") and not Path(where).expanduser().is_absolute():
+            return str(_absolute(where)) + (f":{attr}" if attr else "")
+        return v
+
+
+def _absolute(path: str) -> Path:
+    """A path as given, resolved against the working directory (~ expanded)."""
+    return (Path.cwd() / Path(path).expanduser()).resolve()
 
 
 class TransformConfig(Component):
@@ -167,6 +191,8 @@ class DataConfig(_Strict):
     augment: AugmentConfig = AugmentConfig()
     split_seed: int | None = Field(
         None,
+        ge=0,
+        lt=2**63,
         description="Draw which of the store's training and validation cases validate (as many "
         "as the store has), with this seed; the test split never changes (`segscale repeat "
         "--vary split`). Default: the store's own split.",
@@ -195,6 +221,16 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _on_device_gathers_whole_batches(self) -> DataConfig:
+        a = (
+            self.augment
+        )  # in training, its settings act only when it is on (offline they always do)
+        unread = [
+            k
+            for k in ("rotation", "zoom", "translation", "flip", "intensity")
+            if getattr(a, k) != AugmentConfig.model_fields[k].default
+        ]
+        if unread and not a.enabled:
+            raise ValueError(f"augment: {', '.join(unread)} take effect only with enabled: true")
         if self.on_device is True and (self.transform is not None or self.num_workers):
             raise ValueError(
                 "on_device gathers batches on the device, without per-sample work: it cannot "
@@ -215,6 +251,14 @@ class ModelConfig(Component):
         ".safetensors / torch state dict file, as far as the shapes fit (another number of "
         "classes or input channels): RUN_DIR/pretrained.json says what was loaded.",
     )
+
+    @field_validator("pretrained")
+    @classmethod
+    def _absolute_pretrained(cls, v: str | None) -> str | None:
+        # a file or folder is found from the working directory, and saved absolutely (as above)
+        if v is None or v.startswith("zoo:") or Path(v).expanduser().is_absolute():
+            return v
+        return str(_absolute(v))
 
 
 class LossConfig(Component):
@@ -242,6 +286,9 @@ class OptimizerConfig(Component):
 
     @model_validator(mode="after")
     def _momentum_is_read(self) -> OptimizerConfig:
+        own = sorted({"lr", "momentum", "nesterov", "weight_decay"} & set(self.kwargs))
+        if own:  # torch would get them twice ("got multiple values")
+            raise ValueError(f"kwargs.{own[0]}: give it as train.optimizer.{own[0]}, not in kwargs")
         given = [k for k in ("momentum", "nesterov") if k in self.model_fields_set]
         if given and self.name in NO_MOMENTUM:
             raise ValueError(
@@ -341,8 +388,14 @@ class ScheduleConfig(_Strict):
             (
                 "warmup: constant",
                 self.warmup == "constant",
-                self.warmup_epochs is None and self.warmup_steps is None,
-                "warmup_epochs or warmup_steps",
+                not (self.warmup_epochs or self.warmup_steps),
+                "warmup_epochs or warmup_steps > 0",
+            ),
+            (  # warmup climbs from the base lr to the scaled one: unscaled, nothing to climb
+                "warmup_epochs" if self.warmup_epochs else "warmup_steps",
+                bool(self.warmup_epochs or self.warmup_steps) and self.rule == "standard",
+                self.scaling == "none",
+                "scaling: linear or sqrt (it climbs from the base lr to the scaled lr)",
             ),
         ]
         grescale = self.rule == "grescale"
@@ -362,6 +415,13 @@ class ScheduleConfig(_Strict):
             raise ValueError(
                 "rule: grescale has its own gradual warmup and decay phase; drop decay and warmup "
                 "(tune them with warmup_epochs, decay_phase and decay_coefficient)"
+            )
+        if (
+            self.decay_epochs != sorted(set(self.decay_epochs))
+            or min(self.decay_epochs, default=1) < 1
+        ):
+            raise ValueError(
+                f"decay_epochs {self.decay_epochs}: expected epochs ≥ 1 in increasing order, each once"
             )
         if self.decay == "step" and not self.decay_epochs:
             raise ValueError(
@@ -459,6 +519,13 @@ class DivergenceConfig(_Strict):
         0.9, ge=0, lt=1, description="Exponential moving average of the loss (0: none)."
     )
 
+    @model_validator(mode="after")
+    def _takes_effect(self) -> DivergenceConfig:
+        set_ = [k for k in ("factor", "patience", "smoothing") if k in self.model_fields_set]
+        if set_ and not self.enabled:
+            raise ValueError(f"{', '.join(set_)} take effect only with enabled: true")
+        return self
+
 
 class FinetuneConfig(_Strict):
     """Fine-tuning from model.pretrained: the encoder (the model's `encoder_modules`, or its
@@ -480,7 +547,7 @@ class FinetuneConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(gt=0)
+    epochs: int = Field(gt=0, le=1_000_000)
     batch_size: int = Field(gt=0, description="Per worker; the global batch is × workers.")
     optimizer: OptimizerConfig
     loss: LossConfig = LossConfig()
@@ -583,17 +650,44 @@ class TrainConfig(_Strict):
                 f"train.simulate_workers reproduces plain gradient all-reduce, not train.strategy "
                 f"{what}: use strategy allreduce without compression, or real workers"
             )
+        if self.simulate_workers and self.sync_batchnorm:
+            raise ValueError(
+                "train.sync_batchnorm synchronises real workers' statistics; simulated workers "
+                "(train.simulate_workers) have none to share: drop one"
+            )
+        s = self.schedule
+        # (rule grescale: the tuner's warmup, whose phases are fitted to the run's length)
+        if s.rule == "standard" and s.warmup_epochs and s.warmup_epochs > self.epochs:
+            raise ValueError(
+                f"train.schedule.warmup_epochs {s.warmup_epochs:g} is longer than the run "
+                f"(epochs {self.epochs}): the scaled lr would never be reached"
+            )
+        late = [e for e in s.decay_epochs if e >= self.epochs]
+        if late:
+            raise ValueError(
+                f"train.schedule.decay_epochs {late}: at or after the last epoch (epochs "
+                f"{self.epochs}), so that decay never happens"
+            )
+        if self.finetune.freeze_encoder_epochs >= self.epochs:
+            raise ValueError(
+                f"train.finetune.freeze_encoder_epochs {self.finetune.freeze_encoder_epochs}: the "
+                f"run has {self.epochs} epochs, so the encoder would never train"
+            )
         return self
 
 
 class RunConfig(_Strict):
     name: str = Field(description="Run name; the default run folder is runs/<name>.")
-    seed: int = Field(0, description="Seeds everything random (init_seed, data_seed: one part).")
+    seed: int = Field(
+        0, ge=0, lt=2**63, description="Seeds everything random (init_seed, data_seed: one part)."
+    )
     init_seed: int | None = Field(
-        None, description="Seed of the weight initialisation only (default: seed)."
+        None, ge=0, lt=2**63, description="Seed of the weight initialisation only (default: seed)."
     )
     data_seed: int | None = Field(
         None,
+        ge=0,
+        lt=2**63,
         description="Seed of the data order, augmentation and dropout only (default: seed).",
     )
     workers: int | None = Field(
@@ -630,11 +724,30 @@ class RunConfig(_Strict):
         """The tracker of that name (e.g. 'mlflow') among the run's trackers, or None."""
         return next((t for t in self.tracker if t.name == name), None)
 
+    @model_validator(mode="after")
+    def _parts_agree(self) -> RunConfig:
+        if self.train.finetune.freeze_encoder_epochs and self.model.pretrained is None:
+            raise ValueError(
+                "train.finetune.freeze_encoder_epochs takes effect only with model.pretrained "
+                "(it would hold a random encoder fixed)"
+            )
+        if self.data.train_split == self.data.test_split:
+            raise ValueError(
+                f"data.train_split and data.test_split are both '{self.data.test_split}': the "
+                "test would score what the model trained on"
+            )
+        return self
+
     @field_validator("name")
     @classmethod
     def _name_is_a_folder_name(cls, v: str) -> str:
-        if not v or "/" in v or v.startswith("."):
-            raise ValueError("must be a plain folder name (no '/', not starting with '.')")
+        # it names a folder, an MLflow run and a Slurm job: a line break or a quote in it would
+        # end up in a shell script (the sbatch of `segscale launch`)
+        if not re.fullmatch(r"\w[\w.-]*", v):
+            raise ValueError(
+                "must be a plain folder name: letters, digits, '.', '_' and '-', starting with a "
+                "letter, digit or '_'"
+            )
         return v
 
     def seed_for(self, part: Literal["init", "data"]) -> int:
@@ -699,10 +812,27 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config, apply `a.b=value` overrides, validate, resolve relative paths."""
+    """Read a YAML (or Auto-CNNp XML) run config, apply `a.b=value` overrides, validate, resolve
+    relative paths against the working directory. Raises ConfigError naming file, line and key."""
+    raw, text = read_raw(path)
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate(raw, source=str(path), text=text, overrides=overrides)
+
+
+def read_raw(path: str | Path) -> tuple[dict[str, Any], str | None]:
+    """A config file's keys as written, before validation, and its YAML text (None for XML, whose
+    parallelism degree becomes `workers`). Raises ConfigError for a file that cannot be read."""
     path = Path(path)
     if path.suffix.lower() == ".xml":
-        return _load_xml(path, overrides)
+        from segscale.xmlconfig import read_xml
+
+        if not path.is_file():
+            raise ConfigError(f"cannot read config {path}: no such file")
+        raw, degree = read_xml(path)
+        if degree is not None:
+            raw["workers"] = degree
+        return raw, None
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -718,22 +848,26 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{where}: not valid YAML: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
-    for item in overrides or []:
-        apply_override(raw, item)
-    return validate(raw, source=str(path), text=text, overrides=overrides)
+    return raw, text
 
 
-def _load_xml(path: Path, overrides: list[str] | None) -> RunConfig:
-    from segscale.xmlconfig import read_xml
+def as_written(cfg: RunConfig, raw: Any) -> dict[str, Any]:
+    """What a config file sets (defaults it leaves unset left out), validated, with each path
+    as the file wrote it: relative paths stay relative (to the working directory), where the
+    validated config holds them resolved. For `segscale config convert`."""
 
-    if not path.is_file():
-        raise ConfigError(f"cannot read config {path}: no such file")
-    raw, degree = read_xml(path)
-    if degree is not None:
-        raw["workers"] = degree
-    for item in overrides or []:
-        apply_override(raw, item)
-    return validate(raw, source=str(path), overrides=overrides)
+    def keep(done: Any, given: Any) -> Any:
+        if isinstance(done, dict):
+            given = {"name": given} if isinstance(given, str) else given  # component shorthand
+            given = given if isinstance(given, dict) else {}
+            return {k: keep(v, given.get(k)) for k, v in done.items()}
+        if isinstance(done, list) and isinstance(given, list) and len(done) == len(given):
+            return [keep(d, g) for d, g in zip(done, given)]
+        if isinstance(done, str) and isinstance(given, str) and Path(done).is_absolute():
+            return given  # resolved here from what the file wrote
+        return done
+
+    return keep(cfg.model_dump(mode="json", exclude_unset=True), raw)
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -743,8 +877,16 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override '{item}': expected key.sub=value")
     node = raw
     parts = key.split(".")
+    if "" in parts:
+        raise ConfigError(f"override '{item}': an empty key in '{key}'; expected key.sub=value")
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        child = node.get(part)
+        if child is None:  # absent, or given as null (transform: null): a new section
+            child = node[part] = {}
+        if isinstance(child, list):
+            raise ConfigError(
+                f"override '{item}': '{part}' is a list; give it whole, e.g. {part}=[...]"
+            )
         if not isinstance(child, dict):
             raise ConfigError(f"override '{item}': '{part}' is not a section")
         node = child
@@ -775,10 +917,13 @@ def validate(
         given = [o for o, k in keys if key == k or key.startswith(k + ".")]
         # a rule over a whole section can fail on what the file and overrides set inside it
         inside = [o for o, k in keys if not key or k.startswith(key + ".")]
-        line = _line_of(text, loc) if text and not given else None
-        where = f"override '{given[-1]}'" if given else f"{source}:{line}" if line else source
-        if inside and not given:
-            where += "".join(f" and override '{o}'" for o in inside)
+        line, whole = _line_of(text, loc) if text else (None, False)
+        where = f"{source}:{line}" if line else source
+        if given:
+            where = f"override '{given[-1]}'"
+        elif inside:  # the file too, if it holds this key at all
+            named = " and ".join(f"override '{o}'" for o in inside)
+            where = f"{where} and {named}" if whole or not key else named
         raise ConfigError(f"{where}: {_describe(err, loc)}") from None
 
 
@@ -794,13 +939,15 @@ def _describe(err: Any, loc: tuple[str, ...]) -> str:
     key = ".".join(loc)
     if err["type"] == "extra_forbidden":
         fields = _fields_at(loc[:-1])
-        return f"unknown key '{key}'{did_you_mean(loc[-1], fields)}; valid keys here: {', '.join(fields)}"
+        elsewhere = _paths_named(loc[-1])  # a key of another section, given in this one
+        hint = f" (it is {' or '.join(elsewhere)})" if elsewhere else did_you_mean(loc[-1], fields)
+        return f"unknown key '{key}'{hint}; valid keys here: {', '.join(fields)}"
     if err["type"] == "missing":
         return f"missing required key '{key}'"
     got = err.get("input")
     if err["type"] == "value_error":  # a rule of ours: its message says what was expected
         shown = "" if isinstance(got, dict) else f", got {got!r}"  # a whole section says nothing
-        return f"key '{key}': {err['ctx']['error']}{shown}"
+        return f"key '{key}': {err['ctx']['error']}{shown}" if key else str(err["ctx"]["error"])
     choices = _choices(loc)
     if choices:
         return f"key '{key}': expected one of {', '.join(choices)}, got {got!r}"
@@ -824,6 +971,20 @@ def _choices(loc: tuple[str, ...]) -> list[str]:
         else:
             return []
     return values
+
+
+def _paths_named(name: str, model: Any = None, prefix: str = "") -> list[str]:
+    """Every config key called `name`, as dotted paths (e.g. warmup_epochs →
+    train.schedule.warmup_epochs)."""
+    found: list[str] = []
+    for field_name, field in (model or RunConfig).model_fields.items():
+        path = f"{prefix}{field_name}"
+        if field_name == name:
+            found.append(path)
+        section = _section(field.annotation)
+        if hasattr(section, "model_fields") and section is not model:
+            found += _paths_named(name, section, path + ".")
+    return found
 
 
 def _fields_at(loc: tuple[str, ...]) -> list[str]:
@@ -860,23 +1021,24 @@ def _section(annotation: Any) -> Any:
     return annotation
 
 
-def _line_of(text: str, loc: tuple[str, ...]) -> int | None:
-    """The 1-based line of the deepest key of loc present in the YAML text."""
+def _line_of(text: str, loc: tuple[str, ...]) -> tuple[int | None, bool]:
+    """The 1-based line of the deepest key of loc present in the YAML text, and whether that
+    key is loc itself (the file holds it) rather than a section above it."""
     try:
         node = yaml.compose(text)
     except yaml.YAMLError:
-        return None
-    line = None
+        return None, False
+    line, found = None, 0
     for part in loc:
         if not isinstance(node, yaml.MappingNode):
             break
         for k, v in node.value:
             if k.value == part:
-                line, node = k.start_mark.line + 1, v
+                line, node, found = k.start_mark.line + 1, v, found + 1
                 break
         else:
             break
-    return line
+    return line, found == len(loc)
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

@@ -695,11 +695,13 @@ def inference_plan(cfg: RunConfig) -> Plan:
     return Plan(cfg, store, task)
 
 
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, workers: bool = False) -> None:
     """Create the run folder and save the resolved config; refuse to overwrite a finished or
-    started run unless resuming it."""
+    started run unless resuming it, and a folder a training is running in. `workers`: called by
+    each worker of a run, where that last check is left to rank 0's own lock (one worker could
+    see another of the same run, already started, holding it)."""
     try:
-        holder = lock_holder(run_dir / RUN_LOCK)
+        holder = None if workers else lock_holder(run_dir / RUN_LOCK)
     except OSError:  # cannot be told here; the training's own lock still refuses a second one
         holder = None
     if holder is not None:
@@ -707,7 +709,14 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
             f"{run_dir}: a training is running in it ({holder}); stop it with `segscale stop "
             f"{run_dir}`, or train into a new --run-dir"
         )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SegscaleError(f"{run_dir}: a file, not a run folder; give another --run-dir")
     started = (run_dir / "checkpoints").is_dir() or (run_dir / "model.pt").exists()
+    if started and not (run_dir / "config.yaml").is_file():
+        raise SegscaleError(
+            f"{run_dir}: has checkpoints but no config.yaml, so what they were trained with is "
+            "unknown here; put its config.yaml back, or train into a new --run-dir"
+        )
     if started and not resume:
         raise SegscaleError(
             f"{run_dir}: already holds a run; pass --resume to continue it or --run-dir for a new one"
@@ -721,7 +730,10 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
                 f"{run_dir}: started with other settings ({', '.join(changed[:5])} differ); "
                 "resume it with the config it started with, or train into a new --run-dir"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a folder of the path should be, no permission ...
+        raise SegscaleError(f"{run_dir}: cannot create the run folder ({e.strerror})") from None
     save_config(cfg, run_dir / "config.yaml")  # atomic: every node of a multi-node run writes it
 
 

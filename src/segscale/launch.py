@@ -38,6 +38,12 @@ def check_nodes(nodes: int, node_rank: int, rdzv_endpoint: str | None) -> None:
         raise SegscaleError(f"--node-rank {node_rank}: expected 0..{nodes - 1} for --nodes {nodes}")
     if nodes > 1 and not rdzv_endpoint:
         raise SegscaleError("--nodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+    if rdzv_endpoint is not None:
+        host, _, port = rdzv_endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise SegscaleError(
+                f"--rdzv-endpoint {rdzv_endpoint}: expected HOST:PORT, e.g. node01:29500"
+            )
 
 
 def torchrun_args(
@@ -260,10 +266,12 @@ def sbatch_script(
         "# The first node of the allocation hosts the c10d rendezvous.",
         'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         "",
+        "# --resume: submitted again (after a time limit or a preemption), the run goes on from",
+        "# its newest checkpoint; the first time, there is none and it starts.",
         "srun torchrun \\",
         f"  --nnodes={nodes} --nproc-per-node={gpus_per_node} \\",
         "  --rdzv-backend=c10d --rdzv-id=$SLURM_JOB_ID --rdzv-endpoint=$HEAD:29500 \\",
-        f"  -m segscale.worker train {run_dir} --no-progress",
+        f"  -m segscale.worker train {run_dir} --resume --no-progress",
         "",
     ]
     return "\n".join(lines)

@@ -244,6 +244,12 @@ def check_kwargs(
     """Fail before anything starts when kwargs don't bind to the factory's signature, beside the
     `fixed` arguments the engine passes itself (e.g. a model's in_channels and num_classes)."""
     fixed = fixed or {}
+    taken = sorted(set(fixed) & set(kwargs))
+    if taken:
+        raise SegscaleError(
+            f"{registry.kind} '{spec}' kwargs {sorted(kwargs)}: {', '.join(taken)} segscale passes "
+            "itself (from the store and the run); drop it from kwargs"
+        )
     signature = registry.signature(spec)
     try:
         signature.bind(**fixed, **kwargs)

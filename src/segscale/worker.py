@@ -155,11 +155,16 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.target, args.overrides)
             plan(cfg)
             run_dir = (args.run_dir or Path("runs") / cfg.name).resolve()
-            prepare_run_dir(cfg, run_dir, args.resume or restarted())
+            prepare_run_dir(cfg, run_dir, args.resume or restarted(), workers=True)
         elif args.overrides or args.run_dir:
             raise SegscaleError(
                 f"{args.target}: overrides and --run-dir go with a config file, not a run folder"
             )
+        elif not (run_dir / "config.yaml").is_file():
+            raise SegscaleError(f"{run_dir}: not a run folder (no config.yaml)")
+        else:  # a started run is continued only when asked (--resume, or a torchrun restart)
+            resume = args.resume or restarted()
+            prepare_run_dir(load_config(run_dir / "config.yaml"), run_dir, resume, workers=True)
         train(run_dir, args.resume, not args.no_progress, args.failures)
 
     return exit_code(run)

@@ -29,6 +29,7 @@ RunConfig as YAML. Parsed with defusedxml: entity expansion and external entitie
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,9 @@ PROPERTIES = {
 }
 
 
-def read_xml(path: Path) -> tuple[dict[str, Any], int | None]:
-    """The raw config dict (validated later, like YAML) and the parallelism degree."""
+def read_xml(path: Path) -> tuple[dict[str, Any], str | None]:
+    """The raw config dict (validated later, like YAML) and the parallelism degree as written
+    (validated as `workers`)."""
     import defusedxml.ElementTree as ET
     from defusedxml import DefusedXmlException
 
@@ -86,8 +88,9 @@ def read_xml(path: Path) -> tuple[dict[str, Any], int | None]:
     if kind not in (*kinds, *kinds.values()):
         raise fail(f"task '{kind}': expected {' | '.join(kinds)}")
     raw: dict[str, Any] = {
-        "name": task.get("run", path.stem),
-        "seed": int(task.get("seed", 0)),
+        # a file name may hold what a run name may not (a space): those become '-'
+        "name": task.get("run", re.sub(r"[^\w.-]", "-", path.stem)),
+        "seed": task.get("seed", 0),  # text: validated (and refused by key) as the YAML's
         "task": kinds.get(kind, kind),
         "train": {"optimizer": {}},
     }
@@ -115,7 +118,7 @@ def read_xml(path: Path) -> tuple[dict[str, Any], int | None]:
     raw["data"] = {"store": store.strip()}
     _generator(task, raw, fail)
     _hyperparameters(task, raw, fail)
-    return raw, int(degree) if degree else None
+    return raw, degree.strip() if degree else None  # validated as `workers`
 
 
 def _generator(task: Any, raw: dict[str, Any], fail: Any) -> None:
