@@ -87,3 +87,10 @@ def test_resunet_rejects_unknown_options_when_built():
         create_model("resunet", 1, 2, act="gelu")
     with pytest.raises(SegscaleError, match="decoder_convs must be 1 or 2"):
         create_model("resunet", 1, 2, decoder_convs=3)
+
+
+def test_a_unet_too_deep_or_too_wide_to_build_is_refused_before_it_fills_memory():
+    with pytest.raises(SegscaleError, match="depth must be 1 to 10"):
+        create_model("unet", 1, 2, base_channels=4, depth=20)
+    with pytest.raises(SegscaleError, match="65536 channels at the bottom; at most 16384"):
+        create_model("resunet", 1, 2, base_channels=64, depth=10)

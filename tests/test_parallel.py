@@ -400,3 +400,13 @@ def test_misconfigurations_fail_before_launch(real_store):
         )
     with pytest.raises(SegscaleError, match="unknown strategy 'alreduce'"):
         plan(validate(tiny_config(real_store, strategy="alreduce")))
+
+
+def test_schedule_refuses_a_picture_it_cannot_write(tmp_path, real_store):
+    config = write_config(tmp_path, real_store, "sched")
+    for out, message in [
+        (tmp_path / "no" / "lr.png", "its folder"),
+        (tmp_path / "lr.txt", "expected a .png, .pdf or .svg"),
+    ]:
+        r = cli("schedule", config, "--out", out)
+        assert r.returncode == 2 and message in r.stderr, r.stderr

@@ -629,16 +629,23 @@ def schedule_cmd(
     overrides: Overrides = None,
     workers: Annotated[int, typer.Option(help="Workers the lr is scaled for.", min=1)] = 1,
     steps_per_epoch: Annotated[
-        int, typer.Option(help="Steps per epoch (default: from the store).")
-    ] = 0,
-    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("schedule.png"),
+        int | None,
+        typer.Option(help="Steps per epoch (default: from the store).", min=1, show_default=False),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Picture to write (.png, .pdf or .svg).")] = Path(
+        "schedule.png"
+    ),
 ) -> None:
     """Plot the learning-rate curve of a config for N workers."""
+    from segscale._files import output_file
     from segscale.engine import plan
     from segscale.schedules import plot_schedule
 
+    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise SegscaleError(f"--out {out}: expected a .png, .pdf or .svg file name")
+    out = output_file(out, "--out")
     cfg = _load(config, overrides)
-    schedule = plan(cfg).schedule(workers, steps_per_epoch if steps_per_epoch > 0 else None)
+    schedule = plan(cfg).schedule(workers, steps_per_epoch)
     t = cfg.train
     title = (
         f"{cfg.name}: {workers} worker(s), global batch {t.batch_size * workers}, "

@@ -548,7 +548,9 @@ class FinetuneConfig(_Strict):
 
 class TrainConfig(_Strict):
     epochs: int = Field(gt=0, le=1_000_000)
-    batch_size: int = Field(gt=0, description="Per worker; the global batch is × workers.")
+    batch_size: int = Field(
+        gt=0, le=1_000_000, description="Per worker; the global batch is × workers."
+    )
     optimizer: OptimizerConfig
     loss: LossConfig = LossConfig()
     schedule: ScheduleConfig = ScheduleConfig()

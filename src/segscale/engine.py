@@ -621,13 +621,20 @@ def _build(what: str, factory: Any, *args: Any, **kwargs: Any) -> Any:
         raise SegscaleError(f"{what}: {type(e).__name__}: {e}") from None
 
 
+def _open_store(cfg: RunConfig) -> Store:
+    try:
+        return Store.open(cfg.data.store)
+    except SegscaleError as e:  # a relative path was read from the working directory
+        raise SegscaleError(f"data.store {e}") from None
+
+
 def plan(cfg: RunConfig) -> Plan:
     """Resolve and check every component of `cfg` without importing torch: the store and its
     splits, each name or 'module:attr' path, and that each kind's kwargs bind to its factory
     beside what the engine passes it (a model's in_channels and num_classes, a strategy's device
     and threads, a tracker's run folder, name and params; a loss, task, callback or transform
     gets its kwargs only). Raises SegscaleError naming the key and what was expected."""
-    store = Store.open(cfg.data.store)
+    store = _open_store(cfg)
     if cfg.data.split_seed is not None:  # another train/validation partition, the test split kept
         store = store.repartition(cfg.data.train_split, cfg.data.val_split, cfg.data.split_seed)
     for key in ("train_split", "val_split"):
@@ -688,7 +695,7 @@ def inference_plan(cfg: RunConfig) -> Plan:
     """A Plan that builds and runs a trained model without its training data (a zoo entry): the
     store's description (labels, channels, preprocessing, slice size) is all it reads; no split
     needs any case. Raises SegscaleError for an unknown task or model, or kwargs that do not fit."""
-    store = Store.open(cfg.data.store)
+    store = _open_store(cfg)
     check_kwargs(TASKS, cfg.task.name, cfg.task.kwargs)
     task = TASKS.resolve(cfg.task.name)(**cfg.task.kwargs)
     check_kwargs(MODELS, cfg.model.name, cfg.model.kwargs, {"in_channels": 1, "num_classes": 2})

@@ -61,8 +61,13 @@ class UNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if depth < 1 or base_channels < 1:
-            raise ValueError("depth and base_channels must be at least 1")
+        if not 1 <= depth <= 10 or base_channels < 1:  # 2^10: a 1024-px side down to 1
+            raise ValueError("depth must be 1 to 10 and base_channels at least 1")
+        if base_channels * 2**depth > 16384:  # its weights alone would fill any memory
+            raise ValueError(
+                f"base_channels {base_channels} and depth {depth} give {base_channels * 2**depth} "
+                "channels at the bottom; at most 16384"
+            )
         widths = [base_channels * 2**i for i in range(depth + 1)]
         self.depth = depth
         self.down = nn.ModuleList([DoubleConv(in_channels, widths[0], norm)])
@@ -159,8 +164,13 @@ class ResUNet(nn.Module):
         decoder_convs: int = 1,
     ) -> None:
         super().__init__()
-        if depth < 1 or base_channels < 1:
-            raise ValueError("depth and base_channels must be at least 1")
+        if not 1 <= depth <= 10 or base_channels < 1:  # 2^10: a 1024-px side down to 1
+            raise ValueError("depth must be 1 to 10 and base_channels at least 1")
+        if base_channels * 2**depth > 16384:  # its weights alone would fill any memory
+            raise ValueError(
+                f"base_channels {base_channels} and depth {depth} give {base_channels * 2**depth} "
+                "channels at the bottom; at most 16384"
+            )
         if decoder_convs not in (1, 2):
             raise ValueError(f"decoder_convs must be 1 or 2, not {decoder_convs}")
         _norm(norm, 1), _act(act, 1)  # fail on a bad name here, not deep in the layers
