@@ -126,6 +126,70 @@ class UNet(torch.nn.Module):
 """
 
 
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        (
+            "<hyperparameters>",
+            "<hyperparameters><param name='lr'>9</param>",
+            r"unknown element <param> in <hyperparameters>",
+        ),
+        (
+            "<name>unet</name>",
+            "<name>unet</name><kwargs>x</kwargs>",
+            r"unknown element <kwargs> in <CNN_archi>",
+        ),
+        (
+            '<module name="train_strategy_def">',
+            '<modul name="x"/><module name="train_strategy_def">',
+            r"unknown element <modul> \(did you mean .module.\?\) in <CNN-Parallelism-Generator>",
+        ),
+        ('type="dist_strategy"', 'typ="dist_strategy"', r"<action>: unknown attribute 'typ'"),
+        (
+            'run="brats-unet-autocnnp"',
+            'run="b" sed="5"',
+            r"<task>: unknown attribute 'sed' \(did you mean 'seed'\?\)",
+        ),
+        (
+            "</task>",
+            "</task><task name='imaging_segmentation'/>",
+            r"<task> given twice in <system_config>",
+        ),
+        (
+            "<hyperparameters>",
+            "<hyperparameters/><hyperparameters>",
+            r"<hyperparameters> given twice",
+        ),
+        (
+            '<property name="lr">1e-5</property>',
+            '<property name="lr">1e-5</property><property name="lr">9</property>',
+            r"hyperparameter 'lr' given twice",
+        ),
+        (
+            "<name>unet</name>",
+            "<name>unet</name><path>x.py</path>",
+            r"<name> \(built-in\) or <path> .*not both",
+        ),
+        ("<data>", "<data><store>prepared/x</store>", r"give <store> alone"),
+        ('type="dist_strategy"', "", r"an <action> without type="),
+        (
+            'run="brats-unet-autocnnp"',
+            'run="brats-unet-autocnnp" seed="abc"',
+            r"key 'seed'",
+        ),
+    ],
+)
+def test_an_xml_config_holds_nothing_that_would_be_dropped_without_a_word(
+    tmp_path, monkeypatch, old, new, message
+):
+    monkeypatch.chdir(ROOT)
+    body = EXAMPLE.read_text()
+    assert old in body
+    path = write(tmp_path, body.replace(old, new, 1))
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
 def test_the_thesis_listing_as_written_plans_and_trains(tmp_path, real_store):
     """`<CNN_archi><path>.../U-Net.py</path>` (a file, no factory name) and the module spelt
     `train_srategy_def`, as Listing 4.1 writes them (was: 'name the factory too')."""

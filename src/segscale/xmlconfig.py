@@ -35,13 +35,6 @@ from typing import Any
 
 from segscale.errors import ConfigError, did_you_mean
 
-TASK_ELEMENTS = (
-    "parallelism-degree",
-    "CNN_archi",
-    "CNN-Parallelism-Generator",
-    "data",
-    "hyperparameters",
-)
 STRATEGY_NAMES = {"ring_allreduce": "allreduce", "allreduce": "allreduce", "local_sgd": "local_sgd"}
 PROPERTIES = {
     "lr": ("train.optimizer.lr", float),
@@ -76,12 +69,20 @@ def read_xml(path: Path) -> tuple[dict[str, Any], str | None]:
     def fail(msg: str) -> ConfigError:
         return ConfigError(f"{path}: {msg}")
 
-    for child in task:  # a misspelt element would otherwise be dropped without a word
-        if child.tag not in TASK_ELEMENTS:
-            raise fail(
-                f"unknown element <{child.tag}>{did_you_mean(child.tag, TASK_ELEMENTS)} in <task>; "
-                f"expected {', '.join(f'<{t}>' for t in TASK_ELEMENTS)}"
-            )
+    # a misspelt or repeated element or attribute would otherwise be dropped without a word
+    _check_tree(root, ((), {"task": (_TASK, True)}), "system_config", fail)
+    archi, data = task.find("CNN_archi"), task.find("data")
+    if archi is not None and archi.find("name") is not None and archi.find("path") is not None:
+        raise fail("<CNN_archi>: give <name> (built-in) or <path> (file.py:factory), not both")
+    if data is not None and data.find("store") is not None and len(data) > 1:
+        raise fail("<data>: give <store> alone (one prepared store holds train, val and test)")
+    for what, items in (
+        ("hyperparameter", [q.get("name") for q in task.iter("property")]),
+        ("action type", [a.get("type") for a in task.iter("action")]),
+    ):
+        twice = sorted({i for i in items if items.count(i) > 1 and i is not None})
+        if twice:
+            raise fail(f"{what} '{twice[0]}' given twice")
 
     kinds = {"imaging_segmentation": "segmentation", "imaging_classification": "classification"}
     kind = task.get("name", "imaging_segmentation")
@@ -121,6 +122,59 @@ def read_xml(path: Path) -> tuple[dict[str, Any], str | None]:
     return raw, degree.strip() if degree else None  # validated as `workers`
 
 
+# The elements and attributes an Auto-CNNp file may hold: element → (its attributes, {child:
+# (the child's own schema, whether it may appear at most once)}); text-only elements have none.
+_Schema = tuple[tuple[str, ...], dict[str, tuple[Any, bool]]]
+_TEXT: _Schema = ((), {})
+_PATHS: _Schema = ((), {"path": (_TEXT, True)})
+_VALUE: _Schema = (("name",), {"path": (_TEXT, True)})
+_ACTION: _Schema = (("class", "type"), {"value": (_VALUE, False)})
+_TASK: _Schema = (
+    ("name", "run", "seed"),
+    {
+        "parallelism-degree": (_TEXT, True),
+        "CNN_archi": (((), {"name": (_TEXT, True), "path": (_TEXT, True)}), True),
+        "CNN-Parallelism-Generator": (
+            ((), {"module": ((("name",), {"action": (_ACTION, False)}), False)}),
+            True,
+        ),
+        "data": (
+            (
+                (),
+                {"store": (_TEXT, True), **{s: (_PATHS, True) for s in ("train", "valid", "test")}},
+            ),
+            True,
+        ),
+        "hyperparameters": (((), {"property": ((("name",), {}), False)}), True),
+    },
+)
+
+
+def _check_tree(element: Any, schema: _Schema, where: str, fail: Any) -> None:
+    attributes, children = schema
+    for name in element.attrib:
+        if name not in attributes:
+            expected = ", ".join(attributes) or "none"
+            raise fail(
+                f"<{where}>: unknown attribute '{name}'{did_you_mean(name, attributes)}; "
+                f"expected {expected}"
+            )
+    seen: set[str] = set()
+    for child in element:
+        tag = child.tag
+        if tag not in children:
+            expected = ", ".join(f"<{t}>" for t in children) or "text only"
+            raise fail(
+                f"unknown element <{tag}>{did_you_mean(str(tag), children)} in <{where}>; "
+                f"expected {expected}"
+            )
+        sub, once = children[tag]
+        if once and tag in seen:
+            raise fail(f"<{tag}> given twice in <{where}>")
+        seen.add(tag)
+        _check_tree(child, sub, tag, fail)
+
+
 def _generator(task: Any, raw: dict[str, Any], fail: Any) -> None:
     gen = task.find("CNN-Parallelism-Generator")
     for action in gen.iter("action") if gen is not None else []:
@@ -142,9 +196,9 @@ def _generator(task: Any, raw: dict[str, Any], fail: Any) -> None:
                     {"name": f"{(v.findtext('path') or '').strip()}:{v.get('name')}"}
                 )
         elif kind not in ("device_placement", "memory_allocation"):
-            raise fail(
-                f"action type '{kind}'{did_you_mean(kind or '', ['device_placement', 'memory_allocation', 'dist_strategy', 'Tr_Checkpoint'])}"
-            )
+            types = ["device_placement", "memory_allocation", "dist_strategy", "Tr_Checkpoint"]
+            named = f"action type '{kind}'" if kind else "an <action> without type="
+            raise fail(f"{named}{did_you_mean(kind or '', types)}; expected {', '.join(types)}")
 
 
 def _hyperparameters(task: Any, raw: dict[str, Any], fail: Any) -> None:
