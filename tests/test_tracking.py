@@ -172,6 +172,10 @@ def test_tracker_lists_and_values_are_checked_before_launch(tmp_path, real_store
     bad = {"name": "mlflow", "kwargs": {"poll_seconds": -1}}
     with pytest.raises(SegscaleError, match="poll_seconds -1: expected a number of seconds > 0"):
         plan(validate({**tiny_config(real_store), "tracker": bad})).check(1)
+    # a store MLflow cannot open was one warning after the whole run had trained untracked
+    bad = {"name": "mlflow", "kwargs": {"uri": "bogus://x"}}
+    with pytest.raises(SegscaleError, match="uri bogus://x: MLflow has no tracking store"):
+        plan(validate({**tiny_config(real_store), "tracker": bad})).check(1)
 
 
 def test_a_bad_override_is_named_as_such_with_the_values_it_may_take(tmp_path, real_store):

@@ -39,6 +39,10 @@ class NoTracker:
         pass
 
 
+# the tracking-store schemes MLflow ships (a dialect may follow '+', as in postgresql+psycopg2)
+MLFLOW_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+
 class MLflowTracker:
     """Mirror the run into MLflow: parameters (the flattened config), one metrics row per epoch at
     its global step, step metrics (step/...) every monitor.log_every steps, every rank's system
@@ -70,6 +74,12 @@ class MLflowTracker:
     ) -> None:
         if not 0 < poll_seconds < float("inf"):
             raise ValueError(f"poll_seconds {poll_seconds}: expected a number of seconds > 0")
+        scheme = uri.partition(":")[0].partition("+")[0].lower() if uri and ":" in uri else ""
+        if scheme and scheme not in MLFLOW_SCHEMES:  # else only a warning, after the whole run
+            raise ValueError(
+                f"uri {uri}: MLflow has no tracking store for '{scheme}'; expected one of "
+                f"{', '.join(s + '://' for s in MLFLOW_SCHEMES)} or a folder"
+            )
         self.run_dir, self.run_name, self.params = Path(run_dir), run_name, params
         self.poll_seconds = poll_seconds
         self.tags = {"segscale.run_dir": str(self.run_dir), **(tags or {})}
