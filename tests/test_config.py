@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from segscale.config import load_config, save_config, validate
+from segscale.config import load_config, read_yaml, save_config, validate
 from segscale.errors import ConfigError
 
 GOOD = """\
@@ -162,11 +162,9 @@ def test_yaml_is_read_as_yaml_1_2_and_slips_are_refused(tmp_path):
         (["data.augment={enabled: true, zoom: [0, 0]}"], r"zoom \[0.0, 0.0\]: expected"),
         (["data.augment={enabled: true, zoom: [1.2, 0.8]}"], r"0 < min ≤ max"),
         (["train.schedule.scaling=none", "train.schedule.warmup_epochs=5"], r"scaling: linear"),
-        (["train.schedule.warmup_epochs=50"], r"longer than the run \(epochs 10\)"),
         (["train.schedule={warmup_steps: 0, warmup: constant}"], r"warmup_steps > 0"),
         (["train.schedule.decay=step", "train.schedule.decay_epochs=[-3]"], r"epochs ≥ 1"),
         (["train.schedule.decay=step", "train.schedule.decay_epochs=[2, 2]"], r"each once"),
-        (["train.schedule.decay=step", "train.schedule.decay_epochs=[12]"], r"never happens"),
         (["train.finetune.freeze_encoder_epochs=3"], r"only with model.pretrained"),
         (["train.divergence={enabled: false, factor: 5}"], r"factor take effect only with"),
         (["train.simulate_workers=4", "train.sync_batchnorm=true"], r"sync_batchnorm"),
@@ -201,3 +199,21 @@ def test_overrides_name_where_they_go_when_the_file_has_no_such_section(tmp_path
     )
     cfg = load_config(write(tmp_path, null), ["data.transform.name=pkg.mod:T"])
     assert cfg.data.transform.name == "pkg.mod:T"  # a section given as null takes an override
+
+
+def test_what_legitimate_configs_write_still_loads(tmp_path):
+    """Each of these was refused by a stricter reading once (a retest found them)."""
+    # the guard off: the saved config.yaml writes its defaults out, and must load again
+    cfg = load_config(write(tmp_path, GOOD), ["train.divergence.enabled=false"])
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml").train.divergence.enabled is False
+    # augmentation switched off on purpose, its settings kept for later
+    off = "data.augment={enabled: false, rotation: 15}"
+    assert load_config(write(tmp_path, GOOD), [off]).data.augment.rotation == 15
+    merged = read_yaml("notes: {<<: {a: 1, b: 2}, b: 3}")
+    assert merged["notes"] == {"a": 1, "b": 3}  # merge keys, their values overridden
+    # PyYAML's booleans reach plug-ins' kwargs as booleans; a date is text
+    assert read_yaml("k: {static_graph: off, verbose: yes}\nd: 2024-06-01") == {
+        "k": {"static_graph": False, "verbose": True},
+        "d": "2024-06-01",
+    }

@@ -309,3 +309,18 @@ def test_names_and_paths_that_name_no_component_are_one_line(tmp_path, real_stor
         cfg.update(changes)
         with pytest.raises(SegscaleError, match=message):
             plan(validate(cfg))
+
+
+def test_a_run_too_short_for_its_settings_is_warned_of_not_refused(real_store):
+    """A trial run (train.epochs=1) of a long recipe is legitimate: a warning says what of the
+    recipe it will not reach."""
+    cfg = tiny_config(
+        real_store,
+        epochs=2,
+        schedule={"warmup_epochs": 5, "decay": "step", "decay_epochs": [1, 3]},
+    )
+    with pytest.warns(UserWarning) as seen:
+        plan(validate(cfg)).check(1)
+    said = " | ".join(str(w.message) for w in seen)
+    assert "warmup_epochs 5 is longer than the run (epochs 2)" in said
+    assert "decay_epochs [3]: at or after the last epoch" in said

@@ -173,6 +173,11 @@ class UNet(torch.nn.Module):
         ("<data>", "<data><store>prepared/x</store>", r"give <store> alone"),
         ('type="dist_strategy"', "", r"an <action> without type="),
         (
+            '<property name="optimiser">SGD</property>',
+            '<property name="optimiser">SGD</property><property name="optimizer">adam</property>',
+            r"'optimizer' sets train.optimizer.name, which 'optimiser' sets already",
+        ),
+        (
             'run="brats-unet-autocnnp"',
             'run="brats-unet-autocnnp" seed="abc"',
             r"key 'seed'",
@@ -216,3 +221,11 @@ def test_the_thesis_listing_as_written_plans_and_trains(tmp_path, real_store):
     xml.write_text(THESIS_LISTING.format(path=two, store=real_store))
     with pytest.raises(SegscaleError, match=r"two.py: defines UNet, Other; name the factory"):
         plan(load_config(xml))
+
+
+def test_a_seed_given_twice_in_xml_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    body = EXAMPLE.read_text().replace('run="brats-unet-autocnnp"', 'run="b" seed="3"')
+    body = body.replace("<hyperparameters>", '<hyperparameters><property name="seed">7</property>')
+    with pytest.raises(ConfigError, match=r"'seed' sets seed, which <task seed=...> sets already"):
+        load_config(write(tmp_path, body))

@@ -678,6 +678,7 @@ def launch_cmd(
 ) -> None:
     """Write a cluster job for a config (checked first, as `train` checks it), to submit with
     sbatch; submitting it again continues the run from its newest checkpoint."""
+    import re
     import shlex
 
     from segscale._files import output_file, write_atomic
@@ -686,6 +687,11 @@ def launch_cmd(
 
     if not slurm:
         raise SegscaleError("say which scheduler: --slurm (the only one so far)")
+    # both go into #SBATCH lines: a line break would end the header and run as a command
+    if not re.fullmatch(r"[0-9][0-9:-]*", time):
+        raise SegscaleError(f"--time {time!r}: expected a Slurm time, e.g. 04:00:00 or 1-12:00:00")
+    if partition is not None and not re.fullmatch(r"[\w.-]+(,[\w.-]+)*", partition):
+        raise SegscaleError(f"--partition {partition!r}: expected a partition name (or a,b)")
     cfg = _load(config, overrides)
     plan(cfg).check(1)  # the model, loss, optimiser and plug-ins; the GPUs are the cluster's
     run_dir = (run_dir or Path("runs") / cfg.name).resolve()

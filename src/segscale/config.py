@@ -58,13 +58,16 @@ def _is_number(annotation: Any) -> bool:
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.2's core schema for scalars: 010 is ten and 1:30 is text (YAML 1.1, PyYAML's
-    default, reads them as 8 and 90), only true/false are booleans (not yes/no/on/off), 1e-3
-    is a number; and a key given twice is an error (PyYAML keeps the last one silently)."""
+    """Numbers as YAML 1.2 reads them: 010 is ten and 1:30 is text (YAML 1.1, PyYAML's default,
+    reads them as 8 and 90), 1e-3 is a number; no dates (2024-06-01 is text); booleans as PyYAML
+    reads them (true/false, yes/no, on/off), so plug-ins' kwargs keep their meaning; merge keys
+    (<<) as usual; and a key given twice in one mapping is an error (PyYAML keeps the last one)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # what it merges may be overridden
+                continue
             key = self.construct_object(key_node, deep=True)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -77,14 +80,11 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-_CORE = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_CORE = ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag not in _CORE]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Loader.add_implicit_resolver(
-    _CORE[0], re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
 _Loader.add_implicit_resolver(
     _CORE[1], re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
 )
@@ -158,7 +158,7 @@ class Component(_Strict):
         where, sep, attr = v.rpartition(":")
         if not sep and v.endswith(".py"):
             where, attr = v, ""
-        if where.endswith(".py") and not Path(where).expanduser().is_absolute():
+        if where.endswith(".py") and not Path(where).is_absolute():  # relative, or ~/...
             return str(_absolute(where)) + (f":{attr}" if attr else "")
         return v
 
@@ -202,6 +202,7 @@ class DataConfig(_Strict):
     @classmethod
     def _absolute_store(cls, v: Path) -> Path:
         # the one place a relative store path is resolved: against the working directory
+        v = v.expanduser()
         return v if v.is_absolute() else (Path.cwd() / v).resolve()
 
     @field_validator("augment", mode="before")
@@ -221,15 +222,15 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _on_device_gathers_whole_batches(self) -> DataConfig:
-        a = (
-            self.augment
-        )  # in training, its settings act only when it is on (offline they always do)
+        # in training its settings act only when it is on (offline, always): settings given with
+        # no word of `enabled` are a forgotten switch; `enabled: false` turns them off on purpose
+        a = self.augment
         unread = [
             k
             for k in ("rotation", "zoom", "translation", "flip", "intensity")
             if getattr(a, k) != AugmentConfig.model_fields[k].default
         ]
-        if unread and not a.enabled:
+        if unread and not a.enabled and "enabled" not in a.model_fields_set:
             raise ValueError(f"augment: {', '.join(unread)} take effect only with enabled: true")
         if self.on_device is True and (self.transform is not None or self.num_workers):
             raise ValueError(
@@ -256,7 +257,7 @@ class ModelConfig(Component):
     @classmethod
     def _absolute_pretrained(cls, v: str | None) -> str | None:
         # a file or folder is found from the working directory, and saved absolutely (as above)
-        if v is None or v.startswith("zoo:") or Path(v).expanduser().is_absolute():
+        if v is None or v.startswith("zoo:") or Path(v).is_absolute():
             return v
         return str(_absolute(v))
 
@@ -521,7 +522,12 @@ class DivergenceConfig(_Strict):
 
     @model_validator(mode="after")
     def _takes_effect(self) -> DivergenceConfig:
-        set_ = [k for k in ("factor", "patience", "smoothing") if k in self.model_fields_set]
+        defaults = type(self).model_fields  # a saved config.yaml writes the defaults out
+        set_ = [
+            k
+            for k in ("factor", "patience", "smoothing")
+            if getattr(self, k) != defaults[k].default
+        ]
         if set_ and not self.enabled:
             raise ValueError(f"{', '.join(set_)} take effect only with enabled: true")
         return self
@@ -656,24 +662,6 @@ class TrainConfig(_Strict):
             raise ValueError(
                 "train.sync_batchnorm synchronises real workers' statistics; simulated workers "
                 "(train.simulate_workers) have none to share: drop one"
-            )
-        s = self.schedule
-        # (rule grescale: the tuner's warmup, whose phases are fitted to the run's length)
-        if s.rule == "standard" and s.warmup_epochs and s.warmup_epochs > self.epochs:
-            raise ValueError(
-                f"train.schedule.warmup_epochs {s.warmup_epochs:g} is longer than the run "
-                f"(epochs {self.epochs}): the scaled lr would never be reached"
-            )
-        late = [e for e in s.decay_epochs if e >= self.epochs]
-        if late:
-            raise ValueError(
-                f"train.schedule.decay_epochs {late}: at or after the last epoch (epochs "
-                f"{self.epochs}), so that decay never happens"
-            )
-        if self.finetune.freeze_encoder_epochs >= self.epochs:
-            raise ValueError(
-                f"train.finetune.freeze_encoder_epochs {self.finetune.freeze_encoder_epochs}: the "
-                f"run has {self.epochs} epochs, so the encoder would never train"
             )
         return self
 
@@ -895,7 +883,8 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     try:
         node[parts[-1]] = read_yaml(value)
     except yaml.YAMLError as e:
-        raise ConfigError(f"override '{item}': value is not valid YAML") from e
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"override '{item}': value is not valid YAML: {problem}") from None
 
 
 def validate(

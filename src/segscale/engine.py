@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,7 +101,10 @@ class Plan:
                 f"{torch.cuda.device_count()} GPU(s); use at most that many workers, or "
                 "train.device=cpu"
             )
+        steps = self.steps_per_epoch(workers * (t.simulate_workers or 1))
         self.schedule(workers * (t.simulate_workers or 1))  # e.g. GreScale phases that overlap
+        for note in run_length_notes(t, steps):
+            warnings.warn(note, stacklevel=2)
         self._check_model()
         if (
             self.cfg.tracker_config("tensorboard")
@@ -619,6 +623,37 @@ def _build(what: str, factory: Any, *args: Any, **kwargs: Any) -> Any:
         raise
     except Exception as e:
         raise SegscaleError(f"{what}: {type(e).__name__}: {e}") from None
+
+
+def run_length_notes(train: Any, steps_per_epoch: int) -> list[str]:
+    """What in train's settings the run is too short for: a warmup longer than the run (the
+    scaled lr is never reached), step-decay milestones at or after its last epoch, an encoder
+    frozen for the whole run. Warnings, not errors: a short trial run (train.epochs=1) of a
+    long recipe is legitimate."""
+    s, epochs, notes = train.schedule, train.epochs, []
+    total = epochs * steps_per_epoch
+    if s.rule == "standard" and (s.warmup_epochs or 0) > epochs:
+        notes.append(
+            f"train.schedule.warmup_epochs {s.warmup_epochs:g} is longer than the run "
+            f"(epochs {epochs}): the scaled lr is never reached"
+        )
+    if s.rule == "standard" and (s.warmup_steps or 0) > total:
+        notes.append(
+            f"train.schedule.warmup_steps {s.warmup_steps} is longer than the run "
+            f"({total} steps): the scaled lr is never reached"
+        )
+    late = [m for m in s.decay_epochs if m >= epochs]
+    if late:
+        notes.append(
+            f"train.schedule.decay_epochs {late}: at or after the last epoch (epochs "
+            f"{epochs}); that decay does not happen in this run"
+        )
+    if train.finetune.freeze_encoder_epochs >= epochs:
+        notes.append(
+            f"train.finetune.freeze_encoder_epochs {train.finetune.freeze_encoder_epochs}"
+            f": the run has {epochs} epochs, so the encoder does not train"
+        )
+    return notes
 
 
 def _open_store(cfg: RunConfig) -> Store:

@@ -36,12 +36,19 @@ from typing import Any
 from segscale.errors import ConfigError, did_you_mean
 
 STRATEGY_NAMES = {"ring_allreduce": "allreduce", "allreduce": "allreduce", "local_sgd": "local_sgd"}
+
+
+def _builtin_lower(name: str) -> str:
+    """SGD → sgd, as the thesis' files write built-in names; a plug-in's path as written."""
+    return name if ":" in name or name.endswith(".py") else name.lower()
+
+
 PROPERTIES = {
     "lr": ("train.optimizer.lr", float),
-    "optimiser": ("train.optimizer.name", str.lower),
-    "optimizer": ("train.optimizer.name", str.lower),
+    "optimiser": ("train.optimizer.name", _builtin_lower),
+    "optimizer": ("train.optimizer.name", _builtin_lower),
     "momentum": ("train.optimizer.momentum", float),
-    "loss": ("train.loss", str.lower),
+    "loss": ("train.loss", _builtin_lower),
     "minibatch_size": ("train.batch_size", int),
     "end_epoch": ("train.epochs", int),
     "seed": ("seed", int),
@@ -202,6 +209,7 @@ def _generator(task: Any, raw: dict[str, Any], fail: Any) -> None:
 
 
 def _hyperparameters(task: Any, raw: dict[str, Any], fail: Any) -> None:
+    given = {"seed": "<task seed=...>"} if task.get("seed") is not None else {}
     for prop in task.findall("hyperparameters/property"):
         name, text = prop.get("name", ""), (prop.text or "").strip()
         if name == "start_epoch":
@@ -213,6 +221,9 @@ def _hyperparameters(task: Any, raw: dict[str, Any], fail: Any) -> None:
                 f"unknown hyperparameter '{name}'{did_you_mean(name, PROPERTIES)}; known: {', '.join(PROPERTIES)}"
             )
         key, cast = PROPERTIES[name]
+        if key in given:  # optimiser and optimizer, or seed= and a seed property
+            raise fail(f"hyperparameter '{name}' sets {key}, which {given[key]} sets already")
+        given[key] = f"'{name}'"
         try:
             value = cast(text)
         except ValueError:

@@ -44,6 +44,19 @@ class DoubleConv(nn.Sequential):
         )
 
 
+def _check_size(base_channels: int, depth: int) -> None:
+    """Refuse a U-Net that cannot be built or used: depth 1 to 10 (2^10 takes a 1024-px side down
+    to 1) and at most 16384 channels at the bottom (base·2^depth), past which its weights alone
+    fill any memory. Raises ValueError."""
+    if not 1 <= depth <= 10 or base_channels < 1:
+        raise ValueError("depth must be 1 to 10 and base_channels at least 1")
+    if base_channels * 2**depth > 16384:
+        raise ValueError(
+            f"base_channels {base_channels} and depth {depth} give {base_channels * 2**depth} "
+            "channels at the bottom; at most 16384"
+        )
+
+
 class UNet(nn.Module):
     """Ronneberger U-Net: `depth` max-pool downsamplings, widths base·2^i (64 → 1024 by default),
     transposed-conv upsampling and skip concatenation. Input sides must be divisible by 2^depth."""
@@ -61,13 +74,7 @@ class UNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if not 1 <= depth <= 10 or base_channels < 1:  # 2^10: a 1024-px side down to 1
-            raise ValueError("depth must be 1 to 10 and base_channels at least 1")
-        if base_channels * 2**depth > 16384:  # its weights alone would fill any memory
-            raise ValueError(
-                f"base_channels {base_channels} and depth {depth} give {base_channels * 2**depth} "
-                "channels at the bottom; at most 16384"
-            )
+        _check_size(base_channels, depth)
         widths = [base_channels * 2**i for i in range(depth + 1)]
         self.depth = depth
         self.down = nn.ModuleList([DoubleConv(in_channels, widths[0], norm)])
@@ -164,13 +171,7 @@ class ResUNet(nn.Module):
         decoder_convs: int = 1,
     ) -> None:
         super().__init__()
-        if not 1 <= depth <= 10 or base_channels < 1:  # 2^10: a 1024-px side down to 1
-            raise ValueError("depth must be 1 to 10 and base_channels at least 1")
-        if base_channels * 2**depth > 16384:  # its weights alone would fill any memory
-            raise ValueError(
-                f"base_channels {base_channels} and depth {depth} give {base_channels * 2**depth} "
-                "channels at the bottom; at most 16384"
-            )
+        _check_size(base_channels, depth)
         if decoder_convs not in (1, 2):
             raise ValueError(f"decoder_convs must be 1 or 2, not {decoder_convs}")
         _norm(norm, 1), _act(act, 1)  # fail on a bad name here, not deep in the layers
