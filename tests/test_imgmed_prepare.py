@@ -256,6 +256,7 @@ def test_ctrl_c_stops_a_parallel_prepare_at_once_and_the_rerun_resumes(tmp_path)
             time.sleep(0.05)
         workers = psutil.Process(proc.pid).children(recursive=True)
         assert workers  # the pool's processes are running cases
+        before = len(list(partial.glob("*.npz")))
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=60) == PREEMPTED_EXIT_CODE
         said = proc.stdout.read().decode()
@@ -267,8 +268,9 @@ def test_ctrl_c_stops_a_parallel_prepare_at_once_and_the_rerun_resumes(tmp_path)
             os.killpg(proc.pid, signal.SIGKILL)
     kept = len(list(partial.glob("*.npz")))
     assert f"with {kept} of 30 cases" in said
-    # the cases in hand finish and are kept (two running, a few queued), no others; nothing published
-    assert 1 <= kept <= 10 and not out.exists()
+    # the cases in hand finish and are kept (two running, three queued), no others, however
+    # fast the machine; nothing is published
+    assert before <= kept <= before + 5 + 2 and kept < 30 and not out.exists()
     rerun = subprocess.run([*map(str, args), "--jobs", "2"], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert Store.open(out).meta["cases"] and not partial.exists()
