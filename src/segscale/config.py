@@ -46,6 +46,9 @@ class _Strict(BaseModel):
                 value = data.get(name)
                 if isinstance(value, bool) and _is_number(field.annotation):
                     raise ValueError(f"{name}: expected a number, got {str(value).lower()}")
+                listed = isinstance(value, list | tuple) and _holds_numbers(field.annotation)
+                if listed and any(isinstance(v, bool) for v in value):  # decay_epochs: [true, 2]
+                    raise ValueError(f"{name}: expected numbers, got {value}")
         return data
 
 
@@ -55,6 +58,13 @@ def _is_number(annotation: Any) -> bool:
     kinds = [m for m in members or (annotation,) if m is not type(None)]
     base = [typing.get_args(k)[0] if typing.get_origin(k) is typing.Annotated else k for k in kinds]
     return bool(base) and all(b in (int, float) for b in base)
+
+
+def _holds_numbers(annotation: Any) -> bool:
+    """Whether a field is a list or tuple of numbers (decay_epochs, zoom)."""
+    return typing.get_origin(annotation) in (list, tuple) and all(
+        _is_number(a) for a in typing.get_args(annotation) if a is not Ellipsis
+    )
 
 
 class _Loader(yaml.SafeLoader):
@@ -704,6 +714,8 @@ class RunConfig(_Strict):
     @classmethod
     def _trackers_once_each(cls, v: list[TrackerConfig]) -> list[TrackerConfig]:
         names = [t.name for t in v]
+        if not names:
+            raise ValueError("an empty list; to record nothing, write tracker: none")
         if len(set(names)) < len(names):
             raise ValueError("each tracker once (two would record the run twice)")
         if "none" in names and len(names) > 1:
