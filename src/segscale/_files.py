@@ -206,6 +206,11 @@ def _drop_held_in_child() -> None:
     _HELD.clear()
 
 
+def _holder(path: Path) -> str:
+    """What a held lock file says of its holder."""
+    return Path(path).read_text(errors="replace").strip() or "another process"
+
+
 def lock_holder(path: Path) -> str | None:
     """Who holds the lock file `path` ('pid P on HOST since T', as its holder wrote), or None
     when nobody does. Raises OSError where that cannot be told (a file system without flock,
@@ -219,7 +224,7 @@ def lock_holder(path: Path) -> str | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return Path(path).read_text(errors="replace").strip() or "another process"
+        return _holder(path)
     else:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
@@ -252,7 +257,7 @@ class held_lock:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    holder = self.path.read_text(errors="replace").strip() or "another process"
+                    holder = _holder(self.path)
                     os.close(self.fd)
                     raise SegscaleError(f"{self.path.parent}: {self.what} ({holder})") from None
                 time.sleep(0.2)

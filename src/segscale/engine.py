@@ -102,7 +102,7 @@ class Plan:
                 "train.device=cpu"
             )
         steps = self.steps_per_epoch(workers * (t.simulate_workers or 1))
-        self.schedule(workers * (t.simulate_workers or 1))  # e.g. GreScale phases that overlap
+        self.schedule(workers * (t.simulate_workers or 1), steps)  # e.g. GreScale phase overlaps
         for note in run_length_notes(t, steps):
             warnings.warn(note, stacklevel=2)
         self._check_model()
@@ -737,6 +737,24 @@ def inference_plan(cfg: RunConfig) -> Plan:
     return Plan(cfg, store, task)
 
 
+def check_started(run_dir: Path, resume: bool) -> bool:
+    """Whether `run_dir` holds a started run (checkpoints or model.pt); refuse one not asked to
+    resume, one whose config.yaml is missing, and a file in the folder's place."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SegscaleError(f"{run_dir}: a file, not a run folder; give another --run-dir")
+    started = (run_dir / "checkpoints").is_dir() or (run_dir / "model.pt").exists()
+    if started and not (run_dir / "config.yaml").is_file():
+        raise SegscaleError(
+            f"{run_dir}: has checkpoints but no config.yaml, so what they were trained with is "
+            "unknown here; put its config.yaml back, or train into a new --run-dir"
+        )
+    if started and not resume:
+        raise SegscaleError(
+            f"{run_dir}: already holds a run; pass --resume to continue it or --run-dir for a new one"
+        )
+    return started
+
+
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, workers: bool = False) -> None:
     """Create the run folder and save the resolved config; refuse to overwrite a finished or
     started run unless resuming it, and a folder a training is running in. `workers`: called by
@@ -751,21 +769,9 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, workers: bool =
             f"{run_dir}: a training is running in it ({holder}); stop it with `segscale stop "
             f"{run_dir}`, or train into a new --run-dir"
         )
-    if run_dir.exists() and not run_dir.is_dir():
-        raise SegscaleError(f"{run_dir}: a file, not a run folder; give another --run-dir")
-    started = (run_dir / "checkpoints").is_dir() or (run_dir / "model.pt").exists()
-    if started and not (run_dir / "config.yaml").is_file():
-        raise SegscaleError(
-            f"{run_dir}: has checkpoints but no config.yaml, so what they were trained with is "
-            "unknown here; put its config.yaml back, or train into a new --run-dir"
-        )
-    if started and not resume:
-        raise SegscaleError(
-            f"{run_dir}: already holds a run; pass --resume to continue it or --run-dir for a new one"
-        )
-    saved = run_dir / "config.yaml"
-    if started and saved.is_file():  # resuming: only with the settings the run started with
-        before = load_config(saved)
+    started = check_started(run_dir, resume)
+    if started:  # resuming: only with the settings the run started with
+        before = load_config(run_dir / "config.yaml")
         if before.digest() != cfg.digest():
             changed = before.differing_keys(cfg)
             raise SegscaleError(

@@ -28,7 +28,7 @@ from typing import Any
 
 from segscale._files import RUN_LOCK, held_lock, to_json, write_atomic
 from segscale.config import load_config
-from segscale.engine import plan, prepare_run_dir
+from segscale.engine import check_started, plan, prepare_run_dir
 from segscale.errors import (
     DIVERGED_EXIT_CODE,
     PREEMPTED_EXIT_CODE,
@@ -163,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         elif not (run_dir / "config.yaml").is_file():
             raise SegscaleError(f"{run_dir}: not a run folder (no config.yaml)")
         else:  # a started run is continued only when asked (--resume, or a torchrun restart)
-            resume = args.resume or restarted()
-            prepare_run_dir(load_config(run_dir / "config.yaml"), run_dir, resume, workers=True)
+            check_started(run_dir, args.resume or restarted())
         train(run_dir, args.resume, not args.no_progress, args.failures)
 
     return exit_code(run)

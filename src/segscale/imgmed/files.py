@@ -83,13 +83,18 @@ def list_folders(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_dir() and not is_hidden(p))
 
 
+def dicom_head(head: bytes) -> bool:
+    """Whether a file's first bytes are DICOM Part 10's: a 128-byte preamble, then 'DICM'."""
+    return head[128:132] == b"DICM"
+
+
 def _looks_dicom(path: Path) -> bool:
-    """A .dcm name, or DICOM Part 10's 'DICM' after its 128-byte preamble."""
+    """A .dcm name, or DICOM Part 10's head."""
     if has_suffix(path, DICOM_SUFFIXES):
         return True
     try:
         with open(path, "rb") as f:
-            return f.read(132)[128:] == b"DICM"
+            return dicom_head(f.read(132))
     except OSError:
         return False
 

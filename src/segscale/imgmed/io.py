@@ -16,7 +16,7 @@ import numpy as np
 
 from segscale._files import publish
 from segscale.errors import DataError
-from segscale.imgmed.files import DICOM_SUFFIXES, NIFTI_SUFFIXES, PNG_SUFFIXES
+from segscale.imgmed.files import DICOM_SUFFIXES, NIFTI_SUFFIXES, PNG_SUFFIXES, dicom_head
 
 
 def check_nifti(path: Path) -> bool:
@@ -342,7 +342,7 @@ def sniff(path: Path) -> str:
         return "npy"
     if head[:4] == b"PK\x03\x04":
         return "npz"
-    if head[128:132] == b"DICM":  # DICOM Part 10: a 128-byte preamble, then 'DICM'
+    if dicom_head(head):
         return "dicom"
     if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM")):
         return "image"
