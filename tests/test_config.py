@@ -120,6 +120,28 @@ def test_augmentation_presets_by_name(tmp_path):
         load_config(write(tmp_path, text.replace("left-atrium", "brain")))
 
 
+def test_overrides_reach_inside_sections_written_in_one_word(tmp_path):
+    """A preset or a component's name is a whole section: an override sets one key inside it
+    (was: "'augment' is not a section")."""
+    text = GOOD.replace(
+        "data: {store: prepared/left_atrium}", "data: {store: s, augment: left-atrium}"
+    )
+    cfg = load_config(
+        write(tmp_path, text.replace("loss: dice_ce", "loss: dice") + "tracker: mlflow\n"),
+        [
+            "data.augment.rotation=30",
+            "train.loss.kwargs.smooth=0.5",
+            "tracker.kwargs.experiment=x",
+        ],
+    )
+    aug = cfg.data.augment
+    assert aug.enabled and aug.rotation == 30 and aug.zoom == (0.8, 1.2)  # the rest: the preset's
+    assert cfg.train.loss.name == "dice" and cfg.train.loss.kwargs == {"smooth": 0.5}
+    assert [(t.name, t.kwargs) for t in cfg.tracker] == [("mlflow", {"experiment": "x"})]
+    with pytest.raises(ConfigError, match=r"'seed' is not a section"):
+        load_config(write(tmp_path, text), ["seed.x=1"])
+
+
 def test_unset_init_and_data_seeds_leave_the_digest_as_it_was(tmp_path):
     """Run folders started before init_seed/data_seed existed resume: unset, they are not part
     of the settings a checkpoint's digest hashes; set, they are."""

@@ -132,6 +132,10 @@ def no_optimizer(parameters, config):
 
 def not_a_transform():
     return 3
+
+class BoomStrategy:
+    def __init__(self, device, threads, hops=1):
+        raise ValueError(f"no route in {hops} hops")
 """
 
 
@@ -181,6 +185,21 @@ def not_a_transform():
             r"returns NoneType; expected a torch.optim.Optimizer",
         ),
         ("transform", "PLUGIN:not_a_transform", r"builds int; expected a callable"),
+        (
+            "callbacks",
+            [{"name": "early_stop", "kwargs": {"reference": {"1": 0.5}, "metric": "dcie"}}],
+            r"reads the validation metric 'dcie' \(did you mean 'dice'\?\); the segmentation",
+        ),
+        (
+            "strategy",
+            {"name": "local_sgd", "kwargs": {"period": 0}},
+            r"local_sgd period 0: expected at least 1",
+        ),
+        (
+            "strategy",
+            {"name": "PLUGIN:BoomStrategy", "kwargs": {"hops": 2}},
+            r"train.strategy '.*:BoomStrategy' kwargs \{'hops': 2\}: ValueError: no route in 2",
+        ),
     ],
     ids=[
         "loss-value",
@@ -194,6 +213,9 @@ def not_a_transform():
         "callback-hook-signature",
         "optimizer-returns-none",
         "transform-not-callable",
+        "callback-reads-unknown-metric",
+        "strategy-value",
+        "strategy-plugin",
     ],
 )
 def test_user_components_that_fail_when_built_fail_before_launch(

@@ -52,6 +52,18 @@ def test_early_stop_finishes_a_run_that_stays_under_its_reference(tmp_path, real
     assert not any("finished_early" in r for r in rows(kept))
 
 
+def test_early_stop_names_a_metric_the_validation_does_not_give():
+    """A task without validation_metrics is not checked before launch: the first validation
+    says it (was: a run that never stopped early, without a word)."""
+    from segscale.train import EarlyStop
+
+    stop = EarlyStop({1: 0.5}, metric="dcie")
+    with pytest.raises(SegscaleError, match=r"metric 'dcie' is not among .*\(dice, mean_iou\)"):
+        stop.on_validation_end(
+            None, {"epoch": 1, "loss": 0.3, "val_dice": 0.4, "val_mean_iou": 0.3}
+        )
+
+
 def tune_config(tmp_path: Path, store: Path, **extra) -> Path:
     """Adam at a base lr that one worker trains with; × 8 (linear scaling) it overshoots."""
     cfg = tiny_config(

@@ -881,10 +881,12 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     parts = key.split(".")
     if "" in parts:
         raise ConfigError(f"override '{item}': an empty key in '{key}'; expected key.sub=value")
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1], 1):
         child = node.get(part)
         if child is None:  # absent, or given as null (transform: null): a new section
             child = node[part] = {}
+        if isinstance(child, str):  # loss: dice, augment: left-atrium: a section in one word
+            child = node[part] = _section_of(tuple(parts[:depth]), child)
         if isinstance(child, list):
             raise ConfigError(
                 f"override '{item}': '{part}' is a list; give it whole, e.g. {part}=[...]"
@@ -897,6 +899,17 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     except yaml.YAMLError as e:
         problem = " ".join(str(getattr(e, "problem", None) or e).split())
         raise ConfigError(f"override '{item}': value is not valid YAML: {problem}") from None
+
+
+def _section_of(loc: tuple[str, ...], word: str) -> Any:
+    """The section a one-word value at loc stands for: a component's name ({name: word}), an
+    augmentation preset (its settings); otherwise the word itself."""
+    section = _section(getattr(_field_at(loc), "annotation", None))
+    if isinstance(section, type) and issubclass(section, Component):
+        return {"name": word}
+    if section is AugmentConfig and word in AUGMENT_PRESETS:
+        return dict(AUGMENT_PRESETS[word])
+    return word
 
 
 def validate(

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from segscale._files import RUN_LOCK, lock_holder, to_json, write_atomic
 from segscale.config import RunConfig, load_config, save_config
-from segscale.errors import SegscaleError
+from segscale.errors import SegscaleError, did_you_mean
 from segscale.imgmed.store import Store
 from segscale.registry import (
     CALLBACKS,
@@ -101,6 +101,7 @@ class Plan:
                 f"{torch.cuda.device_count()} GPU(s); use at most that many workers, or "
                 "train.device=cpu"
             )
+        self._check_strategy()
         steps = self.steps_per_epoch(workers * (t.simulate_workers or 1))
         self.schedule(workers * (t.simulate_workers or 1), steps)  # e.g. GreScale phase overlaps
         for note in run_length_notes(t, steps):
@@ -118,6 +119,25 @@ class Plan:
 
             for spec, tracker in zip(self.cfg.tracker, self.trackers(Path(tmp) / self.cfg.name)):
                 check_hooks(f"tracker '{spec.name}'", tracker, tracker=True)
+
+    def _check_strategy(self) -> None:
+        """The strategy built as one process would build it (its kwargs' values checked, e.g.
+        local_sgd's period), without joining a process group: torchrun's rank variables are
+        hidden while it is built, and this process's torch thread count is kept."""
+        import os
+
+        import torch
+
+        hidden = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+        saved = {k: os.environ.pop(k) for k in hidden if k in os.environ}
+        threads = torch.get_num_threads()
+        spec = self.cfg.train.strategy
+        try:
+            strategy = _build(f"train.strategy '{spec.name}' kwargs {spec.kwargs}", self.strategy)
+            strategy.close()
+        finally:
+            os.environ.update(saved)
+            torch.set_num_threads(threads)
 
     def _check_model(self) -> None:
         """One training step's parts on a batch of 2 zeros, on the CPU: the model's forward (a
@@ -169,8 +189,18 @@ class Plan:
                 f"{key} gives {shape} on the model's output; expected a scalar tensor (one number)"
             )
         _build(f"{key}: its backward fails", loss.backward)
+        given = getattr(self.task, "validation_metrics", None)
+        given = given() if given else None
         for i, cb in enumerate(self.callbacks()):
-            check_hooks(f"train.callbacks[{i}] '{self.cfg.train.callbacks[i].name}'", cb)
+            what = f"train.callbacks[{i}] '{self.cfg.train.callbacks[i].name}'"
+            check_hooks(what, cb)
+            unknown = [m for m in getattr(cb, "reads", ()) if given is not None and m not in given]
+            if unknown:  # it would wait for a metric that never comes: a run that never stops
+                raise SegscaleError(
+                    f"{what}: reads the validation metric '{unknown[0]}'"
+                    f"{did_you_mean(unknown[0], given)}; the {self.cfg.task.name} task's: "
+                    f"{', '.join(given)}"
+                )
         transform = self.transform()
         if transform is not None:
             image = torch.from_numpy(np.array(self.store.images[0]))

@@ -5,6 +5,8 @@ and checkpoints are the same for every task.
 A task names its validation metric (`metric`, higher is better: it picks best.pt), turns a batch of
 store masks into training targets (`target`), says what output it expects from the model
 (`output_shape`, checked before launch), and scores a model on a split (`validate`, `evaluate`).
+A task may also name the metrics `validate` returns (`validation_metrics`), so that a callback
+reading a metric the task does not give is refused before launch.
 Users can plug their own with `task: {name: pkg.mod:Class, kwargs: {...}}`.
 """
 
@@ -42,6 +44,14 @@ class Segmentation:
 
     def output_shape(self, batch: int, classes: int, size: int) -> tuple[int, ...]:
         return (batch, classes, size, size)
+
+    def validation_metrics(self) -> tuple[str, ...]:
+        """The keys of validate's result (each recorded as val_<key>)."""
+        import numpy as np
+
+        from segscale.segeval import metrics_from_confusion
+
+        return tuple(metrics_from_confusion(np.zeros((2, 2))))
 
     def validate(
         self, model: nn.Module, loader: Any, classes: int, cases: int, strategy: Strategy
@@ -99,6 +109,14 @@ class Classification:
 
     def output_shape(self, batch: int, classes: int, size: int) -> tuple[int, ...]:
         return (batch, 2)
+
+    def validation_metrics(self) -> tuple[str, ...]:
+        """The keys of validate's result (each recorded as val_<key>)."""
+        import numpy as np
+
+        from segscale.segeval import classification_metrics
+
+        return tuple(classification_metrics(np.zeros((2, 2))))
 
     def validate(
         self, model: nn.Module, loader: Any, classes: int, cases: int, strategy: Strategy

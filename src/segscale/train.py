@@ -511,7 +511,9 @@ class EarlyStop:
 
     reference: {epoch (1-based): value}; margin: a number, or {epoch: number} (e.g. the
     reference's run-to-run spread at each epoch); metric: the validation metric's name (`dice`:
-    the record's `val_dice`). Raises ValueError for an empty reference or patience < 1."""
+    the record's `val_dice`), checked before launch against the task's validation metrics
+    (`reads`), and at the first validation. Raises ValueError for an empty reference or
+    patience < 1."""
 
     def __init__(
         self,
@@ -530,6 +532,7 @@ class EarlyStop:
             {int(k): float(v) for k, v in margin.items()} if isinstance(margin, dict) else margin
         )
         self.patience, self.after, self.key = patience, after, f"val_{metric}"
+        self.reads = (metric,)  # the validation metrics it needs (Plan.check)
 
     def below(self, record: dict[str, Any]) -> bool | None:
         """Whether a validation record lies under the reference (None: not comparable)."""
@@ -540,6 +543,12 @@ class EarlyStop:
         return not value >= self.reference[epoch] - margin  # NaN counts as below
 
     def on_validation_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        if self.key not in record:  # a task without validation_metrics: not checked before
+            given = ", ".join(k[4:] for k in record if k.startswith("val_"))
+            raise SegscaleError(
+                f"early_stop: metric '{self.key[4:]}' is not among the validation's metrics "
+                f"({given})"
+            )
         run = 0
         for r in [*trainer.history, record]:
             verdict = self.below(r)
