@@ -366,6 +366,9 @@ def test_schedule_plot(tmp_path, real_store):
         "peak lr 0.2 " in r.stdout
     )  # 0.05 × 4 workers (linear rule, reference = per-worker batch)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # without --workers: as `train` runs the config, its workers × simulate_workers
+    r = cli("schedule", config, "workers=2", "train.simulate_workers=3", "--out", out)
+    assert r.returncode == 0 and "peak lr 0.3 (base 0.05, 6 worker(s)" in r.stdout, r.stderr
 
 
 def test_misconfigurations_fail_before_launch(real_store):

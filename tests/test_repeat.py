@@ -3,6 +3,7 @@ test-only), and `segscale repeat` end to end on real MRI slices."""
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -157,13 +158,52 @@ def test_repeat_trains_tests_and_reports_the_spread(tmp_path, store10):
     again = repeat(path, None, RepeatOptions(runs=3, vary="order"), out, progress=False)
     assert to_json(again) == to_json(report)  # equal, NaN (as null) included
     assert mtimes == [(out / f"run-{i}" / "model.pt").stat().st_mtime_ns for i in (1, 2, 3)]
-    with pytest.raises(SegscaleError, match=r"other settings \(vary differ\)"):
+    with pytest.raises(SegscaleError, match=r"other settings \(vary differs\)"):
         repeat(path, None, RepeatOptions(runs=3, vary="seed"), out, progress=False)
+    # run folders of another config (copied, or a reused --out) are refused, not reported
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    shutil.copytree(out / "run-1", foreign / "run-1")
+    with pytest.raises(SegscaleError, match=r"run-1: started with other settings \(.*lr"):
+        repeat(path, ["train.optimizer.lr=0.05"], RepeatOptions(3, "order"), foreign, False)
+    # damaged or unfinished records: one line, never a methods text that says "one run"
+    from segscale.compare import compare, comparison_files
+
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken, ignore=shutil.ignore_patterns("checkpoints", "*.db"))
+    (broken / "variability.json").write_text('{"runs": 3, "va')
+    with pytest.raises(SegscaleError, match=r"variability.json: unreadable repeat report"):
+        methods(broken)
+    (broken / "variability.json").unlink()
+    with pytest.raises(SegscaleError, match=r"an unfinished repeat \(3 of 3 runs tested"):
+        methods(broken)
+    (broken / "run-2" / "evaluation-test.json").write_text("{}")
+    with pytest.raises(SegscaleError, match=r"run-2.evaluation-test.json: unreadable evaluation"):
+        compare(out / "run-1", broken / "run-2")
+    # compare writes only its own files: never over a run's evaluation
+    with pytest.raises(SegscaleError, match=r"exists and is not a comparison"):
+        comparison_files(out / "run-1" / "evaluation-test")
+    with pytest.raises(SegscaleError, match=r"a folder; give a name"):
+        comparison_files(Path("."))
+    md, js = comparison_files(tmp_path / "res.v1")
+    assert (md.name, js.name) == ("res.v1.md", "res.v1.json")
 
 
 def test_repeat_refuses_what_makes_no_spread(tmp_path, real_store):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(tiny_config(real_store)))
+    # seeds the config pins do not follow the seed: "every seed varied" would be false
+    with pytest.raises(SegscaleError, match=r"--vary seed: init_seed and data_seed set in the"):
+        repeat(path, ["init_seed=3", "data_seed=3"], RepeatOptions(vary="seed"), tmp_path / "o")
+    # per-case Dice is what it reports: a classifier is refused before anything trains
+    with pytest.raises(SegscaleError, match=r"a classification run; `segscale repeat` works on"):
+        repeat(
+            path,
+            ["task=classification", "model.name=cnn", "train.loss=ce"],
+            RepeatOptions(),
+            tmp_path / "o",
+        )
+    assert not (tmp_path / "o").exists()
     with pytest.raises(SegscaleError, match="at least 2 runs"):
         repeat(path, None, RepeatOptions(runs=1), tmp_path / "o")
     with pytest.raises(
@@ -248,13 +288,25 @@ def test_compare_runs_and_repeats_with_a_paired_test(tmp_path, store10):
         for i, d in ((1, 0.7), (2, 0.8))
     }
     (rep / "repeat.json").write_text(json.dumps({"signature": {}, "runs": runs}))
-    from segscale.compare import compare
+    from segscale.compare import compare, compare_markdown
 
     result = compare(b, rep)
     assert result["runs"] == {"a": 1, "b": 2}
     assert result["metrics"]["dice"]["b"]["mean"] == pytest.approx(0.75)
     for c, v in result["cases"].items():
         assert v["b"] == pytest.approx(cases[c]["b"] - 0.015)
+    # an unfinished repeat says so; other cases are refused (other stores or splits)
+    (rep / "repeat.json").write_text(json.dumps({"signature": {"runs": 3}, "runs": runs}))
+    with pytest.warns(UserWarning, match=r"B .*an unfinished repeat, 2 of its 3 runs tested"):
+        result = compare(b, rep)
+    assert "B: 2 of 3 runs (an unfinished repeat)" in compare_markdown(result)
+    renamed = {
+        k: {**r, "cases": {f"x{c}": d for c, d in r["cases"].items()}} for k, r in runs.items()
+    }
+    (rep / "repeat.json").write_text(json.dumps({"signature": {}, "runs": renamed}))
+    with pytest.raises(SegscaleError, match=r"different 'test' cases \(0 shared; only in A: "):
+        compare(b, rep)
+    (rep / "repeat.json").write_text(json.dumps({"signature": {}, "runs": runs}))
     with pytest.raises(SegscaleError, match="neither a run folder nor a `segscale repeat` folder"):
         compare(tmp_path, rep)
     with pytest.raises(
@@ -266,6 +318,17 @@ def test_compare_runs_and_repeats_with_a_paired_test(tmp_path, store10):
         compare(b, rep)
     r = cli("methods", b, "--out", tmp_path / "no" / "where.md")
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    # what the record lacks is said, never guessed; an unfinished run is not described
+    from segscale.methods import methods
+
+    bare = tmp_path / "bare"
+    shutil.copytree(b, bare, ignore=shutil.ignore_patterns("checkpoints"))
+    (bare / "environment.json").unlink()
+    text = methods(bare)
+    assert "hardware and software were not recorded" in text and "CPU only" not in text
+    (bare / "model.pt").unlink()
+    with pytest.raises(SegscaleError, match=r"bare: has not finished \(no model.pt\)"):
+        methods(bare)
 
 
 def test_the_environment_record_names_packages_git_store_and_determinism(tmp_path, real_store):
@@ -325,3 +388,23 @@ def test_split_seed_redraws_the_validation_cases_and_keeps_the_test_split(store1
             {**tiny_config(store10), "data": {"store": str(store10), "split_seed": None}}
         ).digest()
     )
+
+
+def test_a_run_whose_store_was_prepared_again_is_neither_resumed_nor_scored(tmp_path):
+    """Prepared again with another split, the store's test cases may be ones the run trained
+    on: resuming it (train --resume, repeat, tune) and loading its model (evaluate, predict,
+    export) are refused (was: a resumed run trained on, and scored on, the new split)."""
+    from conftest import trained_run
+    from segscale.engine import load_trained_model
+
+    store = prepared_sample(tmp_path / "data", 5, 0.2, 0.2)
+    run = trained_run(store, tmp_path / "run")
+    cfg = load_config(run / "config.yaml")
+    prepare_run_dir(cfg, run, resume=True)  # the same store: fine
+    load_trained_model(run)
+    shutil.rmtree(tmp_path / "data")
+    prepared_sample(tmp_path / "data", 5, 0.2, 0.4)  # the same path, another split
+    with pytest.raises(SegscaleError, match=r"run: its store .* was prepared again since"):
+        prepare_run_dir(cfg, run, resume=True)
+    with pytest.raises(SegscaleError, match=r"prepared again since the run started"):
+        load_trained_model(run)

@@ -2,6 +2,7 @@
 it relies on, and a resume after SIGTERM that retrains nothing finished."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,22 @@ def test_tune_runs_the_guideline_end_to_end(tmp_path, real_store):
     assert again["decision"] == state["decision"] and again["trials"] == trials
 
 
+FLAT = """
+import torch
+from torch import nn
+
+class Flat(nn.Module):  # says background everywhere, whatever it is trained on
+    def __init__(self, in_channels, num_classes):
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(()))
+        self.classes = num_classes
+
+    def forward(self, x):
+        rest = x[:, :1].repeat(1, self.classes - 1, 1, 1) * 0
+        return torch.cat([torch.full_like(x[:, :1], 10.0), rest], 1) + 0 * self.scale
+"""
+
+
 def test_tune_refuses_what_it_cannot_do(tmp_path, real_store):
     path = tune_config(tmp_path, real_store)
     out = tmp_path / "out"
@@ -155,6 +172,12 @@ def test_tune_refuses_what_it_cannot_do(tmp_path, real_store):
         tune(path, None, TuneOptions(workers=4, max_hours=0), out)
     with pytest.raises(SegscaleError, match="--margin -1: expected"):
         tune(path, None, TuneOptions(workers=4, margin=-1), out)
+    with pytest.raises(SegscaleError, match="--max-hours nan: expected a positive number"):
+        tune(path, None, TuneOptions(workers=4, max_hours=math.nan), out)
+    with pytest.raises(SegscaleError, match="--margin nan: expected"):
+        tune(path, None, TuneOptions(workers=4, margin=math.nan), out)
+    with pytest.raises(SegscaleError, match=r"a classification run; `segscale tune` works on"):
+        tune(path, ["task=classification", "model.name=cnn", "train.loss=ce"], TuneOptions(4), out)
     (tmp_path / "a-file").write_text("")
     with pytest.raises(
         SegscaleError, match=r"--out .*a-file/out: is inside .*a-file, a file; give a folder"
@@ -167,6 +190,22 @@ def test_tune_refuses_what_it_cannot_do(tmp_path, real_store):
     worker.train(other, progress=False)
     with pytest.raises(SegscaleError, match=r"--baseline .*other settings \(.*train.epochs"):
         tune(path, None, TuneOptions(workers=4, baselines=(str(other),)), out)
+    twice = TuneOptions(workers=4, baselines=(str(other), str(other) + "/"))
+    with pytest.raises(SegscaleError, match=r"--baseline .*other: given twice"):
+        tune(path, None, twice, out)
+    assert not out.exists()  # refused before its folder was made
+    # a baseline that learnt nothing (Dice 0 at lr 0) is no reference to scale
+    (tmp_path / "flat.py").write_text(FLAT)
+    with pytest.raises(SegscaleError, match=r"validation Dice 0.0000, it learnt nothing"):
+        options = TuneOptions(workers=4, simulate=True, baseline_runs=1)
+        model = [f"model={{name: {tmp_path / 'flat.py'}:Flat}}", "train.epochs=1"]
+        tune(path, model, options, tmp_path / "zero", False)
+    # settings it ends with that `train` would refuse: no tuned.yaml, and a failure (was: "done")
+    short = tmp_path / "short"
+    options = TuneOptions(workers=4, simulate=True, baseline_runs=1, max_trials=1)
+    with pytest.raises(SegscaleError, match=r"no tuned settings: .*cannot train this config"):
+        tune(path, ["train.schedule={scaling: linear}", "train.epochs=4"], options, short, False)
+    assert (short / "tune.md").is_file() and not (short / "tuned.yaml").exists()
     # an output folder holding another tuning
     out.mkdir(exist_ok=True)
     (out / "tune.json").write_text("[1, 2]")  # not a tuner's state: one line, not a traceback
@@ -174,7 +213,7 @@ def test_tune_refuses_what_it_cannot_do(tmp_path, real_store):
         tune(path, None, TuneOptions(workers=4), out)
     state = {"signature": {"workers": 16}, "baselines": [], "trials": [], "seconds": 0}
     (out / "tune.json").write_text(json.dumps(state))
-    with pytest.raises(SegscaleError, match=r"other settings \(.*workers differ\)"):
+    with pytest.raises(SegscaleError, match=r"other settings \(.*workers differs?\)"):
         tune(path, None, TuneOptions(workers=4), out)
 
 

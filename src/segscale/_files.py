@@ -57,10 +57,27 @@ def _nan(obj: Any) -> Any:
     return obj
 
 
-def read_jsonl(path: Path) -> list[Any]:
+def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSON-lines metric file (metrics.jsonl), null read as NaN; blank lines
-    skipped. Raises OSError when it cannot be read, ValueError for a line that is not JSON."""
-    return [from_json(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    skipped. Raises SegscaleError naming the file (and line) when it cannot be read or a line
+    is not a JSON object."""
+    from segscale.errors import SegscaleError
+
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise SegscaleError(f"{path}: cannot read it ({e.strerror})") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                row = from_json(line)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict):
+                raise SegscaleError(f"{path}:{number}: not a JSON record (a damaged file?)")
+            rows.append(row)
+    return rows
 
 
 def _umask() -> int:
@@ -108,14 +125,26 @@ def write_atomic(path: Path, content: str | bytes | Callable[[BinaryIO], object]
         raise
 
 
-def read_record(path: Path, keys: tuple[str, ...], what: str) -> dict:
-    """A JSON object segscale wrote (a job's state, a record), with `keys` at its top level.
-    Raises SegscaleError naming the file when it cannot be read, is not JSON, or is not of
-    that shape."""
+def differ(keys: list[str], most: int = 5) -> str:
+    """'lr differs', 'lr, seed differ', 'a, b, c, d, e and 2 more differ': the keys that
+    differ between two settings, for a message."""
+    shown = ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
+    return f"{shown} {'differs' if len(keys) == 1 else 'differ'}"
+
+
+# the top-level keys of a segmentation run's evaluation record (segscale evaluate)
+EVALUATION = ("split", "dataset", "case_summary", "cases")
+
+
+def read_record(path: Path, keys: tuple[str, ...], what: str, metrics: bool = False) -> dict:
+    """A JSON object segscale wrote (a job's state, a record), with `keys` at its top level;
+    `metrics`: a metric record (to_json's null read back as NaN). Raises SegscaleError naming
+    the file when it cannot be read, is not JSON, or is not of that shape."""
     from segscale.errors import SegscaleError
 
     try:
-        data = json.loads(path.read_text())
+        text = path.read_text()
+        data = from_json(text) if metrics else json.loads(text)
     except OSError as e:
         raise SegscaleError(f"{path}: cannot read {what} ({e.strerror})") from None
     except ValueError as e:
@@ -187,7 +216,7 @@ def job_state(path: Path, signature: dict, fresh: dict, what: str) -> dict:
     if before != signature:
         changed = sorted(k for k in {*before, *signature} if before.get(k) != signature.get(k))
         raise SegscaleError(
-            f"{folder}: holds {what} with other settings ({', '.join(changed)} differ); "
+            f"{folder}: holds {what} with other settings ({differ(changed, most=10)}); "
             "rerun it as it started, or use another --out"
         )
     return state

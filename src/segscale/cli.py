@@ -338,11 +338,17 @@ def repeat_cmd(
     if out is None:
         out = Path("runs") / f"{_load(config, overrides).name}-repeat"
     report = repeat(config, overrides, RepeatOptions(runs, vary, workers), out)
-    dice = report["metrics"]["dice"]
-    line = f"test Dice {dice['mean']:.4f} ± {dice['sd']:.4f} (SD over {report['runs']} runs)"
-    if report["agreement"] is not None:
-        a = report["agreement"]
+    dice = report["metrics"].get("dice")
+    line = (
+        f"{report['split']} Dice {dice['mean']:.4f} ± {dice['sd']:.4f} (SD over {report['runs']} runs)"
+        if dice
+        else f"{report['split']} Dice undefined in some run"
+    )
+    a = report["agreement"]
+    if a is not None and a["icc"] == a["icc"]:
         line += f"; ICC(A,1) {a['icc']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]"
+    elif a is not None:
+        line += "; no spread between runs (ICC undefined)"
     typer.echo(f"{line}; see {out / 'variability.md'}")
 
 
@@ -351,16 +357,18 @@ def compare_cmd(
     a: Annotated[Path, typer.Argument(help="A: a run folder or a `segscale repeat` folder.")],
     b: Annotated[Path, typer.Argument(help="B: a run or repeat folder, the same cases scored.")],
     split: Annotated[str, typer.Option(help="The split both were scored on.")] = "test",
-    out: Annotated[Path, typer.Option(help="Writes OUT.md and OUT.json.")] = Path("comparison"),
+    out: Annotated[
+        Path,
+        typer.Option(help="Writes OUT.md and OUT.json (replacing only an earlier comparison)."),
+    ] = Path("comparison"),
 ) -> None:
     """B against A: each metric with its spread over runs, and paired tests (t, Wilcoxon) on
     per-case Dice; B is said to beat A only when both tests say so."""
-    from segscale._files import output_file
-    from segscale.compare import compare, write_comparison
+    from segscale.compare import compare, comparison_files, write_comparison
 
-    output_file(out.with_suffix(".md"))
+    md, js = comparison_files(out)
     result = compare(a, b, split)
-    write_comparison(result, out)
+    write_comparison(result, md, js)
     t = result["paired"]
     if t is not None:
         typer.echo(
@@ -368,7 +376,7 @@ def compare_cmd(
             f"{t['ci_high']:+.4f}] over {t['n']} cases; t p = {t['p_t']:.3g}, "
             f"Wilcoxon p = {t['p_wilcoxon']:.3g}"
         )
-    typer.echo(f"{result['verdict']}; wrote {out.with_suffix('.md')}, {out.with_suffix('.json')}")
+    typer.echo(f"{result['verdict']}; wrote {md}, {js}")
 
 
 @app.command("methods")
@@ -627,7 +635,15 @@ def export_cmd(
 def schedule_cmd(
     config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
     overrides: Overrides = None,
-    workers: Annotated[int, typer.Option(help="Workers the lr is scaled for.", min=1)] = 1,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Workers the lr is scaled for (default: the config's `workers`, else 1; "
+            "× train.simulate_workers when set).",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
     steps_per_epoch: Annotated[
         int | None,
         typer.Option(help="Steps per epoch (default: from the store).", min=1, show_default=False),
@@ -645,15 +661,18 @@ def schedule_cmd(
         raise SegscaleError(f"--out {out}: expected a .png, .pdf or .svg file name")
     out = output_file(out, "--out")
     cfg = _load(config, overrides)
-    schedule = plan(cfg).schedule(workers, steps_per_epoch)
     t = cfg.train
+    # as `train` runs it: the config's workers by default, each simulating K when set
+    workers = (workers or cfg.workers or 1) * (t.simulate_workers or 1)
+    schedule = plan(cfg).schedule(workers, steps_per_epoch)
     title = (
         f"{cfg.name}: {workers} worker(s), global batch {t.batch_size * workers}, "
         f"{t.schedule.scaling} scaling{', GreScale' if t.schedule.rule == 'grescale' else ''}"
     )
     plot_schedule(schedule, out, title)
     typer.echo(
-        f"peak lr {schedule.peak_lr:.4g} (base {schedule.base_lr:.4g}, global batch {cfg.train.batch_size * workers}); wrote {out}"
+        f"peak lr {schedule.peak_lr:.4g} (base {schedule.base_lr:.4g}, {workers} worker(s), "
+        f"global batch {t.batch_size * workers}); wrote {out}"
     )
 
 

@@ -10,11 +10,13 @@ Wilcoxon signed-rank test) run on the cases both scored.
 
 from __future__ import annotations
 
-import json
+import warnings
 from pathlib import Path
 from typing import Any
 
-from segscale._files import from_json, read_record, to_json, write_atomic
+from segscale._files import EVALUATION, output_file, read_record, to_json, write_atomic
+from segscale.config import load_config
+from segscale.engine import require_segmentation
 from segscale.errors import SegscaleError
 from segscale.stats import paired, spread
 
@@ -23,13 +25,13 @@ HIGHER_IS_BETTER = {"hd95": False, "assd": False}
 
 
 def scores_of(path: Path, split: str) -> dict[str, Any]:
-    """{'kind', 'runs', 'metrics': {m: [value per run]}, 'cases': {case: Dice (run mean)}} of a
-    run folder or a repeat folder. Raises SegscaleError for anything else, or an unevaluated run."""
+    """{'kind', 'runs', 'planned', 'metrics': {m: [value per run]}, 'cases': {case: Dice (run
+    mean)}} of a run folder or a repeat folder. Raises SegscaleError for anything else, a run
+    of another task, an unevaluated run, or a record that cannot be read."""
     path = path.resolve()
     if (path / "repeat.json").exists():
         state = read_record(path / "repeat.json", ("runs",), "repeat state")
-        report = path / "variability.json"
-        tested = json.loads(report.read_text()).get("split", "test") if report.is_file() else "test"
+        tested = _repeat_split(path, state)
         if split != tested:
             raise SegscaleError(
                 f"{path}: its runs were scored on '{tested}', not '{split}'; "
@@ -40,22 +42,28 @@ def scores_of(path: Path, split: str) -> dict[str, Any]:
         ]
         if not runs:
             raise SegscaleError(f"{path}: no run of this repeat has been tested yet; finish it")
+        if any(
+            not isinstance(r.get("cases"), dict) or not isinstance(r["test"], dict) for r in runs
+        ):
+            raise SegscaleError(f"{path / 'repeat.json'}: unreadable repeat state (a run's scores)")
         cases = set.intersection(*(set(r["cases"]) for r in runs))
         return {
             "kind": "repeat",
             "runs": len(runs),
+            "planned": state.get("signature", {}).get("runs", len(runs)),
             "metrics": {m: [r["test"][m] for r in runs] for m in METRICS if m in runs[0]["test"]},
             "cases": {c: sum(r["cases"][c] for r in runs) / len(runs) for c in sorted(cases)},
         }
     if not (path / "config.yaml").is_file():
         raise SegscaleError(f"{path}: neither a run folder nor a `segscale repeat` folder")
+    require_segmentation(load_config(path / "config.yaml"), path, "compare")
     evaluation = path / f"evaluation-{split}.json"
     if not evaluation.is_file():
         raise SegscaleError(
             f"{path}: not evaluated on '{split}' (no {evaluation.name}); run "
             f"`segscale evaluate {path} --split {split}` first"
         )
-    e = from_json(evaluation.read_text())
+    e = read_record(evaluation, EVALUATION, "evaluation", metrics=True)
     metrics = {m: [e["dataset"][m]] for m in METRICS if m in e["dataset"]}
     metrics |= {
         m: [e["case_summary"][m]["mean"]] for m in ("hd95", "assd") if m in e["case_summary"]
@@ -63,15 +71,49 @@ def scores_of(path: Path, split: str) -> dict[str, Any]:
     return {
         "kind": "run",
         "runs": 1,
+        "planned": 1,
         "metrics": metrics,
         "cases": {c["case"]: c["dice"] for c in e["cases"]},
     }
+
+
+def _repeat_split(path: Path, state: dict[str, Any]) -> str:
+    """The split a repeat's runs were scored on: its state's, else its report's, else its
+    first run's config's test split."""
+    if isinstance(state.get("split"), str):
+        return state["split"]
+    if (path / "variability.json").is_file():
+        return str(read_record(path / "variability.json", ("split",), "repeat report")["split"])
+    first = path / "run-1" / "config.yaml"
+    return load_config(first).data.test_split if first.is_file() else "test"
 
 
 def compare(a: Path, b: Path, split: str = "test") -> dict[str, Any]:
     """The comparison of B against A: per metric each side's mean (and SD over runs), the paired
     tests on per-case Dice over the cases both scored (NaN Dice left out), and a verdict."""
     sa, sb = scores_of(a, split), scores_of(b, split)
+    only_a, only_b = (
+        sorted(set(sa["cases"]) - set(sb["cases"])),
+        sorted(set(sb["cases"]) - set(sa["cases"])),
+    )
+    if only_a or only_b:  # other stores or splits: neither the table nor the test would mean much
+        shown = "; ".join(
+            f"only in {side}: {', '.join(names[:4])}" + (", ..." if len(names) > 4 else "")
+            for side, names in (("A", only_a), ("B", only_b))
+            if names
+        )
+        raise SegscaleError(
+            f"A and B were scored on different '{split}' cases "
+            f"({len(set(sa['cases']) & set(sb['cases']))} shared; {shown}); compare runs tested "
+            "on the same cases (the same store and split)"
+        )
+    for side, s, path in (("A", sa, a), ("B", sb, b)):
+        if s["runs"] < s["planned"]:
+            warnings.warn(
+                f"{side} ({path}): an unfinished repeat, {s['runs']} of its {s['planned']} runs "
+                "tested",
+                stacklevel=2,
+            )
     table = {}
     for m in METRICS:
         if m in sa["metrics"] and m in sb["metrics"]:
@@ -91,6 +133,7 @@ def compare(a: Path, b: Path, split: str = "test") -> dict[str, Any]:
         "b": str(b),
         "split": split,
         "runs": {"a": sa["runs"], "b": sb["runs"]},
+        "planned": {"a": sa["planned"], "b": sb["planned"]},
         "metrics": table,
         "cases": {c: {"a": sa["cases"][c], "b": sb["cases"][c]} for c in common},
         "paired": test,
@@ -110,12 +153,18 @@ def verdict(test: dict[str, Any] | None, alpha: float = 0.05) -> str:
 
 
 def compare_markdown(result: dict[str, Any]) -> str:
-    runs = result["runs"]
+    runs, planned = result["runs"], result.get("planned", result["runs"])
+
+    def count(side: str) -> str:
+        if runs[side] < planned[side]:
+            return f"{runs[side]} of {planned[side]} runs (an unfinished repeat)"
+        return f"{runs[side]} run(s)"
+
     lines = [
         f"# {Path(result['b']).name} (B) against {Path(result['a']).name} (A)",
         "",
-        f"Split `{result['split']}`; A: {runs['a']} run(s), B: {runs['b']} run(s) "
-        "(mean ± SD over runs).",
+        f"Split `{result['split']}`; A: {count('a')}, B: {count('b')} (mean ± SD over runs). "
+        "HD95 and ASSD: mm, lower is better.",
         "",
         "| metric | A | B | B − A |",
         "|---|---|---|---|",
@@ -141,7 +190,26 @@ def compare_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_comparison(result: dict[str, Any], out: Path) -> None:
-    """OUT.md and OUT.json."""
-    write_atomic(out.with_suffix(".json"), to_json(result, indent=1))
-    write_atomic(out.with_suffix(".md"), compare_markdown(result))
+def comparison_files(out: Path) -> tuple[Path, Path]:
+    """OUT.md and OUT.json, checked before anything is computed: a .md or .json ending of OUT
+    is replaced, any other kept (res.v1 → res.v1.md). A file already there must be an earlier
+    comparison (never, say, a run's evaluation-test.json). Raises SegscaleError naming --out."""
+    out = Path(out).resolve()  # '.' and '..' are folders: refused
+    if out.is_dir():
+        raise SegscaleError(f"--out {out}: a folder; give a name (OUT.md and OUT.json are written)")
+    stem = out.with_suffix("") if out.suffix in (".md", ".json") else out
+    md, js = (output_file(stem.with_name(stem.name + ext)) for ext in (".md", ".json"))
+    for path, mark in ((md, "**Verdict**"), (js, '"verdict"')):
+        try:
+            if path.is_file() and mark not in path.read_text(errors="replace"):
+                raise SegscaleError(
+                    f"--out {path}: exists and is not a comparison; give another name"
+                )
+        except OSError as e:
+            raise SegscaleError(f"--out {path}: cannot be read ({e.strerror})") from None
+    return md, js
+
+
+def write_comparison(result: dict[str, Any], md: Path, js: Path) -> None:
+    write_atomic(js, to_json(result, indent=1))
+    write_atomic(md, compare_markdown(result))

@@ -17,13 +17,14 @@ for anything else that builds runs from a config:
 from __future__ import annotations
 
 import importlib.util
+import json
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from segscale._files import RUN_LOCK, lock_holder, to_json, write_atomic
+from segscale._files import RUN_LOCK, differ, lock_holder, to_json, write_atomic
 from segscale.config import RunConfig, load_config, save_config
 from segscale.errors import SegscaleError, did_you_mean
 from segscale.imgmed.store import Store
@@ -221,6 +222,7 @@ class Plan:
         """This run's architecture with the weights run_dir/model.pt holds, in eval mode."""
         import torch
 
+        check_same_store(run_dir, self.store)
         model = self.model()
         weights = torch.load(trained_weights(run_dir), map_location="cpu", weights_only=True)
         model.load_state_dict(weights)
@@ -767,12 +769,17 @@ def inference_plan(cfg: RunConfig) -> Plan:
     return Plan(cfg, store, task)
 
 
+def has_started(run_dir: Path) -> bool:
+    """Whether run_dir holds a run that has trained (checkpoints, or model.pt when finished)."""
+    return (run_dir / "checkpoints").is_dir() or (run_dir / "model.pt").exists()
+
+
 def check_started(run_dir: Path, resume: bool) -> bool:
     """Whether `run_dir` holds a started run (checkpoints or model.pt); refuse one not asked to
     resume, one whose config.yaml is missing, and a file in the folder's place."""
     if run_dir.exists() and not run_dir.is_dir():
         raise SegscaleError(f"{run_dir}: a file, not a run folder; give another --run-dir")
-    started = (run_dir / "checkpoints").is_dir() or (run_dir / "model.pt").exists()
+    started = has_started(run_dir)
     if started and not (run_dir / "config.yaml").is_file():
         raise SegscaleError(
             f"{run_dir}: has checkpoints but no config.yaml, so what they were trained with is "
@@ -800,19 +807,49 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, workers: bool =
             f"{run_dir}`, or train into a new --run-dir"
         )
     started = check_started(run_dir, resume)
-    if started:  # resuming: only with the settings the run started with
+    if started:  # resuming: only with the settings the run started with, on the same data
         before = load_config(run_dir / "config.yaml")
         if before.digest() != cfg.digest():
             changed = before.differing_keys(cfg)
             raise SegscaleError(
-                f"{run_dir}: started with other settings ({', '.join(changed[:5])} differ); "
+                f"{run_dir}: started with other settings ({differ(changed)}); "
                 "resume it with the config it started with, or train into a new --run-dir"
             )
+        check_same_store(run_dir, Store.open(cfg.data.store))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file where a folder of the path should be, no permission ...
         raise SegscaleError(f"{run_dir}: cannot create the run folder ({e.strerror})") from None
     save_config(cfg, run_dir / "config.yaml")  # atomic: every node of a multi-node run writes it
+
+
+def require_segmentation(cfg: RunConfig, where: object, command: str) -> None:
+    """Refuse a run of another task (classification) for a command built on per-case Dice and
+    surface distances. Raises SegscaleError naming `where`."""
+    if cfg.task.name != "segmentation":
+        raise SegscaleError(
+            f"{where}: a {cfg.task.name} run; `segscale {command}` works on per-case Dice and "
+            "surface distances, which segmentation runs have"
+        )
+
+
+def check_same_store(run_dir: Path, store: Store) -> None:
+    """Refuse a run whose store was prepared again, differently, since the run started: its
+    splits, slices or preprocessing may differ (a test split holding cases the run trained on).
+    Compared: the store's content and input hashes with those environment.json recorded; a run
+    without that record passes."""
+    try:
+        recorded = json.loads((run_dir / "environment.json").read_text()).get("store") or {}
+    except (OSError, ValueError, AttributeError):
+        return
+    for key, now in (("content_sha256", "content_hash"), ("input_sha256", "input_hash")):
+        then, now = recorded.get(key), store.meta.get(now)
+        if then and now and then != now:
+            raise SegscaleError(
+                f"{run_dir}: its store {store.path} was prepared again since the run started "
+                f"({key} {then[:12]}, now {now[:12]}): its splits or slices may differ; "
+                "prepare it as it was, or train a new run on it"
+            )
 
 
 def trained_weights(run_dir: Path) -> Path:

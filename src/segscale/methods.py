@@ -9,28 +9,28 @@ lacks is named as missing.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-from segscale._files import from_json, read_record
+from segscale._files import EVALUATION, read_record
 from segscale.config import RunConfig, load_config
+from segscale.engine import require_segmentation
 from segscale.errors import SegscaleError
 
 FIG_5_5 = "thesis Fig. 5.5"
 CLAIM = "CLAIM"
 
 
-def _read_json(path: Path, metrics: bool = False) -> dict[str, Any] | None:
-    """A JSON record, or None when it cannot be read; `metrics`: a metric record, null as NaN."""
-    try:
-        text = path.read_text()
-        return from_json(text) if metrics else json.loads(text)
-    except (OSError, ValueError):
-        return None
+def _optional(path: Path, keys: tuple[str, ...], what: str, metrics: bool = False) -> Any:
+    """A record segscale wrote, or None when there is none; one that is there but cannot be
+    read is an error (a methods section must not say "not recorded" of a damaged record)."""
+    return read_record(path, keys, what, metrics) if path.exists() else None
 
 
 def _record(target: Path) -> dict[str, Any]:
-    """What a run folder, or a repeat folder's first run, recorded."""
+    """What a run folder, or a repeat folder's first run, recorded. Raises SegscaleError for a
+    run of another task, an unfinished run or repeat, or a record that cannot be read."""
     target = target.resolve()
     repeat = None
     run_dir = target
@@ -43,26 +43,49 @@ def _record(target: Path) -> dict[str, Any]:
     if not (run_dir / "config.yaml").is_file():
         raise SegscaleError(f"{target}: neither a run folder nor a `segscale repeat` folder")
     cfg = load_config(run_dir / "config.yaml")
-    store_meta = _read_json(Path(cfg.data.store) / "meta.json")
+    require_segmentation(cfg, run_dir, "methods")
+    if not (run_dir / "model.pt").is_file():
+        raise SegscaleError(
+            f"{run_dir}: has not finished (no model.pt); finish it (`segscale train "
+            f"{run_dir} --resume`) before describing it"
+        )
+    variability = None
+    if repeat is not None:
+        variability = _optional(
+            target / "variability.json", ("runs", "vary", "metrics"), "repeat report", True
+        )
+        if variability is None:
+            tested = sum("test" in r for _, r in runs)
+            planned = repeat.get("signature", {}).get("runs", len(runs))
+            raise SegscaleError(
+                f"{target}: an unfinished repeat ({tested} of {planned} runs tested, no "
+                "variability.json); rerun its `segscale repeat` command to finish it"
+            )
+    store_meta = _optional(
+        Path(cfg.data.store) / "meta.json", ("preprocessing", "labels"), "store description"
+    )
     if store_meta is None:
         raise SegscaleError(f"{cfg.data.store}: the run's store is not readable (meta.json)")
     source = store_meta.get("source")
-    dataset = _read_json(Path(source) / "dataset.json") if source else None
-    evaluation = _read_json(run_dir / f"evaluation-{cfg.data.test_split}.json", metrics=True)
-    tuning = _read_json(run_dir.parent / "tune.json")
-    if not isinstance(tuning, dict) or not isinstance(tuning.get("trials"), list):
-        tuning = None  # not a tuner's state: no tuning to report
+    try:  # the raw dataset's own description: the user's file, read if it can be
+        dataset = json.loads((Path(source) / "dataset.json").read_text()) if source else None
+    except (OSError, ValueError):
+        dataset = None
+    evaluation = _optional(
+        run_dir / f"evaluation-{cfg.data.test_split}.json", EVALUATION, "evaluation", True
+    )
+    tuning = None
+    if (run_dir.parent / "tune.json").exists():  # a tuner's trial or baseline
+        tuning = read_record(run_dir.parent / "tune.json", ("trials",), "tuner state")
     return {
         "target": target,
         "run_dir": run_dir,
         "cfg": cfg,
         "store": store_meta,
-        "dataset": dataset or {},
-        "environment": _read_json(run_dir / "environment.json") or {},
+        "dataset": dataset if isinstance(dataset, dict) else {},
+        "environment": _optional(run_dir / "environment.json", (), "run environment") or {},
         "evaluation": evaluation,
-        "variability": _read_json(target / "variability.json", metrics=True)
-        if repeat is not None
-        else None,
+        "variability": variability,
         "tuning": tuning,
     }
 
@@ -121,6 +144,13 @@ def methods(target: Path) -> str:
     lines.append(
         f"Split by case (seed {store.get('seed')}): {ratio}; fractions: validation "
         f"{store.get('val_fraction')}, test {store.get('test_fraction')}."
+        + (
+            f" For this run the training and validation cases were drawn again from their "
+            f"pool (split seed {cfg.data.split_seed}, as many validation cases); the test "
+            "cases unchanged."
+            if cfg.data.split_seed is not None
+            else ""
+        )
     )
     checks.append((FIG_5_5, "train/validation/test ratios", bool(splits), "the split"))
     aug = cfg.data.augment
@@ -221,11 +251,14 @@ def methods(target: Path) -> str:
     lines += ["", "## Runs and variability", ""]
     v = r["variability"]
     if v is not None:
-        d = v["metrics"]["dice"]
+        d = v["metrics"].get("dice") or {
+            k: math.nan for k in ("mean", "sd", "ci_low", "ci_high", "min", "max")
+        }
         what = {
             "seed": "every random seed",
             "init": "the weight initialisation only",
             "order": "the data order only",
+            "split": "only which training cases validate (the test cases fixed)",
         }[v["vary"]]
         lines.append(
             f"The setting was trained {v['runs']} times, varying {what}, everything else frozen; "
@@ -233,7 +266,9 @@ def methods(target: Path) -> str:
             f"[{d['ci_low']:.4f}, {d['ci_high']:.4f}]; range {d['min']:.4f}–{d['max']:.4f})."
         )
         a = v.get("agreement")
-        if a:
+        if a and a["icc"] != a["icc"]:
+            lines.append("Every run gave every test case the same Dice: no spread between runs.")
+        elif a:
             lines.append(
                 f"Agreement between runs on per-case Dice: ICC(A,1) = {a['icc']:.3f} (95% CI "
                 f"{a['ci_low']:.3f}–{a['ci_high']:.3f}; two-way random effects, absolute "
@@ -304,14 +339,19 @@ def methods(target: Path) -> str:
     )
 
     lines += ["", "## Hardware and software", ""]
-    gpus = ", ".join(env.get("gpus", [])) or f"CPU only ({env.get('cpu_count', '?')} cores)"
-    lines.append(
-        f"Trained on {gpus}; {env.get('platform', 'platform not recorded')}; Python "
-        f"{env.get('python', '?')}, PyTorch {env.get('torch', '?')}"
-        + (f", CUDA {env['cuda']}" if env.get("cuda") else "")
-        + f", segscale {env.get('segscale', '?')} (torch.distributed, "
-        f"{t.strategy.name} strategy)."
-    )
+    if env:
+        gpus = ", ".join(env.get("gpus", [])) or f"CPU only ({env.get('cpu_count', '?')} cores)"
+        lines.append(
+            f"Trained on {gpus}; {env.get('platform', 'platform not recorded')}; Python "
+            f"{env.get('python', '?')}, PyTorch {env.get('torch', '?')}"
+            + (f", CUDA {env['cuda']}" if env.get("cuda") else "")
+            + f", segscale {env.get('segscale', '?')} (torch.distributed, "
+            f"{t.strategy.name} strategy)."
+        )
+    else:
+        lines.append(
+            "The hardware and software were not recorded (the run has no environment.json)."
+        )
     checks.append(
         (
             FIG_5_5,

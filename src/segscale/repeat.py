@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from segscale._files import from_json, job_state, to_json, write_atomic
+from segscale._files import EVALUATION, job_state, read_record, to_json, write_atomic
 from segscale.config import apply_override, load_config, validate
-from segscale.engine import plan, prepare_run_dir
+from segscale.engine import has_started, plan, prepare_run_dir, require_segmentation
 from segscale.errors import PREEMPTED_EXIT_CODE, Preempted, SegscaleError
 from segscale.launch import launch, start_worker_server
 from segscale.stats import agreement, spread
@@ -66,6 +66,13 @@ def repeat(
     if options.runs < 2:
         raise SegscaleError(f"--runs {options.runs}: a spread needs at least 2 runs")
     cfg = load_config(config, overrides)
+    require_segmentation(cfg, config, "repeat")
+    pinned = [k for k in ("init_seed", "data_seed") if getattr(cfg, k) is not None]
+    if options.vary == "seed" and pinned:  # they would not follow the seed: not every seed varied
+        raise SegscaleError(
+            f"--vary seed: {' and '.join(pinned)} set in the config stay as they are; unset them, "
+            f"or vary one part ({', '.join(v for v in VARY if v != 'seed')})"
+        )
     plan(cfg).check(options.workers)
     if options.workers > 1:
         start_worker_server()
@@ -86,7 +93,7 @@ def repeat(
         "order": cfg.seed_for("data"),
         "split": cfg.data.split_seed or 0,
     }[options.vary]
-    split = cfg.data.test_split
+    split = state["split"] = cfg.data.test_split
     try:
         for i in range(options.runs):
             # relative to OUT: a moved or copied repeat folder still finds its runs
@@ -95,19 +102,27 @@ def repeat(
                 continue
             run_dir = out / entry["run_dir"]
             raw = cfg.model_dump(mode="json")
-            apply_override(raw, f"{key}={base + i}")
+            # run 1 is the config's own run: with no data.split_seed, the store's own split
+            value = (
+                None
+                if key == "data.split_seed" and cfg.data.split_seed is None and not i
+                else base + i
+            )
+            apply_override(raw, f"{key}={'null' if value is None else value}")
             raw["name"] = f"{cfg.name}-run-{i + 1}"
-            entry[key] = base + i
+            entry[key] = value
             if parent_id := parent.run_id():
                 state["mlflow_run_id"] = parent_id
                 nest_under(raw, parent_id)
             run_cfg = validate(raw, source=f"{out.name}/run-{i + 1}")
             if progress:
-                print(f"[repeat] run {i + 1}/{options.runs}: {key} {base + i}", flush=True)
+                shown = "the store's split" if value is None else f"{key} {value}"
+                print(f"[repeat] run {i + 1}/{options.runs}: {shown}", flush=True)
             t0 = time.monotonic()
+            started = has_started(run_dir)
+            # a finished run-N too: it must be this config's run, trained on this store's data
+            prepare_run_dir(run_cfg, run_dir, resume=started)
             if not (run_dir / "model.pt").is_file():
-                started = (run_dir / "checkpoints").is_dir()
-                prepare_run_dir(run_cfg, run_dir, resume=started)
                 args = ["train", str(run_dir), *(["--resume"] if started else [])]
                 code = launch([*args, *([] if progress else ["--no-progress"])], options.workers)
                 if code != 0:
@@ -123,7 +138,7 @@ def repeat(
             )
             if code != 0:
                 raise SegscaleError(f"evaluating run-{i + 1} on '{split}' failed (exit {code})")
-            evaluation = from_json(result.read_text())
+            evaluation = read_record(result, EVALUATION, "evaluation", metrics=True)
             entry["seconds"] = entry.get("seconds", 0.0) + time.monotonic() - t0
             entry["test"] = {m: evaluation["dataset"].get(m) for m in DATASET_METRICS} | {
                 m: evaluation["case_summary"][m]["mean"] for m in CASE_METRICS
@@ -206,7 +221,9 @@ def variability_markdown(report: dict[str, Any]) -> str:
         f"# `{report['name']}`: {report['runs']} runs, {what[report['vary']]} varied",
         "",
         f"{report['workers']} worker(s) per run; each run scored on the `{report['split']}` split. "
-        f"{VARY[report['vary']]}: {', '.join(map(str, report['seeds']))}.",
+        f"{VARY[report['vary']]}: "
+        + ", ".join("the store's own" if v is None else str(v) for v in report["seeds"])
+        + ".",
         "",
         "| metric | mean | SD | 95% CI of the mean | min | max |",
         "|---|---|---|---|---|---|",
@@ -225,6 +242,11 @@ def variability_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Agreement between runs on per-case Dice", ""]
     if a is None:
         lines.append("Fewer than 2 cases scored by every run: no agreement to compute.")
+    elif a["icc"] != a["icc"]:  # NaN: no variance at all to share between cases and runs
+        lines.append(
+            "Every run gave every case the same Dice: no spread between runs, so ICC(A,1) and "
+            "the F test of the runs are undefined."
+        )
     else:
         verdict = "differ systematically" if a["p_runs"] < 0.05 else "show no systematic difference"
         lines += [
@@ -235,7 +257,9 @@ def variability_markdown(report: dict[str, Any]) -> str:
             "counting as disagreement.",
             "",
             f"Runs: F = {a['f_runs']:.3g}, p = {a['p_runs']:.3g} (two-way ANOVA, runs × cases): "
-            f"the runs {verdict} at the 5% level.",
+            f"the runs {verdict} at the 5% level."
+            if a["p_runs"] == a["p_runs"]
+            else "Runs: every run gave each case the same Dice (no residual variance, no F test).",
         ]
     lines += [
         "",

@@ -23,11 +23,12 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segscale._files import from_json, job_state, read_jsonl, write_atomic
+from segscale._files import EVALUATION, differ, job_state, read_jsonl, read_record, write_atomic
 from segscale.config import (
     GRESCALE_DECAY_COEFFICIENT,
     GRESCALE_DECAY_PHASE,
@@ -38,7 +39,7 @@ from segscale.config import (
     save_config,
     validate,
 )
-from segscale.engine import plan, prepare_run_dir
+from segscale.engine import has_started, plan, prepare_run_dir, require_segmentation
 from segscale.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, SegscaleError
 from segscale.guideline import Decision, Guideline, Scores, Settings, Trial
 from segscale.launch import launch, start_worker_server
@@ -47,6 +48,8 @@ from segscale.tracking import ParentRun, nest_under
 STATE = "tune.json"
 OUTPUTS = ("tune.md", "tune.png", "tuned.yaml", STATE)  # the tuning run's artifacts
 METRICS = ("dice", "pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou")  # tune.md's columns
+LEARNT_NOTHING = 0.01  # a baseline's validation Dice under this: no model to scale
+WIDE_NOISE = 0.10  # a baselines' Dice spread over this makes "reached the baseline" loose
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,11 @@ class TuneOptions:
     method: str = "guideline"  # guideline (the thesis' Fig. 6.3) | optuna (TPE)
 
     def signature(self) -> dict[str, Any]:
-        keep = ("workers", "simulate", "baseline_runs", "baselines", "min_workers", "method")
+        # what decides; the budget (max_trials, max_hours) may grow on a rerun
+        keep = (
+            "workers", "simulate", "baseline_runs", "baselines", "min_workers", "method",
+            "patience", "margin",
+        )  # fmt: skip
         return {k: v for k, v in asdict(self).items() if k in keep} | {
             "baselines": list(self.baselines)
         }
@@ -97,27 +104,34 @@ def tune(
     from segscale.config import load_config
 
     cfg = load_config(config, overrides)
+    require_segmentation(cfg, config, "tune")
     k = options.workers
     if k < 2:
         raise SegscaleError(f"--workers {k}: tuning is for 2 or more workers")
     if options.max_trials < 1:
         raise SegscaleError(f"--max-trials {options.max_trials}: expected at least 1")
-    if options.max_hours is not None and options.max_hours <= 0:
-        raise SegscaleError(f"--max-hours {options.max_hours:g}: expected a positive number")
-    if options.margin < 0:
-        raise SegscaleError(f"--margin {options.margin:g}: expected a Dice margin ≥ 0")
+    hours = options.max_hours
+    if hours is not None and not 0 < hours < math.inf:  # NaN too
+        raise SegscaleError(f"--max-hours {hours:g}: expected a positive number")
+    if not 0 <= options.margin < 1:
+        raise SegscaleError(f"--margin {options.margin:g}: expected a Dice margin in [0, 1)")
+    given = [Path(b).resolve() for b in options.baselines]
+    twice = next((b for i, b in enumerate(given) if b in given[:i]), None)
+    if twice is not None:
+        raise SegscaleError(f"--baseline {twice}: given twice; its spread would count as none")
     if options.min_workers < 1 or options.patience < 1:
         raise SegscaleError("--min-workers and --patience: expected at least 1")
     if options.method not in ("guideline", "optuna"):
         raise SegscaleError(f"--method {options.method}: expected guideline or optuna")
     if not options.baselines and options.baseline_runs < 1:
         raise SegscaleError(f"--baseline-runs {options.baseline_runs}: expected at least 1")
+    baselines = [_given_baseline(cfg, b) for b in given]  # checked before OUT is made
     plan(cfg).check(1)
     if not options.simulate:
         start_worker_server()
     out = out.resolve()
     tuner = _Tuner(cfg, options, out, progress)
-    return tuner.run()
+    return tuner.run(baselines)
 
 
 class _Tuner:
@@ -141,15 +155,18 @@ class _Tuner:
 
     # ---- the whole job
 
-    def run(self) -> dict[str, Any]:
+    def run(self, given: list[RunResult]) -> dict[str, Any]:
+        """The whole job; `given`: the --baseline runs, already read."""
         try:
-            self._baselines()
+            self._baselines(given)
             guide = self._guideline()
             self._sync()
             self._trials(guide)
             self._test()
             self._write_outputs()
             self.tracking.finish(OUTPUTS, "FINISHED")
+            if self.state["decision"]["action"] == "refused":
+                raise SegscaleError(f"no tuned settings: {self.state['decision']['reason']}")
         except Preempted:
             self.tracking.finish([], "KILLED")
             raise
@@ -166,10 +183,9 @@ class _Tuner:
 
     # ---- the one-worker baseline
 
-    def _baselines(self) -> None:
-        given = self.options.baselines
+    def _baselines(self, given: list[RunResult]) -> None:
         if given and not self.state["baselines"]:
-            self.state["baselines"] = [asdict(_given_baseline(self.cfg, Path(d))) for d in given]
+            self.state["baselines"] = [asdict(b) for b in given]
             self._save()
         for i in range(len(self.state["baselines"]), 0 if given else self.options.baseline_runs):
             self.state["baselines"].append(
@@ -192,6 +208,20 @@ class _Tuner:
                 )
         curves = [b["scores"] for b in self.state["baselines"]]
         dice = [s["dice"] for s in curves]
+        for b, d in zip(self.state["baselines"], dice):
+            if not d >= LEARNT_NOTHING:  # NaN too: nothing to scale, nothing to compare with
+                raise SegscaleError(
+                    f"baseline {b['run_dir']}: validation Dice {d:.4f}, it learnt nothing; the "
+                    "one-worker config must train before it can be scaled (more epochs, "
+                    "another lr)"
+                )
+        if max(dice) - min(dice) > WIDE_NOISE:
+            warnings.warn(
+                f"the baselines' validation Dice spread over {max(dice) - min(dice):.2f} "
+                f"({', '.join(f'{d:.2f}' for d in dice)}): trials within that of the baseline "
+                "count as reaching it; train the baselines longer or give more of them",
+                stacklevel=2,
+            )
         self._say(
             f"baseline: validation Dice {_mean(dice):.4f} (spread {max(dice) - min(dice):.4f}, {len(dice)} runs)"
         )
@@ -245,14 +275,25 @@ class _Tuner:
             ),
             None,
         )
+        action, reason, settings = decision.action, decision.reason, decision.settings
+        refused = [t for t in trials if t["status"] == "refused" and _settings(t) == settings]
+        if settings is not None and chosen is None and refused:
+            # the settings it ends with never trained: no tuned.yaml that `train` would refuse
+            action, settings = "refused", None
+            reason += f"; but those settings cannot train this config: {refused[-1]['reason']}"
+        elif chosen is not None and not guide.reached(Scores.of(chosen["scores"])):
+            reason += (
+                f"; the chosen trial (validation Dice {chosen['scores'].get('dice', math.nan):.4f})"
+                f" did not reach the baseline ({guide.baseline.dice:.4f})"
+            )
         self.state["decision"] = {
-            "action": decision.action,
-            "reason": decision.reason,
-            "settings": asdict(decision.settings) if decision.settings else None,
+            "action": action,
+            "reason": reason,
+            "settings": asdict(settings) if settings else None,
             "trial": chosen["index"] if chosen else None,
         }
         self._save()
-        self._say(f"{decision.action}: {decision.reason}")
+        self._say(f"{action}: {reason}")
 
     def _next(self, guide: Guideline) -> Decision:
         trials = self.state["trials"]
@@ -406,11 +447,12 @@ class _Tuner:
 
     def _train(self, cfg: RunConfig, entry: dict[str, Any], workers: int) -> RunResult:
         run_dir = Path(entry["run_dir"])
-        started = (run_dir / "checkpoints").is_dir() or (run_dir / "model.pt").is_file()
+        started = has_started(run_dir)
         code = 0
         t0 = time.monotonic()
+        # a finished trial too: it must be this config's run, trained on this store's data
+        prepare_run_dir(cfg, run_dir, resume=started)
         if not (run_dir / "model.pt").is_file():
-            prepare_run_dir(cfg, run_dir, resume=started)
             args = ["train", str(run_dir), *(["--resume"] if started else [])]
             if not self.progress:
                 args.append("--no-progress")
@@ -460,7 +502,7 @@ class _Tuner:
             if entry.get("test") is not None:
                 continue
             run_dir = Path(entry["run_dir"])
-            out = self.out / "test" / f"{run_dir.name}.json"
+            out = run_dir / f"evaluation-{split}.json"  # where `segscale evaluate` puts it
             self._say(f"test split: {run_dir.name}")
             t0 = time.monotonic()
             code = launch(["evaluate", str(run_dir), "--split", split, "--out", str(out)], 1)
@@ -469,7 +511,7 @@ class _Tuner:
                 raise SegscaleError(
                     f"evaluating {run_dir.name} on '{split}' failed (exit code {code})"
                 )
-            dataset = from_json(out.read_text())["dataset"]
+            dataset = read_record(out, EVALUATION, "evaluation", metrics=True)["dataset"]
             entry["test"] = {m: dataset.get(m) for m in METRICS}
             self._save()
 
@@ -586,11 +628,11 @@ def _given_baseline(cfg: RunConfig, run_dir: Path) -> RunResult:
     changed = cfg.differing_keys(theirs, ignore=("seed", "name", "workers"))
     if changed:
         raise SegscaleError(
-            f"--baseline {run_dir}: trained with other settings ({', '.join(changed[:5])} differ); "
+            f"--baseline {run_dir}: trained with other settings ({differ(changed)}); "
             "a baseline is the same config on one worker"
         )
     env = run_dir / "environment.json"
-    world = json.loads(env.read_text()).get("workers", 1) if env.is_file() else 1
+    world = read_record(env, (), "run environment").get("workers", 1) if env.is_file() else 1
     if world != 1 or theirs.train.simulate_workers:
         raise SegscaleError(f"--baseline {run_dir}: trained on {world} workers; a baseline has one")
     scores, curve, epochs, early = _read_metrics(run_dir)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import yaml
 
-from segscale._files import file_sha256, from_json, to_json, write_atomic
+from segscale._files import file_sha256, read_record, to_json, write_atomic
 from segscale.config import RunConfig, load_config, validate
 from segscale.engine import Plan, inference_plan, plan, trained_weights
 from segscale.errors import SegscaleError
@@ -192,10 +192,12 @@ def _evaluation(run_dir: Path, split: str) -> dict[str, Any] | None:
     """The run's test-split evaluation (dataset level and per-case summary), if it has one."""
     for path in (run_dir / f"evaluation-{split}.json", run_dir.parent / "evaluation.json"):
         if path.is_file():
-            e = from_json(path.read_text())
+            e = read_record(path, ("split", "dataset"), "evaluation", metrics=True)
             if Path(e.get("run", "")).resolve() == run_dir and e.get("split") == split:
                 summary = {k: v["mean"] for k, v in e.get("case_summary", {}).items()}
-                return {"split": split, "cases": len(e["cases"]), "dataset": e["dataset"],
+                # a segmentation run scores cases; a classifier, slices
+                count = {"cases": len(e["cases"])} if "cases" in e else {"slices": e.get("slices")}
+                return {"split": split, **count, "dataset": e["dataset"],
                         "case_mean": summary}  # fmt: skip
     return None
 
@@ -230,7 +232,8 @@ def model_card(info: dict[str, Any]) -> str:
     if e is None:
         lines.append("No test-split evaluation was found beside the run when it was published.")
     else:
-        lines += [f"On the `{e['split']}` split ({e['cases']} cases):", ""]
+        scored = f"{e['cases']} cases" if "cases" in e else f"{e.get('slices')} slices"
+        lines += [f"On the `{e['split']}` split ({scored}):", ""]
         lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {k} (dataset) | {v:.4f} |" for k, v in e["dataset"].items()]
         lines += [
