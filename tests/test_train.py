@@ -69,7 +69,7 @@ def test_a_started_run_is_not_overwritten_and_resume_checks_the_config(tmp_path,
     other = validate(tiny_config(real_store, epochs=1, batch_size=2))
     saved = (run_dir / "config.yaml").read_text()
     with pytest.raises(
-        SegscaleError, match=r"started with other settings \(train.batch_size differ\)"
+        SegscaleError, match=r"started with other settings \(train.batch_size differs\)"
     ):
         prepare_run_dir(other, run_dir, resume=True)
     assert (run_dir / "config.yaml").read_text() == saved  # refused before anything is written
