@@ -85,6 +85,11 @@ def test_bad_exports_are_one_line(run, tmp_path):
     done = cli("export", run, "--format", "torchscript", "--out", run / "config.yaml")
     assert done.returncode == 2 and "exists; give another name or --force" in done.stderr
     assert (run / "config.yaml").read_bytes() == config
+    # nor, even with --force, a file of the run it exports (its weights: the run was broken)
+    weights = (run / "model.pt").read_bytes()
+    done = cli("export", run, "--format", "torchscript", "--out", run / "model.pt", "--force")
+    assert done.returncode == 2 and "a file of" in done.stderr and "itself" in done.stderr
+    assert (run / "model.pt").read_bytes() == weights
     done = cli("export", run, "--format", "torchscript", "--out", "/dev/null", "--force")
     assert done.returncode == 2 and "not a regular file" in done.stderr
     (tmp_path / "a-file").write_text("x")

@@ -425,3 +425,30 @@ def test_a_started_run_folder_is_continued_only_when_asked(tmp_path, real_store,
     with pytest.raises(SegscaleError, match=r"has checkpoints but no config\.yaml"):
         prepare_run_dir(cfg, run, resume=True)
     assert not (run / "config.yaml").exists()  # the refused config was not written in its place
+
+
+def test_resuming_on_other_workers_says_so_and_keeps_the_earlier_record(tmp_path, real_store):
+    """From an epoch end a run may resume on other workers; the global batch and the scaled lr
+    change with it, so `train --resume` warns and environment.json keeps what it trained with
+    before (was: silently rewritten as if the whole run had the new setting)."""
+    from conftest import trained_run
+    from segscale.cli import _say_rescaled
+    from segscale.config import load_config
+    from segscale.repro import RESUMABLE, earlier_records
+
+    run = trained_run(real_store, tmp_path / "run")
+    env = json.loads((run / "environment.json").read_text())
+    assert env["workers"] == 1 and env["earlier"] == []
+    now = {**env, "workers": 2, "global_batch": 8, "peak_lr": 2 * env["peak_lr"]}
+    assert earlier_records(run / "environment.json", now, True) == [
+        {k: env.get(k) for k in RESUMABLE}
+    ]
+    assert earlier_records(run / "environment.json", env, True) == []  # same settings
+    assert earlier_records(run / "environment.json", now, False) == []  # a new run
+    cfg = load_config(run / "config.yaml")
+    with pytest.warns(
+        UserWarning, match=r"run trained on 1 worker\(s\) and resumes on 2: the global"
+    ):
+        _say_rescaled(run, cfg, 2)
+    r = cli("train", run / "config.yaml", "--run-dir", run, "--resume")
+    assert r.returncode == 0 and "finished already (model.pt); nothing to train" in r.stdout

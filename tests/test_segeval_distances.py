@@ -199,3 +199,38 @@ def test_evaluate_folders_maps_png_values(tmp_path):
     assert result["label_values"] == {"0": 0, "255": 1}
     assert result["cases"][0]["dice"] == pytest.approx(medpy_binary.dc(pred > 0, ref > 0))
     assert result["cases"][0]["hausdorff"] == pytest.approx(medpy_binary.hd(pred > 0, ref > 0))
+
+
+def test_evaluate_results_file_is_a_json_name_in_a_folder_that_exists(tmp_path):
+    """The .csv and .png beside the results take its name: --json x.csv had the CSV overwrite
+    the JSON results; a folder that is a file was a traceback."""
+    from conftest import cli
+
+    for d in ("p", "r"):
+        (tmp_path / d).mkdir()
+        Image.fromarray(np.eye(8, dtype=np.uint8)).save(tmp_path / d / "x.png")
+    r = cli(
+        "evaluate", "--pred", tmp_path / "p", "--ref", tmp_path / "r", "--json", tmp_path / "x.csv"
+    )
+    assert r.returncode == 2 and "expected a .json file name" in r.stderr
+    (tmp_path / "afile").write_text("")
+    r = cli(
+        "evaluate",
+        "--pred",
+        tmp_path / "p",
+        "--ref",
+        tmp_path / "r",
+        "--json",
+        tmp_path / "afile" / "r.json",
+    )
+    assert r.returncode == 2 and "is a file" in r.stderr and "Traceback" not in r.stderr
+    r = cli(
+        "evaluate",
+        "--pred",
+        tmp_path / "p",
+        "--ref",
+        tmp_path / "r",
+        "--json",
+        tmp_path / "ok.json",
+    )
+    assert r.returncode == 0 and (tmp_path / "ok.csv").is_file(), r.stderr

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SAMPLE, trained_run
+from conftest import ROOT, SAMPLE, trained_run
 from segscale import worker
 from segscale.errors import SegscaleError
 from segscale.hub import entries, parse_ref, pull
@@ -166,6 +166,13 @@ def test_publishing_an_mlflow_tracked_run_registers_the_model_there(tmp_path, re
     local = client.download_artifacts(run_id, "zoo/tracked-la-1/model.safetensors", str(tmp_path))
     entry = tmp_path / "zoo" / "tracked-la" / "1" / "model.safetensors"
     assert Path(local).read_bytes() == entry.read_bytes()
+    # the same entry published into a second zoo is logged beside the first, not over it
+    done = cli("zoo", "publish", run, "--name", "tracked-la", "--zoo", tmp_path / "zoo2")
+    assert done.returncode == 0, done.stderr
+    assert {a.path for a in client.list_artifacts(run_id, "zoo")} == {
+        "zoo/tracked-la-1",
+        "zoo/tracked-la-1-2",
+    }
 
 
 def test_the_shipped_left_atrium_model_is_found_verified_and_segments(tmp_path, monkeypatch):
@@ -194,3 +201,157 @@ def test_the_shipped_left_atrium_model_is_found_verified_and_segments(tmp_path, 
         confusion_matrix(torch.from_numpy(pred), torch.from_numpy(ref), 2).numpy()
     )
     assert pred.shape == ref.shape and dice[1] > 0.7
+
+
+def copied_zoo(published, tmp_path: Path) -> Path:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(published[1], copy)
+    return copy
+
+
+def rewrite(zoo: Path, change) -> None:
+    index = json.loads((zoo / "index.json").read_text())
+    change(index)
+    (zoo / "index.json").write_text(json.dumps(index))
+
+
+def test_an_index_is_checked_as_input(published, cache, tmp_path):
+    """A version from the index becomes a cache folder: '../..' must never (was: the folder it
+    named was deleted and replaced); malformed indexes are one line (were: tracebacks)."""
+    zoo = copied_zoo(published, tmp_path)
+    victim = cache / "victim"
+    victim.mkdir(parents=True)
+    (victim / "keep.txt").write_text("precious")
+    record = json.loads((zoo / "index.json").read_text())["entries"]["tiny-la"]["1"]
+    rewrite(zoo, lambda i: i["entries"]["tiny-la"].update({"./../../victim": record}))
+    with pytest.raises(SegscaleError, match=r"not a valid zoo index \(zoo version '\./\.\./"):
+        pull("tiny-la", zoo)
+    assert (victim / "keep.txt").read_text() == "precious"
+    broken_indexes = (
+        (lambda i: i.pop("entries"), "'entries' is not an object"),
+        (lambda i: i.update(entries=[]), "'entries' is not an object"),
+        (lambda i: i["entries"].update({"tiny-la": {"1": 5}}), "tiny-la@1 has no summary"),
+        (lambda i: i["entries"]["tiny-la"]["1"].update(files={}), "lists no model.safetensors"),
+    )
+    for n, (broken, message) in enumerate(broken_indexes):
+        zoo = copied_zoo(published, tmp_path / f"broken-{n}")
+        rewrite(zoo, broken)
+        with pytest.raises(SegscaleError, match=f"not a valid zoo index .*{message}"):
+            entries(zoo)
+        with pytest.raises(SegscaleError, match=f"not a valid zoo index .*{message}"):
+            pull("tiny-la", zoo)
+
+
+def test_a_zoo_entry_that_names_code_is_not_built(published, cache, tmp_path):
+    """An entry's config naming 'file.py:attr' as its model would run that file on predict
+    (was: it ran); publishing a run whose model is a user's file is refused too."""
+    import yaml
+
+    zoo = copied_zoo(published, tmp_path)
+    entry = zoo / "tiny-la" / "1"
+    marker = tmp_path / "ran"
+    (entry / "evil.py").write_text(f"open({str(marker)!r}, 'w')\ndef make(*a, **k): pass\n")
+    config = yaml.safe_load((entry / "config.yaml").read_text())
+    config["model"]["name"] = "evil.py:make"
+    (entry / "config.yaml").write_text(yaml.safe_dump(config))
+
+    def update(index):
+        files = index["entries"]["tiny-la"]["1"]["files"]
+        for rel in ("config.yaml", "evil.py"):
+            data = (entry / rel).read_bytes()
+            files[rel] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+    rewrite(zoo, update)
+    with pytest.raises(SegscaleError, match=r"model.name '.*evil.py:make' names code"):
+        load_model(pull("tiny-la", zoo))
+    assert not marker.exists()
+    run = published[0]
+    plugin = tmp_path / "run-plugin"
+    import shutil
+
+    shutil.copytree(run, plugin)
+    config = yaml.safe_load((plugin / "config.yaml").read_text())
+    config["model"]["name"] = f"{ROOT / 'tests' / 'plugins' / 'bilinear_net.py'}:bilinear_net"
+    (plugin / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SegscaleError, match=r"model.name '.*bilinear_net' is your own code"):
+        publish(plugin, "mine", tmp_path / "z3")
+    assert not (tmp_path / "z3").exists()
+
+
+def test_publish_checks_the_weights_and_keeps_the_index_whole(published, tmp_path):
+    import shutil
+
+    import yaml
+
+    run = published[0]
+    edited = tmp_path / "edited"
+    shutil.copytree(run, edited)
+    config = yaml.safe_load((edited / "config.yaml").read_text())
+    config["model"]["kwargs"]["base_channels"] = 8  # no longer the weights' architecture
+    (edited / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SegscaleError, match=r"model.pt: does not fit .*config.yaml's model: size"):
+        publish(edited, "edited", tmp_path / "z1")
+    assert not (tmp_path / "z1").exists()
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    (damaged / "model.pt").write_bytes((run / "model.pt").read_bytes()[:1000])
+    with pytest.raises(SegscaleError, match=r"model.pt: not readable weights \(checksum mismatch"):
+        publish(damaged, "damaged", tmp_path / "z1")
+    # an index that cannot be written: nothing published, a retry is not blocked by a stray entry
+    zoo = tmp_path / "z2"
+    (zoo / "index.json").mkdir(parents=True)
+    with pytest.raises(SegscaleError, match=r"index.json: cannot write it .*nothing published"):
+        publish(run, "t", zoo)
+    assert not (zoo / "t").exists()
+    with pytest.raises(SegscaleError, match="publish writes into a folder"):
+        publish(run, "t", "http://127.0.0.1:9/zoo")
+    # versions: 1.0 is version 1; 3.0 is newer than 3.0rc1; published files readable by others
+    zoo = tmp_path / "z4"
+    publish(run, "t", zoo, version="1")
+    with pytest.raises(
+        SegscaleError, match=r"t@1 is already published \(the same version as 1.0\)"
+    ):
+        publish(run, "t", zoo, version="1.0")
+    publish(run, "t", zoo, version="3.0rc1")
+    publish(run, "t", zoo, version="3.0")
+    assert [e["version"] for e in entries(zoo)] == ["1", "3.0rc1", "3.0"]
+    assert (zoo / "t" / "3.0" / "model.safetensors").stat().st_mode & 0o044 == 0o044
+    assert (zoo / "t" / "3.0").stat().st_mode & 0o055 == 0o055
+
+
+def test_a_slow_server_is_given_up_on(published, cache, tmp_path, monkeypatch):
+    """The 60 s timeout is per read: a server sending a byte every few seconds held `zoo list`
+    for days. A download averaging under SLOWEST after its first minute is refused (the minute
+    and the rate scaled down here)."""
+    import time as clock
+
+    from segscale import hub
+
+    class Drip(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            for _ in range(50):
+                self.wfile.write(b"{")
+                self.wfile.flush()
+                clock.sleep(0.1)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    real = clock.monotonic
+    monkeypatch.setattr(hub.time, "monotonic", lambda: real() * 200)  # a minute in 0.3 s
+    try:
+        with pytest.raises(SegscaleError, match=r"too slow \(under 10000 B/s\)"):
+            entries(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+    for zoo, message in (("", "give a zoo folder"), ("ftp://x/y", "ftp:// is not supported"),
+                         ("http://[::1", "not a valid URL")):  # fmt: skip
+        with pytest.raises(SegscaleError, match=message):
+            entries(zoo)

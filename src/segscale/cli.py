@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from segscale._files import from_json
 from segscale.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, Preempted, SegscaleError
+
+if TYPE_CHECKING:
+    from segscale.config import RunConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -226,6 +229,11 @@ def train_cmd(
             f"--resume: {run_dir} holds no checkpoint yet; training from the start", err=True
         )
     prepare_run_dir(cfg, run_dir, resume)
+    if resume and (run_dir / "model.pt").is_file():
+        typer.echo(f"{run_dir}: finished already (model.pt); nothing to train")
+        return
+    if resume:
+        _say_rescaled(run_dir, cfg, workers * (cfg.train.simulate_workers or 1))
     args = ["train", str(run_dir), *(["--resume"] if resume else [])]
     code = launch(
         args,
@@ -541,12 +549,37 @@ def evaluate_cmd(
     typer.echo(f"wrote {out}, {out.with_suffix('.csv').name}, {out.with_suffix('.png').name}")
 
 
+def _say_rescaled(run_dir: Path, cfg: RunConfig, workers: int) -> None:
+    """Warn when a run resumes on another number of workers than it trained on: from an epoch
+    end that is allowed, but the global batch and the scaled lr change with it."""
+    import warnings
+
+    from segscale._files import read_record
+
+    env = run_dir / "environment.json"
+    before = read_record(env, (), "run environment").get("workers") if env.is_file() else None
+    if isinstance(before, int) and before != workers:
+        b = cfg.train.batch_size
+        warnings.warn(
+            f"{run_dir.name} trained on {before} worker(s) and resumes on {workers}: the global "
+            f"batch goes from {b * before} to {b * workers} and the lr is scaled for {workers} "
+            "(environment.json keeps the earlier setting under 'earlier')",
+            stacklevel=2,
+        )
+
+
 def _results_file(path: Path) -> Path:
-    """The evaluation's JSON path, resolved; a folder is refused before anything runs."""
-    path = path.resolve()
-    if path.is_dir():
-        raise SegscaleError(f"--json {path}: a folder; give the results file's name")
-    return path
+    """The evaluation's JSON path, resolved and writable, ending in .json (the .csv and .png
+    written beside it take its name: x.csv would be overwritten by the CSV). Raises
+    SegscaleError before anything runs."""
+    from segscale._files import output_file
+
+    if Path(path).suffix.lower() != ".json":
+        raise SegscaleError(
+            f"--json {path}: expected a .json file name (the per-case .csv and .png beside it "
+            "take its name)"
+        )
+    return output_file(path, "--json")
 
 
 def _plot_overlays(run_dir: Path, evaluation: dict, out: Path) -> None:
@@ -609,7 +642,10 @@ def export_cmd(
     fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript")] = "onnx",
     out: Annotated[
         Path | None,
-        typer.Option(help="File to write [default: SOURCE/model.onnx or model.torchscript.pt]"),
+        typer.Option(
+            help="File to write [default: RUN_DIR/model.onnx or model.torchscript.pt; for "
+            "zoo:NAME@V, ./NAME-V.onnx or .torchscript.pt]"
+        ),
     ] = None,
     zoo: ZooOption = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
@@ -741,7 +777,7 @@ ZooOption = Annotated[
 def zoo_publish_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A finished segmentation run folder.")],
     name: Annotated[str, typer.Option(help="The model's name (letters, digits, . _ -).")],
-    zoo: Annotated[Path, typer.Option(help="The zoo folder to publish into.")],
+    zoo: Annotated[str, typer.Option(help="The zoo folder to publish into.")],
     version: Annotated[str, typer.Option(help="The entry's version.")] = "1",
     licence: Annotated[str, typer.Option(help="The weights' licence (SPDX id).")] = "CC-BY-4.0",
     description: Annotated[str, typer.Option(help="One paragraph for the model card.")] = "",
@@ -749,10 +785,9 @@ def zoo_publish_cmd(
     """Publish a run's model: safetensors weights, config, store description, metadata with the
     sha256 of every file, a model card; added to the zoo's index.json. A run tracked by MLflow
     also gets the entry as artifacts and in MLflow's model registry."""
-    from segscale._files import output_dir
     from segscale.zoo import log_to_mlflow, publish
 
-    entry = publish(run_dir, name, output_dir(zoo, "--zoo"), version, licence, description)
+    entry = publish(run_dir, name, zoo, version, licence, description)
     typer.echo(f"published {name}@{version}: {entry} (card: {entry / 'card.md'})")
     logged = log_to_mlflow(run_dir, entry)
     if logged:
@@ -768,16 +803,17 @@ def zoo_list_cmd(zoo: ZooOption = None) -> None:
     from segscale.hub import default_zoo, entries
 
     table = Table("model", "classes", "input", "network", "test Dice", "licence")
+    table.columns[0].overflow = "fold"  # name@version whole, on two lines when narrow
     for e in entries(zoo):
         dice = f"{e['dice']:.4f}" if isinstance(e.get("dice"), float) else "–"
-        channels = ", ".join(e["channels"]) or "?"
+        channels = ", ".join(map(str, e.get("channels") or [])) or "?"
         table.add_row(
             f"{e['name']}@{e['version']}",
-            ", ".join(e["classes"]),
-            f"{channels}, {e['size']}²",
-            e["architecture"],
+            ", ".join(map(str, e.get("classes") or [])) or "?",
+            f"{channels}, {e.get('size', '?')}²",
+            str(e.get("architecture", "?")),
             dice,
-            e["licence"],
+            str(e.get("licence", "?")),
         )
     Console().print(table)
     typer.echo(f"zoo: {zoo or default_zoo()}")

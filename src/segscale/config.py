@@ -752,6 +752,25 @@ class RunConfig(_Strict):
             )
         return v
 
+    def plugins(self) -> dict[str, str]:
+        """The parts named by a user's code ('pkg.mod:attr' or a .py file), as {key: spec},
+        e.g. {'model.name': '/home/me/net.py:make'}: what building the run would import."""
+        parts: dict[str, Component | None] = {
+            "task": self.task,
+            "model": self.model,
+            "train.loss": self.train.loss,
+            "train.optimizer": self.train.optimizer,
+            "train.strategy": self.train.strategy,
+            "data.transform": self.data.transform,
+            **{f"train.callbacks[{i}]": c for i, c in enumerate(self.train.callbacks)},
+            **{f"tracker[{i}]": t for i, t in enumerate(self.tracker)},
+        }
+        return {
+            f"{key}.name": part.name
+            for key, part in parts.items()
+            if part is not None and (":" in part.name or part.name.endswith(".py"))
+        }
+
     def seed_for(self, part: Literal["init", "data"]) -> int:
         """The seed of one part of the randomness: `init_seed`/`data_seed`, else `seed`."""
         own = self.init_seed if part == "init" else self.data_seed

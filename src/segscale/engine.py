@@ -224,8 +224,20 @@ class Plan:
 
         check_same_store(run_dir, self.store)
         model = self.model()
-        weights = torch.load(trained_weights(run_dir), map_location="cpu", weights_only=True)
-        model.load_state_dict(weights)
+        path = trained_weights(run_dir)
+        from segscale.checkpoint import verify
+
+        sidecar = path.with_name(path.name + ".sha256")
+        problem = verify(path) if sidecar.is_file() else None  # runs before sidecars: not checked
+        try:
+            if problem:
+                raise ValueError(problem)
+            weights = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, not a torch file, pickled code
+            raise SegscaleError(
+                f"{path}: not readable weights ({e}); train the run again"
+            ) from None
+        fit_weights(model, weights, f"{path}: does not fit {run_dir / 'config.yaml'}'s model")
         return model.to(device).eval()
 
     def model(self) -> torch.nn.Module:
@@ -852,6 +864,19 @@ def check_same_store(run_dir: Path, store: Store) -> None:
             )
 
 
+def fit_weights(model: torch.nn.Module, weights: Any, what: str) -> None:
+    """model.load_state_dict(weights), strictly; a mismatch is one SegscaleError: `what`, then
+    the first thing that differs (a size mismatch, a missing or unexpected key)."""
+    if not isinstance(weights, dict):
+        raise SegscaleError(f"{what}: not a state dict ({type(weights).__name__})")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        detail = next((x for x in lines if not x.startswith("Error(s)")), lines[0] if lines else "")
+        raise SegscaleError(f"{what}: {detail[:300]}") from None
+
+
 def trained_weights(run_dir: Path) -> Path:
     """run_dir/model.pt; raises SegscaleError when the run has not finished."""
     weights = run_dir / "model.pt"
@@ -865,5 +890,12 @@ def load_trained_model(
 ) -> tuple[torch.nn.Module, Plan]:
     """A finished run's model (run_dir/model.pt) in eval mode on `device`, with its Plan.
     Raises SegscaleError when the run has no model.pt."""
-    p = plan(load_config(run_dir / "config.yaml"))
+    cfg = load_config(run_dir / "config.yaml")
+    if not (Path(cfg.data.store) / "meta.json").is_file():
+        raise SegscaleError(
+            f"{run_dir}: its store {cfg.data.store} is gone, and the model needs what it "
+            "describes (preprocessing, classes): prepare it again there, or keep the model with "
+            "what it needs in a zoo entry (`segscale zoo publish`) while the store is there"
+        )
+    p = plan(cfg)
     return p.trained_model(run_dir, device), p

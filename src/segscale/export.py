@@ -77,6 +77,12 @@ def export(
     out = out or source / name
     missing = [f for f in Path(out).resolve().parents if not f.exists()]  # created below
     out = output_file(out, "--out", overwrite=force, create_folder=True)
+    exports = {file_name(f) for f in FORMATS}  # what an earlier export left there
+    if out.exists() and out.is_relative_to(Path(source).resolve()) and out.name not in exports:
+        raise SegscaleError(
+            f"--out {out}: a file of {Path(source).resolve()} itself (its weights, config or "
+            "checkpoints); give another name"
+        )
     try:
         return _export(source, fmt, out, check_batch)
     except BaseException:

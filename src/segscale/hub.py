@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -38,11 +39,13 @@ def check_name(name: str, version: str | None = None) -> None:
     """Raises SegscaleError for a name or version that is not a plain identifier."""
     if not _NAME.fullmatch(name) or ".." in name:
         raise SegscaleError(
-            f"zoo name {name!r}: expected letters, digits, '.', '_' or '-' (at most 64, no '..')"
+            f"zoo name {name!r}: expected letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit (at most 64, no '..')"
         )
     if version is not None and (not _VERSION.fullmatch(version) or ".." in version):
         raise SegscaleError(
-            f"zoo version {version!r}: expected letters, digits, '.', '_', '+' or '-' (no '..')"
+            f"zoo version {version!r}: expected letters, digits, '.', '_', '+' or '-', "
+            "starting with a letter or digit (at most 32, no '..')"
         )
 
 
@@ -69,14 +72,39 @@ def _is_url(zoo: str | Path) -> bool:
     return urllib.parse.urlparse(str(zoo)).scheme in ("http", "https")
 
 
-def _fetch(zoo: str | Path, rel: str) -> bytes:
-    """A file of a zoo (folder or URL), as bytes. Raises SegscaleError when it cannot be read."""
+# A download gives up when, after its first minute, it has averaged under this rate: a server
+# dripping bytes would otherwise hold it for days (the 60 s timeout is per read, not per file).
+SLOWEST = 10_000  # bytes per second
+INDEX_LIMIT = 64 * 2**20  # an index is JSON text; anything larger is not one
+
+
+def check_zoo(zoo: str | Path) -> None:
+    """Refuse a --zoo that is neither a folder path nor an http(s) URL (ftp://, a malformed
+    URL, an empty string), before anything is read. Raises SegscaleError."""
+    text = str(zoo)
+    try:
+        scheme = urllib.parse.urlparse(text).scheme
+        if scheme in ("http", "https"):
+            urllib.parse.urlparse(text).port  # noqa: B018 (raises for a bad host or port)
+    except ValueError as e:
+        raise SegscaleError(f"--zoo {text}: not a valid URL ({e})") from None
+    if not text.strip():
+        raise SegscaleError("--zoo '': give a zoo folder or an http(s) URL")
+    if scheme and scheme not in ("http", "https") and len(scheme) > 1:  # C:\ is a path
+        raise SegscaleError(f"--zoo {text}: {scheme}:// is not supported; a folder or http(s)")
+
+
+def _fetch(zoo: str | Path, rel: str, size: int | None = None) -> bytes:
+    """A file of a zoo (folder or URL), as bytes; `size`: the length the index gives it (a
+    download is refused past it). Raises SegscaleError when it cannot be read, or a download
+    is larger than expected or slower than SLOWEST."""
     if _is_url(zoo):
         url = str(zoo).rstrip("/") + "/" + urllib.parse.quote(rel)
+        limit = size if size is not None else INDEX_LIMIT
         try:
             with urllib.request.urlopen(url, timeout=60) as r:
-                return r.read()
-        except (urllib.error.URLError, OSError) as e:
+                return _read_all(r, url, limit)
+        except (urllib.error.URLError, OSError, ValueError) as e:
             raise SegscaleError(f"{url}: cannot download ({getattr(e, 'reason', e)})") from None
     path = Path(zoo) / rel
     try:
@@ -85,7 +113,29 @@ def _fetch(zoo: str | Path, rel: str) -> bytes:
         raise SegscaleError(f"{path}: cannot read ({e.strerror})") from None
 
 
+def _read_all(response: Any, url: str, limit: int) -> bytes:
+    """A response's body, at most `limit` bytes, refused when it averages under SLOWEST after
+    its first minute. read1 returns after one socket read, so the clock is checked throughout."""
+    start, chunks, received = time.monotonic(), [], 0
+    while chunk := response.read1(2**20):
+        received += len(chunk)
+        if received > limit:
+            raise SegscaleError(f"{url}: larger than the {limit} bytes the zoo's index gives it")
+        chunks.append(chunk)
+        elapsed = time.monotonic() - start
+        if elapsed > 60 and received / elapsed < SLOWEST:
+            raise SegscaleError(
+                f"{url}: {received} bytes in {elapsed:.0f} s, too slow (under {SLOWEST} B/s); "
+                "try again later or use another copy of the zoo"
+            )
+    return b"".join(chunks)
+
+
 def read_index(zoo: str | Path) -> dict[str, Any]:
+    """A zoo's index, checked: its format, and every entry's shape (versions that are plain
+    identifiers, each with a summary and a non-empty list of files with their sha256 and
+    size). Raises SegscaleError naming the index for anything else."""
+    check_zoo(zoo)
     where = f"{str(zoo).rstrip('/')}/{INDEX}"
     data = _fetch(zoo, INDEX)  # its own one-line error when missing or unreachable
     try:
@@ -94,12 +144,49 @@ def read_index(zoo: str | Path) -> dict[str, Any]:
         raise SegscaleError(f"{where}: not a zoo index (invalid JSON: {e})") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise SegscaleError(f"{where}: not a segscale zoo index (format {FORMAT!r} expected)")
+    _check_entries(index.get("entries"), where)
     return index
+
+
+def _check_entries(entries: Any, where: str) -> None:
+    """The `entries` of an index: {name: {version: {"files": {path: {"sha256", "size"}},
+    "summary": {...}}}}, names and versions as check_name allows, file paths relative and
+    inside the entry. An index is input like any other: a version such as '../../x' must never
+    become a folder of the cache."""
+
+    def bad(what: str) -> SegscaleError:
+        return SegscaleError(f"{where}: not a valid zoo index ({what})")
+
+    if not isinstance(entries, dict):
+        raise bad("'entries' is not an object")
+    for name, versions in entries.items():
+        if not isinstance(versions, dict) or not versions:
+            raise bad(f"{name!r} has no versions object")
+        for version, record in versions.items():
+            try:
+                check_name(name, version)
+            except SegscaleError as e:
+                raise bad(str(e)) from None
+            if not isinstance(record, dict) or not isinstance(record.get("summary"), dict):
+                raise bad(f"{name}@{version} has no summary")
+            files = record.get("files")
+            if not isinstance(files, dict) or WEIGHTS not in files:
+                raise bad(f"{name}@{version} lists no {WEIGHTS}")
+            for rel, f in files.items():
+                parts = Path(rel).parts
+                if Path(rel).is_absolute() or ".." in parts or not parts:
+                    raise bad(f"{name}@{version} lists an unsafe path {rel!r}")
+                if not (
+                    isinstance(f, dict)
+                    and isinstance(f.get("sha256"), str)
+                    and isinstance(f.get("size"), int)
+                ):
+                    raise bad(f"{name}@{version}: {rel} has no sha256 and size")
 
 
 def entries(zoo: str | Path | None = None) -> list[dict[str, Any]]:
     """Every entry of a zoo, newest version last per name: name, version, summary."""
-    index = read_index(zoo or default_zoo())
+    index = read_index(default_zoo() if zoo is None else zoo)
     return [
         {"name": name, "version": v, **versions[v]["summary"]}
         for name, versions in sorted(index["entries"].items())
@@ -108,15 +195,28 @@ def entries(zoo: str | Path | None = None) -> list[dict[str, Any]]:
 
 
 def _version_key(version: str) -> tuple:
-    """Numeric parts compare as numbers: 2 < 10, 1.2 < 1.10."""
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.+-]", version))
+    """PEP 440 order where a version is one (1 < 1.1 < 2 < 10, 3.0rc1 < 3.0, 1 = 1.0 = 01),
+    before any other, which compare by their numeric parts (2 < 10) then as text."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return (1, Version(version), ())
+    except InvalidVersion:
+        parts = re.split(r"[.+-]", version)
+        return (0, None, tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts))
+
+
+def same_version(a: str, b: str) -> bool:
+    """Whether two version strings name one version (1, 1.0 and 01 do)."""
+    ka, kb = _version_key(a), _version_key(b)
+    return a == b or (ka[0] == kb[0] == 1 and ka == kb)
 
 
 def pull(ref: str, zoo: str | Path | None = None) -> Path:
     """The local folder of zoo entry NAME[@VERSION] (the newest when no version is given):
     downloaded into the cache, or found there, every file verified by sha256 against the zoo's
     index. Raises SegscaleError for an unknown entry or a file that does not match its hash."""
-    zoo = zoo or default_zoo()
+    zoo = default_zoo() if zoo is None else zoo
     name, version = parse_ref(ref)
     index = read_index(zoo)
     versions = index["entries"].get(name)
@@ -129,22 +229,27 @@ def pull(ref: str, zoo: str | Path | None = None) -> Path:
             f"zoo {zoo}: {name} has no version {version!r} "
             f"(versions: {', '.join(sorted(versions, key=_version_key))})"
         )
-    files = versions[version]["files"]
-    for rel in files:  # an index is input too: no absolute paths, no '..'
-        parts = Path(rel).parts
-        if Path(rel).is_absolute() or ".." in parts or not parts:
-            raise SegscaleError(f"zoo {zoo}: {name}@{version} lists an unsafe path {rel!r}")
-    target = cache_dir() / name / version
+    files = versions[version]["files"]  # checked by read_index: safe paths, hashes, sizes
+    cache = cache_dir()
+    target = cache / name / version
+    if not target.resolve().is_relative_to(cache.resolve()):  # never, after read_index's check
+        raise SegscaleError(f"zoo {zoo}: {name}@{version} would be cached outside {cache}")
     if target.is_dir() and all(
         (target / rel).is_file() and file_sha256(target / rel) == f["sha256"]
         for rel, f in files.items()
     ):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=target.parent))
+    except OSError as e:
+        raise SegscaleError(
+            f"zoo cache {cache}: cannot write there ({e.strerror}); set SEGSCALE_CACHE to a "
+            "writable folder"
+        ) from None
     try:
         for rel, f in files.items():
-            data = _fetch(zoo, f"{name}/{version}/{rel}")
+            data = _fetch(zoo, f"{name}/{version}/{rel}", f["size"])
             digest = hashlib.sha256(data).hexdigest()
             if digest != f["sha256"]:
                 raise SegscaleError(

@@ -18,7 +18,7 @@ import torch
 
 from segscale._files import output_dir
 from segscale.errors import DataError, SegscaleError
-from segscale.imgmed.files import list_images, strip_suffix
+from segscale.imgmed.files import is_nifti_name, list_images, strip_suffix
 from segscale.imgmed.io import nifti_header, save_nifti, save_png, sniff
 from segscale.imgmed.prepare import load_channel_files
 from segscale.imgmed.transforms import Plane, from_grid, from_slices, inplane_spacing, preprocess
@@ -134,7 +134,12 @@ def predict(
         raise SegscaleError(f"--out {out_dir}: cannot write there ({e.strerror})") from None
     try:
         for target, files in targets.items():
-            segment(files, stage / target.name)
+            try:
+                segment(files, stage / target.name)
+            except DataError as e:  # a message of the shared readers that names no file
+                if str(files[0]) not in str(e) and files[0].name not in str(e):
+                    raise DataError(f"{files[0]}: {e}") from None
+                raise
         for target in targets:  # every input segmented: publish them all
             os.replace(stage / target.name, target)
             written.append(target)
@@ -214,7 +219,13 @@ def _targets(cases: list[tuple[str, list[Path]]], out_dir: Path) -> dict[Path, l
                 "(`segscale imgmed convert SERIES_FOLDER scan.nii.gz`)"
             )
         volume = kind == "nifti"
-        target = out_dir / name if volume else (out_dir / name).with_suffix(".png")
+        # the input's name, with the ending of what is written (by content: a name may lie)
+        if volume:
+            target = out_dir / (
+                name if is_nifti_name(Path(name)) else strip_suffix(name) + ".nii.gz"
+            )
+        else:
+            target = out_dir / (strip_suffix(name) + ".png")
         if target in targets:
             raise DataError(
                 f"{files[0]} and {targets[target][0]}: both would write {target}; rename one"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import platform
 import random
@@ -179,3 +180,33 @@ def nondeterministic_ops(step: Any) -> list[str]:
         step()
     found = {m.group(1) for w in caught if (m := _ALERT.search(str(w.message)))}
     return sorted(found)
+
+
+# what a resumed run may change, kept from its earlier attempts (environment.json's "earlier")
+RESUMABLE = (
+    "workers",
+    "global_batch",
+    "peak_lr",
+    "steps_per_epoch",
+    "simulated",
+    "gpus",
+    "cpu_model",
+)
+
+
+def earlier_records(path: Path, record: dict[str, Any], resume: bool) -> list[dict[str, Any]]:
+    """The settings of a resumed run's earlier attempts, oldest first, read from its
+    environment.json (`path`): the last attempt's RESUMABLE settings are added when they differ
+    from `record`'s (say, resumed on other workers: another global batch and peak lr). [] for a
+    new run or an unreadable record."""
+    if not resume:
+        return []
+    try:
+        old = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(old, dict):
+        return []
+    earlier = [e for e in old.get("earlier", []) if isinstance(e, dict)]
+    last = {k: old.get(k) for k in RESUMABLE}
+    return earlier + ([last] if last != {k: record.get(k) for k in RESUMABLE} else [])

@@ -276,7 +276,12 @@ class Trainer:
                 f"training diverged at step {at}: "
                 f"{reason or 'on another worker'}, lr {self.schedule(at - 1):.3g} "
                 "(a too high lr is the usual cause: lower train.optimizer.lr or lengthen "
-                "the warmup); the checkpoints before this step are kept"
+                "the warmup); "
+                + (
+                    "the checkpoints before this step are kept"
+                    if any((Path(self.run_dir) / "checkpoints").glob("step_*.pt"))
+                    else "no checkpoint was saved before it"
+                )
             )
         if abort:
             raise Preempted(

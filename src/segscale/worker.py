@@ -38,7 +38,7 @@ from segscale.errors import (
     Preempted,
     SegscaleError,
 )
-from segscale.repro import packages
+from segscale.repro import earlier_records, packages
 
 
 def train(
@@ -75,7 +75,9 @@ def train(
                     "bits between repeats (docs/reproducibility.md)",
                     flush=True,
                 )
-            write_atomic(run_dir / "environment.json", to_json(p.record(trainer, ops), indent=1))
+            record = p.record(trainer, ops)
+            record["earlier"] = earlier_records(run_dir / "environment.json", record, resume)
+            write_atomic(run_dir / "environment.json", to_json(record, indent=1))
             write_atomic(run_dir / "packages.txt", "\n".join(packages()) + "\n")
         return trainer.fit(resume=resume)
     except BaseException as e:

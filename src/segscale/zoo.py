@@ -18,6 +18,7 @@ A zoo is a folder, or any static HTTP(S) location serving one (a GitHub release,
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import shutil
@@ -29,11 +30,20 @@ import numpy as np
 import torch
 import yaml
 
-from segscale._files import file_sha256, read_record, to_json, write_atomic
+from segscale._files import _umask, file_sha256, output_dir, read_record, to_json, write_atomic
 from segscale.config import RunConfig, load_config, validate
-from segscale.engine import Plan, inference_plan, plan, trained_weights
+from segscale.engine import Plan, fit_weights, inference_plan, load_trained_model
 from segscale.errors import SegscaleError
-from segscale.hub import ENTRY_META, FORMAT, INDEX, WEIGHTS, check_name, read_index
+from segscale.hub import (
+    ENTRY_META,
+    FORMAT,
+    INDEX,
+    WEIGHTS,
+    _is_url,
+    check_name,
+    read_index,
+    same_version,
+)
 
 # ---------------------------------------------------------------- publish
 
@@ -41,7 +51,7 @@ from segscale.hub import ENTRY_META, FORMAT, INDEX, WEIGHTS, check_name, read_in
 def publish(
     run_dir: Path,
     name: str,
-    zoo: Path,
+    zoo: str | Path,
     version: str = "1",
     licence: str = "CC-BY-4.0",
     description: str = "",
@@ -56,22 +66,44 @@ def publish(
     check_name(name, version)
     if not licence.strip():
         raise SegscaleError("--licence: give the weights' licence (an SPDX id such as CC-BY-4.0)")
-    run_dir = run_dir.resolve()
-    weights = trained_weights(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
+    if _is_url(zoo):
+        raise SegscaleError(
+            f"--zoo {zoo}: publish writes into a folder; publish locally, then copy the folder "
+            "to where the zoo is served"
+        )
+    run_dir, zoo = Path(run_dir).resolve(), output_dir(Path(zoo), "--zoo")
+    cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    if cfg is None:
+        raise SegscaleError(f"{run_dir}: not a run folder (no config.yaml)")
     if cfg.task.name != "segmentation":
         raise SegscaleError(f"{run_dir}: a {cfg.task.name} run; the zoo holds segmentation models")
-    p = plan(cfg)
-    zoo.mkdir(parents=True, exist_ok=True)
+    own = {k: v for k, v in cfg.plugins().items() if k in ("task.name", "model.name")}
+    if own:
+        key, spec = next(iter(own.items()))
+        raise SegscaleError(
+            f"{run_dir}: {key} '{spec}' is your own code; a zoo entry holds built-in "
+            "architectures only (its users would have to run code from the zoo)"
+        )
+    model, p = load_trained_model(run_dir)  # weights that fit the config, or one line
     index = read_index(zoo) if (zoo / INDEX).is_file() else {"format": FORMAT, "entries": {}}
-    if version in index["entries"].get(name, {}):
-        raise SegscaleError(f"{zoo}: {name}@{version} is already published; give a new --version")
+    taken = [v for v in index["entries"].get(name, {}) if same_version(v, version)]
+    if taken:
+        raise SegscaleError(
+            f"{zoo}: {name}@{taken[0]} is already published"
+            + (f" (the same version as {version})" if taken[0] != version else "")
+            + "; give a new --version"
+        )
     entry = zoo / name / version
     if entry.exists():
         raise SegscaleError(f"{entry}: exists but is not in {zoo / INDEX}; remove it first")
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=zoo.resolve()))
+    made = [f for f in (zoo.resolve(), *zoo.resolve().parents) if not f.exists()]
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        zoo.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=zoo.resolve()))
+    except OSError as e:
+        raise SegscaleError(f"--zoo {zoo}: cannot write there ({e.strerror})") from None
+    try:
+        state = model.state_dict()
         save_file({k: v.contiguous() for k, v in state.items()}, str(staging / WEIGHTS))
         meta = dict(p.store.meta)
         splits = {s: len(p.store.cases(s)) for s in sorted({c["split"] for c in meta["cases"]})}
@@ -127,8 +159,15 @@ def publish(
             "sha256": file_sha256(staging / ENTRY_META),
             "size": (staging / ENTRY_META).stat().st_size,
         }
+        for path in (staging, *staging.rglob("*")):  # mkdtemp's 0700: others could not read
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~_umask())
         entry.parent.mkdir(parents=True, exist_ok=True)
         staging.rename(entry)  # the entry appears whole, or not at all
+    except BaseException:
+        for folder in made:  # innermost first: the folders publish created, when still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     summary = {
@@ -141,7 +180,15 @@ def publish(
         "created": info["created"],
     }
     index["entries"].setdefault(name, {})[version] = {"files": files, "summary": summary}
-    write_atomic(zoo / INDEX, json.dumps(index, indent=1))
+    try:
+        write_atomic(zoo / INDEX, json.dumps(index, indent=1))
+    except OSError as e:  # the entry without its line in the index would block a retry
+        shutil.rmtree(entry, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            entry.parent.rmdir()
+        raise SegscaleError(
+            f"{zoo / INDEX}: cannot write it ({e.strerror}); nothing published"
+        ) from None
     return entry
 
 
@@ -170,7 +217,12 @@ def log_to_mlflow(run_dir: Path, entry: Path) -> str | None:
         return None
     try:
         client = mlflow_client(uri)
-        path = f"zoo/{name}-{version}"
+        # the same name and version published into another zoo: beside it, not over it (the
+        # registry's earlier version points at those files)
+        taken = {a.path for a in client.list_artifacts(run_id, "zoo")}
+        path, n = f"zoo/{name}-{version}", 2
+        while path in taken:
+            path, n = f"zoo/{name}-{version}-{n}", n + 1
         client.log_artifacts(run_id, str(entry), path)
         client.set_tag(run_id, "segscale.zoo", f"{name}@{version}")
         if not client.search_registered_models(f"name = '{name}'"):
@@ -248,10 +300,24 @@ def model_card(info: dict[str, Any]) -> str:
 
 
 def entry_config(entry: Path) -> RunConfig:
-    """An entry's config, its store pointing at the entry's own store description."""
-    raw = yaml.safe_load((entry / "config.yaml").read_text())
-    raw["data"]["store"] = str(entry / "store")
-    return validate(raw, source=str(entry / "config.yaml"))
+    """An entry's config, its store pointing at the entry's own store description. Raises
+    SegscaleError when it names code (a 'pkg.mod:attr' or .py model or task): building its
+    model would run that code, and an entry runs built-in parts only."""
+    where = entry / "config.yaml"
+    try:
+        raw = yaml.safe_load(where.read_text())
+        raw["data"]["store"] = str(entry / "store")
+    except (OSError, yaml.YAMLError, TypeError, KeyError) as e:
+        raise SegscaleError(f"{where}: not a zoo entry's config ({type(e).__name__})") from None
+    cfg = validate(raw, source=str(where))
+    code = {k: v for k, v in cfg.plugins().items() if k in ("task.name", "model.name")}
+    if code:
+        key, spec = next(iter(code.items()))
+        raise SegscaleError(
+            f"{where}: {key} '{spec}' names code; a zoo entry builds built-in architectures "
+            "only, and nothing it ships is run"
+        )
+    return cfg
 
 
 def load_model(entry: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Plan]:
@@ -264,13 +330,7 @@ def load_model(entry: Path, device: torch.device | str = "cpu") -> tuple[torch.n
         weights = load_file(str(entry / WEIGHTS), device="cpu")
     except Exception as e:  # SafetensorError, OSError: a damaged file, whatever its hash says
         raise SegscaleError(f"{entry / WEIGHTS}: not a readable safetensors file ({e})") from None
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise SegscaleError(
-            f"{entry / WEIGHTS}: does not fit its config's model: {first}"
-        ) from None
+    fit_weights(model, weights, f"{entry / WEIGHTS}: does not fit its config's model")
     return model.to(device).eval(), p
 
 

@@ -65,9 +65,16 @@ def _open_nifti(path: Path) -> Any:
             return nib.load(str(path))
         if compressed == path.name.lower().endswith(".gz"):  # the name is right, in other case
             return _from_bytes(path, compressed)
+        named = (
+            ".nii"
+            if path.name.lower().endswith(".nii")
+            else ".nii.gz"
+            if path.name.lower().endswith(".nii.gz")
+            else f"'{path.name}'"
+        )
         warnings.warn(
-            f"{path}: named {'.nii' if compressed else '.nii.gz'} but "
-            f"{'gzip-compressed' if compressed else 'not compressed'}; read by its content",
+            f"{path}: named {named} but {'gzip-compressed' if compressed else 'not compressed'}; "
+            "read by its content (a NIfTI file)",
             stacklevel=3,
         )
         return _from_bytes(path, compressed)
