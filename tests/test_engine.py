@@ -346,3 +346,11 @@ def test_a_run_too_short_for_its_settings_is_warned_of_not_refused(real_store):
     said = " | ".join(str(w.message) for w in seen)
     assert "warmup_epochs 5 is longer than the run (epochs 2)" in said
     assert "decay_epochs [3]: at or after the last epoch" in said
+
+
+def test_a_global_batch_larger_than_the_training_split_is_said(real_store):
+    """Its lr is scaled for a batch no step has (seen in a 16-worker simulated trial: global
+    batch 64 on 44 slices, without a word)."""
+    cfg = validate(tiny_config(real_store, batch_size=16, simulate_workers=4, steps_per_epoch=None))
+    with pytest.warns(UserWarning, match=r"global batch 64 .* more than the training split's 36"):
+        plan(cfg).check(1)

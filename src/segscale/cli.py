@@ -574,6 +574,10 @@ def _results_file(path: Path) -> Path:
     SegscaleError before anything runs."""
     from segscale._files import output_file
 
+    if Path(path).is_dir():
+        raise SegscaleError(
+            f"--json {Path(path).resolve()}: a folder; give the results file's name"
+        )
     if Path(path).suffix.lower() != ".json":
         raise SegscaleError(
             f"--json {path}: expected a .json file name (the per-case .csv and .png beside it "

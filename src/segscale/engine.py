@@ -103,10 +103,19 @@ class Plan:
                 "train.device=cpu"
             )
         self._check_strategy()
-        steps = self.steps_per_epoch(workers * (t.simulate_workers or 1))
-        self.schedule(workers * (t.simulate_workers or 1), steps)  # e.g. GreScale phase overlaps
+        virtual = workers * (t.simulate_workers or 1)
+        steps = self.steps_per_epoch(virtual)
+        self.schedule(virtual, steps)  # e.g. GreScale phase overlaps
+        slices = len(self.store.rows(self.cfg.data.train_split))
         for note in run_length_notes(t, steps):
             warnings.warn(note, stacklevel=2)
+        if t.batch_size * virtual > slices:  # the lr is scaled for a global batch never reached
+            warnings.warn(
+                f"global batch {t.batch_size * virtual} (train.batch_size {t.batch_size} × "
+                f"{virtual} workers) is more than the training split's {slices} slices: one "
+                f"short step per epoch, with the lr scaled for {t.batch_size * virtual}",
+                stacklevel=2,
+            )
         self._check_model()
         if (
             self.cfg.tracker_config("tensorboard")
