@@ -209,28 +209,14 @@ def test_evaluate_results_file_is_a_json_name_in_a_folder_that_exists(tmp_path):
     for d in ("p", "r"):
         (tmp_path / d).mkdir()
         Image.fromarray(np.eye(8, dtype=np.uint8)).save(tmp_path / d / "x.png")
-    r = cli(
-        "evaluate", "--pred", tmp_path / "p", "--ref", tmp_path / "r", "--json", tmp_path / "x.csv"
-    )
-    assert r.returncode == 2 and "expected a .json file name" in r.stderr
     (tmp_path / "afile").write_text("")
-    r = cli(
-        "evaluate",
-        "--pred",
-        tmp_path / "p",
-        "--ref",
-        tmp_path / "r",
-        "--json",
-        tmp_path / "afile" / "r.json",
-    )
+
+    def scored_into(results):
+        return cli("evaluate", "--pred", tmp_path / "p", "--ref", tmp_path / "r", "--json", results)
+
+    r = scored_into(tmp_path / "x.csv")
+    assert r.returncode == 2 and "expected a .json file name" in r.stderr
+    r = scored_into(tmp_path / "afile" / "r.json")
     assert r.returncode == 2 and "is a file" in r.stderr and "Traceback" not in r.stderr
-    r = cli(
-        "evaluate",
-        "--pred",
-        tmp_path / "p",
-        "--ref",
-        tmp_path / "r",
-        "--json",
-        tmp_path / "ok.json",
-    )
+    r = scored_into(tmp_path / "ok.json")
     assert r.returncode == 0 and (tmp_path / "ok.csv").is_file(), r.stderr

@@ -77,13 +77,7 @@ def publish(
         raise SegscaleError(f"{run_dir}: not a run folder (no config.yaml)")
     if cfg.task.name != "segmentation":
         raise SegscaleError(f"{run_dir}: a {cfg.task.name} run; the zoo holds segmentation models")
-    own = {k: v for k, v in cfg.plugins().items() if k in ("task.name", "model.name")}
-    if own:
-        key, spec = next(iter(own.items()))
-        raise SegscaleError(
-            f"{run_dir}: {key} '{spec}' is your own code; a zoo entry holds built-in "
-            "architectures only (its users would have to run code from the zoo)"
-        )
+    built_in_only(cfg, run_dir, "is your own code; its users would have to run it")
     model, p = load_trained_model(run_dir)  # weights that fit the config, or one line
     index = read_index(zoo) if (zoo / INDEX).is_file() else {"format": FORMAT, "entries": {}}
     taken = [v for v in index["entries"].get(name, {}) if same_version(v, version)]
@@ -310,14 +304,19 @@ def entry_config(entry: Path) -> RunConfig:
     except (OSError, yaml.YAMLError, TypeError, KeyError) as e:
         raise SegscaleError(f"{where}: not a zoo entry's config ({type(e).__name__})") from None
     cfg = validate(raw, source=str(where))
+    built_in_only(cfg, where, "names code; nothing a zoo entry ships is run")
+    return cfg
+
+
+def built_in_only(cfg: RunConfig, where: object, why: str) -> None:
+    """Refuse a config whose model or task is code ('pkg.mod:attr', a .py file): building a zoo
+    entry's model must not import anything the entry names. Raises SegscaleError."""
     code = {k: v for k, v in cfg.plugins().items() if k in ("task.name", "model.name")}
     if code:
         key, spec = next(iter(code.items()))
         raise SegscaleError(
-            f"{where}: {key} '{spec}' names code; a zoo entry builds built-in architectures "
-            "only, and nothing it ships is run"
+            f"{where}: {key} '{spec}' {why}; a zoo entry holds built-in architectures only"
         )
-    return cfg
 
 
 def load_model(entry: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Plan]:
