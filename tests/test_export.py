@@ -90,6 +90,12 @@ def test_bad_exports_are_one_line(run, tmp_path):
     done = cli("export", run, "--format", "torchscript", "--out", run / "model.pt", "--force")
     assert done.returncode == 2 and "a file of" in done.stderr and "itself" in done.stderr
     assert (run / "model.pt").read_bytes() == weights
+    # an earlier export is replaced, whatever its name
+    for _ in range(2):
+        done = cli(
+            "export", run, "--format", "torchscript", "--out", run / "v2.torchscript.pt", "--force"
+        )
+        assert done.returncode == 0, done.stderr
     done = cli("export", run, "--format", "torchscript", "--out", "/dev/null", "--force")
     assert done.returncode == 2 and "not a regular file" in done.stderr
     (tmp_path / "a-file").write_text("x")

@@ -319,6 +319,8 @@ def test_launch_commands_and_slurm_script(tmp_path, real_store):
         tmp_path / "job",
     )
     assert r.returncode == 0, r.stderr
+    # checked for the cluster's 12 workers (global batch 48 on 36 slices), not this machine's
+    assert "warning: global batch 48 (train.batch_size 4 × 12 workers)" in r.stderr
     script = (tmp_path / "job" / "job.sbatch").read_text()
     assert (
         "#SBATCH --nodes=3" in script

@@ -392,19 +392,34 @@ def test_split_seed_redraws_the_validation_cases_and_keeps_the_test_split(store1
 
 def test_a_run_whose_store_was_prepared_again_is_neither_resumed_nor_scored(tmp_path):
     """Prepared again with another split, the store's test cases may be ones the run trained
-    on: resuming it (train --resume, repeat, tune) and loading its model (evaluate, predict,
-    export) are refused (was: a resumed run trained on, and scored on, the new split)."""
+    on: resuming it (train --resume, repeat, tune) and scoring it are refused (was: a resumed
+    run trained on, and scored on, the new split); its model still segments (the slices are
+    the same). With other slices (another size), the model is refused for any use."""
     from conftest import trained_run
     from segscale.engine import load_trained_model
+    from segscale.imgmed import Preprocessing, prepare
 
     store = prepared_sample(tmp_path / "data", 5, 0.2, 0.2)
     run = trained_run(store, tmp_path / "run")
     cfg = load_config(run / "config.yaml")
     prepare_run_dir(cfg, run, resume=True)  # the same store: fine
     load_trained_model(run)
-    shutil.rmtree(tmp_path / "data")
-    prepared_sample(tmp_path / "data", 5, 0.2, 0.4)  # the same path, another split
-    with pytest.raises(SegscaleError, match=r"run: its store .* was prepared again since"):
+    env = json.loads((run / "environment.json").read_text())["store"]
+    assert set(env) >= {"content_sha256", "splits_sha256"}
+
+    def prepare_again(test: float, size: int) -> None:
+        shutil.rmtree(store)
+        prepare(tmp_path / "data" / "raw", store, Preprocessing(size=size, slices=12), val_fraction=0.2,
+                test_fraction=test, seed=0, progress=False)  # fmt: skip
+
+    prepare_again(0.4, 32)  # the same path, another split
+    with pytest.raises(SegscaleError, match=r"run: its store .* its split by case differ"):
         prepare_run_dir(cfg, run, resume=True)
-    with pytest.raises(SegscaleError, match=r"prepared again since the run started"):
+    with pytest.raises(SegscaleError, match=r"prepared again since the run started, and its split"):
+        worker.evaluate(run, "test", tmp_path / "e.json")
+    load_trained_model(run)  # predict, export: the same slices and preprocessing
+    prepare_again(0.2, 48)  # other slices
+    with pytest.raises(
+        SegscaleError, match=r"prepared again since the run started, and its slices"
+    ):
         load_trained_model(run)

@@ -218,5 +218,7 @@ def test_evaluate_results_file_is_a_json_name_in_a_folder_that_exists(tmp_path):
     assert r.returncode == 2 and "expected a .json file name" in r.stderr
     r = scored_into(tmp_path / "afile" / "r.json")
     assert r.returncode == 2 and "is a file" in r.stderr and "Traceback" not in r.stderr
+    r = scored_into(tmp_path / "new" / "ok.json")  # its folder made, as before
+    assert r.returncode == 0 and (tmp_path / "new" / "ok.csv").is_file(), r.stderr
     r = scored_into(tmp_path / "ok.json")
     assert r.returncode == 0 and (tmp_path / "ok.csv").is_file(), r.stderr

@@ -168,11 +168,11 @@ def test_tune_refuses_what_it_cannot_do(tmp_path, real_store):
         tune(path, None, TuneOptions(workers=1), out)
     with pytest.raises(SegscaleError, match="--method"):
         tune(path, None, TuneOptions(workers=4, method="grid"), out)
-    with pytest.raises(SegscaleError, match="--max-hours 0: expected a positive number"):
+    with pytest.raises(SegscaleError, match="--max-hours 0: expected a finite positive number"):
         tune(path, None, TuneOptions(workers=4, max_hours=0), out)
     with pytest.raises(SegscaleError, match="--margin -1: expected"):
         tune(path, None, TuneOptions(workers=4, margin=-1), out)
-    with pytest.raises(SegscaleError, match="--max-hours nan: expected a positive number"):
+    with pytest.raises(SegscaleError, match="--max-hours nan: expected a finite positive number"):
         tune(path, None, TuneOptions(workers=4, max_hours=math.nan), out)
     with pytest.raises(SegscaleError, match="--margin nan: expected"):
         tune(path, None, TuneOptions(workers=4, margin=math.nan), out)
@@ -194,6 +194,21 @@ def test_tune_refuses_what_it_cannot_do(tmp_path, real_store):
     with pytest.raises(SegscaleError, match=r"--baseline .*other: given twice"):
         tune(path, None, twice, out)
     assert not out.exists()  # refused before its folder was made
+    # two copies of one run train identically: their spread would count as none
+    import shutil
+
+    shutil.copytree(other, tmp_path / "copy")
+    copies = TuneOptions(workers=4, baselines=(str(other), str(tmp_path / "copy")))
+    with pytest.raises(
+        SegscaleError, match=r"--baseline .*copy: the same seeds as --baseline .*other"
+    ):
+        tune(path, ["train.epochs=1", "train.steps_per_epoch=1", "train.schedule={}"], copies, out)
+    assert not out.exists()
+    # a given baseline that learnt nothing (one step) is refused before OUT holds any state
+    one_step = ["train.epochs=1", "train.steps_per_epoch=1", "train.schedule={}"]
+    with pytest.raises(SegscaleError, match=r"other: validation Dice 0.0000, it learnt nothing"):
+        tune(path, one_step, TuneOptions(workers=4, baselines=(str(other),)), out)
+    assert not out.exists()
     # a baseline that learnt nothing (Dice 0 at lr 0) is no reference to scale
     (tmp_path / "flat.py").write_text(FLAT)
     with pytest.raises(SegscaleError, match=r"validation Dice 0.0000, it learnt nothing"):

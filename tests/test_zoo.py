@@ -317,6 +317,7 @@ def test_publish_checks_the_weights_and_keeps_the_index_whole(published, tmp_pat
     publish(run, "t", zoo, version="3.0rc1")
     publish(run, "t", zoo, version="3.0")
     assert [e["version"] for e in entries(zoo)] == ["1", "3.0rc1", "3.0"]
+    assert pull("t@1.0", zoo).name == "1" and pull("t", zoo).name == "3.0"  # as publish counts
     assert (zoo / "t" / "3.0" / "model.safetensors").stat().st_mode & 0o044 == 0o044
     assert (zoo / "t" / "3.0").stat().st_mode & 0o055 == 0o055
 

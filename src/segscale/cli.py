@@ -524,11 +524,12 @@ def evaluate_cmd(
         run_dir = run_dir.resolve()
         if not (run_dir / "config.yaml").is_file():
             raise SegscaleError(f"{run_dir}: not a run folder (no config.yaml)")
-        from segscale.engine import trained_weights
+        from segscale.engine import check_store_exists, trained_weights
         from segscale.imgmed import Store
 
         trained_weights(run_dir)  # a finished run, before any worker starts
         cfg = _load(run_dir / "config.yaml", None)
+        check_store_exists(run_dir, cfg)
         split = split or cfg.data.test_split
         Store.open(cfg.data.store).rows(split)  # a split with no cases: one line, nothing written
         out = _results_file(json_out or run_dir / f"evaluation-{split}.json")
@@ -583,7 +584,7 @@ def _results_file(path: Path) -> Path:
             f"--json {path}: expected a .json file name (the per-case .csv and .png beside it "
             "take its name)"
         )
-    return output_file(path, "--json")
+    return output_file(path, "--json", create_folder=True)
 
 
 def _plot_overlays(run_dir: Path, evaluation: dict, out: Path) -> None:
@@ -693,6 +694,8 @@ def schedule_cmd(
     ),
 ) -> None:
     """Plot the learning-rate curve of a config for N workers."""
+    import warnings
+
     from segscale._files import output_file
     from segscale.engine import plan
     from segscale.schedules import plot_schedule
@@ -704,7 +707,10 @@ def schedule_cmd(
     t = cfg.train
     # as `train` runs it: the config's workers by default, each simulating K when set
     workers = (workers or cfg.workers or 1) * (t.simulate_workers or 1)
-    schedule = plan(cfg).schedule(workers, steps_per_epoch)
+    p = plan(cfg)
+    schedule = p.schedule(workers, steps_per_epoch)
+    for note in p.scale_notes(workers):
+        warnings.warn(note, stacklevel=2)
     title = (
         f"{cfg.name}: {workers} worker(s), global batch {t.batch_size * workers}, "
         f"{t.schedule.scaling} scaling{', GreScale' if t.schedule.rule == 'grescale' else ''}"
@@ -752,7 +758,9 @@ def launch_cmd(
     if partition is not None and not re.fullmatch(r"[\w.-]+(,[\w.-]+)*", partition):
         raise SegscaleError(f"--partition {partition!r}: expected a partition name (or a,b)")
     cfg = _load(config, overrides)
-    plan(cfg).check(1)  # the model, loss, optimiser and plug-ins; the GPUs are the cluster's
+    # the model, loss, optimiser, plug-ins, and the batch and lr schedule of the cluster's
+    # workers; not this machine's devices (the GPUs are the cluster's)
+    plan(cfg).check(nodes * gpus_per_node, here=False)
     run_dir = (run_dir or Path("runs") / cfg.name).resolve()
     if shlex.quote(str(run_dir)) != str(run_dir):  # #SBATCH lines are not shell: no quoting
         raise SegscaleError(
@@ -807,8 +815,12 @@ def zoo_list_cmd(zoo: ZooOption = None) -> None:
     from segscale.hub import default_zoo, entries
 
     table = Table("model", "classes", "input", "network", "test Dice", "licence")
-    table.columns[0].overflow = "fold"  # name@version whole, on two lines when narrow
-    for e in entries(zoo):
+    listed = entries(zoo)
+    # name@version whole: the other columns wrap first
+    table.columns[0].min_width = max(
+        (len(f"{e['name']}@{e['version']}") for e in listed), default=5
+    )
+    for e in listed:
         dice = f"{e['dice']:.4f}" if isinstance(e.get("dice"), float) else "–"
         channels = ", ".join(map(str, e.get("channels") or [])) or "?"
         table.add_row(

@@ -69,11 +69,12 @@ class Plan:
 
     # ---- before a launch (these import torch)
 
-    def check(self, workers: int) -> None:
+    def check(self, workers: int, here: bool = True) -> None:
         """Everything that needs torch, before any worker starts: devices for `workers` workers on
-        this node, then a real batch of 2 through the model (option values
-        that bind but are wrong, a network that does not fit the task) and the optimiser and loss
-        built over it (kwargs the torch class does not take). Raises SegscaleError."""
+        this node (`here`; not for a job written for a cluster), the batch and lr schedule of
+        `workers` workers, then a real batch of 2 through the model (option values that bind but
+        are wrong, a network that does not fit the task) and the optimiser and loss built over it
+        (kwargs the torch class does not take). Raises SegscaleError."""
         import torch
 
         from segscale.parallel.base import check_compression, uses_cuda
@@ -83,20 +84,20 @@ class Plan:
             raise SegscaleError(
                 "train.simulate_workers runs K workers' math in one process: use --workers 1"
             )
-        on_cpu = not uses_cuda(t.device)
+        on_cpu = not uses_cuda(t.device) if here else t.device == "cpu"
         if on_cpu and t.sync_batchnorm and workers > 1:
             raise SegscaleError(
                 "train.sync_batchnorm needs GPUs (torch's SyncBatchNorm is CUDA-only); drop it on CPU"
             )
         if t.strategy.name == "allreduce":
             compression = t.strategy.kwargs.get("compression", "none")
-            check_compression(compression, t.device, workers)
-        if not on_cpu and torch.cuda.device_count() == 0:
+            check_compression(compression, "cpu" if on_cpu else "cuda", workers)
+        if here and not on_cpu and torch.cuda.device_count() == 0:
             raise SegscaleError(
                 f"train.device={t.device}: torch sees no GPU on this machine; use "
                 "train.device=cpu (or auto)"
             )
-        if not on_cpu and workers > torch.cuda.device_count():
+        if here and not on_cpu and workers > torch.cuda.device_count():
             raise SegscaleError(
                 f"--workers {workers} with train.device={t.device}: this machine has "
                 f"{torch.cuda.device_count()} GPU(s); use at most that many workers, or "
@@ -104,18 +105,9 @@ class Plan:
             )
         self._check_strategy()
         virtual = workers * (t.simulate_workers or 1)
-        steps = self.steps_per_epoch(virtual)
-        self.schedule(virtual, steps)  # e.g. GreScale phase overlaps
-        slices = len(self.store.rows(self.cfg.data.train_split))
-        for note in run_length_notes(t, steps):
+        self.schedule(virtual)  # e.g. GreScale phase overlaps
+        for note in self.scale_notes(virtual):
             warnings.warn(note, stacklevel=2)
-        if t.batch_size * virtual > slices:  # the lr is scaled for a global batch never reached
-            warnings.warn(
-                f"global batch {t.batch_size * virtual} (train.batch_size {t.batch_size} × "
-                f"{virtual} workers) is more than the training split's {slices} slices: one "
-                f"short step per epoch, with the lr scaled for {t.batch_size * virtual}",
-                stacklevel=2,
-            )
         self._check_model()
         if (
             self.cfg.tracker_config("tensorboard")
@@ -130,6 +122,21 @@ class Plan:
             for spec, tracker in zip(self.cfg.tracker, self.trackers(Path(tmp) / self.cfg.name)):
                 check_hooks(f"tracker '{spec.name}'", tracker, tracker=True)
 
+    def scale_notes(self, workers: int) -> list[str]:
+        """What the run, on `workers` (real × simulated) workers, is too short or too small
+        for: run_length_notes, and a global batch larger than the training split (one short
+        step per epoch, the lr scaled for a batch no step has). Warnings, not errors."""
+        t = self.cfg.train
+        notes = run_length_notes(t, self.steps_per_epoch(workers))
+        slices = len(self.store.rows(self.cfg.data.train_split))
+        if t.batch_size * workers > slices:
+            notes.append(
+                f"global batch {t.batch_size * workers} (train.batch_size {t.batch_size} × "
+                f"{workers} workers) is more than the training split's {slices} slices: one "
+                f"short step per epoch, with the lr scaled for {t.batch_size * workers}"
+            )
+        return notes
+
     def _check_strategy(self) -> None:
         """The strategy built as one process would build it (its kwargs' values checked, e.g.
         local_sgd's period), without joining a process group: torchrun's rank variables are
@@ -143,7 +150,10 @@ class Plan:
         threads = torch.get_num_threads()
         spec = self.cfg.train.strategy
         try:
-            strategy = _build(f"train.strategy '{spec.name}' kwargs {spec.kwargs}", self.strategy)
+            # on the CPU: its settings are checked here, the devices above
+            strategy = _build(
+                f"train.strategy '{spec.name}' kwargs {spec.kwargs}", self.strategy, "cpu"
+            )
             strategy.close()
         finally:
             os.environ.update(saved)
@@ -227,11 +237,15 @@ class Plan:
 
     # ---- the parts of a run
 
-    def trained_model(self, run_dir: Path, device: torch.device | str = "cpu") -> torch.nn.Module:
-        """This run's architecture with the weights run_dir/model.pt holds, in eval mode."""
+    def trained_model(
+        self, run_dir: Path, device: torch.device | str = "cpu", splits: bool = False
+    ) -> torch.nn.Module:
+        """This run's architecture with the weights run_dir/model.pt holds, in eval mode.
+        Raises SegscaleError when the store was prepared again with other slices (with
+        `splits`, for scoring: or another split), or the weights are damaged or do not fit."""
         import torch
 
-        check_same_store(run_dir, self.store)
+        check_same_store(run_dir, self.store, splits)
         model = self.model()
         path = trained_weights(run_dir)
         from segscale.checkpoint import verify
@@ -258,15 +272,17 @@ class Plan:
             self.cfg.model.name, self.in_channels, self.num_classes, **self.cfg.model.kwargs
         )
 
-    def strategy(self) -> Strategy:
+    def strategy(self, device: str | None = None) -> Strategy:
         """This process's strategy, from the torchrun environment (one process when not set):
-        the simulation of train.simulate_workers workers, or train.strategy."""
+        the simulation of train.simulate_workers workers, or train.strategy; on train.device
+        unless `device` is given."""
         from segscale.parallel import SimulatedStrategy, create_strategy
 
         t = self.cfg.train
+        device = device or t.device
         if t.simulate_workers:
-            return SimulatedStrategy(t.simulate_workers, t.device, t.threads)
-        return create_strategy(t.strategy.name, t.device, t.strategy.kwargs, t.threads)
+            return SimulatedStrategy(t.simulate_workers, device, t.threads)
+        return create_strategy(t.strategy.name, device, t.strategy.kwargs, t.threads)
 
     def process(self) -> ProcessEnv:
         """Ranks, a device and gathers without a training strategy: for evaluation."""
@@ -547,7 +563,7 @@ class Plan:
             "strategy": t.strategy.name,
             "store": {
                 "path": str(self.store.path),
-                "content_sha256": meta.get("content_hash"),
+                **store_identity(meta),
                 # prepare's input hash: the raw files with the preprocessing parameters
                 "input_sha256": meta.get("input_hash"),
             },
@@ -854,22 +870,41 @@ def require_segmentation(cfg: RunConfig, where: object, command: str) -> None:
         )
 
 
-def check_same_store(run_dir: Path, store: Store) -> None:
-    """Refuse a run whose store was prepared again, differently, since the run started: its
-    splits, slices or preprocessing may differ (a test split holding cases the run trained on).
-    Compared: the store's content and input hashes with those environment.json recorded; a run
-    without that record passes."""
+def store_identity(meta: dict[str, Any]) -> dict[str, str | None]:
+    """What a run records of its store (environment.json's "store"): the sha256 of its slices
+    and masks (content_sha256, which changes with any preprocessing) and of its split by case
+    (splits_sha256). Not the raw files' bytes: re-compressing them changes nothing prepared."""
+    import hashlib
+
+    splits = meta.get("splits")
+    return {
+        "content_sha256": meta.get("content_hash"),
+        "splits_sha256": hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()
+        if splits
+        else None,
+    }
+
+
+def check_same_store(run_dir: Path, store: Store, splits: bool = True) -> None:
+    """Refuse a run whose store was prepared again, differently, since the run started: other
+    slices (content_sha256: another preprocessing, other data) for anything that uses its model,
+    and with `splits` (resuming, scoring) another split by case, which could put cases it trained
+    on in its test split. Compared with environment.json's record; what a run did not record
+    passes. Raises SegscaleError."""
     try:
         recorded = json.loads((run_dir / "environment.json").read_text()).get("store") or {}
     except (OSError, ValueError, AttributeError):
         return
-    for key, now in (("content_sha256", "content_hash"), ("input_sha256", "input_hash")):
-        then, now = recorded.get(key), store.meta.get(now)
-        if then and now and then != now:
+    now = store_identity(store.meta)
+    for key, what in (("content_sha256", "its slices"), ("splits_sha256", "its split by case")):
+        if key == "splits_sha256" and not splits:
+            continue
+        then = recorded.get(key)
+        if then and now[key] and then != now[key]:
             raise SegscaleError(
-                f"{run_dir}: its store {store.path} was prepared again since the run started "
-                f"({key} {then[:12]}, now {now[:12]}): its splits or slices may differ; "
-                "prepare it as it was, or train a new run on it"
+                f"{run_dir}: its store {store.path} was prepared again since the run started, "
+                f"and {what} differ ({key} {then[:12]}, now {now[key][:12]}); prepare it as it "
+                "was, or train a new run on it"
             )
 
 
@@ -886,6 +921,18 @@ def fit_weights(model: torch.nn.Module, weights: Any, what: str) -> None:
         raise SegscaleError(f"{what}: {detail[:300]}") from None
 
 
+def check_store_exists(run_dir: Path, cfg: RunConfig) -> None:
+    """Refuse, in one line that says what to do, a finished run whose store is gone: its model
+    needs what the store describes (preprocessing, classes), and scoring needs its data."""
+    if not (Path(cfg.data.store) / "meta.json").is_file():
+        raise SegscaleError(
+            f"{run_dir}: its store {cfg.data.store} is gone, and the model needs what it "
+            "describes (preprocessing, classes): prepare it again there, or, if you moved it, set "
+            f"data.store in {run_dir / 'config.yaml'}; `segscale zoo publish` keeps a model with "
+            "what it needs"
+        )
+
+
 def trained_weights(run_dir: Path) -> Path:
     """run_dir/model.pt; raises SegscaleError when the run has not finished."""
     weights = run_dir / "model.pt"
@@ -900,11 +947,6 @@ def load_trained_model(
     """A finished run's model (run_dir/model.pt) in eval mode on `device`, with its Plan.
     Raises SegscaleError when the run has no model.pt."""
     cfg = load_config(run_dir / "config.yaml")
-    if not (Path(cfg.data.store) / "meta.json").is_file():
-        raise SegscaleError(
-            f"{run_dir}: its store {cfg.data.store} is gone, and the model needs what it "
-            "describes (preprocessing, classes): prepare it again there, or keep the model with "
-            "what it needs in a zoo entry (`segscale zoo publish`) while the store is there"
-        )
+    check_store_exists(run_dir, cfg)
     p = plan(cfg)
     return p.trained_model(run_dir, device), p

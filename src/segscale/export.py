@@ -77,11 +77,13 @@ def export(
     out = out or source / name
     missing = [f for f in Path(out).resolve().parents if not f.exists()]  # created below
     out = output_file(out, "--out", overwrite=force, create_folder=True)
-    exports = {file_name(f) for f in FORMATS}  # what an earlier export left there
-    if out.exists() and out.is_relative_to(Path(source).resolve()) and out.name not in exports:
+    # in the folder it exports, only an earlier export is replaced (they end in .onnx or
+    # .torchscript.pt): never the run's own weights, config, checkpoints or records
+    earlier = out.name.endswith(tuple(SUFFIX.values()))
+    if out.exists() and out.is_relative_to(Path(source).resolve()) and not earlier:
         raise SegscaleError(
-            f"--out {out}: a file of {Path(source).resolve()} itself (its weights, config or "
-            "checkpoints); give another name"
+            f"--out {out}: a file of {Path(source).resolve()} itself, not an earlier export "
+            f"(those end in {' or '.join(SUFFIX.values())}); give another name"
         )
     try:
         return _export(source, fmt, out, check_batch)

@@ -224,6 +224,8 @@ def pull(ref: str, zoo: str | Path | None = None) -> Path:
         known = ", ".join(sorted(index["entries"])) or "none"
         raise SegscaleError(f"zoo {zoo}: no model {name!r} (models: {known})")
     version = version or max(versions, key=_version_key)
+    # 1.0 and 01 name version 1, as publish counts them
+    version = next((v for v in versions if same_version(v, version)), version)
     if version not in versions:
         raise SegscaleError(
             f"zoo {zoo}: {name} has no version {version!r} "

@@ -354,7 +354,9 @@ def tuning_table(state: dict[str, Any], name: str, workers: int, simulated: bool
         "",
         "![learning rate and validation Dice of every trial](tune.png)",
         "",
-        f"Train with it: `segscale train tuned.yaml --workers {workers}`",
+        f"Train with it: `segscale train tuned.yaml --workers {workers}`"
+        if state["decision"].get("settings")
+        else "No tuned.yaml: the tuning ended without settings that train this config.",
         "",
     ]
     return "\n".join(lines)

@@ -112,7 +112,7 @@ def tune(
         raise SegscaleError(f"--max-trials {options.max_trials}: expected at least 1")
     hours = options.max_hours
     if hours is not None and not 0 < hours < math.inf:  # NaN too
-        raise SegscaleError(f"--max-hours {hours:g}: expected a positive number")
+        raise SegscaleError(f"--max-hours {hours:g}: expected a finite positive number")
     if not 0 <= options.margin < 1:
         raise SegscaleError(f"--margin {options.margin:g}: expected a Dice margin in [0, 1)")
     given = [Path(b).resolve() for b in options.baselines]
@@ -125,6 +125,16 @@ def tune(
         raise SegscaleError(f"--method {options.method}: expected guideline or optuna")
     if not options.baselines and options.baseline_runs < 1:
         raise SegscaleError(f"--baseline-runs {options.baseline_runs}: expected at least 1")
+    seeds: dict[tuple[int, int], Path] = {}
+    for b in given:  # copies of one run train identically: a spread of none
+        if (b / "config.yaml").is_file():
+            key = tuple(load_config(b / "config.yaml").seed_for(k) for k in ("init", "data"))
+            if key in seeds:
+                raise SegscaleError(
+                    f"--baseline {b}: the same seeds as --baseline {seeds[key]} (a copy of one "
+                    "run trains identically); give baselines trained with other seeds"
+                )
+            seeds[key] = b
     baselines = [_given_baseline(cfg, b) for b in given]  # checked before OUT is made
     plan(cfg).check(1)
     if not options.simulate:
@@ -209,12 +219,7 @@ class _Tuner:
         curves = [b["scores"] for b in self.state["baselines"]]
         dice = [s["dice"] for s in curves]
         for b, d in zip(self.state["baselines"], dice):
-            if not d >= LEARNT_NOTHING:  # NaN too: nothing to scale, nothing to compare with
-                raise SegscaleError(
-                    f"baseline {b['run_dir']}: validation Dice {d:.4f}, it learnt nothing; the "
-                    "one-worker config must train before it can be scaled (more epochs, "
-                    "another lr)"
-                )
+            _learnt_something(b["run_dir"], d)
         if max(dice) - min(dice) > WIDE_NOISE:
             warnings.warn(
                 f"the baselines' validation Dice spread over {max(dice) - min(dice):.2f} "
@@ -503,7 +508,7 @@ class _Tuner:
                 continue
             run_dir = Path(entry["run_dir"])
             out = run_dir / f"evaluation-{split}.json"  # where `segscale evaluate` puts it
-            self._say(f"test split: {run_dir.name}")
+            self._say(f"scoring {run_dir.name} on the test split")
             t0 = time.monotonic()
             code = launch(["evaluate", str(run_dir), "--split", split, "--out", str(out)], 1)
             self.state["seconds"] += time.monotonic() - t0
@@ -640,7 +645,18 @@ def _given_baseline(cfg: RunConfig, run_dir: Path) -> RunResult:
         raise SegscaleError(
             f"--baseline {run_dir}: finished early ({early}); a baseline trains to the end"
         )
+    _learnt_something(run_dir, scores.get("dice", math.nan))
     return RunResult(str(run_dir), theirs.seed, "finished", scores, curve, epochs)
+
+
+def _learnt_something(run_dir: Path | str, dice: float) -> None:
+    """Refuse a baseline whose validation Dice is under LEARNT_NOTHING (or NaN): there is no
+    model to scale and nothing to compare trials with."""
+    if not dice >= LEARNT_NOTHING:
+        raise SegscaleError(
+            f"baseline {run_dir}: validation Dice {dice:.4f}, it learnt nothing; the one-worker "
+            "config must train before it can be scaled (more epochs, another lr)"
+        )
 
 
 class _OptunaSearch:

@@ -107,7 +107,7 @@ def evaluate(run_dir: Path, split: str, out: Path, failures: Path | None = None)
     p.store.rows(split)  # a split with no cases is one line, before anything is written
     process = p.process()
     try:
-        model = p.trained_model(run_dir, process.device)
+        model = p.trained_model(run_dir, process.device, splits=True)  # scored: the same split
         evaluation = {
             "run": str(run_dir),
             "split": split,

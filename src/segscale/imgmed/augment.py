@@ -96,7 +96,10 @@ def augment_store(
         raise DataError(f"--to {total}: the training split already has {have} slices")
     params = {"to": total, "seed": seed, "augment": augment.model_dump(mode="json")}
     input_hash = hashlib.sha256(
-        json.dumps([store.meta["content_hash"], params], sort_keys=True).encode()
+        # the source's split too: its test cases stay out of the augmented training split
+        json.dumps(
+            [store.meta["content_hash"], store.meta["splits"], params], sort_keys=True
+        ).encode()
     ).hexdigest()
     if is_current(output, input_hash):
         return output, False
