@@ -88,6 +88,13 @@ def test_a_classifier_trains_on_two_workers_and_evaluates_exactly(tmp_path, real
     assert "accuracy" in r.stdout and out.with_suffix(".png").stat().st_size > 1000
     r = cli("predict", run, tmp_path, "--out", tmp_path / "masks")
     assert r.returncode == 2 and "a classification run" in r.stderr, r.stderr
+    # its methods section: the slice classifier and its slice-level scores (was: a KeyError)
+    from segscale.methods import methods
+
+    (run / "evaluation-test.json").write_bytes(out.read_bytes())
+    text = methods(run)
+    assert "a slice classifier" in text and f"({len(rows)} slices), per slice: accuracy" in text
+    assert "| at least three evaluation metrics | yes |" in text
 
 
 def test_plan_shows_the_task_as_an_extensible_part(real_store):

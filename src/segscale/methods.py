@@ -15,7 +15,6 @@ from typing import Any
 
 from segscale._files import EVALUATION, read_record
 from segscale.config import RunConfig, load_config
-from segscale.engine import require_segmentation
 from segscale.errors import SegscaleError
 
 FIG_5_5 = "thesis Fig. 5.5"
@@ -43,7 +42,11 @@ def _record(target: Path) -> dict[str, Any]:
     if not (run_dir / "config.yaml").is_file():
         raise SegscaleError(f"{target}: neither a run folder nor a `segscale repeat` folder")
     cfg = load_config(run_dir / "config.yaml")
-    require_segmentation(cfg, run_dir, "methods")
+    if cfg.task.name not in ("segmentation", "classification"):  # a plug-in task's metrics
+        raise SegscaleError(
+            f"{run_dir}: a '{cfg.task.name}' run; methods describes segmentation and "
+            "classification runs"
+        )
     if not (run_dir / "model.pt").is_file():
         raise SegscaleError(
             f"{run_dir}: has not finished (no model.pt); finish it (`segscale train "
@@ -71,8 +74,9 @@ def _record(target: Path) -> dict[str, Any]:
         dataset = json.loads((Path(source) / "dataset.json").read_text()) if source else None
     except (OSError, ValueError):
         dataset = None
+    keys = EVALUATION if cfg.task.name == "segmentation" else ("split", "dataset", "slices")
     evaluation = _optional(
-        run_dir / f"evaluation-{cfg.data.test_split}.json", EVALUATION, "evaluation", True
+        run_dir / f"evaluation-{cfg.data.test_split}.json", keys, "evaluation", True
     )
     tuning = None
     if (run_dir.parent / "tune.json").exists():  # a tuner's trial or baseline
@@ -180,6 +184,10 @@ def methods(target: Path) -> str:
     kwargs = ", ".join(f"{k}={v}" for k, v in cfg.model.kwargs.items()) or "defaults"
     lines.append(
         f"Network: {cfg.model.name} ({kwargs}), {len(store['labels'])} output classes ({', '.join(store['labels'].values())})."
+        if cfg.task.name == "segmentation"
+        else f"Network: {cfg.model.name} ({kwargs}), a slice classifier (task "
+        f"{cfg.task.name}, {cfg.task.kwargs or 'any foreground class'}: whether a slice shows "
+        "it)."
     )
     init = f"random initialisation (init seed {cfg.seed_for('init')})"
     lines.append(f"Initialisation: {init}.")
@@ -295,7 +303,15 @@ def methods(target: Path) -> str:
     e = r["evaluation"]
     if e is not None and r["variability"] is not None:  # a repeat: the first run stands for them
         lines.append(f"The first run ({r['run_dir'].name}) in detail:")
-    if e is not None:
+    if e is not None and cfg.task.name == "classification":
+        ds = e["dataset"]
+        lines.append(
+            f"On the {e['split']} split ({e['slices']} slices), per slice: "
+            + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in ds.items())
+            + "; the confusion matrix is in the evaluation record."
+        )
+        enough = len(ds) >= 3
+    elif e is not None:
         ds = e["dataset"]
         names = [
             k
