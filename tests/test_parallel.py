@@ -417,3 +417,30 @@ def test_schedule_refuses_a_picture_it_cannot_write(tmp_path, real_store):
     ]:
         r = cli("schedule", config, "--out", out)
         assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+CLOSURE_TRANSFORM = """
+def make(scale=1.0):
+    def transform(image, mask):  # a closure: it cannot be pickled
+        return image * scale, mask
+    return transform
+"""
+
+
+@pytest.mark.distributed
+def test_loader_processes_under_two_workers_train_as_without_them(tmp_path, real_store):
+    """data.num_workers with --workers 2: the loader processes start by fork. They were started
+    by the workers' fork server and re-ran the worker program (a gloo failure after 60 s, or a
+    hang with orphans); a closure transform could not be pickled."""
+    (tmp_path / "t.py").write_text(CLOSURE_TRANSFORM)
+    config = write_config(tmp_path, real_store, "loaders", epochs=1, steps_per_epoch=3)
+    transform = f"data.transform={{name: {tmp_path / 't.py'}:make}}"
+    weights = []
+    for n in (0, 1):
+        run = tmp_path / f"run{n}"
+        r = cli(
+            "train", config, transform, f"data.num_workers={n}", "--workers", 2, "--run-dir", run
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        weights.append(torch.load(run / "model.pt", weights_only=True))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -7,4 +7,7 @@ import sys
 
 from segscale.worker import main
 
-sys.exit(main(sys.argv[1:]))
+# A process started from this one by spawn or forkserver (a DataLoader's, say) imports this file
+# again as __mp_main__: it must not run a second worker.
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

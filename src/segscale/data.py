@@ -9,6 +9,7 @@ training split lives on the device and batches are gathered there (the same batc
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -122,6 +123,7 @@ class TrainLoader:
                 generator=gen,
                 persistent_workers=num_workers > 0,
                 pin_memory=device.type == "cuda",
+                multiprocessing_context=loader_context(num_workers),
             )
             for sampler, offset, gen in zip(self.samplers, self.offsets, self.generators)
         ]
@@ -197,4 +199,13 @@ def eval_loader(
         batch_size=batch_size,
         sampler=ShardSampler(len(dataset), rank, world_size),
         num_workers=num_workers,
+        multiprocessing_context=loader_context(num_workers),
     )
+
+
+def loader_context(num_workers: int) -> str | None:
+    """How DataLoader processes start: forked on Linux, as PyTorch does by default there. Said
+    explicitly because training workers are themselves started by a fork server, whose children
+    default to it too: a loader process would then re-import the worker's main module (and a
+    transform would have to be picklable). Elsewhere, Python's default."""
+    return "fork" if num_workers > 0 and sys.platform == "linux" else None
