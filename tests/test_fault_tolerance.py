@@ -1,5 +1,6 @@
 """Checkpoint/restart: a killed or preempted run ends with the weights of an uninterrupted one."""
 
+import contextlib
 import json
 import os
 import re
@@ -452,3 +453,37 @@ def test_resuming_on_other_workers_says_so_and_keeps_the_earlier_record(tmp_path
         _say_rescaled(run, cfg, 2)
     r = cli("train", run / "config.yaml", "--run-dir", run, "--resume")
     assert r.returncode == 0 and "finished already (model.pt); nothing to train" in r.stdout
+
+
+@pytest.mark.distributed
+def test_workers_end_with_a_killed_launcher(tmp_path, real_store):
+    """SIGKILL of `segscale train` (the out-of-memory killer, a scheduler after its grace
+    period) left its workers training on, then waiting for it forever. They now stop as if
+    preempted, with a checkpoint, and nothing the launcher started is left; --resume finishes."""
+    import psutil
+
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    kwargs = {"step": 2, "ready": str(ready), "go": str(go)}
+    path = plugin_config(tmp_path, real_store, "PauseAt", kwargs, epochs=2, steps_per_epoch=4)
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "segscale.cli", "train", path, "--run-dir", run, "--workers", 2]
+    launcher = subprocess.Popen(list(map(str, args)), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.exists():  # rank 0 paused after step 2
+            assert launcher.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        started = psutil.Process(launcher.pid).children(recursive=True)
+        launcher.kill()
+        launcher.wait()
+        go.touch()
+        _, alive = psutil.wait_procs(started, timeout=60)
+        assert not alive, [p.cmdline()[:4] for p in alive]
+    finally:
+        for p in psutil.Process().children(recursive=True):  # never leave them to the suite
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*.pt")) == ["step_00000002.pt"]
+    resumed = train(path, run, "--resume", "--workers", 2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2

@@ -117,10 +117,10 @@ def launch(
     # torchrun would force OMP_NUM_THREADS=1 (with a warning); give each worker its share instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     failures = Path(tempfile.mkdtemp(prefix="segscale-failures-"))
+    # --agent: the workers end with this process if it is killed (segscale.worker.end_with_agent)
+    own = ["--failures", str(failures), "--agent", str(os.getpid())]
     try:
-        args = torchrun_args(
-            [*worker_args, "--failures", str(failures)], workers, start_method=method, **kwargs
-        )  # type: ignore[arg-type]
+        args = torchrun_args([*worker_args, *own], workers, start_method=method, **kwargs)  # type: ignore[arg-type]
         single_node = kwargs.get("nodes", 1) == 1
         return run_elastic(args, failures, range(workers) if single_node else None)
     finally:

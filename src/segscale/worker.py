@@ -125,6 +125,40 @@ def evaluate(run_dir: Path, split: str, out: Path, failures: Path | None = None)
         process.close()
 
 
+AGENT_GRACE = 60.0  # seconds a worker has to checkpoint and exit once its agent is gone
+
+
+def end_with_agent(pid: int | None) -> None:
+    """End this worker when the agent that started it dies without stopping it (SIGKILL, the
+    out-of-memory killer). torchrun's workers otherwise outlive it: they train on, then wait
+    for it forever. A thread waits on the agent's pidfd (no polling, no PID reuse); when it
+    ends, this worker gets SIGTERM (a preemption: a checkpoint at the next check, exit 75),
+    and AGENT_GRACE seconds later exits at once. `pid`: the launcher's (its --agent argument),
+    None when started otherwise; Linux only."""
+    import select
+    import signal
+    import threading
+
+    if pid is None or not hasattr(os, "pidfd_open") or os.getpid() == pid:
+        return
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:  # gone already
+        os._exit(1)
+    except OSError:  # no pidfd here (an old kernel): not watched
+        return
+
+    def watch() -> None:
+        select.select([fd], [], [])
+        os.kill(os.getpid(), signal.SIGTERM)
+        with contextlib.suppress(OSError):  # the launcher held the other end of stderr
+            print(f"error: the launcher (pid {pid}) is gone; this worker stops", file=sys.stderr)
+        time.sleep(AGENT_GRACE)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="segscale-agent-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="segscale.worker")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--out", type=Path, required=True)
     for command in (t, e):
         command.add_argument("--failures", type=Path, help="folder for failure reports (launcher)")
+        command.add_argument("--agent", type=int, help="the launcher's pid: end with it (launcher)")
     args, extra = parser.parse_known_args(argv)
     # overrides may also follow the options (`CONFIG --run-dir DIR key=value`), as with torchrun
     unknown = [x for x in extra if args.command != "train" or x.startswith("-") or "=" not in x]
@@ -147,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "train":
         args.overrides = [*args.overrides, *extra]
+    end_with_agent(args.agent)
 
     if args.command == "evaluate":
         return exit_code(evaluate, args.run_dir, args.split, args.out, args.failures)
