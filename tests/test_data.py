@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from segscale.config import AugmentConfig
@@ -48,3 +49,25 @@ def test_slice_dataset_reads_a_split(real_store):
     assert image.shape == (1, 32, 32) and image.dtype == torch.float32
     assert mask.dtype == torch.int64 and case == 0
     assert len(ds) == 12 * len(store.meta["splits"]["test"])
+
+
+def test_a_damaged_or_incomplete_store_is_one_line(tmp_path, real_store):
+    """numpy's own errors (FileNotFoundError, 'mmap length is greater than file size') were
+    tracebacks of every command that opens a store."""
+    import shutil
+
+    from segscale.errors import DataError
+    from segscale.imgmed.store import Store
+
+    copy = tmp_path / "store"
+    shutil.copytree(real_store, copy)
+    (copy / "images.npy").write_bytes((real_store / "images.npy").read_bytes()[:1000])
+    with pytest.raises(DataError, match=r"images.npy: damaged \(.*\); prepare the store again"):
+        Store.open(copy)
+    (copy / "masks.npy").unlink()
+    shutil.copy(real_store / "images.npy", copy / "images.npy")
+    with pytest.raises(DataError, match=r"masks.npy: missing; prepare the store again"):
+        Store.open(copy)
+    (copy / "meta.json").write_text("{")
+    with pytest.raises(DataError, match=r"meta.json: unreadable"):
+        Store.open(copy)

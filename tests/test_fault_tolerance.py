@@ -136,11 +136,16 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(tmp_path, real_s
     (cut / "checkpoints" / "step_00000006.pt.sha256").unlink()  # and one whose write never finished
     (cut / "model.pt").unlink()
     with (
-        pytest.warns(UserWarning, match=r"skipping .*step_00000008.pt: checksum mismatch"),
-        pytest.warns(UserWarning, match=r"skipping .*step_00000006.pt: no checksum file"),
+        pytest.warns(UserWarning, match=r"skipping .*step_00000008.pt \(checksum mismatch"),
+        pytest.warns(UserWarning, match=r"skipping .*step_00000006.pt \(no checksum file"),
     ):
         worker.train(cut, resume=True, progress=False)
     assert same_weights(full, cut)  # resumed from step 4 and still exact
+    # the damaged ones are set aside: the newest valid checkpoints are the ones kept
+    names = sorted(p.name for p in (cut / "checkpoints").iterdir())
+    assert "step_00000008.pt.damaged" in names and "step_00000006.pt.damaged" in names
+    full_names = sorted(p.name for p in (full / "checkpoints").glob("step_*.pt"))
+    assert sorted(p.name for p in (cut / "checkpoints").glob("step_*.pt")) == full_names
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path, real_store):
@@ -487,3 +492,18 @@ def test_workers_end_with_a_killed_launcher(tmp_path, real_store):
     resumed = train(path, run, "--resume", "--workers", 2)
     assert resumed.returncode == 0, resumed.stderr
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_best_pt_is_written_before_the_step_checkpoint_that_records_it(tmp_path):
+    """A step checkpoint holds the best metric so far; were it written before best.pt and
+    best.pt then failed (a full disk), a resumed run would keep a stale best.pt for good."""
+    from segscale.checkpoint import write_checkpoint
+
+    state = {"step": 5, "model": {}, "best_metric": 0.9}
+    (tmp_path / "checkpoints" / "best.pt").mkdir(parents=True)  # best.pt cannot be written
+    with pytest.raises(SegscaleError, match=r"cannot write .*best.pt"):
+        write_checkpoint(tmp_path, state, keep=3, best=True)
+    assert not list((tmp_path / "checkpoints").glob("step_*"))
+    (tmp_path / "checkpoints" / "best.pt").rmdir()
+    path = write_checkpoint(tmp_path, state, keep=3, best=True)
+    assert path.read_bytes() == (tmp_path / "checkpoints" / "best.pt").read_bytes()

@@ -9,7 +9,7 @@ The newest `keep` checkpoints are kept, plus `best.pt` (the best validation Dice
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,11 +35,15 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 def write_checkpoint(run_dir: Path, state: dict[str, Any], keep: int, best: bool) -> Path:
     """Write a Trainer's state (Trainer.state_dict plus every rank's state) as the checkpoint of
-    its step, copy it to best.pt when `best`, keep the newest `keep`; returns its path."""
+    its step, and as best.pt when `best`; keep the newest `keep`; returns its path. best.pt is
+    written first: a step checkpoint never records a best metric that best.pt does not hold
+    (a disk that filled in between left a resumed run with a stale best.pt)."""
     path = checkpoint_path(run_dir, state["step"])
-    atomic_save(state, path)
     if best:
-        save_best(run_dir, path)
+        atomic_save(state, run_dir / "checkpoints" / "best.pt")
+        copy_checkpoint(run_dir / "checkpoints" / "best.pt", path)
+    else:
+        atomic_save(state, path)
     prune_checkpoints(run_dir, keep)
     return path
 
@@ -60,10 +64,19 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
         old.unlink()
 
 
-def save_best(run_dir: Path, source: Path) -> None:
-    best = run_dir / "checkpoints" / "best.pt"
-    write_atomic(best, source.read_bytes())
-    shutil.copyfile(source.with_name(source.name + ".sha256"), best.with_name("best.pt.sha256"))
+def copy_checkpoint(source: Path, target: Path) -> None:
+    """A verified checkpoint's copy with its sidecar, atomically; disk full or a read-only
+    folder raise a SegscaleError, as atomic_save does."""
+    try:
+        write_atomic(target, source.read_bytes())
+        write_atomic(
+            target.with_name(target.name + ".sha256"),
+            source.with_name(source.name + ".sha256").read_bytes(),
+        )
+    except OSError as e:
+        raise SegscaleError(
+            f"cannot write {target}: {e.strerror or e}; the checkpoints written before are intact"
+        ) from e
 
 
 def verify(path: Path) -> str | None:
@@ -100,7 +113,16 @@ def load_latest(run_dir: Path, config_digest: str) -> dict[str, Any] | None:
     for path in reversed(list_checkpoints(run_dir)):
         problem = verify(path)
         if problem:
-            warnings.warn(f"skipping {path}: {problem}; trying the previous one", stacklevel=2)
+            # set aside: pruning counts valid checkpoints only (it kept this one and deleted a
+            # good one), and the next resume does not trip over it again
+            aside = path.with_name(path.name + ".damaged")
+            with contextlib.suppress(OSError):
+                path.rename(aside)
+                path.with_name(path.name + ".sha256").unlink(missing_ok=True)
+            warnings.warn(
+                f"skipping {path} ({problem}; kept as {aside.name}); resuming from the one before",
+                stacklevel=2,
+            )
             continue
         return load_checkpoint(path, config_digest)
     return None

@@ -43,11 +43,26 @@ class Store:
             raise DataError(
                 f"{path}: not a prepared store (no meta.json); run `segscale prepare` first"
             )
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT:
-            raise DataError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-        images = np.load(path / "images.npy", mmap_mode="r")
-        masks = np.load(path / "masks.npy", mmap_mode="r")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{meta_path}: unreadable ({e}); prepare the store again") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise DataError(f"{meta_path}: format {got!r}, expected {FORMAT!r}")
+        arrays = []
+        for name in ("images.npy", "masks.npy"):
+            try:  # numpy raises FileNotFoundError, ValueError (a truncated file), ... unnamed
+                arrays.append(np.load(path / name, mmap_mode="r"))
+            except (OSError, ValueError, EOFError) as e:
+                what = "missing" if not (path / name).exists() else f"damaged ({e})"
+                raise DataError(f"{path / name}: {what}; prepare the store again") from None
+        images, masks = arrays
+        if len(images) != len(masks) or images.ndim != 4 or masks.ndim != 3:
+            raise DataError(
+                f"{path}: images.npy {images.shape} and masks.npy {masks.shape} do not match; "
+                "prepare the store again"
+            )
         return cls(path, meta, images, masks)
 
     @property
