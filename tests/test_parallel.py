@@ -444,3 +444,23 @@ def test_loader_processes_under_two_workers_train_as_without_them(tmp_path, real
         assert r.returncode == 0, r.stderr[-3000:]
         weights.append(torch.load(run / "model.pt", weights_only=True))
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.distributed
+def test_a_node_that_waits_alone_says_so_and_gives_up(tmp_path, real_store, monkeypatch, capsys):
+    """--nodes 2 with no second node: torchrun waited silently (600 s, then a traceback)."""
+    from segscale import launch as launcher
+    from segscale.config import load_config
+    from segscale.engine import prepare_run_dir
+
+    monkeypatch.setattr(launcher, "RENDEZVOUS_TIMEOUT", 3)
+    run = tmp_path / "run"
+    prepare_run_dir(load_config(write_config(tmp_path, real_store, "alone")), run, resume=False)
+    code = launcher.launch(
+        ["train", str(run)], 1, nodes=2, node_rank=0, rdzv_endpoint="127.0.0.1:29987"
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "waiting for all 2 nodes to join at 127.0.0.1:29987 (up to 3 s)" in err
+    assert "error: not every node joined within 3 s" in err
+    with pytest.raises(SegscaleError, match="--rdzv-endpoint is for a run on several nodes"):
+        launcher.check_nodes(1, 0, "127.0.0.1:29987")

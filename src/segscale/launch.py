@@ -38,6 +38,10 @@ def check_nodes(nodes: int, node_rank: int, rdzv_endpoint: str | None) -> None:
         raise SegscaleError(f"--node-rank {node_rank}: expected 0..{nodes - 1} for --nodes {nodes}")
     if nodes > 1 and not rdzv_endpoint:
         raise SegscaleError("--nodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+    if nodes == 1 and rdzv_endpoint:
+        raise SegscaleError(
+            "--rdzv-endpoint is for a run on several nodes: give --nodes N too (one node needs none)"
+        )
     if rdzv_endpoint is not None:
         host, _, port = rdzv_endpoint.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -68,6 +72,7 @@ def torchrun_args(
             f"--node-rank={node_rank}",
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint={rdzv_endpoint}",
+            f"--rdzv-conf=join_timeout={RENDEZVOUS_TIMEOUT}",
         ]
     if start_method == "spawn":
         entry = ["-m", "segscale.worker"]
@@ -77,6 +82,7 @@ def torchrun_args(
 
 
 FORKED_WORKER = Path(__file__).with_name("_forked_worker.py")
+RENDEZVOUS_TIMEOUT = 600  # seconds the nodes of a run have to join it (torch's default)
 # What every worker imports, loaded once by the fork server; training workers also import
 # torch._dynamo, because the DistributedDataParallel constructor reads one of its settings.
 PRELOAD = ["torch", "segscale.engine", "segscale.train", "segscale.worker"]
@@ -116,6 +122,13 @@ def launch(
         start_worker_server(training=worker_args[0] == "train")
     # torchrun would force OMP_NUM_THREADS=1 (with a warning); give each worker its share instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    if kwargs.get("nodes", 1) != 1:  # torchrun waits for them without a word
+        print(
+            f"waiting for all {kwargs['nodes']} nodes to join at {kwargs.get('rdzv_endpoint')} "
+            f"(up to {RENDEZVOUS_TIMEOUT} s); start the same command on each with its --node-rank",
+            file=sys.stderr,
+            flush=True,
+        )
     failures = Path(tempfile.mkdtemp(prefix="segscale-failures-"))
     # --agent: the workers end with this process if it is killed (segscale.worker.end_with_agent)
     own = ["--failures", str(failures), "--agent", str(os.getpid())]
@@ -137,6 +150,7 @@ def run_elastic(args: list[str], failures: Path | None = None, ranks: range | No
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.run import get_args_parser, run
 
     # the agent logs every failed worker's traceback, the secondary ones included; segscale
@@ -144,6 +158,10 @@ def run_elastic(args: list[str], failures: Path | None = None, ranks: range | No
     agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
     level = agent_log.level
     agent_log.setLevel(logging.CRITICAL)
+    # "Received 15 death signal, shutting down workers": the workers say what they did
+    server_log = logging.getLogger("torch.distributed.elastic.agent.server.api")
+    server_level = server_log.level
+    server_log.setLevel(logging.ERROR)
     try:
         run(get_args_parser().parse_args(args))
     except ChildFailedError as e:
@@ -152,11 +170,23 @@ def run_elastic(args: list[str], failures: Path | None = None, ranks: range | No
             print(message, file=sys.stderr)
         codes = [f.exitcode for _, f in sorted(e.failures.items())]
         return next((c for c in codes if c > 0), 1)
+    except RendezvousTimeoutError:
+        print(
+            f"error: not every node joined within {RENDEZVOUS_TIMEOUT} s; start the same command "
+            "on each node, with its --node-rank and this --rdzv-endpoint",
+            file=sys.stderr,
+        )
+        return USER_ERROR_EXIT_CODE
     except SignalException as e:
+        # torchrun passed the signal on: workers that stopped with a checkpoint said so
+        stopped = sorted(failures.glob("stopped-rank*")) if failures else []
+        if ranks is not None and len(stopped) == len(ranks):
+            return PREEMPTED_EXIT_CODE  # resumable, as with one worker (rank 0 said where)
         print(f"stopped by {e.sigval.name}", file=sys.stderr)
         return 128 + int(e.sigval)
     finally:
         agent_log.setLevel(level)
+        server_log.setLevel(server_level)
     return 0
 
 

@@ -28,6 +28,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,13 @@ class Trainer:
                     break
         if self.strategy.rank == 0:
             atomic_save(unwrap(self.model).state_dict(), self.run_dir / "model.pt")
+            late = self.run_dir / STOP_FILE
+            if late.exists():  # asked after the last check: nothing left to stop
+                late.unlink(missing_ok=True)
+                warnings.warn(
+                    "a stop asked after the run's last check came too late: it has finished",
+                    stacklevel=2,
+                )
         self.strategy.barrier()
         self._call("on_train_end", self.history)
         return self.history
@@ -279,14 +287,18 @@ class Trainer:
                 "the warmup); "
                 + (
                     "the checkpoints before this step are kept"
-                    if any((Path(self.run_dir) / "checkpoints").glob("step_*.pt"))
+                    if self._has_checkpoint()
                     else "no checkpoint was saved before it"
                 )
             )
         if abort:
             raise Preempted(
-                f"{self._stop.why} at step {self.step}, at once; the last checkpoint is "
-                "kept, continue with --resume"
+                f"{self._stop.why} at step {self.step}, at once; "
+                + (
+                    "the last checkpoint is kept, continue with --resume"
+                    if self._has_checkpoint()
+                    else "no checkpoint was saved yet: --resume starts it again"
+                )
             )
         if checkpoint:
             self.save_checkpoint()
@@ -429,6 +441,10 @@ class Trainer:
             self.divergence.load_state_dict(mine["divergence"])
         if self.epoch_step:
             self._resumed_rank_state = ranks[self.strategy.rank]
+
+    def _has_checkpoint(self) -> bool:
+        """Whether the run folder holds a step checkpoint to resume from (for messages)."""
+        return any((self.run_dir / "checkpoints").glob("step_*.pt"))
 
     def save_checkpoint(self, best: float | None = None) -> None:
         """Collective: every rank hands its RNG, augmentation and loss state to rank 0, which writes
@@ -652,7 +668,8 @@ class _StopRequest:
         not see the request itself reads why from the run folder's STOP file when there is one,
         so every rank that reports the stop gives the same reason (torchrun may end the others
         before they print)."""
-        flags = [self.requested, self.abort, diverged]
+        signalled = self.requested and self.why == "stopped by a signal"
+        flags = [self.requested, self.abort, diverged, signalled]
         if strategy.world_size > 1:
             summed = strategy.all_reduce_sum(
                 torch.tensor(flags, dtype=torch.float32, device=strategy.device)
@@ -663,6 +680,8 @@ class _StopRequest:
             self.why = (
                 self._who(stop_file)
                 if stop_file is not None and stop_file.exists()
+                else "stopped by a signal"
+                if flags[3]
                 else "stopped on request"
             )
         return flags[0], flags[1], flags[2]

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             check_started(run_dir, args.resume or restarted())
         train(run_dir, args.resume, not args.no_progress, args.failures)
 
-    return exit_code(run)
+    return exit_code(run, failures=args.failures)
 
 
 # A worker's error that only follows from another worker's failure: its peer closed the
@@ -245,11 +245,12 @@ def restarted() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
-def exit_code(fn: Callable[..., object], *args: object, **kwargs: object) -> int:
+def exit_code(fn: Callable[..., object], *args: object, failures: Path | None = None) -> int:
     """Run a worker's job; user errors print one line (exit 2), a divergence exits 3, a
-    preemption or a requested stop 75."""
+    preemption or a requested stop 75, noted in `failures` (the launcher's folder) for a
+    launcher stopped by the same signal, which cannot see the workers' exit codes."""
     try:
-        fn(*args, **kwargs)
+        fn(*args)
     except SegscaleError as e:
         print(f"error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
@@ -258,7 +259,11 @@ def exit_code(fn: Callable[..., object], *args: object, **kwargs: object) -> int
             print(f"error: {e}", file=sys.stderr)
         return DIVERGED_EXIT_CODE
     except Preempted as e:
-        print(f"preempted: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # an agreed stop, at one step: say it once
+            print(f"preempted: {e}", file=sys.stderr)
+        if failures is not None:
+            with contextlib.suppress(OSError):
+                write_atomic(failures / f"stopped-rank{os.environ.get('RANK', '0')}", str(e))
         return PREEMPTED_EXIT_CODE
     return 0
 
