@@ -72,6 +72,7 @@ def test_sigkilled_worker_is_restarted_by_torchrun_and_ends_bit_identical(tmp_pa
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "killed.fired").exists()  # the fault did happen
+    assert "a worker failed: restarting all workers (restart 1 of 1)" in r.stderr, r.stderr
     assert same_weights(ref, run)
     assert [m["train_loss"] for m in metrics(run)] == [m["train_loss"] for m in metrics(ref)]
 

@@ -64,8 +64,12 @@ def test_a_started_run_is_not_overwritten_and_resume_checks_the_config(tmp_path,
     run_dir = make_run(tmp_path, real_store, epochs=1)
     worker.train(run_dir, progress=False)
     cfg = validate(tiny_config(real_store, epochs=1))
+    with pytest.raises(SegscaleError, match="holds a finished run; give --run-dir for a new one"):
+        prepare_run_dir(cfg, run_dir, resume=False)
+    (run_dir / "model.pt").rename(run_dir / "kept.pt")  # started, not finished
     with pytest.raises(SegscaleError, match="already holds a run; pass --resume"):
         prepare_run_dir(cfg, run_dir, resume=False)
+    (run_dir / "kept.pt").rename(run_dir / "model.pt")
     other = validate(tiny_config(real_store, epochs=1, batch_size=2))
     saved = (run_dir / "config.yaml").read_text()
     with pytest.raises(

@@ -823,6 +823,8 @@ def check_started(run_dir: Path, resume: bool) -> bool:
             "unknown here; put its config.yaml back, or train into a new --run-dir"
         )
     if started and not resume:
+        if (run_dir / "model.pt").exists():
+            raise SegscaleError(f"{run_dir}: holds a finished run; give --run-dir for a new one")
         raise SegscaleError(
             f"{run_dir}: already holds a run; pass --resume to continue it or --run-dir for a new one"
         )

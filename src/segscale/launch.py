@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -146,8 +147,6 @@ def run_elastic(args: list[str], failures: Path | None = None, ranks: range | No
     start. Returns a failed worker's own exit code (2: a user error, 3: diverged, 75: stopped)
     where torchrun would say 1. When workers fail, names the first failure, its root cause (from the workers'
     reports in `failures`, see segscale.worker.report_failure), and the failures that followed."""
-    import logging
-
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
@@ -158,10 +157,13 @@ def run_elastic(args: list[str], failures: Path | None = None, ranks: range | No
     agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
     level = agent_log.level
     agent_log.setLevel(logging.CRITICAL)
-    # "Received 15 death signal, shutting down workers": the workers say what they did
+    # the agent's own log: a restart is said in one line; "Received 15 death signal" and the
+    # like are not (the workers say what they did)
     server_log = logging.getLogger("torch.distributed.elastic.agent.server.api")
     server_level = server_log.level
-    server_log.setLevel(logging.ERROR)
+    server_log.setLevel(logging.INFO)
+    restarts = _SayRestarts()
+    server_log.addFilter(restarts)
     try:
         run(get_args_parser().parse_args(args))
     except ChildFailedError as e:
@@ -187,7 +189,24 @@ def run_elastic(args: list[str], failures: Path | None = None, ranks: range | No
     finally:
         agent_log.setLevel(level)
         server_log.setLevel(server_level)
+        server_log.removeFilter(restarts)
     return 0
+
+
+class _SayRestarts(logging.Filter):
+    """On torchrun's agent log: one line when it restarts the workers after a failure
+    (--max-restarts), else silent below ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "will restart worker group" in str(record.msg) and "attempts left" in str(record.msg):
+            _, state, left, total = record.args  # type: ignore[misc]
+            print(
+                f"a worker {str(state).lower()}: restarting all workers (restart "
+                f"{int(total) - int(left) + 1} of {total}); they resume from the newest checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
+        return record.levelno >= logging.ERROR
 
 
 def explain_failure(
