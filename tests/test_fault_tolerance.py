@@ -531,3 +531,15 @@ def test_a_stop_that_comes_after_the_last_check_is_said_and_cleared(tmp_path, re
     with pytest.warns(UserWarning, match="came too late: it has finished"):
         worker.train(run, progress=False)
     assert (run / "model.pt").is_file() and not (run / "STOP").exists()
+
+
+def test_a_mid_epoch_resume_on_other_workers_is_refused_before_they_start(tmp_path, real_store):
+    """It was refused by every worker once started (the error twice, torch's shutdown lines)."""
+    run = in_process_run(tmp_path, real_store, "mid")  # checkpoints every 2 of 4 steps per epoch
+    for late in ("step_00000004.pt", "step_00000006.pt", "step_00000008.pt"):
+        (run / "checkpoints" / late).unlink()
+    (run / "model.pt").unlink()
+    r = cli("train", run / "config.yaml", "--run-dir", run, "--resume", "--workers", 2)
+    assert r.returncode == 2, r.stderr
+    assert "the newest checkpoint is mid-epoch from 1 worker(s)" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (run / "model.pt").exists()

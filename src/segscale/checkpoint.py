@@ -126,3 +126,18 @@ def load_latest(run_dir: Path, config_digest: str) -> dict[str, Any] | None:
             continue
         return load_checkpoint(path, config_digest)
     return None
+
+
+def resume_point(run_dir: Path) -> tuple[int, int] | None:
+    """(epoch_step, world_size) of the checkpoint a resume would start from (the newest that
+    verifies), read memory-mapped (its tensors are not loaded); None when there is none or it
+    cannot be read here (the workers then say why). For checks before a launch."""
+    for path in reversed(list_checkpoints(run_dir)):
+        if verify(path):
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return int(state["epoch_step"]), int(state["world_size"])
+        except Exception:  # an older format, a damaged file: left to the workers
+            return None
+    return None
