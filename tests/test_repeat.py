@@ -418,6 +418,10 @@ def test_a_run_whose_store_was_prepared_again_is_neither_resumed_nor_scored(tmp_
     with pytest.raises(SegscaleError, match=r"prepared again since the run started, and its split"):
         worker.evaluate(run, "test", tmp_path / "e.json")
     load_trained_model(run)  # predict, export: the same slices and preprocessing
+    from segscale.methods import methods
+
+    with pytest.raises(SegscaleError, match=r"its split by case differ"):
+        methods(run)  # it would describe the new split as the run's
     prepare_again(0.2, 48)  # other slices
     with pytest.raises(
         SegscaleError, match=r"prepared again since the run started, and its slices"

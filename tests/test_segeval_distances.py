@@ -220,5 +220,8 @@ def test_evaluate_results_file_is_a_json_name_in_a_folder_that_exists(tmp_path):
     assert r.returncode == 2 and "is a file" in r.stderr and "Traceback" not in r.stderr
     r = scored_into(tmp_path / "new" / "ok.json")  # its folder made, as before
     assert r.returncode == 0 and (tmp_path / "new" / "ok.csv").is_file(), r.stderr
+    (tmp_path / "environment.json").write_text('{"workers": 1}')  # a record of another kind
+    r = scored_into(tmp_path / "environment.json")
+    assert r.returncode == 2 and "exists and is not an evaluation" in r.stderr
     r = scored_into(tmp_path / "ok.json")
     assert r.returncode == 0 and (tmp_path / "ok.csv").is_file(), r.stderr

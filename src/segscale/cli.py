@@ -592,7 +592,15 @@ def _results_file(path: Path) -> Path:
             f"--json {path}: expected a .json file name (the per-case .csv and .png beside it "
             "take its name)"
         )
-    return output_file(path, "--json", create_folder=True)
+    out = output_file(path, "--json", create_folder=True)
+    if out.is_file():  # replaced only when it is an earlier evaluation (never environment.json)
+        try:
+            earlier = json.loads(out.read_text())
+        except (OSError, ValueError):
+            earlier = None
+        if not (isinstance(earlier, dict) and {"split", "dataset"} <= set(earlier)):
+            raise SegscaleError(f"--json {out}: exists and is not an evaluation; give another name")
+    return out
 
 
 def _plot_overlays(run_dir: Path, evaluation: dict, out: Path) -> None:
@@ -657,7 +665,7 @@ def export_cmd(
         Path | None,
         typer.Option(
             help="File to write [default: RUN_DIR/model.onnx or model.torchscript.pt; for "
-            "zoo:NAME@V, ./NAME-V.onnx or .torchscript.pt]"
+            "zoo:NAME[@V], ./NAME[-V].onnx or .torchscript.pt]"
         ),
     ] = None,
     zoo: ZooOption = None,

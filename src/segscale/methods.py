@@ -15,7 +15,9 @@ from typing import Any
 
 from segscale._files import EVALUATION, read_record
 from segscale.config import RunConfig, load_config
+from segscale.engine import check_same_store
 from segscale.errors import SegscaleError
+from segscale.imgmed.store import Store
 
 FIG_5_5 = "thesis Fig. 5.5"
 CLAIM = "CLAIM"
@@ -50,7 +52,7 @@ def _record(target: Path) -> dict[str, Any]:
     if not (run_dir / "model.pt").is_file():
         raise SegscaleError(
             f"{run_dir}: has not finished (no model.pt); finish it (`segscale train "
-            f"{run_dir} --resume`) before describing it"
+            f"{run_dir / 'config.yaml'} --run-dir {run_dir} --resume`) before describing it"
         )
     variability = None
     if repeat is not None:
@@ -69,6 +71,8 @@ def _record(target: Path) -> dict[str, Any]:
     )
     if store_meta is None:
         raise SegscaleError(f"{cfg.data.store}: the run's store is not readable (meta.json)")
+    # it describes the store as the run used it: one prepared again since is refused
+    check_same_store(run_dir, Store.open(cfg.data.store))
     source = store_meta.get("source")
     try:  # the raw dataset's own description: the user's file, read if it can be
         dataset = json.loads((Path(source) / "dataset.json").read_text()) if source else None

@@ -27,8 +27,15 @@ import numpy as np
 
 from segscale._files import EVALUATION, job_state, read_record, to_json, write_atomic
 from segscale.config import apply_override, load_config, validate
-from segscale.engine import has_started, plan, prepare_run_dir, require_segmentation
+from segscale.engine import (
+    check_same_store,
+    has_started,
+    plan,
+    prepare_run_dir,
+    require_segmentation,
+)
 from segscale.errors import PREEMPTED_EXIT_CODE, Preempted, SegscaleError
+from segscale.imgmed.store import Store
 from segscale.launch import launch, start_worker_server
 from segscale.stats import agreement, spread
 from segscale.tracking import ParentRun, nest_under
@@ -94,13 +101,15 @@ def repeat(
         "split": cfg.data.split_seed or 0,
     }[options.vary]
     split = state["split"] = cfg.data.test_split
+    store = Store.open(cfg.data.store)
     try:
         for i in range(options.runs):
             # relative to OUT: a moved or copied repeat folder still finds its runs
             entry = state["runs"].setdefault(str(i + 1), {"run_dir": f"run-{i + 1}"})
-            if "test" in entry:
-                continue
             run_dir = out / entry["run_dir"]
+            if "test" in entry:  # scored: still on the data it was scored on
+                check_same_store(run_dir, store)
+                continue
             raw = cfg.model_dump(mode="json")
             # run 1 is the config's own run: with no data.split_seed, the store's own split
             value = (
