@@ -543,3 +543,34 @@ def test_a_mid_epoch_resume_on_other_workers_is_refused_before_they_start(tmp_pa
     assert r.returncode == 2, r.stderr
     assert "the newest checkpoint is mid-epoch from 1 worker(s)" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (run / "model.pt").exists()
+
+
+@pytest.mark.distributed
+def test_ctrl_c_to_the_whole_process_group_stops_two_workers_with_a_checkpoint(
+    tmp_path, real_store
+):
+    """Ctrl-C in a terminal (or a scheduler) signals every process of the group: each worker
+    got it, then torchrun's agent passed its own copy on, which counted as a second signal and
+    aborted (exit 130, no checkpoint). Now: 75 and a checkpoint, as with one worker."""
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    kwargs = {"step": 2, "ready": str(ready), "go": str(go)}
+    path = plugin_config(tmp_path, real_store, "PauseAt", kwargs, epochs=2, steps_per_epoch=4)
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "segscale.cli", "train", path, "--run-dir", run, "--workers", 2]
+    group = subprocess.Popen(
+        list(map(str, args)), stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.exists():
+            assert group.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        os.killpg(group.pid, signal.SIGINT)
+        time.sleep(0.5)
+        go.touch()
+        assert group.wait(timeout=120) == PREEMPTED_EXIT_CODE, group.stderr.read()
+    finally:
+        if group.poll() is None:
+            os.killpg(group.pid, signal.SIGKILL)
+    assert "preempted: stopped by a signal at step 2" in group.stderr.read()
+    assert (run / "checkpoints" / "step_00000002.pt").is_file()

@@ -119,10 +119,7 @@ def load_latest(run_dir: Path, config_digest: str) -> dict[str, Any] | None:
             with contextlib.suppress(OSError):
                 path.rename(aside)
                 path.with_name(path.name + ".sha256").unlink(missing_ok=True)
-            warnings.warn(
-                f"skipping {path} ({problem}; kept as {aside.name}); resuming from the one before",
-                stacklevel=2,
-            )
+            warnings.warn(f"skipping {path} ({problem}; kept as {aside.name})", stacklevel=2)
             continue
         return load_checkpoint(path, config_digest)
     return None

@@ -1077,14 +1077,12 @@ def demo_cmd(
     run_demo(out, workers, overrides)
 
 
-def _one_line_warning(message: Warning | str, *args: object, **kwargs: object) -> str:
-    return f"warning: {message}\n"  # what and where, as the message says it; no source line
-
-
 def main() -> None:
     import warnings
 
-    warnings.formatwarning = _one_line_warning  # type: ignore[assignment]
+    from segscale.worker import one_line_warning
+
+    warnings.formatwarning = one_line_warning  # type: ignore[assignment]
     try:
         app()
     except SegscaleError as e:

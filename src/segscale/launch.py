@@ -136,12 +136,17 @@ def launch(
     try:
         args = torchrun_args([*worker_args, *own], workers, start_method=method, **kwargs)  # type: ignore[arg-type]
         single_node = kwargs.get("nodes", 1) == 1
-        return run_elastic(args, failures, range(workers) if single_node else None)
+        return run_elastic(args, failures, range(workers) if single_node else None, workers)
     finally:
         shutil.rmtree(failures, ignore_errors=True)
 
 
-def run_elastic(args: list[str], failures: Path | None = None, ranks: range | None = None) -> int:
+def run_elastic(
+    args: list[str],
+    failures: Path | None = None,
+    ranks: range | None = None,
+    local_workers: int | None = None,
+) -> int:
     """torchrun with `args`, its elastic agent in this process: the CLI has already imported torch
     to check the run, and a separate agent process would import it again before the workers even
     start. Returns a failed worker's own exit code (2: a user error, 3: diverged, 75: stopped)
@@ -164,6 +169,10 @@ def run_elastic(args: list[str], failures: Path | None = None, ranks: range | No
     server_log.setLevel(logging.INFO)
     restarts = _SayRestarts()
     server_log.addFilter(restarts)
+    # "Terminating process N via signal SIGTERM": the stop or failure is said otherwise
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    spawn_level = spawn_log.level
+    spawn_log.setLevel(logging.ERROR)
     try:
         run(get_args_parser().parse_args(args))
     except ChildFailedError as e:
@@ -180,16 +189,22 @@ def run_elastic(args: list[str], failures: Path | None = None, ranks: range | No
         )
         return USER_ERROR_EXIT_CODE
     except SignalException as e:
-        # torchrun passed the signal on: workers that stopped with a checkpoint said so
-        stopped = sorted(failures.glob("stopped-rank*")) if failures else []
-        if ranks is not None and len(stopped) == len(ranks):
-            return PREEMPTED_EXIT_CODE  # resumable, as with one worker (rank 0 said where)
+        # torchrun passed the signal on; this node's workers said how they ended (the folder
+        # is this launcher's own): all stopped with the checkpoint, or all had finished
+        notes = failures.glob("*-rank*") if failures else []
+        ended = [n for n in (p.name.partition("-")[0] for p in notes) if n in ("done", "stopped")]
+        if local_workers and len(ended) == local_workers:
+            if set(ended) == {"done"}:
+                return 0  # the run had finished when the signal came
+            if set(ended) <= {"done", "stopped"}:
+                return PREEMPTED_EXIT_CODE  # resumable, as with one worker (rank 0 said where)
         print(f"stopped by {e.sigval.name}", file=sys.stderr)
         return 128 + int(e.sigval)
     finally:
         agent_log.setLevel(level)
         server_log.setLevel(server_level)
         server_log.removeFilter(restarts)
+        spawn_log.setLevel(spawn_level)
     return 0
 
 

@@ -617,6 +617,9 @@ class DivergenceGuard:
         return None
 
 
+SAME_SIGNAL = 2.0  # seconds within which a second signal is taken as the first one's copy
+
+
 class _StopRequest:
     """SIGTERM/SIGINT, or `segscale stop` (a STOP file in the run folder, seen by rank 0) →
     train on to the next check (Trainer.check_every), checkpoint, exit; a second signal, or
@@ -626,6 +629,7 @@ class _StopRequest:
     def __init__(self) -> None:
         self.requested = False
         self.abort = False
+        self._first = 0.0  # when the first signal came (time.monotonic)
         self.why = "stopped by a signal"
         self._previous: dict[int, Any] = {}
 
@@ -640,10 +644,15 @@ class _StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:  # the second signal: no more waiting
+        # A second signal aborts; one within SAME_SIGNAL seconds is the same request arriving
+        # twice: Ctrl-C or a scheduler signals the whole process group, then torchrun's agent
+        # passes its own copy on to the workers (it aborted every 2-worker run so stopped).
+        now = time.monotonic()
+        if self.requested and now - self._first > SAME_SIGNAL:
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
-        self.requested = True
+        if not self.requested:
+            self.requested, self._first = True, now
 
     def check(self, run_dir: Path) -> None:
         """A stop asked through the run folder (`segscale stop`): a file stat per check."""

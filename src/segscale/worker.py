@@ -20,8 +20,10 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -125,7 +127,13 @@ def evaluate(run_dir: Path, split: str, out: Path, failures: Path | None = None)
         process.close()
 
 
+def one_line_warning(message: Warning | str, *args: object, **kwargs: object) -> str:
+    """warnings' format for users: what and where, as the message says it; no source line."""
+    return f"warning: {message}\n"
+
+
 AGENT_GRACE = 60.0  # seconds a worker has to checkpoint and exit once its agent is gone
+_JOB_DONE = threading.Event()  # the worker's job returned: nothing is left to save
 
 
 def end_with_agent(pid: int | None) -> None:
@@ -137,7 +145,6 @@ def end_with_agent(pid: int | None) -> None:
     None when started otherwise; Linux only."""
     import select
     import signal
-    import threading
 
     if pid is None or not hasattr(os, "pidfd_open") or os.getpid() == pid:
         return
@@ -150,6 +157,8 @@ def end_with_agent(pid: int | None) -> None:
 
     def watch() -> None:
         select.select([fd], [], [])
+        if _JOB_DONE.is_set():  # finished (torchrun keeps it waiting for the agent): just go
+            os._exit(0)
         os.kill(os.getpid(), signal.SIGTERM)
         with contextlib.suppress(OSError):  # the launcher held the other end of stderr
             print(f"error: the launcher (pid {pid}) is gone; this worker stops", file=sys.stderr)
@@ -183,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         args.overrides = [*args.overrides, *extra]
     end_with_agent(args.agent)
+    warnings.formatwarning = one_line_warning  # type: ignore[assignment]
 
     if args.command == "evaluate":
         return exit_code(evaluate, args.run_dir, args.split, args.out, args.failures)
@@ -251,6 +261,10 @@ def exit_code(fn: Callable[..., object], *args: object, failures: Path | None = 
     launcher stopped by the same signal, which cannot see the workers' exit codes."""
     try:
         fn(*args)
+        if failures is not None:  # a launcher stopped by a signal now counts this one done
+            with contextlib.suppress(OSError):
+                write_atomic(failures / f"done-rank{os.environ.get('RANK', '0')}", "")
+        _JOB_DONE.set()
     except SegscaleError as e:
         print(f"error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
