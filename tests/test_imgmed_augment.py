@@ -89,3 +89,27 @@ def test_cli_augment_and_train_on_the_result(store, tmp_path):
     )
     r = subprocess.run([*cmd, "--to", "5"], capture_output=True, text=True)
     assert r.returncode == 2 and "no augmentation asked for" in r.stderr, r.stderr
+
+
+def test_a_source_split_again_makes_the_augmented_store_again(store, tmp_path):
+    """The source prepared again with another split (the same slices, so the same content
+    hash): its augmented store was kept "up to date", with the old split's test cases."""
+    total = len(Store.open(store).rows("train")) * 3  # the same --to for both
+    out, _ = augment_store(store, tmp_path / "aug", total, PRESETS["left-atrium"], progress=False)
+    resplit, _ = prepare(
+        tmp_path / "raw",
+        tmp_path / "resplit",
+        Preprocessing(size=16, normalize="none"),
+        val_fraction=0.2,
+        test_fraction=0.2,
+        seed=7,
+        progress=False,
+    )
+    before, after = Store.open(store).meta, Store.open(resplit).meta
+    assert after["splits"] != before["splits"], "the seed must move a case"
+    assert after["content_hash"] == before["content_hash"], "the same slices"
+    _, written = augment_store(resplit, out, total, PRESETS["left-atrium"], progress=False)
+    assert (
+        written
+        and Store.open(out).meta["splits"]["test"] == Store.open(resplit).meta["splits"]["test"]
+    )
