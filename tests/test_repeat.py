@@ -427,3 +427,27 @@ def test_a_run_whose_store_was_prepared_again_is_neither_resumed_nor_scored(tmp_
         SegscaleError, match=r"prepared again since the run started, and its slices"
     ):
         load_trained_model(run)
+
+
+def test_a_run_with_its_own_split_seed_resumes_and_is_scored_on_its_unchanged_store(tmp_path):
+    """data.split_seed re-draws the training/validation cases from the store: the run records
+    the store's split as prepared, so the store check does not take that partition for a store
+    prepared again (its resume, evaluation and methods section were refused)."""
+    from segscale.imgmed.store import Store
+    from segscale.methods import methods
+
+    store = prepared_sample(tmp_path / "data", 8, 0.25, 0.25)
+    base = Store.open(store)
+    seed = next(
+        s
+        for s in range(20)
+        if base.repartition("train", "val", s).meta["splits"] != base.meta["splits"]
+    )
+    raw = tiny_config(store, epochs=1, steps_per_epoch=1)
+    raw["data"]["split_seed"] = seed
+    cfg, run = validate(raw), tmp_path / "redrawn"
+    prepare_run_dir(cfg, run, resume=False)
+    worker.train(run, progress=False)
+    prepare_run_dir(cfg, run, resume=True)
+    worker.evaluate(run, "test", run / "evaluation-test.json")
+    assert f"split seed {seed}" in methods(run)

@@ -875,10 +875,11 @@ def require_segmentation(cfg: RunConfig, where: object, command: str) -> None:
 def store_identity(meta: dict[str, Any]) -> dict[str, str | None]:
     """What a run records of its store (environment.json's "store"): the sha256 of its slices
     and masks (content_sha256, which changes with any preprocessing) and of its split by case
-    (splits_sha256). Not the raw files' bytes: re-compressing them changes nothing prepared."""
+    as prepared (splits_sha256; a data.split_seed partition is derived from it and the config).
+    Not the raw files' bytes: re-compressing them changes nothing prepared."""
     import hashlib
 
-    splits = meta.get("splits")
+    splits = meta.get("prepared_splits", meta.get("splits"))
     return {
         "content_sha256": meta.get("content_hash"),
         "splits_sha256": hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()

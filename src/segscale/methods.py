@@ -15,7 +15,7 @@ from typing import Any
 
 from segscale._files import EVALUATION, read_record
 from segscale.config import RunConfig, load_config
-from segscale.engine import check_same_store
+from segscale.engine import check_same_store, check_store_exists
 from segscale.errors import SegscaleError
 from segscale.imgmed.store import Store
 
@@ -66,13 +66,11 @@ def _record(target: Path) -> dict[str, Any]:
                 f"{target}: an unfinished repeat ({tested} of {planned} runs tested, no "
                 "variability.json); rerun its `segscale repeat` command to finish it"
             )
-    store_meta = _optional(
-        Path(cfg.data.store) / "meta.json", ("preprocessing", "labels"), "store description"
-    )
-    if store_meta is None:
-        raise SegscaleError(f"{cfg.data.store}: the run's store is not readable (meta.json)")
+    check_store_exists(run_dir, cfg)
+    store = Store.open(cfg.data.store)  # read once; a damaged one is one line
     # it describes the store as the run used it: one prepared again since is refused
-    check_same_store(run_dir, Store.open(cfg.data.store))
+    check_same_store(run_dir, store)
+    store_meta = store.meta
     source = store_meta.get("source")
     try:  # the raw dataset's own description: the user's file, read if it can be
         dataset = json.loads((Path(source) / "dataset.json").read_text()) if source else None

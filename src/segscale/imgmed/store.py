@@ -91,9 +91,10 @@ class Store:
         splits = {}
         for c in cases:
             splits.setdefault(c["split"], []).append(c["id"])
-        return Store(
-            self.path, {**self.meta, "cases": cases, "splits": splits}, self.images, self.masks
-        )
+        # the split as prepared stays known: it is what a run's record of its store compares
+        prepared = self.meta.get("prepared_splits", self.meta["splits"])
+        meta = {**self.meta, "cases": cases, "splits": splits, "prepared_splits": prepared}
+        return Store(self.path, meta, self.images, self.masks)
 
     def cases(self, split: str | None = None) -> list[dict[str, Any]]:
         return [c for c in self.meta["cases"] if split is None or c["split"] == split]
