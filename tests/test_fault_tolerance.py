@@ -574,3 +574,48 @@ def test_ctrl_c_to_the_whole_process_group_stops_two_workers_with_a_checkpoint(
             os.killpg(group.pid, signal.SIGKILL)
     assert "preempted: stopped by a signal at step 2" in group.stderr.read()
     assert (run / "checkpoints" / "step_00000002.pt").is_file()
+
+
+def test_a_run_resumes_with_other_speed_settings_and_ends_as_the_uninterrupted_one(
+    tmp_path, real_store
+):
+    """data.num_workers (like data.on_device, train.channels_last, train.compile) changes how
+    fast, not what: a run stopped mid-epoch with no loader process resumes with one, says so, and
+    ends with the weights of the uninterrupted run (was: refused as "other settings")."""
+    from segscale.config import load_config
+
+    term = {"step": 7, "sig": "SIGTERM"}
+    ref_cfg = config(tmp_path, real_store, "ref", **term)
+    (tmp_path / "ref.fired").touch()
+    r = train(ref_cfg, tmp_path / "ref")
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg, run = config(tmp_path, real_store, "pre", **term), tmp_path / "pre"
+    r = train(cfg, run)
+    assert r.returncode == PREEMPTED_EXIT_CODE, r.stderr[-3000:]
+    r = train(cfg, run, "--resume", "data.num_workers=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumes with other speed settings (data.num_workers differs)" in r.stderr
+    assert load_config(run / "config.yaml").data.num_workers == 1
+    env = json.loads((run / "environment.json").read_text())
+    assert [e["config_digest"] for e in env["earlier"]] == [
+        validate(yaml.safe_load(cfg.read_text())).digest()
+    ]
+    assert env["config_digest"] == load_config(run / "config.yaml").digest()
+    assert same_weights(tmp_path / "ref", run)
+    # what the run computes still has to match
+    r = train(cfg, run, "--resume", "train.epochs=4")
+    assert r.returncode != 0 and "started with other settings (train.epochs differs)" in r.stderr
+
+
+def test_the_resume_digest_leaves_out_only_the_speed_settings(real_store):
+    from segscale.config import SPEED_SETTINGS
+
+    base = validate(tiny_config(real_store))
+    for key, value in zip(SPEED_SETTINGS, (2, False, True, True), strict=True):
+        section, name = key.split(".")
+        raw = tiny_config(real_store)
+        raw.setdefault(section, {})[name] = value
+        other = validate(raw)
+        assert other.digest() != base.digest(), key
+        assert other.resume_digest() == base.resume_digest(), key
+    assert validate(tiny_config(real_store, grad_clip=1.0)).resume_digest() != base.resume_digest()

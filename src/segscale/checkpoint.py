@@ -89,7 +89,10 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def load_checkpoint(path: Path, config_digest: str) -> dict[str, Any]:
+def load_checkpoint(path: Path, config_digest: str | tuple[str, ...]) -> dict[str, Any]:
+    """The checkpoint at `path`, verified, whose config_digest is `config_digest` (or one of
+    them). Raises SegscaleError for a damaged file or another configuration's checkpoint."""
+    accepted = (config_digest,) if isinstance(config_digest, str) else config_digest
     problem = verify(path)
     if problem:
         raise SegscaleError(f"{path}: {problem}")
@@ -99,15 +102,15 @@ def load_checkpoint(path: Path, config_digest: str) -> dict[str, Any]:
         raise SegscaleError(f"{path}: cannot read checkpoint: {e}") from e
     if not isinstance(state, dict) or "model" not in state:
         raise SegscaleError(f"{path}: not a segscale checkpoint")
-    if state.get("config_digest") != config_digest:
+    if state.get("config_digest") not in accepted:
         raise SegscaleError(
             f"{path}: written by a different configuration or model ({state.get('config_digest')} ≠ "
-            f"{config_digest}); resume only with the config the run started with"
+            f"{accepted[0]}); resume only with the config the run started with"
         )
     return state
 
 
-def load_latest(run_dir: Path, config_digest: str) -> dict[str, Any] | None:
+def load_latest(run_dir: Path, config_digest: str | tuple[str, ...]) -> dict[str, Any] | None:
     """The newest checkpoint that verifies; damaged ones are skipped with a warning. A checkpoint
     of another configuration is an error, not something to skip."""
     for path in reversed(list_checkpoints(run_dir)):

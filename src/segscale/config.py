@@ -141,6 +141,10 @@ class AugmentConfig(_Strict):
 
 # Table 2.1 of the thesis (left atrium): rotation ±45°, zoom 0.8–1.2, translation up to 25.6 px of
 # 512 (5%). `augment: left-atrium` in a config, `--preset left-atrium` offline.
+# How fast, not what: a run computes the same with any of their values (the same batches; at
+# most float rounding for channels_last and compile), so a run may resume with others.
+SPEED_SETTINGS = ("data.num_workers", "data.on_device", "train.channels_last", "train.compile")
+
 AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
     "left-atrium": {"enabled": True, "rotation": 45.0, "zoom": (0.8, 1.2), "translation": 0.05}
 }
@@ -805,6 +809,16 @@ class RunConfig(_Strict):
     def digest(self) -> str:
         """A short hash of the settings (for checkpoints and records)."""
         blob = json.dumps(self.settings(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def resume_digest(self) -> str:
+        """A short hash of what the run computes: the settings without SPEED_SETTINGS, which a
+        resume may change (checkpoints carry it; a resume is refused when it differs)."""
+        data = self.settings()
+        for key in SPEED_SETTINGS:
+            section, name = key.split(".")
+            data[section].pop(name, None)
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def differing_keys(self, other: RunConfig, ignore: tuple[str, ...] = ()) -> list[str]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segscale._files import RUN_LOCK, differ, lock_holder, to_json, write_atomic
-from segscale.config import RunConfig, load_config, save_config
+from segscale.config import SPEED_SETTINGS, RunConfig, load_config, save_config
 from segscale.errors import SegscaleError, did_you_mean
 from segscale.imgmed.store import Store
 from segscale.registry import (
@@ -481,7 +481,10 @@ class Plan:
             steps_per_epoch=steps,
             val_every=t.val_every,
             grad_clip=t.grad_clip,
-            config_digest=c.digest(),
+            # what the run computes: a resume may change how fast (SPEED_SETTINGS); checkpoints
+            # written before resume digests carry the digest of every setting
+            config_digest=c.resume_digest(),
+            older_digests=(c.digest(),),
             checkpoint_every=t.checkpoint_every,
             keep_checkpoints=t.keep_checkpoints,
             callbacks=[*self.callbacks(), *self.pictures(strategy), *(callbacks or [])],
@@ -848,13 +851,20 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, workers: bool =
     started = check_started(run_dir, resume)
     if started:  # resuming: only with the settings the run started with, on the same data
         before = load_config(run_dir / "config.yaml")
-        if before.digest() != cfg.digest():
-            changed = before.differing_keys(cfg)
+        if before.resume_digest() != cfg.resume_digest():
+            changed = before.differing_keys(cfg, ignore=SPEED_SETTINGS)
             raise SegscaleError(
                 f"{run_dir}: started with other settings ({differ(changed)}); "
                 "resume it with the config it started with, or train into a new --run-dir"
             )
         check_same_store(run_dir, Store.open(cfg.data.store))
+        faster = before.differing_keys(cfg)
+        if faster and not workers:
+            warnings.warn(
+                f"{run_dir}: resumes with other speed settings ({differ(faster)}): "
+                "the same computation, config.yaml records the new values",
+                stacklevel=2,
+            )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file where a folder of the path should be, no permission ...

@@ -191,6 +191,11 @@ RESUMABLE = (
     "simulated",
     "gpus",
     "cpu_model",
+    # the speed settings (config.SPEED_SETTINGS): config_digest covers data.num_workers
+    "config_digest",
+    "channels_last",
+    "compile",
+    "data_on_device",
 )
 
 

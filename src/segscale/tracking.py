@@ -47,7 +47,7 @@ class MLflowTracker:
     """Mirror the run into MLflow: parameters (the flattened config), one metrics row per epoch at
     its global step, step metrics (step/...) every monitor.log_every steps, every rank's system
     metrics (system/<node>/<rank>/...), each validation's picture grid (artifacts validation/),
-    tags (run folder, config digest), and at the end
+    tags (run folder, resume digest: what the run computes), and at the end
     config.yaml, environment.json and metrics.jsonl as artifacts. Status: FINISHED, KILLED
     (preempted or stopped) or FAILED. Every `poll_seconds` it reads the run's tags: segscale.stop
     = true, set in the MLflow UI or through its API, stops the run gracefully (checkpoint, resume
@@ -94,7 +94,8 @@ class MLflowTracker:
 
     def on_train_start(self, trainer: Any) -> None:
         self._thread.start()
-        self._queue.put(("tags", {"segscale.config_digest": trainer.config_digest}))
+        # the digest its checkpoints carry (RunConfig.resume_digest): runs that compute the same
+        self._queue.put(("tags", {"segscale.resume_digest": trainer.config_digest}))
 
     def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
         self._queue.put(("metrics", dict(record)))

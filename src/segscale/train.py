@@ -68,6 +68,7 @@ class Trainer:
         grad_clip: float | None = None,
         callbacks: Sequence[Any] = (),
         config_digest: str = "",
+        older_digests: tuple[str, ...] = (),
         checkpoint_every: int | None = None,
         keep_checkpoints: int = 3,
         amp: str = "none",
@@ -99,6 +100,8 @@ class Trainer:
             list(callbacks),
             config_digest,
         )
+        # checkpoints carry config_digest; a resume also takes those written with older_digests
+        self.older_digests = older_digests
         self.checkpoint_every, self.keep_checkpoints = checkpoint_every, keep_checkpoints
         self.fuse_microbatches = fuse_microbatches
         self.freeze_encoder_epochs = freeze_encoder_epochs
@@ -461,7 +464,7 @@ class Trainer:
 
     def resume(self) -> None:
         """Load the newest valid checkpoint of the run folder, if there is one."""
-        state = load_latest(self.run_dir, self.config_digest)
+        state = load_latest(self.run_dir, (self.config_digest, *self.older_digests))
         if state is not None:
             self.load_state_dict(state)
 
