@@ -200,3 +200,43 @@ def test_grad_clip_bounds_an_sgd_step_by_the_clip_norm(tmp_path, real_store):
     clipped, free = step_norm(1e-3), step_norm(None)
     assert 0 < clipped <= 1e-3 * (1 + 1e-4)
     assert free > 10 * clipped
+
+
+def test_a_store_without_validation_cases_trains_with_val_split_null(tmp_path):
+    """`prepare --val 0` (a final model on every non-test case) was a store no config could
+    train: the empty validation split was refused. data.val_split: null trains without
+    validation, and what needs one says so before launch."""
+    from conftest import prepared_sample
+    from segscale.engine import plan
+    from segscale.methods import methods
+
+    store = prepared_sample(tmp_path, 4, 0.0, 0.25)
+    with pytest.raises(SegscaleError, match=r"split 'val' has no cases .*val_split=null trains"):
+        plan(validate(tiny_config(store)))
+    raw = tiny_config(store, epochs=2, steps_per_epoch=1)
+    raw["data"]["val_split"] = None
+    run_dir = tmp_path / "run"
+    prepare_run_dir(validate(raw), run_dir, resume=False)
+    worker.train(run_dir, progress=False)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert not any(k.startswith("val_") for r in rows for k in r)
+    assert (run_dir / "model.pt").is_file() and not (run_dir / "checkpoints" / "best.pt").exists()
+    assert "No validation during training (data.val_split: null)" in methods(run_dir)
+    early = {
+        **raw,
+        "train": {
+            **raw["train"],
+            "callbacks": [{"name": "early_stop", "kwargs": {"reference": {1: 0.5}}}],
+        },
+    }
+    with pytest.raises(SegscaleError, match=r"reads the validation metric 'dice', and data.val_"):
+        plan(validate(early)).check(1)
+    with pytest.raises(SegscaleError, match="split_seed draws which training cases validate"):
+        validate({**raw, "data": {**raw["data"], "split_seed": 1}})
+    from conftest import cli
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    r = cli("tune", tmp_path / "c.yaml", "--workers", 2, "--out", tmp_path / "tuned")
+    assert r.returncode == 2 and "tuning needs a validation split" in r.stderr, r.stderr
+    assert not (tmp_path / "tuned").exists()

@@ -193,7 +193,12 @@ class TransformConfig(Component):
 class DataConfig(_Strict):
     store: Path = Field(description="A prepared store: the output folder of `segscale prepare`.")
     train_split: str = "train"
-    val_split: str = "val"
+    val_split: str | None = Field(
+        "val",
+        description="Split validated during training. null: none, e.g. a final model on every "
+        "training and validation case (model.pt is the last epoch's; no best.pt, no validation "
+        "pictures, no callback that reads a validation metric).",
+    )
     test_split: str = Field("test", description="Split that `segscale evaluate` scores by default.")
     num_workers: int = Field(0, ge=0, description="DataLoader processes per training worker.")
     on_device: Literal["auto"] | bool = Field(
@@ -246,6 +251,11 @@ class DataConfig(_Strict):
         ]
         if unread and not a.enabled and "enabled" not in a.model_fields_set:
             raise ValueError(f"augment: {', '.join(unread)} take effect only with enabled: true")
+        if self.split_seed is not None and self.val_split is None:
+            raise ValueError(
+                "split_seed draws which training cases validate: it needs a val_split "
+                "(val_split is null)"
+            )
         if self.on_device is True and (self.transform is not None or self.num_workers):
             raise ValueError(
                 "on_device gathers batches on the device, without per-sample work: it cannot "

@@ -214,6 +214,12 @@ class Plan:
         for i, cb in enumerate(self.callbacks()):
             what = f"train.callbacks[{i}] '{self.cfg.train.callbacks[i].name}'"
             check_hooks(what, cb)
+            reads = list(getattr(cb, "reads", ()))
+            if reads and self.cfg.data.val_split is None:
+                raise SegscaleError(
+                    f"{what}: reads the validation metric '{reads[0]}', and data.val_split is "
+                    "null (no validation); name a val_split or leave the callback out"
+                )
             unknown = [m for m in getattr(cb, "reads", ()) if given is not None and m not in given]
             if unknown:  # it would wait for a metric that never comes: a run that never stops
                 raise SegscaleError(
@@ -355,12 +361,11 @@ class Plan:
 
     def loaders(self, strategy: Strategy) -> tuple[TrainLoader, Any]:
         """The training loader (this process's shard, or every virtual rank's when simulating)
-        and the exactly sharded validation loader."""
+        and the exactly sharded validation loader (None without data.val_split)."""
         from segscale.data import SliceDataset, TrainLoader, eval_loader
 
         c, t = self.cfg, self.cfg.train
         train = SliceDataset(self.store, c.data.train_split, self.transform())
-        val = SliceDataset(self.store, c.data.val_split)
         # the workers this process plays: its own rank, or all K virtual ranks when simulating
         ranks = list(range(strategy.virtual_workers)) if t.simulate_workers else [strategy.rank]
         train_loader = TrainLoader(
@@ -374,6 +379,9 @@ class Plan:
             c.data.num_workers,
             on_device=self.on_device(train, strategy.device),
         )
+        if c.data.val_split is None:
+            return train_loader, None
+        val = SliceDataset(self.store, c.data.val_split)
         return train_loader, eval_loader(val, t.batch_size, strategy.rank, strategy.world_size)
 
     def on_device(self, train: Any, device: torch.device) -> bool:
@@ -474,7 +482,7 @@ class Plan:
             strategy,
             epochs=t.epochs,
             num_classes=self.num_classes,
-            num_val_cases=len(val_loader.dataset.cases),
+            num_val_cases=0 if val_loader is None else len(val_loader.dataset.cases),
             task=self.task,
             run_dir=run_dir,
             seed=c.seed_for("data"),
@@ -505,6 +513,8 @@ class Plan:
 
         count = self.cfg.monitor.pictures
         if strategy.rank != 0 or not count or getattr(self.task, "metric", None) != "dice":
+            return []
+        if self.cfg.data.val_split is None:
             return []
         return [ValidationPictures(self.store, self.cfg.data.val_split, count, self.num_classes)]
 
@@ -745,10 +755,13 @@ def plan(cfg: RunConfig) -> Plan:
     if cfg.data.split_seed is not None:  # another train/validation partition, the test split kept
         store = store.repartition(cfg.data.train_split, cfg.data.val_split, cfg.data.split_seed)
     for key in ("train_split", "val_split"):
+        if getattr(cfg.data, key) is None:  # no validation
+            continue
         try:
             store.rows(getattr(cfg.data, key))
         except SegscaleError as e:
-            raise SegscaleError(f"data.{key}: {e}") from None
+            hint = "; data.val_split=null trains without validation" if key == "val_split" else ""
+            raise SegscaleError(f"data.{key}: {e}{hint}") from None
     check_kwargs(TASKS, cfg.task.name, cfg.task.kwargs)
     what = f"task '{cfg.task.name}' kwargs {cfg.task.kwargs}"
     task = _build(what, TASKS.resolve(cfg.task.name), **cfg.task.kwargs)

@@ -235,10 +235,17 @@ def methods(target: Path) -> str:
         f"Learning-rate schedule: {sched}" + (f"; peak lr {peak:.4g}" if peak else "") + "."
     )
     checks.append((FIG_5_5, "optimiser and every hyperparameter", True, ""))
-    lines.append(
-        f"Validation every {t.val_every} epoch(s) on the validation split; the final model is the "
-        "last epoch's weights (model.pt; the best validation checkpoint is kept as best.pt)."
-    )
+    if cfg.data.val_split is None:
+        lines.append(
+            "No validation during training (data.val_split: null): the final model is the last "
+            "epoch's weights (model.pt), after a fixed number of epochs."
+        )
+    else:
+        lines.append(
+            f"Validation every {t.val_every} epoch(s) on the validation split; the final model is "
+            "the last epoch's weights (model.pt; the best validation checkpoint is kept as "
+            "best.pt)."
+        )
     checks.append(
         (CLAIM, "training details: stopping criterion and selection of the final model", True, "")
     )

@@ -162,7 +162,9 @@ class Trainer:
             for epoch in range(self.epoch, last):
                 self.set_epoch(epoch)
                 record = self.train_epoch(epoch)
-                if (epoch + 1) % self.val_every == 0 or epoch + 1 == self.epochs:
+                if self.val_loader is not None and (
+                    (epoch + 1) % self.val_every == 0 or epoch + 1 == self.epochs
+                ):
                     record.update({f"val_{k}": v for k, v in self.validate().items()})
                     self._call("on_validation_end", record)
                 if self._finish_reason is not None and epoch + 1 < self.epochs:

@@ -105,6 +105,11 @@ def tune(
 
     cfg = load_config(config, overrides)
     require_segmentation(cfg, config, "tune")
+    if cfg.data.val_split is None:
+        raise SegscaleError(
+            f"{config}: data.val_split is null; the guideline decides on validation Dice, "
+            "so tuning needs a validation split"
+        )
     k = options.workers
     if k < 2:
         raise SegscaleError(f"--workers {k}: tuning is for 2 or more workers")
