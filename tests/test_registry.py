@@ -123,3 +123,42 @@ def test_a_user_optimizer_by_path(real_store, tmp_path):
     cfg["train"]["optimizer"]["name"] = "adamm"
     with pytest.raises(SegscaleError, match=r"unknown optimizer 'adamm' \(did you mean 'adam'\?\)"):
         plan(validate(cfg))
+
+
+def test_kwargs_of_the_wrong_type_are_refused_before_anything_is_built(real_store, tmp_path):
+    """A kwarg that does not fit its annotation is one line naming it, read from the source of
+    built-ins (plan imports no torch) and from the signature of a user's plug-in (was: whatever
+    the factory raised once called, e.g. "AttributeError: 'float' object has no attribute
+    'items'" for early_stop's reference curve given as one number)."""
+    from segscale.config import validate
+    from segscale.engine import plan
+
+    def planned(**parts):
+        cfg = tiny_config(real_store)
+        for key, value in parts.items():
+            section, _, name = key.rpartition(".")
+            (cfg[section] if section else cfg)[name] = value
+        return plan(validate(cfg))
+
+    early = {"name": "early_stop", "kwargs": {"reference": 0.5}}
+    with pytest.raises(SegscaleError, match=r"callback 'early_stop' kwargs: reference 0.5 does "):
+        planned(**{"train.callbacks": [early]})
+    early["kwargs"] = {"reference": {1: 0.5}, "patience": 2.5}
+    with pytest.raises(SegscaleError, match=r"patience 2.5 does not fit int \(input should be"):
+        planned(**{"train.callbacks": [early]})
+    with pytest.raises(SegscaleError, match=r"model 'unet' kwargs: base_channels 'abc' does not"):
+        planned(model={"name": "unet", "kwargs": {"base_channels": "abc"}})
+    early["kwargs"] = {"reference": {"1": 0.5, 2: 1}, "margin": {1: 0}, "patience": 2}
+    planned(**{"train.callbacks": [early]})  # lax, as the config: 1 fits float, "1" a key
+    plugin = tmp_path / "net.py"
+    plugin.write_text(
+        "from __future__ import annotations\n"
+        "import torch\n"
+        "def net(in_channels, num_classes, width: int = 4, scale: torch.Tensor | None = None,"
+        " sizes: tuple[int, int] = (1, 2)):\n"
+        "    return torch.nn.Conv2d(in_channels, num_classes, 1)\n"
+    )
+    # a type beyond plain data is the plug-in's to check; a YAML list fits a tuple
+    planned(model={"name": f"{plugin}:net", "kwargs": {"scale": "x", "sizes": [3, 4]}})
+    with pytest.raises(SegscaleError, match=r"net' kwargs: width \[4\] does not fit int"):
+        planned(model={"name": f"{plugin}:net", "kwargs": {"width": [4]}})

@@ -16,8 +16,9 @@ import importlib
 import importlib.util
 import inspect
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional, Union
 
 from segscale.errors import SegscaleError, did_you_mean
 
@@ -109,18 +110,67 @@ def _signature_of(args: ast.arguments, skip_first: bool) -> inspect.Signature:
         positional = positional[1:]
     n_plain = len(positional) - len(args.defaults)
     params = [
-        P(a.arg, kind, default=P.empty if i < n_plain else ...)
+        P(a.arg, kind, default=P.empty if i < n_plain else ..., annotation=_annotation(a))
         for i, (a, kind) in enumerate(positional)
     ]
     if args.vararg:
         params.append(P(args.vararg.arg, P.VAR_POSITIONAL))
     params += [
-        P(a.arg, P.KEYWORD_ONLY, default=P.empty if d is None else ...)
+        P(a.arg, P.KEYWORD_ONLY, default=P.empty if d is None else ..., annotation=_annotation(a))
         for a, d in zip(args.kwonlyargs, args.kw_defaults)
     ]
     if args.kwarg:
         params.append(P(args.kwarg.arg, P.VAR_KEYWORD))
     return inspect.Signature(params)
+
+
+def _annotation(arg: ast.arg) -> Any:
+    """An argument's annotation as its source text (what `from __future__ import annotations`
+    keeps), or empty."""
+    return inspect.Parameter.empty if arg.annotation is None else ast.unparse(arg.annotation)
+
+
+# the names a kwargs annotation may use to be checked (check_kwargs): plain data types only;
+# an annotation naming anything else (a tensor, a module, a class of the plug-in) is not checked
+_DATA_TYPES: dict[str, Any] = {
+    **{t.__name__: t for t in (int, float, str, bool, dict, list, tuple, set, object)},
+    "None": None,
+    "Any": Any,
+    "Literal": Literal,
+    "Optional": Optional,
+    "Union": Union,
+    "Sequence": Sequence,
+    "Mapping": Mapping,
+}
+
+
+def _check_types(what: str, signature: inspect.Signature, kwargs: dict[str, Any]) -> None:
+    """Refuse a kwarg whose value does not fit its annotation (pydantic's lax mode, the one the
+    config itself is read with: 1 fits float, [1, 2] fits tuple), e.g. early_stop's reference
+    curve given as one number. Annotations beyond plain data types are not checked."""
+    from pydantic import TypeAdapter, ValidationError
+
+    for name, value in kwargs.items():
+        param = signature.parameters.get(name)
+        annotation = inspect.Parameter.empty if param is None else param.annotation
+        if annotation is inspect.Parameter.empty:
+            continue
+        text = annotation if isinstance(annotation, str) else None
+        try:
+            if text is not None:  # source text: evaluated with plain data types in scope only
+                annotation = eval(text, {"__builtins__": {}}, _DATA_TYPES)
+            adapter = TypeAdapter(annotation)
+        except Exception:  # another type, or one pydantic cannot check: left to the factory
+            continue
+        try:
+            adapter.validate_python(value)
+        except ValidationError as e:
+            expected = text or getattr(annotation, "__name__", str(annotation))
+            reason = e.errors()[0]["msg"]
+            raise SegscaleError(
+                f"{what}: {name} {value!r} does not fit {expected} ({reason[:1].lower()}"
+                f"{reason[1:]})"
+            ) from None
 
 
 def load_attr(spec: str) -> Any:
@@ -259,3 +309,4 @@ def check_kwargs(
             f"{registry.kind} '{spec}' kwargs {sorted(kwargs)}: {e}; "
             f"accepted: {', '.join(params) or 'none'}"
         ) from None
+    _check_types(f"{registry.kind} '{spec}' kwargs", signature, kwargs)
