@@ -145,7 +145,7 @@ class BoomStrategy:
         (
             "loss",
             {"name": "dice", "kwargs": {"smooth": "abc"}},
-            r"train.loss 'dice' kwargs .*fails",
+            r"loss 'dice' kwargs: smooth 'abc' does not fit float",
         ),
         ("loss", "PLUGIN:BoomLoss", r"train.loss '.*:BoomLoss' kwargs \{\}: ValueError: boom loss"),
         (

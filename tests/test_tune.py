@@ -53,6 +53,51 @@ def test_early_stop_finishes_a_run_that_stays_under_its_reference(tmp_path, real
     assert not any("finished_early" in r for r in rows(kept))
 
 
+def test_early_stop_without_a_reference_finishes_when_the_metric_stops_improving(
+    tmp_path, real_store
+):
+    """Keras', Lightning's and MONAI's early stopping: `patience` validations in a row that do
+    not beat the best by more than `min_delta` (was: a reference curve was required, so
+    `early_stop: {patience: 5}`, a user's first try, was refused)."""
+    from types import SimpleNamespace
+
+    from segscale.train import EarlyStop
+
+    def verdict(stop, dice, **seen):
+        trainer = SimpleNamespace(history=[], reason=None)
+        trainer.finish_early = lambda why: setattr(trainer, "reason", why)
+        for epoch, value in enumerate(dice, 1):
+            record = {"epoch": epoch, "val_dice": value}
+            stop.on_validation_end(trainer, record)
+            trainer.history.append(record)
+            if trainer.reason:
+                return epoch, trainer.reason
+        return None
+
+    assert verdict(EarlyStop(patience=2), [0.5, 0.6, 0.6, 0.59]) == (
+        4,
+        "val_dice not improved for 2 validations in a row (best 0.6000 at epoch 2)",
+    )
+    assert verdict(EarlyStop(patience=2), [0.5, 0.6, 0.6, 0.61, 0.6]) is None
+    delta = EarlyStop(patience=2, min_delta=0.05)
+    assert verdict(delta, [0.5, 0.52, 0.54, 0.56])[0] == 3  # +0.04 each time: no improvement
+    assert verdict(EarlyStop(patience=1, after=3), [0.5, 0.4, 0.4, 0.4])[0] == 4
+    assert verdict(EarlyStop(patience=2), [0.5, float("nan"), float("nan")])[0] == 3
+    for bad, match in (
+        ({"margin": 0.1}, "margin is below a reference curve; without one, min_delta"),
+        ({"reference": {1: 0.5}, "min_delta": 0.1}, "min_delta is without a reference"),
+        ({"min_delta": -0.1}, "min_delta -0.1, expected 0 or more"),
+        ({"reference": {1: 0.5}, "margin": -1}, "margin -1, expected 0 or more"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            EarlyStop(**bad)
+    # end to end: no validation beats the first by more than 1, so it stops at the third
+    run = early_stop_run(tmp_path, real_store, "plateau", patience=2, min_delta=1.0)
+    history = rows(run)
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert history[-1]["finished_early"].startswith("val_dice not improved by more than 1 for 2")
+
+
 def test_early_stop_names_a_metric_the_validation_does_not_give():
     """A task without validation_metrics is not checked before launch: the first validation
     says it (was: a run that never stopped early, without a word)."""

@@ -526,8 +526,9 @@ class StrategyConfig(Component):
 
 class CallbackConfig(Component):
     name: str = Field(
-        description="early_stop (finish when the validation metric stays under a reference "
-        "curve: kwargs reference, margin, patience, after, metric) | a 'pkg.mod:Class' / "
+        description="early_stop (finish when the validation metric has not improved by more "
+        "than min_delta for patience validations, or with a reference curve stays under it: "
+        "kwargs patience, min_delta, reference, margin, after, metric) | a 'pkg.mod:Class' / "
         "'file.py:Class' with hooks (on_step_end, on_epoch_end, ...), called as Class(**kwargs)."
     )
 

@@ -528,35 +528,56 @@ def check_hooks(what: str, part: Any, tracker: bool = False) -> None:
 
 
 class EarlyStop:
-    """Finish a run early (Trainer.finish_early) when its validation metric stays clearly below a
-    reference curve, e.g. a baseline's: `patience` validations in a row under the reference at
-    the same epoch minus `margin`, counted from epoch `after` on. The rule of Optuna's
-    MedianPruner and of ASHA's early rungs (compare with others at the same point of training),
-    against one reference curve. Stateless between calls: it reads the run's history, so a
-    resumed run decides as an uninterrupted one would.
+    """Finish a run early (Trainer.finish_early) when its validation metric (higher is better)
+    stops improving, or stays clearly below a reference curve. Stateless between calls: it reads
+    the run's history, so a resumed run decides as an uninterrupted one would.
 
-    reference: {epoch (1-based): value}; margin: a number, or {epoch: number} (e.g. the
-    reference's run-to-run spread at each epoch); metric: the validation metric's name (`dice`:
-    the record's `val_dice`), checked before launch against the task's validation metrics
-    (`reads`), and at the first validation. Raises ValueError for an empty reference or
-    patience < 1."""
+    Without `reference`: after `patience` validations in a row that do not beat the best so far
+    by more than `min_delta` (Keras' and Lightning's EarlyStopping, MONAI's EarlyStopHandler).
+    With `reference` ({epoch (1-based): value}, e.g. a baseline's curve): after `patience`
+    validations in a row under the reference at the same epoch minus `margin` (a number, or
+    {epoch: number} such as the reference's run-to-run spread there; default 0.05): the rule of
+    Optuna's MedianPruner and of ASHA's early rungs, against one curve. Either way validations
+    up to epoch `after` do not count (a warmup), and a NaN counts as no better.
+
+    metric: the validation metric's name (`dice`: the record's `val_dice`), checked before launch
+    against the task's validation metrics (`reads`), and at the first validation. Raises
+    ValueError for an empty reference, patience < 1, a negative min_delta or margin, or a
+    setting of the other rule (margin without reference, min_delta with one)."""
 
     def __init__(
         self,
-        reference: dict[int | str, float],
-        margin: float | dict[int | str, float] = 0.05,
+        reference: dict[int | str, float] | None = None,
+        margin: float | dict[int | str, float] | None = None,
         patience: int = 3,
         after: float = 0,
         metric: str = "dice",
+        min_delta: float | None = None,
     ) -> None:
-        if not reference:
+        if reference is not None and not reference:
             raise ValueError("early_stop: the reference curve is empty")
         if patience < 1:
             raise ValueError(f"early_stop: patience {patience}, expected at least 1")
-        self.reference = {int(k): float(v) for k, v in reference.items()}
-        self.margin = (
-            {int(k): float(v) for k, v in margin.items()} if isinstance(margin, dict) else margin
+        if reference is None and margin is not None:
+            raise ValueError(
+                "early_stop: margin is below a reference curve; without one, min_delta"
+            )
+        if reference is not None and min_delta is not None:
+            raise ValueError("early_stop: min_delta is without a reference curve; with one, margin")
+        if min_delta is not None and not min_delta >= 0:
+            raise ValueError(f"early_stop: min_delta {min_delta}, expected 0 or more")
+        margins = margin.values() if isinstance(margin, dict) else [margin or 0]
+        if not all(m >= 0 for m in margins):
+            raise ValueError(f"early_stop: margin {margin}, expected 0 or more")
+        self.reference = (
+            None if reference is None else {int(k): float(v) for k, v in reference.items()}
         )
+        self.margin = (
+            {int(k): float(v) for k, v in margin.items()}
+            if isinstance(margin, dict)
+            else (0.05 if margin is None else margin)
+        )
+        self.min_delta = min_delta or 0.0
         self.patience, self.after, self.key = patience, after, f"val_{metric}"
         self.reads = (metric,)  # the validation metrics it needs (Plan.check)
 
@@ -575,17 +596,42 @@ class EarlyStop:
                 f"early_stop: metric '{self.key[4:]}' is not among the validation's metrics "
                 f"({given})"
             )
+        history = [*trainer.history, record]
+        reason = self._plateau(history) if self.reference is None else self._under(history)
+        if reason:
+            trainer.finish_early(reason)
+
+    def _under(self, history: list[dict[str, Any]]) -> str | None:
         run = 0
-        for r in [*trainer.history, record]:
+        for r in history:
             verdict = self.below(r)
             if verdict is not None:
                 run = run + 1 if verdict else 0
-        if run >= self.patience:
-            ref = self.reference[record["epoch"]]
-            trainer.finish_early(
-                f"{self.key} {record[self.key]:.4f} at epoch {record['epoch']}, under the "
-                f"reference ({ref:.4f}) for {self.patience} validations in a row"
-            )
+        if run < self.patience:
+            return None
+        last = history[-1]
+        return (
+            f"{self.key} {last[self.key]:.4f} at epoch {last['epoch']}, under the reference "
+            f"({self.reference[last['epoch']]:.4f}) for {self.patience} validations in a row"
+        )
+
+    def _plateau(self, history: list[dict[str, Any]]) -> str | None:
+        best, best_epoch, stale = -math.inf, None, 0
+        for r in history:
+            value = r.get(self.key)
+            if value is None:
+                continue
+            if value > best + (self.min_delta if best_epoch is not None else 0):
+                best, best_epoch, stale = value, r["epoch"], 0
+            elif r["epoch"] > self.after:
+                stale += 1
+        if stale < self.patience:
+            return None
+        better = f"by more than {self.min_delta:g} " if self.min_delta else ""
+        best_so_far = (
+            "no number yet" if best_epoch is None else f"best {best:.4f} at epoch {best_epoch}"
+        )
+        return f"{self.key} not improved {better}for {self.patience} validations in a row ({best_so_far})"
 
 
 class DivergenceGuard:
