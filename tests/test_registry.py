@@ -148,6 +148,11 @@ def test_kwargs_of_the_wrong_type_are_refused_before_anything_is_built(real_stor
         planned(**{"train.callbacks": [early]})
     with pytest.raises(SegscaleError, match=r"model 'unet' kwargs: base_channels 'abc' does not"):
         planned(model={"name": "unet", "kwargs": {"base_channels": "abc"}})
+    # read leniently, a quoted number reached the factory as text: a crash after the first epoch
+    for given in ({"margin": "0.1"}, {"patience": "3"}, {"margin": {1: "0.1"}}, {"after": True}):
+        early["kwargs"] = {"reference": {1: 0.5}, **given}
+        with pytest.raises(SegscaleError, match=r"a quoted number or a true/false where a number"):
+            planned(**{"train.callbacks": [early]})
     early["kwargs"] = {"reference": {"1": 0.5, 2: 1}, "margin": {1: 0}, "patience": 2}
     planned(**{"train.callbacks": [early]})  # lax, as the config: 1 fits float, "1" a key
     plugin = tmp_path / "net.py"

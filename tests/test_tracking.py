@@ -170,12 +170,24 @@ def test_tracker_lists_and_values_are_checked_before_launch(tmp_path, real_store
         with pytest.raises(SegscaleError, match=message):
             validate({**tiny_config(real_store), "tracker": trackers})
     bad = {"name": "mlflow", "kwargs": {"poll_seconds": -1}}
-    with pytest.raises(SegscaleError, match="poll_seconds -1: expected a number of seconds > 0"):
+    with pytest.raises(
+        SegscaleError, match=r"poll_seconds -1: expected a number of seconds ≥ 0\.05"
+    ):
         plan(validate({**tiny_config(real_store), "tracker": bad})).check(1)
     # a store MLflow cannot open was one warning after the whole run had trained untracked
     bad = {"name": "mlflow", "kwargs": {"uri": "bogus://x"}}
     with pytest.raises(SegscaleError, match="uri bogus://x: MLflow has no tracking store"):
         plan(validate({**tiny_config(real_store), "tracker": bad})).check(1)
+    # MLflow 3 only reads its file store: a folder was accepted, then nothing was recorded
+    for folder in (str(tmp_path), tmp_path.as_uri()):
+        bad = {"name": "mlflow", "kwargs": {"uri": folder}}
+        with pytest.raises(SegscaleError, match=r"its file store .* no longer writes; expected"):
+            plan(validate({**tiny_config(real_store), "tracker": bad})).check(1)
+    bad = {"name": "mlflow", "kwargs": {"experiment": " "}}
+    with pytest.raises(SegscaleError, match="expected an MLflow experiment name"):
+        plan(validate({**tiny_config(real_store), "tracker": bad})).check(1)
+    with pytest.raises(SegscaleError, match=r"system_every': expected 0 \(off\) or 0\.05 s"):
+        validate({**tiny_config(real_store), "monitor": {"system_every": 0.001}})
 
 
 def test_a_bad_override_is_named_as_such_with_the_values_it_may_take(tmp_path, real_store):

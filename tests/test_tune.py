@@ -98,6 +98,34 @@ def test_early_stop_without_a_reference_finishes_when_the_metric_stops_improving
     assert history[-1]["finished_early"].startswith("val_dice not improved by more than 1 for 2")
 
 
+def test_an_early_stop_that_can_never_fire_is_a_warning_before_launch(real_store):
+    """A run that validates fewer times than early_stop's patience, or never at an epoch of its
+    reference, trained to the end without a word (a silent no-op)."""
+    from segscale.engine import plan
+
+    def notes(epochs, val_every=1, log_every=50, **kwargs):
+        cfg = tiny_config(real_store, epochs=epochs, val_every=val_every)
+        cfg["train"]["callbacks"] = [{"name": "early_stop", "kwargs": kwargs}]
+        cfg["monitor"] = {"log_every": log_every}
+        return [n for n in plan(validate(cfg)).scale_notes(1) if "early_stop" in n]
+
+    assert notes(5, patience=3) == []  # 4 validations after the first: it can fire
+    assert notes(3, patience=3) == [
+        "train.callbacks[0] early_stop can never finish this run: patience 3, and 2 of the "
+        "run's validations (epochs 1, 2, 3) count after epoch 0"
+    ]
+    assert notes(6, val_every=5, patience=2)  # validates at epochs 5 and 6 only
+    assert notes(4, after=3, reference={1: 0.5, 4: 0.5}, patience=2)
+    assert notes(4, reference={"10": 0.5, "20": 0.5}, patience=1)
+    assert notes(4, reference={"4": 0.5}, patience=1) == []
+    cfg = tiny_config(real_store, epochs=2)  # 3 steps an epoch
+    cfg["monitor"] = {"log_every": 7}
+    assert any(
+        "log_every 7 is more than the run's 6 steps" in n
+        for n in plan(validate(cfg)).scale_notes(1)
+    )
+
+
 def test_early_stop_names_a_metric_the_validation_does_not_give():
     """A task without validation_metrics is not checked before launch: the first validation
     says it (was: a run that never stopped early, without a word)."""

@@ -479,9 +479,13 @@ class TrackerConfig(Component):
     )
     kwargs: dict[str, Any] = Field(
         default_factory=dict,
-        description="mlflow: uri (any MLflow tracking URI), experiment (default 'segscale'), "
+        description="mlflow: uri (an MLflow tracking URI: sqlite://, http(s)://, a database), "
+        "experiment (default 'segscale'), "
         "poll_seconds (how often the run's tags are read for segscale.stop; default 5).",
     )
+
+
+MIN_INTERVAL = 0.05  # seconds: the shortest sampling or polling interval of a monitor
 
 
 class MonitorConfig(_Strict):
@@ -497,8 +501,19 @@ class MonitorConfig(_Strict):
         10.0,
         ge=0,
         description="Seconds between samples of every rank's CPU, memory, disk and network use "
-        "(and its GPU's, with nvidia-ml-py) into RUN_DIR/system/; 0: none.",
+        "(and its GPU's, with nvidia-ml-py) into RUN_DIR/system/; 0: none; at least 0.05.",
     )
+
+    @field_validator("system_every")
+    @classmethod
+    def _a_sampling_interval(cls, v: float) -> float:
+        # below it the sampler is a busy loop that takes a core from training
+        if 0 < v < MIN_INTERVAL or v == math.inf:
+            raise ValueError(
+                f"expected 0 (off) or {MIN_INTERVAL:g} s to a finite number of seconds"
+            )
+        return v
+
     pictures: int = Field(
         4,
         ge=0,

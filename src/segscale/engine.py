@@ -127,7 +127,14 @@ class Plan:
         for: run_length_notes, and a global batch larger than the training split (one short
         step per epoch, the lr scaled for a batch no step has). Warnings, not errors."""
         t = self.cfg.train
-        notes = run_length_notes(t, self.steps_per_epoch(workers))
+        steps = self.steps_per_epoch(workers)
+        notes = run_length_notes(t, steps)
+        log_every = self.cfg.monitor.log_every
+        if log_every and log_every > t.epochs * steps:
+            notes.append(
+                f"monitor.log_every {log_every} is more than the run's {t.epochs * steps} steps: "
+                "no step metrics (step/loss, step/lr, ...) are recorded"
+            )
         slices = len(self.store.rows(self.cfg.data.train_split))
         if t.batch_size * workers > slices:
             notes.append(
@@ -735,7 +742,31 @@ def run_length_notes(train: Any, steps_per_epoch: int) -> list[str]:
             f"train.finetune.freeze_encoder_epochs {train.finetune.freeze_encoder_epochs}"
             f": the run has {epochs} epochs, so the encoder does not train"
         )
+    validated = [e for e in range(1, epochs + 1) if e % train.val_every == 0 or e == epochs]
+    for i, cb in enumerate(train.callbacks):
+        if cb.name == "early_stop":
+            notes += _early_stop_notes(f"train.callbacks[{i}] early_stop", cb.kwargs, validated)
     return notes
+
+
+def _early_stop_notes(what: str, kwargs: dict[str, Any], validated: list[int]) -> list[str]:
+    """Why the built-in early_stop (kwargs already checked) can never finish a run that
+    validates at the epochs `validated`: fewer counting validations than its patience."""
+    patience, after = kwargs.get("patience", 3), kwargs.get("after", 0)
+    reference = kwargs.get("reference")
+    counted = [e for e in validated if e > after]
+    if reference is not None:  # only validations at an epoch of the curve compare
+        counted = [e for e in counted if str(e) in {str(k) for k in reference}]
+    elif counted and counted[0] == validated[0]:  # the first validation sets the best so far
+        counted = counted[1:]
+    if len(counted) >= patience:
+        return []
+    on = "at an epoch of its reference " if reference is not None else ""
+    epochs = ", ".join(map(str, validated[:6])) + (", ..." if len(validated) > 6 else "")
+    return [
+        f"{what} can never finish this run: patience {patience}, and {len(counted)} of the "
+        f"run's validations (epochs {epochs}) count {on}after epoch {after:g}"
+    ]
 
 
 def _open_store(cfg: RunConfig) -> Store:

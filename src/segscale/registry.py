@@ -162,15 +162,34 @@ def _check_types(what: str, signature: inspect.Signature, kwargs: dict[str, Any]
             adapter = TypeAdapter(annotation)
         except Exception:  # another type, or one pydantic cannot check: left to the factory
             continue
+        expected = text or getattr(annotation, "__name__", str(annotation))
         try:
-            adapter.validate_python(value)
+            fitted = adapter.validate_python(value)
         except ValidationError as e:
-            expected = text or getattr(annotation, "__name__", str(annotation))
             reason = e.errors()[0]["msg"]
             raise SegscaleError(
                 f"{what}: {name} {value!r} does not fit {expected} ({reason[:1].lower()}"
                 f"{reason[1:]})"
             ) from None
+        if _retyped(value, fitted):  # the factory gets the value as given, not as pydantic read it
+            raise SegscaleError(
+                f"{what}: {name} {value!r} does not fit {expected} (a quoted number or a "
+                "true/false where a number goes: write it bare)"
+            )
+
+
+def _retyped(given: Any, fitted: Any) -> bool:
+    """Whether lax validation read `given` as another kind of value: text or a bool as a number
+    ("3" → 3, true → 1), anywhere inside lists and dicts."""
+    if isinstance(given, str | bool):
+        return type(fitted) is not type(given)
+    if isinstance(given, dict) and isinstance(fitted, dict) and len(given) == len(fitted):
+        return any(_retyped(a, b) for a, b in zip(given.values(), fitted.values(), strict=True))
+    if isinstance(given, list | tuple) and isinstance(fitted, list | tuple):
+        return len(given) == len(fitted) and any(
+            _retyped(a, b) for a, b in zip(given, fitted, strict=True)
+        )
+    return False
 
 
 def load_attr(spec: str) -> Any:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from segscale._files import write_atomic
+from segscale.config import MIN_INTERVAL
 from segscale.errors import STOP_FILE, Preempted, SegscaleError
 from segscale.monitor import SystemFiles
 
@@ -40,7 +41,8 @@ class NoTracker:
 
 
 # the tracking-store schemes MLflow ships (a dialect may follow '+', as in postgresql+psycopg2)
-MLFLOW_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+# the tracking stores MLflow 3 writes to (its file store, a folder or file://, only reads)
+MLFLOW_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 
 
 class MLflowTracker:
@@ -72,14 +74,23 @@ class MLflowTracker:
         tags: dict[str, str] | None = None,
         poll_seconds: float = 5.0,
     ) -> None:
-        if not 0 < poll_seconds < float("inf"):
-            raise ValueError(f"poll_seconds {poll_seconds}: expected a number of seconds > 0")
-        scheme = uri.partition(":")[0].partition("+")[0].lower() if uri and ":" in uri else ""
-        if scheme and scheme not in MLFLOW_SCHEMES:  # else only a warning, after the whole run
+        if not MIN_INTERVAL <= poll_seconds < float("inf"):  # below: a busy loop beside training
             raise ValueError(
-                f"uri {uri}: MLflow has no tracking store for '{scheme}'; expected one of "
-                f"{', '.join(s + '://' for s in MLFLOW_SCHEMES)} or a folder"
+                f"poll_seconds {poll_seconds}: expected a number of seconds ≥ {MIN_INTERVAL:g}"
             )
+        scheme = uri.partition(":")[0].partition("+")[0].lower() if uri and ":" in uri else ""
+        if uri is not None and scheme not in MLFLOW_SCHEMES:  # else a warning after the run
+            store = (
+                "its file store (a folder), which MLflow 3 no longer writes"
+                if scheme in ("", "file")
+                else f"no tracking store for '{scheme}'"
+            )
+            raise ValueError(
+                f"uri {uri}: MLflow has {store}; expected one of "
+                f"{', '.join(s + '://' for s in MLFLOW_SCHEMES)}, e.g. sqlite:///PATH/mlflow.db"
+            )
+        if not experiment.strip():
+            raise ValueError("experiment '': expected an MLflow experiment name")
         self.run_dir, self.run_name, self.params = Path(run_dir), run_name, params
         self.poll_seconds = poll_seconds
         self.tags = {"segscale.run_dir": str(self.run_dir), **(tags or {})}

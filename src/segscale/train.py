@@ -564,11 +564,13 @@ class EarlyStop:
             )
         if reference is not None and min_delta is not None:
             raise ValueError("early_stop: min_delta is without a reference curve; with one, margin")
-        if min_delta is not None and not min_delta >= 0:
+        if min_delta is not None and not 0 <= min_delta < math.inf:
             raise ValueError(f"early_stop: min_delta {min_delta}, expected 0 or more")
         margins = margin.values() if isinstance(margin, dict) else [margin or 0]
-        if not all(m >= 0 for m in margins):
+        if not all(0 <= m < math.inf for m in margins):
             raise ValueError(f"early_stop: margin {margin}, expected 0 or more")
+        if reference is not None and not all(math.isfinite(v) for v in reference.values()):
+            raise ValueError(f"early_stop: reference {reference}, expected finite values")
         self.reference = (
             None if reference is None else {int(k): float(v) for k, v in reference.items()}
         )
