@@ -180,6 +180,39 @@ def test_the_mlflow_stop_tag_stops_a_two_worker_run_which_resumes(tmp_path, real
     assert logged["step/loss"] > 0 and logged["step/images_per_second"] > 0
 
 
+def test_a_resume_logs_the_steps_past_its_checkpoint_once_and_clears_a_stale_stop_tag(
+    tmp_path, real_store
+):
+    """`segscale stop --now` at step 5 (last checkpoint at 4), then --resume: steps 5.. are
+    trained again; MLflow had them twice, the curves doubling back. And a stop tag set on the
+    run while it was not running stopped the next resume at once."""
+    from conftest import ROOT, cli
+
+    cfg = tiny_config(real_store, epochs=2, steps_per_epoch=4, checkpoint_every=2)
+    stop = {"step": 5, "rank": 0, "now": True, "marker": str(tmp_path / "stopped")}
+    faults = f"{ROOT / 'tests' / 'plugins' / 'faults.py'}:StopAt"
+    cfg["train"]["callbacks"] = [{"name": faults, "kwargs": stop}]
+    cfg["tracker"] = {"name": "mlflow", "kwargs": {"poll_seconds": 0.1}}
+    cfg["monitor"] = {"log_every": 1, "system_every": 0}
+    path, run = tmp_path / "c.yaml", tmp_path / "runs" / "r"
+    path.write_text(yaml.safe_dump(cfg))
+    r = cli("train", path, "--run-dir", run)
+    assert r.returncode == PREEMPTED_EXIT_CODE, r.stderr[-2000:]
+    client, run_id = client_for(run), (run / "mlflow_run_id").read_text().strip()
+    first = {m.step: m.value for m in client.get_metric_history(run_id, "step/loss")}
+    assert sorted(first) == [1, 2, 3, 4, 5]
+    client.set_tag(run_id, "segscale.stop", "true")  # on a run that is not running
+    r = cli("train", path, "--run-dir", run, "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "segscale.stop = true was set while the run was not running; cleared" in r.stderr
+    assert client.get_run(run_id).data.tags["segscale.stop"] == "seen"
+    history = client.get_metric_history(run_id, "step/loss")
+    assert [m.step for m in history] == list(range(1, 9))  # each step once, in order
+    assert {m.step: m.value for m in history if m.step <= 5} == first
+    epochs = client.get_metric_history(run_id, "train_loss")
+    assert [m.step for m in epochs] == [4, 8]
+
+
 def _train_output(cfg_path: Path, run: Path, terminal: bool) -> str:
     """`segscale train` run as a user runs it, its output on a pseudo-terminal or a pipe."""
     import pty

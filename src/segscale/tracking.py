@@ -100,6 +100,7 @@ class MLflowTracker:
         self.experiment = experiment
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="segscale-mlflow", daemon=True)
+        self._logged_until = -1  # the last step an earlier attempt of the run logged
 
     # ---- hooks (called on rank 0 by the Trainer and the engine)
 
@@ -185,6 +186,23 @@ class MLflowTracker:
         if saved.is_file():  # a resumed run: continue its MLflow run
             run_id = saved.read_text().strip()
             client.update_run(run_id, status="RUNNING")
+            # the steps an earlier attempt logged past its last checkpoint are trained again:
+            # logged once (the same losses, resumed exactly), so no curve doubles back
+            self._logged_until = max(
+                (
+                    m.step
+                    for key in ("step/loss", "train_loss")
+                    for m in client.get_metric_history(run_id, key)
+                ),
+                default=-1,
+            )
+            if _asks_to_stop(client.get_run(run_id).data.tags.get(STOP_TAG, "")):
+                client.set_tag(run_id, STOP_TAG, "seen")  # asked while it was not running
+                warnings.warn(
+                    f"the MLflow tag {STOP_TAG} = true was set while the run was not running; "
+                    "cleared: it stops a running run",
+                    stacklevel=1,
+                )
             return client, run_id
         experiment_id = experiment(client, self.experiment, self.run_dir.parent)
         run = client.create_run(experiment_id, run_name=self.run_name, tags=self.tags)
@@ -211,10 +229,7 @@ class MLflowTracker:
         """The tag segscale.stop = true (set in the MLflow UI or API) asks for a graceful stop: the
         STOP file `segscale stop` writes, which rank 0 checks at every step."""
         value = client.get_run(run_id).data.tags.get(STOP_TAG, "")
-        if (
-            value.strip().lower() in ("true", "1", "yes")
-            and not (self.run_dir / STOP_FILE).exists()
-        ):
+        if _asks_to_stop(value) and not (self.run_dir / STOP_FILE).exists():
             write_atomic(self.run_dir / STOP_FILE, f"graceful\nthe MLflow tag {STOP_TAG}\n")
             client.set_tag(run_id, STOP_TAG, "seen")  # a resumed run is not stopped again
 
@@ -222,11 +237,18 @@ class MLflowTracker:
         from mlflow.entities import Metric
 
         now, step = int(time.time() * 1000), int(record.get("step", 0))
+        if step <= self._logged_until:
+            return
         metrics = [Metric(k, v, now, step) for k, v in _numbers(record).items()]
         client.log_batch(run_id, metrics=metrics)
 
     def _warn(self, error: Exception) -> None:
         warnings.warn(f"mlflow tracking stopped ({self.uri}): {error}", stacklevel=1)
+
+
+def _asks_to_stop(tag: str) -> bool:
+    """Whether the value of the tag segscale.stop asks for a stop (true, 1 or yes)."""
+    return tag.strip().lower() in ("true", "1", "yes")
 
 
 class TensorBoardTracker:

@@ -75,14 +75,19 @@ class NaNAt:
 
 
 class StopAt:
-    """At the end of `step`, on `rank`, ask the run to stop as `segscale stop` does."""
+    """At the end of `step`, on `rank`, ask the run to stop as `segscale stop` does; with
+    `marker`, once (the marker file is created then)."""
 
-    def __init__(self, step: int, rank: int = 1, now: bool = False) -> None:
-        self.step, self.rank, self.now = step, rank, now
+    def __init__(self, step: int, rank: int = 1, now: bool = False, marker: str = "") -> None:
+        self.step, self.rank, self.now, self.marker = step, rank, now, marker
 
     def on_step_end(self, trainer, step: int) -> None:
         if step == self.step and trainer.strategy.rank == self.rank:
+            if self.marker and Path(self.marker).exists():
+                return
             (Path(trainer.run_dir) / "STOP").write_text("now" if self.now else "graceful")
+            if self.marker:
+                Path(self.marker).touch()
 
 
 class PauseAt:
