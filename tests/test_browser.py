@@ -194,3 +194,55 @@ def test_segscale_ui_refuses_what_it_cannot_serve_in_one_line(tmp_path):
     assert taken.returncode == 2 and f"--port {port}: cannot listen there" in taken.stderr
     for result in (missing, empty, damaged, taken):
         assert "Traceback" not in result.stderr
+
+
+def test_a_ui_served_to_the_network_answers_by_this_machines_names(tmp_path):
+    """`--host 0.0.0.0` shows the UI to the network, but MLflow 3 answered every Host header but
+    localhost and private addresses with 403 (DNS-rebinding protection): a browser on another
+    machine using this one's name was refused. Its names and addresses are allowed now, and
+    --allowed-hosts adds more (a proxy's); any other name is still refused."""
+    import http.client
+    import socket
+
+    from segscale.tracking import default_uri, mlflow_client
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    mlflow_client(default_uri(runs)).search_experiments()  # creates the store
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "segscale.cli", "ui", str(runs), "--port", str(port)),
+            *("--host", "0.0.0.0", "--allowed-hosts", "proxy.example.org"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def status(host_header: str) -> int:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        connection.request(
+            "GET",
+            "/ajax-api/2.0/mlflow/experiments/search?max_results=1",
+            headers={"Host": host_header},
+        )
+        return connection.getresponse().status
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                status(f"localhost:{port}")
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"segscale ui did not start:\n{server.stdout.read()}")
+                time.sleep(0.5)
+        assert status(f"{socket.gethostname()}:{port}") == 200
+        assert status("proxy.example.org") == 200
+        assert status(f"attacker.example.com:{port}") == 403
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    assert f"http://{socket.gethostname()}:{port}" in server.stdout.read()

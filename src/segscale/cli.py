@@ -453,6 +453,14 @@ def ui_cmd(
     host: Annotated[
         str, typer.Option(help="Address to bind; 0.0.0.0 shows it to the whole network.")
     ] = "127.0.0.1",
+    allowed_hosts: Annotated[
+        str,
+        typer.Option(
+            help="Host names the browser may reach it by besides this machine's names and "
+            "addresses, localhost and private addresses (e.g. a proxy's): comma-separated, "
+            "* for any."
+        ),
+    ] = "",
 ) -> None:
     """The MLflow UI over the runs' store: every run's metrics, system metrics per rank, validation
     pictures and artifacts; set the tag segscale.stop = true on a running run to stop it. Needs the
@@ -462,8 +470,11 @@ def ui_cmd(
 
     from segscale.tracking import ui_command
 
-    command = ui_command(runs_dir, host, port)
-    typer.echo(f"MLflow UI of {runs_dir.resolve()}: http://{host}:{port}  (Ctrl-C ends it)")
+    command = ui_command(runs_dir, host, port, allowed_hosts)
+    import socket
+
+    shown = socket.gethostname() if host in ("0.0.0.0", "::") else host  # an address to open
+    typer.echo(f"MLflow UI of {runs_dir.resolve()}: http://{shown}:{port}  (Ctrl-C ends it)")
     sys.stdout.flush()
     # the server replaces this process: a signal to it (Ctrl-C, kill, a test's terminate) ends it
     os.execv(command[0], command)

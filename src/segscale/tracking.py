@@ -347,9 +347,15 @@ def experiment(client: Any, name: str, folder: Path) -> str:
     )
 
 
-def ui_command(runs_dir: Path, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
+def ui_command(
+    runs_dir: Path, host: str = "127.0.0.1", port: int = 5000, allowed_hosts: str = ""
+) -> list[str]:
     """The command line that serves the MLflow UI (a tracking server) over the store of the runs in
     `runs_dir` (runs_dir/mlflow.db, its artifacts in runs_dir/mlartifacts), bound to `host`.
+    The browser's Host header may name this machine (its host names and addresses), localhost
+    or a private address, and `allowed_hosts` (comma-separated, fnmatch patterns, `*` any):
+    MLflow 3 answers any other with 403 (DNS-rebinding protection), which refused a UI served on
+    0.0.0.0 to every other machine that used the host's name.
     Raises SegscaleError when the folder has no readable store, the full MLflow (its server) is
     not installed (segscale itself needs only mlflow-skinny), or host:port cannot be listened on."""
     import importlib.util
@@ -403,7 +409,31 @@ def ui_command(runs_dir: Path, host: str = "127.0.0.1", port: int = 5000) -> lis
         host,
         "--port",
         str(port),
+        "--allowed-hosts",
+        ",".join(_allowed_hosts(host, allowed_hosts)),
     ]
+
+
+def _allowed_hosts(host: str, extra: str) -> list[str]:
+    """The Host headers the UI answers: MLflow's defaults (localhost, private addresses), this
+    machine's names and addresses and the bound address, each with any port, and `extra`."""
+    import socket
+
+    import psutil
+    from mlflow.server.security_utils import get_default_allowed_hosts
+
+    names = {host, socket.gethostname(), socket.getfqdn()}
+    for name in list(names):
+        with contextlib.suppress(OSError):
+            names |= {a[4][0] for a in socket.getaddrinfo(name, None)}
+    for addresses in psutil.net_if_addrs().values():  # every interface's, as 0.0.0.0 serves
+        names |= {a.address.split("%")[0] for a in addresses if a.family in (socket.AF_INET, socket.AF_INET6)}
+    names -= {"0.0.0.0", "::", ""}
+    own = [
+        p for n in sorted(names) for p in ((f"[{n}]", f"[[]{n}]:*") if ":" in n else (n, f"{n}:*"))
+    ]
+    given = [h.strip() for h in extra.split(",") if h.strip()]
+    return [*get_default_allowed_hosts(), *own, *given]
 
 
 def _numbers(record: dict[str, Any]) -> dict[str, float]:
