@@ -178,6 +178,11 @@ def test_segscale_ui_refuses_what_it_cannot_serve_in_one_line(tmp_path):
     (tmp_path / "runs").mkdir()
     empty = cli("ui", tmp_path / "runs")
     assert empty.returncode == 2 and "no MLflow store (mlflow.db) here" in empty.stderr
+    (tmp_path / "runs" / "mlflow.db").touch()
+    (tmp_path / "runs" / "a-run").mkdir()
+    (tmp_path / "runs" / "a-run" / "config.yaml").touch()
+    inside = cli("ui", tmp_path / "runs" / "a-run")
+    assert inside.returncode == 2 and "a run folder; its runs' store is in" in inside.stderr
     (tmp_path / "runs" / "mlflow.db").write_text("not a database")
     damaged = cli("ui", tmp_path / "runs")
     assert damaged.returncode == 2 and "not a readable MLflow store" in damaged.stderr

@@ -369,6 +369,11 @@ def ui_command(
         raise SegscaleError(f"{runs_dir}: {what}; give the folder that holds the runs (e.g. runs/)")
     store = runs_dir / "mlflow.db"
     if not store.is_file():
+        if (runs_dir / "config.yaml").is_file() and (runs_dir.parent / "mlflow.db").is_file():
+            raise SegscaleError(
+                f"{runs_dir}: a run folder; its runs' store is in {runs_dir.parent}: "
+                f"segscale ui {runs_dir.parent}"
+            )
         raise SegscaleError(
             f"{runs_dir}: no MLflow store (mlflow.db) here; give the folder that holds the runs "
             "(e.g. runs/), trained with the default tracker"
@@ -427,7 +432,11 @@ def _allowed_hosts(host: str, extra: str) -> list[str]:
         with contextlib.suppress(OSError):
             names |= {a[4][0] for a in socket.getaddrinfo(name, None)}
     for addresses in psutil.net_if_addrs().values():  # every interface's, as 0.0.0.0 serves
-        names |= {a.address.split("%")[0] for a in addresses if a.family in (socket.AF_INET, socket.AF_INET6)}
+        names |= {
+            a.address.split("%")[0]
+            for a in addresses
+            if a.family in (socket.AF_INET, socket.AF_INET6)
+        }
     names -= {"0.0.0.0", "::", ""}
     own = [
         p for n in sorted(names) for p in ((f"[{n}]", f"[[]{n}]:*") if ":" in n else (n, f"{n}:*"))
