@@ -61,7 +61,7 @@ def test_the_training_split_grows_to_n_and_the_rest_is_untouched(store, tmp_path
         augment_store(store, out, have + 25, PRESETS["left-atrium"], seed=1, progress=False)[1]
         is False
     )
-    with pytest.raises(DataError, match=f"already has {have} slices"):
+    with pytest.raises(DataError, match=f"expected more than the {have} slices"):
         augment_store(store, tmp_path / "x", have, AugmentConfig(rotation=10), progress=False)
 
 

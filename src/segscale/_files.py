@@ -185,6 +185,25 @@ def output_file(
     return path
 
 
+def apart_from_input(output: Path, source: Path, option: str = "--out") -> Path:
+    """`output` resolved, refused (SegscaleError naming the option) when writing it would touch
+    `source`: the same path, a path inside the source folder (a file beside a DICOM series
+    makes it unreadable; a store inside its source is read back as data), or a folder that
+    holds the source."""
+    from segscale.errors import SegscaleError
+
+    output, source = Path(output).resolve(), Path(source).resolve()
+    if output == source:
+        where = "is the input itself"
+    elif source.is_dir() and output.is_relative_to(source):
+        where = f"is inside the input folder {source}"
+    elif source.is_relative_to(output):
+        where = f"holds the input {source}"
+    else:
+        return output
+    raise SegscaleError(f"{option} {output}: {where}; write to another path")
+
+
 def output_dir(path: Path, option: str = "--out") -> Path:
     """`path` resolved, where a folder can be (or is): not a file, and no file on its way.
     Raises SegscaleError naming the option otherwise."""

@@ -891,15 +891,15 @@ def config_convert_cmd(
 
     if to != "yaml":
         raise SegscaleError(f"--to {to}: only yaml is supported")
+    from segscale._files import apart_from_input, output_file, write_atomic
     from segscale.config import as_written, read_raw
 
+    target = output_file(apart_from_input(out, source), "--out") if out else None
     cfg = _load(source, None)
     # what the source file says, paths as it wrote them (relative to the working directory)
     text = yaml.safe_dump(as_written(cfg, read_raw(source)[0]), sort_keys=False)
-    if out:
-        from segscale._files import output_file, write_atomic
-
-        write_atomic(output_file(out, "--out"), text)
+    if target:
+        write_atomic(target, text)
         typer.echo(f"wrote {out}")
     else:
         typer.echo(text, nl=False)
@@ -1051,6 +1051,8 @@ def imgmed_augment_cmd(
 ) -> None:
     """Grow a store's training split to N slices with augmented copies (image and mask warped
     alike); validation and test cases are copied untouched."""
+    from pydantic import ValidationError
+
     from segscale.config import AugmentConfig
     from segscale.imgmed.augment import PRESETS, augment_store
 
@@ -1068,10 +1070,19 @@ def imgmed_augment_cmd(
         cfg = AugmentConfig(
             **{**base.model_dump(), **{k: v for k, v in given.items() if v is not None}}
         )
-    except ValueError as e:
-        raise SegscaleError(f"augmentation options: {e}") from None
+    except ValidationError as e:  # one line naming the option, not pydantic's report
+        err = e.errors()[0]
+        option = f"--{err['loc'][0]}" if err["loc"] else "augmentation options"
+        why = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+        why = why.replace("Input should be", "expected")
+        raise SegscaleError(
+            f"{option} {given.get(option[2:], '')}: {why}".replace(" :", ":")
+        ) from None
     if cfg == AugmentConfig(enabled=True):
         raise SegscaleError("no augmentation asked for: give --preset or --rotation/--zoom/...")
+    from segscale._files import apart_from_input, output_dir
+
+    out = output_dir(apart_from_input(out, store, "OUT"), "OUT")
     path, written = augment_store(store, out, to, cfg, seed)
     typer.echo(f"{'wrote' if written else 'up to date:'} {path} ({to} training slices)")
 
@@ -1105,6 +1116,14 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as e:
+        if not (e.filename and e.strerror):
+            raise
+        # a file the system refused (permission, disk full, a file where a folder should be):
+        # the path and the reason, not a traceback of where segscale happened to touch it
+        other = f" → {e.filename2}" if e.filename2 else ""
+        typer.echo(f"error: {e.filename}{other}: {e.strerror}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -92,8 +92,12 @@ def augment_store(
     output = Path(output).resolve()
     train = store.cases("train")
     have = sum(c["count"] for c in train)
+    if not have:  # nothing to copy: the rounds below would never reach the total
+        raise DataError(f"{store.path}: the training split has no slices to augment")
     if total <= have:
-        raise DataError(f"--to {total}: the training split already has {have} slices")
+        raise DataError(
+            f"--to {total}: expected more than the {have} slices the training split has"
+        )
     params = {"to": total, "seed": seed, "augment": augment.model_dump(mode="json")}
     input_hash = hashlib.sha256(
         # the source's split too: its test cases stay out of the augmented training split

@@ -1,14 +1,21 @@
-"""Format conversion and export: volume → PNG slices (windowed to 8 bit), picture stacks → volume,
-and anything → anything `load`/`save` know (DICOM → NIfTI, JPEG → PNG, NIfTI → .npz, ...).
+"""Format conversion and export: volume → PNG slices, picture stacks → volume, and anything →
+anything `load`/`save` know (DICOM → NIfTI, JPEG → PNG, NIfTI → .npz, ...).
 
-An exported slice folder carries `slices.json` (source, axis, window, affine, shape), so stacking it
-back gives a volume in the original geometry: the exact inverse up to the 8-bit windowing.
+Label maps keep their values in pictures (8 bit, or 16 bit above 255); intensities are windowed
+to 8 bit. An exported slice folder carries `slices.json` (source, axis, window, affine, shape),
+so stacking it back gives a volume in the original geometry: label values exactly, intensities
+on their own scale again up to the 8-bit quantisation of the window. Volumes are (x, y[, z])
+arrays and pictures (rows, columns): a slice's x runs along a picture's columns both ways.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,39 +31,111 @@ SIDE_CAR = "slices.json"
 def export_slices(
     image: Image, out_dir: str | Path, axis: int = 2, window: tuple[float, float] | None = None
 ) -> list[Path]:
-    """Each slice along `axis` as an 8-bit PNG `<stem>_<k>.png` (one window for the whole volume,
-    so slices stay comparable); rows of a picture run along the volume's second in-plane axis.
-    Without `window`, integer data within 0..255 (a label map, 8-bit data) keeps its values
-    (slices.json then records no window); anything else, or any data with `window`, is windowed."""
+    """Each slice along `axis` as a PNG `<stem>_<k>.png` (one window for the whole volume, so
+    slices stay comparable); rows of a picture run along the volume's second in-plane axis.
+    Without `window`, a label map keeps its values (picture_values; slices.json records no
+    window); anything else, or any data with `window`, is windowed to 8 bit.
+
+    The folder is written whole or not at all: the slices go to a hidden sibling folder first,
+    which then replaces `out_dir`. An existing `out_dir` must be empty or hold an earlier export
+    (its slices.json and slices, replaced); other files are refused (DataError)."""
     a = _numeric(image)
     if a.ndim != 3:
         raise DataError(f"{image.path}: {a.ndim}D array; slice export takes a 3D volume")
     if axis not in (0, 1, 2):
         raise DataError(f"axis {axis}: expected 0, 1 or 2")
-    if window is None and np.issubdtype(a.dtype, np.integer) and a.min() >= 0 and a.max() < 256:
-        pixels, recorded = a.astype(np.uint8), None  # values kept, whatever the integer type
-    else:
-        low, high = window if window is not None else np.percentile(a, (0.5, 99.5))
-        pixels, recorded = to_uint8(a, (float(low), float(high))), [float(low), float(high)]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir).resolve()
+    earlier = _earlier_export(out_dir)
+    pixels, recorded = picture_values(a, window)
     stem = strip_suffix(image.path.name)
     width = max(3, len(str(a.shape[axis] - 1)))
-    written = []
-    for k in range(a.shape[axis]):
-        path = out_dir / f"{stem}_{k:0{width}d}.png"
-        save(np.ascontiguousarray(np.take(pixels, k, axis=axis).T), path)
-        written.append(path)
+    names = [f"{stem}_{k:0{width}d}.png" for k in range(a.shape[axis])]
     meta = {
         "source": str(image.path),
         "axis": axis,
         "window": recorded,
         "shape": list(a.shape),
         "affine": None if image.affine is None else np.asarray(image.affine).tolist(),
-        "files": [p.name for p in written],
+        "files": names,
     }
-    write_atomic(out_dir / SIDE_CAR, json.dumps(meta, indent=1))
-    return written
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    except OSError as e:
+        raise DataError(f"cannot write {out_dir}: {e.strerror}") from None
+    try:
+        for k, name in enumerate(names):
+            save(np.ascontiguousarray(np.take(pixels, k, axis=axis).T), partial / name)
+        write_atomic(partial / SIDE_CAR, json.dumps(meta, indent=1))
+        os.chmod(partial, 0o777 & ~_umask())  # mkdtemp's 0700 would hide it from others
+        if earlier is not None:  # an earlier export, or an empty folder: replaced whole
+            shutil.rmtree(out_dir)
+        partial.rename(out_dir)
+    except OSError as e:
+        raise DataError(f"cannot write {out_dir}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return [out_dir / name for name in names]
+
+
+def _earlier_export(folder: Path) -> list[str] | None:
+    """The files of an earlier export in `folder` (replaced by a new one), [] for an empty
+    folder, None when there is no folder. Raises DataError for a folder that holds anything
+    else, which an export would mix with or delete."""
+    if not folder.exists():
+        return None
+    if not folder.is_dir():
+        raise DataError(f"{folder}: a file; slices go to a folder")
+    present = {p.name for p in folder.iterdir()}
+    side = folder / SIDE_CAR
+    listed: set[str] = set()
+    if side.is_file():
+        try:
+            listed = {SIDE_CAR, *json.loads(side.read_text())["files"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            listed = set()
+    other = sorted(present - listed)
+    if other:
+        raise DataError(
+            f"{folder}: holds {len(other)} file(s) of no earlier export (e.g. {other[0]}); "
+            "slices go to a new or empty folder, or one an earlier export wrote"
+        )
+    return sorted(present)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_window(window: tuple[float, float] | None) -> None:
+    """Raise DataError unless `window` is None or LOW < HIGH, both finite."""
+    if window is not None and not (
+        math.isfinite(window[0]) and math.isfinite(window[1]) and window[0] < window[1]
+    ):
+        raise DataError(f"--window {window[0]:g},{window[1]:g}: expected LOW < HIGH, both finite")
+
+
+def picture_values(
+    a: np.ndarray, window: tuple[float, float] | None = None
+) -> tuple[np.ndarray, list[float] | None]:
+    """(pixels, window): what a picture of `a` holds. Without `window`, whole non-negative
+    values (any integer type, or floats holding whole numbers: a label map saved as float) are
+    kept: up to 255 in 8 bit, up to 65535 with at most 256 distinct values (a label map) in
+    16 bit; the window returned is then None. Anything else is windowed to 8 bit, with `window`
+    or the 0.5-99.5 percentiles, and that window returned. Raises DataError for a bad window."""
+    check_window(window)
+    if window is None and a.size and a.min() >= 0:
+        whole = np.issubdtype(a.dtype, np.integer) or (
+            np.issubdtype(a.dtype, np.floating) and bool(np.all(np.mod(a, 1) == 0))
+        )
+        if whole and a.max() < 256:
+            return a.astype(np.uint8), None
+        if whole and a.max() < 65536 and np.unique(a).size <= 256:
+            return a.astype(np.uint16), None
+    low, high = window if window is not None else np.percentile(a, (0.5, 99.5))
+    return to_uint8(a, (float(low), float(high))), [float(low), float(high)]
 
 
 def stack_pictures(folder: str | Path, spacing: tuple[float, float, float] | None = None) -> Image:
@@ -64,7 +143,7 @@ def stack_pictures(folder: str | Path, spacing: tuple[float, float, float] | Non
     With the slices.json of `export_slices`, the original axis, shape and affine come back."""
     folder = Path(folder)
     side = folder / SIDE_CAR
-    meta = json.loads(side.read_text()) if side.is_file() else None
+    meta = _read_side_car(side) if side.is_file() else None
     if meta is not None:
         names = meta["files"]
         missing = [n for n in names if not (folder / n).is_file()]
@@ -94,10 +173,54 @@ def stack_pictures(folder: str | Path, spacing: tuple[float, float, float] | Non
                 f"{folder}: slices make {volume.shape}, {SIDE_CAR} says {meta['shape']}"
             )
         affine = None if meta["affine"] is None else np.array(meta["affine"])
+        if meta["window"] is not None:  # intensities back on their scale (8-bit steps)
+            low, high = meta["window"]
+            volume = (low + volume.astype(np.float32) / 255 * (high - low)).astype(np.float32)
     else:
         volume = np.stack([p.T for p in pictures], axis=2)
         affine = np.diag([*(spacing or (1.0, 1.0, 1.0)), 1.0])
     return Image(volume, affine, "image", folder)
+
+
+def _stored_values(path: Path, shown: np.ndarray) -> np.ndarray:
+    """A picture as numbers for an array format: a palette picture's indices and a 1-bit
+    picture's 0/1 (what label images store, and what nnU-Net reads), else what it shows."""
+    from PIL import Image as Picture
+
+    from segscale.imgmed.io import load_mask2d
+
+    with Picture.open(path) as im:
+        mode = im.mode
+    return load_mask2d(path) if mode in ("P", "PA", "1") else shown
+
+
+def check_spacing(spacing: tuple[float, ...] | None) -> None:
+    """Raise DataError unless `spacing` is None or every value is positive and finite (a
+    negative one would flip an axis of the affine; 0 or NaN makes no affine)."""
+    if spacing is not None and not all(0 < v < math.inf for v in spacing):
+        raise DataError(
+            f"--spacing {','.join(f'{v:g}' for v in spacing)}: expected positive finite mm"
+        )
+
+
+def _read_side_car(path: Path) -> dict:
+    """An export's slices.json, checked: one DataError line when it is damaged."""
+    try:
+        meta = json.loads(path.read_text())
+        ok = (
+            isinstance(meta, dict) and isinstance(meta["files"], list) and meta["axis"] in (0, 1, 2)
+        )
+        window = meta["window"]
+        ok = ok and (window is None or (isinstance(window, list) and len(window) == 2))
+        ok = ok and isinstance(meta["shape"], list) and "affine" in meta
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise DataError(
+            f"{path}: damaged (expected the JSON an export writes: files, axis, window, shape, "
+            "affine); remove it to stack the pictures by name"
+        )
+    return meta
 
 
 def convert(
@@ -110,11 +233,17 @@ def convert(
     """One call for every conversion; returns the files written. `dst` without a suffix (or an
     existing folder) receives PNG slices; a folder of pictures as `src` is stacked into a volume,
     and one picture into a NIfTI is a stack of one (the same axes, `spacing` applied)."""
-    src, dst = Path(src), Path(dst)
+    from segscale._files import apart_from_input
+
+    src, dst = Path(src), apart_from_input(Path(dst), Path(src), "DST")
+    check_window(window)
+    check_spacing(spacing)
     if src.is_dir() and sniff_folder(src) == "pictures":
         image = stack_pictures(src, spacing)
     else:
         image = load(src)
+        if image.kind == "image" and _family_of_name(dst) != "image":
+            image = Image(_stored_values(src, image.array), None, "image", src)
         if image.kind == "image" and _family_of_name(dst) == "nifti":  # a stack of one
             if image.array.ndim != 2:
                 raise DataError(f"{src}: a colour picture; a NIfTI volume takes greyscale slices")
@@ -122,16 +251,36 @@ def convert(
             image = Image(image.array.T[:, :, None], affine, "image", src)
     if dst.is_dir() or not dst.suffix:
         return export_slices(image, dst, axis, window)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot write {dst}: {e.strerror}") from None
     array = _numeric(image)
     if _family_of_name(dst) == "image":
+        if image.kind in ("nifti", "dicom") and array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]  # one slice of a volume
+        if image.kind in ("nifti", "dicom") and array.ndim == 2:
+            array = np.ascontiguousarray(array.T)  # (x, y) → rows of y, columns of x
         if array.ndim == 3 and array.shape[-1] not in (3, 4):
             raise DataError(
                 f"{src}: a {'×'.join(map(str, array.shape))} volume into one picture {dst.name}; "
                 "give a folder as the destination for one picture per slice"
             )
         if window is not None or array.dtype not in (np.uint8, np.uint16):
-            array = to_uint8(array, window)
+            array = picture_values(array, window)[0]
+        if (
+            array.dtype == np.uint16
+            and _family_of_name(dst) == "image"
+            and dst.suffix.lower()
+            in (
+                ".jpg",
+                ".jpeg",
+            )
+        ):
+            raise DataError(
+                f"{dst.name}: JPEG holds 8-bit pictures and these values go to "
+                f"{int(array.max())}; write a .png or .tif, or give --window"
+            )
     elif array.dtype == np.bool_:
         array = array.astype(np.uint8)
     elif array.dtype in (np.int64, np.uint64):  # NIfTI-1 writers refuse 64-bit integers

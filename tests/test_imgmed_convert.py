@@ -1,0 +1,202 @@
+"""imgmed convert and augment on what users hand them: label maps of every storage type, 2D
+volumes, bad windows and spacings, folders that already hold files, outputs over inputs."""
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_msd
+from segscale.errors import DataError, SegscaleError
+from segscale.imgmed import Preprocessing, convert, prepare
+from segscale.imgmed.convert import SIDE_CAR
+
+SEGSCALE = [sys.executable, "-m", "segscale.cli"]
+
+
+def nifti(path, array, affine=None):
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), path)
+    return path
+
+
+def back_through_slices(tmp_path, name, array):
+    src = nifti(tmp_path / f"{name}.nii.gz", array)
+    convert(src, tmp_path / name)
+    convert(tmp_path / name, tmp_path / f"{name}-back.nii.gz")
+    return np.asarray(nib.load(tmp_path / f"{name}-back.nii.gz").dataobj)
+
+
+def test_label_maps_keep_their_values_through_png_slices(tmp_path):
+    """Float labels came back as 0/255, a small float mask as all black (its percentile window
+    was [0, 0]), int16 {0, 2, 300} as {0, 2, 255}: all windowed as intensities, silently."""
+    labels = np.zeros((10, 8, 4), np.float32)
+    labels[2:5, 2:5, 1:3] = 1
+    assert np.array_equal(back_through_slices(tmp_path, "float01", labels), labels)
+    small = np.zeros((30, 30, 2), np.float32)
+    small[4:7, 4:7, 0], small[10:13, 10:13, 1] = 1, 1  # 18 voxels: under the 99.5th percentile
+    assert np.array_equal(back_through_slices(tmp_path, "small", small), small)
+    wide = np.zeros((6, 6, 3), np.int16)
+    wide[1:3, 1:3], wide[3:5, 3:5] = 2, 300
+    assert np.array_equal(back_through_slices(tmp_path, "wide", wide), wide)
+    assert Image.open(tmp_path / "wide" / "wide_000.png").mode.startswith("I;16")
+    assert json.loads((tmp_path / "wide" / SIDE_CAR).read_text())["window"] is None
+
+
+def test_a_2d_volume_and_its_picture_keep_their_axes_both_ways(tmp_path):
+    """A 20 × 16 NIfTI became a picture of 20 rows, and back a 16 × 20 volume: x and y swapped."""
+    plane = np.zeros((20, 16), np.uint8)
+    plane[2, 5] = 200
+    convert(nifti(tmp_path / "two.nii.gz", plane), tmp_path / "two.png")
+    picture = np.asarray(Image.open(tmp_path / "two.png"))
+    assert picture.shape == (16, 20) and picture[5, 2] == 200  # rows of y, columns of x
+    convert(tmp_path / "two.png", tmp_path / "back.nii.gz")
+    back = np.asarray(nib.load(tmp_path / "back.nii.gz").dataobj)
+    assert back.shape == (20, 16, 1) and back[2, 5, 0] == 200
+
+
+def test_palette_and_1_bit_pictures_keep_their_values_as_arrays(tmp_path):
+    indices = np.zeros((8, 8), np.uint8)
+    indices[2:4, 2:6] = 2
+    pal = Image.fromarray(indices, mode="P")
+    pal.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    pal.save(tmp_path / "pal.png")
+    convert(tmp_path / "pal.png", tmp_path / "pal.nii.gz")  # was: "a colour picture"
+    assert np.array_equal(np.asarray(nib.load(tmp_path / "pal.nii.gz").dataobj)[..., 0], indices.T)
+    Image.fromarray(indices > 0).convert("1").save(tmp_path / "bit.png")
+    convert(tmp_path / "bit.png", tmp_path / "bit.npy")  # was 0/255
+    assert set(np.unique(np.load(tmp_path / "bit.npy"))) == {0, 1}
+
+
+@pytest.mark.parametrize(
+    "window, spacing, message",
+    [
+        ((800, 0), None, r"--window 800,0: expected LOW < HIGH, both finite"),
+        ((5, 5), None, r"--window 5,5: expected LOW < HIGH"),
+        ((float("nan"), 1), None, r"--window nan,1: expected"),
+        (None, (-1, 1, 1), r"--spacing -1,1,1: expected positive finite mm"),
+        (None, (0, 1, 1), r"--spacing 0,1,1: expected positive finite mm"),
+    ],
+)
+def test_bad_windows_and_spacings_are_refused(tmp_path, window, spacing, message):
+    """They gave all-black slices, an affine with a flipped axis, or a nibabel traceback."""
+    src = nifti(tmp_path / "v.nii.gz", np.arange(60, dtype=np.float32).reshape(5, 4, 3))
+    with pytest.raises(DataError, match=message):
+        convert(src, tmp_path / "out", window=window, spacing=spacing)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_slice_folder_is_written_whole_and_never_mixed_with_other_files(tmp_path, monkeypatch):
+    """A re-export that failed half way kept the old slices.json over a mix of new and old
+    slices (stacked back "fine", values of both volumes); a second volume's export left the
+    first one's slices in the folder."""
+    module = sys.modules["segscale.imgmed.convert"]  # the package's `convert` is the function
+
+    tens = nifti(tmp_path / "vol.nii.gz", np.full((4, 4, 6), 10, np.uint8))
+    out = tmp_path / "fr"
+    convert(tens, out)
+    real_save, calls = module.save, []
+
+    def failing_save(array, path, affine=None):
+        calls.append(path)
+        if len(calls) == 4:
+            raise DataError(f"cannot write {path}: No space left on device")
+        return real_save(array, path, affine)
+
+    monkeypatch.setattr(module, "save", failing_save)
+    two_hundreds = nifti(tmp_path / "vol.nii.gz", np.full((4, 4, 6), 200, np.uint8))
+    with pytest.raises(DataError, match="No space left"):
+        convert(two_hundreds, out)
+    monkeypatch.undo()
+    convert(out, tmp_path / "kept.nii.gz")  # the earlier export, whole
+    assert np.unique(np.asarray(nib.load(tmp_path / "kept.nii.gz").dataobj)).tolist() == [10]
+    assert [p.name for p in tmp_path.iterdir() if ".partial" in p.name] == []
+    other = nifti(tmp_path / "other.nii.gz", np.full((4, 4, 3), 7, np.uint8))
+    convert(other, out)  # an earlier export is replaced whole
+    assert sorted(p.name for p in out.iterdir()) == [
+        "other_000.png",
+        "other_001.png",
+        "other_002.png",
+        SIDE_CAR,
+    ]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"holds 1 file\(s\) of no earlier export \(e.g. notes"):
+        convert(other, tmp_path / "mine")
+    (out / SIDE_CAR).write_text("{")
+    with pytest.raises(DataError, match=r"slices.json: damaged"):
+        convert(out, tmp_path / "x.nii.gz")
+
+
+def test_no_command_writes_over_or_into_its_input(tmp_path):
+    """augment STORE STORE replaced its source; config convert --out X.xml replaced the XML;
+    a NIfTI written into a DICOM series folder made the series unreadable."""
+    raw = write_msd(tmp_path / "raw", num_cases=4)
+    store, _ = prepare(
+        raw,
+        tmp_path / "store",
+        Preprocessing(size=16),
+        val_fraction=0.25,
+        test_fraction=0.25,
+        progress=False,
+    )
+    series = tmp_path / "series"
+    series.mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(series / "a.png")
+    vol = nifti(tmp_path / "v.nii.gz", np.zeros((4, 4, 2), np.uint8))
+    with pytest.raises(SegscaleError, match=r"is inside the input folder"):
+        convert(series, series / "out.nii.gz")
+    with pytest.raises(SegscaleError, match=r"is the input itself"):
+        convert(vol, vol)
+    xml = tmp_path / "c.xml"
+    xml.write_text("<config/>")
+    for command in (
+        ["imgmed", "augment", store, store, "--to", 500, "--rotation", 10],
+        ["imgmed", "augment", store, store / "aug", "--to", 500, "--rotation", 10],
+        ["config", "convert", xml, "--out", xml],
+    ):
+        r = subprocess.run([*SEGSCALE, *map(str, command)], capture_output=True, text=True)
+        assert r.returncode == 2 and "write to another path" in r.stderr, r.stderr
+    r = subprocess.run(
+        [
+            *SEGSCALE,
+            "imgmed",
+            "augment",
+            str(store),
+            str(tmp_path / "a"),
+            "--to",
+            "500",
+            "--zoom",
+            "2,1",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "zoom" in r.stderr, r.stderr
+
+
+def test_augmenting_a_store_without_training_slices_is_refused(tmp_path):
+    """The copy rounds never reached the total: a hang."""
+    from segscale.config import AugmentConfig
+    from segscale.imgmed.augment import augment_store
+
+    raw = write_msd(tmp_path / "raw", num_cases=4)
+    store, _ = prepare(
+        raw,
+        tmp_path / "store",
+        Preprocessing(size=16),
+        val_fraction=0.25,
+        test_fraction=0.25,
+        progress=False,
+    )
+    meta = json.loads((store / "meta.json").read_text())
+    for case in meta["cases"]:  # a store edited by hand: every case validates
+        case["split"] = "val" if case["split"] == "train" else case["split"]
+    meta["splits"]["val"] += meta["splits"]["train"]
+    meta["splits"]["train"] = []
+    (store / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SegscaleError, match=r"no slices to augment|has no cases"):
+        augment_store(store, tmp_path / "aug", 100, AugmentConfig(rotation=10), progress=False)
