@@ -1,5 +1,7 @@
 """`segscale imgmed check` and prepare report every problem of every case in one pass."""
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -98,3 +100,29 @@ def test_every_unreadable_mask_and_unsliceable_image_is_named(tmp_path):
     assert "expected a 3D image (or 3D + channels), got shape (24, 20, 6, 2, 2)" in (
         by_case["case_002"].refused
     )
+
+
+def test_check_lists_every_file_that_makes_no_case_beside_the_cases_it_can_read(tmp_path):
+    """Check stopped at the first missing label: a second one, and 5 other refused cases,
+    showed only once it was fixed; a label no training entry names got no word."""
+    import shutil
+
+    raw = defective(tmp_path / "raw")
+    for i in (5, 6):  # two more listed cases, each without its label file
+        shutil.copy(raw / "imagesTr" / "case_000.nii.gz", raw / "imagesTr" / f"case_00{i}.nii.gz")
+    meta = json.loads((raw / "dataset.json").read_text())
+    meta["training"] += [
+        {"image": f"./imagesTr/case_00{i}.nii.gz", "label": f"./labelsTr/case_00{i}.nii.gz"}
+        for i in (5, 6)
+    ]
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    shutil.copy(raw / "labelsTr" / "case_000.nii.gz", raw / "labelsTr" / "stray.nii.gz")
+    result = check_source(raw, progress=False)
+    refused = {c.case: c.refused for c in result.cases if c.refused}
+    assert "image without a label; expected" in refused["case_005.nii.gz"]
+    assert "image without a label; expected" in refused["case_006.nii.gz"]
+    assert "stray.nii.gz: label not listed in" in refused["stray.nii.gz"]
+    assert "label values [7] not declared" in refused["case_002"]  # still read and checked
+    assert len(result.cases) == 8
+    with pytest.raises(DataError, match=r"case_005.nii.gz: image without a label; .* \(and 2 more"):
+        prepare(raw, tmp_path / "out", Preprocessing(size=16), progress=False)

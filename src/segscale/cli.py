@@ -57,7 +57,9 @@ def prepare_cmd(
             help="Channels of 4D images to keep, by index or by dataset.json name: '1', '0,1', 'T1gd'."
         ),
     ] = None,
-    axis: Annotated[int, typer.Option(help="Slicing axis of the volumes (0, 1, 2).")] = 2,
+    axis: Annotated[
+        int, typer.Option(help="Slicing axis of the volumes (0, 1, 2).", min=0, max=2)
+    ] = 2,
     slices: Annotated[
         int | None, typer.Option(help="N evenly spaced slices per case (default: all).")
     ] = None,
@@ -920,7 +922,9 @@ def imgmed_check_cmd(
     label_map: Annotated[
         str | None, typer.Option(help="2D masks: raw value → class, e.g. '0:1,255:0'.")
     ] = None,
-    axis: Annotated[int, typer.Option(help="The slicing axis prepare will use (0, 1, 2).")] = 2,
+    axis: Annotated[
+        int, typer.Option(help="The slicing axis prepare will use (0, 1, 2).", min=0, max=2)
+    ] = 2,
 ) -> None:
     """Check a raw dataset before preparing it: every problem of every case in one pass (what
     prepare would refuse, and what is worth a look), as a table; exit 1 when any case would be
@@ -1009,7 +1013,9 @@ def imgmed_convert_cmd(
     dst: Annotated[
         Path, typer.Argument(help="Output file (format from its name), or a folder for PNG slices.")
     ],
-    axis: Annotated[int, typer.Option(help="Slicing axis for PNG export.")] = 2,
+    axis: Annotated[
+        int, typer.Option(help="Slicing axis for PNG export (0, 1, 2).", min=0, max=2)
+    ] = 2,
     window: Annotated[
         str | None,
         typer.Option(help="LOW,HIGH intensities mapped to 0..255 (default: 0.5-99.5 percentiles)."),

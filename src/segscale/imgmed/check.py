@@ -58,11 +58,12 @@ def check_source(
     root = Path(root)
     skipped = _skipped_files(root)
     try:
-        src = discover(root)
+        src = discover(root, lenient=True)
         _, value_to_class = label_table(src, label_map)
     except DataError as e:
         return Check(None, [], skipped, [], refused=str(e))
-    reports = []
+    # files that make no case: each a refused row, beside the cases that can be read
+    reports = [CaseReport(Path(p.partition(": ")[0]).name, refused=p) for p in src.unpaired]
     affines = []
     with progress_bar(progress, f"checking {src.name}", len(src.cases)) as advance:
         for case in src.cases:

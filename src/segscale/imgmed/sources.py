@@ -43,33 +43,45 @@ class Source:
         True  # 3D cases (NIfTI, DICOM); False for pictures (nnU-Net's .png datasets too)
     )
     channels_declared: bool = False  # channel_names from dataset.json, not a default
+    # files that make no case (an image without its label, ...), one line each: discover
+    # refuses them all at once; `imgmed check` reports them beside the cases it can read
+    unpaired: list[str] = field(default_factory=list)
 
 
-def discover(root: str | Path) -> Source:
+def discover(root: str | Path, lenient: bool = False) -> Source:
     """The cases of a raw dataset, each with a unique id, compared in any case (two files that
     would make one case id, such as a.png beside a.tif or A.png, are refused: one would stand
-    for the other, or one image would land in two splits)."""
-    source = _discover(Path(os.path.abspath(root)))  # absolute, symlinks kept: records name it
+    for the other, or one image would land in two splits). Files that make no case (an image
+    without its label, a label without its image, an unlisted image, ...) are refused all at
+    once in one DataError naming the first and their count; `lenient`: kept in
+    Source.unpaired instead, the other cases returned."""
+    problems: list[str] = []
+    # absolute, symlinks kept: records name it
+    source = _discover(Path(os.path.abspath(root)), problems)
     seen: dict[str, Case] = {}
     for case in source.cases:
         key = case.id.casefold()
         if key in seen:
-            raise DataError(
+            problems.append(
                 f"{case.images[0]} and {seen[key].images[0]}: both make case '{case.id}'; "
                 "rename or remove one"
             )
         seen[key] = case
+    if problems and not lenient:
+        more = f" (and {len(problems) - 1} more: `segscale imgmed check` lists them)"
+        raise DataError(problems[0] + (more if len(problems) > 1 else ""))
+    source.unpaired = problems
     return source
 
 
-def _discover(root: Path) -> Source:
+def _discover(root: Path, problems: list[str]) -> Source:
     if not root.is_dir():
         raise DataError(
             f"{root}: not a folder; expected a Decathlon/nnU-Net folder or images/ + masks/"
         )
     if (root / "dataset.json").is_file():
         try:
-            return _read_dataset_json(root)
+            return _read_dataset_json(root, problems)
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             if isinstance(e, DataError):
                 raise
@@ -79,8 +91,8 @@ def _discover(root: Path) -> Source:
             ) from None
     if (root / "images").is_dir() and (root / "masks").is_dir():
         if list_folders(root / "images"):
-            return _read_dicom_folder(root)
-        return _read_png_folder(root)
+            return _read_dicom_folder(root, problems)
+        return _read_png_folder(root, problems)
     if (root / "imagesTr").is_dir():
         raise DataError(f"{root / 'dataset.json'}: missing; a Decathlon/nnU-Net folder needs it")
     raise DataError(
@@ -88,7 +100,7 @@ def _discover(root: Path) -> Source:
     )
 
 
-def _read_dataset_json(root: Path) -> Source:
+def _read_dataset_json(root: Path, problems: list[str]) -> Source:
     path = root / "dataset.json"
     try:
         meta = json.loads(path.read_text())
@@ -110,19 +122,21 @@ def _read_dataset_json(root: Path) -> Source:
                 f"{path}: file_ending {ending!r}; expected one of "
                 f"{', '.join((*NIFTI_SUFFIXES, *PNG_SUFFIXES))}"
             )
-        cases = _nnunet_v2_cases(root, len(channels), ending)
+        cases = _nnunet_v2_cases(root, len(channels), ending, problems)
     else:  # Decathlon: a 'training' list of image/label pairs
         modality = meta.get("modality", {"0": "image"})
         channels = [modality[k] for k in sorted(modality, key=int)]
-        cases = _msd_cases(root, path, meta)
+        cases = _msd_cases(root, path, meta, problems)
     if sorted(labels) != list(range(len(labels))):
         raise DataError(f"{path}: labels must be 0..K-1, got {sorted(labels)}")
     declared = meta.get("numTraining")
-    if declared is not None and declared != len(cases):
+    if declared is not None and declared != len(cases) and not problems:
         raise DataError(
             f"{path}: numTraining is {declared} but {len(cases)} training case(s) were found; "
             "correct numTraining or add the missing cases"
         )
+    if not cases:
+        raise DataError(f"{path}: no case has both its image and its label ({problems[0]})")
     volumes = all(has_suffix(p, NIFTI_SUFFIXES) for p in cases[0].images)
     name = str(meta.get("name", root.name))
     declared_channels = "channel_names" in meta or "modality" in meta
@@ -173,7 +187,7 @@ def declared_labels(path: Path) -> dict[int, str]:
         raise DataError(f"{path}: cannot read as JSON: {e}") from e
 
 
-def _msd_cases(root: Path, path: Path, meta: dict) -> list[Case]:
+def _msd_cases(root: Path, path: Path, meta: dict, problems: list[str]) -> list[Case]:
     training = meta.get("training")
     if not isinstance(training, list) or not training:
         raise DataError(f"{path}: expected a non-empty 'training' list of image/label pairs")
@@ -183,24 +197,30 @@ def _msd_cases(root: Path, path: Path, meta: dict) -> list[Case]:
             raise DataError(f"{path}: training[{i}] needs an 'image' (and a 'label')")
         # absolute, but not resolved: a symlink (DataLad, git-annex, DVC) names the case
         image = Path(os.path.normpath(root.absolute() / entry["image"]))
-        if not image.is_file():
-            raise DataError(f"{path}: training[{i}] image not found: {image}")
         label = entry.get("label")
-        if label is None:
-            raise DataError(f"{image}: image without a label (training[{i}] in {path})")
-        label_path = Path(os.path.normpath(root.absolute() / label))
-        if not label_path.is_file():
-            raise DataError(f"{image}: image without a label; expected {label_path}")
-        cases.append(Case(strip_suffix(image.name), [image], label_path))
-    listed = {c.images[0].name for c in cases}
-    images_dir = root / "imagesTr"
-    for extra in list_files(images_dir, NIFTI_SUFFIXES) if images_dir.is_dir() else []:
-        if extra.name not in listed:
-            raise DataError(f"{extra}: image not listed in {path} 'training'")
+        label_path = None if label is None else Path(os.path.normpath(root.absolute() / label))
+        if not image.is_file():
+            problems.append(f"{path}: training[{i}] image not found: {image}")
+        elif label_path is None:
+            problems.append(f"{image}: image without a label (training[{i}] in {path})")
+        elif not label_path.is_file():
+            problems.append(f"{image}: image without a label; expected {label_path}")
+        else:
+            cases.append(Case(strip_suffix(image.name), [image], label_path))
+    listed = {
+        Path(os.path.normpath(root.absolute() / e[k])).name
+        for e in training
+        for k in ("image", "label")
+        if isinstance(e, dict) and isinstance(e.get(k), str)
+    }
+    for folder, what in ((root / "imagesTr", "image"), (root / "labelsTr", "label")):
+        for extra in list_files(folder, NIFTI_SUFFIXES) if folder.is_dir() else []:
+            if extra.name not in listed:
+                problems.append(f"{extra}: {what} not listed in {path} 'training'")
     return cases
 
 
-def _nnunet_v2_cases(root: Path, num_channels: int, ending: str) -> list[Case]:
+def _nnunet_v2_cases(root: Path, num_channels: int, ending: str, problems: list[str]) -> list[Case]:
     """nnU-Net v2: labelsTr/<case><ending> and imagesTr/<case>_<XXXX><ending> per channel; the
     ending matched in any case, hidden files skipped."""
     pictures = ending.lower() in PNG_SUFFIXES  # an RGB picture holds 3 channels in one file
@@ -229,37 +249,40 @@ def _nnunet_v2_cases(root: Path, num_channels: int, ending: str) -> list[Case]:
             wanted = wanted or [f"{cid}_0000{ending}"]
         missing = [w for w in wanted if w.lower() not in images]
         if missing and len(missing) < len(wanted):
-            raise DataError(
+            problems.append(
                 f"{images_dir / missing[0]}: missing; case '{cid}' has other channel files, and "
                 f"dataset.json's channel_names declares {num_channels}"
             )
-        if missing:
-            raise DataError(f"{label}: label without its image {images_dir / missing[0]}")
-        cases.append(Case(cid, [images[w.lower()] for w in wanted], label))
-    labelled = {c.id.lower() for c in cases}
+        elif missing:
+            problems.append(f"{label}: label without its image {images_dir / missing[0]}")
+        else:
+            cases.append(Case(cid, [images[w.lower()] for w in wanted], label))
+    labelled = {label.name[:-cut].lower() for label in list_files(labels_dir, (ending,))}
     used = {p for c in cases for p in c.images}
     for im in images.values():
         if im in used:
             continue
         cid, _, channel = im.name[:-cut].rpartition("_")
         if not cid or not (len(channel) == 4 and channel.isdigit()):
-            raise DataError(
+            problems.append(
                 f"{im}: not named <case>_<XXXX>{ending} (XXXX: the channel, e.g. _0000); "
                 "nnU-Net v2 names every image by its case and channel"
             )
-        if cid.lower() in labelled:  # a channel file beyond channel_names would be left out
-            raise DataError(
-                f"{im}: channel {channel} of case '{cid}', but dataset.json's channel_names "
-                f"declares {num_channels} channel(s) (_0000 to _{num_channels - 1:04d}); "
-                "declare it or remove the file"
-            )
-        raise DataError(f"{im}: image without a label; expected {labels_dir / (cid + ending)}")
-    if not cases:
+        elif cid.lower() in labelled:  # a channel file beyond channel_names would be left out
+            if int(channel) >= num_channels:
+                problems.append(
+                    f"{im}: channel {channel} of case '{cid}', but dataset.json's channel_names "
+                    f"declares {num_channels} channel(s) (_0000 to _{num_channels - 1:04d}); "
+                    "declare it or remove the file"
+                )
+        else:
+            problems.append(f"{im}: image without a label; expected {labels_dir / (cid + ending)}")
+    if not cases and not problems:
         raise DataError(f"{labels_dir}: no labels ending in {ending}")
     return cases
 
 
-def _read_png_folder(root: Path) -> Source:
+def _read_png_folder(root: Path, problems: list[str]) -> Source:
     images = list_files(root / "images", PNG_SUFFIXES)
     if not images:
         raise DataError(f"{root / 'images'}: no PNG/JPG/TIFF images")
@@ -268,24 +291,24 @@ def _read_png_folder(root: Path) -> Source:
     for im in images:
         mask = masks.get(case_key(im.name))
         if mask is None:
-            raise DataError(f"{im}: image without a mask in {root / 'masks'}")
-        cases.append(Case(strip_suffix(im.name), [im], mask))
-    _no_orphans(masks, cases, "image", root / "images")
+            problems.append(f"{im}: image without a mask in {root / 'masks'}")
+        else:
+            cases.append(Case(strip_suffix(im.name), [im], mask))
+    _no_orphans(masks, cases, "image", root / "images", problems)
+    if not cases:
+        raise DataError(f"{root}: no image has its mask ({problems[0]})")
     return Source("png2d", root, root.name, {}, ["image"], cases, volumes=False)
 
 
-def _no_orphans(masks: dict[str, Path], cases: list[Case], what: str, where: Path) -> None:
+def _no_orphans(
+    masks: dict[str, Path], cases: list[Case], what: str, where: Path, problems: list[str]
+) -> None:
     """A mask that no case uses is refused: a stale or misnamed file, whose image is missing."""
     used = {c.label for c in cases}
-    orphans = [m for m in masks.values() if m not in used]
-    if orphans:
-        raise DataError(
-            f"{orphans[0]}: mask without an {what} in {where}"
-            + (f" ({len(orphans)} such masks)" if len(orphans) > 1 else "")
-        )
+    problems += [f"{m}: mask without an {what} in {where}" for m in masks.values() if m not in used]
 
 
-def _read_dicom_folder(root: Path) -> Source:
+def _read_dicom_folder(root: Path, problems: list[str]) -> Source:
     """images/<case>/ (one DICOM series per case) + masks/<case>.nii.gz (the series' voxel grid,
     as ITK-SNAP or 3D Slicer export it); class names from an optional labels.json."""
     cases = []
@@ -294,9 +317,13 @@ def _read_dicom_folder(root: Path) -> Source:
         mask = masks.get(case_key(folder.name))
         if mask is None:
             expected = root / "masks" / f"{folder.name}.nii.gz"
-            raise DataError(f"{folder}: DICOM series without a mask; expected {expected}")
-        cases.append(Case(folder.name, [folder], mask))
-    _no_orphans(masks, cases, "DICOM series", root / "images")
+            problems.append(f"{folder}: DICOM series without a mask; expected {expected}")
+        else:
+            cases.append(Case(folder.name, [folder], mask))
+    _no_orphans(masks, cases, "DICOM series", root / "images", problems)
+    if not cases:
+        why = f" ({problems[0]})" if problems else ""
+        raise DataError(f"{root}: no DICOM series with its mask in images/ and masks/{why}")
     labels: dict[int, str] = {}
     names = root / "labels.json"
     if names.is_file():
