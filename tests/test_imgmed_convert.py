@@ -1,4 +1,4 @@
-"""imgmed convert and augment on what users hand them: label maps of every storage type, 2D
+"""imgmed convert, augment and info on what users hand them: label maps of every storage type, 2D
 volumes, bad windows and spacings, folders that already hold files, outputs over inputs."""
 
 import json
@@ -200,3 +200,27 @@ def test_augmenting_a_store_without_training_slices_is_refused(tmp_path):
     (store / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(SegscaleError, match=r"no slices to augment|has no cases"):
         augment_store(store, tmp_path / "aug", 100, AugmentConfig(rotation=10), progress=False)
+
+
+def test_info_shows_every_file_of_a_folder_and_each_problem_in_its_row(tmp_path):
+    """A folder of NIfTI files was read as a DICOM series ("not a readable DICOM file ... Use
+    force=True"); one bad file of several printed no table at all; NaNs showed clean values."""
+    folder = tmp_path / "volumes"
+    folder.mkdir()
+    with_nan = np.zeros((4, 4, 3), np.float32)
+    with_nan[0, 0, 0] = np.nan
+    nifti(folder / "a.nii.gz", with_nan)
+    nifti(folder / "b.nii.gz", np.ones((3, 3, 3), np.int16))
+    (folder / "c.nii.gz").write_bytes(b"")
+    r = subprocess.run([*SEGSCALE, "imgmed", "info", str(folder)], capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr
+    rows = {line.split("│")[1].strip(): line for line in r.stdout.splitlines() if "│" in line}
+    assert set(rows) == {"a.nii.gz", "b.nii.gz", "c.nii.gz"}
+    assert "1 NaN or infinite voxel(s)" in rows["a.nii.gz"] and "empty file" in rows["c.nii.gz"]
+    study = tmp_path / "study"
+    (study / "series1").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"no DICOM files here, but 1 folder\(s\) \(series1\)"):
+        convert(study, tmp_path / "s.nii.gz")
+    (study / "series1" / "x.nii.gz").write_bytes((folder / "b.nii.gz").read_bytes())
+    with pytest.raises(DataError, match=r"a folder of nifti files, no DICOM series"):
+        convert(study / "series1", tmp_path / "s.nii.gz")

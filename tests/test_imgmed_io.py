@@ -104,7 +104,7 @@ def test_dicom_folders_that_are_not_one_clean_series_are_refused(tmp_path):
         load(tmp_path / "gap")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("not an image")
-    with pytest.raises(DataError, match=r"notes\.txt: not a readable DICOM file"):
+    with pytest.raises(DataError, match=r"junk: a folder of files of unknown content, no DICOM"):
         load(tmp_path / "junk")
 
 

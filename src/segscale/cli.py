@@ -974,14 +974,33 @@ def imgmed_info_cmd(
     import numpy as np
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from segscale.imgmed import load
+    from segscale.imgmed.files import list_files
+    from segscale.imgmed.io import sniff
+
+    def dicom(p: Path) -> bool:
+        try:
+            return sniff(p) == "dicom"
+        except SegscaleError:
+            return False
 
     table = Table()
-    for col in ("path", "format", "shape", "dtype", "spacing (mm)", "axes", "min", "max"):
-        table.add_column(col)
-    for path in paths:
-        image = load(path, check_finite=False)
+    for col in ("path", "format", "shape", "dtype", "spacing (mm)", "axes", "min", "max", "note"):
+        table.add_column(col, overflow="fold")
+    shown: list[Path] = []
+    for path in paths:  # a folder of images that is no DICOM series: each of its files
+        files = list_files(path) if path.is_dir() else []
+        shown += files if files and not any(map(dicom, files)) else [path]
+    failed = 0
+    for path in shown:
+        try:
+            image = load(path, check_finite=False)
+        except SegscaleError as e:
+            failed += 1
+            table.add_row(Text(path.name), *["-"] * 7, Text(str(e), style="red"))
+            continue
         a = image.array
         axes = "-"
         if image.affine is not None:
@@ -989,17 +1008,24 @@ def imgmed_info_cmd(
 
             axes = "".join(nib.aff2axcodes(image.affine))
         spacing = "-" if image.spacing is None else " × ".join(f"{v:.3g}" for v in image.spacing)
+        bad = int(a.size - np.count_nonzero(np.isfinite(a))) if a.dtype.kind == "f" else 0
         table.add_row(
-            path.name,
+            Text(path.name),
             image.kind,
             " × ".join(map(str, a.shape)),
             str(a.dtype),
             spacing,
             axes,
-            f"{np.nanmin(a):.4g}",
-            f"{np.nanmax(a):.4g}",
+            f"{np.nanmin(a):.4g}" if bad < a.size else "nan",
+            f"{np.nanmax(a):.4g}" if bad < a.size else "nan",
+            Text(f"{bad} NaN or infinite voxel(s): prepare refuses it" if bad else "", "yellow"),
         )
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a log or a pipe: whole paths, not 80 columns
+        console = Console(width=200)
+    console.print(table)
+    if failed:
+        raise typer.Exit(1)
 
 
 @imgmed_app.command("convert")

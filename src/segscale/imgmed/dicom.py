@@ -20,6 +20,42 @@ from segscale.errors import DataError
 from segscale.imgmed.files import list_files
 
 
+def _one_series_folder(path: Path, files: list[Path]) -> None:
+    """Raise DataError unless the folder holds DICOM files only: a folder of other images, a
+    study folder of series folders, or a series beside other files is one line saying which
+    (pydicom would say "not a readable DICOM file ... use force=True")."""
+    from segscale.imgmed.io import sniff
+
+    def kind(f: Path) -> str:
+        try:
+            return sniff(f)
+        except DataError:
+            return "unknown"
+
+    if not files:
+        inner = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if inner:
+            raise DataError(
+                f"{path}: no DICOM files here, but {len(inner)} folder(s) ({', '.join(inner[:3])}"
+                f"{', ...' if len(inner) > 3 else ''}); give one series folder"
+            )
+        raise DataError(f"{path}: no DICOM files in this folder")
+    kinds = {f: kind(f) for f in files}
+    other = [f for f, k in kinds.items() if k != "dicom"]
+    if len(other) == len(files):
+        held = Counter(kinds.values()).most_common(1)[0][0]
+        held = "files of unknown content" if held == "unknown" else f"{held} files"
+        raise DataError(
+            f"{path}: a folder of {held}, no DICOM series (e.g. {other[0].name}); give "
+            "the files themselves, or a folder of one DICOM series"
+        )
+    if other:
+        raise DataError(
+            f"{other[0]}: {kinds[other[0]]} content in a DICOM series folder; a series folder "
+            "holds only its slices"
+        )
+
+
 def load_dicom_series(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(volume float32 (columns, rows, slices), affine 4×4 RAS) of a series folder or one file.
     Rescale slope and intercept are applied; MONOCHROME1 pixels (low values shown white) are
@@ -29,8 +65,8 @@ def load_dicom_series(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
     path = Path(path)
     files = list_files(path) if path.is_dir() else [path]
-    if not files:
-        raise DataError(f"{path}: no DICOM files in this folder")
+    if path.is_dir():
+        _one_series_folder(path, files)
     slices = []
     for f in files:
         try:
