@@ -1,5 +1,6 @@
 """Auto-CNNp XML configs (the thesis' Listing 4.1) load into the same validated config as YAML."""
 
+import re
 import subprocess
 import sys
 
@@ -182,6 +183,15 @@ class UNet(torch.nn.Module):
             'run="brats-unet-autocnnp" seed="abc"',
             r"key 'seed'",
         ),
+        # each was written into the YAML without a word: the second strategy dropped, a
+        # callback named 'file.py:None', an empty strategy name
+        (
+            "<value>ring_allreduce</value>",
+            "<value>ring_allreduce</value><value>local_sgd</value>",
+            r"action 'dist_strategy': 2 <value>s; it takes one",
+        ),
+        ('name="TriangularLR"', "", r"Tr_Checkpoint: each <value name=.* needs its class name"),
+        ("<value>ring_allreduce</value>", "<value></value>", r"dist_strategy: an empty <value>"),
     ],
 )
 def test_an_xml_config_holds_nothing_that_would_be_dropped_without_a_word(
@@ -229,3 +239,32 @@ def test_a_seed_given_twice_in_xml_is_refused(tmp_path, monkeypatch):
     body = body.replace("<hyperparameters>", '<hyperparameters><property name="seed">7</property>')
     with pytest.raises(ConfigError, match=r"'seed' sets seed, which <task seed=...> sets already"):
         load_config(write(tmp_path, body))
+
+
+def test_config_convert_checks_the_names_it_writes(tmp_path):
+    """The help says "validated YAML", yet an unknown model, optimiser, loss or strategy was
+    written with exit 0 and refused only by `plan`; FCN was kept upper-case (refused) while SGD
+    was lowered."""
+    body = EXAMPLE.read_text()
+    for old, new, message in (
+        ("<name>unet</name>", "<name>unett</name>", r"unknown model 'unett' \(did you mean 'unet'"),
+        (">SGD<", ">rmspropx<", r"unknown optimizer 'rmspropx'"),
+        ("<value>ring_allreduce</value>", "<value>horovod</value>", r"unknown strategy 'horovod'"),
+    ):
+        assert old in body
+        path = write(tmp_path, body.replace(old, new))
+        r = subprocess.run(
+            [sys.executable, "-m", "segscale.cli", "config", "convert", str(path)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        assert r.returncode == 2 and re.search(message, r.stderr), r.stderr
+    path = write(tmp_path, body.replace("<name>unet</name>", "<name>FCN</name>"))
+    r = subprocess.run(
+        [sys.executable, "-m", "segscale.cli", "config", "convert", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0 and yaml.safe_load(r.stdout)["model"]["name"] == "fcn", r.stderr

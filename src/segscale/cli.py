@@ -897,7 +897,10 @@ def config_convert_cmd(
     from segscale.config import as_written, read_raw
 
     target = output_file(apart_from_input(out, source), "--out") if out else None
+    from segscale.engine import check_components
+
     cfg = _load(source, None)
+    check_components(cfg)  # names and kwargs; the store may not be prepared yet
     # what the source file says, paths as it wrote them (relative to the working directory)
     text = yaml.safe_dump(as_written(cfg, read_raw(source)[0]), sort_keys=False)
     if target:

@@ -793,7 +793,7 @@ def plan(cfg: RunConfig) -> Plan:
         except SegscaleError as e:
             hint = "; data.val_split=null trains without validation" if key == "val_split" else ""
             raise SegscaleError(f"data.{key}: {e}{hint}") from None
-    check_kwargs(TASKS, cfg.task.name, cfg.task.kwargs)
+    check_components(cfg)
     what = f"task '{cfg.task.name}' kwargs {cfg.task.kwargs}"
     task = _build(what, TASKS.resolve(cfg.task.name), **cfg.task.kwargs)
     missing = [a for a in TASK_API if not hasattr(task, a)]
@@ -804,14 +804,24 @@ def plan(cfg: RunConfig) -> Plan:
             "(segscale.tasks)"
         )
     _build(what, task.num_outputs, store)
-    check_kwargs(MODELS, cfg.model.name, cfg.model.kwargs, {"in_channels": 1, "num_classes": 2})
     loss = cfg.train.loss
-    check_kwargs(LOSSES, loss.name, loss.kwargs)  # an unknown name or a broken user path fails here
     if loss.name in LOSSES and loss.name not in getattr(task, "losses", LOSSES.names()):
         raise SegscaleError(
             f"train.loss '{loss.name}' does not fit the {cfg.task.name} task; "
             f"use {' | '.join(task.losses)} or your own 'pkg.mod:Class'"
         )
+    return Plan(cfg, store, task)
+
+
+def check_components(cfg: RunConfig) -> None:
+    """What plan checks of the config alone (no store, no torch): each component's name or
+    'module:attr' path resolves and its kwargs fit its factory beside what the engine passes it.
+    Raises SegscaleError naming the component (`segscale config convert` checks this much of a
+    converted config, whose store may not be prepared yet)."""
+    check_kwargs(TASKS, cfg.task.name, cfg.task.kwargs)
+    check_kwargs(MODELS, cfg.model.name, cfg.model.kwargs, {"in_channels": 1, "num_classes": 2})
+    loss = cfg.train.loss
+    check_kwargs(LOSSES, loss.name, loss.kwargs)  # an unknown name or a broken user path fails here
     OPTIMIZERS.check(cfg.train.optimizer.name)
     strategy = cfg.train.strategy
     check_kwargs(STRATEGIES, strategy.name, strategy.kwargs, {"device": "cpu", "threads": None})
@@ -821,7 +831,6 @@ def plan(cfg: RunConfig) -> Plan:
         check_kwargs(TRACKERS, t.name, t.kwargs, {"run_dir": None, "run_name": "", "params": {}})
     if cfg.data.transform is not None:
         check_kwargs(TRANSFORMS, cfg.data.transform.name, cfg.data.transform.kwargs)
-    return Plan(cfg, store, task)
 
 
 def speed_settings(train: Any, device: torch.device) -> dict[str, Any]:

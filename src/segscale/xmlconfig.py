@@ -108,7 +108,7 @@ def read_xml(path: Path) -> tuple[dict[str, Any], str | None]:
         raise fail("<CNN_archi> needs a <name> (built-in) or a <path> (file.py:factory)")
     # <path> as the thesis writes it: a file (its one network is used), file.py:factory, or a
     # built-in name
-    model = (archi.findtext("name") or archi.findtext("path") or "").strip()
+    model = _builtin_lower((archi.findtext("name") or archi.findtext("path") or "").strip())
     raw["model"] = {"name": model}
     data = task.find("data")
     store = data.findtext("store") if data is not None else None
@@ -187,6 +187,9 @@ def _generator(task: Any, raw: dict[str, Any], fail: Any) -> None:
     for action in gen.iter("action") if gen is not None else []:
         kind, value = action.get("type"), action.find("value")
         text = (value.text or "").strip() if value is not None else ""
+        values = action.findall("value")
+        if kind != "Tr_Checkpoint" and len(values) > 1:  # the second would be dropped
+            raise fail(f"action '{kind}': {len(values)} <value>s; it takes one")
         if kind == "device_placement" and text != "local_rank":
             raise fail(
                 f"device_placement '{text}': segscale places one process per device by local rank"
@@ -196,12 +199,20 @@ def _generator(task: Any, raw: dict[str, Any], fail: Any) -> None:
                 f"memory_allocation '{text}': only soft_placement (allocate as needed) is supported"
             )
         elif kind == "dist_strategy":
-            raw["train"]["strategy"] = STRATEGY_NAMES.get(text, text)
-        elif kind == "Tr_Checkpoint":
-            for v in action.findall("value"):
-                raw["train"].setdefault("callbacks", []).append(
-                    {"name": f"{(v.findtext('path') or '').strip()}:{v.get('name')}"}
+            if not text:
+                raise fail(
+                    f"dist_strategy: an empty <value>; expected one of {', '.join(STRATEGY_NAMES)}"
                 )
+            raw["train"]["strategy"] = STRATEGY_NAMES.get(text, _builtin_lower(text))
+        elif kind == "Tr_Checkpoint":
+            for v in values:
+                path, name = (v.findtext("path") or "").strip(), (v.get("name") or "").strip()
+                if not path or not name:
+                    raise fail(
+                        'Tr_Checkpoint: each <value name="Class"> needs its class name and '
+                        "a <path> to the file that defines it"
+                    )
+                raw["train"].setdefault("callbacks", []).append({"name": f"{path}:{name}"})
         elif kind not in ("device_placement", "memory_allocation"):
             types = ["device_placement", "memory_allocation", "dist_strategy", "Tr_Checkpoint"]
             named = f"action type '{kind}'" if kind else "an <action> without type="

@@ -167,8 +167,13 @@ def labels_of(meta: dict, path: Path) -> dict[int, str]:
         return names
     try:
         return {int(k): str(v) for k, v in raw.items()}
-    except ValueError as e:
-        raise DataError(f"{path}: 'labels' keys must be integers: {e}") from e
+    except ValueError:
+        first = next(iter(raw.items()))
+        raise DataError(
+            f"{path}: 'labels' entry {first[0]!r}: {first[1]!r} is neither Decathlon's "
+            '{"0": "background", ...} nor nnU-Net v2\'s {"background": 0, ...} (values as '
+            "numbers, not text)"
+        ) from None
 
 
 def _label_value(v: Any) -> bool:
