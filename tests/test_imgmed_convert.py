@@ -224,3 +224,30 @@ def test_info_shows_every_file_of_a_folder_and_each_problem_in_its_row(tmp_path)
     (study / "series1" / "x.nii.gz").write_bytes((folder / "b.nii.gz").read_bytes())
     with pytest.raises(DataError, match=r"a folder of nifti files, no DICOM series"):
         convert(study / "series1", tmp_path / "s.nii.gz")
+
+
+def test_what_a_converted_file_keeps_and_what_cannot_be_read_is_named(tmp_path):
+    from segscale.imgmed import load
+    from test_imgmed_io import write_series
+
+    # a non-orthogonal orientation was read as a "gantry tilt" of 25.7°
+    write_series(tmp_path / "skew", np.zeros((4, 4, 3)), orientation=(1, 0, 0, 0.5, 0.866, 0))
+    with pytest.raises(DataError, match=r"is not two orthogonal unit vectors"):
+        load(tmp_path / "skew")
+    # grey and grey-as-RGB pictures were "pictures of different sizes"
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    Image.fromarray(np.zeros((4, 5), np.uint8)).save(stack / "a1.png")
+    Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(stack / "a2.png")
+    with pytest.raises(DataError, match=r"grey and colour pictures mixed \(e.g. a2.png"):
+        convert(stack, tmp_path / "s.nii.gz")
+    # NIfTI to NIfTI kept the voxels and lost the units and the scanner's form codes
+    img = nib.Nifti1Image(np.ones((3, 3, 2), np.int16), np.diag([0.5, 0.5, 2.0, 1.0]))
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    nib.save(img, tmp_path / "in.nii")
+    convert(tmp_path / "in.nii", tmp_path / "out.nii.gz")
+    out = nib.load(tmp_path / "out.nii.gz").header
+    assert out.get_xyzt_units() == ("mm", "sec")
+    assert int(out["qform_code"]) == 1 and int(out["sform_code"]) == 1

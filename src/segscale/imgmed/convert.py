@@ -161,6 +161,12 @@ def stack_pictures(folder: str | Path, spacing: tuple[float, float, float] | Non
         raise DataError(f"{folder}: no PNG/JPEG/TIFF pictures to stack")
     pictures = [load(p).array for p in files]
     shapes = {p.shape for p in pictures}
+    if len({s[:2] for s in shapes}) == 1 and len(shapes) > 1:  # one size, grey and colour mixed
+        colour = next(f for f, p in zip(files, pictures, strict=True) if p.ndim == 3)
+        raise DataError(
+            f"{folder}: grey and colour pictures mixed (e.g. {colour.name} is colour); stacking "
+            "takes greyscale slices: save them all as grey"
+        )
     if len(shapes) > 1:
         raise DataError(f"{folder}: pictures of different sizes {sorted(shapes)}; cannot stack")
     if pictures[0].ndim != 2:
@@ -291,6 +297,14 @@ def convert(
                 f"{src}: 64-bit integers beyond the 32-bit range; NIfTI cannot hold them"
             )
         array = array.astype(np.int32)
+    if image.kind == "nifti" and _family_of_name(dst) == "nifti":  # NIfTI → NIfTI (.nii ↔ .gz)
+        from segscale.imgmed.io import nifti_header, save_nifti
+
+        try:
+            save_nifti(array, image.affine, dst, like=nifti_header(src))  # its units, codes
+        except OSError as e:
+            raise DataError(f"cannot write {dst}: {e.strerror or e}") from None
+        return [dst]
     return [save(array, dst, image.affine)]
 
 

@@ -90,6 +90,13 @@ def load_dicom_series(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             )
     orientation = _floats(first, "ImageOrientationPatient", slices[0][0], 6)
     row_dir, col_dir = np.array(orientation[:3]), np.array(orientation[3:])
+    norms, dot = (np.linalg.norm(row_dir), np.linalg.norm(col_dir)), float(row_dir @ col_dir)
+    if not (np.allclose(norms, 1, atol=1e-3) and abs(dot) < 1e-3):  # rounded to 1e-4 or so
+        raise DataError(
+            f"{slices[0][0]}: ImageOrientationPatient {list(orientation)} is not two orthogonal "
+            f"unit vectors (lengths {norms[0]:.4g}, {norms[1]:.4g}; cosine {dot:.4g}); a "
+            "damaged or hand-edited header"
+        )
     normal = np.cross(row_dir, col_dir)
     for f, ds in slices:
         if not np.allclose(_floats(ds, "ImageOrientationPatient", f, 6), orientation, atol=1e-4):
