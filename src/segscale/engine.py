@@ -130,7 +130,9 @@ class Plan:
         steps = self.steps_per_epoch(workers)
         notes = run_length_notes(t, steps)
         log_every = self.cfg.monitor.log_every
-        if log_every and log_every > t.epochs * steps:
+        # set on purpose (a short trial run with the default says nothing)
+        default = type(self.cfg.monitor).model_fields["log_every"].default
+        if log_every != default and log_every > t.epochs * steps:
             notes.append(
                 f"monitor.log_every {log_every} is more than the run's {t.epochs * steps} steps: "
                 "no step metrics (step/loss, step/lr, ...) are recorded"
