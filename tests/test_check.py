@@ -1,6 +1,7 @@
 """`segscale imgmed check` and prepare report every problem of every case in one pass."""
 
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -126,3 +127,20 @@ def test_check_lists_every_file_that_makes_no_case_beside_the_cases_it_can_read(
     assert len(result.cases) == 8
     with pytest.raises(DataError, match=r"case_005.nii.gz: image without a label; .* \(and 2 more"):
         prepare(raw, tmp_path / "out", Preprocessing(size=16), progress=False)
+
+
+def test_two_masks_for_one_case_are_listed_with_the_other_unpaired_files(tmp_path):
+    """A second mask (s0.png beside S0.PNG) stopped check at once: no table, the other unpaired
+    files unnamed."""
+    from test_inputs import write_2d
+
+    raw = write_2d(tmp_path / "raw", "L")
+    (raw / "masks" / "s0.png").rename(raw / "masks" / "S0.PNG")
+    (raw / "masks" / "s1.png").rename(raw / "masks" / "s0.png")  # s1 loses its mask
+    shutil.copy(raw / "masks" / "s0.png", raw / "masks" / "stray.png")  # a mask of no image
+    result = check_source(raw, progress=False)
+    refused = [c.refused for c in result.cases if c.refused]
+    assert any("two masks for 's0'" in r for r in refused)
+    assert any("s1.png: image without a mask" in r for r in refused)
+    assert any("stray.png: mask without its image" in r for r in refused)
+    assert {c.case for c in result.cases if not c.refused} >= {"s2", "s3"}

@@ -115,7 +115,8 @@ def test_a_slice_folder_is_written_whole_and_never_mixed_with_other_files(tmp_pa
     assert np.unique(np.asarray(nib.load(tmp_path / "kept.nii.gz").dataobj)).tolist() == [10]
     assert [p.name for p in tmp_path.iterdir() if ".partial" in p.name] == []
     other = nifti(tmp_path / "other.nii.gz", np.full((4, 4, 3), 7, np.uint8))
-    convert(other, out)  # an earlier export is replaced whole
+    convert(other, out)  # an earlier export is replaced whole, nothing kept aside
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert sorted(p.name for p in out.iterdir()) == [
         "other_000.png",
         "other_001.png",
@@ -251,3 +252,107 @@ def test_what_a_converted_file_keeps_and_what_cannot_be_read_is_named(tmp_path):
     out = nib.load(tmp_path / "out.nii.gz").header
     assert out.get_xyzt_units() == ("mm", "sec")
     assert int(out["qform_code"]) == 1 and int(out["sform_code"]) == 1
+
+
+def test_whole_values_no_picture_holds_are_refused_and_instance_maps_kept(tmp_path):
+    """{0, 1, 70000} came back {0, 70000} (windowed: 0 and 1 merged), negative labels as
+    fractions, a 300-instance map windowed to 8 bit; all with exit 0."""
+    instances = np.arange(300, dtype=np.int32).reshape(10, 10, 3)
+    assert np.array_equal(back_through_slices(tmp_path, "inst", instances), instances)
+    for name, values in (("big", (0, 1, 70000)), ("neg", (-5, 0, 3))):
+        labels = np.array(values * 8, np.int32).reshape(2, 4, 3)
+        with pytest.raises(DataError, match=r"whole values from .* that no picture holds"):
+            convert(nifti(tmp_path / f"{name}.nii.gz", labels), tmp_path / name)
+        convert(tmp_path / f"{name}.nii.gz", tmp_path / f"{name}-w", window=(-10, 10))  # on purpose
+
+
+def test_a_volume_is_never_one_colour_picture_and_npy_keeps_the_axes(tmp_path):
+    """A volume of 3 or 4 slices was written as an RGB(A) picture; a picture through .npy came
+    back with x and y swapped, and so did a 2D NIfTI."""
+    for slices in (3, 4):
+        src = nifti(tmp_path / f"v{slices}.nii.gz", np.zeros((6, 5, slices), np.float32))
+        with pytest.raises(DataError, match=r"volume into one picture"):
+            convert(src, tmp_path / f"v{slices}.png")
+    picture = np.arange(12, dtype=np.uint8).reshape(3, 4)  # 3 rows, 4 columns
+    Image.fromarray(picture).save(tmp_path / "p.png")
+    convert(tmp_path / "p.png", tmp_path / "direct.nii.gz")
+    convert(tmp_path / "p.png", tmp_path / "p.npy")
+    assert np.array_equal(np.load(tmp_path / "p.npy"), picture)  # a picture's rows
+    convert(tmp_path / "p.npy", tmp_path / "via.nii.gz")
+    direct, via = (
+        np.asarray(nib.load(tmp_path / n).dataobj) for n in ("direct.nii.gz", "via.nii.gz")
+    )
+    assert direct.shape == via.shape == (4, 3, 1) and np.array_equal(direct, via)
+    plane = nifti(tmp_path / "plane.nii.gz", np.arange(12, dtype=np.uint8).reshape(4, 3))
+    convert(plane, tmp_path / "plane.png")
+    convert(plane, tmp_path / "plane.npy")
+    convert(tmp_path / "plane.npy", tmp_path / "plane2.png")
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "plane.png")),
+        np.asarray(Image.open(tmp_path / "plane2.png")),
+    )
+    np.save(tmp_path / "half.npy", np.ones((3, 3, 2), np.float16))
+    convert(tmp_path / "half.npy", tmp_path / "half.nii.gz")  # was a nibabel traceback
+    assert nib.load(tmp_path / "half.nii.gz").get_data_dtype() == np.float32
+
+
+def test_a_failed_re_export_keeps_the_earlier_export_whole(tmp_path, monkeypatch):
+    """Its folder was deleted before the new one was moved in; a deletion that stopped part way
+    left 1 of 4 slices and no slices.json, which stacked into a 1-slice volume, exit 0."""
+    module = sys.modules["segscale.imgmed.convert"]
+    out = tmp_path / "out"
+    convert(nifti(tmp_path / "a.nii.gz", np.full((4, 4, 4), 3, np.uint8)), out)
+    before = sorted(p.name for p in out.iterdir())
+    real_rename, calls = module.Path.rename, []
+
+    def rename(self, target):
+        calls.append(self)
+        if len(calls) == 2:  # the new folder into place
+            raise OSError(1, "Operation not permitted")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(module.Path, "rename", rename)
+    with pytest.raises(DataError, match="Operation not permitted"):
+        convert(nifti(tmp_path / "b.nii.gz", np.full((4, 4, 2), 9, np.uint8)), out)
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("affine", "x"),
+        ("affine", [[1, 2], [3]]),
+        ("affine", [[0] * 4] * 4),
+        ("window", ["a", "b"]),
+        ("window", [100, 0]),
+        ("files", [3]),
+        ("files", ["../a.nii.gz"]),
+        ("shape", [4, 4]),
+    ],
+)
+def test_a_damaged_slices_json_is_one_line(tmp_path, field, value):
+    out = tmp_path / "s"
+    convert(nifti(tmp_path / "a.nii.gz", np.zeros((4, 4, 2), np.uint8)), out)
+    meta = json.loads((out / SIDE_CAR).read_text())
+    meta[field] = value
+    (out / SIDE_CAR).write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"slices.json: damaged"):
+        convert(out, tmp_path / "back.nii.gz")
+
+
+def test_exports_and_conversions_never_write_into_their_inputs(tmp_path, real_store):
+    """`export --out STORE/images.npy --force` replaced the run's store with TorchScript; a
+    DICOM slice converted into its own series folder broke the series."""
+    from conftest import trained_run
+    from segscale.export import export
+    from test_imgmed_io import write_series
+
+    run = trained_run(real_store, tmp_path / "run")
+    with pytest.raises(SegscaleError, match=r"--out .*images.npy: is inside the input folder"):
+        export(run, "torchscript", real_store / "images.npy", force=True)
+    write_series(tmp_path / "series", np.zeros((4, 4, 3)))
+    one = sorted((tmp_path / "series").iterdir())[0]
+    with pytest.raises(SegscaleError, match=r"is inside the input folder"):
+        convert(one, tmp_path / "series" / "x.nii.gz")

@@ -71,7 +71,7 @@ def test_files_that_differ_only_in_case_are_one_case_and_refused(tmp_path):
 def test_a_mask_without_an_image_is_refused(tmp_path):
     pictures = write_2d(tmp_path / "2d", "L")
     shutil.copy(pictures / "masks" / "s0.png", pictures / "masks" / "s9.png")
-    with pytest.raises(DataError, match=r"s9.png: mask without an image in .*images"):
+    with pytest.raises(DataError, match=r"s9.png: mask without its image in .*images"):
         prepared(pictures, tmp_path / "out")
 
 

@@ -260,11 +260,21 @@ def test_config_convert_checks_the_names_it_writes(tmp_path):
             cwd=ROOT,
         )
         assert r.returncode == 2 and re.search(message, r.stderr), r.stderr
-    path = write(tmp_path, body.replace("<name>unet</name>", "<name>FCN</name>"))
+    path = write(
+        tmp_path,
+        body.replace("<name>unet</name>", "<name>FCN</name>").replace(
+            "<value>ring_allreduce</value>", "<value>RING_ALLREDUCE</value>"
+        ),
+    )
     r = subprocess.run(
         [sys.executable, "-m", "segscale.cli", "config", "convert", str(path)],
         capture_output=True,
         text=True,
         cwd=ROOT,
     )
-    assert r.returncode == 0 and yaml.safe_load(r.stdout)["model"]["name"] == "fcn", r.stderr
+    assert r.returncode == 0, r.stderr
+    written = yaml.safe_load(r.stdout)
+    assert written["model"]["name"] == "fcn" and written["train"]["strategy"]["name"] == "allreduce"
+    from segscale.xmlconfig import _builtin_lower
+
+    assert _builtin_lower("archi/Net.PY") == "archi/Net.PY" and _builtin_lower("SGD") == "sgd"

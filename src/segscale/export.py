@@ -85,6 +85,7 @@ def export(
             f"--out {out}: a file of {Path(source).resolve()} itself, not an earlier export "
             f"(those end in {' or '.join(SUFFIX.values())}); give another name"
         )
+    _apart_from_store(source, out)
     try:
         return _export(source, fmt, out, check_batch)
     except BaseException:
@@ -92,6 +93,20 @@ def export(
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+
+
+def _apart_from_store(source: Path, out: Path) -> None:
+    """Refuse an export into the store the model was trained on (it replaced a store's
+    images.npy with TorchScript, which broke every later use of the run)."""
+    from segscale._files import apart_from_input
+    from segscale.config import load_config
+
+    try:
+        store = load_config(Path(source) / "config.yaml").data.store
+    except SegscaleError:  # an unreadable config is _export's to report
+        return
+    if store.is_dir():
+        apart_from_input(out, store, "--out")
 
 
 def _export(source: Path, fmt: str, out: Path, check_batch: int) -> Path:

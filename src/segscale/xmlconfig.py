@@ -40,7 +40,8 @@ STRATEGY_NAMES = {"ring_allreduce": "allreduce", "allreduce": "allreduce", "loca
 
 def _builtin_lower(name: str) -> str:
     """SGD → sgd, as the thesis' files write built-in names; a plug-in's path as written."""
-    return name if ":" in name or name.endswith(".py") else name.lower()
+    path = ":" in name or "/" in name or name.lower().endswith(".py")
+    return name if path else name.lower()
 
 
 PROPERTIES = {
@@ -203,7 +204,7 @@ def _generator(task: Any, raw: dict[str, Any], fail: Any) -> None:
                 raise fail(
                     f"dist_strategy: an empty <value>; expected one of {', '.join(STRATEGY_NAMES)}"
                 )
-            raw["train"]["strategy"] = STRATEGY_NAMES.get(text, _builtin_lower(text))
+            raw["train"]["strategy"] = STRATEGY_NAMES.get(text.lower(), _builtin_lower(text))
         elif kind == "Tr_Checkpoint":
             for v in values:
                 path, name = (v.findtext("path") or "").strip(), (v.get("name") or "").strip()

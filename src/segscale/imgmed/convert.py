@@ -68,9 +68,19 @@ def export_slices(
             save(np.ascontiguousarray(np.take(pixels, k, axis=axis).T), partial / name)
         write_atomic(partial / SIDE_CAR, json.dumps(meta, indent=1))
         os.chmod(partial, 0o777 & ~_umask())  # mkdtemp's 0700 would hide it from others
-        if earlier is not None:  # an earlier export, or an empty folder: replaced whole
-            shutil.rmtree(out_dir)
-        partial.rename(out_dir)
+        old = None
+        if earlier is not None:  # an earlier export, or an empty folder: moved aside whole
+            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+            out_dir.rename(old / out_dir.name)
+        try:
+            partial.rename(out_dir)
+        except OSError:
+            if old is not None:  # the earlier export back in its place (kept aside if not)
+                (old / out_dir.name).rename(out_dir)
+                old.rmdir()
+            raise
+        if old is not None:  # replaced: the earlier export goes
+            shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         raise DataError(f"cannot write {out_dir}: {e.strerror or e}") from None
     finally:
@@ -121,19 +131,27 @@ def picture_values(
     a: np.ndarray, window: tuple[float, float] | None = None
 ) -> tuple[np.ndarray, list[float] | None]:
     """(pixels, window): what a picture of `a` holds. Without `window`, whole non-negative
-    values (any integer type, or floats holding whole numbers: a label map saved as float) are
-    kept: up to 255 in 8 bit, up to 65535 with at most 256 distinct values (a label map) in
-    16 bit; the window returned is then None. Anything else is windowed to 8 bit, with `window`
-    or the 0.5-99.5 percentiles, and that window returned. Raises DataError for a bad window."""
+    values (any integer type, or floats holding whole numbers: a label or instance map saved as
+    float) are kept, exactly: up to 255 in 8 bit, up to 65535 in 16 bit; the window returned is
+    then None. Anything else is windowed to 8 bit, with `window` or the 0.5-99.5 percentiles,
+    and that window returned. Raises DataError for a bad window, and for whole values of a few
+    kinds (at most 256: a label map) that no picture holds (negative, or above 65535), which a
+    window would merge."""
     check_window(window)
-    if window is None and a.size and a.min() >= 0:
+    if window is None and a.size:
         whole = np.issubdtype(a.dtype, np.integer) or (
             np.issubdtype(a.dtype, np.floating) and bool(np.all(np.mod(a, 1) == 0))
         )
-        if whole and a.max() < 256:
+        low, high = a.min(), a.max()
+        if whole and low >= 0 and high < 256:
             return a.astype(np.uint8), None
-        if whole and a.max() < 65536 and np.unique(a).size <= 256:
+        if whole and low >= 0 and high < 65536:
             return a.astype(np.uint16), None
+        if whole and np.unique(a).size <= 256:
+            raise DataError(
+                f"whole values from {low:g} to {high:g} (a label map?) that no picture holds "
+                "(0 to 65535); write NIfTI or .npy, or give --window to show them as intensities"
+            )
     low, high = window if window is not None else np.percentile(a, (0.5, 99.5))
     return to_uint8(a, (float(low), float(high))), [float(low), float(high)]
 
@@ -213,13 +231,30 @@ def _read_side_car(path: Path) -> dict:
     """An export's slices.json, checked: one DataError line when it is damaged."""
     try:
         meta = json.loads(path.read_text())
-        ok = (
-            isinstance(meta, dict) and isinstance(meta["files"], list) and meta["axis"] in (0, 1, 2)
+        files, window, shape, affine = meta["files"], meta["window"], meta["shape"], meta["affine"]
+        ok = meta["axis"] in (0, 1, 2) and isinstance(files, list) and files
+        # plain names in this folder only
+        ok = ok and all(
+            isinstance(f, str) and f == Path(f).name and f not in (".", "..") for f in files
         )
-        window = meta["window"]
-        ok = ok and (window is None or (isinstance(window, list) and len(window) == 2))
-        ok = ok and isinstance(meta["shape"], list) and "affine" in meta
-    except (OSError, ValueError, KeyError, TypeError):
+        ok = ok and (
+            window is None
+            or (
+                isinstance(window, list)
+                and len(window) == 2
+                and all(isinstance(v, int | float) for v in window)
+                and math.isfinite(window[0])
+                and math.isfinite(window[1])
+                and window[0] < window[1]
+            )
+        )
+        ok = ok and isinstance(shape, list) and len(shape) == 3
+        ok = ok and all(isinstance(n, int) and n > 0 for n in shape)
+        if affine is not None:
+            matrix = np.array(affine, dtype=np.float64)
+            ok = ok and matrix.shape == (4, 4) and bool(np.isfinite(matrix).all())
+            ok = ok and abs(float(np.linalg.det(matrix[:3, :3]))) > 1e-12
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         ok = False
     if not ok:
         raise DataError(
@@ -242,6 +277,8 @@ def convert(
     from segscale._files import apart_from_input
 
     src, dst = Path(src), apart_from_input(Path(dst), Path(src), "DST")
+    if src.is_file() and sniff(src) == "dicom":  # a slice of a series: its folder is the input
+        apart_from_input(dst, src.parent, "DST")
     check_window(window)
     check_spacing(spacing)
     if src.is_dir() and sniff_folder(src) == "pictures":
@@ -250,6 +287,8 @@ def convert(
         image = load(src)
         if image.kind == "image" and _family_of_name(dst) != "image":
             image = Image(_stored_values(src, image.array), None, "image", src)
+        if image.kind == "numpy" and image.affine is None and image.array.ndim == 2:
+            image = Image(image.array, None, "image", src)  # no geometry, 2D: a picture's rows
         if image.kind == "image" and _family_of_name(dst) == "nifti":  # a stack of one
             if image.array.ndim != 2:
                 raise DataError(f"{src}: a colour picture; a NIfTI volume takes greyscale slices")
@@ -263,11 +302,12 @@ def convert(
         raise DataError(f"cannot write {dst}: {e.strerror}") from None
     array = _numeric(image)
     if _family_of_name(dst) == "image":
-        if image.kind in ("nifti", "dicom") and array.ndim == 3 and array.shape[-1] == 1:
+        volume = image.kind in ("nifti", "dicom") or image.affine is not None
+        if volume and array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]  # one slice of a volume
-        if image.kind in ("nifti", "dicom") and array.ndim == 2:
+        if volume and array.ndim == 2:
             array = np.ascontiguousarray(array.T)  # (x, y) → rows of y, columns of x
-        if array.ndim == 3 and array.shape[-1] not in (3, 4):
+        if array.ndim == 3 and (volume or array.shape[-1] not in (3, 4)):  # 3 slices: no RGB
             raise DataError(
                 f"{src}: a {'×'.join(map(str, array.shape))} volume into one picture {dst.name}; "
                 "give a folder as the destination for one picture per slice"
@@ -289,6 +329,8 @@ def convert(
             )
     elif array.dtype == np.bool_:
         array = array.astype(np.uint8)
+    elif array.dtype == np.float16:  # NIfTI-1 has no half floats
+        array = array.astype(np.float32)
     elif array.dtype in (np.int64, np.uint64):  # NIfTI-1 writers refuse 64-bit integers
         if array.size and (
             array.min() < np.iinfo(np.int32).min or array.max() > np.iinfo(np.int32).max
@@ -297,6 +339,8 @@ def convert(
                 f"{src}: 64-bit integers beyond the 32-bit range; NIfTI cannot hold them"
             )
         array = array.astype(np.int32)
+    if _family_of_name(dst) == "npy" and image.kind in ("nifti", "dicom") and array.ndim == 2:
+        array = np.ascontiguousarray(array.T)  # no geometry in .npy: a 2D array is a picture's
     if image.kind == "nifti" and _family_of_name(dst) == "nifti":  # NIfTI → NIfTI (.nii ↔ .gz)
         from segscale.imgmed.io import nifti_header, save_nifti
 

@@ -42,19 +42,24 @@ def strip_suffix(name: str) -> str:
     return name
 
 
-def by_case(files: list[Path], what: str = "files") -> dict[str, Path]:
+def by_case(
+    files: list[Path], what: str = "files", problems: list[str] | None = None
+) -> dict[str, Path]:
     """`files` by case id for pairing with other files by name: the name without its image suffix,
     case-folded, so that 'Case_01.PNG' pairs with 'case_01.nii.gz' (tools and file systems
     differ in the case they write; macOS and Windows do not tell them apart). Look a case up
     with `case_key`. Raises DataError when two files make one case id (a.png beside a.tif,
-    A.nii.gz beside a.nii.gz): one would silently stand for the other."""
+    A.nii.gz beside a.nii.gz): one would silently stand for the other; `problems`: noted there
+    instead, the first file kept."""
     out: dict[str, Path] = {}
     for p in files:
         key = case_key(p.name)
         if key in out:
-            raise DataError(
-                f"{p} and {out[key]}: two {what} for '{strip_suffix(p.name)}'; remove one"
-            )
+            problem = f"{p} and {out[key]}: two {what} for '{strip_suffix(p.name)}'; remove one"
+            if problems is None:
+                raise DataError(problem)
+            problems.append(problem)
+            continue
         out[key] = p
     return out
 

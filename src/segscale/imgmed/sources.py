@@ -66,7 +66,9 @@ def discover(root: str | Path, lenient: bool = False) -> Source:
                 f"{case.images[0]} and {seen[key].images[0]}: both make case '{case.id}'; "
                 "rename or remove one"
             )
+            continue
         seen[key] = case
+    source.cases = list(seen.values())  # lenient: the first of each id, checked as a case
     if problems and not lenient:
         more = f" (and {len(problems) - 1} more: `segscale imgmed check` lists them)"
         raise DataError(problems[0] + (more if len(problems) > 1 else ""))
@@ -291,7 +293,7 @@ def _read_png_folder(root: Path, problems: list[str]) -> Source:
     images = list_files(root / "images", PNG_SUFFIXES)
     if not images:
         raise DataError(f"{root / 'images'}: no PNG/JPG/TIFF images")
-    masks = by_case(list_files(root / "masks", PNG_SUFFIXES), "masks")
+    masks = by_case(list_files(root / "masks", PNG_SUFFIXES), "masks", problems)
     cases = []
     for im in images:
         mask = masks.get(case_key(im.name))
@@ -310,14 +312,16 @@ def _no_orphans(
 ) -> None:
     """A mask that no case uses is refused: a stale or misnamed file, whose image is missing."""
     used = {c.label for c in cases}
-    problems += [f"{m}: mask without an {what} in {where}" for m in masks.values() if m not in used]
+    problems += [
+        f"{m}: mask without its {what} in {where}" for m in masks.values() if m not in used
+    ]
 
 
 def _read_dicom_folder(root: Path, problems: list[str]) -> Source:
     """images/<case>/ (one DICOM series per case) + masks/<case>.nii.gz (the series' voxel grid,
     as ITK-SNAP or 3D Slicer export it); class names from an optional labels.json."""
     cases = []
-    masks = by_case(list_files(root / "masks", NIFTI_SUFFIXES), "masks")
+    masks = by_case(list_files(root / "masks", NIFTI_SUFFIXES), "masks", problems)
     for folder in list_folders(root / "images"):
         mask = masks.get(case_key(folder.name))
         if mask is None:
