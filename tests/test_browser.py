@@ -245,7 +245,7 @@ def test_a_ui_served_to_the_network_answers_by_this_machines_names(tmp_path):
                     pytest.fail(f"segscale ui did not start:\n{server.stdout.read()}")
                 time.sleep(0.5)
         assert status(f"{socket.gethostname()}:{port}") == 200
-        assert status("proxy.example.org") == 200
+        assert status("proxy.example.org") == status(f"proxy.example.org:{port}") == 200
         assert status(f"attacker.example.com:{port}") == 403
     finally:
         server.terminate()

@@ -611,7 +611,7 @@ def test_the_resume_digest_leaves_out_only_the_speed_settings(real_store):
     from segscale.config import SPEED_SETTINGS
 
     base = validate(tiny_config(real_store))
-    for key, value in zip(SPEED_SETTINGS, (2, False, True, True), strict=True):
+    for key, value in zip(SPEED_SETTINGS, (2, False, True, True, 1, 7, 9), strict=True):
         section, name = key.split(".")
         raw = tiny_config(real_store)
         raw.setdefault(section, {})[name] = value

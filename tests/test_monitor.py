@@ -213,6 +213,26 @@ def test_a_resume_logs_the_steps_past_its_checkpoint_once_and_clears_a_stale_sto
     assert [m.step for m in epochs] == [4, 8]
 
 
+def test_a_stop_at_an_epochs_last_step_keeps_that_epochs_mlflow_row(tmp_path, real_store):
+    """Stopped at step 4, the last of epoch 1 (its step row logged, its epoch row not yet):
+    the resumed run skipped every row up to step 4, the epoch's too."""
+    from conftest import ROOT, cli
+
+    cfg = tiny_config(real_store, epochs=2, steps_per_epoch=4)
+    stop = {"step": 4, "rank": 0, "now": True, "marker": str(tmp_path / "stopped")}
+    faults = f"{ROOT / 'tests' / 'plugins' / 'faults.py'}:StopAt"
+    cfg["train"]["callbacks"] = [{"name": faults, "kwargs": stop}]
+    cfg["tracker"] = {"name": "mlflow", "kwargs": {"poll_seconds": 0.1}}
+    cfg["monitor"] = {"log_every": 1, "system_every": 0}
+    path, run = tmp_path / "c.yaml", tmp_path / "runs" / "r"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli("train", path, "--run-dir", run).returncode == PREEMPTED_EXIT_CODE
+    assert cli("train", path, "--run-dir", run, "--resume").returncode == 0
+    client, run_id = client_for(run), (run / "mlflow_run_id").read_text().strip()
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [4, 8]
+    assert [m.step for m in client.get_metric_history(run_id, "step/loss")] == list(range(1, 9))
+
+
 def _train_output(cfg_path: Path, run: Path, terminal: bool) -> str:
     """`segscale train` run as a user runs it, its output on a pseudo-terminal or a pipe."""
     import pty

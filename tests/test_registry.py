@@ -151,7 +151,9 @@ def test_kwargs_of_the_wrong_type_are_refused_before_anything_is_built(real_stor
     # read leniently, a quoted number reached the factory as text: a crash after the first epoch
     for given in ({"margin": "0.1"}, {"patience": "3"}, {"margin": {1: "0.1"}}, {"after": True}):
         early["kwargs"] = {"reference": {1: 0.5}, **given}
-        with pytest.raises(SegscaleError, match=r"a quoted number or a true/false where a number"):
+        with pytest.raises(
+            SegscaleError, match=r"it would reach the factory as (str|bool|dict); write"
+        ):
             planned(**{"train.callbacks": [early]})
     early["kwargs"] = {"reference": {"1": 0.5, 2: 1}, "margin": {1: 0}, "patience": 2}
     planned(**{"train.callbacks": [early]})  # lax, as the config: 1 fits float, "1" a key
@@ -163,6 +165,19 @@ def test_kwargs_of_the_wrong_type_are_refused_before_anything_is_built(real_stor
         " sizes: tuple[int, int] = (1, 2)):\n"
         "    return torch.nn.Conv2d(in_channels, num_classes, 1)\n"
     )
+    # text read as a Path or an Enum is what such a plug-in takes (was refused as "a quoted
+    # number"); None for an argument whose default is None, as research code writes it
+    typed = tmp_path / "typed.py"
+    typed.write_text(
+        "import enum\nfrom pathlib import Path\nimport torch\n"
+        "class Mode(str, enum.Enum):\n    slow = 'slow'\n"
+        "def net(in_channels, num_classes, path: Path = Path('.'), mode: Mode = Mode.slow,"
+        " width: float = None):\n    return torch.nn.Conv2d(in_channels, num_classes, 1)\n"
+    )
+    planned(model={"name": f"{typed}:net", "kwargs": {"path": "out/dir", "mode": "slow"}})
+    planned(model={"name": f"{typed}:net", "kwargs": {"width": None}})
+    with pytest.raises(SegscaleError, match=r"base_channels 8.0 does not fit int .* write 8\)"):
+        planned(model={"name": "unet", "kwargs": {"base_channels": 8.0}})  # torch's error later
     # a type beyond plain data is the plug-in's to check; a YAML list fits a tuple
     planned(model={"name": f"{plugin}:net", "kwargs": {"scale": "x", "sizes": [3, 4]}})
     with pytest.raises(SegscaleError, match=r"net' kwargs: width \[4\] does not fit int"):

@@ -203,6 +203,9 @@ def test_repeat_refuses_what_makes_no_spread(tmp_path, real_store):
             RepeatOptions(),
             tmp_path / "o",
         )
+    # without a validation split, run 2 on would be refused after run 1 had trained
+    with pytest.raises(SegscaleError, match=r"--vary split draws which training cases validate"):
+        repeat(path, ["data.val_split=null"], RepeatOptions(vary="split"), tmp_path / "o")
     assert not (tmp_path / "o").exists()
     with pytest.raises(SegscaleError, match="at least 2 runs"):
         repeat(path, None, RepeatOptions(runs=1), tmp_path / "o")

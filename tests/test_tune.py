@@ -118,6 +118,13 @@ def test_an_early_stop_that_can_never_fire_is_a_warning_before_launch(real_store
     assert notes(4, after=3, reference={1: 0.5, 4: 0.5}, patience=2)
     assert notes(4, reference={"10": 0.5, "20": 0.5}, patience=1)
     assert notes(4, reference={"4": 0.5}, patience=1) == []
+    # epochs as a YAML or JSON file may give them: "1.0" passed plan and failed in train
+    assert notes(4, reference={"01": 0.5, 2.0: 0.5, "3.0": 0.5}, patience=3) == []
+    from segscale.train import EarlyStop
+
+    assert EarlyStop(reference={"1.0": 0.5, " 2": 0.4}).reference == {1: 0.5, 2: 0.4}
+    with pytest.raises(ValueError, match=r"early_stop reference: epoch '1.5', expected a whole"):
+        EarlyStop(reference={"1.5": 0.5})
     cfg = tiny_config(real_store, epochs=2)  # 3 steps an epoch
     cfg["monitor"] = {"log_every": 7}
     assert any(

@@ -139,12 +139,21 @@ class AugmentConfig(_Strict):
         return self
 
 
+# How fast, or when to save, not what: a run computes the same with any of their values (the
+# same batches; at most float rounding for channels_last, compile and threads): a resume may
+# change them.
+SPEED_SETTINGS = (
+    "data.num_workers",
+    "data.on_device",
+    "train.channels_last",
+    "train.compile",
+    "train.threads",
+    "train.checkpoint_every",  # when to save, not what is computed
+    "train.keep_checkpoints",
+)
+
 # Table 2.1 of the thesis (left atrium): rotation ±45°, zoom 0.8–1.2, translation up to 25.6 px of
 # 512 (5%). `augment: left-atrium` in a config, `--preset left-atrium` offline.
-# How fast, not what: a run computes the same with any of their values (the same batches; at
-# most float rounding for channels_last and compile), so a run may resume with others.
-SPEED_SETTINGS = ("data.num_workers", "data.on_device", "train.channels_last", "train.compile")
-
 AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
     "left-atrium": {"enabled": True, "rotation": 45.0, "zoom": (0.8, 1.2), "translation": 0.05}
 }
@@ -486,6 +495,21 @@ class TrackerConfig(Component):
 
 
 MIN_INTERVAL = 0.05  # seconds: the shortest sampling or polling interval of a monitor
+
+
+def by_epoch(curve: dict[Any, Any], what: str) -> dict[int, Any]:
+    """{epoch: value} with its keys read as whole epochs (1, "1", "01", 1.0 and "1.0" alike; a
+    YAML or JSON file gives them as text). Raises ValueError naming `what` for any other key."""
+    out: dict[int, Any] = {}
+    for key, value in curve.items():
+        try:
+            number = float(str(key).strip())
+        except ValueError:
+            number = math.nan
+        if not (math.isfinite(number) and number == int(number)):
+            raise ValueError(f"{what}: epoch {key!r}, expected a whole number")
+        out[int(number)] = value
+    return out
 
 
 class MonitorConfig(_Strict):

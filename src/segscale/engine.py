@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segscale._files import RUN_LOCK, differ, lock_holder, to_json, write_atomic
-from segscale.config import SPEED_SETTINGS, RunConfig, load_config, save_config
+from segscale.config import SPEED_SETTINGS, RunConfig, by_epoch, load_config, save_config
 from segscale.errors import SegscaleError, did_you_mean
 from segscale.imgmed.store import Store
 from segscale.registry import (
@@ -758,7 +758,11 @@ def _early_stop_notes(what: str, kwargs: dict[str, Any], validated: list[int]) -
     reference = kwargs.get("reference")
     counted = [e for e in validated if e > after]
     if reference is not None:  # only validations at an epoch of the curve compare
-        counted = [e for e in counted if str(e) in {str(k) for k in reference}]
+        try:
+            epochs = by_epoch(reference, what)
+        except ValueError:  # refused when the callback is built
+            return []
+        counted = [e for e in counted if e in epochs]
     elif counted and counted[0] == validated[0]:  # the first validation sets the best so far
         counted = counted[1:]
     if len(counted) >= patience:

@@ -153,8 +153,8 @@ def _check_types(what: str, signature: inspect.Signature, kwargs: dict[str, Any]
     for name, value in kwargs.items():
         param = signature.parameters.get(name)
         annotation = inspect.Parameter.empty if param is None else param.annotation
-        if annotation is inspect.Parameter.empty:
-            continue
+        if annotation is inspect.Parameter.empty or (value is None and param.default is None):
+            continue  # `x: float = None`, as research code writes an optional argument
         text = annotation if isinstance(annotation, str) else None
         try:
             if text is not None:  # source text: evaluated with plain data types in scope only
@@ -173,16 +173,18 @@ def _check_types(what: str, signature: inspect.Signature, kwargs: dict[str, Any]
             ) from None
         if _retyped(value, fitted):  # the factory gets the value as given, not as pydantic read it
             raise SegscaleError(
-                f"{what}: {name} {value!r} does not fit {expected} (a quoted number or a "
-                "true/false where a number goes: write it bare)"
+                f"{what}: {name} {value!r} does not fit {expected} (it would reach the factory "
+                f"as {type(value).__name__}; write {fitted!r})"
             )
 
 
 def _retyped(given: Any, fitted: Any) -> bool:
-    """Whether lax validation read `given` as another kind of value: text or a bool as a number
-    ("3" → 3, true → 1), anywhere inside lists and dicts."""
-    if isinstance(given, str | bool):
-        return type(fitted) is not type(given)
+    """Whether lax validation read `given` as a number of another kind: text or a bool as a
+    number ("3" → 3, true → 1), a float as an int (8.0 → 8), anywhere inside lists and dicts.
+    (Text read as a Path or an Enum is what plug-ins annotated with them take.)"""
+    number = isinstance(fitted, int | float) and not isinstance(fitted, bool)
+    if isinstance(given, str | bool) or (isinstance(given, float) and isinstance(fitted, int)):
+        return number and type(fitted) is not type(given)
     if isinstance(given, dict) and isinstance(fitted, dict) and len(given) == len(fitted):
         return any(_retyped(a, b) for a, b in zip(given.values(), fitted.values(), strict=True))
     if isinstance(given, list | tuple) and isinstance(fitted, list | tuple):

@@ -80,6 +80,10 @@ def repeat(
             f"--vary seed: {' and '.join(pinned)} set in the config stay as they are; unset them, "
             f"or vary one part ({', '.join(v for v in VARY if v != 'seed')})"
         )
+    if options.vary == "split" and cfg.data.val_split is None:  # run 2 on would be refused
+        raise SegscaleError(
+            "--vary split draws which training cases validate: it needs data.val_split (it is null)"
+        )
     plan(cfg).check(options.workers)
     if options.workers > 1:
         start_worker_server()

@@ -90,7 +90,11 @@ class MLflowTracker:
                 f"{', '.join(s + '://' for s in MLFLOW_SCHEMES)}, e.g. sqlite:///PATH/mlflow.db"
             )
         if not experiment.strip():
-            raise ValueError("experiment '': expected an MLflow experiment name")
+            raise ValueError(f"experiment {experiment!r}: expected an MLflow experiment name")
+        if uri is not None and not uri.strip():
+            raise ValueError(
+                "uri '': expected an MLflow tracking URI, e.g. sqlite:///PATH/mlflow.db"
+            )
         self.run_dir, self.run_name, self.params = Path(run_dir), run_name, params
         self.poll_seconds = poll_seconds
         self.tags = {"segscale.run_dir": str(self.run_dir), **(tags or {})}
@@ -100,7 +104,8 @@ class MLflowTracker:
         self.experiment = experiment
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="segscale-mlflow", daemon=True)
-        self._logged_until = -1  # the last step an earlier attempt of the run logged
+        # the last step an earlier attempt of the run logged, of step rows and of epoch rows
+        self._logged_until = {"step": -1, "epoch": -1}
 
     # ---- hooks (called on rank 0 by the Trainer and the engine)
 
@@ -188,14 +193,10 @@ class MLflowTracker:
             client.update_run(run_id, status="RUNNING")
             # the steps an earlier attempt logged past its last checkpoint are trained again:
             # logged once (the same losses, resumed exactly), so no curve doubles back
-            self._logged_until = max(
-                (
-                    m.step
-                    for key in ("step/loss", "train_loss")
-                    for m in client.get_metric_history(run_id, key)
-                ),
-                default=-1,
-            )
+            self._logged_until = {  # step rows and epoch rows each: the last step logged
+                kind: max((m.step for m in client.get_metric_history(run_id, key)), default=-1)
+                for kind, key in (("step", "step/loss"), ("epoch", "train_loss"))
+            }
             if _asks_to_stop(client.get_run(run_id).data.tags.get(STOP_TAG, "")):
                 client.set_tag(run_id, STOP_TAG, "seen")  # asked while it was not running
                 warnings.warn(
@@ -237,7 +238,8 @@ class MLflowTracker:
         from mlflow.entities import Metric
 
         now, step = int(time.time() * 1000), int(record.get("step", 0))
-        if step <= self._logged_until:
+        kind = "step" if any(k.startswith("step/") for k in record) else "epoch"
+        if step <= self._logged_until[kind]:
             return
         metrics = [Metric(k, v, now, step) for k, v in _numbers(record).items()]
         client.log_batch(run_id, metrics=metrics)
@@ -441,7 +443,9 @@ def _allowed_hosts(host: str, extra: str) -> list[str]:
     own = [
         p for n in sorted(names) for p in ((f"[{n}]", f"[[]{n}]:*") if ":" in n else (n, f"{n}:*"))
     ]
-    given = [h.strip() for h in extra.split(",") if h.strip()]
+    # a name as the browser sends it: with the port, and in lower case
+    given = [p for h in extra.split(",") if h.strip() for p in (h.strip(), f"{h.strip()}:*")]
+    given += [p.lower() for p in given if p != p.lower()]
     return [*get_default_allowed_hosts(), *own, *given]
 
 

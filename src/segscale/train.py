@@ -571,11 +571,11 @@ class EarlyStop:
             raise ValueError(f"early_stop: margin {margin}, expected 0 or more")
         if reference is not None and not all(math.isfinite(v) for v in reference.values()):
             raise ValueError(f"early_stop: reference {reference}, expected finite values")
-        self.reference = (
-            None if reference is None else {int(k): float(v) for k, v in reference.items()}
-        )
+        from segscale.config import by_epoch
+
+        self.reference = None if reference is None else by_epoch(reference, "early_stop reference")
         self.margin = (
-            {int(k): float(v) for k, v in margin.items()}
+            by_epoch(margin, "early_stop margin")
             if isinstance(margin, dict)
             else (0.05 if margin is None else margin)
         )
