@@ -241,3 +241,26 @@ def test_what_legitimate_configs_write_still_loads(tmp_path):
         "k": {"static_graph": False, "verbose": True},
         "d": "2024-06-01",
     }
+
+
+def test_a_path_with_brackets_and_a_huge_bad_value_are_shown_as_text(tmp_path, real_store):
+    """`plan 'd[/]x.yaml'` was a rich MarkupError traceback ('[red]x.yaml' lost its brackets);
+    a 1.6 kB YAML of nested aliases under one key made a 58 MB error line."""
+    from conftest import cli, tiny_config
+
+    folder = tmp_path / "d[" / "[red]"
+    folder.mkdir(parents=True)
+    path = folder / "x.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(real_store)))
+    r = cli("plan", path)
+    assert r.returncode == 0 and "[red]" in r.stdout.replace("\n", ""), r.stderr
+    levels, names = ["&a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"], "abcdefg"
+    for i in range(1, 7):  # each level 10 of the one before: 10^7 numbers under one key
+        levels.append(f"&{names[i]} [" + ", ".join([f"*{names[i - 1]}"] * 10) + "]")
+    text = yaml.safe_dump(tiny_config(real_store)).replace(
+        "kwargs:\n", "kwargs:\n    dropout: [" + ", ".join(levels) + "]\n", 1
+    )
+    (tmp_path / "bomb.yaml").write_text(text)
+    assert len(text) < 2000
+    r = cli("plan", tmp_path / "bomb.yaml")
+    assert r.returncode == 2 and len(r.stderr) < 2000, len(r.stderr)

@@ -30,6 +30,20 @@ def back_through_slices(tmp_path, name, array):
     return np.asarray(nib.load(tmp_path / f"{name}-back.nii.gz").dataobj)
 
 
+def small_store(tmp_path):
+    """A prepared store of 4 synthetic cases, 16 × 16: 2 train, 1 val, 1 test."""
+    raw = write_msd(tmp_path / "raw", num_cases=4)
+    store, _ = prepare(
+        raw,
+        tmp_path / "store",
+        Preprocessing(size=16),
+        val_fraction=0.25,
+        test_fraction=0.25,
+        progress=False,
+    )
+    return store
+
+
 def test_label_maps_keep_their_values_through_png_slices(tmp_path):
     """Float labels came back as 0/255, a small float mask as all black (its percentile window
     was [0, 0]), int16 {0, 2, 300} as {0, 2, 255}: all windowed as intensities, silently."""
@@ -135,15 +149,7 @@ def test_a_slice_folder_is_written_whole_and_never_mixed_with_other_files(tmp_pa
 def test_no_command_writes_over_or_into_its_input(tmp_path):
     """augment STORE STORE replaced its source; config convert --out X.xml replaced the XML;
     a NIfTI written into a DICOM series folder made the series unreadable."""
-    raw = write_msd(tmp_path / "raw", num_cases=4)
-    store, _ = prepare(
-        raw,
-        tmp_path / "store",
-        Preprocessing(size=16),
-        val_fraction=0.25,
-        test_fraction=0.25,
-        progress=False,
-    )
+    store = small_store(tmp_path)
     series = tmp_path / "series"
     series.mkdir()
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(series / "a.png")
@@ -184,15 +190,7 @@ def test_augmenting_a_store_without_training_slices_is_refused(tmp_path):
     from segscale.config import AugmentConfig
     from segscale.imgmed.augment import augment_store
 
-    raw = write_msd(tmp_path / "raw", num_cases=4)
-    store, _ = prepare(
-        raw,
-        tmp_path / "store",
-        Preprocessing(size=16),
-        val_fraction=0.25,
-        test_fraction=0.25,
-        progress=False,
-    )
+    store = small_store(tmp_path)
     meta = json.loads((store / "meta.json").read_text())
     for case in meta["cases"]:  # a store edited by hand: every case validates
         case["split"] = "val" if case["split"] == "train" else case["split"]

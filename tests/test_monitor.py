@@ -180,22 +180,31 @@ def test_the_mlflow_stop_tag_stops_a_two_worker_run_which_resumes(tmp_path, real
     assert logged["step/loss"] > 0 and logged["step/images_per_second"] > 0
 
 
-def test_a_resume_logs_the_steps_past_its_checkpoint_once_and_clears_a_stale_stop_tag(
-    tmp_path, real_store
-):
-    """`segscale stop --now` at step 5 (last checkpoint at 4), then --resume: steps 5.. are
-    trained again; MLflow had them twice, the curves doubling back. And a stop tag set on the
-    run while it was not running stopped the next resume at once."""
-    from conftest import ROOT, cli
+def stopped_once(tmp_path: Path, store: Path, step: int, **train) -> tuple[Path, Path]:
+    """(config, run folder) of a 2-epoch run of 4 steps an epoch, tracked by MLflow with every
+    step logged, that `segscale stop --now` stops once, at the end of `step`."""
+    from conftest import ROOT
 
-    cfg = tiny_config(real_store, epochs=2, steps_per_epoch=4, checkpoint_every=2)
-    stop = {"step": 5, "rank": 0, "now": True, "marker": str(tmp_path / "stopped")}
+    cfg = tiny_config(store, epochs=2, steps_per_epoch=4, **train)
+    stop = {"step": step, "rank": 0, "now": True, "marker": str(tmp_path / "stopped")}
     faults = f"{ROOT / 'tests' / 'plugins' / 'faults.py'}:StopAt"
     cfg["train"]["callbacks"] = [{"name": faults, "kwargs": stop}]
     cfg["tracker"] = {"name": "mlflow", "kwargs": {"poll_seconds": 0.1}}
     cfg["monitor"] = {"log_every": 1, "system_every": 0}
     path, run = tmp_path / "c.yaml", tmp_path / "runs" / "r"
     path.write_text(yaml.safe_dump(cfg))
+    return path, run
+
+
+def test_a_resume_logs_the_steps_past_its_checkpoint_once_and_clears_a_stale_stop_tag(
+    tmp_path, real_store
+):
+    """`segscale stop --now` at step 5 (last checkpoint at 4), then --resume: steps 5.. are
+    trained again; MLflow had them twice, the curves doubling back. And a stop tag set on the
+    run while it was not running stopped the next resume at once."""
+    from conftest import cli
+
+    path, run = stopped_once(tmp_path, real_store, 5, checkpoint_every=2)
     r = cli("train", path, "--run-dir", run)
     assert r.returncode == PREEMPTED_EXIT_CODE, r.stderr[-2000:]
     client, run_id = client_for(run), (run / "mlflow_run_id").read_text().strip()
@@ -216,16 +225,9 @@ def test_a_resume_logs_the_steps_past_its_checkpoint_once_and_clears_a_stale_sto
 def test_a_stop_at_an_epochs_last_step_keeps_that_epochs_mlflow_row(tmp_path, real_store):
     """Stopped at step 4, the last of epoch 1 (its step row logged, its epoch row not yet):
     the resumed run skipped every row up to step 4, the epoch's too."""
-    from conftest import ROOT, cli
+    from conftest import cli
 
-    cfg = tiny_config(real_store, epochs=2, steps_per_epoch=4)
-    stop = {"step": 4, "rank": 0, "now": True, "marker": str(tmp_path / "stopped")}
-    faults = f"{ROOT / 'tests' / 'plugins' / 'faults.py'}:StopAt"
-    cfg["train"]["callbacks"] = [{"name": faults, "kwargs": stop}]
-    cfg["tracker"] = {"name": "mlflow", "kwargs": {"poll_seconds": 0.1}}
-    cfg["monitor"] = {"log_every": 1, "system_every": 0}
-    path, run = tmp_path / "c.yaml", tmp_path / "runs" / "r"
-    path.write_text(yaml.safe_dump(cfg))
+    path, run = stopped_once(tmp_path, real_store, 4)
     assert cli("train", path, "--run-dir", run).returncode == PREEMPTED_EXIT_CODE
     assert cli("train", path, "--run-dir", run, "--resume").returncode == 0
     client, run_id = client_for(run), (run / "mlflow_run_id").read_text().strip()

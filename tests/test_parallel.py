@@ -464,3 +464,53 @@ def test_a_node_that_waits_alone_says_so_and_gives_up(tmp_path, real_store, monk
     assert "error: not every node joined within 3 s" in err
     with pytest.raises(SegscaleError, match="--rdzv-endpoint is for a run on several nodes"):
         launcher.check_nodes(1, 0, "127.0.0.1:29987")
+
+
+def test_launch_never_writes_over_its_inputs_and_a_job_is_for_one_config(tmp_path, real_store):
+    """--out over the config, a store file or a run file was written (rc 0); a folder with a
+    '%' broke the Slurm log path; the config's workers were ignored (1 GPU); every job used
+    rendezvous port 29500; --resume wrote a job for a finished run; a second launch into a
+    folder whose job had not started replaced the queued job's config without a word."""
+    config = write_config(tmp_path, real_store, "job")
+    run = tmp_path / "run"
+    for out, message in (
+        (config, r"is the input itself"),
+        (real_store / "meta.json", r"is inside the input folder"),
+        (run / "config.yaml", r"inside the run folder; its job is job.sbatch"),
+        (run, r"inside the run folder"),
+    ):
+        r = cli("launch", "--slurm", config, "--run-dir", run, "--out", out)
+        assert r.returncode == 2 and re.search(message, r.stderr), r.stderr
+    assert "SBATCH" not in config.read_text()  # untouched
+    odd = tmp_path / "pct%j"
+    r = cli("launch", "--slurm", config, "--run-dir", odd, "workers=4", "--nodes", 2)
+    assert r.returncode == 0, r.stderr
+    script = (odd / "job.sbatch").read_text()
+    assert f"#SBATCH --output={tmp_path}/pct%%j/slurm-%j.out" in script
+    assert "--nnodes=2 --nproc-per-node=2" in script  # the config's 4 workers on 2 nodes
+    assert "--rdzv-endpoint=$HEAD:$((20000 + SLURM_JOB_ID % 10000))" in script
+    r = cli("launch", "--slurm", config, "--run-dir", run, "--time", "UNLIMITED")
+    assert r.returncode == 0, r.stderr
+    single = (run / "job.sbatch").read_text()
+    assert "--standalone" in single and "HEAD=" not in single and "29500" not in single
+    r = cli("launch", "--slurm", config, "--run-dir", run, "train.epochs=9")
+    assert r.returncode == 2 and "holds a job not started yet for other settings" in r.stderr
+    (run / "model.pt").touch()
+    r = cli("launch", "--slurm", config, "--run-dir", run, "--resume")
+    assert r.returncode == 2 and "finished already" in r.stderr
+    for time in ("1--2", "9-", "1:2:3:4", "99999999999"):
+        assert cli("launch", "--slurm", config, "--time", time).returncode == 2, time
+
+
+def test_a_peak_under_the_base_lr_is_held_not_warmed_down_to():
+    """A global batch under reference_batch scales the lr down; the warmup went from the base
+    lr down to it (the shipped la_unet example on one worker: 0.001 → 0.0005)."""
+    from segscale.config import ScheduleConfig
+    from segscale.schedules import build_schedule
+
+    cfg = ScheduleConfig(scaling="linear", reference_batch=16, warmup_epochs=1, decay="none")
+    down = build_schedule(cfg, 0.001, 8, 1, 10, 3)
+    assert down.peak_lr == pytest.approx(0.0005)
+    assert [down(s) for s in (0, 5, 10)] == pytest.approx([0.0005] * 3)
+    up = build_schedule(cfg, 0.001, 8, 4, 10, 3)  # global batch 32: the warmup climbs
+    assert [up(s) for s in (0, 5, 10)] == pytest.approx([0.001, 0.0015, 0.002])

@@ -158,18 +158,21 @@ def plan_cmd(
         typer.echo(json.dumps(described, indent=1))
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.tree import Tree
 
-    tree = Tree(f"[bold]{config}[/bold]: every part resolved and checked")
+    # paths and values are text, not markup: a '[' in them would be read as a style
+    tree = Tree(f"[bold]{escape(str(config))}[/bold]: every part resolved and checked")
     for section, parts in described.items():
         branch = tree.add(f"[bold]{section.replace('_', ' ')}[/bold]")
         for name, p in parts.items():
             mark = "[green]extensible[/green]" if p["extensible"] else "[dim]fixed[/dim]"
-            source = f" ({p['source']})" if "source" in p else ""
-            node = branch.add(f"{name.replace('_', ' ')} [{mark}]: {p['fills']}{source}")
+            source = f" ({escape(str(p['source']))})" if "source" in p else ""
+            fills = escape(str(p["fills"]))
+            node = branch.add(f"{name.replace('_', ' ')} [{mark}]: {fills}{source}")
             for key, value in p["params"].items():
                 if value not in (None, {}, []):
-                    node.add(f"[dim]{key}[/dim] = {value}")
+                    node.add(f"[dim]{key}[/dim] = {escape(str(value))}")
     Console().print(tree)
 
 
@@ -759,7 +762,14 @@ def launch_cmd(
         bool, typer.Option("--slurm", help="Write an sbatch script (srun + torchrun).")
     ] = False,
     nodes: Annotated[int, typer.Option(help="Nodes to ask for.", min=1)] = 1,
-    gpus_per_node: Annotated[int, typer.Option(help="GPUs (= workers) per node.", min=1)] = 1,
+    gpus_per_node: Annotated[
+        int | None,
+        typer.Option(
+            help="GPUs (= workers) per node [default: the config's workers / --nodes, else 1]",
+            min=1,
+            max=64,
+        ),
+    ] = None,
     time: Annotated[str, typer.Option(help="Slurm time limit.")] = "04:00:00",
     partition: Annotated[str | None, typer.Option(help="Slurm partition.")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<name>).")] = None,
@@ -774,19 +784,34 @@ def launch_cmd(
     sbatch; submitting it again continues the run from its newest checkpoint."""
     import re
     import shlex
+    import warnings
 
-    from segscale._files import output_file, write_atomic
-    from segscale.engine import plan, prepare_run_dir
+    from segscale._files import apart_from_input, differ, output_file, write_atomic
+    from segscale.config import load_config
+    from segscale.engine import has_started, plan, prepare_run_dir
     from segscale.launch import sbatch_script
 
     if not slurm:
         raise SegscaleError("say which scheduler: --slurm (the only one so far)")
     # both go into #SBATCH lines: a line break would end the header and run as a command
-    if not re.fullmatch(r"[0-9][0-9:-]*", time):
-        raise SegscaleError(f"--time {time!r}: expected a Slurm time, e.g. 04:00:00 or 1-12:00:00")
+    # Slurm's forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S, or no limit
+    slurm_time = r"(\d+-)?\d+(:\d+){0,2}|\d+-\d+|UNLIMITED|INFINITE"
+    if not re.fullmatch(slurm_time, time) or (re.fullmatch(r"\d+", time) and len(time) > 9):
+        raise SegscaleError(
+            f"--time {time!r}: expected a Slurm time, e.g. 04:00:00, 1-12:00:00 or UNLIMITED"
+        )
     if partition is not None and not re.fullmatch(r"[\w.-]+(,[\w.-]+)*", partition):
         raise SegscaleError(f"--partition {partition!r}: expected a partition name (or a,b)")
     cfg = _load(config, overrides)
+    if gpus_per_node is None:  # as `train` takes the config's workers
+        gpus_per_node = max(1, (cfg.workers or 1) // nodes)
+    if cfg.workers and cfg.workers != nodes * gpus_per_node:
+        warnings.warn(
+            f"{config}: workers {cfg.workers}, and the job has {nodes * gpus_per_node} "
+            f"(--nodes {nodes} × --gpus-per-node {gpus_per_node}): the global batch and the "
+            f"scaled lr are those of {nodes * gpus_per_node}",
+            stacklevel=1,
+        )
     # the model, loss, optimiser, plug-ins, and the batch and lr schedule of the cluster's
     # workers; not this machine's devices (the GPUs are the cluster's)
     plan(cfg).check(nodes * gpus_per_node, here=False)
@@ -796,7 +821,26 @@ def launch_cmd(
             f"--run-dir {str(run_dir)!r}: a path with spaces, quotes or other shell characters "
             "cannot go into an sbatch script; choose another --run-dir"
         )
-    script = output_file(out, "--out") if out else run_dir / "job.sbatch"
+    script = run_dir / "job.sbatch"
+    if out:  # never over the config, the store, or a file of the run besides its job
+        given = Path(out).resolve()
+        if given.is_relative_to(run_dir) and given != run_dir / "job.sbatch":
+            raise SegscaleError(f"--out {given}: inside the run folder; its job is job.sbatch")
+        script = output_file(apart_from_input(out, config), "--out")
+        apart_from_input(script, cfg.data.store, "--out")
+    if resume and (run_dir / "model.pt").is_file():
+        raise SegscaleError(f"{run_dir}: finished already (model.pt); no job to write")
+    started = has_started(run_dir)
+    if (run_dir / "config.yaml").is_file() and not started:  # a job may be queued for it
+        before = load_config(run_dir / "config.yaml")
+        if before.digest() != cfg.digest():
+            raise SegscaleError(
+                f"{run_dir}: holds a job not started yet for other settings "
+                f"({differ(before.differing_keys(cfg))}); a queued job would run these: give "
+                "another --run-dir, or remove the folder"
+            )
+    if resume and started:
+        _say_rescaled(run_dir, cfg, nodes * gpus_per_node)
     prepare_run_dir(cfg, run_dir, resume)
     write_atomic(script, sbatch_script(run_dir, nodes, gpus_per_node, time, partition, cfg.name))
     typer.echo(f"wrote {script}; submit with: sbatch {script}")

@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from segscale._files import write_atomic
-from segscale.errors import ConfigError, did_you_mean
+from segscale.errors import ConfigError, did_you_mean, shown
 
 _UNIONS = (typing.Union, types.UnionType)
 
@@ -1044,14 +1044,23 @@ def _describe(err: Any, loc: tuple[str, ...]) -> str:
     if err["type"] == "missing":
         return f"missing required key '{key}'"
     got = err.get("input")
+    if len(repr(got)) > 200:  # a value shown, not a file's worth of it (YAML aliases expand)
+        got = _Shown(shown(got))
     if err["type"] == "value_error":  # a rule of ours: its message says what was expected
-        shown = "" if isinstance(got, dict) else f", got {got!r}"  # a whole section says nothing
-        return f"key '{key}': {err['ctx']['error']}{shown}" if key else str(err["ctx"]["error"])
+        given = "" if isinstance(got, dict) else f", got {got!r}"  # a whole section says nothing
+        return f"key '{key}': {err['ctx']['error']}{given}" if key else str(err["ctx"]["error"])
     choices = _choices(loc)
     if choices:
         return f"key '{key}': expected one of {', '.join(choices)}, got {got!r}"
     msg = err["msg"].replace("Input should", "expected a value that should")
     return f"key '{key}': {msg}" + (f" ({got!r})" if ", got " in msg else f", got {got!r}")
+
+
+class _Shown(str):
+    """A value cut for a message: its repr is the text itself."""
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 def _choices(loc: tuple[str, ...]) -> list[str]:

@@ -37,6 +37,13 @@ class Preempted(Exception):
     Workers exit with PREEMPTED_EXIT_CODE; trackers record the run as KILLED."""
 
 
+def shown(value: object, limit: int = 200) -> str:
+    """repr(value) for a one-line message, cut to `limit` characters (a YAML alias can expand
+    a short file into millions of values)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
     choices = list(choices)

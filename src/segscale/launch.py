@@ -316,7 +316,17 @@ def _first_line(message: Any) -> str:
 def sbatch_script(
     run_dir: Path, nodes: int, gpus_per_node: int, time: str, partition: str | None, name: str
 ) -> str:
-    """A Slurm job: one torchrun agent per node (srun), rendezvous on the first node's host."""
+    """A Slurm job: one torchrun agent per node (srun), rendezvous on the first node's host at
+    a port of the job's own (20000 + job id mod 10000: jobs sharing a node do not collide); one
+    node needs no rendezvous host (--standalone, as `segscale train`)."""
+    # Slurm expands %x patterns in the whole --output path: a literal % in the folder is %%
+    log = str(run_dir).replace("%", "%%")
+    rendezvous = (
+        "  --standalone \\"
+        if nodes == 1
+        else "  --rdzv-backend=c10d --rdzv-id=$SLURM_JOB_ID "
+        "--rdzv-endpoint=$HEAD:$((20000 + SLURM_JOB_ID % 10000)) \\"
+    )
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={name}",
@@ -324,17 +334,23 @@ def sbatch_script(
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --gpus-per-node={gpus_per_node}",
         f"#SBATCH --time={time}",
-        f"#SBATCH --output={run_dir}/slurm-%j.out",
+        f"#SBATCH --output={log}/slurm-%j.out",
         *([f"#SBATCH --partition={partition}"] if partition else []),
         "",
-        "# The first node of the allocation hosts the c10d rendezvous.",
-        'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-        "",
+        *(
+            [
+                "# The first node of the allocation hosts the c10d rendezvous.",
+                'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+                "",
+            ]
+            if nodes > 1
+            else []
+        ),
         "# --resume: submitted again (after a time limit or a preemption), the run goes on from",
         "# its newest checkpoint; the first time, there is none and it starts.",
         "srun torchrun \\",
         f"  --nnodes={nodes} --nproc-per-node={gpus_per_node} \\",
-        "  --rdzv-backend=c10d --rdzv-id=$SLURM_JOB_ID --rdzv-endpoint=$HEAD:29500 \\",
+        rendezvous,
         f"  -m segscale.worker train {run_dir} --resume --no-progress",
         "",
     ]

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from segscale.errors import SegscaleError, did_you_mean
+from segscale.errors import SegscaleError, did_you_mean, shown
 
 
 class Registry:
@@ -168,13 +168,13 @@ def _check_types(what: str, signature: inspect.Signature, kwargs: dict[str, Any]
         except ValidationError as e:
             reason = e.errors()[0]["msg"]
             raise SegscaleError(
-                f"{what}: {name} {value!r} does not fit {expected} ({reason[:1].lower()}"
+                f"{what}: {name} {shown(value)} does not fit {expected} ({reason[:1].lower()}"
                 f"{reason[1:]})"
             ) from None
         if _retyped(value, fitted):  # the factory gets the value as given, not as pydantic read it
             raise SegscaleError(
-                f"{what}: {name} {value!r} does not fit {expected} (it would reach the factory "
-                f"as {type(value).__name__}; write {fitted!r})"
+                f"{what}: {name} {shown(value)} does not fit {expected} (it would reach the "
+                f"factory as {type(value).__name__}; write {shown(fitted)})"
             )
 
 

@@ -68,10 +68,14 @@ class Schedule:
     def __call__(self, step: int) -> float:
         warmup = self.warmup_steps
         if warmup > 0 and step < warmup:
+            # from the unscaled base lr up to the scaled peak; a peak under the base lr (a
+            # global batch under the reference batch) needs no warmup: it is held from the start
+            # (was: a "warmup" down from the base lr, above what the batch was scaled for)
+            start = min(self.base_lr, self.peak_lr)
             if self.cfg.warmup == "constant":
-                return self.base_lr
+                return start
             # Gradual: linear from the unscaled base lr to the scaled peak (Goyal et al. 2017).
-            return self.base_lr + (self.peak_lr - self.base_lr) * step / warmup
+            return start + (self.peak_lr - start) * step / warmup
         if self.cfg.rule == "grescale":
             return self.peak_lr * self._grescale_decay(step)
         return self.peak_lr * self._decay(step)
