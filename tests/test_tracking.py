@@ -183,6 +183,11 @@ def test_tracker_lists_and_values_are_checked_before_launch(tmp_path, real_store
         bad = {"name": "mlflow", "kwargs": {"uri": folder}}
         with pytest.raises(SegscaleError, match=r"its file store .* no longer writes; expected"):
             plan(validate({**tiny_config(real_store), "tracker": bad})).check(1)
+    from segscale.tracking import MLflowTracker
+
+    MLflowTracker(tmp_path / "r", "r", {}, uri="databricks")  # a URI without "://"
+    with pytest.raises(ValueError, match=r"uri '': expected an MLflow tracking URI"):
+        MLflowTracker(tmp_path / "r", "r", {}, uri="")
     bad = {"name": "mlflow", "kwargs": {"experiment": " "}}
     with pytest.raises(SegscaleError, match="expected an MLflow experiment name"):
         plan(validate({**tiny_config(real_store), "tracker": bad})).check(1)

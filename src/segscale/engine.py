@@ -920,8 +920,8 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, workers: bool =
         faster = before.differing_keys(cfg)
         if faster and not workers:
             warnings.warn(
-                f"{run_dir}: resumes with other speed settings ({differ(faster)}): "
-                "the same computation, config.yaml records the new values",
+                f"{run_dir}: resumes with other speed settings ({differ(faster)}): how fast "
+                "or when it saves, not what it computes; config.yaml records the new values",
                 stacklevel=2,
             )
     try:

@@ -40,8 +40,8 @@ class NoTracker:
         pass
 
 
-# the tracking-store schemes MLflow ships (a dialect may follow '+', as in postgresql+psycopg2)
-# the tracking stores MLflow 3 writes to (its file store, a folder or file://, only reads)
+# the tracking stores MLflow 3 writes to (a dialect may follow '+', as in postgresql+psycopg2);
+# its file store, a folder or file://, it only reads
 MLFLOW_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 
 
@@ -78,11 +78,17 @@ class MLflowTracker:
             raise ValueError(
                 f"poll_seconds {poll_seconds}: expected a number of seconds ≥ {MIN_INTERVAL:g}"
             )
-        scheme = uri.partition(":")[0].partition("+")[0].lower() if uri and ":" in uri else ""
+        if uri is not None and not uri.strip():
+            raise ValueError(
+                "uri '': expected an MLflow tracking URI, e.g. sqlite:///PATH/mlflow.db"
+            )
+        # "databricks" alone is a URI too; a path without a scheme is a folder
+        scheme = uri.partition(":")[0].partition("+")[0].lower() if uri else ""
+        scheme = "file" if uri and ":" not in uri and scheme != "databricks" else scheme
         if uri is not None and scheme not in MLFLOW_SCHEMES:  # else a warning after the run
             store = (
                 "its file store (a folder), which MLflow 3 no longer writes"
-                if scheme in ("", "file")
+                if scheme == "file"
                 else f"no tracking store for '{scheme}'"
             )
             raise ValueError(
@@ -91,10 +97,6 @@ class MLflowTracker:
             )
         if not experiment.strip():
             raise ValueError(f"experiment {experiment!r}: expected an MLflow experiment name")
-        if uri is not None and not uri.strip():
-            raise ValueError(
-                "uri '': expected an MLflow tracking URI, e.g. sqlite:///PATH/mlflow.db"
-            )
         self.run_dir, self.run_name, self.params = Path(run_dir), run_name, params
         self.poll_seconds = poll_seconds
         self.tags = {"segscale.run_dir": str(self.run_dir), **(tags or {})}
