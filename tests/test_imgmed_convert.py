@@ -354,3 +354,16 @@ def test_exports_and_conversions_never_write_into_their_inputs(tmp_path, real_st
     one = sorted((tmp_path / "series").iterdir())[0]
     with pytest.raises(SegscaleError, match=r"is inside the input folder"):
         convert(one, tmp_path / "series" / "x.nii.gz")
+
+
+def test_options_that_do_not_apply_are_said_and_grey_stored_as_rgb_is_grey(tmp_path):
+    grey = np.arange(20, dtype=np.uint8).reshape(4, 5)
+    Image.fromarray(np.stack([grey] * 3, axis=-1)).save(tmp_path / "rgb.png")
+    convert(tmp_path / "rgb.png", tmp_path / "g.nii.gz")  # was: "a colour picture"
+    assert np.array_equal(np.asarray(nib.load(tmp_path / "g.nii.gz").dataobj)[..., 0], grey.T)
+    vol = nifti(tmp_path / "v.nii.gz", np.zeros((4, 4, 2), np.float32))
+    with pytest.warns(UserWarning, match=r"--window: v2.nii.gz keeps the values as they are"):
+        convert(vol, tmp_path / "v2.nii.gz", window=(0, 1))
+    convert(vol, tmp_path / "sl")
+    with pytest.warns(UserWarning, match=r"--spacing: .*slices.json gives the geometry"):
+        convert(tmp_path / "sl", tmp_path / "back.nii.gz", spacing=(2, 2, 2))

@@ -491,6 +491,17 @@ def test_launch_never_writes_over_its_inputs_and_a_job_is_for_one_config(tmp_pat
     assert "--rdzv-endpoint=$HEAD:$((20000 + SLURM_JOB_ID % 10000))" in script
     r = cli("launch", "--slurm", config, "--run-dir", run, "--time", "UNLIMITED")
     assert r.returncode == 0, r.stderr
+    r = cli(  # checked as one process, the job's strategy is not "of one worker"
+        "launch",
+        "--slurm",
+        config,
+        "--run-dir",
+        tmp_path / "pg",
+        "--nodes",
+        2,
+        "train.strategy.kwargs.compression=fp16",
+    )
+    assert r.returncode == 0 and "no effect with one worker" not in r.stderr, r.stderr
     single = (run / "job.sbatch").read_text()
     assert "--standalone" in single and "HEAD=" not in single and "29500" not in single
     r = cli("launch", "--slurm", config, "--run-dir", run, "train.epochs=9")

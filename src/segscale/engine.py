@@ -159,10 +159,14 @@ class Plan:
         threads = torch.get_num_threads()
         spec = self.cfg.train.strategy
         try:
-            # on the CPU: its settings are checked here, the devices above
-            strategy = _build(
-                f"train.strategy '{spec.name}' kwargs {spec.kwargs}", self.strategy, "cpu"
-            )
+            # on the CPU: its settings are checked here, the devices above; as one process of
+            # one, so what it would say of a world of one (compression without effect) is not
+            # about the run, whose workers say it when it is
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                strategy = _build(
+                    f"train.strategy '{spec.name}' kwargs {spec.kwargs}", self.strategy, "cpu"
+                )
             strategy.close()
         finally:
             os.environ.update(saved)

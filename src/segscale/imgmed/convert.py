@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -282,11 +283,19 @@ def convert(
     check_window(window)
     check_spacing(spacing)
     if src.is_dir() and sniff_folder(src) == "pictures":
+        if spacing is not None and (src / SIDE_CAR).is_file():
+            warnings.warn(
+                f"--spacing: {src / SIDE_CAR} gives the geometry; --spacing is not used",
+                stacklevel=2,
+            )
         image = stack_pictures(src, spacing)
     else:
         image = load(src)
         if image.kind == "image" and _family_of_name(dst) != "image":
             image = Image(_stored_values(src, image.array), None, "image", src)
+            a = image.array
+            if a.ndim == 3 and a.shape[-1] == 3 and (a == a[..., :1]).all():
+                image = Image(a[..., 0], None, "image", src)  # grey stored as RGB: its grey
         if image.kind == "numpy" and image.affine is None and image.array.ndim == 2:
             image = Image(image.array, None, "image", src)  # no geometry, 2D: a picture's rows
         if image.kind == "image" and _family_of_name(dst) == "nifti":  # a stack of one
@@ -294,6 +303,12 @@ def convert(
                 raise DataError(f"{src}: a colour picture; a NIfTI volume takes greyscale slices")
             affine = np.diag([*(spacing or (1.0, 1.0, 1.0)), 1.0])
             image = Image(image.array.T[:, :, None], affine, "image", src)
+    if window is not None and _family_of_name(dst) not in ("image", None):
+        warnings.warn(
+            f"--window: {dst.name} keeps the values as they are; --window sets how pictures "
+            "show them",
+            stacklevel=2,
+        )
     if dst.is_dir() or not dst.suffix:
         return export_slices(image, dst, axis, window)
     try:
