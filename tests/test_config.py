@@ -264,3 +264,14 @@ def test_a_path_with_brackets_and_a_huge_bad_value_are_shown_as_text(tmp_path, r
     assert len(text) < 2000
     r = cli("plan", tmp_path / "bomb.yaml")
     assert r.returncode == 2 and len(r.stderr) < 2000, len(r.stderr)
+
+
+def test_a_config_nested_thousands_deep_is_one_line(tmp_path):
+    """[[[...]]] 3000 deep was a RecursionError traceback."""
+    from conftest import cli
+
+    deep = "[" * 3000 + "1" + "]" * 3000
+    path = tmp_path / "deep.yaml"
+    path.write_text(f"name: x\ntrain: {{callbacks: {deep}}}\n")
+    r = cli("plan", path)
+    assert r.returncode == 2 and "nested too deep to be a config" in r.stderr, r.stderr[-500:]

@@ -368,9 +368,14 @@ def test_schedule_plot(tmp_path, real_store):
         "peak lr 0.2 " in r.stdout
     )  # 0.05 × 4 workers (linear rule, reference = per-worker batch)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # without --workers: as `train` runs the config, its workers × simulate_workers
+    # a curve of 4 × 4 workers that `train` refuses was plotted
+    r = cli("schedule", config, "--workers", 4, "train.simulate_workers=4", "--out", out)
+    assert r.returncode == 2 and "math in one process: use --workers 1" in r.stderr, r.stderr
+    # without --workers: as `train` runs the config, its one worker × simulate_workers
+    r = cli("schedule", config, "train.simulate_workers=3", "--out", out)
+    assert r.returncode == 0 and "peak lr 0.15 (base 0.05, 3 worker(s)" in r.stdout, r.stderr
     r = cli("schedule", config, "workers=2", "train.simulate_workers=3", "--out", out)
-    assert r.returncode == 0 and "peak lr 0.3 (base 0.05, 6 worker(s)" in r.stdout, r.stderr
+    assert r.returncode == 2 and "math in one process" in r.stderr, r.stderr
 
 
 def test_misconfigurations_fail_before_launch(real_store):

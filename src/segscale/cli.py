@@ -729,7 +729,7 @@ def schedule_cmd(
     import warnings
 
     from segscale._files import output_file
-    from segscale.engine import plan
+    from segscale.engine import one_process, plan
     from segscale.schedules import plot_schedule
 
     if out.suffix.lower() not in (".png", ".pdf", ".svg"):
@@ -737,6 +737,7 @@ def schedule_cmd(
     out = output_file(out, "--out")
     cfg = _load(config, overrides)
     t = cfg.train
+    one_process(cfg, workers or cfg.workers or 1)  # as `train` refuses it
     # as `train` runs it: the config's workers by default, each simulating K when set
     workers = (workers or cfg.workers or 1) * (t.simulate_workers or 1)
     p = plan(cfg)

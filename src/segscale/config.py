@@ -116,7 +116,10 @@ _Loader.add_constructor(
 
 def read_yaml(text: str) -> Any:
     """YAML text as Python data, read as segscale reads configs and overrides (see _Loader)."""
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds plain data only
+    try:
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader: builds plain data only
+    except RecursionError:  # brackets thousands deep: as a YAML error, named by the caller
+        raise yaml.YAMLError("nested too deep to be a config") from None
 
 
 class AugmentConfig(_Strict):
@@ -1005,6 +1008,8 @@ def validate(
     command-line override that set it, else the file's line (`text`), else `source`."""
     try:
         return RunConfig.model_validate(raw)
+    except RecursionError:  # lists in lists thousands deep: no config is
+        raise ConfigError(f"{source}: nested too deep to be a config") from None
     except ValidationError as e:
         # A misspelt key shows up twice (unknown + missing); the unknown one carries the suggestion.
         err = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]

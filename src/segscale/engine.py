@@ -80,10 +80,7 @@ class Plan:
         from segscale.parallel.base import check_compression, uses_cuda
 
         t = self.cfg.train
-        if t.simulate_workers and workers > 1:
-            raise SegscaleError(
-                "train.simulate_workers runs K workers' math in one process: use --workers 1"
-            )
+        one_process(self.cfg, workers)
         on_cpu = not uses_cuda(t.device) if here else t.device == "cpu"
         if on_cpu and t.sync_batchnorm and workers > 1:
             raise SegscaleError(
@@ -718,6 +715,15 @@ def _build(what: str, factory: Any, *args: Any, **kwargs: Any) -> Any:
         raise
     except Exception as e:
         raise SegscaleError(f"{what}: {type(e).__name__}: {e}") from None
+
+
+def one_process(cfg: RunConfig, workers: int) -> None:
+    """Raise SegscaleError when a config that simulates workers would run on several."""
+    if cfg.train.simulate_workers and workers > 1:
+        raise SegscaleError(
+            "train.simulate_workers runs K workers' math in one process: use --workers 1 (one "
+            "GPU of one node for a cluster job)"
+        )
 
 
 def run_length_notes(train: Any, steps_per_epoch: int) -> list[str]:
