@@ -128,6 +128,16 @@ def load_latest(run_dir: Path, config_digest: str | tuple[str, ...]) -> dict[str
     return None
 
 
+def check_world_size(run_dir: Path, epoch_step: int, saved: int, now: int, hint: str = "") -> None:
+    """Raise SegscaleError when a mid-epoch checkpoint (epoch_step > 0) of `saved` workers would
+    resume on `now`: each rank's states go back to the same rank, so the number must match."""
+    if epoch_step and saved != now:
+        raise SegscaleError(
+            f"{run_dir}: the newest checkpoint is mid-epoch from {saved} worker(s); exact resume "
+            f"needs the same number (got {now}){hint}"
+        )
+
+
 def resume_point(run_dir: Path) -> tuple[int, int] | None:
     """(epoch_step, world_size) of the checkpoint a resume would start from (the newest that
     verifies), read memory-mapped (its tensors are not loaded); None when there is none or it

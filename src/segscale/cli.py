@@ -238,14 +238,11 @@ def train_cmd(
         typer.echo(f"{run_dir}: finished already (model.pt); nothing to train")
         return
     if resume:
-        from segscale.checkpoint import resume_point
+        from segscale.checkpoint import check_world_size, resume_point
 
         point = resume_point(run_dir)
-        if point and point[0] and point[1] != workers * nodes:  # as Trainer.load_state_dict
-            raise SegscaleError(
-                f"{run_dir}: the newest checkpoint is mid-epoch from {point[1]} worker(s); exact "
-                f"resume needs the same number (got {workers * nodes}): use --workers {point[1]}"
-            )
+        if point:  # before the workers start, as each would refuse it
+            check_world_size(run_dir, *point, workers * nodes, f": use --workers {point[1]}")
         _say_rescaled(run_dir, cfg, workers * (cfg.train.simulate_workers or 1))
     args = ["train", str(run_dir), *(["--resume"] if resume else [])]
     code = launch(

@@ -38,7 +38,7 @@ from torch import nn
 
 from segscale._files import to_json, write_atomic
 from segscale._progress import progress_bar
-from segscale.checkpoint import atomic_save, load_latest, write_checkpoint
+from segscale.checkpoint import atomic_save, check_world_size, load_latest, write_checkpoint
 from segscale.data import TrainLoader
 from segscale.errors import STOP_FILE, Diverged, Preempted, SegscaleError, did_you_mean
 from segscale.monitor import ConsoleView
@@ -430,11 +430,9 @@ class Trainer:
         """Continue from a checkpoint's state: mid-epoch, each rank takes its own saved RNG and
         loader state at the next set_epoch. Raises SegscaleError for a mid-epoch checkpoint of
         another world size (its shards and RNG streams would not match)."""
-        if state["epoch_step"] and state["world_size"] != self.strategy.world_size:
-            raise SegscaleError(
-                f"{self.run_dir}: the newest checkpoint is mid-epoch from {state['world_size']} worker(s); "
-                f"exact resume needs the same number (got {self.strategy.world_size})"
-            )
+        check_world_size(
+            self.run_dir, state["epoch_step"], state["world_size"], self.strategy.world_size
+        )
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])

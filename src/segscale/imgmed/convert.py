@@ -21,10 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
-from segscale._files import write_atomic
+from segscale._files import _umask, write_atomic
 from segscale.errors import DataError
 from segscale.imgmed.files import list_files, strip_suffix
-from segscale.imgmed.io import Image, _family_of_name, load, save, sniff, to_uint8
+from segscale.imgmed.io import (
+    Image,
+    _family_of_name,
+    load,
+    nifti_header,
+    save,
+    sniff,
+    to_uint8,
+)
 
 SIDE_CAR = "slices.json"
 
@@ -46,7 +54,7 @@ def export_slices(
     if axis not in (0, 1, 2):
         raise DataError(f"axis {axis}: expected 0, 1 or 2")
     out_dir = Path(out_dir).resolve()
-    earlier = _earlier_export(out_dir)
+    earlier = _replaceable(out_dir)
     pixels, recorded = picture_values(a, window)
     stem = strip_suffix(image.path.name)
     width = max(3, len(str(a.shape[axis] - 1)))
@@ -70,7 +78,7 @@ def export_slices(
         write_atomic(partial / SIDE_CAR, json.dumps(meta, indent=1))
         os.chmod(partial, 0o777 & ~_umask())  # mkdtemp's 0700 would hide it from others
         old = None
-        if earlier is not None:  # an earlier export, or an empty folder: moved aside whole
+        if earlier:  # an earlier export, or an empty folder: moved aside whole
             old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
             out_dir.rename(old / out_dir.name)
         try:
@@ -89,12 +97,12 @@ def export_slices(
     return [out_dir / name for name in names]
 
 
-def _earlier_export(folder: Path) -> list[str] | None:
-    """The files of an earlier export in `folder` (replaced by a new one), [] for an empty
-    folder, None when there is no folder. Raises DataError for a folder that holds anything
-    else, which an export would mix with or delete."""
+def _replaceable(folder: Path) -> bool:
+    """Whether `folder` exists, empty or holding an earlier export (which a new one replaces).
+    Raises DataError for a folder that holds anything else, which an export would mix with or
+    delete."""
     if not folder.exists():
-        return None
+        return False
     if not folder.is_dir():
         raise DataError(f"{folder}: a file; slices go to a folder")
     present = {p.name for p in folder.iterdir()}
@@ -111,20 +119,20 @@ def _earlier_export(folder: Path) -> list[str] | None:
             f"{folder}: holds {len(other)} file(s) of no earlier export (e.g. {other[0]}); "
             "slices go to a new or empty folder, or one an earlier export wrote"
         )
-    return sorted(present)
+    return True
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _ordered(window: tuple[float, float] | list[float]) -> bool:
+    """Whether a window is LOW < HIGH, both finite numbers."""
+    return (
+        all(isinstance(v, int | float) and math.isfinite(v) for v in window)
+        and window[0] < window[1]
+    )
 
 
 def check_window(window: tuple[float, float] | None) -> None:
     """Raise DataError unless `window` is None or LOW < HIGH, both finite."""
-    if window is not None and not (
-        math.isfinite(window[0]) and math.isfinite(window[1]) and window[0] < window[1]
-    ):
+    if window is not None and not _ordered(window):
         raise DataError(f"--window {window[0]:g},{window[1]:g}: expected LOW < HIGH, both finite")
 
 
@@ -239,15 +247,7 @@ def _read_side_car(path: Path) -> dict:
             isinstance(f, str) and f == Path(f).name and f not in (".", "..") for f in files
         )
         ok = ok and (
-            window is None
-            or (
-                isinstance(window, list)
-                and len(window) == 2
-                and all(isinstance(v, int | float) for v in window)
-                and math.isfinite(window[0])
-                and math.isfinite(window[1])
-                and window[0] < window[1]
-            )
+            window is None or (isinstance(window, list) and len(window) == 2 and _ordered(window))
         )
         ok = ok and isinstance(shape, list) and len(shape) == 3
         ok = ok and all(isinstance(n, int) and n > 0 for n in shape)
@@ -329,15 +329,7 @@ def convert(
             )
         if window is not None or array.dtype not in (np.uint8, np.uint16):
             array = picture_values(array, window)[0]
-        if (
-            array.dtype == np.uint16
-            and _family_of_name(dst) == "image"
-            and dst.suffix.lower()
-            in (
-                ".jpg",
-                ".jpeg",
-            )
-        ):
+        if array.dtype == np.uint16 and dst.suffix.lower() in (".jpg", ".jpeg"):
             raise DataError(
                 f"{dst.name}: JPEG holds 8-bit pictures and these values go to "
                 f"{int(array.max())}; write a .png or .tif, or give --window"
@@ -356,15 +348,9 @@ def convert(
         array = array.astype(np.int32)
     if _family_of_name(dst) == "npy" and image.kind in ("nifti", "dicom") and array.ndim == 2:
         array = np.ascontiguousarray(array.T)  # no geometry in .npy: a 2D array is a picture's
-    if image.kind == "nifti" and _family_of_name(dst) == "nifti":  # NIfTI → NIfTI (.nii ↔ .gz)
-        from segscale.imgmed.io import nifti_header, save_nifti
-
-        try:
-            save_nifti(array, image.affine, dst, like=nifti_header(src))  # its units, codes
-        except OSError as e:
-            raise DataError(f"cannot write {dst}: {e.strerror or e}") from None
-        return [dst]
-    return [save(array, dst, image.affine)]
+    nifti_to_nifti = image.kind == "nifti" and _family_of_name(dst) == "nifti"
+    like = nifti_header(src) if nifti_to_nifti else None  # its units and form codes kept
+    return [save(array, dst, image.affine, like=like)]
 
 
 def _numeric(image: Image) -> np.ndarray:

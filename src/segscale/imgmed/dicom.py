@@ -23,7 +23,8 @@ from segscale.imgmed.files import list_files
 def _one_series_folder(path: Path, files: list[Path]) -> None:
     """Raise DataError unless the folder holds DICOM files only: a folder of other images, a
     study folder of series folders, or a series beside other files is one line saying which
-    (pydicom would say "not a readable DICOM file ... use force=True")."""
+    (pydicom would say "not a readable DICOM file ... use force=True"). Called when the folder
+    is empty or one of its files does not read, so a good series is not read twice."""
     from segscale.imgmed.io import sniff
 
     def kind(f: Path) -> str:
@@ -65,13 +66,15 @@ def load_dicom_series(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
     path = Path(path)
     files = list_files(path) if path.is_dir() else [path]
-    if path.is_dir():
+    if path.is_dir() and not files:
         _one_series_folder(path, files)
     slices = []
     for f in files:
         try:
             ds = pydicom.dcmread(f)
         except (InvalidDicomError, OSError, EOFError, ValueError) as e:
+            if path.is_dir():  # what the folder holds instead, when its contents tell
+                _one_series_folder(path, files)
             raise DataError(f"{f}: not a readable DICOM file ({e})") from None
         if "PixelData" in ds:  # a DICOMDIR or a structured report holds no image
             slices.append((f, ds))

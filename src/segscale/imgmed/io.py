@@ -412,14 +412,17 @@ def load(path: str | Path, *, check_finite: bool = True) -> Image:
     return Image(array, affine, kind, path)
 
 
-def save(array: np.ndarray, path: str | Path, affine: np.ndarray | None = None) -> Path:
+def save(
+    array: np.ndarray, path: str | Path, affine: np.ndarray | None = None, like: Any = None
+) -> Path:
     """Write by the name's format (NIfTI, PNG/JPEG/TIFF, .npy, .npz with the affine), atomically:
-    a refused write (disk full, no permission) leaves nothing behind and names the file."""
+    a refused write (disk full, no permission) leaves nothing behind and names the file. `like`:
+    a NIfTI input's header, whose geometry and units a NIfTI output keeps (save_nifti)."""
     path = Path(path)
     family = _family_of_name(path)
     try:
         if family == "nifti":
-            save_nifti(array, np.eye(4) if affine is None else affine, path)
+            save_nifti(array, np.eye(4) if affine is None else affine, path, like)
         elif family == "image":
             if array.dtype not in (np.uint8, np.uint16) or array.ndim not in (2, 3):
                 raise DataError(
