@@ -250,6 +250,15 @@ def test_what_a_converted_file_keeps_and_what_cannot_be_read_is_named(tmp_path):
     out = nib.load(tmp_path / "out.nii.gz").header
     assert out.get_xyzt_units() == ("mm", "sec")
     assert int(out["qform_code"]) == 1 and int(out["sform_code"]) == 1
+    # ... and a 4D file's time step (TR), which no affine holds
+    img = nib.Nifti1Image(np.ones((3, 3, 2, 4), np.int16), np.diag([0.5, 0.5, 2.0, 1.0]))
+    img.header.set_xyzt_units("mm", "sec")
+    img.header["pixdim"][4] = 2.5
+    img.header["toffset"] = 0.75
+    nib.save(img, tmp_path / "in4.nii")
+    convert(tmp_path / "in4.nii", tmp_path / "out4.nii.gz")
+    out = nib.load(tmp_path / "out4.nii.gz").header
+    assert out.get_zooms() == (0.5, 0.5, 2.0, 2.5) and float(out["toffset"]) == 0.75
 
 
 def test_whole_values_no_picture_holds_are_refused_and_instance_maps_kept(tmp_path):

@@ -173,7 +173,8 @@ def nifti_header(path: str | Path) -> Any:
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, like: Any = None) -> None:
     """Write a NIfTI file atomically (temp file in the same folder, then rename). With `like` (an
     input's header, from nifti_header), the output carries that input's geometry exactly: its
-    qform and sform with their codes, its units, and its trailing axes of size 1."""
+    qform and sform with their codes, its units, its trailing axes of size 1 and their steps (the
+    time step, TR, of a 4D file)."""
     import nibabel as nib
 
     path = Path(path)
@@ -186,6 +187,11 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, like: An
         img.set_qform(like.get_qform(), code=int(like["qform_code"]))
         img.set_sform(like.get_sform(), code=int(like["sform_code"]))
         img.header.set_xyzt_units(*like.get_xyzt_units())
+        if array.ndim > 3:  # the time step (TR) and any further axis steps, which no affine holds
+            pixdim = img.header["pixdim"]
+            pixdim[4 : array.ndim + 1] = like["pixdim"][4 : array.ndim + 1]
+            img.header["pixdim"] = pixdim
+            img.header["toffset"] = like["toffset"]
     img.header.set_data_dtype(array.dtype)
     suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
