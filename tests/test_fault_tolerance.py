@@ -600,6 +600,7 @@ def test_a_run_resumes_with_other_speed_settings_and_ends_as_the_uninterrupted_o
     assert [e["config_digest"] for e in env["earlier"]] == [
         validate(yaml.safe_load(cfg.read_text())).digest()
     ]
+    assert [e["loader_workers"] for e in env["earlier"]] == [0] and env["loader_workers"] == 1
     assert env["config_digest"] == load_config(run / "config.yaml").digest()
     assert same_weights(tmp_path / "ref", run)
     # what the run computes still has to match

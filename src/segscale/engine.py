@@ -602,6 +602,7 @@ class Plan:
             "steps_per_epoch": trainer.steps_per_epoch,
             # the speed settings as resolved on this device (train.amp auto → bf16 or none)
             "data_on_device": trainer.train_loader.resident is not None,
+            "loader_workers": c.data.num_workers,
             **{
                 k: v
                 for k, v in speed_settings(t, trainer.strategy.device).items()

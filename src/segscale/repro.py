@@ -191,11 +191,13 @@ RESUMABLE = (
     "simulated",
     "gpus",
     "cpu_model",
-    # the speed settings (config.SPEED_SETTINGS): config_digest covers data.num_workers
+    # the speed settings (config.SPEED_SETTINGS), each as this attempt ran it
     "config_digest",
     "channels_last",
     "compile",
     "data_on_device",
+    "loader_workers",
+    "torch_threads",
 )
 
 
