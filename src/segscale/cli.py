@@ -530,9 +530,14 @@ def evaluate_cmd(
 
         if split is not None:
             raise SegscaleError("--split applies to a run folder's store, not to --pred/--ref")
+        if workers != 1:
+            raise SegscaleError("--workers applies to a run folder; --pred/--ref is one process")
         declared = parse_labels(labels) if labels is not None else None
-
         out = _results_file(json_out or Path("evaluation.json"))
+        from segscale._files import apart_from_input
+
+        for folder in (pred, ref):  # its .png would be read back as a mask by the next evaluation
+            apart_from_input(out, folder, "--json" if json_out else "--json (default)")
         evaluation = evaluate_folders(pred, ref, declared)
         write_evaluation(evaluation, out)
     else:
@@ -611,7 +616,9 @@ def _results_file(path: Path) -> Path:
             earlier = json.loads(out.read_text())
         except (OSError, ValueError):
             earlier = None
-        if not (isinstance(earlier, dict) and {"split", "dataset"} <= set(earlier)):
+        keys = set(earlier) if isinstance(earlier, dict) else set()
+        # a run's evaluation names its split, one of folders its --pred and --ref
+        if not ("dataset" in keys and ("split" in keys or {"pred", "ref"} <= keys)):
             raise SegscaleError(f"--json {out}: exists and is not an evaluation; give another name")
     return out
 
@@ -881,6 +888,7 @@ def zoo_publish_cmd(
 def zoo_list_cmd(zoo: ZooOption = None) -> None:
     """The models of a zoo: name, version, classes, input, test Dice, licence."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from segscale.hub import default_zoo, entries
@@ -894,7 +902,7 @@ def zoo_list_cmd(zoo: ZooOption = None) -> None:
     for e in listed:
         dice = f"{e['dice']:.4f}" if isinstance(e.get("dice"), float) else "–"
         channels = ", ".join(map(str, e.get("channels") or [])) or "?"
-        table.add_row(
+        row = (
             f"{e['name']}@{e['version']}",
             ", ".join(map(str, e.get("classes") or [])) or "?",
             f"{channels}, {e.get('size', '?')}²",
@@ -902,6 +910,7 @@ def zoo_list_cmd(zoo: ZooOption = None) -> None:
             dice,
             str(e.get("licence", "?")),
         )
+        table.add_row(*map(escape, row))  # an index's text, not rich markup
     Console().print(table)
     typer.echo(f"zoo: {zoo or default_zoo()}")
 
@@ -986,7 +995,7 @@ def imgmed_check_cmd(
     if result.refused:
         typer.echo(f"refused: {result.refused}", err=True)
         raise typer.Exit(1)
-    table = Table(title=f"{source}: {len(result.cases)} cases")
+    table = Table(title=escape(f"{source}: {len(result.cases)} cases"))
     for col in ("case", "status", "shape", "spacing (mm)", "axes", "classes", "problems"):
         table.add_column(col, overflow="fold")
     for c in result.cases:

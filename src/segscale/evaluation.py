@@ -27,8 +27,18 @@ import torch
 from torch import nn
 
 from segscale._files import to_json, write_atomic
+from segscale._progress import progress_bar
 from segscale.errors import DataError
-from segscale.imgmed.files import by_case, is_nifti_name, list_images, strip_suffix
+from segscale.imgmed.files import (
+    NIFTI_SUFFIXES,
+    PNG_SUFFIXES,
+    by_case,
+    is_nifti_name,
+    list_files,
+    list_folders,
+    list_images,
+    strip_suffix,
+)
 from segscale.imgmed.geometry import onto_grid, spacing_from_affine
 from segscale.imgmed.io import load_mask2d, load_nifti
 from segscale.imgmed.sources import IGNORE, declared_labels
@@ -105,9 +115,13 @@ def evaluate_case(
     spacing: tuple[float, ...] | None,
     case: str,
 ) -> CaseEval:
-    """pred, ref: (slices, H, W) integer labels (on any device). Counts by bincount on that device;
-    distances on the CPU with SciPy. A 2D case has one slice and a 2-value spacing."""
+    """pred, ref: (slices, H, W) integer labels 0..num_classes-1 (on any device). Counts by
+    bincount on that device; distances on the CPU with SciPy. A 2D case has one slice and a
+    2-value spacing; a case of one slice is scored in 2D whatever its spacing (in 3D, every voxel
+    of a one-voxel-thick slab is surface, so its distances would say nothing)."""
     n, h, w = pred.shape
+    if n == 1 and spacing is not None:
+        spacing = tuple(spacing[-2:])
     ref = ref.to(pred.device)
     if not (
         pred.is_contiguous() and ref.is_contiguous()
@@ -130,8 +144,9 @@ def evaluate_case(
     slice_counts[:, 0, 0] += h * w - slice_counts.sum((1, 2))
     slice_counts = slice_counts.cpu().numpy()
     # distances are translation-invariant: the box holds every foreground voxel of both masks
-    p, r = pred[box].to(torch.uint8).cpu().numpy(), ref[box].to(torch.uint8).cpu().numpy()
-    if spacing is not None and len(spacing) == 2:
+    small = torch.uint8 if num_classes <= 256 else torch.int32  # labels beyond 255 kept apart
+    p, r = pred[box].to(small).cpu().numpy(), ref[box].to(small).cpu().numpy()
+    if n == 1:
         p, r = p[0], r[0]
     classes = list(_foreground(num_classes))
     # SciPy and the KD-tree release the GIL: classes run side by side on the cores
@@ -197,9 +212,10 @@ def evaluate_split(
 def _stats(values: list[float]) -> dict[str, float | int]:
     a = np.asarray(values, dtype=np.float64)
     ok = a[~np.isnan(a)]
+    same = ok.size > 1 and bool(np.all(ok == ok[0]))  # exactly 0, not the mean's rounding error
     return {
         "mean": float(ok.mean()) if ok.size else float("nan"),
-        "sd": float(ok.std(ddof=1)) if ok.size > 1 else float("nan"),  # none from one value
+        "sd": 0.0 if same else float(ok.std(ddof=1)) if ok.size > 1 else float("nan"),
         "median": float(np.median(ok)) if ok.size else float("nan"),
         "n": int(ok.size),
         "excluded": int(a.size - ok.size),
@@ -392,23 +408,38 @@ def slice_examples(
 
 
 def _load_labels(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """A label file as integers: a NIfTI volume (X, Y, Z) with its affine, or a 2D picture (H, W)
-    with None."""
+    """A label file as integers (int32, or int64 for values beyond): a NIfTI volume (X, Y, Z)
+    with its affine (a 2D NIfTI as one slice), or a 2D picture (H, W) with None. Raises
+    DataError naming the file for values that are not whole, finite and ≥ 0, or for a file with
+    channels."""
     if is_nifti_name(path):
-        data, affine = load_nifti(path)
+        data, affine = load_nifti(path, dtype=None)  # the stored integers, not float32's
+        if data.ndim == 2:
+            data = data[:, :, None]
         if data.ndim != 3:
-            raise DataError(f"{path}: expected a 3D label volume, got shape {data.shape}")
+            hint = (
+                " (one channel per class? save the argmax, the class of each voxel)"
+                if data.ndim == 4
+                else ""
+            )
+            raise DataError(f"{path}: expected a 3D label volume, got shape {data.shape}{hint}")
     else:
         data, affine = load_mask2d(path), None
         if data.ndim != 2:
             raise DataError(
                 f"{path}: expected a single-channel label image, got shape {data.shape}"
             )
-    if not np.array_equal(data, np.round(data)):
-        raise DataError(f"{path}: non-integer label values")
-    if data.min() < 0:
+    if data.dtype.kind == "f":
+        if not np.isfinite(data).all():
+            raise DataError(f"{path}: non-finite label values (NaN or infinity)")
+        if not np.array_equal(data, np.round(data)):
+            raise DataError(f"{path}: non-integer label values")
+    elif data.dtype.kind not in "biu":
+        raise DataError(f"{path}: {data.dtype} values; expected integer class labels")
+    if data.size and data.min() < 0:
         raise DataError(f"{path}: negative label value {data.min():g}; expected class labels ≥ 0")
-    return data.astype(np.int64), affine
+    wide = data.size and data.max() > np.iinfo(np.int32).max
+    return data.astype(np.int64 if wide else np.int32), affine
 
 
 def _as_slices(data: np.ndarray, affine: np.ndarray | None) -> tuple[np.ndarray, tuple[float, ...]]:
@@ -420,98 +451,198 @@ def _as_slices(data: np.ndarray, affine: np.ndarray | None) -> tuple[np.ndarray,
     return np.ascontiguousarray(np.moveaxis(data, 2, 0)), (sp[2], sp[0], sp[1])
 
 
+def _values(a: np.ndarray) -> set[int]:
+    """The values an integer array holds (a count per value when they are small: a sort of a
+    CT volume's 80 million voxels would take seconds)."""
+    if a.size == 0:
+        return set()
+    if a.max() < 1 << 20:
+        return set(np.flatnonzero(np.bincount(a.ravel())).tolist())
+    return set(np.unique(a).tolist())
+
+
+def _aligned(pred: Path, ref: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """A prediction and its reference read, the prediction on the reference's grid, both as
+    (slices, H, W), with the reference's spacing. Raises DataError naming the file."""
+    (p, p_affine), (r, r_affine) = _load_labels(pred), _load_labels(ref)
+    if p_affine is not None and r_affine is not None:
+        p = onto_grid(
+            p,
+            p_affine,
+            r_affine,
+            r.shape,
+            name=pred,
+            target=ref,
+            what="prediction",
+            target_what="reference",
+        )
+    elif p.shape != r.shape:
+        raise DataError(f"{pred}: shape {p.shape} does not match reference {ref} {r.shape}")
+    (p, _), (r, spacing) = _as_slices(p, r_affine), _as_slices(r, r_affine)
+    return p, r, spacing
+
+
+def mask_files(folder: Path, what: str) -> dict[str, Path]:
+    """The mask files of a folder by case key (imgmed.files.by_case). A folder that holds no mask
+    file but subfolders that do is read one level down: MONAI's SaveImage writes
+    OUT/<case>/<case>_seg.nii.gz. Raises DataError for a folder without masks."""
+    folder = Path(folder)
+    if folder.is_dir() and not list_files(folder, (*NIFTI_SUFFIXES, *PNG_SUFFIXES)):
+        nested = [
+            f for d in list_folders(folder) for f in list_files(d, (*NIFTI_SUFFIXES, *PNG_SUFFIXES))
+        ]
+        if nested:
+            return by_case(nested, what)
+    return by_case(list_images([folder]), what)
+
+
+def pair_by_name(
+    refs: dict[str, Path], preds: dict[str, Path], pred_dir: Path
+) -> list[tuple[Path, Path]]:
+    """(reference, prediction) pairs, by case key; when some reference has no prediction of its
+    name and every prediction ends in one '_postfix' whose removal pairs them all (MONAI's
+    SaveImage writes case_seg.nii.gz, or case_trans), by the names without it, with a warning.
+    Raises DataError naming the unpaired files of both sides; warns about predictions
+    without a reference."""
+    if any(key not in preds for key in refs):
+        postfixes = {k.rpartition("_")[2] for k in preds if "_" in k}
+        if len(postfixes) == 1 and all("_" in k for k in preds):
+            postfix = postfixes.pop()
+            bare = {k[: -len(postfix) - 1]: p for k, p in preds.items()}
+            if all(key in bare for key in refs) and len(bare) == len(preds):
+                warnings.warn(
+                    f"{pred_dir}: predictions paired with their references by their names "
+                    f"without '_{postfix}' (e.g. {preds[next(iter(preds))].name})",
+                    stacklevel=3,
+                )
+                preds = bare
+    missing = [ref for key, ref in refs.items() if key not in preds]
+    unscored = sorted(set(preds) - set(refs))
+    if missing:
+        others = (
+            f"; predictions without a reference: {len(unscored)}, e.g. {preds[unscored[0]].name}"
+            if unscored
+            else ""
+        )
+        raise DataError(
+            f"{pred_dir}: no prediction for {len(missing)} of {len(refs)} reference(s), e.g. "
+            f"{missing[0].name}{others} (a prediction pairs with its reference by name, in any "
+            "case and image format)"
+        )
+    if unscored:
+        warnings.warn(
+            f"{pred_dir}: {len(unscored)} prediction(s) without a reference not scored, e.g. "
+            f"{preds[unscored[0]].name}",
+            stacklevel=3,
+        )
+    return [(ref, preds[key]) for key, ref in refs.items()]
+
+
+def _label_file(ref_dir: Path) -> Path | None:
+    """The dataset.json that declares the references' labels: beside them or one folder up, the
+    first that has a 'labels' entry (a MONAI datalist, without one, declares nothing)."""
+    import json
+
+    for d in (ref_dir, ref_dir.parent):
+        path = d / "dataset.json"
+        if path.is_file():
+            try:
+                meta = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise DataError(f"{path}: cannot read as JSON ({e}); or give --labels") from None
+            if isinstance(meta, dict) and "labels" in meta:
+                return path
+    return None
+
+
+def _score_pair(
+    pred: Path,
+    ref: Path,
+    values: list[int],
+    ignore: int | None,
+    apart: list[tuple[Path, list[int], list[int]]],
+) -> tuple[CaseEval, int]:
+    """One case of evaluate_folders: read, checked against the label `values` (`ignore`: the
+    reference's value for unannotated voxels, taken out of the counts), scored. Appends to
+    `apart` when the two files' foreground values have none in common. Returns the case and its
+    number of unannotated voxels."""
+    p, r, spacing = _aligned(pred, ref)
+    found_p, found_r = _values(p), _values(r)
+    for path, found, allowed in (
+        (pred, found_p, set(values)),
+        (ref, found_r, set(values) | ({ignore} if ignore is not None else set())),
+    ):
+        undeclared = sorted(found - allowed)
+        if undeclared:
+            raise DataError(f"{path}: label values {undeclared} not declared (declared: {values})")
+    fg_p, fg_r = found_p - {0}, found_r - {0, ignore}
+    if fg_p and fg_r and not fg_p & fg_r:
+        apart.append((pred, sorted(fg_p), sorted(fg_r)))
+    unannotated = r == ignore if ignore is not None else None
+    if unannotated is not None:  # background in both, then taken out of the counts
+        p, r = np.where(unannotated, 0, p), np.where(unannotated, 0, r)
+    if values != list(range(len(values))):  # every value is in the table: its index
+        table = np.asarray(values)
+        p, r = np.searchsorted(table, p), np.searchsorted(table, r)
+    result = evaluate_case(
+        torch.from_numpy(p), torch.from_numpy(r), len(values), spacing, _stem(ref)
+    )
+    if unannotated is None:
+        return result, 0
+    per_slice = unannotated.reshape(len(unannotated), -1).sum(1)
+    result.slice_counts[:, 0, 0] -= per_slice
+    result.counts[0, 0] -= int(per_slice.sum())
+    return result, int(per_slice.sum())
+
+
 def evaluate_folders(
     pred_dir: Path, ref_dir: Path, labels: dict[int, str] | None = None
 ) -> dict[str, Any]:
     """Score a folder of predicted masks (NIfTI or PNG, e.g. from nnU-Net or MONAI) against the
     reference masks of the same names (compared in any case, and in any image format: a.nii.gz
-    pairs with A.nii), in the files' own geometry and spacing. A NIfTI
-    prediction is matched to its reference in world space (segscale.imgmed.geometry): one stored
-    in another axis order is reoriented, one on another grid is refused.
+    pairs with A.nii; see pair_by_name and mask_files for MONAI's names and folders), in the
+    files' own geometry and spacing. A NIfTI prediction is matched to its reference in world
+    space (segscale.imgmed.geometry): one stored in another axis order is reoriented, one on
+    another grid is refused. Cases are read and scored one at a time.
 
     The label set is declared: `labels` (raw mask value → name), else the `labels` of a
     dataset.json beside the references or one folder up (Decathlon or nnU-Net layout); only
-    without either is it inferred from the values in the files, with a warning. A value no
-    declared label has is refused, naming the file. Values that are not 0..K-1 (e.g. PNG 0/255)
-    are mapped to classes in sorted order, and the map is recorded."""
-    refs = by_case(list_images([ref_dir]), "references")
-    preds = by_case(list_images([pred_dir]), "predictions")
-    missing = [ref for key, ref in refs.items() if key not in preds]
-    if missing:
-        raise DataError(
-            f"{pred_dir}: no prediction for {len(missing)} of {len(refs)} reference(s), e.g. "
-            f"{missing[0].name} (a prediction pairs with its reference by name, in any case and "
-            "image format)"
-        )
-    unscored = sorted(set(preds) - set(refs))
-    if unscored:
+    without either is it inferred from the values in the files (read once more for that), with
+    a warning. A value no declared label has is refused, naming the file. Values that are not
+    0..K-1 (e.g. PNG 0/255) are mapped to classes in sorted order, and the map is recorded."""
+    if Path(pred_dir).resolve() == Path(ref_dir).resolve():
         warnings.warn(
-            f"{pred_dir}: {len(unscored)} prediction(s) without a reference in {ref_dir} not "
-            f"scored, e.g. {preds[unscored[0]].name}",
+            f"{pred_dir}: the predictions are the references (one folder): every case scores "
+            "as a perfect match",
             stacklevel=2,
         )
-    pairs = []
-    for key, ref in refs.items():
-        pred = preds[key]
-        (p, p_affine), (r, r_affine) = _load_labels(pred), _load_labels(ref)
-        if p_affine is not None and r_affine is not None:
-            p = onto_grid(
-                p,
-                p_affine,
-                r_affine,
-                r.shape,
-                name=pred,
-                target=ref,
-                what="prediction",
-                target_what="reference",
-            )
-        elif p.shape != r.shape:
-            raise DataError(f"{pred}: shape {p.shape} does not match reference {ref} {r.shape}")
-        (p, _), (r, spacing) = _as_slices(p, r_affine), _as_slices(r, r_affine)
-        pairs.append((ref, pred, p, r, spacing))
+    refs = mask_files(ref_dir, "references")
+    pairs = pair_by_name(refs, mask_files(pred_dir, "predictions"), pred_dir)
     source = "labels given"
     if labels is None:
-        found = next(
-            (
-                d / "dataset.json"
-                for d in (ref_dir, ref_dir.parent)
-                if (d / "dataset.json").is_file()
-            ),
-            None,
-        )
+        found = _label_file(ref_dir)
         if found is not None:
             labels, source = declared_labels(found), f"{found}"
-    # the values each file holds, predictions and references alike
-    present = {
-        path: set(np.unique(a).tolist())
-        for ref, pred, p, r, _ in pairs
-        for path, a in ((pred, p), (ref, r))
-    }
-    foreground = [(pred, present[pred] - {0}, present[ref] - {0}) for ref, pred, *_ in pairs]
-    apart = [(pred, p, r) for pred, p, r in foreground if p and r and not p & r]
-    if apart:
-        pred, p_values, r_values = apart[0][0], sorted(apart[0][1]), sorted(apart[0][2])
-        warnings.warn(
-            f"{pred_dir}: in {len(apart)} of {len(pairs)} case(s) the prediction's foreground "
-            f"values and the reference's have none in common, so their overlap is 0 (e.g. "
-            f"{pred.name}: {p_values} against {r_values}); saved in two encodings (1-bit 0/1 "
-            "against 8-bit 0/255)?",
-            stacklevel=2,
-        )
-    if labels is None:  # (declared labels: below)
+    ignore = None
+    if labels is None:
         warnings.warn(
             f"{ref_dir}: labels inferred from the values in the files; declare them (--labels, or "
             "a dataset.json beside the references) so that the label set does not depend on "
             "which files share the folder",
             stacklevel=2,
         )
-        values = sorted({0}.union(*present.values()))
+        present: set[int] = {0}
+        with progress_bar(True, "reading labels", len(pairs)) as advance:
+            for ref, pred in pairs:
+                p, r, _ = _aligned(pred, ref)
+                present |= _values(p) | _values(r)
+                advance()
+        values = sorted(present)
         if values == [0]:  # no foreground anywhere: one foreground class, not applicable
             values = [0, 1]
         names = {v: "background" if v == 0 else f"label {v}" for v in values}
         source = "inferred from the files"
-    ignore = None
-    if labels is not None:
+    else:
         names = {0: "background", **labels}
         # nnU-Net's "ignore" label marks voxels nobody annotated: scored by neither side
         marked = [v for v, n in names.items() if n == IGNORE]
@@ -535,41 +666,31 @@ def evaluate_folders(
                 f"labels ({source}): the name(s) {twice} are given to several values; each "
                 "class needs its own name"
             )
-        references = set(refs.values())
-        for path, found_values in present.items():
-            allowed = set(values) | (
-                {ignore} if ignore is not None and path in references else set()
-            )
-            undeclared = sorted(found_values - allowed)
-            if undeclared:
-                raise DataError(
-                    f"{path}: label values {undeclared} not declared (declared: {values})"
-                )
-    lut = {v: i for i, v in enumerate(values)}
     results = []
     ignored = 0
-    for ref, _, p, r, spacing in pairs:
-        unannotated = r == ignore if ignore is not None else None
-        if unannotated is not None:  # background in both, then taken out of the counts
-            p, r = np.where(unannotated, 0, p), np.where(unannotated, 0, r)
-        if values != list(range(len(values))):
-            p, r = np.vectorize(lut.get)(p), np.vectorize(lut.get)(r)
-        result = evaluate_case(
-            torch.from_numpy(p), torch.from_numpy(r), len(values), spacing, _stem(ref)
+    apart: list[tuple[Path, list[int], list[int]]] = []
+    with progress_bar(True, "scoring", len(pairs)) as advance:
+        for ref, pred in pairs:
+            result, unannotated = _score_pair(pred, ref, values, ignore, apart)
+            results.append(result)
+            ignored += unannotated
+            advance()
+    if apart:
+        pred, p_values, r_values = apart[0]
+        warnings.warn(
+            f"{pred_dir}: in {len(apart)} of {len(pairs)} case(s) the prediction's foreground "
+            f"values and the reference's have none in common, so their overlap is 0 (e.g. "
+            f"{pred.name}: {p_values} against {r_values}); saved in two encodings (1-bit 0/1 "
+            "against 8-bit 0/255)?",
+            stacklevel=2,
         )
-        if unannotated is not None:
-            per_slice = unannotated.reshape(len(unannotated), -1).sum(1)
-            result.slice_counts[:, 0, 0] -= per_slice
-            result.counts[0, 0] -= int(per_slice.sum())
-            ignored += int(per_slice.sum())
-        results.append(result)
     classes = {str(i): names[v] for i, v in enumerate(values)}
     return {
         "pred": str(pred_dir),
         "ref": str(ref_dir),
         "labels": classes,
         "labels_source": source,
-        "label_values": {str(v): i for v, i in lut.items()},
+        "label_values": {str(v): i for i, v in enumerate(values)},
         **({"ignore_label": {"value": ignore, "voxels": ignored}} if ignore is not None else {}),
         "workers": 1,
         **summarize(results, classes),

@@ -247,12 +247,14 @@ class ConsoleView:
             self._live.stop()
 
     def render(self) -> Any:
+        from rich.markup import escape
         from rich.table import Table
 
         t = self.trainer
         metric = t.task.metric
         name = "val Dice" if metric == "dice" else f"val {metric.replace('_', ' ')}"
-        table = Table(title=f"{t.run_dir.name}: {t.epochs} epochs, {t.steps_per_epoch} steps each")
+        title = f"{t.run_dir.name}: {t.epochs} epochs, {t.steps_per_epoch} steps each"
+        table = Table(title=escape(title))
         for column in ("epoch", "step", "loss", "lr", name, "img/s", "ETA", "CPU", "GPU"):
             table.add_column(column, justify="right")
         for record in t.history[-self.keep :]:

@@ -71,7 +71,8 @@ def print_metrics(evaluation: dict[str, Any]) -> None:
 
     where = evaluation.get("split", evaluation.get("pred", ""))
     if evaluation.get("task") == "classification":
-        table = Table(title=f"classification of '{where}' ({evaluation['slices']} slices)")
+        title = f"classification of '{where}' ({evaluation['slices']} slices)"
+        table = Table(title=escape(title))
         table.add_column("metric [slice level]")
         table.add_column("value", justify="right")
         for name, value in evaluation["dataset"].items():
@@ -79,12 +80,12 @@ def print_metrics(evaluation: dict[str, Any]) -> None:
         matrix = Table(title="confusion matrix (rows: reference, columns: prediction)")
         names = [evaluation["labels"][k] for k in sorted(evaluation["labels"], key=int)]
         for col in ("", *names):
-            matrix.add_column(col, justify="left" if not col else "right")
+            matrix.add_column(escape(col), justify="left" if not col else "right")
         for name, row in zip(names, evaluation["confusion_matrix"]["counts"]):
-            matrix.add_row(name, *map(str, row))
+            matrix.add_row(escape(name), *map(str, row))
         Console().print(table, matrix)
         return
-    table = Table(title=f"evaluation of '{where}' ({len(evaluation['cases'])} cases)")
+    table = Table(title=escape(f"evaluation of '{where}' ({len(evaluation['cases'])} cases)"))
     table.add_column("metric [level]")
     table.add_column("value", justify="right")
     for name, value in summary_rows(evaluation):
@@ -93,7 +94,7 @@ def print_metrics(evaluation: dict[str, Any]) -> None:
     for col in ("case", "Dice", "HD95", "ASSD"):
         cases.add_column(col, justify="left" if col == "case" else "right")
     for c in evaluation["cases"]:
-        cases.add_row(c["case"], f"{c['dice']:.4f}", f"{c['hd95']:.2f}", f"{c['assd']:.2f}")
+        cases.add_row(escape(c["case"]), f"{c['dice']:.4f}", f"{c['hd95']:.2f}", f"{c['assd']:.2f}")
     console = Console()
     console.print(table)
     console.print(cases)

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import os
+import unicodedata
 from pathlib import Path
 
 from segscale.errors import DataError
@@ -65,22 +67,30 @@ def by_case(
 
 
 def case_key(name: str) -> str:
-    """The key `by_case` files a name under: without its image suffix, case-folded."""
-    return strip_suffix(name).casefold()
+    """The key `by_case` files a name under: without its image suffix, case-folded, in Unicode's
+    composed form (macOS writes 'ë' as 'e' and a combining diaeresis, Linux and Windows as one
+    character: the same name on screen)."""
+    return unicodedata.normalize("NFC", strip_suffix(name)).casefold()
 
 
 def list_files(folder: Path, suffixes: tuple[str, ...] | None = None) -> list[Path]:
     """The visible files of `folder` (not hidden, not system files), in name order; only those
-    ending in one of `suffixes` (any case) when given. Raises DataError when it cannot be read."""
+    ending in one of `suffixes` (any case) when given. Raises DataError when it cannot be read or one of those files is a
+    link to nothing."""
     try:
         entries = list(Path(folder).iterdir())
     except OSError as e:
         raise DataError(f"{folder}: cannot list the folder ({e.strerror})") from None
-    return sorted(
-        p
-        for p in entries
-        if p.is_file() and not is_hidden(p) and (suffixes is None or has_suffix(p, suffixes))
-    )
+    wanted = [
+        p for p in entries if not is_hidden(p) and (suffixes is None or has_suffix(p, suffixes))
+    ]
+    for p in wanted:
+        if p.is_symlink() and not p.exists():  # silently skipped, its case would be lost
+            raise DataError(
+                f"{p}: a link to {os.readlink(p)}, which does not exist (a git-annex or DataLad "
+                "file not fetched?)"
+            )
+    return sorted(p for p in wanted if p.is_file())
 
 
 def list_folders(folder: Path) -> list[Path]:
@@ -119,6 +129,8 @@ def list_images(inputs: list[Path]) -> list[Path]:
             files += found
         elif path.is_file():
             files.append(path)
+        elif path.is_symlink():
+            raise DataError(f"{path}: a link to {os.readlink(path)}, which does not exist")
         else:
             raise DataError(f"{path}: no such file or folder")
     return files
