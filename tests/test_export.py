@@ -45,6 +45,8 @@ def test_onnx_export_runs_in_onnxruntime_like_pytorch_for_any_batch(run, real_st
     assert described["input"]["shape"] == ["N", 1, 32, 32]
     assert described["output"]["classes"] == {"0": "background", "1": "left atrium"}
     assert described["preprocessing"]["size"] == 32
+    # the axes its slices were cut in; the run's name, not a local path
+    assert described["input"]["orientation"] == "RAS" and described["source"] == run.name
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left beside it
 
 
@@ -61,6 +63,7 @@ def test_torchscript_export_from_a_zoo_entry_through_the_cli(run, real_store, tm
     files = {DESCRIPTION: ""}
     scripted = torch.jit.load(str(out), _extra_files=files)
     assert json.loads(files[DESCRIPTION])["model"] == "unet"
+    assert json.loads(files[DESCRIPTION])["source"] == "zoo:tiny-la@1"
     model, _ = load_trained_model(run)
     x = real_slices(real_store, 4)
     with torch.no_grad():
@@ -96,6 +99,8 @@ def test_bad_exports_are_one_line(run, tmp_path):
             "export", run, "--format", "torchscript", "--out", run / "v2.torchscript.pt", "--force"
         )
         assert done.returncode == 0, done.stderr
+    done = cli("export", run, "--format", "torchscript", "--out", tmp_path / "m.onnx")
+    assert done.returncode == 2 and "the name of another format" in done.stderr
     done = cli("export", run, "--format", "torchscript", "--out", "/dev/null", "--force")
     assert done.returncode == 2 and "not a regular file" in done.stderr
     (tmp_path / "a-file").write_text("x")

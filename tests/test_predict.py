@@ -199,3 +199,92 @@ def test_predict_reports_its_throughput_and_bf16_agrees_with_fp32(tmp_path, real
     assert "img/s on cpu" in done.stdout and "slices in" in done.stdout
     bad = cli("predict", run_dir, scan, "--out", tmp_path / "cli", "--amp", "fp8")
     assert bad.returncode == 2 and "--amp fp8: expected auto, none or bf16" in bad.stderr
+
+
+def test_a_volume_stored_in_other_axes_is_segmented_in_the_training_orientation(tmp_path):
+    """An LPS or axis-swapped copy of a RAS scan (what a DICOM conversion writes) was sliced as
+    stored: the network saw mirrored or transposed slices (zoo model: Dice 0.50 against 0.76).
+    Now the same world content gives the same mask, written in each input's own grid."""
+    import nibabel as nib
+
+    from conftest import SAMPLE
+
+    zoo_model = ROOT / "src/segscale/resources/zoo/la-resunet/1"  # trained, in RAS
+    src = nib.load(sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0])
+    data, affine = np.asarray(src.dataobj), src.affine
+    flip = np.eye(4)
+    flip[0, 0], flip[1, 1] = -1, -1
+    flip[0, 3], flip[1, 3] = data.shape[0] - 1, data.shape[1] - 1
+    swap = np.eye(4)[[1, 0, 2, 3]]
+    copies = {
+        "ras": (data, affine),
+        "lps": (np.ascontiguousarray(data[::-1, ::-1]), affine @ flip),
+        "asr": (np.ascontiguousarray(data.transpose(1, 0, 2)), affine @ swap),
+    }
+    masks = {}
+    for name, (array, aff) in copies.items():
+        nib.save(nib.Nifti1Image(array, aff), tmp_path / f"{name}.nii.gz")
+        [out] = predict(zoo_model, [tmp_path / f"{name}.nii.gz"], tmp_path / "pred")
+        mask = nib.load(out)
+        assert mask.shape == array.shape and np.allclose(mask.affine, aff)
+        masks[name] = np.asarray(mask.dataobj)
+    assert masks["ras"].any()
+    assert np.array_equal(masks["lps"][::-1, ::-1], masks["ras"])
+    assert np.array_equal(masks["asr"].transpose(1, 0, 2), masks["ras"])
+
+
+def test_predict_keeps_reference_labels_and_says_what_it_cannot_segment(tmp_path):
+    """--out labelsTs wrote over the reference labels (nnU-Net names both alike); a zero image
+    came back 18% foreground without a word; a 2D NIfTI, a complex one, a .npy and a file given
+    twice were refused with the wrong reason or read with numpy's warning."""
+    import warnings
+
+    import nibabel as nib
+
+    from conftest import SAMPLE, cli
+
+    zoo_model = ROOT / "src/segscale/resources/zoo/la-resunet/1"
+    scan = sorted((SAMPLE / "imagesTr").glob("*.nii.gz"))[0]
+    src = nib.load(scan)
+    data = np.asarray(src.dataobj)
+    (tmp_path / "imagesTs").mkdir()
+    nib.save(
+        nib.Nifti1Image(data[:, :, 20:24], src.affine), tmp_path / "imagesTs" / "p5_0000.nii.gz"
+    )
+    labels = tmp_path / "labelsTs"
+    labels.mkdir()
+    nib.save(nib.Nifti1Image(np.ones((91, 70, 4), np.uint8), src.affine), labels / "p5.nii.gz")
+    reference = (labels / "p5.nii.gz").read_bytes()
+    done = cli("predict", zoo_model, tmp_path / "imagesTs", "--out", labels)
+    assert done.returncode == 2 and "p5.nii.gz (reference labels?)" in done.stderr
+    assert (labels / "p5.nii.gz").read_bytes() == reference
+    for _ in range(2):  # its own masks are replaced without --force
+        [mask] = predict(zoo_model, [tmp_path / "imagesTs"], tmp_path / "pred")
+    done = cli("predict", zoo_model, tmp_path / "imagesTs", "--out", labels, "--force")
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(nib.load(labels / "p5.nii.gz").get_fdata(), nib.load(mask).get_fdata())
+    # a constant image; a 2D NIfTI (one slice) back in its own shape; the same file twice
+    nib.save(nib.Nifti1Image(np.zeros((91, 70, 2), np.int16), src.affine), tmp_path / "zero.nii")
+    nib.save(nib.Nifti1Image(data[:, :, 20], src.affine), tmp_path / "flat.nii.gz")
+    with pytest.warns(UserWarning, match=r"zero.nii: a constant image \(every voxel 0\)"):
+        out = predict(
+            zoo_model,
+            [tmp_path / "zero.nii", tmp_path / "flat.nii.gz", tmp_path / "flat.nii.gz"],
+            tmp_path / "more",
+        )
+    assert [p.name for p in out] == ["zero.nii", "flat.nii.gz"]
+    flat = nib.load(out[1])
+    assert flat.shape == (91, 70) and np.allclose(flat.affine, src.affine)
+    nib.save(nib.Nifti1Image(data[:, :, 20:21], src.affine), tmp_path / "slab.nii.gz")
+    [slab] = predict(zoo_model, [tmp_path / "slab.nii.gz"], tmp_path / "more")
+    assert np.asarray(flat.dataobj).any()
+    assert np.array_equal(np.asarray(flat.dataobj), np.asarray(nib.load(slab).dataobj)[:, :, 0])
+    # what predict cannot read says why, naming the file
+    nib.save(nib.Nifti1Image(data.astype(np.complex64), src.affine), tmp_path / "c.nii.gz")
+    np.save(tmp_path / "a.npy", data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DataError, match=r"c.nii.gz: complex values \(complex64\)"):
+            predict(zoo_model, [tmp_path / "c.nii.gz"], tmp_path / "bad")
+    with pytest.raises(DataError, match=r"a.npy: a numpy array; predict reads NIfTI"):
+        predict(zoo_model, [tmp_path / "a.npy"], tmp_path / "bad")

@@ -55,6 +55,7 @@ def test_publish_writes_a_verifiable_entry(published):
     assert f"{evaluation['dataset']['dice']:.4f}" in (entry / "card.md").read_text()
     store_meta = json.loads((entry / "store" / "meta.json").read_text())
     assert "cases" not in store_meta and "source" not in store_meta  # no local paths published
+    assert store_meta["orientation"] == "RAS"  # what predict reorients a volume to
     # the weights are the run's, in safetensors
     model, _ = load_model(entry)
     trained = torch.load(run / "model.pt", weights_only=True)

@@ -653,6 +653,13 @@ def predict_cmd(
             help="With zoo:NAME: the zoo (folder or URL) [default: SEGSCALE_ZOO, else the shipped one]"
         ),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Replace files of the masks' names that predict did not write (its own masks "
+            "are always replaced)."
+        ),
+    ] = False,
 ) -> None:
     """Segment images with a run's model or a zoo model; masks keep each input's shape and header
     geometry."""
@@ -666,7 +673,9 @@ def predict_cmd(
         source = pull(run_dir, zoo)
     else:
         source = Path(run_dir).resolve()
-    written = predict(source, inputs, out, batch_size=batch_size, device=device, amp=amp)
+    written = predict(
+        source, inputs, out, batch_size=batch_size, device=device, amp=amp, force=force
+    )
     for path in written:
         typer.echo(f"wrote {path}")
     typer.echo(

@@ -41,7 +41,7 @@ def describe(plan: Any, source: Path) -> dict[str, Any]:
     """What a user of the exported file must know: input layout, preprocessing, classes."""
     meta, size = plan.store.meta, plan.store.preprocessing.size
     return {
-        "source": str(source),
+        "source": _name(Path(source)),  # the file may be shared, a local path not
         "segscale_version": __version__,
         "task": plan.cfg.task.name,
         "model": plan.cfg.model.name,
@@ -50,10 +50,22 @@ def describe(plan: Any, source: Path) -> dict[str, Any]:
             "shape": ["N", plan.in_channels, size, size],
             "dtype": "float32",
             "channels": meta.get("channel_names"),
+            # the axis codes (e.g. RAS) of the volumes whose slices it was trained on: reorient
+            # a volume to them before slicing along preprocessing.axis
+            "orientation": plan.store.orientation,
         },
         "output": {"name": "logits", "classes": plan.task.labels(plan.store)},
         "preprocessing": meta.get("preprocessing"),
     }
+
+
+def _name(source: Path) -> str:
+    """A run's folder name, or zoo:NAME@VERSION for a pulled zoo entry (NAME/VERSION/)."""
+    from segscale.hub import ENTRY_META
+
+    if (source / ENTRY_META).is_file():
+        return f"zoo:{source.parent.name}@{source.name}"
+    return source.name
 
 
 def file_name(fmt: str, stem: str = "model") -> str:
@@ -75,6 +87,9 @@ def export(
     TOLERANCE (nothing is written then)."""
     name = file_name(fmt)  # checks the format first
     out = out or source / name
+    other = {"onnx": (".pt", ".pth", ".torchscript"), "torchscript": (".onnx",)}[fmt]
+    if Path(out).name.lower().endswith(other):
+        raise SegscaleError(f"--out {out}: the name of another format for a {fmt} export")
     missing = [f for f in Path(out).resolve().parents if not f.exists()]  # created below
     out = output_file(out, "--out", overwrite=force, create_folder=True)
     # in the folder it exports, only an earlier export is replaced (they end in .onnx or

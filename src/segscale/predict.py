@@ -11,6 +11,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,9 @@ import torch
 from segscale._files import output_dir
 from segscale.errors import DataError, SegscaleError
 from segscale.imgmed.files import is_nifti_name, list_images, strip_suffix
+from segscale.imgmed.geometry import axis_codes, to_axis_codes
 from segscale.imgmed.io import nifti_header, save_nifti, save_png, sniff
-from segscale.imgmed.prepare import load_channel_files
+from segscale.imgmed.prepare import MIN_PLANE, load_channel_files
 from segscale.imgmed.transforms import Plane, from_grid, from_slices, inplane_spacing, preprocess
 from segscale.parallel.base import resolve_amp
 from segscale.zoo import load_any_model
@@ -68,13 +70,17 @@ def predict(
     batch_size: int = 16,
     device: str = "cpu",
     amp: str = "auto",
+    force: bool = False,
 ) -> Written:
     """Segment `inputs` with the model of a finished run folder or of a pulled zoo entry's folder;
     returns the masks written (out_dir/<input name>) with the model's throughput. `amp`: auto is
     bf16 on a GPU that supports it, none (fp32) elsewhere. All or nothing: the masks are written
     into a hidden folder in `out_dir` and moved into place once every input is segmented, so an
-    input that fails (unreadable, wrong channels) leaves `out_dir` as it was. Raises
-    SegscaleError for bad input."""
+    input that fails (unreadable, wrong channels) leaves `out_dir` as it was. A mask an earlier
+    predict wrote is replaced; any other file of a mask's name (a reference label: nnU-Net names
+    them alike) only with `force`. A volume stored in other axes than the training volumes
+    (e.g. LPS against RAS) is segmented in theirs (a permutation and flips, exact) and its
+    mask written in its own. Raises SegscaleError for bad input."""
     if amp not in ("auto", "none", "bf16"):
         raise SegscaleError(f"--amp {amp}: expected auto, none or bf16")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
@@ -84,7 +90,7 @@ def predict(
     dev = torch.device(device)
     amp = resolve_amp(amp, dev)
     out_dir = output_dir(out_dir)  # inputs and outputs checked before the model is read
-    targets = _targets(input_cases(list_images(inputs)), out_dir)
+    targets = _targets(input_cases(list_images(inputs)), out_dir, force)
     model, plan = load_any_model(run_dir, dev)  # a run folder or a pulled zoo entry's folder
     if plan.cfg.task.name != "segmentation":
         raise SegscaleError(
@@ -95,6 +101,7 @@ def predict(
     # Every slice of a volume gets segmented, whatever subset training used.
     prep = dataclasses.replace(store.preprocessing, slices=None, foreground_margin=None)
     class_to_raw = _class_to_raw(store.meta)
+    orientation = store.orientation
     made = _missing_folders(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -105,8 +112,13 @@ def predict(
     def segment(files: list[Path], target: Path) -> None:
         volume = sniff(files[0]) == "nifti"  # by content: the name may lie
         image, affine = load_channel_files(files, volume)
+        back, stored = None, affine  # back: the orientation that takes the mask to the input's
         if volume:
             header = nifti_header(files[0])
+            if orientation is not None and axis_codes(affine) != orientation:
+                # slices cut in the plane the network was trained on (an LPS copy of a RAS
+                # volume scored Dice 0.50 where the RAS one scored 0.76)
+                image, affine, back = to_axis_codes(image, affine, orientation)
             spatial = image.shape[:3]
         else:
             image = _as_channels(image, plan.in_channels, prep)
@@ -119,14 +131,20 @@ def predict(
             )
         hw = tuple(s for i, s in enumerate(spatial) if i != prep.axis) if volume else spatial
         plane = Plane.of(prep, hw, inplane_spacing(affine, prep.axis) if volume else None)
+        _say_degenerate(files[0], image, hw, plane.resampled)
         started = time.perf_counter()
         masks = segment_slices(model, x, plane, batch_size, dev, amp)
         written.seconds += time.perf_counter() - started  # .cpu() in it waited for the device
         written.slices += len(x)
         if volume:
-            save_nifti(from_slices(masks, prep.axis), affine, target, like=header)
+            mask = from_slices(masks, prep.axis)
+            if back is not None:
+                from nibabel.orientations import apply_orientation
+
+                mask = np.ascontiguousarray(apply_orientation(mask, back))
+            save_nifti(mask, stored, target, like=header, description=MARK)
         else:
-            save_png(class_to_raw[masks[0]], target)
+            save_png(class_to_raw[masks[0]], target, description=MARK)
 
     try:
         stage = Path(tempfile.mkdtemp(dir=out_dir, prefix=".segscale-predict-"))
@@ -205,10 +223,50 @@ def _channel_hint(channels: int, files: list[Path]) -> str:
     return ""
 
 
-def _targets(cases: list[tuple[str, list[Path]]], out_dir: Path) -> dict[Path, list[Path]]:
+def _say_degenerate(
+    path: Path, image: np.ndarray, hw: tuple[int, ...], resampled: tuple[int, ...]
+) -> None:
+    """Warn about an input whose mask can say nothing: a constant image (a zero-filled export
+    came back 18% left atrium), or slices under MIN_PLANE pixels across before or after the
+    training resampling (as `prepare` warns)."""
+    if image.size and float(image.max()) == float(image.min()):
+        warnings.warn(
+            f"{path}: a constant image (every voxel {float(image.min()):g}); its mask says nothing",
+            stacklevel=3,
+        )
+    small = min(*hw, *resampled)
+    if small < MIN_PLANE:
+        warnings.warn(
+            f"{path}: slices of {'×'.join(map(str, hw))} pixels, {'×'.join(map(str, resampled))} "
+            f"at the model's resolution: under {MIN_PLANE} across, little anatomy to segment",
+            stacklevel=3,
+        )
+
+
+MARK = "segscale predict"  # in each mask: NIfTI descrip, PNG Software
+
+
+def _written_by_predict(path: Path) -> bool:
+    """Whether `path` is a mask an earlier predict wrote (its mark)."""
+    from PIL import Image
+
+    try:
+        if sniff(path) == "nifti":
+            return bytes(nifti_header(path)["descrip"]).rstrip(b"\0") == MARK.encode()
+        with Image.open(path) as picture:
+            return picture.info.get("Software") == MARK
+    except (SegscaleError, OSError, ValueError):
+        return False
+
+
+def _targets(
+    cases: list[tuple[str, list[Path]]], out_dir: Path, force: bool = False
+) -> dict[Path, list[Path]]:
     """mask path → input files, checked before anything is computed: two inputs never write one
     mask, a mask never replaces an input, and nothing but a file is in a mask's way. An older
-    mask of the same name is replaced."""
+    mask of the same name is replaced; another file (a reference label) only with `force`."""
+    cases = list(dict.fromkeys((name, tuple(files)) for name, files in cases))  # given twice
+    foreign: list[Path] = []
     inputs = {f.resolve(): f for _, files in cases for f in files}
     targets: dict[Path, list[Path]] = {}
     for name, files in cases:
@@ -217,6 +275,11 @@ def _targets(cases: list[tuple[str, list[Path]]], out_dir: Path) -> dict[Path, l
             raise DataError(
                 f"{files[0]}: DICOM; predict reads NIfTI and pictures: convert the series first "
                 "(`segscale imgmed convert SERIES_FOLDER scan.nii.gz`)"
+            )
+        if kind in ("npy", "npz"):
+            raise DataError(
+                f"{files[0]}: a numpy array; predict reads NIfTI volumes (which carry the "
+                "geometry a mask is written in) and pictures: `segscale imgmed convert` one"
             )
         volume = kind == "nifti"
         # the input's name, with the ending of what is written (by content: a name may lie)
@@ -239,7 +302,15 @@ def _targets(cases: list[tuple[str, list[Path]]], out_dir: Path) -> dict[Path, l
             raise DataError(
                 f"{target}: in the way of a mask (not a file); move it or use another --out"
             )
-        targets[target] = files
+        if target.is_file() and not force and not _written_by_predict(target):
+            foreign.append(target)
+        targets[target] = list(files)
+    if foreign:
+        raise DataError(
+            f"--out {out_dir}: {len(foreign)} file(s) of the masks' names that predict did not "
+            f"write, e.g. {foreign[0].name} (reference labels?); give --force to replace them, "
+            "or another --out"
+        )
     return targets
 
 

@@ -99,7 +99,7 @@ def publish(
     try:
         state = model.state_dict()
         save_file({k: v.contiguous() for k, v in state.items()}, str(staging / WEIGHTS))
-        meta = dict(p.store.meta)
+        meta = {**p.store.meta, "orientation": p.store.orientation}  # (from its cases, which stay)
         splits = {s: len(p.store.cases(s)) for s in sorted({c["split"] for c in meta["cases"]})}
         for private in ("cases", "source", "input_hash"):  # local paths and case lists stay home
             meta.pop(private, None)

@@ -126,6 +126,36 @@ def onto_grid(
     )
 
 
+def axis_codes(affine: np.ndarray) -> str:
+    """The world direction each array axis points to, e.g. 'RAS' (nibabel's axis codes)."""
+    import nibabel as nib
+
+    return "".join(nib.aff2axcodes(np.asarray(affine, float)))
+
+
+def to_axis_codes(
+    array: np.ndarray, affine: np.ndarray, codes: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`array` (its first three axes on the grid `affine`; further axes, e.g. channels, kept)
+    stored in the axis order and directions `codes` (e.g. 'RAS'): exact, a permutation and
+    flips. Returns (moved array, its affine, the nibabel orientation that takes a moved array
+    back: `apply_orientation(moved_mask, back)`). The same world content, so that a network
+    trained on slices cut in one anatomical plane is given that plane."""
+    from nibabel.orientations import (
+        apply_orientation,
+        axcodes2ornt,
+        inv_ornt_aff,
+        io_orientation,
+        ornt_transform,
+    )
+
+    start, end = io_orientation(np.asarray(affine, float)), axcodes2ornt(tuple(codes))
+    there = ornt_transform(start, end)
+    moved = np.ascontiguousarray(apply_orientation(array, there))
+    moved_affine = np.asarray(affine, float) @ inv_ornt_aff(there, array.shape[:3])
+    return moved, moved_affine, ornt_transform(end, start)
+
+
 def majority(groups: dict) -> object:
     """The key of the largest group (case ids by a value they share)."""
     return max(groups, key=lambda k: len(groups[k]))

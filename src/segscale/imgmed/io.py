@@ -100,6 +100,14 @@ def _from_bytes(path: Path, compressed: bool) -> Any:
         raise DataError(f"{path}: cannot read NIfTI (truncated or corrupt?): {e}") from e
 
 
+def _bare(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A shape without its trailing axes of size 1 after the second."""
+    shape = tuple(int(n) for n in shape)
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
 def _without_trailing_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
     """(X, Y, Z, 1, 1) → (X, Y, Z): axes of size 1 after the third carry nothing."""
     shape = tuple(int(n) for n in shape)
@@ -126,6 +134,8 @@ def read_nifti(
     path = Path(path)
     img = _open_nifti(path)
     stored = img.get_data_dtype()
+    if stored.kind == "c":  # numpy would drop the imaginary part with a warning naming no file
+        raise DataError(f"{path}: complex values ({stored}); expected real numbers per voxel")
     if stored.names is not None:  # RGB24/RGBA32: a record per voxel, not a number
         raise DataError(
             f"{path}: a {stored.names} colour NIfTI (one record per voxel); expected one number "
@@ -166,11 +176,20 @@ def _forms_agree(img: Any, path: Path) -> None:
 
 
 def nifti_header(path: str | Path) -> Any:
-    """The file's NIfTI header (nibabel), for writing an output with the same geometry."""
-    return _open_nifti(Path(path)).header
+    """The file's NIfTI header (nibabel), for writing an output with the same geometry. Read
+    beside its data (load_nifti), which says what is odd about the file once."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _open_nifti(Path(path)).header
 
 
-def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, like: Any = None) -> None:
+def save_nifti(
+    array: np.ndarray,
+    affine: np.ndarray,
+    path: str | Path,
+    like: Any = None,
+    description: str | None = None,
+) -> None:
     """Write a NIfTI file atomically (temp file in the same folder, then rename). With `like` (an
     input's header, from nifti_header), the output carries that input's geometry exactly: its
     qform and sform with their codes, its units, its trailing axes of size 1 and their steps (the
@@ -180,8 +199,8 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, like: An
     path = Path(path)
     if like is not None:
         own = tuple(int(n) for n in like.get_data_shape())
-        if array.shape != own and _without_trailing_ones(own) == array.shape:
-            array = array.reshape(own)
+        if array.shape != own and _bare(own) == _bare(array.shape):
+            array = array.reshape(own)  # (X, Y, Z, 1) back as such; a 2D input's mask as (X, Y)
     img = nib.Nifti1Image(array, affine)
     if like is not None:
         img.set_qform(like.get_qform(), code=int(like["qform_code"]))
@@ -193,6 +212,8 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, like: An
             img.header["pixdim"] = pixdim
             img.header["toffset"] = like["toffset"]
     img.header.set_data_dtype(array.dtype)
+    if description is not None:  # the header's 80-byte descrip field
+        img.header["descrip"] = description.encode()[:79]
     suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
@@ -297,15 +318,23 @@ def _not_in_alpha(im: Any, path: Path) -> None:
         )
 
 
-def save_png(array: np.ndarray, path: str | Path) -> None:
-    from PIL import Image
+def save_png(array: np.ndarray, path: str | Path, description: str | None = None) -> None:
+    """Write a picture atomically in the format its name says (PNG by default); `description`:
+    a PNG's Software text chunk."""
+    from PIL import Image, PngImagePlugin
 
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
     try:
         fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
-        Image.fromarray(array).save(tmp, format=fmt.get(path.suffix.lower(), "PNG"))
+        kind = fmt.get(path.suffix.lower(), "PNG")
+        text = PngImagePlugin.PngInfo()
+        if description is not None and kind == "PNG":
+            text.add_text("Software", description)
+        Image.fromarray(array).save(
+            tmp, format=kind, **({"pnginfo": text} if kind == "PNG" else {})
+        )
         publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -18,7 +18,7 @@ from segscale.imgmed.files import list_files
 from segscale.imgmed.geometry import dataset_notes, onto_grid, split_majority
 from segscale.imgmed.io import load_image2d, load_mask2d, load_nifti
 from segscale.imgmed.sources import Case, Source, discover
-from segscale.imgmed.store import FORMAT, StoreWriter, is_current
+from segscale.imgmed.store import FORMAT, StoreWriter, is_current, orientation_of
 from segscale.imgmed.transforms import (
     Plane,
     Preprocessing,
@@ -175,6 +175,8 @@ def prepare(
                 str(v): c for v, c in value_to_class.items()
             },  # raw mask value → class
             "channel_names": _channel_names(src, prep, channels),
+            # what predict reorients a volume to (the zoo ships it without the cases)
+            "orientation": orientation_of(cases_meta),
             **params,
             "input_hash": input_hash,
         }
@@ -479,12 +481,12 @@ def load_channel_files(paths: list[Path], volume: bool) -> tuple[np.ndarray, np.
     ((H, W[, C]), None), each of the first's size. Raises DataError naming the file that does
     not fit."""
     if volume:
-        first, affine = load_nifti(paths[0])
+        first, affine = _one_slice_3d(*load_nifti(paths[0]))
         if first.size == 0:
             raise DataError(f"{paths[0]}: empty image (shape {first.shape})")
         channels = [first]
         for path in paths[1:]:
-            data, channel_affine = load_nifti(path)
+            data, channel_affine = _one_slice_3d(*load_nifti(path))
             channels.append(
                 onto_grid(
                     data,
@@ -513,9 +515,14 @@ def load_channel_files(paths: list[Path], volume: bool) -> tuple[np.ndarray, np.
     return (pictures[0] if len(pictures) == 1 else np.dstack(pictures)), None
 
 
+def _one_slice_3d(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A 2D NIfTI (X, Y) as the one-slice volume (X, Y, 1) it describes (its affine is 4×4)."""
+    return (data[:, :, None] if data.ndim == 2 else data), affine
+
+
 def _load_label_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A 3D label volume in the file's own type (uint8 mostly) and its affine."""
-    mask, affine = load_nifti(path, dtype=None)
+    mask, affine = _one_slice_3d(*load_nifti(path, dtype=None))
     if mask.ndim != 3:
         raise DataError(f"{path}: expected a 3D label volume, got shape {mask.shape}")
     return mask, affine

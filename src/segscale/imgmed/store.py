@@ -74,6 +74,15 @@ class Store:
         return int(self.images.shape[1])
 
     @property
+    def orientation(self) -> str | None:
+        """The axis codes (e.g. 'RAS') most training volumes were stored in, which their slices
+        were cut along: what `predict` gives a network. None for 2D pictures or when unknown
+        (an entry published without it)."""
+        if "orientation" in self.meta or "cases" not in self.meta:
+            return self.meta.get("orientation")
+        return orientation_of(self.meta["cases"])
+
+    @property
     def preprocessing(self) -> Preprocessing:
         return Preprocessing.from_dict(self.meta["preprocessing"])
 
@@ -108,6 +117,18 @@ class Store:
                 f"{self.path}: split '{split}' has no cases (splits here: {', '.join(known)})"
             )
         return np.concatenate([np.arange(c["start"], c["start"] + c["count"]) for c in cases])
+
+
+def orientation_of(cases: list[dict[str, Any]]) -> str | None:
+    """The axis codes most of the cases' volumes share (their recorded affines), None for
+    pictures."""
+    from segscale.imgmed.geometry import axis_codes, majority
+
+    groups: dict[str, list[str]] = {}
+    for c in cases:
+        if c.get("affine") is not None:
+            groups.setdefault(axis_codes(np.asarray(c["affine"])), []).append(c["id"])
+    return str(majority(groups)) if groups else None
 
 
 def is_current(output: Path, input_hash: str) -> bool:
