@@ -37,6 +37,10 @@ def test_mlflow_mirrors_the_run_in_a_sqlite_store_beside_it(tmp_path, real_store
     assert run.info.status == "FINISHED" and run.info.run_name == "tiny"
     assert run.data.params["model.name"] == "unet" and run.data.params["train.epochs"] == "3"
     assert run.data.tags["segscale.run_dir"] == str(run_dir)
+    # how it was scaled: the config's `workers: null` does not say
+    assert (
+        run.data.tags["segscale.workers"] == "1" and run.data.tags["segscale.global_batch"] == "4"
+    )
     rows = jsonl(run_dir)
     history = client.get_metric_history(run.info.run_id, "train_loss")
     assert [(m.step, m.value) for m in history] == [(r["step"], r["train_loss"]) for r in rows]
@@ -208,3 +212,40 @@ def test_a_bad_override_is_named_as_such_with_the_values_it_may_take(tmp_path, r
         load_config(path, ["train.channels_last=maybe"])
     with pytest.raises(SegscaleError, match=r"fractional part \(1.5\)$"):
         load_config(path, ["train.finetune.freeze_encoder_epochs=1.5"])
+
+
+def test_runs_sharing_a_log_dir_stay_apart_and_tracker_places_are_absolute(
+    tmp_path, real_store, monkeypatch
+):
+    """Two runs with one TensorBoard log_dir interleaved their curves, and a resume purged the
+    other's events; a relative log_dir or sqlite path moved with the working directory; a file
+    as log_dir failed the run after its records were written."""
+    monkeypatch.chdir(tmp_path)
+    runs = []
+    for name, seed in (("a", 0), ("b", 5)):
+        cfg = {**tiny_config(real_store), "name": name, "seed": seed}
+        cfg["tracker"] = {"name": "tensorboard", "kwargs": {"log_dir": "tb"}}
+        config = validate(cfg)
+        assert config.tracker[0].kwargs["log_dir"] == str(tmp_path / "tb")
+        run_dir = tmp_path / "runs" / name
+        prepare_run_dir(config, run_dir, resume=False)
+        worker.train(run_dir, progress=False)
+        runs.append(run_dir)
+    for run_dir in runs:
+        events = tensorboard_events(tmp_path / "tb" / run_dir.name)
+        rows = jsonl(run_dir)
+        assert [(e.step, e.value) for e in events.Scalars("train_loss")] == [
+            (r["step"], pytest.approx(r["train_loss"], rel=1e-6)) for r in rows
+        ]
+        assert "run/text_summary" in events.Tags()["tensors"]
+    uri = validate(
+        {
+            **tiny_config(real_store),
+            "tracker": {"name": "mlflow", "kwargs": {"uri": "sqlite:///m.db"}},
+        }
+    )
+    assert uri.tracker[0].kwargs["uri"] == f"sqlite:///{tmp_path / 'm.db'}"
+    (tmp_path / "afile").write_text("x")
+    bad = {"name": "tensorboard", "kwargs": {"log_dir": "afile"}}
+    with pytest.raises(SegscaleError, match=r"log_dir .*afile/.*: is inside .*afile, a file"):
+        plan(validate({**tiny_config(real_store), "tracker": bad})).check(1)

@@ -493,8 +493,27 @@ class TrackerConfig(Component):
         default_factory=dict,
         description="mlflow: uri (an MLflow tracking URI: sqlite://, http(s)://, a database), "
         "experiment (default 'segscale'), "
-        "poll_seconds (how often the run's tags are read for segscale.stop; default 5).",
+        "poll_seconds (how often the run's tags are read for segscale.stop; default 5). "
+        "tensorboard: log_dir (a folder of runs: this run's events go to LOG_DIR/<name>).",
     )
+
+    @model_validator(mode="after")
+    def _absolute_places(self) -> TrackerConfig:
+        # where a tracker writes is found from the working directory, as data.store is, and
+        # saved absolutely: a resume from another folder writes to the same place
+        kwargs = self.kwargs
+        if self.name == "tensorboard" and isinstance(kwargs.get("log_dir"), str):
+            kwargs["log_dir"] = str(_absolute(kwargs["log_dir"]))
+        uri = kwargs.get("uri") if self.name == "mlflow" else None
+        if (
+            isinstance(uri, str)
+            and uri.startswith("sqlite:///")
+            and uri[10:] not in ("", ":memory:")
+        ):
+            path = uri[len("sqlite:///") :]
+            if not path.startswith("/"):
+                kwargs["uri"] = f"sqlite:///{_absolute(path)}"
+        return self
 
 
 MIN_INTERVAL = 0.05  # seconds: the shortest sampling or polling interval of a monitor

@@ -12,6 +12,7 @@ that resume and reports read: a tracker only mirrors it, and never fails a run.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import queue
 import threading
@@ -113,8 +114,10 @@ class MLflowTracker:
 
     def on_train_start(self, trainer: Any) -> None:
         self._thread.start()
-        # the digest its checkpoints carry (RunConfig.resume_digest): runs that compute the same
-        self._queue.put(("tags", {"segscale.resume_digest": trainer.config_digest}))
+        # the digest its checkpoints carry (RunConfig.resume_digest): runs that compute the same;
+        # how this attempt is scaled (tags, not params: a resume may change them)
+        facts = {f"segscale.{k}": v for k, v in run_facts(self.run_dir).items()}
+        self._queue.put(("tags", {"segscale.resume_digest": trainer.config_digest, **facts}))
 
     def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
         self._queue.put(("metrics", dict(record)))
@@ -257,7 +260,8 @@ def _asks_to_stop(tag: str) -> bool:
 
 class TensorBoardTracker:
     """`tracker: tensorboard` (alone or beside mlflow): TensorBoard event files in
-    RUN_DIR/tensorboard (or `log_dir`): the epoch rows at their global step, step metrics as
+    RUN_DIR/tensorboard (or LOG_DIR/<run name>: `log_dir` is a folder of runs, as TensorBoard's
+    --logdir): the epoch rows at their global step, step metrics as
     step/<name>, every rank's system metrics as system/<node>/<rank>/<name> (at the training step
     they were read, with their own wall time), each validation's picture grid as the image
     `validation`, and the flattened config as text. A resumed run drops the events past its checkpoint's step (purge_step), so curves
@@ -267,8 +271,12 @@ class TensorBoardTracker:
     def __init__(
         self, run_dir: Path, run_name: str, params: dict[str, Any], log_dir: str | None = None
     ) -> None:
+        from segscale._files import output_dir
+
         self.run_dir = Path(run_dir)
-        self.log_dir = Path(log_dir) if log_dir else self.run_dir / "tensorboard"
+        # a log_dir is a folder of runs (TensorBoard's --logdir): runs sharing one stay apart
+        where = Path(log_dir) / run_name if log_dir else self.run_dir / "tensorboard"
+        self.log_dir = output_dir(where, "tracker tensorboard log_dir")
         self.params = params
         self._writer: Any = None
         self._system = SystemFiles(self.run_dir)
@@ -283,9 +291,11 @@ class TensorBoardTracker:
         )
         if trainer.step:  # resumed: the samples already in the files were logged before
             self._system.read()
-        else:
-            table = "\n".join(f"| {k} | {_param(v)} |" for k, v in sorted(self.params.items()))
-            self._writer.add_text("config", "| setting | value |\n|---|---|\n" + table, 0)
+            self._writer.add_text("status", f"resumed at step {trainer.step}", trainer.step)
+        table = "\n".join(f"| {k} | {_param(v)} |" for k, v in sorted(self.params.items()))
+        self._writer.add_text("config", "| setting | value |\n|---|---|\n" + table, trainer.step)
+        facts = "\n".join(f"| {k} | {v} |" for k, v in run_facts(self.run_dir).items())
+        self._writer.add_text("run", "| this attempt | value |\n|---|---|\n" + facts, trainer.step)
 
     def on_log(self, trainer: Any, row: dict[str, Any]) -> None:
         for k, v in row.items():
@@ -322,6 +332,20 @@ class TensorBoardTracker:
         self._step = step
         for name, value, seconds, _ in self._system.metrics():
             self._writer.add_scalar(name, value, step, walltime=seconds)
+
+
+RUN_FACTS = ("workers", "global_batch", "peak_lr", "steps_per_epoch", "amp", "strategy")
+
+
+def run_facts(run_dir: Path) -> dict[str, Any]:
+    """How this attempt of a run is scaled (from its environment.json, written before training
+    starts): workers, global batch, peak lr, ... The config alone does not say (workers: null
+    trains on --workers). {} when the record cannot be read."""
+    try:
+        record = json.loads((Path(run_dir) / "environment.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: record[k] for k in RUN_FACTS if isinstance(record, dict) and k in record}
 
 
 def mlflow_client(uri: str) -> Any:
