@@ -35,6 +35,12 @@ def test_classification_metrics_by_hand():
     assert m["sensitivity"] == pytest.approx(35 / 40)
     assert m["specificity"] == pytest.approx(50 / 60)
     assert m["f1"] == pytest.approx(2 * 35 / (2 * 35 + 10 + 5))
+    # a split without positive slices: a classifier that says "none" has specificity 1, one that
+    # says "all" 0 (the first was NaN, the segmentation rule for an absent class)
+    for cm, specificity in (([[2, 0], [0, 0]], 1.0), ([[0, 2], [0, 0]], 0.0)):
+        m = classification_metrics(np.array(cm))
+        assert m["specificity"] == specificity and m["balanced_accuracy"] == specificity
+        assert np.isnan(m["sensitivity"])
 
 
 def classify_config(store, **overrides):
@@ -95,6 +101,7 @@ def test_a_classifier_trains_on_two_workers_and_evaluates_exactly(tmp_path, real
     text = methods(run)
     assert "a slice classifier" in text and f"({len(rows)} slices), per slice: accuracy" in text
     assert "| at least three evaluation metrics | yes |" in text
+    assert "segscale repeat" not in text and "zoo publish" not in text  # both refuse classifiers
 
 
 def test_plan_shows_the_task_as_an_extensible_part(real_store):

@@ -1185,7 +1185,10 @@ def imgmed_augment_cmd(
 @app.command("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/demo"),
-    workers: Annotated[int, typer.Option(help="Training workers.", min=1)] = 2,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Training workers [default: the config's workers, else 2].", min=1),
+    ] = None,
     overrides: Overrides = None,
 ) -> None:
     """Prepare the bundled left-atrium sample, train with 2 workers, evaluate, write a report."""

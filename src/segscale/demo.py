@@ -9,8 +9,8 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
-from segscale._files import from_json
-from segscale.config import load_config
+from segscale._files import RUN_LOCK, from_json, lock_holder, output_dir
+from segscale.config import RunConfig, apply_override, read_raw, validate
 from segscale.engine import load_trained_model, plan, prepare_run_dir
 from segscale.errors import SegscaleError
 from segscale.imgmed import Preprocessing, prepare
@@ -35,39 +35,93 @@ def prepare_demo_store(output: Path, progress: bool = True) -> Path:
     return store
 
 
-def run_demo(out: Path, workers: int = 2, overrides: list[str] | None = None) -> dict:
+# what the demo writes into its folder (anything else there is someone else's)
+OUTPUTS = {
+    "prepared",
+    ".prepared.partial",
+    "run",
+    "mlflow.db",
+    "mlartifacts",
+    "evaluation.json",
+    "evaluation.csv",
+    "report.md",
+    "overlays.png",
+    "case_dice.png",
+    "curves.png",
+}
+
+
+def check_demo_folder(out: Path) -> Path:
+    """`out` resolved, where the demo may write: a new or empty folder, or an earlier demo's
+    (its run/ replaced, so never one a training is running in). Raises SegscaleError naming
+    what is in the way; nothing is written or deleted before."""
+    out = output_dir(out, "--out")
+    run_dir = out / "run"
+    if run_dir.exists():
+        if not (run_dir / "config.yaml").is_file():
+            raise SegscaleError(
+                f"--out {out}: its run/ is not a run folder (no config.yaml), and the demo "
+                "replaces OUT/run; give another --out"
+            )
+        holder = lock_holder(run_dir / RUN_LOCK)
+        if holder is not None:
+            raise SegscaleError(f"--out {out}: a training is running in its run/ ({holder})")
+    others = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS) if out.is_dir() else []
+    if others:
+        raise SegscaleError(
+            f"--out {out}: holds files the demo did not write (e.g. {others[0]}); the demo "
+            "replaces its run/ and report there: give a new or empty folder"
+        )
+    return out
+
+
+def demo_config(store: Path, overrides: list[str]) -> RunConfig:
+    """demo.yaml with its store at `store` and the user's overrides (which may replace it).
+    Raises ConfigError naming the override at fault."""
+    raw, text = read_raw(resource("demo.yaml"))
+    raw["data"]["store"] = str(store)
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = validate(raw, source=str(resource("demo.yaml")), text=text, overrides=overrides)
+    if cfg.task.name != "segmentation":
+        raise SegscaleError(
+            f"task {cfg.task.name}: the demo reports a segmentation; train a classifier with "
+            "`segscale train` (examples/la_classify.yaml)"
+        )
+    return cfg
+
+
+def run_demo(out: Path, workers: int | None = None, overrides: list[str] | None = None) -> dict:
+    """prepare → train → evaluate → report in `out`. `workers`: default the config's `workers`
+    (an override), else 2. Everything a user gives (the folder, the overrides, the test split)
+    is checked before the store is prepared or anything trained."""
     from segscale.evaluation import pick_examples
+    from segscale.imgmed import Store
     from segscale.report import print_metrics, write_report
 
+    out = check_demo_folder(out)
+    cfg = demo_config(out / "prepared", overrides or [])
+    workers = workers or cfg.workers or 2
     if workers > 1:
         start_worker_server()  # its imports overlap the preparation
-    out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    store = prepare_demo_store(out / "prepared")
-    cfg = load_config(resource("demo.yaml"), [f"data.store={store}", *(overrides or [])])
+    if cfg.data.store == out / "prepared":
+        prepare_demo_store(cfg.data.store)
+    Store.open(cfg.data.store).rows(cfg.data.test_split)  # before training, not after
     plan(cfg).check(workers)
     run_dir = out / "run"
-    if run_dir.exists():  # the demo owns its folder: a rerun starts afresh
+    if run_dir.exists():  # an earlier demo's run (check_demo_folder): a rerun starts afresh
         shutil.rmtree(run_dir)
     prepare_run_dir(cfg, run_dir, resume=False)
     if launch(["train", str(run_dir)], workers=workers) != 0:
         raise SegscaleError(f"training failed; see the messages above and {run_dir}")
-    evaluation_path = out / "evaluation.json"
-    if (
-        launch(
-            [
-                "evaluate",
-                str(run_dir),
-                "--split",
-                cfg.data.test_split,
-                "--out",
-                str(evaluation_path),
-            ],
-            workers=workers,
-        )
-        != 0
-    ):
+    split = cfg.data.test_split
+    evaluation_path = run_dir / f"evaluation-{split}.json"  # where `segscale methods` reads it
+    command = ["evaluate", str(run_dir), "--split", split, "--out", str(evaluation_path)]
+    if launch(command, workers=workers) != 0:
         raise SegscaleError("evaluation failed; see the messages above")
+    for ending in (".json", ".csv"):  # and beside the report
+        shutil.copyfile(evaluation_path.with_suffix(ending), out / f"evaluation{ending}")
     evaluation = from_json(evaluation_path.read_text())
     print_metrics(evaluation)
     model, p = load_trained_model(run_dir)

@@ -298,7 +298,9 @@ def methods(target: Path) -> str:
             FIG_5_5,
             "several runs per setting, their number and spread",
             v is not None and v["runs"] >= 2,
-            "repeated runs: `segscale repeat CONFIG --runs 5`",
+            "repeated runs: `segscale repeat CONFIG --runs 5`"
+            if cfg.task.name == "segmentation"  # repeat scores segmentations
+            else "repeated runs (train the config with other seeds) and their spread",
         )
     )
     deterministic = (
@@ -406,7 +408,8 @@ def methods(target: Path) -> str:
             CLAIM,
             "the code and trained model's availability",
             False,
-            "where the code, config and weights are published (e.g. `segscale zoo publish`)",
+            "where the code, config and weights are published"
+            + (" (e.g. `segscale zoo publish`)" if cfg.task.name == "segmentation" else ""),
         )
     )
 

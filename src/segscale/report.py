@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from segscale._files import read_jsonl, write_atomic
 from segscale.evaluation import Example, plot_examples
@@ -116,7 +117,7 @@ def plot_case_dice(evaluation: dict[str, Any], out: Path) -> None:
         range(len(cases)), [c["case"] for c in cases], rotation=60, ha="right", fontsize=7
     )
     ax.set(ylabel="Dice (3D, per case)", ylim=(0, 1), title="per-case Dice")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never on one
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -209,11 +210,11 @@ def write_report(
     env = json.loads(env_path.read_text()) if env_path.is_file() else {}
     config = (run_dir / "config.yaml").read_text()
     parts = [
-        f"# segscale report: {run_dir.name}",
+        f"# segscale report: {yaml.safe_load(config).get('name', run_dir.name)}",
         "",
-        f"Evaluated on the **{evaluation['split']}** split ({len(evaluation['cases'])} held-out cases), "
+        f"Evaluated on the **{evaluation['split']}** split ({len(evaluation['cases'])} cases), "
         f"{evaluation['workers']} worker(s). Dataset-level metrics come from the confusion matrix summed "
-        "over all test pixels; per-case metrics are 3D, over each case's slices stacked back into its "
+        "over all the split's pixels; per-case metrics are 3D, over each case's slices stacked back into its "
         "volume, with distances in mm at the prepared resolution (spacing adjusted for the resize); "
         "per-slice Dice is 2D.",
         "",

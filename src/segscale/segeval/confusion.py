@@ -122,8 +122,11 @@ def metrics_from_confusion(cm: np.ndarray) -> dict[str, float]:
 
 def classification_metrics(cm: np.ndarray) -> dict[str, float]:
     """Slice- or image-level scores from a (C, C) reference × prediction count matrix: accuracy,
-    balanced accuracy (mean per-class recall), and for two classes the positive class's
-    precision, sensitivity, specificity and F1. Undefined ratios are NaN."""
+    balanced accuracy (mean per-class recall, over the classes the reference has), and for two
+    classes the positive class's precision TP/(TP+FP), sensitivity TP/(TP+FN), specificity
+    TN/(TN+FP) and F1 2TP/(2TP+FP+FN), each NaN only where its denominator is 0. Not the
+    segmentation rule (a class absent from both → every metric NaN): a split without positive
+    slices still has a specificity, which a classifier that says "none" gets right."""
     cm = np.asarray(cm, dtype=np.float64)
     total = cm.sum()
     out = {
@@ -131,6 +134,12 @@ def classification_metrics(cm: np.ndarray) -> dict[str, float]:
         "balanced_accuracy": mean_defined(_ratio(np.diag(cm), cm.sum(1))),
     }
     if len(cm) == 2:
-        positive = class_metrics(cm)[1]
-        out.update({k: positive[k] for k in ("precision", "sensitivity", "specificity", "f1")})
+        (tn, fp), (fn, tp) = cm
+        ratios = {
+            "precision": (tp, tp + fp),
+            "sensitivity": (tp, tp + fn),
+            "specificity": (tn, tn + fp),
+            "f1": (2 * tp, 2 * tp + fp + fn),
+        }
+        out.update({k: float(n / d) if d else float("nan") for k, (n, d) in ratios.items()})
     return out

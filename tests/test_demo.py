@@ -1,0 +1,71 @@
+"""`segscale demo`, one of the README's two commands: what it refuses before preparing or training
+anything, and what its folder holds after a (tiny) run."""
+
+import json
+
+import pytest
+
+from conftest import cli
+from segscale._files import RUN_LOCK, held_lock
+
+TINY = ("train.epochs=1", "train.steps_per_epoch=2", "tracker=none")
+
+
+def test_the_demo_refuses_before_it_writes_or_deletes_anything(tmp_path, real_store):
+    """It deleted OUT/run unchecked (a user's folder, or one a training was running in) and
+    wrote over a report there; a classification demo failed after training; a test split with
+    no cases was found after training; a bad --out was a traceback-like 'Error' with exit 1."""
+    (tmp_path / "file").write_text("x")
+    done = cli("demo", "--out", tmp_path / "file", *TINY)
+    assert done.returncode == 2 and "is a file; give a folder" in done.stderr
+    mine = tmp_path / "mine"
+    (mine / "run").mkdir(parents=True)
+    (mine / "run" / "important.txt").write_text("precious")
+    done = cli("demo", "--out", mine, *TINY)
+    assert done.returncode == 2 and "its run/ is not a run folder" in done.stderr
+    (mine / "run" / "config.yaml").write_text("name: x\n")
+    with held_lock(mine / "run" / RUN_LOCK, 1, "test"):
+        done = cli("demo", "--out", mine, *TINY)
+    assert done.returncode == 2 and "a training is running in its run/" in done.stderr
+    (mine / "run" / "config.yaml").unlink()
+    (mine / "run" / RUN_LOCK).unlink()
+    (mine / "run" / "important.txt").rename(mine / "notes.md")
+    (mine / "run").rmdir()
+    done = cli("demo", "--out", mine, *TINY)
+    assert done.returncode == 2 and "files the demo did not write (e.g. notes.md)" in done.stderr
+    assert (mine / "notes.md").read_text() == "precious"
+    out = tmp_path / "out"
+    for args, message in (
+        (("train.epoch=1",), "unknown key 'train.epoch'"),
+        (
+            ("task=classification", "model.name=cnn", "train.loss=ce"),
+            "the demo reports a segmentation",
+        ),
+        ((f"data.store={real_store}", "data.test_split=nosuch"), "split 'nosuch' has no cases"),
+    ):
+        done = cli("demo", "--out", out, *TINY, *args)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert "data.store=" + str(out) not in done.stderr  # an override the user never gave
+        assert not (out / "prepared").exists() and not (out / "run").exists()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_tiny_demo_records_what_ran_where_methods_finds_it(tmp_path, real_store):
+    """workers=1 trained on 2 workers (the --workers default) while config.yaml said 1; the
+    evaluation lay outside run/, so `methods` said the run had none; the report was titled 'run'."""
+    out = tmp_path / "demo"
+    done = cli("demo", "--out", out, *TINY, f"data.store={real_store}", "workers=1", "name=mine")
+    assert done.returncode == 0, done.stderr
+    env = json.loads((out / "run" / "environment.json").read_text())
+    assert env["workers"] == 1 and env["global_batch"] == 8
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation == json.loads((out / "run" / "evaluation-test.json").read_text())
+    assert (out / "report.md").read_text().startswith("# segscale report: mine\n")
+    done = cli("methods", out / "run", "--out", tmp_path / "methods.md")
+    assert done.returncode == 0, done.stderr
+    assert (
+        f"{evaluation['case_summary']['dice']['mean']:.3f}" in (tmp_path / "methods.md").read_text()
+    )
+    # a rerun replaces its own run
+    done = cli("demo", "--out", out, *TINY, f"data.store={real_store}", "workers=1", "name=mine")
+    assert done.returncode == 0, done.stderr
