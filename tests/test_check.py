@@ -71,12 +71,31 @@ def test_prepare_lists_every_refused_case_at_once(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_prepare_warns_about_mixed_orientations(tmp_path):
+def test_prepare_reorients_a_dataset_of_mixed_orientations_to_its_majority(tmp_path):
+    """A case stored LAS among RAS ones was sliced as stored (mirrored slices), with a warning
+    to reorient it by hand: now it is reoriented, exactly, and prepared as its RAS copy is."""
+    from segscale.imgmed import Store
+
     raw = write_msd(tmp_path / "raw")
+    plain, _ = prepare(raw, tmp_path / "plain", Preprocessing(size=16), progress=False)
     for folder in ("imagesTr", "labelsTr"):
         resave(raw / folder / "case_004.nii.gz", lambda a, aff: flip_axes(a, aff, (0,)))
-    with pytest.warns(UserWarning, match=r"mixed orientations: 4 cases RAS, others LAS: case_004"):
-        prepare(raw, tmp_path / "out", Preprocessing(size=16), progress=False)
+    with pytest.warns(UserWarning, match=r"1 of 5 case\(s\) stored .* RAS \(e.g. case_004: LAS\)"):
+        mixed, _ = prepare(raw, tmp_path / "out", Preprocessing(size=16), progress=False)
+    a, b = Store.open(plain), Store.open(mixed)
+    assert b.orientation == "RAS" and b.meta["orientation"] == "RAS"
+    assert np.array_equal(np.asarray(a.images), np.asarray(b.images))
+    assert np.array_equal(np.asarray(a.masks), np.asarray(b.masks))
+    assert np.allclose(
+        [c["affine"] for c in a.cases()], [c["affine"] for c in b.cases()], atol=1e-5
+    )
+    assert (
+        check_source(raw, progress=False)
+        .notes[0]
+        .startswith(
+            "mixed orientations: 4 cases RAS, others LAS: case_004; prepare reorients those to RAS"
+        )
+    )
 
 
 def test_every_unreadable_mask_and_unsliceable_image_is_named(tmp_path):

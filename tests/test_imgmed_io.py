@@ -86,6 +86,15 @@ def test_an_oblique_series_keeps_its_orientation_through_nifti(tmp_path):
     # the slice normal is row × column direction, in RAS
     normal = np.cross([c, s, 0], [0, 0, -1]) * [-1, -1, 1]
     np.testing.assert_allclose(dicom.affine[:3, 2] / 2.5, normal, atol=1e-9)
+    # what prepare reads of a series before loading it: the axis codes the loader gives it
+    from segscale.imgmed.dicom import series_axis_codes
+    from segscale.imgmed.geometry import axis_codes
+
+    write_series(tmp_path / "ax", stored)
+    for folder in ("obl", "ax"):
+        codes = series_axis_codes(tmp_path / folder)
+        assert codes == axis_codes(load(tmp_path / folder).affine)
+    assert series_axis_codes(tmp_path / "ax") == "LPS"
 
 
 def test_dicom_folders_that_are_not_one_clean_series_are_refused(tmp_path):

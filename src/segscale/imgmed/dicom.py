@@ -167,6 +167,27 @@ def load_dicom_series(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return volume, affine
 
 
+def series_axis_codes(path: str | Path) -> str | None:
+    """The axis codes (e.g. 'LPS') of the volume load_dicom_series makes of a series, from one
+    slice's ImageOrientationPatient (no pixel data read): columns, rows, then the slice normal
+    (the loader orders slices along it). None when no file gives an orientation."""
+    import pydicom
+
+    from segscale.imgmed.geometry import axis_codes
+
+    path = Path(path)
+    for f in list_files(path) if path.is_dir() else [path]:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            row, col = (np.array(v, float) for v in np.reshape(ds.ImageOrientationPatient, (2, 3)))
+        except Exception:  # not DICOM, damaged, or no orientation: the loader says which
+            continue
+        lps = np.eye(4)
+        lps[:3, 0], lps[:3, 1], lps[:3, 2] = row, col, np.cross(row, col)
+        return axis_codes(np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps)
+    return None
+
+
 def _check_one_series(path: Path, slices: list) -> None:
     uids = Counter(str(getattr(ds, "SeriesInstanceUID", "?")) for _, ds in slices)
     if len(uids) > 1:

@@ -190,9 +190,9 @@ def dataset_notes(cases: list[tuple[str, list | np.ndarray | None]], axis: int) 
     if len(axes) > 1:
         common, others = split_majority(axes, "{key}: {ids}")
         notes.append(
-            f"mixed orientations: {len(axes[common])} cases {common}, others {others}; slices "
-            f"along array axis {axis} then cut other anatomical planes in those "
-            "(reorient them, e.g. to RAS, before preparing)"
+            f"mixed orientations: {len(axes[common])} cases {common}, others {others}; "
+            f"prepare reorients those to {common} (a permutation and flips, exact), so that "
+            f"slices along array axis {axis} cut one anatomical plane"
         )
     spacings = np.array([spacing_from_affine(a) for _, a in volumes])
     median = np.median(spacings, axis=0)

@@ -15,8 +15,15 @@ from segscale._files import file_sha256, write_atomic
 from segscale._progress import progress_bar
 from segscale.errors import DataError, Preempted
 from segscale.imgmed.files import list_files
-from segscale.imgmed.geometry import dataset_notes, onto_grid, split_majority
-from segscale.imgmed.io import load_image2d, load_mask2d, load_nifti
+from segscale.imgmed.geometry import (
+    axis_codes,
+    dataset_notes,
+    majority,
+    onto_grid,
+    split_majority,
+    to_axis_codes,
+)
+from segscale.imgmed.io import load_image2d, load_mask2d, load_nifti, nifti_header
 from segscale.imgmed.sources import Case, Source, discover
 from segscale.imgmed.store import FORMAT, StoreWriter, is_current, orientation_of
 from segscale.imgmed.transforms import (
@@ -120,9 +127,13 @@ def prepare(
     labels, value_to_class = label_table(src, label_map)
     splits = split_cases([c.id for c in src.cases], val_fraction, test_fraction, seed)
     is_volume = src.volumes
+    # every volume in the axes most of them are stored in: slices then cut one anatomical plane
+    orientation = dataset_orientation(src) if is_volume else None
     partial.mkdir(parents=True, exist_ok=True)
     # a chunk depends on its case's files and the per-case settings, not on the split
-    setting = json.dumps([prep.to_dict(), sorted(value_to_class.items()), FORMAT]).encode()
+    setting = json.dumps(
+        [prep.to_dict(), sorted(value_to_class.items()), FORMAT, orientation]
+    ).encode()
     chunks = {
         c.id: partial
         / f"{c.id}-{hashlib.sha256(setting + digests[c.id].encode()).hexdigest()[:16]}.npz"
@@ -140,6 +151,7 @@ def prepare(
             progress,
             src.name,
             resumed=len(src.cases) - len(todo),
+            orientation=orientation,
         )
     except KeyboardInterrupt:
         kept = sum(chunks[c.id].is_file() for c in src.cases)
@@ -186,6 +198,15 @@ def prepare(
         raise
     for note in dataset_notes([(c["id"], c["affine"]) for c in cases_meta], prep.axis):
         warnings.warn(note, stacklevel=2)
+    moved = [c for c in cases_meta if c.get("stored_axes") not in (None, orientation)]
+    if moved:
+        warnings.warn(
+            f"{len(moved)} of {len(cases_meta)} case(s) stored in other axes than the others' "
+            f"{orientation} (e.g. {moved[0]['id']}: {moved[0]['stored_axes']}) were reoriented "
+            f"to {orientation} (a permutation and flips, exact), so that every case's slices "
+            "cut one anatomical plane",
+            stacklevel=2,
+        )
     small = [c for c in cases_meta if min(c.get("resampled") or [prep.size]) < MIN_PLANE]
     if prep.spacing is not None and small:
         c = small[0]
@@ -212,9 +233,11 @@ def _run_cases(
     progress: bool,
     name: str,
     resumed: int,
+    orientation: str | None = None,
 ) -> None:
-    """Preprocess each case into its chunk, in this process or in `jobs` processes."""
-    args = [(c, chunks[c.id], is_volume, value_to_class, prep, jobs > 1) for c in todo]
+    """Preprocess each case into its chunk, in this process or in `jobs` processes; volumes in
+    the axes `orientation` (e.g. 'RAS')."""
+    args = [(c, chunks[c.id], is_volume, value_to_class, prep, jobs > 1, orientation) for c in todo]
     note = f" ({resumed} resumed)" if resumed else ""
     refused: dict[str, str] = {}  # every case's problem, not only the first one's
     with progress_bar(progress, f"preparing {name}{note}", len(todo)) as advance:
@@ -280,6 +303,25 @@ def refusals(refused: dict[str, str], order: list[str], resumed: int = 0) -> str
     )
 
 
+def dataset_orientation(src: Source) -> str | None:
+    """The axis codes most of the source's volumes are stored in, from their headers alone (a
+    case whose header cannot be read is left to its own refusal). None without volumes."""
+    from segscale.imgmed.dicom import series_axis_codes
+
+    groups: dict[str, list[str]] = {}
+    for case in src.cases:
+        try:
+            if src.kind == "dicom":
+                codes = series_axis_codes(case.images[0])
+            else:
+                codes = axis_codes(nifti_header(case.images[0]).get_best_affine())
+        except DataError:
+            continue
+        if codes is not None:
+            groups.setdefault(codes, []).append(case.id)
+    return str(majority(groups)) if groups else None
+
+
 def _prepare_case(
     case: Case,
     chunk: Path,
@@ -287,13 +329,20 @@ def _prepare_case(
     value_to_class: dict[int, int],
     prep: Preprocessing,
     one_thread: bool,
+    orientation: str | None = None,
 ) -> None:
-    """Load, check and preprocess one case; write its slices to `chunk` atomically."""
+    """Load, check and preprocess one case; write its slices to `chunk` atomically. A volume
+    stored in other axes than `orientation` is moved to them first (exact: a permutation and
+    flips), so that every case's slices are cut in one anatomical plane."""
     if one_thread:  # the processes share the cores
         import torch
 
         torch.set_num_threads(1)
     image, mask, affine = load_case(case, is_volume, value_to_class)
+    stored = axis_codes(affine) if is_volume else None
+    if orientation is not None and stored != orientation:
+        image, moved, _ = to_axis_codes(image, affine, orientation)
+        mask, affine = to_axis_codes(mask, affine, orientation)[0], moved
     try:
         x, indices = preprocess(image, is_volume, prep, mask=mask, affine=affine)
     except DataError as e:  # say which case
@@ -304,7 +353,8 @@ def _prepare_case(
         "images": [str(p) for p in case.images],
         "label": str(case.label),
         "shape": list(mask.shape),
-        "affine": affine.tolist() if affine is not None else None,
+        "affine": affine.tolist() if affine is not None else None,  # (as prepared)
+        "stored_axes": stored,  # the axis codes of the files, when they were reoriented
         "slice_indices": indices.tolist(),
         "channels": int(x.shape[1]),
         "resampled": list(plane.resampled),
