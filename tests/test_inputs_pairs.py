@@ -279,7 +279,10 @@ def test_predict_never_writes_over_its_inputs_and_checks_before_computing(tmp_pa
     # a message of a shared reader names the input it is about, among many
     nan = tmp_path / "nan.nii.gz"
     nib.save(nib.Nifti1Image(np.full((32, 32, 3), np.nan, np.float32), np.eye(4)), nan)
-    with pytest.raises(DataError, match=r"nan.nii.gz: image contains NaN or infinite values"):
+    with pytest.raises(
+        DataError,
+        match=r"nan.nii.gz: image contains \d+ NaN or infinite value\(s\) of \d+ \(the first at",
+    ):
         predict(run, [images / "s0.png", nan], tmp_path / "named")
 
 

@@ -31,6 +31,7 @@ from segscale.imgmed.transforms import (
     Preprocessing,
     inplane_spacing,
     preprocess,
+    require_finite,
     to_grid,
     to_slices,
 )
@@ -519,8 +520,7 @@ def load_case(case: Case, is_volume: bool, value_to_class: dict[int, int]):
             )
     if image.size == 0:
         raise DataError(f"{case.images[0]}: empty image (shape {image.shape})")
-    if not np.isfinite(image).all():
-        raise DataError(f"{case.images[0]}: image contains NaN or infinite values")
+    require_finite(image, f"{case.images[0]}: image")
     return image, _map_labels(raw_mask, value_to_class, case.label), affine
 
 

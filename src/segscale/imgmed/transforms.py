@@ -82,6 +82,16 @@ def channels_first(
     return image
 
 
+def require_finite(image: np.ndarray, where: str = "image") -> None:
+    """Raise DataError saying how many values are NaN or infinite, and where the first is."""
+    finite = np.isfinite(image)
+    if not finite.all():
+        raise DataError(
+            f"{where} contains {int(finite.size - np.count_nonzero(finite))} NaN or infinite "
+            f"value(s) of {finite.size} (the first at index {np.argwhere(~finite)[0].tolist()})"
+        )
+
+
 def normalize(
     image: np.ndarray,
     method: str,
@@ -92,8 +102,7 @@ def normalize(
     first, with statistics over every voxel or (nonzero) over the nonzero ones only, which then
     stay 0 (the background outside the body does not dilute the statistics)."""
     image = image.astype(np.float32, copy=False)
-    if not np.isfinite(image).all():
-        raise DataError("image contains NaN or infinite values")
+    require_finite(image)
     if method == "none" and clip is None:
         return image
     out = np.empty_like(image)
