@@ -26,7 +26,7 @@ def test_slice_labels_come_from_the_masks():
     assert Classification(foreground=2).target(masks).tolist() == [0, 0, 1, 0]
 
 
-def test_classification_metrics_by_hand():
+def test_classification_metrics_by_hand(capsys):
     cm = np.array([[50, 10], [5, 35]])  # rows: reference, columns: prediction
     m = classification_metrics(cm)
     assert m["accuracy"] == pytest.approx(85 / 100)
@@ -41,6 +41,21 @@ def test_classification_metrics_by_hand():
         m = classification_metrics(np.array(cm))
         assert m["specificity"] == specificity and m["balanced_accuracy"] == specificity
         assert np.isnan(m["sensitivity"])
+    # and the printed scores say why
+    from segscale.report import print_metrics
+
+    labels = {"0": "no left atrium", "1": "left atrium"}
+    print_metrics(
+        {
+            "task": "classification",
+            "split": "test",
+            "slices": 2,
+            "labels": labels,
+            "confusion_matrix": {"counts": [[2, 0], [0, 0]]},
+            "dataset": m,
+        }
+    )
+    assert "no slice of the split is 'left atrium'" in capsys.readouterr().err
 
 
 def classify_config(store, **overrides):

@@ -4,6 +4,7 @@ Rendering only: what to show (metrics, example slices with their predictions) co
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,15 @@ def print_metrics(evaluation: dict[str, Any]) -> None:
         for name, row in zip(names, evaluation["confusion_matrix"]["counts"]):
             matrix.add_row(escape(name), *map(str, row))
         Console().print(table, matrix)
+        absent = [
+            n for n, row in zip(names, evaluation["confusion_matrix"]["counts"]) if not sum(row)
+        ]
+        if absent:  # a split of one class: what a score of it cannot say
+            print(
+                f"note: no slice of the split is '{absent[0]}'; the scores that need one are "
+                "undefined (nan) and the balanced accuracy is the other class's recall",
+                file=sys.stderr,
+            )
         return
     table = Table(title=escape(f"evaluation of '{where}' ({len(evaluation['cases'])} cases)"))
     table.add_column("metric [level]")
