@@ -21,19 +21,23 @@ def test_the_demo_refuses_before_it_writes_or_deletes_anything(tmp_path, real_st
     mine = tmp_path / "mine"
     (mine / "run").mkdir(parents=True)
     (mine / "run" / "important.txt").write_text("precious")
+    (mine / "run" / "config.yaml").write_text("name: x\n")  # a run of the user's own
     done = cli("demo", "--out", mine, *TINY)
-    assert done.returncode == 2 and "its run/ is not a run folder" in done.stderr
-    (mine / "run" / "config.yaml").write_text("name: x\n")
+    assert done.returncode == 2 and "its run/ or prepared/ is not an earlier demo's" in done.stderr
+    (mine / ".segscale-demo").write_text("")  # an earlier demo's folder, training in it
     with held_lock(mine / "run" / RUN_LOCK, 1, "test"):
         done = cli("demo", "--out", mine, *TINY)
     assert done.returncode == 2 and "a training is running in its run/" in done.stderr
-    (mine / "run" / "config.yaml").unlink()
-    (mine / "run" / RUN_LOCK).unlink()
+    assert (mine / "run" / "important.txt").read_text() == "precious"
     (mine / "run" / "important.txt").rename(mine / "notes.md")
-    (mine / "run").rmdir()
     done = cli("demo", "--out", mine, *TINY)
     assert done.returncode == 2 and "files the demo did not write (e.g. notes.md)" in done.stderr
     assert (mine / "notes.md").read_text() == "precious"
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "run").symlink_to(mine / "run")
+    done = cli("demo", "--out", linked, *TINY)
+    assert done.returncode == 2 and "its run is not a folder of its own" in done.stderr
     out = tmp_path / "out"
     for args, message in (
         (("train.epoch=1",), "unknown key 'train.epoch'"),

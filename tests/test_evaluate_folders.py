@@ -54,7 +54,11 @@ def test_one_slice_is_scored_in_2d_as_its_picture(tmp_path):
     ref = np.zeros((40, 30), np.uint8)
     ref[5:25, 5:20] = 1
     pred = np.roll(ref, (2, 1), (0, 1)) * (rng.random(ref.shape) > 0.05)
-    for name, p, r in (("png", pred, ref), ("slab", pred.T[..., None], ref.T[..., None])):
+    for name, p, r in (
+        ("png", pred, ref),
+        ("slab", pred.T[..., None], ref.T[..., None]),
+        ("coronal", pred.T[:, None, :], ref.T[:, None, :]),  # (X, 1, Z): one slice too
+    ):
         if name == "png":
             (tmp_path / name / "p").mkdir(parents=True)
             (tmp_path / name / "r").mkdir(parents=True)
@@ -67,10 +71,11 @@ def test_one_slice_is_scored_in_2d_as_its_picture(tmp_path):
     save(tmp_path / "flat" / "r" / "a.nii.gz", ref.T.astype(np.int16))
     scores = {
         n: evaluate_folders(tmp_path / n / "p", tmp_path / n / "r", {1: "x"})["cases"][0]
-        for n in ("png", "slab", "flat")
+        for n in ("png", "slab", "coronal", "flat")
     }
     for m in ("dice", "hd95", "assd", "avd"):
         assert scores["slab"][m] == pytest.approx(scores["png"][m])
+        assert scores["coronal"][m] == pytest.approx(scores["png"][m])
         assert scores["flat"][m] == pytest.approx(scores["png"][m])
     assert scores["png"]["assd"] > 0.5
 

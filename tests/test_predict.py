@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +232,24 @@ def test_a_volume_stored_in_other_axes_is_segmented_in_the_training_orientation(
     assert masks["ras"].any()
     assert np.array_equal(masks["lps"][::-1, ::-1], masks["ras"])
     assert np.array_equal(masks["asr"].transpose(1, 0, 2), masks["ras"])
+    # a header without orientation (nibabel guesses LAS) is segmented as stored, and says so
+    bare = nib.Nifti1Image(data, affine)
+    bare.set_qform(None, code=0)
+    bare.set_sform(None, code=0)
+    nib.save(bare, tmp_path / "bare.nii.gz")
+    with pytest.warns(UserWarning, match="no orientation in its header"):
+        [out] = predict(zoo_model, [tmp_path / "bare.nii.gz"], tmp_path / "pred")
+    assert np.array_equal(np.asarray(nib.load(out).dataobj), masks["ras"])
+    # a model whose store does not record its orientation (an older entry) says so
+    import shutil
+
+    old = tmp_path / "zoo" / "old" / "1"
+    shutil.copytree(zoo_model, old)
+    meta = json.loads((old / "store" / "meta.json").read_text())
+    del meta["orientation"]
+    (old / "store" / "meta.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=r"does not record the axes .* 1 volume\(s\) segmented"):
+        [out] = predict(old, [tmp_path / "lps.nii.gz"], tmp_path / "old")
 
 
 def test_predict_keeps_reference_labels_and_says_what_it_cannot_segment(tmp_path):
@@ -256,7 +275,7 @@ def test_predict_keeps_reference_labels_and_says_what_it_cannot_segment(tmp_path
     nib.save(nib.Nifti1Image(np.ones((91, 70, 4), np.uint8), src.affine), labels / "p5.nii.gz")
     reference = (labels / "p5.nii.gz").read_bytes()
     done = cli("predict", zoo_model, tmp_path / "imagesTs", "--out", labels)
-    assert done.returncode == 2 and "p5.nii.gz (reference labels?)" in done.stderr
+    assert done.returncode == 2 and "p5.nii.gz (reference labels?" in done.stderr
     assert (labels / "p5.nii.gz").read_bytes() == reference
     for _ in range(2):  # its own masks are replaced without --force
         [mask] = predict(zoo_model, [tmp_path / "imagesTs"], tmp_path / "pred")

@@ -222,8 +222,8 @@ def test_runs_sharing_a_log_dir_stay_apart_and_tracker_places_are_absolute(
     as log_dir failed the run after its records were written."""
     monkeypatch.chdir(tmp_path)
     runs = []
-    for name, seed in (("a", 0), ("b", 5)):
-        cfg = {**tiny_config(real_store), "name": name, "seed": seed}
+    for name, seed in (("a", 0), ("b", 5)):  # one config name, two run folders
+        cfg = {**tiny_config(real_store), "seed": seed}
         cfg["tracker"] = {"name": "tensorboard", "kwargs": {"log_dir": "tb"}}
         config = validate(cfg)
         assert config.tracker[0].kwargs["log_dir"] == str(tmp_path / "tb")
@@ -238,6 +238,20 @@ def test_runs_sharing_a_log_dir_stay_apart_and_tracker_places_are_absolute(
             (r["step"], pytest.approx(r["train_loss"], rel=1e-6)) for r in rows
         ]
         assert "run/text_summary" in events.Tags()["tensors"]
+    # a run folder of the same name elsewhere would write into the first's events: refused
+    cfg = {
+        **tiny_config(real_store),
+        "tracker": {"name": "tensorboard", "kwargs": {"log_dir": "tb"}},
+    }
+    other = tmp_path / "elsewhere" / "a"
+    prepare_run_dir(validate(cfg), other, resume=False)
+    with pytest.raises(SegscaleError, match=r"tb/a holds the events of the run .*runs/a; give"):
+        worker.train(other, progress=False)
+    kept = tensorboard_events(tmp_path / "tb" / "a").Scalars("train_loss")
+    assert len(kept) == len(jsonl(runs[0]))  # the first run's events untouched
+    # '' is the default place (it became the working directory)
+    cfg["tracker"]["kwargs"]["log_dir"] = ""
+    assert validate(cfg).tracker[0].kwargs == {}
     uri = validate(
         {
             **tiny_config(real_store),

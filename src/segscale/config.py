@@ -503,7 +503,10 @@ class TrackerConfig(Component):
         # saved absolutely: a resume from another folder writes to the same place
         kwargs = self.kwargs
         if self.name == "tensorboard" and isinstance(kwargs.get("log_dir"), str):
-            kwargs["log_dir"] = str(_absolute(kwargs["log_dir"]))
+            if kwargs["log_dir"].strip():
+                kwargs["log_dir"] = str(_absolute(kwargs["log_dir"]))
+            else:  # '' is the default, RUN_DIR/tensorboard, not the working directory
+                del kwargs["log_dir"]
         uri = kwargs.get("uri") if self.name == "mlflow" else None
         if (
             isinstance(uri, str)

@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from segscale._files import RUN_LOCK, from_json, lock_holder, output_dir
-from segscale.config import RunConfig, apply_override, read_raw, validate
+from segscale.config import RunConfig, apply_override, load_config, read_raw, validate
 from segscale.engine import load_trained_model, plan, prepare_run_dir
 from segscale.errors import SegscaleError
 from segscale.imgmed import Preprocessing, prepare
@@ -35,8 +35,11 @@ def prepare_demo_store(output: Path, progress: bool = True) -> Path:
     return store
 
 
+MARK = ".segscale-demo"  # in the demo's folder: it was made by the demo
+
 # what the demo writes into its folder (anything else there is someone else's)
 OUTPUTS = {
+    MARK,
     "prepared",
     ".prepared.partial",
     "run",
@@ -56,23 +59,41 @@ def check_demo_folder(out: Path) -> Path:
     (its run/ replaced, so never one a training is running in). Raises SegscaleError naming
     what is in the way; nothing is written or deleted before."""
     out = output_dir(out, "--out")
-    run_dir = out / "run"
-    if run_dir.exists():
-        if not (run_dir / "config.yaml").is_file():
-            raise SegscaleError(
-                f"--out {out}: its run/ is not a run folder (no config.yaml), and the demo "
-                "replaces OUT/run; give another --out"
-            )
-        holder = lock_holder(run_dir / RUN_LOCK)
-        if holder is not None:
-            raise SegscaleError(f"--out {out}: a training is running in its run/ ({holder})")
     others = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS) if out.is_dir() else []
     if others:
         raise SegscaleError(
             f"--out {out}: holds files the demo did not write (e.g. {others[0]}); the demo "
             "replaces its run/ and report there: give a new or empty folder"
         )
+    run_dir, store = out / "run", out / "prepared"
+    for path in (run_dir, store):
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            raise SegscaleError(f"--out {out}: its {path.name} is not a folder of its own")
+    if (run_dir.exists() or store.exists()) and not _made_by_demo(out):
+        raise SegscaleError(
+            f"--out {out}: its run/ or prepared/ is not an earlier demo's (a run or store of "
+            "yours?); the demo replaces them: give a new or empty folder"
+        )
+    if run_dir.exists():
+        holder = lock_holder(run_dir / RUN_LOCK)
+        if holder is not None:
+            raise SegscaleError(f"--out {out}: a training is running in its run/ ({holder})")
     return out
+
+
+def _made_by_demo(out: Path) -> bool:
+    """Whether `out` is an earlier demo's folder: its mark, or (a demo from before the mark) a
+    run/ trained on its own prepared/ store of the bundled sample."""
+    import json
+
+    if (out / MARK).is_file():
+        return True
+    try:
+        store = load_config(out / "run" / "config.yaml").data.store
+        source = json.loads((out / "prepared" / "meta.json").read_text()).get("source", "")
+    except (SegscaleError, OSError, ValueError, AttributeError):
+        return False
+    return store == out / "prepared" and Path(str(source)).name == "sample_la"
 
 
 def demo_config(store: Path, overrides: list[str]) -> RunConfig:
@@ -105,6 +126,7 @@ def run_demo(out: Path, workers: int | None = None, overrides: list[str] | None 
     if workers > 1:
         start_worker_server()  # its imports overlap the preparation
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARK).write_text("made by `segscale demo`: it replaces run/ and prepared/ here\n")
     if cfg.data.store == out / "prepared":
         prepare_demo_store(cfg.data.store)
     Store.open(cfg.data.store).rows(cfg.data.test_split)  # before training, not after

@@ -444,11 +444,14 @@ def _load_labels(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 def _as_slices(data: np.ndarray, affine: np.ndarray | None) -> tuple[np.ndarray, tuple[float, ...]]:
     """(slices, H, W) with its spacing in that axis order: a volume sliced along its third axis
-    (physical spacing), a picture as one slice (pixel units)."""
+    (physical spacing), or along its axis of size 1 when it is one slice (X, 1, Z), a picture as
+    one slice (pixel units)."""
     if affine is None:
         return data[None], (1.0, 1.0)
     sp = spacing_from_affine(affine)
-    return np.ascontiguousarray(np.moveaxis(data, 2, 0)), (sp[2], sp[0], sp[1])
+    axis = next((a for a in (2, 0, 1) if data.shape[a] == 1), 2)
+    inplane = [a for a in range(3) if a != axis]
+    return np.ascontiguousarray(np.moveaxis(data, axis, 0)), (sp[axis], *(sp[a] for a in inplane))
 
 
 def _values(a: np.ndarray) -> set[int]:

@@ -60,12 +60,14 @@ def describe(plan: Any, source: Path) -> dict[str, Any]:
 
 
 def _name(source: Path) -> str:
-    """A run's folder name, or zoo:NAME@VERSION for a pulled zoo entry (NAME/VERSION/)."""
+    """A run's folder name, or zoo:NAME@VERSION for a zoo entry (as its description names it)."""
     from segscale.hub import ENTRY_META
 
-    if (source / ENTRY_META).is_file():
-        return f"zoo:{source.parent.name}@{source.name}"
-    return source.name
+    try:
+        entry = json.loads((source / ENTRY_META).read_text())
+        return f"zoo:{entry['name']}@{entry['version']}"
+    except (OSError, ValueError, TypeError, KeyError):  # a run folder
+        return source.name
 
 
 def file_name(fmt: str, stem: str = "model") -> str:

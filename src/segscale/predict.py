@@ -20,8 +20,8 @@ import torch
 from segscale._files import output_dir
 from segscale.errors import DataError, SegscaleError
 from segscale.imgmed.files import is_nifti_name, list_images, strip_suffix
-from segscale.imgmed.geometry import axis_codes, to_axis_codes
-from segscale.imgmed.io import nifti_header, save_nifti, save_png, sniff
+from segscale.imgmed.geometry import to_axis_codes
+from segscale.imgmed.io import nifti_header, save_nifti, save_png, sniff, stored_axis_codes
 from segscale.imgmed.prepare import MIN_PLANE, load_channel_files
 from segscale.imgmed.transforms import Plane, from_grid, from_slices, inplane_spacing, preprocess
 from segscale.parallel.base import resolve_amp
@@ -102,6 +102,7 @@ def predict(
     prep = dataclasses.replace(store.preprocessing, slices=None, foreground_margin=None)
     class_to_raw = _class_to_raw(store.meta)
     orientation = store.orientation
+    unknown: list[Path] = []  # volumes segmented as stored: the model's orientation unknown
     made = _missing_folders(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,9 +116,18 @@ def predict(
         back, stored = None, affine  # back: the orientation that takes the mask to the input's
         if volume:
             header = nifti_header(files[0])
-            if orientation is not None and axis_codes(affine) != orientation:
+            codes = stored_axis_codes(header)
+            if codes is None:
+                warnings.warn(
+                    f"{files[0]}: no orientation in its header (qform and sform codes 0); "
+                    "segmented as stored",
+                    stacklevel=2,
+                )
+            elif orientation is None:
+                unknown.append(files[0])
+            elif codes != orientation and 1 not in image.shape[:3]:
                 # slices cut in the plane the network was trained on (an LPS copy of a RAS
-                # volume scored Dice 0.50 where the RAS one scored 0.76)
+                # volume scored Dice 0.50 where the RAS one scored 0.76); one slice is what it is
                 image, affine, back = to_axis_codes(image, affine, orientation)
             spatial = image.shape[:3]
         else:
@@ -161,6 +171,13 @@ def predict(
         for target in targets:  # every input segmented: publish them all
             os.replace(stage / target.name, target)
             written.append(target)
+        if unknown:
+            warnings.warn(
+                f"{run_dir}: its store does not record the axes its volumes were stored in "
+                f"(published by an older segscale); {len(unknown)} volume(s) segmented as "
+                f"stored (e.g. {unknown[0].name}): give them in the training data's axes",
+                stacklevel=2,
+            )
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         if not written:  # folders made for masks that never came
@@ -265,7 +282,8 @@ def _targets(
     """mask path → input files, checked before anything is computed: two inputs never write one
     mask, a mask never replaces an input, and nothing but a file is in a mask's way. An older
     mask of the same name is replaced; another file (a reference label) only with `force`."""
-    cases = list(dict.fromkeys((name, tuple(files)) for name, files in cases))  # given twice
+    once = {(name, tuple(f.resolve() for f in files)): (name, files) for name, files in cases}
+    cases = list(once.values())  # a file given twice (scans/ and scans/*.nii.gz), once
     foreign: list[Path] = []
     inputs = {f.resolve(): f for _, files in cases for f in files}
     targets: dict[Path, list[Path]] = {}
@@ -308,8 +326,8 @@ def _targets(
     if foreign:
         raise DataError(
             f"--out {out_dir}: {len(foreign)} file(s) of the masks' names that predict did not "
-            f"write, e.g. {foreign[0].name} (reference labels?); give --force to replace them, "
-            "or another --out"
+            f"write, e.g. {foreign[0].name} (reference labels? masks of an older segscale carry "
+            "no mark); give --force to replace them, or another --out"
         )
     return targets
 

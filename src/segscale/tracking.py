@@ -258,6 +258,9 @@ def _asks_to_stop(tag: str) -> bool:
     return tag.strip().lower() in ("true", "1", "yes")
 
 
+OWNER = "segscale-run.txt"  # in LOG_DIR/<run>: the run folder whose events it holds
+
+
 class TensorBoardTracker:
     """`tracker: tensorboard` (alone or beside mlflow): TensorBoard event files in
     RUN_DIR/tensorboard (or LOG_DIR/<run name>: `log_dir` is a folder of runs, as TensorBoard's
@@ -274,9 +277,10 @@ class TensorBoardTracker:
         from segscale._files import output_dir
 
         self.run_dir = Path(run_dir)
-        # a log_dir is a folder of runs (TensorBoard's --logdir): runs sharing one stay apart
-        where = Path(log_dir) / run_name if log_dir else self.run_dir / "tensorboard"
+        # a log_dir is a folder of runs (TensorBoard's --logdir), one folder per run folder
+        where = Path(log_dir) / self.run_dir.name if log_dir else self.run_dir / "tensorboard"
         self.log_dir = output_dir(where, "tracker tensorboard log_dir")
+        self._owned = None if not log_dir else self.log_dir / OWNER
         self.params = params
         self._writer: Any = None
         self._system = SystemFiles(self.run_dir)
@@ -284,6 +288,16 @@ class TensorBoardTracker:
 
     def on_train_start(self, trainer: Any) -> None:
         from torch.utils.tensorboard import SummaryWriter
+
+        if self._owned is not None:  # a shared log_dir: its folder is this run's alone
+            owner = self._owned.read_text().strip() if self._owned.is_file() else None
+            if owner not in (None, str(self.run_dir.resolve())):
+                raise SegscaleError(
+                    f"tracker tensorboard: {self.log_dir} holds the events of the run {owner}; "
+                    "give this run folder another name, or another log_dir"
+                )
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._owned.write_text(f"{self.run_dir.resolve()}\n")
 
         # resumed at step S: events after S came from steps this run trains again
         self._writer = SummaryWriter(
@@ -334,7 +348,15 @@ class TensorBoardTracker:
             self._writer.add_scalar(name, value, step, walltime=seconds)
 
 
-RUN_FACTS = ("workers", "global_batch", "peak_lr", "steps_per_epoch", "amp", "strategy")
+RUN_FACTS = (
+    "workers",
+    "simulated",
+    "global_batch",
+    "peak_lr",
+    "steps_per_epoch",
+    "amp",
+    "strategy",
+)
 
 
 def run_facts(run_dir: Path) -> dict[str, Any]:

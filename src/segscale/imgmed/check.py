@@ -17,7 +17,7 @@ from segscale._progress import progress_bar
 from segscale.errors import DataError
 from segscale.imgmed.files import NIFTI_SUFFIXES, PNG_SUFFIXES, has_suffix, is_hidden
 from segscale.imgmed.geometry import dataset_notes, majority, spacing_from_affine
-from segscale.imgmed.prepare import label_table, load_case
+from segscale.imgmed.prepare import case_orientations, label_table, load_case
 from segscale.imgmed.sources import Case, Source, discover
 from segscale.imgmed.transforms import channels_first
 
@@ -81,7 +81,14 @@ def check_source(
         for r in reports:
             if r.channels is not None and r.channels != common:
                 r.refused = f"{r.channels} channel(s); most cases have {common}"
-    return Check(src, reports, skipped, dataset_notes(affines, axis))
+    codes = case_orientations(src) if src.volumes else {}
+    for r in reports:
+        if r.axes is not None and codes.get(r.case, r.axes) is None:
+            r.axes = "none"
+            r.notes.append(
+                "no orientation in its header (qform and sform codes 0): sliced as stored"
+            )
+    return Check(src, reports, skipped, dataset_notes(affines, axis, codes or None))
 
 
 def _check_case(

@@ -173,20 +173,25 @@ def split_majority(groups: dict, item: str) -> tuple[object, str]:
     return common, others
 
 
-def dataset_notes(cases: list[tuple[str, list | np.ndarray | None]], axis: int) -> list[str]:
+def dataset_notes(
+    cases: list[tuple[str, list | np.ndarray | None]],
+    axis: int,
+    codes: dict[str, str | None] | None = None,
+) -> list[str]:
     """What is worth a warning across a dataset's volumes, from each case's (id, affine): mixed
     orientations (slicing along array `axis` then cuts different anatomical planes) and voxel
     spacings more than twice or less than half the median on an axis. 2D cases (affine None)
-    are left out."""
-    import nibabel as nib
-
+    are left out. `codes`: each case's axis codes as its header gives them (None: it gives
+    none, and nibabel's guessed affine says nothing), else read from the affines."""
     volumes = [(cid, np.asarray(a, float)) for cid, a in cases if a is not None]
     if len(volumes) < 2:
         return []
     notes = []
     axes: dict[str, list[str]] = {}
     for cid, affine in volumes:
-        axes.setdefault("".join(nib.aff2axcodes(affine)), []).append(cid)
+        known = axis_codes(affine) if codes is None else codes.get(cid)
+        if known is not None:
+            axes.setdefault(known, []).append(cid)
     if len(axes) > 1:
         common, others = split_majority(axes, "{key}: {ids}")
         notes.append(

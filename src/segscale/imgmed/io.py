@@ -183,6 +183,17 @@ def nifti_header(path: str | Path) -> Any:
         return _open_nifti(Path(path)).header
 
 
+def stored_axis_codes(header: Any) -> str | None:
+    """The axis codes (e.g. 'RAS') a NIfTI header's affine gives its array, or None when the
+    header gives no orientation (qform and sform codes 0: nibabel then guesses an LAS-like
+    affine from the voxel sizes alone)."""
+    from segscale.imgmed.geometry import axis_codes
+
+    if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+        return None
+    return axis_codes(header.get_best_affine())
+
+
 def save_nifti(
     array: np.ndarray,
     affine: np.ndarray,

@@ -16,16 +16,21 @@ from segscale._progress import progress_bar
 from segscale.errors import DataError, Preempted
 from segscale.imgmed.files import list_files
 from segscale.imgmed.geometry import (
-    axis_codes,
     dataset_notes,
     majority,
     onto_grid,
     split_majority,
     to_axis_codes,
 )
-from segscale.imgmed.io import load_image2d, load_mask2d, load_nifti, nifti_header
+from segscale.imgmed.io import (
+    load_image2d,
+    load_mask2d,
+    load_nifti,
+    nifti_header,
+    stored_axis_codes,
+)
 from segscale.imgmed.sources import Case, Source, discover
-from segscale.imgmed.store import FORMAT, StoreWriter, is_current, orientation_of
+from segscale.imgmed.store import FORMAT, StoreWriter, is_current
 from segscale.imgmed.transforms import (
     Plane,
     Preprocessing,
@@ -129,7 +134,8 @@ def prepare(
     splits = split_cases([c.id for c in src.cases], val_fraction, test_fraction, seed)
     is_volume = src.volumes
     # every volume in the axes most of them are stored in: slices then cut one anatomical plane
-    orientation = dataset_orientation(src) if is_volume else None
+    stored = case_orientations(src) if is_volume else {}
+    orientation = dataset_orientation(stored)
     partial.mkdir(parents=True, exist_ok=True)
     # a chunk depends on its case's files and the per-case settings, not on the split
     setting = json.dumps(
@@ -152,7 +158,7 @@ def prepare(
             progress,
             src.name,
             resumed=len(src.cases) - len(todo),
-            orientation=orientation,
+            orientations={cid: (codes, orientation) for cid, codes in stored.items()},
         )
     except KeyboardInterrupt:
         kept = sum(chunks[c.id].is_file() for c in src.cases)
@@ -189,7 +195,7 @@ def prepare(
             },  # raw mask value → class
             "channel_names": _channel_names(src, prep, channels),
             # what predict reorients a volume to (the zoo ships it without the cases)
-            "orientation": orientation_of(cases_meta),
+            "orientation": orientation,
             **params,
             "input_hash": input_hash,
         }
@@ -197,9 +203,10 @@ def prepare(
     except BaseException:
         writer.abort()
         raise
-    for note in dataset_notes([(c["id"], c["affine"]) for c in cases_meta], prep.axis):
+    now = {c["id"]: orientation if c["reoriented"] else c["stored_axes"] for c in cases_meta}
+    for note in dataset_notes([(c["id"], c["affine"]) for c in cases_meta], prep.axis, now):
         warnings.warn(note, stacklevel=2)
-    moved = [c for c in cases_meta if c.get("stored_axes") not in (None, orientation)]
+    moved = [c for c in cases_meta if c.get("reoriented")]
     if moved:
         warnings.warn(
             f"{len(moved)} of {len(cases_meta)} case(s) stored in other axes than the others' "
@@ -234,11 +241,15 @@ def _run_cases(
     progress: bool,
     name: str,
     resumed: int,
-    orientation: str | None = None,
+    orientations: dict[str, tuple[str | None, str | None]] | None = None,
 ) -> None:
-    """Preprocess each case into its chunk, in this process or in `jobs` processes; volumes in
-    the axes `orientation` (e.g. 'RAS')."""
-    args = [(c, chunks[c.id], is_volume, value_to_class, prep, jobs > 1, orientation) for c in todo]
+    """Preprocess each case into its chunk, in this process or in `jobs` processes;
+    `orientations`: case id → (its axis codes, the dataset's) for _prepare_case."""
+    orientations = orientations or {}
+    args = [
+        (c, chunks[c.id], is_volume, value_to_class, prep, jobs > 1, orientations.get(c.id))
+        for c in todo
+    ]
     note = f" ({resumed} resumed)" if resumed else ""
     refused: dict[str, str] = {}  # every case's problem, not only the first one's
     with progress_bar(progress, f"preparing {name}{note}", len(todo)) as advance:
@@ -304,22 +315,30 @@ def refusals(refused: dict[str, str], order: list[str], resumed: int = 0) -> str
     )
 
 
-def dataset_orientation(src: Source) -> str | None:
-    """The axis codes most of the source's volumes are stored in, from their headers alone (a
-    case whose header cannot be read is left to its own refusal). None without volumes."""
+def case_orientations(src: Source) -> dict[str, str | None]:
+    """Each volume case's axis codes, from its first image's header alone: None where the
+    header gives no orientation (a NIfTI with qform and sform codes 0) or cannot be read (the
+    case's own refusal says why)."""
     from segscale.imgmed.dicom import series_axis_codes
 
-    groups: dict[str, list[str]] = {}
+    out: dict[str, str | None] = {}
     for case in src.cases:
         try:
             if src.kind == "dicom":
-                codes = series_axis_codes(case.images[0])
+                out[case.id] = series_axis_codes(case.images[0])
             else:
-                codes = axis_codes(nifti_header(case.images[0]).get_best_affine())
+                out[case.id] = stored_axis_codes(nifti_header(case.images[0]))
         except DataError:
-            continue
+            out[case.id] = None
+    return out
+
+
+def dataset_orientation(orientations: dict[str, str | None]) -> str | None:
+    """The axis codes most cases share (case_orientations), None when none is known."""
+    groups: dict[str, list[str]] = {}
+    for cid, codes in orientations.items():
         if codes is not None:
-            groups.setdefault(codes, []).append(case.id)
+            groups.setdefault(codes, []).append(cid)
     return str(majority(groups)) if groups else None
 
 
@@ -330,18 +349,22 @@ def _prepare_case(
     value_to_class: dict[int, int],
     prep: Preprocessing,
     one_thread: bool,
-    orientation: str | None = None,
+    orientation: tuple[str | None, str | None] | None = None,
 ) -> None:
-    """Load, check and preprocess one case; write its slices to `chunk` atomically. A volume
-    stored in other axes than `orientation` is moved to them first (exact: a permutation and
-    flips), so that every case's slices are cut in one anatomical plane."""
+    """Load, check and preprocess one case; write its slices to `chunk` atomically.
+    `orientation`: (the axis codes the case is stored in, the dataset's): a volume stored in
+    other axes is moved to the dataset's first (exact: a permutation and flips), so that every
+    case's slices are cut in one anatomical plane."""
     if one_thread:  # the processes share the cores
         import torch
 
         torch.set_num_threads(1)
     image, mask, affine = load_case(case, is_volume, value_to_class)
-    stored = axis_codes(affine) if is_volume else None
-    if orientation is not None and stored != orientation:
+    stored, orientation = orientation if orientation is not None else (None, None)
+    # a header without an orientation is sliced as stored; so is one slice (its plane is given)
+    reoriented = None not in (stored, orientation) and stored != orientation
+    reoriented = reoriented and 1 not in mask.shape
+    if reoriented:
         image, moved, _ = to_axis_codes(image, affine, orientation)
         mask, affine = to_axis_codes(mask, affine, orientation)[0], moved
     try:
@@ -355,7 +378,8 @@ def _prepare_case(
         "label": str(case.label),
         "shape": list(mask.shape),
         "affine": affine.tolist() if affine is not None else None,  # (as prepared)
-        "stored_axes": stored,  # the axis codes of the files, when they were reoriented
+        "stored_axes": stored,  # the axis codes of its files (None: no orientation in them)
+        "reoriented": bool(reoriented),
         "slice_indices": indices.tolist(),
         "channels": int(x.shape[1]),
         "resampled": list(plane.resampled),
