@@ -297,3 +297,32 @@ def test_the_python_api_takes_paths_as_strings(tmp_path):
     assert load(back[0]).array.shape == (4, 5, 3)
     assert stack_pictures(str(tmp_path / "slices")).array.shape == (4, 5, 3)
     assert len(export_slices(load(nifti), str(tmp_path / "again"))) == 3
+
+
+def test_a_series_whose_slices_disagree_on_spacing_or_line_is_refused(tmp_path):
+    """Only the first file's PixelSpacing was read (a slice at 1 mm among 0.8 mm ones gave the
+    whole volume 1 mm), and a slice moved 5 mm in-plane was placed where its pixels are not."""
+    import pydicom
+
+    for name, change in (
+        ("spacing", lambda ds: setattr(ds, "PixelSpacing", [1.0, 1.0])),
+        (
+            "moved",
+            lambda ds: setattr(
+                ds,
+                "ImagePositionPatient",
+                [ds.ImagePositionPatient[0] + 5, *ds.ImagePositionPatient[1:]],
+            ),
+        ),
+    ):
+        folder = tmp_path / name
+        write_series(folder, np.zeros((6, 5, 5)), names=[f"s{k}" for k in range(5)])
+        ds = pydicom.dcmread(folder / "s2")
+        change(ds)
+        ds.save_as(folder / "s2", enforce_file_format=True)
+        message = {
+            "spacing": r"s2: PixelSpacing \[1.0, 1.0\] mm, but s\d has \[0.8, 0.7\]",
+            "moved": r"s2: its ImagePositionPatient lies 5 mm off the line",
+        }[name]
+        with pytest.raises(DataError, match=message):
+            load(folder)

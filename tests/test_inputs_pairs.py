@@ -259,7 +259,7 @@ def test_predict_never_writes_over_its_inputs_and_checks_before_computing(tmp_pa
     images = pictures / "images"
     before = {p.name: p.read_bytes() for p in images.iterdir()}
     with pytest.raises(
-        DataError, match=r"would replace the input .*s0.png; write masks to another"
+        DataError, match=r"the folder of the input s0.png; masks beside the images they segment"
     ):
         predict(run, [images], images)
     assert {p.name: p.read_bytes() for p in images.iterdir()} == before

@@ -307,3 +307,47 @@ def test_predict_keeps_reference_labels_and_says_what_it_cannot_segment(tmp_path
             predict(zoo_model, [tmp_path / "c.nii.gz"], tmp_path / "bad")
     with pytest.raises(DataError, match=r"a.npy: a numpy array; predict reads NIfTI"):
         predict(zoo_model, [tmp_path / "a.npy"], tmp_path / "bad")
+
+
+def test_masks_come_back_in_the_training_values_and_channels_are_picked_by_count(tmp_path):
+    """Declared labels 0, 4 (BraTS' original 0, 1, 2, 4) were refused ('must be 0..K-1'), and
+    where they were mapped, volumes came back as class indices that evaluate scored against
+    the raw values (Dice 0.17 for 0.52). A model of `--channels` one of two read index 1 of any
+    input: a 4-channel volume's second channel was taken for the one it was trained on."""
+    import nibabel as nib
+
+    from conftest import trained_run, write_msd
+    from segscale.predict import _class_to_raw
+
+    raw = write_msd(tmp_path / "raw", channels=2)
+    meta = json.loads((raw / "dataset.json").read_text())
+    meta["labels"] = {"0": "background", "4": "tumour"}
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    for label in (raw / "labelsTr").iterdir():
+        img = nib.load(label)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj) * 4, img.affine), label)
+    store, _ = prepare(
+        raw, tmp_path / "store", Preprocessing(size=16, channels=(1,)), progress=False
+    )
+    from segscale.imgmed import Store
+
+    meta = Store.open(store).meta
+    assert meta["labels"] == {"0": "background", "1": "tumour"} and meta["label_values"]["4"] == 1
+    assert _class_to_raw(meta).tolist() == [0, 4]
+    run = trained_run(store, tmp_path / "run", epochs=2, steps_per_epoch=3)
+    scan = raw / "imagesTr" / "case_000.nii.gz"
+    img = nib.load(scan)
+    both = np.asarray(img.dataobj)
+    nib.save(nib.Nifti1Image(both[..., 1], img.affine), tmp_path / "one.nii.gz")
+    nib.save(
+        nib.Nifti1Image(np.concatenate([both, both], -1), img.affine), tmp_path / "four.nii.gz"
+    )
+    [a] = predict(run, [scan], tmp_path / "a")
+    [b] = predict(run, [tmp_path / "one.nii.gz"], tmp_path / "b")
+    assert set(np.unique(np.asarray(nib.load(a).dataobj))) <= {0, 4}
+    assert np.array_equal(np.asarray(nib.load(a).dataobj), np.asarray(nib.load(b).dataobj))
+    with pytest.raises(
+        DataError,
+        match=r"four.nii.gz: 4 channel\(s\); the model reads mod1 of its training data's 2 \(mod0, mod1\)",
+    ):
+        predict(run, [tmp_path / "four.nii.gz"], tmp_path / "c")

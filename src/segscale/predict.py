@@ -13,6 +13,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,6 +103,8 @@ def predict(
     prep = dataclasses.replace(store.preprocessing, slices=None, foreground_margin=None)
     class_to_raw = _class_to_raw(store.meta)
     orientation = store.orientation
+    declared = store.meta.get("declared")  # [name, labels, the source's channel names]
+    source_channels = declared[2] if isinstance(declared, list) and len(declared) > 2 else None
     unknown: list[Path] = []  # volumes segmented as stored: the model's orientation unknown
     made = _missing_folders(out_dir)
     try:
@@ -133,7 +136,8 @@ def predict(
         else:
             image = _as_channels(image, plan.in_channels, prep)
             spatial = image.shape[:2]
-        x, _ = preprocess(image, volume, prep, affine=affine)
+        picking = _picking(prep, image, volume, files, source_channels)
+        x, _ = preprocess(image, volume, picking, affine=affine)
         if x.shape[1] != plan.in_channels:
             raise DataError(
                 f"{files[0]}: {x.shape[1]} channel(s) after preprocessing; the model was trained "
@@ -147,7 +151,7 @@ def predict(
         written.seconds += time.perf_counter() - started  # .cpu() in it waited for the device
         written.slices += len(x)
         if volume:
-            mask = from_slices(masks, prep.axis)
+            mask = class_to_raw[from_slices(masks, prep.axis)]
             if back is not None:
                 from nibabel.orientations import apply_orientation
 
@@ -240,6 +244,32 @@ def _channel_hint(channels: int, files: list[Path]) -> str:
     return ""
 
 
+def _picking(
+    prep: Any, image: np.ndarray, volume: bool, files: list[Path], source: list[str] | None
+) -> Any:
+    """The preprocessing for an input of a model trained on some of its source's channels
+    (`prepare --channels T1gd`): an input with all the source's channels has them picked; one
+    with only those the model uses is taken as it is; any other count is refused (a 4-channel
+    Decathlon BraTS volume had its T1w read as T1gd, exit 0). `source`: the training data's
+    channel names (None: unknown)."""
+    if prep.channels is None or not volume:
+        return prep
+    held = image.shape[3] if image.ndim == 4 else 1
+    if source is None:  # picked when they are there, else the model's own count taken as it is
+        fits = held <= max(prep.channels) and held == len(prep.channels)
+        return dataclasses.replace(prep, channels=None) if fits else prep
+    if held == len(source):
+        return prep
+    if held == len(prep.channels):
+        return dataclasses.replace(prep, channels=None)
+    used = ", ".join(source[c] for c in prep.channels)
+    raise DataError(
+        f"{files[0]}: {held} channel(s); the model reads {used} of its training data's "
+        f"{len(source)} ({', '.join(source)}): give those {len(source)}, or only {used}"
+        + _channel_hint(len(source), files)
+    )
+
+
 def _say_degenerate(
     path: Path, image: np.ndarray, hw: tuple[int, ...], resampled: tuple[int, ...]
 ) -> None:
@@ -286,6 +316,12 @@ def _targets(
     cases = list(once.values())  # a file given twice (scans/ and scans/*.nii.gz), once
     foreign: list[Path] = []
     inputs = {f.resolve(): f for _, files in cases for f in files}
+    beside = next((f for f in inputs.values() if f.resolve().parent == out_dir.resolve()), None)
+    if beside is not None:  # the next prepare or predict of that folder would read them as images
+        raise DataError(
+            f"--out {out_dir}: the folder of the input {beside.name}; masks beside the images "
+            "they segment are read as images next time: write them to another folder"
+        )
     targets: dict[Path, list[Path]] = {}
     for name, files in cases:
         kind = sniff(files[0])
@@ -357,13 +393,12 @@ def _as_channels(picture: np.ndarray, channels: int, prep) -> np.ndarray:
 
 
 def _class_to_raw(meta: dict) -> np.ndarray:
-    """Class index → the raw mask value it came from, so 2D masks round-trip (e.g. 1 → 255)."""
-    raw_values = [int(v) for v in meta.get("label_values", {})]
-    wide = meta.get("source_kind") == "png2d" and max(raw_values, default=0) > 255
+    """Class index → the raw mask value it came from (the smallest, where several were mapped
+    to one class), so that masks come back in the training masks' values: a 2D 0/255 mask, or
+    BraTS' 0, 1, 2, 4 (classes 0..3), in pictures and volumes alike."""
+    table = {int(raw): int(cls) for raw, cls in meta.get("label_values", {}).items()}
+    wide = max(table, default=0) > 255
     lut = np.arange(len(meta["labels"]), dtype=np.uint16 if wide else np.uint8)  # 16-bit masks
-    if meta.get("source_kind") == "png2d":
-        for raw, cls in sorted(
-            meta["label_values"].items(), key=lambda kv: int(kv[0]), reverse=True
-        ):
-            lut[cls] = int(raw)
+    for raw, cls in sorted(table.items(), reverse=True):
+        lut[cls] = raw
     return lut

@@ -109,6 +109,12 @@ def load_dicom_series(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
                 f"{f}: {ds.Rows}×{ds.Columns} pixels, but {slices[0][0].name} has "
                 f"{first.Rows}×{first.Columns}"
             )
+        spacing = _floats(ds, "PixelSpacing", f, 2)
+        if not np.allclose(spacing, _floats(first, "PixelSpacing", slices[0][0], 2), rtol=1e-4):
+            raise DataError(
+                f"{f}: PixelSpacing {list(spacing)} mm, but {slices[0][0].name} has "
+                f"{list(_floats(first, 'PixelSpacing', slices[0][0], 2))}; one series?"
+            )
     positions = np.array([_floats(ds, "ImagePositionPatient", f, 3) for f, ds in slices])
     order = np.argsort(positions @ normal, kind="stable")
     slices, positions = [slices[i] for i in order], positions[order]
@@ -132,6 +138,16 @@ def load_dicom_series(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         if len(slices) > 1
         else normal * float(getattr(first, "SliceThickness", 1.0) or 1.0)
     )
+    if len(slices) > 2:  # one slice off the line the others make lies elsewhere than its pixels
+        off = np.linalg.norm(
+            positions - (positions[0] + np.arange(len(slices))[:, None] * step), axis=1
+        )
+        worst = int(np.argmax(off))
+        if off[worst] > 0.1 * min(row_spacing, col_spacing):  # a tenth of a pixel: TOLERANCE
+            raise DataError(
+                f"{slices[worst][0]}: its ImagePositionPatient lies {off[worst]:.3g} mm off the "
+                "line the series' other slices make; a moved slice, or two series?"
+            )
     if len(slices) > 1:  # positions off the slice normal: a gantry tilt shears the grid
         tilt = np.degrees(np.arccos(min(1.0, abs(float(step @ normal)) / np.linalg.norm(step))))
         if tilt > 0.5:

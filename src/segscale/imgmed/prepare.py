@@ -441,14 +441,21 @@ def _channel_names(src: Source, prep: Preprocessing, channels: int) -> list[str]
 def label_table(
     src: Source, label_map: dict[int, int] | None
 ) -> tuple[dict[int, str], dict[int, int]]:
-    """Class names, and the raw mask value → class index table."""
+    """Class names, and the raw mask value → class index table. Declared labels that are not
+    0..K-1 (BraTS' original 0, 1, 2, 4) are classes in sorted order; `predict` writes the raw
+    values back."""
     if src.kind == "msd" or (src.kind == "dicom" and src.labels):
+        where = "dataset.json" if src.kind == "msd" else "labels.json"
         if label_map:
             raise DataError(
-                "--label-map applies to masks without declared labels; these come from "
-                f"{'dataset.json' if src.kind == 'msd' else 'labels.json'}"
+                f"--label-map applies to masks without declared labels; these come from {where}"
             )
-        return src.labels, {k: k for k in src.labels}
+        values = sorted(src.labels)
+        if values[0] != 0:
+            raise DataError(f"{src.root / where}: labels {values}; 0 (the background) is missing")
+        return {i: src.labels[v] for i, v in enumerate(values)}, {
+            v: i for i, v in enumerate(values)
+        }
     if label_map is None:
         values: set[int] = set()
         refused: dict[str, str] = {}  # every unreadable mask, not only the first
@@ -614,7 +621,9 @@ def _map_labels(raw: np.ndarray, table: dict[int, int], path: Path | None) -> np
     undeclared = [int(v) for v in values if int(v) not in table]
     if undeclared:
         raise DataError(
-            f"{path}: label values {undeclared} not declared (declared: {sorted(table)}; see dataset.json 'labels' or --label-map)"
+            f"{path}: label values {undeclared} not declared (declared: {sorted(table)}); add "
+            "them to the labels the dataset declares (dataset.json, labels.json), or give "
+            "--label-map where it declares none"
         )
     lut = np.zeros(int(values.max()) + 1, dtype=np.uint8)
     for v, c in table.items():

@@ -129,8 +129,6 @@ def _read_dataset_json(root: Path, problems: list[str]) -> Source:
         modality = meta.get("modality", {"0": "image"})
         channels = [modality[k] for k in sorted(modality, key=int)]
         cases = _msd_cases(root, path, meta, problems)
-    if sorted(labels) != list(range(len(labels))):
-        raise DataError(f"{path}: labels must be 0..K-1, got {sorted(labels)}")
     declared = meta.get("numTraining")
     if declared is not None and declared != len(cases) and not problems:
         raise DataError(
@@ -170,7 +168,7 @@ def labels_of(meta: dict, path: Path) -> dict[int, str]:
     try:
         return {int(k): str(v) for k, v in raw.items()}
     except ValueError:
-        first = next(iter(raw.items()))
+        first = next((k, v) for k, v in raw.items() if not str(k).strip().isdigit())  # the culprit
         raise DataError(
             f"{path}: 'labels' entry {first[0]!r}: {first[1]!r} is neither Decathlon's "
             '{"0": "background", ...} nor nnU-Net v2\'s {"background": 0, ...} (values as '
@@ -337,11 +335,12 @@ def _read_dicom_folder(root: Path, problems: list[str]) -> Source:
     names = root / "labels.json"
     if names.is_file():
         try:
-            labels = {int(k): str(v) for k, v in json.loads(names.read_text()).items()}
-        except (OSError, ValueError, AttributeError) as e:
-            raise DataError(f'{names}: expected {{"0": "background", "1": "name"}}: {e}') from None
-        if sorted(labels) != list(range(len(labels))):
-            raise DataError(f"{names}: labels must be 0..K-1, got {sorted(labels)}")
+            raw = json.loads(names.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{names}: cannot read as JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise DataError(f'{names}: expected {{"0": "background", "1": "name"}}')
+        labels = labels_of({"labels": raw}, names)  # Decathlon's or nnU-Net's form, as dataset.json
     return Source("dicom", root, root.name, labels, ["image"], cases)
 
 
