@@ -262,7 +262,7 @@ def _picking(
         return prep
     if held == len(prep.channels):
         return dataclasses.replace(prep, channels=None)
-    used = ", ".join(source[c] for c in prep.channels)
+    used = ", ".join(source[c] if c < len(source) else f"channel_{c}" for c in prep.channels)
     raise DataError(
         f"{files[0]}: {held} channel(s); the model reads {used} of its training data's "
         f"{len(source)} ({', '.join(source)}): give those {len(source)}, or only {used}"
