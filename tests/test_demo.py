@@ -73,3 +73,27 @@ def test_a_tiny_demo_records_what_ran_where_methods_finds_it(tmp_path, real_stor
     # a rerun replaces its own run
     done = cli("demo", "--out", out, *TINY, f"data.store={real_store}", "workers=1", "name=mine")
     assert done.returncode == 0, done.stderr
+
+
+def test_a_folder_is_an_earlier_demos_only_by_its_mark_or_the_demos_own_run(tmp_path):
+    """A user's run (another name) trained on a store of the bundled sample at OUT/prepared was
+    taken for an older demo's and deleted."""
+    import yaml
+
+    from segscale.demo import MARK, _made_by_demo, resource
+
+    out = tmp_path / "out"
+    (out / "prepared").mkdir(parents=True)
+    (out / "run").mkdir()
+    meta = {"source": str(resource("sample_la")), "preprocessing": {"size": 128}}
+    (out / "prepared" / "meta.json").write_text(json.dumps(meta))
+    config = yaml.safe_load(resource("demo.yaml").read_text())
+    config["data"]["store"] = str(out / "prepared")
+    for name, made in (("mine", False), ("demo", True)):
+        config["name"] = name
+        (out / "run" / "config.yaml").write_text(yaml.safe_dump(config))
+        assert _made_by_demo(out) is made
+    config["name"] = "mine"
+    (out / "run" / "config.yaml").write_text(yaml.safe_dump(config))
+    (out / MARK).write_text("")
+    assert _made_by_demo(out)

@@ -185,3 +185,17 @@ def test_the_cli_replaces_its_own_results_and_keeps_them_out_of_its_inputs(tmp_p
     assert r.returncode == 2 and "--json (default)" in r.stderr
     r = cli(*args, "--workers", "2", cwd=tmp_path)
     assert r.returncode == 2 and "--workers applies to a run folder" in r.stderr
+
+
+def test_the_dicom_layouts_labels_json_declares_the_labels(tmp_path):
+    """evaluate read only dataset.json: a DICOM dataset's labels.json (nnU-Net's form) beside
+    masks/ was ignored and the labels inferred."""
+    ref = blob((8, 8, 4), (2, 2, 0)) * 5
+    save(tmp_path / "p" / "a.nii.gz", ref)
+    save(tmp_path / "d" / "masks" / "a.nii.gz", ref)
+    (tmp_path / "d" / "labels.json").write_text(json.dumps({"background": 0, "lesion": 5}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = evaluate_folders(tmp_path / "p", tmp_path / "d" / "masks")
+    assert result["labels"] == {"0": "background", "1": "lesion"}
+    assert result["labels_source"].endswith("labels.json") and result["dataset"]["dice"] == 1.0

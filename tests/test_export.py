@@ -47,6 +47,7 @@ def test_onnx_export_runs_in_onnxruntime_like_pytorch_for_any_batch(run, real_st
     assert described["preprocessing"]["size"] == 32
     # the axes its slices were cut in; the run's name, not a local path
     assert described["input"]["orientation"] == "RAS" and described["source"] == run.name
+    assert described["output"]["mask_values"] == {"0": 0, "1": 1}  # what predict writes
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left beside it
 
 

@@ -326,3 +326,17 @@ def test_a_series_whose_slices_disagree_on_spacing_or_line_is_refused(tmp_path):
         }[name]
         with pytest.raises(DataError, match=message):
             load(folder)
+
+
+def test_positions_written_rounded_still_load(tmp_path):
+    """The in-plane check refused a CBCT series of 0.076 mm voxels whose positions were written
+    to 0.01 mm (a tenth of a pixel, depth included); rounding is not a moved slice."""
+    import pydicom
+
+    folder = tmp_path / "cbct"
+    write_series(folder, np.zeros((6, 5, 40)), spacing=(0.076, 0.076), step=0.076)
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(f)
+        ds.ImagePositionPatient = [round(float(v), 2) for v in ds.ImagePositionPatient]
+        ds.save_as(f, enforce_file_format=True)
+    assert load(folder).array.shape == (6, 5, 40)

@@ -317,7 +317,7 @@ def test_masks_come_back_in_the_training_values_and_channels_are_picked_by_count
     import nibabel as nib
 
     from conftest import trained_run, write_msd
-    from segscale.predict import _class_to_raw
+    from segscale.predict import mask_values
 
     raw = write_msd(tmp_path / "raw", channels=2)
     meta = json.loads((raw / "dataset.json").read_text())
@@ -333,7 +333,7 @@ def test_masks_come_back_in_the_training_values_and_channels_are_picked_by_count
 
     meta = Store.open(store).meta
     assert meta["labels"] == {"0": "background", "1": "tumour"} and meta["label_values"]["4"] == 1
-    assert _class_to_raw(meta).tolist() == [0, 4]
+    assert mask_values(meta).tolist() == [0, 4]
     run = trained_run(store, tmp_path / "run", epochs=2, steps_per_epoch=3)
     scan = raw / "imagesTr" / "case_000.nii.gz"
     img = nib.load(scan)

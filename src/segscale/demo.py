@@ -83,17 +83,24 @@ def check_demo_folder(out: Path) -> Path:
 
 def _made_by_demo(out: Path) -> bool:
     """Whether `out` is an earlier demo's folder: its mark, or (a demo from before the mark) a
-    run/ trained on its own prepared/ store of the bundled sample."""
+    run/ named as the demo names it, trained on its own prepared/ store of the bundled sample at
+    the demo's size."""
     import json
 
     if (out / MARK).is_file():
         return True
     try:
-        store = load_config(out / "run" / "config.yaml").data.store
-        source = json.loads((out / "prepared" / "meta.json").read_text()).get("source", "")
+        cfg = load_config(out / "run" / "config.yaml")
+        meta = json.loads((out / "prepared" / "meta.json").read_text())
+        demo = load_config(resource("demo.yaml"), [f"data.store={out / 'prepared'}"])
+        return (
+            cfg.name == demo.name
+            and cfg.data.store == out / "prepared"
+            and Path(str(meta.get("source", ""))).name == "sample_la"
+            and meta.get("preprocessing", {}).get("size") == 128
+        )
     except (SegscaleError, OSError, ValueError, AttributeError):
         return False
-    return store == out / "prepared" and Path(str(source)).name == "sample_la"
 
 
 def demo_config(store: Path, overrides: list[str]) -> RunConfig:

@@ -41,7 +41,7 @@ from segscale.imgmed.files import (
 )
 from segscale.imgmed.geometry import onto_grid, spacing_from_affine
 from segscale.imgmed.io import load_mask2d, load_nifti
-from segscale.imgmed.sources import IGNORE, declared_labels
+from segscale.imgmed.sources import IGNORE, declared_labels, labels_of
 from segscale.imgmed.store import Store
 from segscale.imgmed.transforms import Plane
 from segscale.parallel import Strategy
@@ -541,20 +541,25 @@ def pair_by_name(
     return [(ref, preds[key]) for key, ref in refs.items()]
 
 
-def _label_file(ref_dir: Path) -> Path | None:
-    """The dataset.json that declares the references' labels: beside them or one folder up, the
-    first that has a 'labels' entry (a MONAI datalist, without one, declares nothing)."""
+def _label_file(ref_dir: Path) -> tuple[Path, dict[int, str]] | None:
+    """The labels declared beside the references or one folder up, and their file: a
+    dataset.json with a 'labels' entry (a MONAI datalist, without one, declares nothing), or
+    the labels.json of segscale's DICOM layout (masks/ beside it)."""
     import json
 
     for d in (ref_dir, ref_dir.parent):
-        path = d / "dataset.json"
-        if path.is_file():
+        for name in ("dataset.json", "labels.json"):
+            path = d / name
+            if not path.is_file():
+                continue
             try:
                 meta = json.loads(path.read_text())
             except (OSError, ValueError) as e:
                 raise DataError(f"{path}: cannot read as JSON ({e}); or give --labels") from None
+            if name == "labels.json" and isinstance(meta, dict):
+                return path, labels_of({"labels": meta}, path)
             if isinstance(meta, dict) and "labels" in meta:
-                return path
+                return path, declared_labels(path)
     return None
 
 
@@ -625,7 +630,7 @@ def evaluate_folders(
     if labels is None:
         found = _label_file(ref_dir)
         if found is not None:
-            labels, source = declared_labels(found), f"{found}"
+            source, labels = f"{found[0]}", found[1]
     ignore = None
     if labels is None:
         warnings.warn(

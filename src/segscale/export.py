@@ -29,6 +29,7 @@ import torch
 from segscale import __version__
 from segscale._files import output_file, publish
 from segscale.errors import SegscaleError
+from segscale.predict import mask_values
 from segscale.zoo import load_any_model
 
 FORMATS = ("onnx", "torchscript")
@@ -54,7 +55,16 @@ def describe(plan: Any, source: Path) -> dict[str, Any]:
             # a volume to them before slicing along preprocessing.axis
             "orientation": plan.store.orientation,
         },
-        "output": {"name": "logits", "classes": plan.task.labels(plan.store)},
+        "output": {
+            "name": "logits",
+            "classes": plan.task.labels(plan.store),
+            # a segmentation's class → the mask value it stands for (what predict writes)
+            **(
+                {"mask_values": {str(c): int(v) for c, v in enumerate(mask_values(meta))}}
+                if plan.cfg.task.name == "segmentation"
+                else {}
+            ),
+        },
         "preprocessing": meta.get("preprocessing"),
     }
 

@@ -101,7 +101,7 @@ def predict(
     store = plan.store
     # Every slice of a volume gets segmented, whatever subset training used.
     prep = dataclasses.replace(store.preprocessing, slices=None, foreground_margin=None)
-    class_to_raw = _class_to_raw(store.meta)
+    class_to_raw = mask_values(store.meta)
     orientation = store.orientation
     declared = store.meta.get("declared")  # [name, labels, the source's channel names]
     source_channels = declared[2] if isinstance(declared, list) and len(declared) > 2 else None
@@ -126,8 +126,9 @@ def predict(
                     "segmented as stored",
                     stacklevel=2,
                 )
-            elif orientation is None:
-                unknown.append(files[0])
+            elif orientation is None:  # unknown, or a store of pictures (which have none)
+                if store.meta.get("source_kind") != "png2d":
+                    unknown.append(files[0])
             elif codes != orientation and 1 not in image.shape[:3]:
                 # slices cut in the plane the network was trained on (an LPS copy of a RAS
                 # volume scored Dice 0.50 where the RAS one scored 0.76); one slice is what it is
@@ -392,7 +393,7 @@ def _as_channels(picture: np.ndarray, channels: int, prep) -> np.ndarray:
     return picture
 
 
-def _class_to_raw(meta: dict) -> np.ndarray:
+def mask_values(meta: dict) -> np.ndarray:
     """Class index → the raw mask value it came from (the smallest, where several were mapped
     to one class), so that masks come back in the training masks' values: a 2D 0/255 mask, or
     BraTS' 0, 1, 2, 4 (classes 0..3), in pictures and volumes alike."""

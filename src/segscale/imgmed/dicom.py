@@ -139,14 +139,15 @@ def load_dicom_series(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         else normal * float(getattr(first, "SliceThickness", 1.0) or 1.0)
     )
     if len(slices) > 2:  # one slice off the line the others make lies elsewhere than its pixels
-        off = np.linalg.norm(
-            positions - (positions[0] + np.arange(len(slices))[:, None] * step), axis=1
-        )
-        worst = int(np.argmax(off))
-        if off[worst] > 0.1 * min(row_spacing, col_spacing):  # a tenth of a pixel: TOLERANCE
+        off = positions - (positions[0] + np.arange(len(slices))[:, None] * step)
+        off -= np.outer(off @ normal, normal)  # in-plane only: depth has its own check above
+        distance = np.linalg.norm(off, axis=1)
+        worst = int(np.argmax(distance))
+        # half a pixel, and never under 0.1 mm: positions are written rounded (to 0.1 mm, often)
+        if distance[worst] > max(0.5 * min(row_spacing, col_spacing), 0.1):
             raise DataError(
-                f"{slices[worst][0]}: its ImagePositionPatient lies {off[worst]:.3g} mm off the "
-                "line the series' other slices make; a moved slice, or two series?"
+                f"{slices[worst][0]}: its ImagePositionPatient lies {distance[worst]:.3g} mm "
+                "off the line the series' other slices make; a moved slice, or two series?"
             )
     if len(slices) > 1:  # positions off the slice normal: a gantry tilt shears the grid
         tilt = np.degrees(np.arccos(min(1.0, abs(float(step @ normal)) / np.linalg.norm(step))))

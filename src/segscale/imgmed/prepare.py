@@ -451,6 +451,8 @@ def label_table(
                 f"--label-map applies to masks without declared labels; these come from {where}"
             )
         values = sorted(src.labels)
+        if values[0] < 0:
+            raise DataError(f"{src.root / where}: label {values[0]}; label values are ≥ 0")
         if values[0] != 0:
             raise DataError(f"{src.root / where}: labels {values}; 0 (the background) is missing")
         return {i: src.labels[v] for i, v in enumerate(values)}, {
