@@ -494,7 +494,7 @@ class TrackerConfig(Component):
         description="mlflow: uri (an MLflow tracking URI: sqlite://, http(s)://, a database), "
         "experiment (default 'segscale'), "
         "poll_seconds (how often the run's tags are read for segscale.stop; default 5). "
-        "tensorboard: log_dir (a folder of runs: this run's events go to LOG_DIR/<name>).",
+        "tensorboard: log_dir (a folder of runs: this run's events go to LOG_DIR/<run folder name>).",
     )
 
     @model_validator(mode="after")

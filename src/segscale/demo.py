@@ -121,8 +121,8 @@ def demo_config(store: Path, overrides: list[str]) -> RunConfig:
 
 def run_demo(out: Path, workers: int | None = None, overrides: list[str] | None = None) -> dict:
     """prepare → train → evaluate → report in `out`. `workers`: default the config's `workers`
-    (an override), else 2. Everything a user gives (the folder, the overrides, the test split)
-    is checked before the store is prepared or anything trained."""
+    (an override), else 2. The folder and the overrides are checked before the store is
+    prepared, the test split and the network before anything is trained."""
     from segscale.evaluation import pick_examples
     from segscale.imgmed import Store
     from segscale.report import print_metrics, write_report

@@ -263,8 +263,8 @@ OWNER = "segscale-run.txt"  # in LOG_DIR/<run>: the run folder whose events it h
 
 class TensorBoardTracker:
     """`tracker: tensorboard` (alone or beside mlflow): TensorBoard event files in
-    RUN_DIR/tensorboard (or LOG_DIR/<run name>: `log_dir` is a folder of runs, as TensorBoard's
-    --logdir): the epoch rows at their global step, step metrics as
+    RUN_DIR/tensorboard (or LOG_DIR/<run folder name>: `log_dir` is a folder of runs, as
+    TensorBoard's --logdir): the epoch rows at their global step, step metrics as
     step/<name>, every rank's system metrics as system/<node>/<rank>/<name> (at the training step
     they were read, with their own wall time), each validation's picture grid as the image
     `validation`, and the flattened config as text. A resumed run drops the events past its checkpoint's step (purge_step), so curves
