@@ -91,13 +91,6 @@ def predict(
     dev = torch.device(device)
     amp = resolve_amp(amp, dev)
     out_dir = output_dir(out_dir)  # inputs and outputs checked before the model is read
-    for folder in (Path(p) for p in inputs):
-        inside = folder.is_dir() and out_dir.is_relative_to(folder.resolve())
-        if inside and out_dir != folder.resolve():  # (the folder itself: _targets says why)
-            raise SegscaleError(  # the next prepare or predict of that folder would read them
-                f"--out {out_dir}: inside the input folder {folder}; masks there are read as "
-                "images next time: write them to another folder"
-            )
     targets = _targets(input_cases(list_images(inputs)), out_dir, force)
     model, plan = load_any_model(run_dir, dev)  # a run folder or a pulled zoo entry's folder
     if plan.cfg.task.name != "segmentation":
