@@ -1067,9 +1067,9 @@ def imgmed_info_cmd(
         a = image.array
         axes = "-"
         if image.affine is not None:
-            import nibabel as nib
+            from segscale.imgmed.geometry import axis_codes
 
-            axes = "".join(nib.aff2axcodes(image.affine))
+            axes = axis_codes(image.affine)
         spacing = "-" if image.spacing is None else " × ".join(f"{v:.3g}" for v in image.spacing)
         bad = int(a.size - np.count_nonzero(np.isfinite(a))) if a.dtype.kind == "f" else 0
         table.add_row(

@@ -41,7 +41,7 @@ from segscale.imgmed.files import (
 )
 from segscale.imgmed.geometry import onto_grid, spacing_from_affine
 from segscale.imgmed.io import load_mask2d, load_nifti
-from segscale.imgmed.sources import IGNORE, declared_labels, labels_of
+from segscale.imgmed.sources import IGNORE, labels_json, labels_of, read_json
 from segscale.imgmed.store import Store
 from segscale.imgmed.transforms import Plane
 from segscale.parallel import Strategy
@@ -545,21 +545,19 @@ def _label_file(ref_dir: Path) -> tuple[Path, dict[int, str]] | None:
     """The labels declared beside the references or one folder up, and their file: a
     dataset.json with a 'labels' entry (a MONAI datalist, without one, declares nothing), or
     the labels.json of segscale's DICOM layout (masks/ beside it)."""
-    import json
-
     for d in (ref_dir, ref_dir.parent):
         for name in ("dataset.json", "labels.json"):
             path = d / name
             if not path.is_file():
                 continue
             try:
-                meta = json.loads(path.read_text())
-            except (OSError, ValueError) as e:
-                raise DataError(f"{path}: cannot read as JSON ({e}); or give --labels") from None
-            if name == "labels.json" and isinstance(meta, dict):
-                return path, labels_of({"labels": meta}, path)
-            if isinstance(meta, dict) and "labels" in meta:
-                return path, declared_labels(path)
+                if name == "labels.json":
+                    return path, labels_json(path)
+                meta = read_json(path)
+                if isinstance(meta, dict) and "labels" in meta:
+                    return path, labels_of(meta, path)
+            except DataError as e:
+                raise DataError(f"{e}; or give --labels") from None
     return None
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from segscale._progress import progress_bar
 from segscale.errors import DataError
 from segscale.imgmed.files import NIFTI_SUFFIXES, PNG_SUFFIXES, has_suffix, is_hidden
-from segscale.imgmed.geometry import dataset_notes, majority, spacing_from_affine
+from segscale.imgmed.geometry import axis_codes, dataset_notes, majority, spacing_from_affine
 from segscale.imgmed.prepare import case_orientations, label_table, load_case
 from segscale.imgmed.sources import Case, Source, discover
 from segscale.imgmed.transforms import channels_first
@@ -110,10 +110,8 @@ def _check_case(
     report.classes = [int(v) for v in np.unique(mask)]
     report.channels = int(channels)
     if affine is not None:
-        import nibabel as nib
-
         report.spacing = spacing_from_affine(affine)
-        report.axes = "".join(nib.aff2axcodes(affine))
+        report.axes = axis_codes(affine)
     if np.ptp(image.reshape(-1, channels), axis=0).min() == 0:
         report.notes.append("constant image: no contrast to learn from")
     if not (mask > 0).any():

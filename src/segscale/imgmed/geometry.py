@@ -50,13 +50,12 @@ def describe(affine: np.ndarray, shape: tuple[int, ...]) -> str:
     """'24×20×6 voxels of 0.7×0.8×2 mm, origin (-50, 30, 10) mm, axes LPS', with ', oblique:
     axes 30°, 30°, 0° off LPS' when the grid is turned from the world axes (the axis codes name
     only the nearest world axis, so two grids at different angles read alike without it)."""
-    import nibabel as nib
     from nibabel.affines import obliquity
 
     sizes = "×".join(str(int(n)) for n in shape[:3])
     spacing = "×".join(f"{v:.4g}" for v in spacing_from_affine(affine))
     origin = ", ".join(f"{v:.4g}" for v in np.asarray(affine)[:3, 3])
-    axes = "".join(nib.aff2axcodes(affine))
+    axes = axis_codes(affine)
     text = f"{sizes} voxels of {spacing} mm, origin ({origin}) mm, axes {axes}"
     angles = np.degrees(obliquity(np.asarray(affine, float)))
     if np.abs(angles).max() > 0.01:
@@ -154,6 +153,16 @@ def to_axis_codes(
     moved = np.ascontiguousarray(apply_orientation(array, there))
     moved_affine = np.asarray(affine, float) @ inv_ornt_aff(there, array.shape[:3])
     return moved, moved_affine, ornt_transform(end, start)
+
+
+def common_axis_codes(codes: dict[str, str | None]) -> str | None:
+    """The axis codes most cases share ({case id: codes, None where unknown}), None when none is
+    known."""
+    groups: dict[str, list[str]] = {}
+    for cid, case_codes in codes.items():
+        if case_codes is not None:
+            groups.setdefault(case_codes, []).append(cid)
+    return str(majority(groups)) if groups else None
 
 
 def majority(groups: dict) -> object:

@@ -100,18 +100,10 @@ def _from_bytes(path: Path, compressed: bool) -> Any:
         raise DataError(f"{path}: cannot read NIfTI (truncated or corrupt?): {e}") from e
 
 
-def _bare(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """A shape without its trailing axes of size 1 after the second."""
+def _without_trailing_ones(shape: tuple[int, ...], keep: int = 3) -> tuple[int, ...]:
+    """(X, Y, Z, 1, 1) → (X, Y, Z): axes of size 1 after the first `keep` carry nothing."""
     shape = tuple(int(n) for n in shape)
-    while len(shape) > 2 and shape[-1] == 1:
-        shape = shape[:-1]
-    return shape
-
-
-def _without_trailing_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """(X, Y, Z, 1, 1) → (X, Y, Z): axes of size 1 after the third carry nothing."""
-    shape = tuple(int(n) for n in shape)
-    while len(shape) > 3 and shape[-1] == 1:
+    while len(shape) > keep and shape[-1] == 1:
         shape = shape[:-1]
     return shape
 
@@ -210,7 +202,9 @@ def save_nifti(
     path = Path(path)
     if like is not None:
         own = tuple(int(n) for n in like.get_data_shape())
-        if array.shape != own and _bare(own) == _bare(array.shape):
+        if array.shape != own and _without_trailing_ones(own, 2) == _without_trailing_ones(
+            array.shape, 2
+        ):
             array = array.reshape(own)  # (X, Y, Z, 1) back as such; a 2D input's mask as (X, Y)
     img = nib.Nifti1Image(array, affine)
     if like is not None:

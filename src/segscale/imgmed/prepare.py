@@ -16,8 +16,8 @@ from segscale._progress import progress_bar
 from segscale.errors import DataError, Preempted
 from segscale.imgmed.files import list_files
 from segscale.imgmed.geometry import (
+    common_axis_codes,
     dataset_notes,
-    majority,
     onto_grid,
     split_majority,
     to_axis_codes,
@@ -135,7 +135,7 @@ def prepare(
     is_volume = src.volumes
     # every volume in the axes most of them are stored in: slices then cut one anatomical plane
     stored = case_orientations(src) if is_volume else {}
-    orientation = dataset_orientation(stored)
+    orientation = common_axis_codes(stored)
     partial.mkdir(parents=True, exist_ok=True)
     # a chunk depends on its case's files and the per-case settings, not on the split
     setting = json.dumps(
@@ -331,15 +331,6 @@ def case_orientations(src: Source) -> dict[str, str | None]:
         except DataError:
             out[case.id] = None
     return out
-
-
-def dataset_orientation(orientations: dict[str, str | None]) -> str | None:
-    """The axis codes most cases share (case_orientations), None when none is known."""
-    groups: dict[str, list[str]] = {}
-    for cid, codes in orientations.items():
-        if codes is not None:
-            groups.setdefault(codes, []).append(cid)
-    return str(majority(groups)) if groups else None
 
 
 def _prepare_case(

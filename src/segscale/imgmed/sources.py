@@ -104,10 +104,7 @@ def _discover(root: Path, problems: list[str]) -> Source:
 
 def _read_dataset_json(root: Path, problems: list[str]) -> Source:
     path = root / "dataset.json"
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read as JSON: {e}") from e
+    meta = read_json(path)
     labels = labels_of(meta, path)
     ignored = [v for v, n in labels.items() if n == IGNORE]
     if ignored:
@@ -184,12 +181,27 @@ def _region(v: Any) -> bool:
     return isinstance(v, list) and bool(v) and all(_label_value(x) for x in v)
 
 
+def read_json(path: Path) -> Any:
+    """A dataset's JSON file (dataset.json, labels.json) as read. Raises DataError naming the
+    file when it cannot be read or is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read as JSON: {e}") from None
+
+
 def declared_labels(path: Path) -> dict[int, str]:
     """The labels a dataset.json declares (see labels_of)."""
-    try:
-        return labels_of(json.loads(Path(path).read_text()), path)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read as JSON: {e}") from e
+    return labels_of(read_json(path), path)
+
+
+def labels_json(path: Path) -> dict[int, str]:
+    """The labels a labels.json declares (segscale's DICOM layout: its `labels` entry alone, in
+    Decathlon's or nnU-Net's form, see labels_of). Raises DataError when it is not a mapping."""
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise DataError(f'{path}: expected {{"0": "background", "1": "name"}}')
+    return labels_of({"labels": raw}, path)
 
 
 def _msd_cases(root: Path, path: Path, meta: dict, problems: list[str]) -> list[Case]:
@@ -334,13 +346,7 @@ def _read_dicom_folder(root: Path, problems: list[str]) -> Source:
     labels: dict[int, str] = {}
     names = root / "labels.json"
     if names.is_file():
-        try:
-            raw = json.loads(names.read_text())
-        except (OSError, ValueError) as e:
-            raise DataError(f"{names}: cannot read as JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise DataError(f'{names}: expected {{"0": "background", "1": "name"}}')
-        labels = labels_of({"labels": raw}, names)  # Decathlon's or nnU-Net's form, as dataset.json
+        labels = labels_json(names)
     return Source("dicom", root, root.name, labels, ["image"], cases)
 
 

@@ -122,13 +122,11 @@ class Store:
 def orientation_of(cases: list[dict[str, Any]]) -> str | None:
     """The axis codes most of the cases' volumes share (their recorded affines), None for
     pictures."""
-    from segscale.imgmed.geometry import axis_codes, majority
+    from segscale.imgmed.geometry import axis_codes, common_axis_codes
 
-    groups: dict[str, list[str]] = {}
-    for c in cases:
-        if c.get("affine") is not None:
-            groups.setdefault(axis_codes(np.asarray(c["affine"])), []).append(c["id"])
-    return str(majority(groups)) if groups else None
+    return common_axis_codes(
+        {c["id"]: axis_codes(np.asarray(c["affine"])) for c in cases if c.get("affine") is not None}
+    )
 
 
 def is_current(output: Path, input_hash: str) -> bool:
