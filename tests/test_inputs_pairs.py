@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import trained_run
-from segscale.errors import DataError
+from segscale.errors import DataError, SegscaleError
 from segscale.evaluation import evaluate_folders, parse_labels
 from segscale.imgmed.geometry import describe
 from segscale.imgmed.io import load_nifti
@@ -262,6 +262,10 @@ def test_predict_never_writes_over_its_inputs_and_checks_before_computing(tmp_pa
         DataError, match=r"the folder of the input s0.png; masks beside the images they segment"
     ):
         predict(run, [images], images)
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == before
+    # nor into a folder inside it (the next prepare read images/pred as a DICOM series)
+    with pytest.raises(SegscaleError, match=r"images/pred: inside the input folder"):
+        predict(run, [images], images / "pred")
     assert {p.name: p.read_bytes() for p in images.iterdir()} == before
     (tmp_path / "out" / "s2.png").mkdir(parents=True)  # in the way of a mask
     with pytest.raises(DataError, match=r"s2.png: in the way of a mask"):

@@ -98,6 +98,13 @@ def predict(
             f"{run_dir}: a {plan.cfg.task.name} run; `segscale predict` writes masks, for "
             "segmentation runs (score a classifier with `segscale evaluate`)"
         )
+    for folder in (Path(p) for p in inputs):  # (--out equal to one: _targets says why)
+        if folder.is_dir() and out_dir != folder.resolve():
+            if out_dir.is_relative_to(folder.resolve()):  # read as a DICOM series by prepare
+                raise SegscaleError(
+                    f"--out {out_dir}: inside the input folder {folder}; a dataset's images/ "
+                    "folder would then hold masks: write them to another folder"
+                )
     store = plan.store
     # Every slice of a volume gets segmented, whatever subset training used.
     prep = dataclasses.replace(store.preprocessing, slices=None, foreground_margin=None)
