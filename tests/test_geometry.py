@@ -11,7 +11,7 @@ from conftest import trained_run, write_msd
 from segscale.errors import DataError
 from segscale.evaluation import evaluate_folders
 from segscale.imgmed import Preprocessing, Store, prepare
-from segscale.imgmed.geometry import onto_grid, same_grid
+from segscale.imgmed.geometry import one_slice_on_axis, onto_grid, same_grid
 from segscale.predict import predict
 from test_imgmed_io import write_series
 
@@ -222,3 +222,46 @@ def test_an_oblique_grid_stored_in_another_axis_order_is_reoriented_exactly(degr
     shifted[:3, 3] += rotation @ np.array([0.4, 0.0, 0.0])  # half a voxel: refused, not moved
     with pytest.raises(DataError, match="not on the voxel grid"):
         onto_grid(label, shifted, affine, label.shape, name=Path("l"), target=Path("i"))
+
+
+def test_a_one_slice_volume_is_cut_along_its_axis_of_size_one(tmp_path):
+    """A one-slice volume stored as (X, 1, Z) was cut along Z into slices one pixel wide; it is
+    now the same store as its (X, Z, 1) copy."""
+
+    def one_slice(a, aff):
+        return np.ascontiguousarray(a[:, :, 3:4]), aff
+
+    def one_slice_xz(a, aff):
+        a, aff = one_slice(a, aff)
+        return np.ascontiguousarray(a.transpose(0, 2, 1)), aff @ np.eye(4)[[0, 2, 1, 3]]
+
+    for name, transform in (("a", one_slice), ("b", one_slice_xz)):
+        raw = write_msd(tmp_path / name)
+        for folder in ("imagesTr", "labelsTr"):
+            resave(raw / folder / "case_000.nii.gz", transform)
+    assert nib.load(tmp_path / "b" / "labelsTr" / "case_000.nii.gz").shape == (24, 1, 20)
+    a = prepared_masks(tmp_path / "a", tmp_path / "store_a")
+    assert len(a) == 4 * 6 + 1 and a.any()
+    assert np.array_equal(prepared_masks(tmp_path / "b", tmp_path / "store_b"), a)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_one_slice_on_axis_moves_only_the_axis_of_size_one(axis):
+    from nibabel.orientations import apply_orientation
+
+    rng = np.random.default_rng(0)
+    array = rng.random((4, 1, 5, 2))  # a one-slice volume of two channels
+    affine = np.array([[0, 0.8, 0, 3], [0.7, 0, 0, -2], [0, 0, 2.0, 5], [0, 0, 0, 1]])
+    moved = one_slice_on_axis(array, affine, axis)
+    if axis == 1:
+        assert moved is None  # already cut along its axis of size 1
+        return
+    data, moved_affine, back = moved
+    assert data.shape == ((1, 4, 5, 2) if axis == 0 else (4, 5, 1, 2))
+    assert np.array_equal(apply_orientation(data, back), array)
+    # every voxel keeps its place in the world
+    ijk = np.array([[3, 0, 4, 1], [1, 0, 2, 1]]).T
+    moved_ijk = ijk.copy()
+    moved_ijk[:3] = ijk[:3][[1, 0, 2]] if axis == 0 else ijk[:3][[0, 2, 1]]
+    assert np.allclose(moved_affine @ moved_ijk, affine @ ijk)
+    assert one_slice_on_axis(rng.random((4, 3, 5)), affine, axis) is None

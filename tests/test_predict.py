@@ -298,6 +298,12 @@ def test_predict_keeps_reference_labels_and_says_what_it_cannot_segment(tmp_path
     [slab] = predict(zoo_model, [tmp_path / "slab.nii.gz"], tmp_path / "more")
     assert np.asarray(flat.dataobj).any()
     assert np.array_equal(np.asarray(flat.dataobj), np.asarray(nib.load(slab).dataobj)[:, :, 0])
+    # that slice stored as (X, 1, Z) was cut along Z into slices one pixel wide
+    xz = np.ascontiguousarray(data[:, :, 20:21].transpose(0, 2, 1))
+    nib.save(nib.Nifti1Image(xz, src.affine @ np.eye(4)[[0, 2, 1, 3]]), tmp_path / "xz.nii.gz")
+    [xz_mask] = predict(zoo_model, [tmp_path / "xz.nii.gz"], tmp_path / "more")
+    xz_mask = np.asarray(nib.load(xz_mask).dataobj)
+    assert np.array_equal(xz_mask[:, 0, :], np.asarray(flat.dataobj))
     # what predict cannot read says why, naming the file
     nib.save(nib.Nifti1Image(data.astype(np.complex64), src.affine), tmp_path / "c.nii.gz")
     np.save(tmp_path / "a.npy", data)

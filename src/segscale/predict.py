@@ -21,7 +21,7 @@ import torch
 from segscale._files import output_dir
 from segscale.errors import DataError, SegscaleError
 from segscale.imgmed.files import is_nifti_name, list_images, strip_suffix
-from segscale.imgmed.geometry import to_axis_codes
+from segscale.imgmed.geometry import one_slice_on_axis, to_axis_codes
 from segscale.imgmed.io import nifti_header, save_nifti, save_png, sniff, stored_axis_codes
 from segscale.imgmed.prepare import MIN_PLANE, load_channel_files
 from segscale.imgmed.transforms import Plane, from_grid, from_slices, inplane_spacing, preprocess
@@ -98,13 +98,12 @@ def predict(
             f"{run_dir}: a {plan.cfg.task.name} run; `segscale predict` writes masks, for "
             "segmentation runs (score a classifier with `segscale evaluate`)"
         )
-    for folder in (Path(p) for p in inputs):  # (--out equal to one: _targets says why)
-        if folder.is_dir() and out_dir != folder.resolve():
-            if out_dir.is_relative_to(folder.resolve()):  # read as a DICOM series by prepare
-                raise SegscaleError(
-                    f"--out {out_dir}: inside the input folder {folder}; a dataset's images/ "
-                    "folder would then hold masks: write them to another folder"
-                )
+    for folder in (Path(p).resolve() for p in inputs):  # (equal to one: _targets says why)
+        if folder.is_dir() and out_dir != folder and out_dir.is_relative_to(folder):
+            raise SegscaleError(  # a dataset's images/pred is read as a DICOM series by prepare
+                f"--out {out_dir}: inside the input folder {folder}; a dataset's images/ "
+                "folder would then hold masks: write them to another folder"
+            )
     store = plan.store
     # Every slice of a volume gets segmented, whatever subset training used.
     prep = dataclasses.replace(store.preprocessing, slices=None, foreground_margin=None)
@@ -140,6 +139,9 @@ def predict(
                 # slices cut in the plane the network was trained on (an LPS copy of a RAS
                 # volume scored Dice 0.50 where the RAS one scored 0.76); one slice is what it is
                 image, affine, back = to_axis_codes(image, affine, orientation)
+            one_slice = one_slice_on_axis(image, affine, prep.axis) if back is None else None
+            if one_slice is not None:  # (X, 1, Z) cut along its axis of size 1
+                image, affine, back = one_slice
             spatial = image.shape[:3]
         else:
             image = _as_channels(image, plan.in_channels, prep)

@@ -88,6 +88,8 @@ def check_source(
             r.notes.append(
                 "no orientation in its header (qform and sform codes 0): sliced as stored"
             )
+    one_slice = {r.case for r in reports if r.shape and (len(r.shape) == 2 or 1 in r.shape[:3])}
+    codes = {cid: (None if cid in one_slice else c) for cid, c in codes.items()}  # not reoriented
     return Check(src, reports, skipped, dataset_notes(affines, axis, codes or None))
 
 

@@ -155,6 +155,29 @@ def to_axis_codes(
     return moved, moved_affine, ornt_transform(end, start)
 
 
+def one_slice_on_axis(
+    array: np.ndarray, affine: np.ndarray, axis: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """A one-slice volume whose axis of size 1 is not the slicing `axis` ((X, 1, Z) cut along
+    2 would give Z slices one pixel wide) with that axis moved to `axis`, the other two kept in
+    order: (X, Z, 1). `array`'s axes after the third (channels) are kept. Returns (moved array,
+    its affine, the nibabel orientation that takes a moved mask back), or None when the volume
+    is not one slice or already has its size-1 axis at `axis`."""
+    from nibabel.orientations import apply_orientation, inv_ornt_aff
+
+    ones = [i for i in range(3) if array.shape[i] == 1]
+    if not ones or axis in ones:
+        return None
+    order = [i for i in range(3) if i != ones[0]]
+    order.insert(axis, ones[0])  # new axis k is old axis order[k]
+    there = np.zeros((3, 2))
+    for k, old in enumerate(order):
+        there[old] = (k, 1)
+    back = np.array([(old, 1) for old in order], float)
+    moved = np.ascontiguousarray(apply_orientation(array, there))
+    return moved, np.asarray(affine, float) @ inv_ornt_aff(there, array.shape[:3]), back
+
+
 def common_axis_codes(codes: dict[str, str | None]) -> str | None:
     """The axis codes most cases share ({case id: codes, None where unknown}), None when none is
     known."""

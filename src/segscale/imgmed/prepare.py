@@ -18,6 +18,7 @@ from segscale.imgmed.files import list_files
 from segscale.imgmed.geometry import (
     common_axis_codes,
     dataset_notes,
+    one_slice_on_axis,
     onto_grid,
     split_majority,
     to_axis_codes,
@@ -203,7 +204,11 @@ def prepare(
     except BaseException:
         writer.abort()
         raise
-    now = {c["id"]: orientation if c["reoriented"] else c["stored_axes"] for c in cases_meta}
+    now = {  # (one slice is cut along its axis of size 1 as it is, not reoriented)
+        c["id"]: orientation if c["reoriented"] else c["stored_axes"]
+        for c in cases_meta
+        if 1 not in c["shape"][:3]
+    }
     for note in dataset_notes([(c["id"], c["affine"]) for c in cases_meta], prep.axis, now):
         warnings.warn(note, stacklevel=2)
     moved = [c for c in cases_meta if c.get("reoriented")]
@@ -358,6 +363,9 @@ def _prepare_case(
     if reoriented:
         image, moved, _ = to_axis_codes(image, affine, orientation)
         mask, affine = to_axis_codes(mask, affine, orientation)[0], moved
+    elif is_volume and (one_slice := one_slice_on_axis(mask, affine, prep.axis)) is not None:
+        image = one_slice_on_axis(image, affine, prep.axis)[0]  # (X, 1, Z) cut along axis 1
+        mask, affine = one_slice[:2]
     try:
         x, indices = preprocess(image, is_volume, prep, mask=mask, affine=affine)
     except DataError as e:  # say which case
