@@ -427,3 +427,27 @@ def test_gantry_tilt_and_a_spacing_that_leaves_no_pixels_are_said(tmp_path):
     raw = write_nnunet_v2(tmp_path / "v2")
     with pytest.warns(UserWarning, match=r"--spacing 100 mm: 3 case\(s\) resample to under 8"):
         prepare(raw, tmp_path / "out", Preprocessing(size=16, spacing=100.0), progress=False)
+
+
+def test_channels_picked_by_name_are_refused_when_dataset_json_miscounts_them(tmp_path):
+    """`--channels mod2` picks by the names dataset.json declares: with four names for images
+    of three channels, index 2 may not be mod2's, yet the store was made without a word."""
+    from conftest import write_msd
+    from segscale.imgmed import Preprocessing, prepare
+    from segscale.imgmed.check import check_source
+
+    raw = write_msd(tmp_path / "raw", num_cases=3, channels=3)
+    meta = json.loads((raw / "dataset.json").read_text())
+    kw = {"val_fraction": 0, "test_fraction": 0, "progress": False}
+    store, _ = prepare(raw, tmp_path / "ok", Preprocessing(size=16, channels=(2,)), **kw)
+    assert json.loads((store / "meta.json").read_text())["channel_names"] == ["mod2"]
+    meta["modality"]["3"] = "mod3"
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    for channels in (None, (2,)):
+        with pytest.raises(
+            DataError, match=r"declares 4 channel\(s\) .* images hold 3 \(e.g. case_"
+        ):
+            prepare(raw, tmp_path / "s", Preprocessing(size=16, channels=channels), **kw)
+    report = check_source(raw, progress=False)
+    assert not report.ok
+    assert all("3 channel(s); dataset.json declares 4" in c.refused for c in report.cases)

@@ -81,6 +81,14 @@ def check_source(
         for r in reports:
             if r.channels is not None and r.channels != common:
                 r.refused = f"{r.channels} channel(s); most cases have {common}"
+    if src.channels_declared:  # prepare refuses these, with --channels too
+        declared = len(src.channel_names)
+        for r in reports:
+            if r.refused is None and r.channels is not None and r.channels != declared:
+                r.refused = (
+                    f"{r.channels} channel(s); dataset.json declares {declared} "
+                    f"({', '.join(src.channel_names)})"
+                )
     codes = case_orientations(src) if src.volumes else {}
     for r in reports:
         if r.axes is not None and codes.get(r.case, r.axes) is None:

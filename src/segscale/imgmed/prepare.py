@@ -35,6 +35,7 @@ from segscale.imgmed.store import FORMAT, StoreWriter, is_current
 from segscale.imgmed.transforms import (
     Plane,
     Preprocessing,
+    channels_first,
     inplane_spacing,
     preprocess,
     require_finite,
@@ -194,7 +195,7 @@ def prepare(
             "label_values": {
                 str(v): c for v, c in value_to_class.items()
             },  # raw mask value → class
-            "channel_names": _channel_names(src, prep, channels),
+            "channel_names": _channel_names(src, prep, channels, cases_meta),
             # what predict reorients a volume to (the zoo ships it without the cases)
             "orientation": orientation,
             **params,
@@ -381,6 +382,9 @@ def _prepare_case(
         "reoriented": bool(reoriented),
         "slice_indices": indices.tolist(),
         "channels": int(x.shape[1]),
+        "source_channels": int(
+            channels_first(image, is_volume, None).shape[0]
+        ),  # before --channels
         "resampled": list(plane.resampled),
     }
     masks = to_grid(m, plane, prep.size, masks=True).numpy()
@@ -421,20 +425,25 @@ def _store_size(chunks: dict[str, Path]) -> tuple[int, int]:
     return total, next(iter(counts))
 
 
-def _channel_names(src: Source, prep: Preprocessing, channels: int) -> list[str]:
-    """The store's channel names: the source's, of the channels kept. Raises DataError when a
-    dataset.json declares another number of channels than its images hold."""
+def _channel_names(
+    src: Source, prep: Preprocessing, channels: int, cases: list[dict[str, Any]]
+) -> list[str]:
+    """The store's channel names: the source's, of the channels kept (`channels` of them; the
+    `cases`' records say how many their images hold before --channels picks). Raises DataError
+    when a dataset.json declares another number of channels than the images hold: with
+    --channels too, since the names then pick the wrong channels ('T1gd' is index 1 of four)."""
     names = src.channel_names
-    if prep.channels is not None:
-        return [names[c] if c < len(names) else f"channel_{c}" for c in prep.channels]
-    if len(names) == channels:
-        return names
-    if src.channels_declared:
+    unpicked = channels if prep.channels is None else None  # (chunks of an older segscale)
+    odd = [c for c in cases if c.get("source_channels", unpicked) not in (None, len(names))]
+    if src.channels_declared and odd:
         raise DataError(
             f"{src.root / 'dataset.json'}: declares {len(names)} channel(s) "
-            f"({', '.join(names)}), but the images hold {channels} (a colour picture is 3)"
+            f"({', '.join(names)}), but the images hold {odd[0].get('source_channels', unpicked)} "
+            f"(e.g. {odd[0]['id']}; a colour picture is 3)"
         )
-    return [f"channel_{c}" for c in range(channels)]
+    if prep.channels is not None:
+        return [names[c] if c < len(names) else f"channel_{c}" for c in prep.channels]
+    return names if len(names) == channels else [f"channel_{c}" for c in range(channels)]
 
 
 def label_table(
