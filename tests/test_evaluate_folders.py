@@ -199,3 +199,53 @@ def test_the_dicom_layouts_labels_json_declares_the_labels(tmp_path):
         result = evaluate_folders(tmp_path / "p", tmp_path / "d" / "masks")
     assert result["labels"] == {"0": "background", "1": "lesion"}
     assert result["labels_source"].endswith("labels.json") and result["dataset"]["dice"] == 1.0
+
+
+def test_a_label_map_scores_the_folders_as_evaluate_run_scores_its_store(tmp_path):
+    """Masks whose foreground is 0 (ISBI's membranes: `prepare --label-map 0:1,255:0`) came back
+    from predict as 0/255 and were scored with 0 as the background: the other class's Dice."""
+    from conftest import trained_run
+    from segscale.imgmed import Preprocessing, prepare
+    from segscale.predict import predict
+    from test_inputs import write_2d
+
+    raw = write_2d(tmp_path / "raw", "L")
+    label_map = {0: 1, 255: 0}
+    store, _ = prepare(
+        raw,
+        tmp_path / "store",
+        Preprocessing(size=32),
+        val_fraction=0.25,
+        test_fraction=0.5,
+        label_map=label_map,
+        progress=False,
+    )
+    run = trained_run(store, tmp_path / "run", steps_per_epoch=3)
+    done = cli("evaluate", run, "--json", tmp_path / "run.json")
+    assert done.returncode == 0, done.stderr
+    by_run = json.loads((tmp_path / "run.json").read_text())
+    ids = [c["case"] for c in by_run["cases"]]
+    predict(run, [raw / "images" / f"{i}.png" for i in ids], tmp_path / "pred")
+    (tmp_path / "ref").mkdir()
+    for i in ids:
+        (tmp_path / "ref" / f"{i}.png").write_bytes((raw / "masks" / f"{i}.png").read_bytes())
+    folders = evaluate_folders(tmp_path / "pred", tmp_path / "ref", label_map=label_map)
+    assert folders["labels"] == by_run["labels"]
+    assert by_run["labels"]["1"] == "class_1 (mask value [0])"
+    name = folders["labels"]["1"]
+    dice = {c["case"]: c["per_class"][name]["dice"] for c in folders["cases"]}
+    assert dice == pytest.approx({c["case"]: c["per_class"][name]["dice"] for c in by_run["cases"]})
+    plain = evaluate_folders(tmp_path / "pred", tmp_path / "ref", {255: "square"})
+    assert [c["dice"] for c in plain["cases"]] != pytest.approx(list(dice.values()))
+    # several raw values of one class; --labels beside it, or with a run, is refused
+    save(tmp_path / "p2" / "a.nii.gz", np.array([[[0], [1], [2]], [[2], [0], [0]]], np.int16))
+    save(tmp_path / "r2" / "a.nii.gz", np.array([[[0], [2], [1]], [[0], [0], [1]]], np.int16))
+    merged = evaluate_folders(tmp_path / "p2", tmp_path / "r2", label_map={0: 0, 1: 1, 2: 1})
+    assert merged["cases"][0]["dice"] == pytest.approx(2 * 2 / (3 + 3))
+    assert merged["label_values"] == {"0": 0, "1": 1, "2": 1}
+    with pytest.raises(DataError, match="--labels and --label-map: give one"):
+        evaluate_folders(tmp_path / "p2", tmp_path / "r2", {1: "a"}, {0: 0, 1: 1})
+    with pytest.raises(DataError, match=r"classes must be 0..K-1, got \[0, 2\]"):
+        evaluate_folders(tmp_path / "p2", tmp_path / "r2", label_map={0: 0, 1: 2, 2: 2})
+    done = cli("evaluate", run, "--label-map", "0:1,255:0")
+    assert done.returncode == 2 and "--label-map applies to --pred/--ref" in done.stderr

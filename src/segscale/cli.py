@@ -515,6 +515,13 @@ def evaluate_cmd(
             "[default: a dataset.json beside the references, else inferred with a warning]"
         ),
     ] = None,
+    label_map: Annotated[
+        str | None,
+        typer.Option(
+            help="With --pred/--ref: raw value to class, as prepare's, e.g. '0:1,255:0' where 0 "
+            "is the foreground; scored as `evaluate RUN` scores a store prepared with it."
+        ),
+    ] = None,
 ) -> None:
     """SegEval metrics at three levels (dataset, case, slice): JSON, per-case CSV and pictures."""
     from segscale.report import plot_case_dice, print_metrics
@@ -532,21 +539,24 @@ def evaluate_cmd(
             raise SegscaleError("--split applies to a run folder's store, not to --pred/--ref")
         if workers != 1:
             raise SegscaleError("--workers applies to a run folder; --pred/--ref is one process")
+        from segscale.imgmed.prepare import parse_label_map
+
         declared = parse_labels(labels) if labels is not None else None
         out = _results_file(json_out or Path("evaluation.json"))
         from segscale._files import apart_from_input
 
         for folder in (pred, ref):  # its .png would be read back as a mask by the next evaluation
             apart_from_input(out, folder, "--json" if json_out else "--json (default)")
-        evaluation = evaluate_folders(pred, ref, declared)
+        evaluation = evaluate_folders(pred, ref, declared, parse_label_map(label_map))
         write_evaluation(evaluation, out)
     else:
         from segscale.launch import launch
 
         if run_dir is None:
             raise SegscaleError("give a run folder, or --pred DIR --ref DIR")
-        if labels is not None:
-            raise SegscaleError("--labels applies to --pred/--ref; a run's labels are its store's")
+        if labels is not None or label_map is not None:
+            option = "--labels" if labels is not None else "--label-map"
+            raise SegscaleError(f"{option} applies to --pred/--ref; a run's labels are its store's")
         run_dir = run_dir.resolve()
         if not (run_dir / "config.yaml").is_file():
             raise SegscaleError(f"{run_dir}: not a run folder (no config.yaml)")

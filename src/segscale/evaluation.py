@@ -41,6 +41,7 @@ from segscale.imgmed.files import (
 )
 from segscale.imgmed.geometry import onto_grid, spacing_from_affine
 from segscale.imgmed.io import load_mask2d, load_nifti
+from segscale.imgmed.prepare import class_names
 from segscale.imgmed.sources import IGNORE, labels_json, labels_of, read_json
 from segscale.imgmed.store import Store
 from segscale.imgmed.transforms import Plane
@@ -564,14 +565,16 @@ def _label_file(ref_dir: Path) -> tuple[Path, dict[int, str]] | None:
 def _score_pair(
     pred: Path,
     ref: Path,
-    values: list[int],
+    value_to_class: dict[int, int],
     ignore: int | None,
     apart: list[tuple[Path, list[int], list[int]]],
 ) -> tuple[CaseEval, int]:
-    """One case of evaluate_folders: read, checked against the label `values` (`ignore`: the
-    reference's value for unannotated voxels, taken out of the counts), scored. Appends to
-    `apart` when the two files' foreground values have none in common. Returns the case and its
-    number of unannotated voxels."""
+    """One case of evaluate_folders: read, checked against the label values (`value_to_class`:
+    raw value → class, 0 the background; `ignore`: the reference's value for unannotated
+    voxels, taken out of the counts), scored. Appends to `apart` when the two files' foreground
+    values have none in common. Returns the case and its number of unannotated voxels."""
+    values = sorted(value_to_class)
+    background = {v for v, c in value_to_class.items() if c == 0}
     p, r, spacing = _aligned(pred, ref)
     found_p, found_r = _values(p), _values(r)
     for path, found, allowed in (
@@ -581,17 +584,18 @@ def _score_pair(
         undeclared = sorted(found - allowed)
         if undeclared:
             raise DataError(f"{path}: label values {undeclared} not declared (declared: {values})")
-    fg_p, fg_r = found_p - {0}, found_r - {0, ignore}
+    fg_p, fg_r = found_p - background, found_r - background - {ignore}
     if fg_p and fg_r and not fg_p & fg_r:
         apart.append((pred, sorted(fg_p), sorted(fg_r)))
     unannotated = r == ignore if ignore is not None else None
     if unannotated is not None:  # background in both, then taken out of the counts
         p, r = np.where(unannotated, 0, p), np.where(unannotated, 0, r)
-    if values != list(range(len(values))):  # every value is in the table: its index
-        table = np.asarray(values)
-        p, r = np.searchsorted(table, p), np.searchsorted(table, r)
+    classes = [value_to_class[v] for v in values]
+    if classes != values:  # every value is in the table: its class
+        table, to_class = np.asarray(values), np.asarray(classes)
+        p, r = to_class[np.searchsorted(table, p)], to_class[np.searchsorted(table, r)]
     result = evaluate_case(
-        torch.from_numpy(p), torch.from_numpy(r), len(values), spacing, _stem(ref)
+        torch.from_numpy(p), torch.from_numpy(r), max(classes) + 1, spacing, _stem(ref)
     )
     if unannotated is None:
         return result, 0
@@ -602,7 +606,10 @@ def _score_pair(
 
 
 def evaluate_folders(
-    pred_dir: Path, ref_dir: Path, labels: dict[int, str] | None = None
+    pred_dir: Path,
+    ref_dir: Path,
+    labels: dict[int, str] | None = None,
+    label_map: dict[int, int] | None = None,
 ) -> dict[str, Any]:
     """Score a folder of predicted masks (NIfTI or PNG, e.g. from nnU-Net or MONAI) against the
     reference masks of the same names (compared in any case, and in any image format: a.nii.gz
@@ -615,22 +622,31 @@ def evaluate_folders(
     dataset.json beside the references or one folder up (Decathlon or nnU-Net layout); only
     without either is it inferred from the values in the files (read once more for that), with
     a warning. A value no declared label has is refused, naming the file. Values that are not
-    0..K-1 (e.g. PNG 0/255) are mapped to classes in sorted order, and the map is recorded."""
+    0..K-1 (e.g. PNG 0/255) are mapped to classes in sorted order, and the map is recorded.
+    `label_map` (raw value → class, as `prepare --label-map`) declares the classes instead, for
+    masks whose background is not 0 (ISBI's membranes 0, cells 255: `{0: 1, 255: 0}`) or
+    several values of one class; it is scored as `segscale evaluate RUN` scores that store."""
     if Path(pred_dir).resolve() == Path(ref_dir).resolve():
         warnings.warn(
             f"{pred_dir}: the predictions are the references (one folder): every case scores "
             "as a perfect match",
             stacklevel=2,
         )
+    if label_map is not None and labels is not None:
+        raise DataError(
+            "--labels and --label-map: give one (--label-map names the classes of raw values)"
+        )
     refs = mask_files(ref_dir, "references")
     pairs = pair_by_name(refs, mask_files(pred_dir, "predictions"), pred_dir)
     source = "labels given"
-    if labels is None:
+    ignore = None
+    if label_map is None and labels is None:
         found = _label_file(ref_dir)
         if found is not None:
             source, labels = f"{found[0]}", found[1]
-    ignore = None
-    if labels is None:
+    if label_map is not None:
+        source, value_to_class, class_name = "label map given", label_map, class_names(label_map)
+    elif labels is None:
         warnings.warn(
             f"{ref_dir}: labels inferred from the values in the files; declare them (--labels, or "
             "a dataset.json beside the references) so that the label set does not depend on "
@@ -672,12 +688,15 @@ def evaluate_folders(
                 f"labels ({source}): the name(s) {twice} are given to several values; each "
                 "class needs its own name"
             )
+    if label_map is None:  # each value a class, in sorted order
+        value_to_class = {v: i for i, v in enumerate(values)}
+        class_name = {i: names[v] for i, v in enumerate(values)}
     results = []
     ignored = 0
     apart: list[tuple[Path, list[int], list[int]]] = []
     with progress_bar(True, "scoring", len(pairs)) as advance:
         for ref, pred in pairs:
-            result, unannotated = _score_pair(pred, ref, values, ignore, apart)
+            result, unannotated = _score_pair(pred, ref, value_to_class, ignore, apart)
             results.append(result)
             ignored += unannotated
             advance()
@@ -690,13 +709,13 @@ def evaluate_folders(
             "against 8-bit 0/255)?",
             stacklevel=2,
         )
-    classes = {str(i): names[v] for i, v in enumerate(values)}
+    classes = {str(c): name for c, name in class_name.items()}
     return {
         "pred": str(pred_dir),
         "ref": str(ref_dir),
         "labels": classes,
         "labels_source": source,
-        "label_values": {str(v): i for i, v in enumerate(values)},
+        "label_values": {str(v): c for v, c in sorted(value_to_class.items())},
         **({"ignore_label": {"value": ignore, "voxels": ignored}} if ignore is not None else {}),
         "workers": 1,
         **summarize(results, classes),

@@ -487,13 +487,17 @@ def label_table(
             raise DataError(refusals(refused, [c.id for c in src.cases]))
         _one_encoding(by_case)
         label_map = {v: i for i, v in enumerate(sorted(values))}
+    return class_names(label_map), label_map
+
+
+def class_names(label_map: dict[int, int]) -> dict[int, str]:
+    """Class index → name for a raw mask value → class table: 'background' for 0, else
+    'class_K (mask value [v, ...])'. Raises DataError unless the classes are 0..K-1."""
     classes = sorted(set(label_map.values()))
     if classes != list(range(len(classes))):
         raise DataError(f"label map classes must be 0..K-1, got {classes}")
     raw = {c: [v for v, k in label_map.items() if k == c] for c in classes}
-    return {
-        c: "background" if c == 0 else f"class_{c} (mask value {raw[c]})" for c in classes
-    }, label_map
+    return {c: "background" if c == 0 else f"class_{c} (mask value {raw[c]})" for c in classes}
 
 
 def _one_encoding(values: dict[Path, set[int]]) -> None:
