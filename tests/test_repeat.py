@@ -454,3 +454,82 @@ def test_a_run_with_its_own_split_seed_resumes_and_is_scored_on_its_unchanged_st
     prepare_run_dir(cfg, run, resume=True)
     worker.evaluate(run, "test", run / "evaluation-test.json")
     assert f"split seed {seed}" in methods(run)
+
+
+def test_folds_deal_every_training_case_into_one_validation_fold(store10):
+    """k-fold cross-validation: over the k folds each training or validation case validates
+    exactly once; the test split never moves; an unset fold leaves older runs' digest alone."""
+    from segscale.engine import plan
+
+    def ids(p, split):
+        return sorted(c["id"] for c in p.store.cases(split))
+
+    def fold_plan(folds, fold, **data):
+        return plan(
+            validate(
+                {
+                    **tiny_config(store10),
+                    "data": {"store": str(store10), "folds": folds, "fold": fold, **data},
+                }
+            )
+        )
+
+    base = plan(validate(tiny_config(store10)))
+    pooled = sorted(ids(base, "train") + ids(base, "val"))
+    folds = [fold_plan(3, i) for i in range(3)]
+    held = [ids(p, "val") for p in folds]
+    assert sorted(c for h in held for c in h) == pooled  # each case once
+    assert max(map(len, held)) - min(map(len, held)) <= 1
+    for p in folds:
+        assert ids(p, "test") == ids(base, "test")
+        assert sorted(ids(p, "train") + ids(p, "val")) == pooled
+    assert any(ids(fold_plan(3, 1, split_seed=s), "val") != held[1] for s in range(1, 5))
+    with pytest.raises(SegscaleError, match=rf"{len(pooled)} train and val cases; data.folds 9"):
+        fold_plan(9, 0)
+    for bad, match in (
+        ({"folds": 3, "fold": 3}, "fold 3: expected 0..folds-1"),
+        ({"fold": 1}, "fold 1: it needs folds"),
+        ({"folds": 3, "val_split": None}, "folds: a fold validates"),
+    ):
+        with pytest.raises(SegscaleError, match=match):
+            validate({**tiny_config(store10), "data": {"store": str(store10), **bad}})
+    assert (
+        validate(tiny_config(store10)).digest()
+        == validate(
+            {**tiny_config(store10), "data": {"store": str(store10), "folds": None, "fold": 0}}
+        ).digest()
+    )
+
+
+def test_repeat_vary_fold_scores_each_training_case_by_the_run_that_held_it_out(tmp_path, store10):
+    cfg = tiny_config(store10, epochs=1, steps_per_epoch=2)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "cv"
+    report = repeat(path, None, RepeatOptions(runs=3, vary="fold"), out, progress=False)
+    cv = report["cross_validation"]
+    pooled = []
+    for i in range(3):
+        run = out / f"run-{i + 1}"
+        run_cfg = load_config(run / "config.yaml")
+        assert (run_cfg.data.folds, run_cfg.data.fold) == (3, i)
+        own = json.loads((run / "evaluation-val.json").read_text())
+        for case in own["cases"]:  # its held-out fold, as `segscale evaluate --split val` scores it
+            assert cv["cases"][case["case"]] == pytest.approx(case["dice"], nan_ok=True)
+            pooled.append(case["case"])
+    assert sorted(pooled) == sorted(cv["cases"]) and len(pooled) == len(set(pooled))
+    defined = [d for d in cv["cases"].values() if d == d]
+    assert cv["dice"]["n"] == len(defined)
+    assert cv["dice"]["mean"] == pytest.approx(np.mean(defined))
+    assert "## 3-fold cross-validation" in (out / "variability.md").read_text()
+    assert report["seeds"] == [0, 1, 2]
+    from segscale.methods import methods
+
+    text = methods(out)
+    assert "varying the validation fold of a k-fold cross-validation" in text
+    assert f"3-fold cross-validation: each of the {cv['dice']['n']} training cases" in text
+    assert "dealt into 3 folds (split seed 0), fold 0 validating" in methods(out / "run-1")
+    with pytest.raises(SegscaleError, match=r"--runs 3 of them; the config sets data.folds 4"):
+        repeat(path, ["data.folds=4"], RepeatOptions(runs=3, vary="fold"), tmp_path / "o")
+    with pytest.raises(SegscaleError, match=r"data.folds 9 needs at least as many"):
+        repeat(path, None, RepeatOptions(runs=9, vary="fold"), tmp_path / "o")

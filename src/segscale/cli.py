@@ -341,7 +341,9 @@ def repeat_cmd(
         typer.Option(
             help="seed: every seed differs; init: only the weight init (init_seed); order: only "
             "the data order, augmentation and dropout (data_seed); split: only which training "
-            "cases validate (data.split_seed), the test split fixed."
+            "cases validate (data.split_seed), the test split fixed; fold: k-fold "
+            "cross-validation with k = --runs (data.folds, data.fold), each training case "
+            "scored by the run that held it out."
         ),
     ] = "seed",
     workers: Annotated[int, typer.Option(help="Workers per run.", min=1)] = 1,

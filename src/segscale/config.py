@@ -228,6 +228,15 @@ class DataConfig(_Strict):
         "as the store has), with this seed; the test split never changes (`segscale repeat "
         "--vary split`). Default: the store's own split.",
     )
+    folds: int | None = Field(
+        None,
+        ge=2,
+        description="k-fold cross-validation: the store's training and validation cases pooled, "
+        "shuffled (with data.split_seed, default 0) and dealt into this many folds of near-equal "
+        "size; fold `data.fold` validates, the others train; the test split never changes "
+        "(`segscale repeat --vary fold` trains every fold). Default: the store's own split.",
+    )
+    fold: int = Field(0, ge=0, description="The fold that validates, 0..data.folds-1.")
 
     @field_validator("store")
     @classmethod
@@ -267,6 +276,14 @@ class DataConfig(_Strict):
             raise ValueError(
                 "split_seed draws which training cases validate: it needs a val_split "
                 "(val_split is null)"
+            )
+        if self.folds is not None and self.val_split is None:
+            raise ValueError("folds: a fold validates; it needs a val_split (val_split is null)")
+        if self.fold and (self.folds is None or self.fold >= self.folds):
+            raise ValueError(
+                f"fold {self.fold}: expected 0..folds-1 (folds: {self.folds})"
+                if self.folds is not None
+                else f"fold {self.fold}: it needs folds (k of k-fold cross-validation)"
             )
         if self.on_device is True and (self.transform is not None or self.num_workers):
             raise ValueError(
@@ -871,6 +888,8 @@ class RunConfig(_Strict):
             del data["model"]["pretrained"]
         if data["data"]["split_seed"] is None:
             del data["data"]["split_seed"]
+        if data["data"]["folds"] is None and data["data"]["fold"] == 0:
+            del data["data"]["folds"], data["data"]["fold"]
         if data["train"]["finetune"] == FinetuneConfig().model_dump(mode="json"):
             del data["train"]["finetune"]
         # how fast, not what: the result is the same up to float rounding

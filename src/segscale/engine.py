@@ -800,8 +800,9 @@ def plan(cfg: RunConfig) -> Plan:
     and threads, a tracker's run folder, name and params; a loss, task, callback or transform
     gets its kwargs only). Raises SegscaleError naming the key and what was expected."""
     store = _open_store(cfg)
-    if cfg.data.split_seed is not None:  # another train/validation partition, the test split kept
-        store = store.repartition(cfg.data.train_split, cfg.data.val_split, cfg.data.split_seed)
+    d = cfg.data
+    if d.split_seed is not None or d.folds is not None:  # another train/validation partition
+        store = store.repartition(d.train_split, d.val_split, d.split_seed or 0, d.folds, d.fold)
     for key in ("train_split", "val_split"):
         if getattr(cfg.data, key) is None:  # no validation
             continue

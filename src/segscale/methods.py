@@ -151,7 +151,11 @@ def methods(target: Path) -> str:
         f"Split by case (seed {store.get('seed')}): {ratio}; fractions: validation "
         f"{store.get('val_fraction')}, test {store.get('test_fraction')}."
         + (
-            f" For this run the training and validation cases were drawn again from their "
+            f" For this run the training and validation cases were dealt into "
+            f"{cfg.data.folds} folds (split seed {cfg.data.split_seed or 0}), fold "
+            f"{cfg.data.fold} validating; the test cases unchanged."
+            if cfg.data.folds is not None
+            else f" For this run the training and validation cases were drawn again from their "
             f"pool (split seed {cfg.data.split_seed}, as many validation cases); the test "
             "cases unchanged."
             if cfg.data.split_seed is not None
@@ -276,6 +280,7 @@ def methods(target: Path) -> str:
             "init": "the weight initialisation only",
             "order": "the data order only",
             "split": "only which training cases validate (the test cases fixed)",
+            "fold": "the validation fold of a k-fold cross-validation (the test cases fixed)",
         }[v["vary"]]
         lines.append(
             f"The setting was trained {v['runs']} times, varying {what}, everything else frozen; "
@@ -290,6 +295,14 @@ def methods(target: Path) -> str:
                 f"Agreement between runs on per-case Dice: ICC(A,1) = {a['icc']:.3f} (95% CI "
                 f"{a['ci_low']:.3f}–{a['ci_high']:.3f}; two-way random effects, absolute "
                 f"agreement, single measurement); runs effect F = {a['f_runs']:.3g}, p = {a['p_runs']:.3g}."
+            )
+        cv = v.get("cross_validation")
+        if cv and cv.get("dice"):
+            c = cv["dice"]
+            lines.append(
+                f"{v['runs']}-fold cross-validation: each of the {c['n']} training cases scored "
+                f"by the run whose fold held it out, Dice {c['mean']:.4f} ± {c['sd']:.4f} (mean ± "
+                "SD over cases)."
             )
     else:
         lines.append("One run: no spread over runs is reported.")

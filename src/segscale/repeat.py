@@ -6,6 +6,9 @@ setting several times and report the spread").
     --vary init    only the weight initialisation (init_seed); data order and augmentation fixed
     --vary order   only the data order, augmentation and dropout (data_seed); the init fixed
     --vary split   only which training cases validate (data.split_seed); the test split fixed
+    --vary fold    k-fold cross-validation, k = --runs: run i validates on fold i (data.folds,
+                   data.fold), so each training case is scored once, by the run that did not
+                   train on it (nnU-Net's 5-fold cross-validation); the test split fixed
 
 Each run is a normal run folder OUT/run-N (resumable as any run; with the MLflow tracker a child of
 one repeat run). The report, OUT/variability.{md,json,png}: per metric the mean, SD, 95% CI of
@@ -42,7 +45,13 @@ from segscale.tracking import ParentRun, nest_under
 
 STATE = "repeat.json"
 # --vary → the config key it sets
-VARY = {"seed": "seed", "init": "init_seed", "order": "data_seed", "split": "data.split_seed"}
+VARY = {
+    "seed": "seed",
+    "init": "init_seed",
+    "order": "data_seed",
+    "split": "data.split_seed",
+    "fold": "data.fold",
+}
 # dataset-level metrics, then per-case means (distances: a case mean is the usual report)
 DATASET_METRICS = ("dice", "mean_iou", "pixel_accuracy", "mean_accuracy", "fw_iou")
 CASE_METRICS = ("hd95", "assd")
@@ -80,10 +89,18 @@ def repeat(
             f"--vary seed: {' and '.join(pinned)} set in the config stay as they are; unset them, "
             f"or vary one part ({', '.join(v for v in VARY if v != 'seed')})"
         )
-    if options.vary == "split" and cfg.data.val_split is None:  # run 2 on would be refused
+    if options.vary in ("split", "fold") and cfg.data.val_split is None:  # run 2 on: refused
         raise SegscaleError(
-            "--vary split draws which training cases validate: it needs data.val_split (it is null)"
+            f"--vary {options.vary} draws which training cases validate: it needs data.val_split "
+            "(it is null)"
         )
+    if options.vary == "fold" and cfg.data.folds not in (None, options.runs):
+        raise SegscaleError(
+            f"--vary fold trains one run per fold, --runs {options.runs} of them; the config sets "
+            f"data.folds {cfg.data.folds}: give --runs {cfg.data.folds}, or leave folds out"
+        )
+    if options.vary == "fold":  # every fold has a case: refused here, not at run k
+        plan(cfg.model_copy(update={"data": cfg.data.model_copy(update={"folds": options.runs})}))
     plan(cfg).check(options.workers)
     if options.workers > 1:
         start_worker_server()
@@ -103,8 +120,11 @@ def repeat(
         "init": cfg.seed_for("init"),
         "order": cfg.seed_for("data"),
         "split": cfg.data.split_seed or 0,
+        "fold": 0,
     }[options.vary]
     split = state["split"] = cfg.data.test_split
+    if options.vary == "fold":
+        state["val_split"] = cfg.data.val_split
     store = Store.open(cfg.data.store)
     try:
         for i in range(options.runs):
@@ -122,6 +142,8 @@ def repeat(
                 else base + i
             )
             apply_override(raw, f"{key}={'null' if value is None else value}")
+            if options.vary == "fold":
+                apply_override(raw, f"data.folds={options.runs}")
             raw["name"] = f"{cfg.name}-run-{i + 1}"
             entry[key] = value
             if parent_id := parent.run_id():
@@ -130,6 +152,7 @@ def repeat(
             run_cfg = validate(raw, source=f"{out.name}/run-{i + 1}")
             if progress:
                 shown = "the store's split" if value is None else f"{key} {value}"
+                shown += f" of {options.runs}" if options.vary == "fold" else ""
                 print(f"[repeat] run {i + 1}/{options.runs}: {shown}", flush=True)
             t0 = time.monotonic()
             started = has_started(run_dir)
@@ -152,6 +175,8 @@ def repeat(
             if code != 0:
                 raise SegscaleError(f"evaluating run-{i + 1} on '{split}' failed (exit {code})")
             evaluation = read_record(result, EVALUATION, "evaluation", metrics=True)
+            if options.vary == "fold":  # its own fold, which it did not train on
+                entry["held_out"] = _scores(run_dir, cfg.data.val_split, options.workers, i)
             entry["seconds"] = entry.get("seconds", 0.0) + time.monotonic() - t0
             entry["test"] = {m: evaluation["dataset"].get(m) for m in DATASET_METRICS} | {
                 m: evaluation["case_summary"][m]["mean"] for m in CASE_METRICS
@@ -170,6 +195,16 @@ def repeat(
     if progress:
         print(f"[repeat] wrote {out / 'variability.md'}, variability.json, variability.png")
     return report
+
+
+def _scores(run_dir: Path, split: str, workers: int, i: int) -> dict[str, float]:
+    """Per-case Dice of a run on one of its store's splits (`segscale evaluate`)."""
+    result = run_dir / f"evaluation-{split}.json"
+    code = launch(["evaluate", str(run_dir), "--split", split, "--out", str(result)], workers)
+    if code != 0:
+        raise SegscaleError(f"evaluating run-{i + 1} on '{split}' failed (exit {code})")
+    evaluation = read_record(result, EVALUATION, "evaluation", metrics=True)
+    return {c["case"]: c["dice"] for c in evaluation["cases"]}
 
 
 def _save(out: Path, state: dict[str, Any]) -> None:
@@ -209,6 +244,23 @@ def variability(
         "cases_left_out": sorted(set().union(*(set(r["cases"]) for r in runs)) - set(scored)),
         "agreement": agree,
         "seconds": sum(r.get("seconds", 0.0) for r in runs),
+        **({"cross_validation": cross_validation(runs, state)} if "val_split" in state else {}),
+    }
+
+
+def cross_validation(runs: list[dict[str, Any]], state: dict[str, Any]) -> dict[str, Any]:
+    """k-fold cross-validation's score: each training case's Dice from the run whose fold held it
+    out, pooled over the folds (nnU-Net's cross-validation summary), and each fold's mean. A
+    case without a defined Dice (no foreground in either mask) is left out and counted."""
+    cases = {c: d for r in runs for c, d in r["held_out"].items()}
+    defined = {c: d for c, d in cases.items() if d == d}
+    folds = [[d for d in r["held_out"].values() if d == d] for r in runs]
+    return {
+        "split": state["val_split"],
+        "dice": spread(list(defined.values())).as_dict() if defined else None,
+        "excluded": sorted(set(cases) - set(defined)),
+        "per_fold": [float(np.mean(f)) if f else float("nan") for f in folds],
+        "cases": cases,
     }
 
 
@@ -229,6 +281,7 @@ def variability_markdown(report: dict[str, Any]) -> str:
         "init": "the weight init only",
         "order": "the data order only",
         "split": "the training/validation partition only",
+        "fold": "the cross-validation fold",
     }
     lines = [
         f"# `{report['name']}`: {report['runs']} runs, {what[report['vary']]} varied",
@@ -274,6 +327,22 @@ def variability_markdown(report: dict[str, Any]) -> str:
             if a["p_runs"] == a["p_runs"]
             else "Runs: every run gave each case the same Dice (no residual variance, no F test).",
         ]
+    cv = report.get("cross_validation")
+    if cv is not None:
+        lines += ["", f"## {report['runs']}-fold cross-validation", ""]
+        if cv["dice"] is None:
+            lines.append("No held-out case has a defined Dice.")
+        else:
+            d = cv["dice"]
+            lines.append(
+                f"Each of the {d['n']} training cases scored by the run that did not train on it "
+                f"(its fold of `{cv['split']}`): Dice {d['mean']:.4f} ± {d['sd']:.4f} (SD over "
+                f"cases), 95% CI of the mean [{d['ci_low']:.4f}, {d['ci_high']:.4f}]. Per fold: "
+                + ", ".join(f"{v:.4f}" for v in cv["per_fold"])
+                + "."
+            )
+        if cv["excluded"]:
+            lines.append(f"\nNo defined Dice (left out): {', '.join(cv['excluded'])}.")
     lines += [
         "",
         "## Per case (Dice over runs)",

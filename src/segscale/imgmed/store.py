@@ -86,13 +86,27 @@ class Store:
     def preprocessing(self) -> Preprocessing:
         return Preprocessing.from_dict(self.meta["preprocessing"])
 
-    def repartition(self, train: str, val: str, seed: int) -> Store:
-        """This store with its `train` and `val` cases drawn anew (seeded), as many validation
-        cases as before; every other split (the test split) untouched. The arrays are shared."""
+    def repartition(
+        self, train: str, val: str, seed: int, folds: int | None = None, fold: int = 0
+    ) -> Store:
+        """This store with its `train` and `val` cases drawn anew (seeded): as many validation
+        cases as before, or with `folds` (k-fold cross-validation) the pooled cases shuffled and
+        dealt into `folds` folds of near-equal size (numpy's array_split), fold `fold`
+        validating, so that over the k folds every case validates once. Every other split (the
+        test split) is untouched; the arrays are shared. Raises DataError when there are fewer
+        cases than folds."""
         pooled = sorted(c["id"] for c in self.meta["cases"] if c["split"] in (train, val))
-        n_val = sum(c["split"] == val for c in self.meta["cases"])
         order = np.random.default_rng(seed).permutation(len(pooled))
-        chosen = {pooled[i] for i in order[:n_val]}
+        if folds is None:
+            picked = order[: sum(c["split"] == val for c in self.meta["cases"])]
+        elif folds > len(pooled):
+            raise DataError(
+                f"{self.path}: {len(pooled)} {train} and {val} cases; data.folds {folds} needs "
+                f"at least as many (at most {len(pooled)} folds)"
+            )
+        else:
+            picked = np.array_split(order, folds)[fold]
+        chosen = {pooled[i] for i in picked}
         cases = [
             {**c, "split": val if c["id"] in chosen else train} if c["split"] in (train, val) else c
             for c in self.meta["cases"]
