@@ -533,3 +533,39 @@ def test_repeat_vary_fold_scores_each_training_case_by_the_run_that_held_it_out(
         repeat(path, ["data.folds=4"], RepeatOptions(runs=3, vary="fold"), tmp_path / "o")
     with pytest.raises(SegscaleError, match=r"data.folds 9 needs at least as many"):
         repeat(path, None, RepeatOptions(runs=9, vary="fold"), tmp_path / "o")
+
+
+def test_predict_with_a_repeat_folder_is_the_ensemble_of_its_runs(tmp_path):
+    """nnU-Net predicts with its 5 folds at once (mean softmax): so does `predict` given the
+    folder of `repeat --vary fold`. Checked on pictures already at the store's size, where the
+    store's own test slices are what predict feeds the network."""
+    import torch
+    from PIL import Image
+
+    from segscale.imgmed import Preprocessing, Store, prepare
+    from segscale.predict import predict
+    from segscale.zoo import load_any_model
+    from test_inputs import write_2d
+
+    raw = write_2d(tmp_path / "raw", "L")
+    kw = {"val_fraction": 0.25, "test_fraction": 0.5, "progress": False}
+    store, _ = prepare(raw, tmp_path / "store", Preprocessing(size=32), **kw)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(store, epochs=40)))  # one step each
+    out = tmp_path / "cv"
+    repeat(path, None, RepeatOptions(runs=2, vary="fold"), out, progress=False)
+    s = Store.open(store)
+    test = s.cases("test")
+    rows = s.rows("test")
+    x = torch.from_numpy(np.asarray(s.images[rows], np.float32))
+    with torch.no_grad():
+        mean = sum(load_any_model(out / f"run-{i}")[0](x).softmax(1) for i in (1, 2)) / 2
+    expected = mean.argmax(1).numpy()
+    assert 0 < expected.mean() < 1  # both classes: a mask that can be wrong
+    written = predict(out, [raw / "images" / f"{c['id']}.png" for c in test], tmp_path / "pred")
+    got = np.stack([np.asarray(Image.open(p)) for p in written])
+    assert np.array_equal(got == 255, expected == 1)  # class 1 is the raw value 255
+    # an unfinished repeat is no ensemble
+    (out / "variability.json").unlink()
+    with pytest.raises(SegscaleError, match=r"an unfinished repeat \(2 of 2 runs tested\)"):
+        predict(out, [raw / "images" / "s0.png"], tmp_path / "pred2")

@@ -646,7 +646,11 @@ def _plot_overlays(run_dir: Path, evaluation: dict, out: Path) -> None:
 @app.command("predict")
 def predict_cmd(
     run_dir: Annotated[
-        str, typer.Argument(help="A trained run folder, or zoo:NAME[@VERSION] (a zoo model).")
+        str,
+        typer.Argument(
+            help="A trained run folder, a finished `segscale repeat` folder (its runs as one "
+            "ensemble: mean softmax), or zoo:NAME[@VERSION] (a zoo model)."
+        ),
     ],
     inputs: Annotated[
         list[Path], typer.Argument(help="NIfTI volumes or 2D images (or folders of them).")

@@ -51,6 +51,32 @@ def segment_slices(
     return torch.cat(masks).numpy()
 
 
+class Ensemble(torch.nn.Module):
+    """Several trained networks as one: the mean of their softmax probabilities, (N, K, H, W)
+    for (N, C, H, W) inputs (nnU-Net ensembles its cross-validation folds this way); its argmax
+    is the ensemble's mask."""
+
+    def __init__(self, models: list[torch.nn.Module]) -> None:
+        super().__init__()
+        self.models = torch.nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x).float().softmax(1) for m in self.models]).mean(0)
+
+
+def load_predictor(source: Path, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """The model of a finished run folder or a pulled zoo entry (load_any_model), or the
+    Ensemble of a finished `segscale repeat` folder's runs (e.g. the k runs of `--vary fold`),
+    with its Plan (the first run's: a repeat's runs share one config's store and its
+    preprocessing). Raises SegscaleError for an unfinished repeat."""
+    if not (Path(source) / "repeat.json").is_file():
+        return load_any_model(source, device)
+    from segscale.repeat import finished_runs
+
+    loaded = [load_any_model(run, device) for run in finished_runs(Path(source))]
+    return Ensemble([m for m, _ in loaded]).eval(), loaded[0][1]
+
+
 class Written(list):
     """The masks `predict` wrote (a list of paths), with how fast the model segmented them:
     `slices`, `seconds` (the network's share: preprocessing and file I/O excluded) and
@@ -73,7 +99,8 @@ def predict(
     amp: str = "auto",
     force: bool = False,
 ) -> Written:
-    """Segment `inputs` with the model of a finished run folder or of a pulled zoo entry's folder;
+    """Segment `inputs` with the model of a finished run folder or of a pulled zoo entry's folder,
+    or with the ensemble of a finished repeat folder's runs (their mean softmax, see Ensemble);
     returns the masks written (out_dir/<input name>) with the model's throughput. `amp`: auto is
     bf16 on a GPU that supports it, none (fp32) elsewhere. All or nothing: the masks are written
     into a hidden folder in `out_dir` and moved into place once every input is segmented, so an
@@ -92,7 +119,7 @@ def predict(
     amp = resolve_amp(amp, dev)
     out_dir = output_dir(out_dir)  # inputs and outputs checked before the model is read
     targets = _targets(input_cases(list_images(inputs)), out_dir, force)
-    model, plan = load_any_model(run_dir, dev)  # a run folder or a pulled zoo entry's folder
+    model, plan = load_predictor(run_dir, dev)  # a run, a pulled zoo entry or a repeat
     if plan.cfg.task.name != "segmentation":
         raise SegscaleError(
             f"{run_dir}: a {plan.cfg.task.name} run; `segscale predict` writes masks, for "

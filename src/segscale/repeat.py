@@ -197,6 +197,20 @@ def repeat(
     return report
 
 
+def finished_runs(folder: Path) -> list[Path]:
+    """The run folders of a finished `segscale repeat` folder, in run order (found where the
+    folder is now). Raises SegscaleError for an unfinished repeat or a damaged state."""
+    state = read_record(folder / STATE, ("runs",), "repeat state")
+    planned = state.get("signature", {}).get("runs", len(state["runs"]))
+    tested = [r for _, r in sorted(state["runs"].items(), key=lambda kv: int(kv[0])) if "test" in r]
+    if len(tested) < planned or not (folder / "variability.json").is_file():
+        raise SegscaleError(
+            f"{folder}: an unfinished repeat ({len(tested)} of {planned} runs tested); rerun its "
+            "`segscale repeat` command to finish it"
+        )
+    return [folder / Path(r["run_dir"]).name for r in tested]
+
+
 def _scores(run_dir: Path, split: str, workers: int, i: int) -> dict[str, float]:
     """Per-case Dice of a run on one of its store's splits (`segscale evaluate`)."""
     result = run_dir / f"evaluation-{split}.json"
