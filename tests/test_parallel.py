@@ -203,6 +203,13 @@ def test_bf16_compression_on_cpu_workers_is_refused_before_the_process_group(mon
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SegscaleError, match="compression 'bf16' needs GPUs"):
         AllReduceStrategy(device="cpu", compression="bf16")
+    # PowerSGD settings torch refuses only when DDP installs the hook (a traceback per worker)
+    for kwargs, match in (
+        ({"powersgd_start_iter": 1}, r"powersgd_start_iter 1: Expect `start_powerSGD_iter` > 1"),
+        ({"powersgd_rank": 0}, r"powersgd_rank 0: expected 1 or more"),
+    ):
+        with pytest.raises(SegscaleError, match=match):
+            AllReduceStrategy(device="cpu", compression="powersgd", **kwargs)
 
 
 @pytest.mark.distributed

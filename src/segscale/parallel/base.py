@@ -167,6 +167,11 @@ class AllReduceStrategy(ProcessEnv):
     ) -> None:
         # before the process group: a refused worker leaves no peer waiting
         check_compression(compression, device, int(os.environ.get("WORLD_SIZE", 1)))
+        self._powersgd = (
+            _powersgd_state(powersgd_rank, powersgd_start_iter)
+            if compression == "powersgd"
+            else None
+        )
         super().__init__(device, threads)
         self.ddp_kwargs = {
             "bucket_cap_mb": bucket_cap_mb,
@@ -210,13 +215,25 @@ class AllReduceStrategy(ProcessEnv):
         if self.compression == "bf16":
             return default_hooks.bf16_compress_hook, None
         if self.compression == "powersgd":
-            state = powerSGD_hook.PowerSGDState(
-                process_group=None,
-                matrix_approximation_rank=self.powersgd_rank,
-                start_powerSGD_iter=self.powersgd_start_iter,
-            )
-            return powerSGD_hook.powerSGD_hook, state
+            return powerSGD_hook.powerSGD_hook, self._powersgd
         return None, None
+
+
+def _powersgd_state(rank: int, start_iter: int) -> Any:
+    """torch's PowerSGD state for these kwargs, built (and so checked by torch) when the
+    strategy is, which `plan` does before any worker starts. Raises SegscaleError for a rank
+    under 1 or a start_iter that torch refuses (it must exceed 1: PowerSGD's error feedback and
+    warm start begin after DDP's first two iterations)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+    if rank < 1:
+        raise SegscaleError(f"allreduce powersgd_rank {rank}: expected 1 or more")
+    try:
+        return powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=rank, start_powerSGD_iter=start_iter
+        )
+    except ValueError as e:
+        raise SegscaleError(f"allreduce powersgd_start_iter {start_iter}: {e}") from None
 
 
 def create_strategy(
