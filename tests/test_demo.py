@@ -65,6 +65,9 @@ def test_a_tiny_demo_records_what_ran_where_methods_finds_it(tmp_path, real_stor
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation == json.loads((out / "run" / "evaluation-test.json").read_text())
     assert (out / "report.md").read_text().startswith("# segscale report: mine\n")
+    dice = evaluation["case_summary"]["dice"]["mean"]
+    verdict = f"Mean per-case Dice {dice:.4f}; overrides were given, so the 0.80 bar"
+    assert verdict in done.stdout and verdict in (out / "report.md").read_text()
     done = cli("methods", out / "run", "--out", tmp_path / "methods.md")
     assert done.returncode == 0, done.stderr
     assert (
@@ -97,3 +100,11 @@ def test_a_folder_is_an_earlier_demos_only_by_its_mark_or_the_demos_own_run(tmp_
     (out / "run" / "config.yaml").write_text(yaml.safe_dump(config))
     (out / MARK).write_text("")
     assert _made_by_demo(out)
+
+
+def test_the_default_recipe_must_clear_the_bar():
+    from segscale.demo import bar_verdict
+
+    assert bar_verdict(0.853, False).endswith("clears the 0.80 bar of the default recipe.")
+    assert bar_verdict(0.79, False).startswith("Below the 0.80 bar")
+    assert "does not apply" in bar_verdict(0.16, True)
