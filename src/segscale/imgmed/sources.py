@@ -53,8 +53,8 @@ def discover(root: str | Path, lenient: bool = False) -> Source:
     would make one case id, such as a.png beside a.tif or A.png, are refused: one would stand
     for the other, or one image would land in two splits). Files that make no case (an image
     without its label, a label without its image, an unlisted image, ...) are refused all at
-    once in one DataError naming the first and their count; `lenient`: kept in
-    Source.unpaired instead, the other cases returned."""
+    once in one DataError, one line each (the first 20); `lenient`: kept in Source.unpaired
+    instead, the other cases returned."""
     problems: list[str] = []
     # absolute, symlinks kept: records name it
     source = _discover(Path(os.path.abspath(root)), problems)
@@ -69,9 +69,16 @@ def discover(root: str | Path, lenient: bool = False) -> Source:
             continue
         seen[key] = case
     source.cases = list(seen.values())  # lenient: the first of each id, checked as a case
+    if len(problems) == 1 and not lenient:
+        raise DataError(problems[0])
     if problems and not lenient:
-        more = f" (and {len(problems) - 1} more: `segscale imgmed check` lists them)"
-        raise DataError(problems[0] + (more if len(problems) > 1 else ""))
+        shown = problems[:20]
+        more = len(problems) - len(shown)
+        raise DataError(
+            f"{len(problems)} files make no case (no case was read):\n"
+            + "\n".join(f"  {p}" for p in shown)
+            + (f"\n  and {more} more: `segscale imgmed check` lists them" if more else "")
+        )
     source.unpaired = problems
     return source
 
