@@ -180,7 +180,7 @@ def test_yaml_is_read_as_yaml_1_2_and_slips_are_refused(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["data.augment.rotation=15"], r"augment: rotation take effect only with enabled: true"),
+        (["data.augment.rotation=15"], r"augment: rotation takes effect only with enabled: true"),
         (["data.augment={enabled: true, zoom: [0, 0]}"], r"zoom \[0.0, 0.0\]: expected"),
         (["data.augment={enabled: true, zoom: [1.2, 0.8]}"], r"0 < min ≤ max"),
         (["train.schedule.scaling=none", "train.schedule.warmup_epochs=5"], r"scaling: linear"),
@@ -188,7 +188,7 @@ def test_yaml_is_read_as_yaml_1_2_and_slips_are_refused(tmp_path):
         (["train.schedule.decay=step", "train.schedule.decay_epochs=[-3]"], r"epochs ≥ 1"),
         (["train.schedule.decay=step", "train.schedule.decay_epochs=[2, 2]"], r"each once"),
         (["train.finetune.freeze_encoder_epochs=3"], r"only with model.pretrained"),
-        (["train.divergence={enabled: false, factor: 5}"], r"factor take effect only with"),
+        (["train.divergence={enabled: false, factor: 5}"], r"factor takes effect only with"),
         (["train.simulate_workers=4", "train.sync_batchnorm=true"], r"sync_batchnorm"),
         (["data.train_split=test"], r"the test would score what the model trained on"),
         (["seed=-1"], r"key 'seed': .*greater than or equal to 0"),

@@ -187,6 +187,8 @@ def test_repeat_trains_tests_and_reports_the_spread(tmp_path, store10):
         comparison_files(Path("."))
     md, js = comparison_files(tmp_path / "res.v1")
     assert (md.name, js.name) == ("res.v1.md", "res.v1.json")
+    md, _ = comparison_files(tmp_path / "new" / "cmp")  # its folder made, as evaluate --json's
+    assert md.parent.is_dir()
 
 
 def test_repeat_refuses_what_makes_no_spread(tmp_path, real_store):
@@ -319,8 +321,11 @@ def test_compare_runs_and_repeats_with_a_paired_test(tmp_path, store10):
     (rep / "repeat.json").write_text('{"runs": ')  # torn: one line naming the file
     with pytest.raises(SegscaleError, match=r"repeat.json: unreadable repeat state \(not JSON"):
         compare(b, rep)
-    r = cli("methods", b, "--out", tmp_path / "no" / "where.md")
-    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = cli("methods", b, "--out", tmp_path / "new" / "where.md")  # its folder made
+    assert r.returncode == 0 and (tmp_path / "new" / "where.md").is_file()
+    (tmp_path / "file").write_text("")
+    r = cli("methods", b, "--out", tmp_path / "file" / "where.md")
+    assert r.returncode == 2 and "a file; give a folder" in r.stderr and "Traceback" not in r.stderr
     # what the record lacks is said, never guessed; an unfinished run is not described
     from segscale.methods import methods
 

@@ -111,8 +111,8 @@ def test_an_early_stop_that_can_never_fire_is_a_warning_before_launch(real_store
 
     assert notes(5, patience=3) == []  # 4 validations after the first: it can fire
     assert notes(3, patience=3) == [
-        "train.callbacks[0] early_stop can never finish this run: patience 3, and 2 of the "
-        "run's validations (epochs 1, 2, 3) count after epoch 0"
+        "train.callbacks[0] early_stop can never finish this run: patience 3, but only 2 of the "
+        "run's 3 validations count after epoch 0 (epochs 2, 3); the first sets the best so far"
     ]
     assert notes(6, val_every=5, patience=2)  # validates at epochs 5 and 6 only
     assert notes(4, after=3, reference={1: 0.5, 4: 0.5}, patience=2)

@@ -155,13 +155,11 @@ def read_record(path: Path, keys: tuple[str, ...], what: str, metrics: bool = Fa
     return data
 
 
-def output_file(
-    path: Path, option: str = "--out", overwrite: bool = True, create_folder: bool = False
-) -> Path:
+def output_file(path: Path, option: str = "--out", overwrite: bool = True) -> Path:
     """`path` resolved, where a file can be written: not a folder, not a device or other special
-    file, in an existing folder (created when `create_folder`, unless a file is in its way); an
-    existing file only when `overwrite`. Raises SegscaleError naming the option otherwise (before
-    anything is computed)."""
+    file, in a folder (created when missing, unless a file is in its way: every command makes
+    the folder of a file it is told to write); an existing file only when `overwrite`. Raises
+    SegscaleError naming the option otherwise (before anything is computed)."""
     from segscale.errors import SegscaleError
 
     path = Path(path).resolve()
@@ -171,17 +169,11 @@ def output_file(
         raise SegscaleError(f"{option} {path}: exists and is not a regular file; give a file name")
     if path.exists() and not overwrite:
         raise SegscaleError(f"{option} {path}: exists; give another name or --force to replace it")
-    if create_folder:
-        output_dir(path.parent, option)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise SegscaleError(
-                f"{option} {path}: cannot create its folder ({e.strerror})"
-            ) from None
-    if not path.parent.is_dir():
-        what = "is a file" if path.parent.exists() else "does not exist"
-        raise SegscaleError(f"{option} {path}: its folder {path.parent} {what}")
+    output_dir(path.parent, option)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SegscaleError(f"{option} {path}: cannot create its folder ({e.strerror})") from None
     return path
 
 

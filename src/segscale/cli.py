@@ -46,7 +46,8 @@ def prepare_cmd(
     source: Annotated[
         Path,
         typer.Argument(
-            help="Decathlon/nnU-Net folder (dataset.json) or a folder with images/ + masks/."
+            help="Decathlon/nnU-Net folder (dataset.json), a DICOM folder (images/<case>/ series + "
+            "masks/<case>.nii.gz) or a 2D folder (images/ + masks/ pictures)."
         ),
     ],
     output: Annotated[Path, typer.Argument(help="Prepared store to write.")],
@@ -528,6 +529,7 @@ def evaluate_cmd(
     """SegEval metrics at three levels (dataset, case, slice): JSON, per-case CSV and pictures."""
     from segscale.report import plot_case_dice, print_metrics
 
+    overlays = None  # a run's: its best, median and worst case
     if (pred is None) != (ref is None):
         raise SegscaleError(
             "--pred and --ref go together: a folder of predictions and one of references"
@@ -582,10 +584,14 @@ def evaluate_cmd(
             print_metrics(evaluation)
             typer.echo(f"wrote {out}, {out.with_suffix('.png').name}")
             return
-        _plot_overlays(run_dir, evaluation, out.with_name(f"{out.stem}-overlays.png"))
+        overlays = out.with_name(f"{out.stem}-overlays.png")
+        _plot_overlays(run_dir, evaluation, overlays)
     plot_case_dice(evaluation, out.with_suffix(".png"))
     print_metrics(evaluation)
-    typer.echo(f"wrote {out}, {out.with_suffix('.csv').name}, {out.with_suffix('.png').name}")
+    written = [out.with_suffix(".csv").name, out.with_suffix(".png").name]
+    if overlays is not None:
+        written.append(overlays.name)
+    typer.echo(f"wrote {out}, {', '.join(written)}")
 
 
 def _say_rescaled(run_dir: Path, cfg: RunConfig, workers: int) -> None:
@@ -622,7 +628,7 @@ def _results_file(path: Path) -> Path:
             f"--json {path}: expected a .json file name (the per-case .csv and .png beside it "
             "take its name)"
         )
-    out = output_file(path, "--json", create_folder=True)
+    out = output_file(path, "--json")
     if out.is_file():  # replaced only when it is an earlier evaluation (never environment.json)
         try:
             earlier = json.loads(out.read_text())
@@ -771,7 +777,7 @@ def schedule_cmd(
     workers = (workers or cfg.workers or 1) * (t.simulate_workers or 1)
     p = plan(cfg)
     schedule = p.schedule(workers, steps_per_epoch)
-    for note in p.scale_notes(workers):
+    for note in p.scale_notes(workers, steps_per_epoch):
         warnings.warn(note, stacklevel=2)
     title = (
         f"{cfg.name}: {workers} worker(s), global batch {t.batch_size * workers}, "
@@ -1073,12 +1079,13 @@ def imgmed_info_cmd(
         files = list_files(path) if path.is_dir() else []
         shown += files if files and not any(map(dicom, files)) else [path]
     failed = 0
+    names = _short_names(shown)
     for path in shown:
         try:
             image = load(path, check_finite=False)
         except SegscaleError as e:
             failed += 1
-            table.add_row(Text(path.name), *["-"] * 7, Text(str(e), style="red"))
+            table.add_row(Text(names[path]), *["-"] * 7, Text(str(e), style="red"))
             continue
         a = image.array
         axes = "-"
@@ -1089,7 +1096,7 @@ def imgmed_info_cmd(
         spacing = "-" if image.spacing is None else " × ".join(f"{v:.3g}" for v in image.spacing)
         bad = int(a.size - np.count_nonzero(np.isfinite(a))) if a.dtype.kind == "f" else 0
         table.add_row(
-            Text(path.name),
+            Text(names[path]),
             image.kind,
             " × ".join(map(str, a.shape)),
             str(a.dtype),
@@ -1105,6 +1112,20 @@ def imgmed_info_cmd(
     console.print(table)
     if failed:
         raise typer.Exit(1)
+
+
+def _short_names(paths: list[Path]) -> dict[Path, str]:
+    """Each path by its file name, or by enough of its folders to tell it from the others
+    (imagesTr/a.nii.gz beside labelsTr/a.nii.gz)."""
+    names: dict[Path, str] = {}
+    for path in paths:
+        parts = path.parts
+        for k in range(1, len(parts) + 1):
+            name = str(Path(*parts[-k:]))
+            if sum(p.parts[-k:] == parts[-k:] for p in paths) == 1 or k == len(parts):
+                names[path] = name
+                break
+    return names
 
 
 @imgmed_app.command("convert")

@@ -271,7 +271,8 @@ class DataConfig(_Strict):
             if getattr(a, k) != AugmentConfig.model_fields[k].default
         ]
         if unread and not a.enabled and "enabled" not in a.model_fields_set:
-            raise ValueError(f"augment: {', '.join(unread)} take effect only with enabled: true")
+            takes = "takes" if len(unread) == 1 else "take"
+            raise ValueError(f"augment: {', '.join(unread)} {takes} effect only with enabled: true")
         if self.split_seed is not None and self.val_split is None:
             raise ValueError(
                 "split_seed draws which training cases validate: it needs a val_split "
@@ -635,7 +636,8 @@ class DivergenceConfig(_Strict):
             if getattr(self, k) != defaults[k].default
         ]
         if set_ and not self.enabled:
-            raise ValueError(f"{', '.join(set_)} take effect only with enabled: true")
+            takes = "takes" if len(set_) == 1 else "take"
+            raise ValueError(f"{', '.join(set_)} {takes} effect only with enabled: true")
         return self
 
 
@@ -1090,10 +1092,11 @@ def _describe(err: Any, loc: tuple[str, ...]) -> str:
     if err["type"] == "missing":
         return f"missing required key '{key}'"
     got = err.get("input")
+    section = isinstance(got, dict)
     if len(repr(got)) > 200:  # a value shown, not a file's worth of it (YAML aliases expand)
         got = _Shown(shown(got))
     if err["type"] == "value_error":  # a rule of ours: its message says what was expected
-        given = "" if isinstance(got, dict) else f", got {got!r}"  # a whole section says nothing
+        given = "" if section else f", got {got!r}"  # a whole section, however long, says nothing
         return f"key '{key}': {err['ctx']['error']}{given}" if key else str(err["ctx"]["error"])
     choices = _choices(loc)
     if choices:

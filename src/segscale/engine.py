@@ -119,12 +119,14 @@ class Plan:
             for spec, tracker in zip(self.cfg.tracker, self.trackers(Path(tmp) / self.cfg.name)):
                 check_hooks(f"tracker '{spec.name}'", tracker, tracker=True)
 
-    def scale_notes(self, workers: int) -> list[str]:
+    def scale_notes(self, workers: int, steps_per_epoch: int | None = None) -> list[str]:
         """What the run, on `workers` (real × simulated) workers, is too short or too small
         for: run_length_notes, and a global batch larger than the training split (one short
-        step per epoch, the lr scaled for a batch no step has). Warnings, not errors."""
+        step per epoch, the lr scaled for a batch no step has). `steps_per_epoch`: given for a
+        dataset other than the store (`segscale schedule --steps-per-epoch`), whose size the
+        last note does not then judge. Warnings, not errors."""
         t = self.cfg.train
-        steps = self.steps_per_epoch(workers)
+        steps = steps_per_epoch or self.steps_per_epoch(workers)
         notes = run_length_notes(t, steps)
         log_every = self.cfg.monitor.log_every
         # set on purpose (a short trial run with the default says nothing)
@@ -135,7 +137,7 @@ class Plan:
                 "no step metrics (step/loss, step/lr, ...) are recorded"
             )
         slices = len(self.store.rows(self.cfg.data.train_split))
-        if t.batch_size * workers > slices:
+        if t.batch_size * workers > slices and steps_per_epoch is None:
             notes.append(
                 f"global batch {t.batch_size * workers} (train.batch_size {t.batch_size} × "
                 f"{workers} workers) is more than the training split's {slices} slices: one "
@@ -774,15 +776,18 @@ def _early_stop_notes(what: str, kwargs: dict[str, Any], validated: list[int]) -
         except ValueError:  # refused when the callback is built
             return []
         counted = [e for e in counted if e in epochs]
-    elif counted and counted[0] == validated[0]:  # the first validation sets the best so far
+    first_sets_best = reference is None and bool(counted) and counted[0] == validated[0]
+    if first_sets_best:  # the first validation sets the best so far
         counted = counted[1:]
     if len(counted) >= patience:
         return []
-    on = "at an epoch of its reference " if reference is not None else ""
-    epochs = ", ".join(map(str, validated[:6])) + (", ..." if len(validated) > 6 else "")
+    on = " at an epoch of its reference" if reference is not None else ""
+    which = ", ".join(map(str, counted[:6])) + (", ..." if len(counted) > 6 else "")
     return [
-        f"{what} can never finish this run: patience {patience}, and {len(counted)} of the "
-        f"run's validations (epochs {epochs}) count {on}after epoch {after:g}"
+        f"{what} can never finish this run: patience {patience}, but only {len(counted)} of "
+        f"the run's {len(validated)} validations count{on} after epoch {after:g}"
+        + (f" (epochs {which})" if counted else "")
+        + ("; the first sets the best so far" if first_sets_best else "")
     ]
 
 

@@ -103,7 +103,7 @@ def export(
     if Path(out).name.lower().endswith(other):
         raise SegscaleError(f"--out {out}: the name of another format for a {fmt} export")
     missing = [f for f in Path(out).resolve().parents if not f.exists()]  # created below
-    out = output_file(out, "--out", overwrite=force, create_folder=True)
+    out = output_file(out, "--out", overwrite=force)
     # in the folder it exports, only an earlier export is replaced (they end in .onnx or
     # .torchscript.pt): never the run's own weights, config, checkpoints or records
     earlier = out.name.endswith(tuple(SUFFIX.values()))
