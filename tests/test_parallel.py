@@ -423,8 +423,9 @@ def test_misconfigurations_fail_before_launch(real_store):
 
 def test_schedule_refuses_a_picture_it_cannot_write(tmp_path, real_store):
     config = write_config(tmp_path, real_store, "sched")
+    (tmp_path / "file").write_text("")
     for out, message in [
-        (tmp_path / "no" / "lr.png", "its folder"),
+        (tmp_path / "file" / "lr.png", "a file; give a folder"),
         (tmp_path / "lr.txt", "expected a .png, .pdf or .svg"),
     ]:
         r = cli("schedule", config, "--out", out)

@@ -547,6 +547,7 @@ def test_predict_with_a_repeat_folder_is_the_ensemble_of_its_runs(tmp_path):
     import torch
     from PIL import Image
 
+    from conftest import cli
     from segscale.imgmed import Preprocessing, Store, prepare
     from segscale.predict import predict
     from segscale.zoo import load_any_model
@@ -567,10 +568,25 @@ def test_predict_with_a_repeat_folder_is_the_ensemble_of_its_runs(tmp_path):
         mean = sum(load_any_model(out / f"run-{i}")[0](x).softmax(1) for i in (1, 2)) / 2
     expected = mean.argmax(1).numpy()
     assert 0 < expected.mean() < 1  # both classes: a mask that can be wrong
-    written = predict(out, [raw / "images" / f"{c['id']}.png" for c in test], tmp_path / "pred")
-    got = np.stack([np.asarray(Image.open(p)) for p in written])
+    images = [raw / "images" / f"{c['id']}.png" for c in test]
+    done = cli("predict", out, *images, "--out", tmp_path / "pred")
+    assert done.returncode == 0, done.stderr
+    assert "an ensemble of 2 runs: run-1, run-2" in done.stdout
+    got = np.stack([np.asarray(Image.open(tmp_path / "pred" / p.name)) for p in images])
     assert np.array_equal(got == 255, expected == 1)  # class 1 is the raw value 255
+    # on a picture the model sees resized, the runs are combined on its own grid: where the
+    # two runs agree, so does the ensemble, and a run twice over is that run
+    Image.open(images[0]).resize((45, 37)).save(tmp_path / "big.png")
+
+    def mask(*runs):
+        folder = tmp_path / "_".join(r.name for r in runs)
+        return np.asarray(Image.open(predict(list(runs), [tmp_path / "big.png"], folder)[0]))
+
+    one, two = mask(out / "run-1"), mask(out / "run-2")
+    both = mask(out / "run-1", out / "run-2")
+    assert np.array_equal(both[one == two], one[one == two])
+    assert np.array_equal(mask(out / "run-1", out / "run-1"), one)
     # an unfinished repeat is no ensemble
     (out / "variability.json").unlink()
-    with pytest.raises(SegscaleError, match=r"an unfinished repeat \(2 of 2 runs tested\)"):
-        predict(out, [raw / "images" / "s0.png"], tmp_path / "pred2")
+    done = cli("predict", out, images[0], "--out", tmp_path / "pred2")
+    assert done.returncode == 2 and "an unfinished repeat (2 of 2 runs tested)" in done.stderr

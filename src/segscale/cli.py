@@ -692,7 +692,14 @@ def predict_cmd(
     if run_dir.startswith("zoo:"):  # pulled (or found in the cache) and verified first
         from segscale.hub import pull
 
-        source = pull(run_dir, zoo)
+        source: Path | list[Path] = pull(run_dir, zoo)
+    elif zoo is not None:
+        raise SegscaleError(f"--zoo applies to zoo:NAME models; {run_dir} is a folder")
+    elif (Path(run_dir) / "repeat.json").is_file():  # its runs as one ensemble
+        from segscale.repeat import finished_runs
+
+        source = finished_runs(Path(run_dir).resolve())
+        typer.echo(f"an ensemble of {len(source)} runs: {', '.join(r.name for r in source)}")
     else:
         source = Path(run_dir).resolve()
     written = predict(

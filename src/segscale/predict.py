@@ -31,7 +31,7 @@ from segscale.zoo import load_any_model
 
 @torch.no_grad()
 def segment_slices(
-    model: torch.nn.Module,
+    models: torch.nn.Module | list[torch.nn.Module],
     x: torch.Tensor,
     plane: Plane,
     batch_size: int,
@@ -39,42 +39,23 @@ def segment_slices(
     amp: str = "none",
 ) -> np.ndarray:
     """(N, C, S, S) inputs → (N, H, W) labels: logits taken back to the slice's own grid (the
-    resize or the spacing resampling undone), then argmax. `amp` "bf16": the network under
-    bf16 autocast (the resampling and argmax in fp32)."""
+    resize or the spacing resampling undone), then argmax. Several models (an ensemble): the
+    mean of their softmax probabilities on that grid, then argmax, as nnU-Net ensembles its
+    folds; one model gives the same mask either way. `amp` "bf16": the networks under bf16
+    autocast (the resampling, softmax and argmax in fp32)."""
+    models = models if isinstance(models, list) else [models]
     masks = []
     for i in range(0, len(x), batch_size):
         batch = x[i : i + batch_size].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-            logits = model(batch)
-        logits = from_grid(logits.float(), plane, x.shape[-1])
-        masks.append(logits.argmax(1).to(torch.uint8).cpu())
+        total = None
+        for model in models:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                logits = model(batch)
+            out = from_grid(logits.float(), plane, x.shape[-1])
+            out = out.softmax(1) if len(models) > 1 else out
+            total = out if total is None else total + out
+        masks.append(total.argmax(1).to(torch.uint8).cpu())
     return torch.cat(masks).numpy()
-
-
-class Ensemble(torch.nn.Module):
-    """Several trained networks as one: the mean of their softmax probabilities, (N, K, H, W)
-    for (N, C, H, W) inputs (nnU-Net ensembles its cross-validation folds this way); its argmax
-    is the ensemble's mask."""
-
-    def __init__(self, models: list[torch.nn.Module]) -> None:
-        super().__init__()
-        self.models = torch.nn.ModuleList(models)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(x).float().softmax(1) for m in self.models]).mean(0)
-
-
-def load_predictor(source: Path, device: torch.device) -> tuple[torch.nn.Module, Any]:
-    """The model of a finished run folder or a pulled zoo entry (load_any_model), or the
-    Ensemble of a finished `segscale repeat` folder's runs (e.g. the k runs of `--vary fold`),
-    with its Plan (the first run's: a repeat's runs share one config's store and its
-    preprocessing). Raises SegscaleError for an unfinished repeat."""
-    if not (Path(source) / "repeat.json").is_file():
-        return load_any_model(source, device)
-    from segscale.repeat import finished_runs
-
-    loaded = [load_any_model(run, device) for run in finished_runs(Path(source))]
-    return Ensemble([m for m, _ in loaded]).eval(), loaded[0][1]
 
 
 class Written(list):
@@ -91,7 +72,7 @@ class Written(list):
 
 
 def predict(
-    run_dir: Path,
+    run_dir: Path | list[Path],
     inputs: list[Path],
     out_dir: Path,
     batch_size: int = 16,
@@ -100,7 +81,8 @@ def predict(
     force: bool = False,
 ) -> Written:
     """Segment `inputs` with the model of a finished run folder or of a pulled zoo entry's folder,
-    or with the ensemble of a finished repeat folder's runs (their mean softmax, see Ensemble);
+    or with several run folders as one ensemble (their mean softmax, see segment_slices: the
+    runs of a repeat share one config's store and preprocessing, which the first run gives);
     returns the masks written (out_dir/<input name>) with the model's throughput. `amp`: auto is
     bf16 on a GPU that supports it, none (fp32) elsewhere. All or nothing: the masks are written
     into a hidden folder in `out_dir` and moved into place once every input is segmented, so an
@@ -119,7 +101,10 @@ def predict(
     amp = resolve_amp(amp, dev)
     out_dir = output_dir(out_dir)  # inputs and outputs checked before the model is read
     targets = _targets(input_cases(list_images(inputs)), out_dir, force)
-    model, plan = load_predictor(run_dir, dev)  # a run, a pulled zoo entry or a repeat
+    sources = run_dir if isinstance(run_dir, list) else [run_dir]
+    loaded = [load_any_model(s, dev) for s in sources]  # runs or pulled zoo entries' folders
+    models, plan = [m for m, _ in loaded], loaded[0][1]
+    run_dir = sources[0]
     if plan.cfg.task.name != "segmentation":
         raise SegscaleError(
             f"{run_dir}: a {plan.cfg.task.name} run; `segscale predict` writes masks, for "
@@ -184,7 +169,7 @@ def predict(
         plane = Plane.of(prep, hw, inplane_spacing(affine, prep.axis) if volume else None)
         _say_degenerate(files[0], image, hw, plane.resampled)
         started = time.perf_counter()
-        masks = segment_slices(model, x, plane, batch_size, dev, amp)
+        masks = segment_slices(models, x, plane, batch_size, dev, amp)
         written.seconds += time.perf_counter() - started  # .cpu() in it waited for the device
         written.slices += len(x)
         if volume:
