@@ -243,6 +243,24 @@ def test_a_one_slice_volume_is_cut_along_its_axis_of_size_one(tmp_path):
     a = prepared_masks(tmp_path / "a", tmp_path / "store_a")
     assert len(a) == 4 * 6 + 1 and a.any()
     assert np.array_equal(prepared_masks(tmp_path / "b", tmp_path / "store_b"), a)
+    # a dataset of coronal slices stored as (X, 1, Z) records the axes it was cut in (RSA, as
+    # its (X, Z, 1) copy): the store said RAS, and predict then cut volumes axially
+    stores = {}
+    for name, transpose in (("c", False), ("d", True)):
+        raw = write_msd(tmp_path / name)
+        for path in (*(raw / "imagesTr").iterdir(), *(raw / "labelsTr").iterdir()):
+
+            def coronal(a, aff, transpose=transpose):
+                a = np.ascontiguousarray(a[:, 10:11, :])
+                if transpose:  # (X, Z, 1), the affine saying so
+                    return np.ascontiguousarray(a.transpose(0, 2, 1)), aff @ np.eye(4)[[0, 2, 1, 3]]
+                return a, aff
+
+            resave(path, coronal)
+        prepared_masks(raw, tmp_path / f"store_{name}")
+        stores[name] = Store.open(tmp_path / f"store_{name}")
+    assert stores["c"].meta["orientation"] == stores["d"].meta["orientation"] == "RSA"
+    assert np.array_equal(np.asarray(stores["c"].masks), np.asarray(stores["d"].masks))
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])

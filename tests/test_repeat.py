@@ -495,6 +495,8 @@ def test_folds_deal_every_training_case_into_one_validation_fold(store10):
         ({"folds": 3, "fold": 3}, "fold 3: expected 0..folds-1"),
         ({"fold": 1}, "fold 1: it needs folds"),
         ({"folds": 3, "val_split": None}, "folds: a fold validates"),
+        ({"folds": 3, "val_split": "test"}, "folds deals .* never the test split's"),
+        ({"split_seed": 3, "train_split": "test"}, "split_seed deals .* never the test split's"),
     ):
         with pytest.raises(SegscaleError, match=match):
             validate({**tiny_config(store10), "data": {"store": str(store10), **bad}})

@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -238,6 +239,16 @@ class DataConfig(_Strict):
     )
     fold: int = Field(0, ge=0, description="The fold that validates, 0..data.folds-1.")
 
+    @field_validator("fold")
+    @classmethod
+    def _fold_of_folds(cls, v: int, info: ValidationInfo) -> int:
+        folds = info.data.get("folds")  # (declared before fold: validated first)
+        if v and folds is None:
+            raise ValueError(f"fold {v}: it needs folds (k of k-fold cross-validation)")
+        if folds is not None and v >= folds:
+            raise ValueError(f"fold {v}: expected 0..folds-1 (folds: {folds})")
+        return v
+
     @field_validator("store")
     @classmethod
     def _absolute_store(cls, v: Path) -> Path:
@@ -280,11 +291,14 @@ class DataConfig(_Strict):
             )
         if self.folds is not None and self.val_split is None:
             raise ValueError("folds: a fold validates; it needs a val_split (val_split is null)")
-        if self.fold and (self.folds is None or self.fold >= self.folds):
+        redrawn = "folds" if self.folds is not None else "split_seed"
+        if (self.folds is not None or self.split_seed is not None) and self.test_split in (
+            self.train_split,
+            self.val_split,
+        ):
             raise ValueError(
-                f"fold {self.fold}: expected 0..folds-1 (folds: {self.folds})"
-                if self.folds is not None
-                else f"fold {self.fold}: it needs folds (k of k-fold cross-validation)"
+                f"{redrawn} deals the training and validation cases anew and never the test "
+                f"split's; train_split and val_split must not be test_split '{self.test_split}'"
             )
         if self.on_device is True and (self.transform is not None or self.num_workers):
             raise ValueError(

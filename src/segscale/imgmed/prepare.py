@@ -31,7 +31,7 @@ from segscale.imgmed.io import (
     stored_axis_codes,
 )
 from segscale.imgmed.sources import Case, Source, discover
-from segscale.imgmed.store import FORMAT, StoreWriter, is_current
+from segscale.imgmed.store import FORMAT, StoreWriter, is_current, orientation_of
 from segscale.imgmed.transforms import (
     Plane,
     Preprocessing,
@@ -136,8 +136,10 @@ def prepare(
     splits = split_cases([c.id for c in src.cases], val_fraction, test_fraction, seed)
     is_volume = src.volumes
     # every volume in the axes most of them are stored in: slices then cut one anatomical plane
+    # (one slice is cut along its axis of size 1 as it is: it has no vote)
     stored = case_orientations(src) if is_volume else {}
-    orientation = common_axis_codes(stored)
+    flat = one_slice_cases(src) if is_volume else set()
+    orientation = common_axis_codes({c: v for c, v in stored.items() if c not in flat})
     partial.mkdir(parents=True, exist_ok=True)
     # a chunk depends on its case's files and the per-case settings, not on the split
     setting = json.dumps(
@@ -197,7 +199,10 @@ def prepare(
             },  # raw mask value → class
             "channel_names": _channel_names(src, prep, channels, cases_meta),
             # what predict reorients a volume to (the zoo ships it without the cases)
-            "orientation": orientation,
+            # (a dataset of one-slice volumes: the axes they were cut in, as prepared)
+            "orientation": orientation
+            if orientation is not None
+            else orientation_of([c for c in cases_meta if c["stored_axes"] is not None]),
             **params,
             "input_hash": input_hash,
         }
@@ -336,6 +341,24 @@ def case_orientations(src: Source) -> dict[str, str | None]:
                 out[case.id] = stored_axis_codes(nifti_header(case.images[0]))
         except DataError:
             out[case.id] = None
+    return out
+
+
+def one_slice_cases(src: Source) -> set[str]:
+    """The volume cases of one slice, from their first image's header alone: a NIfTI of shape
+    (X, Y), or with an axis of size 1 among its first three; a DICOM series of one file."""
+    out = set()
+    for case in src.cases:
+        try:
+            if src.kind == "dicom":
+                one = len(list_files(case.images[0])) == 1
+            else:
+                shape = nifti_header(case.images[0]).get_data_shape()
+                one = len(shape) == 2 or 1 in shape[:3]
+        except (DataError, OSError):  # the case's own refusal says why
+            continue
+        if one:
+            out.add(case.id)
     return out
 
 
