@@ -150,7 +150,11 @@ def test_check_lists_every_file_that_makes_no_case_beside_the_cases_it_can_read(
     assert "image without a label; expected" in refused["case_006.nii.gz"]
     assert "stray.nii.gz: label not listed in" in refused["stray.nii.gz"]
     assert "label values [7] not declared" in refused["case_002"]  # still read and checked
-    assert len(result.cases) == 8
+    assert len(result.cases) == 8 and sum(c.stray for c in result.cases) == 3
+    done = cli("imgmed", "check", raw)  # the files are not counted as cases
+    title = " ".join(done.stdout.split())  # (rich wraps the title)
+    assert done.returncode == 1 and ": 5 cases, 3 file(s) that make no case" in title
+    assert "2 of 5 cases would be refused by prepare; 3 file(s) make no case" in done.stderr
     with pytest.raises(DataError, match=r"3 files make no case \(no case was read\)") as e:
         prepare(raw, tmp_path / "out", Preprocessing(size=16), progress=False)
     for name in ("case_005.nii.gz: image without", "case_006.nii.gz: image", "stray.nii.gz: label"):

@@ -1033,7 +1033,10 @@ def imgmed_check_cmd(
     if result.refused:
         typer.echo(f"refused: {result.refused}", err=True)
         raise typer.Exit(1)
-    table = Table(title=escape(f"{source}: {len(result.cases)} cases"))
+    cases = [c for c in result.cases if not c.stray]
+    strays = len(result.cases) - len(cases)
+    extra = f", {strays} file(s) that make no case" if strays else ""
+    table = Table(title=escape(f"{source}: {len(cases)} cases{extra}"))
     for col in ("case", "status", "shape", "spacing (mm)", "axes", "classes", "problems"):
         table.add_column(col, overflow="fold")
     for c in result.cases:
@@ -1051,11 +1054,14 @@ def imgmed_check_cmd(
     console.print(table)
     for line in [*result.notes, *result.skipped]:
         console.print(f"note: {escape(line)}")
-    refused = sum(1 for c in result.cases if c.refused)
-    if refused:
-        typer.echo(f"{refused} of {len(result.cases)} cases would be refused by prepare", err=True)
+    refused = sum(1 for c in cases if c.refused)
+    if refused or strays:
+        said = [f"{refused} of {len(cases)} cases would be refused by prepare"] if refused else []
+        if strays:  # prepare refuses these before it reads any case
+            said.append(f"{strays} file(s) make no case, which prepare refuses first")
+        typer.echo("; ".join(said), err=True)
         raise typer.Exit(1)
-    typer.echo(f"all {len(result.cases)} cases can be prepared")
+    typer.echo(f"all {len(cases)} cases can be prepared")
 
 
 @imgmed_app.command("info")

@@ -568,6 +568,7 @@ def _score_pair(
     value_to_class: dict[int, int],
     ignore: int | None,
     apart: list[tuple[Path, list[int], list[int]]],
+    source: str = "declared",
 ) -> tuple[CaseEval, int]:
     """One case of evaluate_folders: read, checked against the label values (`value_to_class`:
     raw value → class, 0 the background; `ignore`: the reference's value for unannotated
@@ -583,7 +584,7 @@ def _score_pair(
     ):
         undeclared = sorted(found - allowed)
         if undeclared:
-            raise DataError(f"{path}: label values {undeclared} not declared (declared: {values})")
+            raise DataError(f"{path}: label values {undeclared} not declared ({source}: {values})")
     fg_p, fg_r = found_p - background, found_r - background - {ignore}
     if fg_p and fg_r and not fg_p & fg_r:
         apart.append((pred, sorted(fg_p), sorted(fg_r)))
@@ -696,7 +697,9 @@ def evaluate_folders(
     apart: list[tuple[Path, list[int], list[int]]] = []
     with progress_bar(True, "scoring", len(pairs)) as advance:
         for ref, pred in pairs:
-            result, unannotated = _score_pair(pred, ref, value_to_class, ignore, apart)
+            result, unannotated = _score_pair(
+                pred, ref, value_to_class, ignore, apart, "--label-map" if label_map else "declared"
+            )
             results.append(result)
             ignored += unannotated
             advance()

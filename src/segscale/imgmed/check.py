@@ -32,6 +32,7 @@ class CaseReport:
     channels: int | None = None
     refused: str | None = None  # what prepare would refuse, or None
     notes: list[str] = field(default_factory=list)  # worth a look, not refused
+    stray: bool = False  # a file that makes no case (an image without a label, ...), not a case
 
 
 @dataclass
@@ -63,7 +64,9 @@ def check_source(
     except DataError as e:
         return Check(None, [], skipped, [], refused=str(e))
     # files that make no case: each a refused row, beside the cases that can be read
-    reports = [CaseReport(Path(p.partition(": ")[0]).name, refused=p) for p in src.unpaired]
+    reports = [
+        CaseReport(Path(p.partition(": ")[0]).name, refused=p, stray=True) for p in src.unpaired
+    ]
     affines = []
     with progress_bar(progress, f"checking {src.name}", len(src.cases)) as advance:
         for case in src.cases:

@@ -462,7 +462,7 @@ def _channel_names(
         raise DataError(
             f"{src.root / 'dataset.json'}: declares {len(names)} channel(s) "
             f"({', '.join(names)}), but the images hold {odd[0].get('source_channels', unpicked)} "
-            f"(e.g. {odd[0]['id']}; a colour picture is 3)"
+            f"(e.g. {odd[0]['id']}" + ("" if src.volumes else "; a colour picture is 3") + ")"
         )
     if prep.channels is not None:
         return [names[c] if c < len(names) else f"channel_{c}" for c in prep.channels]

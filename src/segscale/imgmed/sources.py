@@ -140,7 +140,9 @@ def _read_dataset_json(root: Path, problems: list[str]) -> Source:
             "correct numTraining or add the missing cases"
         )
     if not cases:
-        raise DataError(f"{path}: no case has both its image and its label ({problems[0]})")
+        raise DataError(
+            f"{path}: no case has all its files (image or channel files, and label): {problems[0]}"
+        )
     volumes = all(has_suffix(p, NIFTI_SUFFIXES) for p in cases[0].images)
     name = str(meta.get("name", root.name))
     declared_channels = "channel_names" in meta or "modality" in meta
