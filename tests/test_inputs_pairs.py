@@ -448,6 +448,9 @@ def test_channels_picked_by_name_are_refused_when_dataset_json_miscounts_them(tm
             DataError, match=r"declares 4 channel\(s\) .* images hold 3 \(e.g. case_"
         ):
             prepare(raw, tmp_path / "s", Preprocessing(size=16, channels=channels), **kw)
+    # a name past the images' channels: each case refused, and the declared names questioned
+    with pytest.raises(DataError, match=r"out of range(.|\n)*declares 4 channel\(s\) .* do they"):
+        prepare(raw, tmp_path / "s", Preprocessing(size=16, channels=(3,)), **kw)
     report = check_source(raw, progress=False)
     assert not report.ok
     assert all("3 channel(s); dataset.json declares 4" in c.refused for c in report.cases)

@@ -164,6 +164,14 @@ def prepare(
             resumed=len(src.cases) - len(todo),
             orientations={cid: (codes, orientation) for cid, codes in stored.items()},
         )
+    except DataError as e:  # --channels picked by names that do not fit the images
+        if src.channels_declared and prep.channels is not None and "out of range" in str(e):
+            raise DataError(
+                f"{e}\n{src.root / 'dataset.json'} declares {len(src.channel_names)} channel(s) "
+                f"({', '.join(src.channel_names)}), which --channels picks by: do they match "
+                "the images?"
+            ) from None
+        raise
     except KeyboardInterrupt:
         kept = sum(chunks[c.id].is_file() for c in src.cases)
         raise Preempted(
