@@ -260,6 +260,14 @@ def test_a_one_slice_volume_is_cut_along_its_axis_of_size_one(tmp_path):
         prepared_masks(raw, tmp_path / f"store_{name}")
         stores[name] = Store.open(tmp_path / f"store_{name}")
     assert stores["c"].meta["orientation"] == stores["d"].meta["orientation"] == "RSA"
+    # beside axial volumes, a coronal slice is said to be one
+    raw = write_msd(tmp_path / "e")
+    for folder in ("imagesTr", "labelsTr"):
+        resave(raw / folder / "case_000.nii.gz", lambda a, aff: (a[:, 10:11, :], aff))
+    with pytest.warns(
+        UserWarning, match=r"1 one-slice case\(s\) \(e.g. case_000: coronal\) .* \(axial\)"
+    ):
+        prepared_masks(raw, tmp_path / "store_e")
     assert np.array_equal(np.asarray(stores["c"].masks), np.asarray(stores["d"].masks))
 
 

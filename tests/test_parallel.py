@@ -425,7 +425,7 @@ def test_schedule_refuses_a_picture_it_cannot_write(tmp_path, real_store):
     config = write_config(tmp_path, real_store, "sched")
     (tmp_path / "file").write_text("")
     for out, message in [
-        (tmp_path / "file" / "lr.png", "a file; give a folder"),
+        (tmp_path / "file" / "lr.png", "is a file or inside one"),
         (tmp_path / "lr.txt", "expected a .png, .pdf or .svg"),
     ]:
         r = cli("schedule", config, "--out", out)

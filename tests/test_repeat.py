@@ -325,7 +325,9 @@ def test_compare_runs_and_repeats_with_a_paired_test(tmp_path, store10):
     assert r.returncode == 0 and (tmp_path / "new" / "where.md").is_file()
     (tmp_path / "file").write_text("")
     r = cli("methods", b, "--out", tmp_path / "file" / "where.md")
-    assert r.returncode == 2 and "a file; give a folder" in r.stderr and "Traceback" not in r.stderr
+    assert (
+        r.returncode == 2 and "is a file or inside one" in r.stderr and "Traceback" not in r.stderr
+    )
     # what the record lacks is said, never guessed; an unfinished run is not described
     from segscale.methods import methods
 
@@ -591,4 +593,11 @@ def test_predict_with_a_repeat_folder_is_the_ensemble_of_its_runs(tmp_path):
     # an unfinished repeat is no ensemble
     (out / "variability.json").unlink()
     done = cli("predict", out, images[0], "--out", tmp_path / "pred2")
-    assert done.returncode == 2 and "an unfinished repeat (2 of 2 runs tested)" in done.stderr
+    assert done.returncode == 2
+    assert "an unfinished repeat (2 of 2 runs tested, no variability.json)" in done.stderr
+    # a finished repeat whose run was moved away: one line before any ensemble is announced
+    (out / "variability.json").write_text("{}")
+    shutil.move(out / "run-2", tmp_path / "elsewhere")
+    done = cli("predict", out, images[0], "--out", tmp_path / "pred3")
+    assert done.returncode == 2 and "run-2 has no model.pt (moved or deleted?)" in done.stderr
+    assert "ensemble" not in done.stdout

@@ -169,7 +169,12 @@ def output_file(path: Path, option: str = "--out", overwrite: bool = True) -> Pa
         raise SegscaleError(f"{option} {path}: exists and is not a regular file; give a file name")
     if path.exists() and not overwrite:
         raise SegscaleError(f"{option} {path}: exists; give another name or --force to replace it")
-    output_dir(path.parent, option)
+    try:
+        output_dir(path.parent, option)
+    except SegscaleError:  # named for what was given: a file's path, not a folder
+        raise SegscaleError(
+            f"{option} {path}: its folder {path.parent} is a file or inside one"
+        ) from None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

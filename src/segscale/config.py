@@ -239,6 +239,23 @@ class DataConfig(_Strict):
     )
     fold: int = Field(0, ge=0, description="The fold that validates, 0..data.folds-1.")
 
+    @field_validator("split_seed", "folds")
+    @classmethod
+    def _never_the_test_split(cls, v: int | None, info: ValidationInfo) -> int | None:
+        # (the split names are declared before both: validated first)
+        d = info.data
+        test = d.get("test_split")
+        if (
+            v is not None
+            and test is not None
+            and test in (d.get("train_split"), d.get("val_split"))
+        ):
+            raise ValueError(
+                f"{info.field_name} deals the training and validation cases anew and never the "
+                f"test split's; train_split and val_split must not be test_split '{test}'"
+            )
+        return v
+
     @field_validator("fold")
     @classmethod
     def _fold_of_folds(cls, v: int, info: ValidationInfo) -> int:
@@ -291,15 +308,6 @@ class DataConfig(_Strict):
             )
         if self.folds is not None and self.val_split is None:
             raise ValueError("folds: a fold validates; it needs a val_split (val_split is null)")
-        redrawn = "folds" if self.folds is not None else "split_seed"
-        if (self.folds is not None or self.split_seed is not None) and self.test_split in (
-            self.train_split,
-            self.val_split,
-        ):
-            raise ValueError(
-                f"{redrawn} deals the training and validation cases anew and never the test "
-                f"split's; train_split and val_split must not be test_split '{self.test_split}'"
-            )
         if self.on_device is True and (self.transform is not None or self.num_workers):
             raise ValueError(
                 "on_device gathers batches on the device, without per-sample work: it cannot "

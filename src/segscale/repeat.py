@@ -204,11 +204,18 @@ def finished_runs(folder: Path) -> list[Path]:
     planned = state.get("signature", {}).get("runs", len(state["runs"]))
     tested = [r for _, r in sorted(state["runs"].items(), key=lambda kv: int(kv[0])) if "test" in r]
     if len(tested) < planned or not (folder / "variability.json").is_file():
-        raise SegscaleError(
-            f"{folder}: an unfinished repeat ({len(tested)} of {planned} runs tested); rerun its "
-            "`segscale repeat` command to finish it"
+        done = f"{len(tested)} of {planned} runs tested" + (
+            ", no variability.json" if len(tested) >= planned else ""
         )
-    return [folder / Path(r["run_dir"]).name for r in tested]
+        raise SegscaleError(
+            f"{folder}: an unfinished repeat ({done}); rerun its `segscale repeat` command to "
+            "finish it"
+        )
+    runs = [folder / Path(r["run_dir"]).name for r in tested]
+    lost = [r.name for r in runs if not (r / "model.pt").is_file()]
+    if lost:
+        raise SegscaleError(f"{folder}: {', '.join(lost)} has no model.pt (moved or deleted?)")
+    return runs
 
 
 def _scores(run_dir: Path, split: str, workers: int, i: int) -> dict[str, float]:

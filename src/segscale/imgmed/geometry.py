@@ -178,6 +178,22 @@ def one_slice_on_axis(
     return moved, np.asarray(affine, float) @ inv_ornt_aff(there, array.shape[:3]), back
 
 
+PLANES = {
+    "L": "sagittal",
+    "R": "sagittal",
+    "A": "coronal",
+    "P": "coronal",
+    "I": "axial",
+    "S": "axial",
+}
+
+
+def plane_across(codes: str, axis: int) -> str:
+    """The anatomical plane of slices cut across array `axis` of a volume in axes `codes`
+    ('RAS', 2 → 'axial')."""
+    return PLANES[codes[axis]]
+
+
 def common_axis_codes(codes: dict[str, str | None]) -> str | None:
     """The axis codes most cases share ({case id: codes, None where unknown}), None when none is
     known."""

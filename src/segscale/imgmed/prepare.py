@@ -16,10 +16,12 @@ from segscale._progress import progress_bar
 from segscale.errors import DataError, Preempted
 from segscale.imgmed.files import list_files
 from segscale.imgmed.geometry import (
+    axis_codes,
     common_axis_codes,
     dataset_notes,
     one_slice_on_axis,
     onto_grid,
+    plane_across,
     split_majority,
     to_axis_codes,
 )
@@ -234,6 +236,23 @@ def prepare(
             "cut one anatomical plane",
             stacklevel=2,
         )
+    if orientation is not None:  # one slice is cut as it is: maybe in another plane
+        plane = plane_across(orientation, prep.axis)
+        other = [
+            c
+            for c in cases_meta
+            if 1 in c["shape"][:3]
+            and c["stored_axes"] is not None
+            and plane_across(axis_codes(c["affine"]), prep.axis) != plane
+        ]
+        if other:
+            c = other[0]
+            warnings.warn(
+                f"{len(other)} one-slice case(s) (e.g. {c['id']}: "
+                f"{plane_across(axis_codes(c['affine']), prep.axis)}) are cut in another plane "
+                f"than the other volumes ({plane}): the network learns both",
+                stacklevel=2,
+            )
     small = [c for c in cases_meta if min(c.get("resampled") or [prep.size]) < MIN_PLANE]
     if prep.spacing is not None and small:
         c = small[0]
