@@ -287,6 +287,7 @@ def test_compare_runs_and_repeats_with_a_paired_test(tmp_path, store10):
     rep.mkdir()
     runs = {
         str(i): {
+            "run_dir": f"run-{i}",
             "test": {"dice": d, "mean_iou": d},
             "cases": {c: v["b"] - 0.01 * i for c, v in cases.items()},
         }
@@ -318,6 +319,12 @@ def test_compare_runs_and_repeats_with_a_paired_test(tmp_path, store10):
         SegscaleError, match="scored on 'test', not 'val'; compare with --split test"
     ):
         compare(rep, b, split="val")
+    damaged = {**runs, "2": {**runs["2"], "cases": [0.5]}}  # not the shape repeat writes
+    (rep / "repeat.json").write_text(json.dumps({"runs": damaged}))
+    with pytest.raises(
+        SegscaleError, match=r"repeat.json: unreadable repeat state \(a run's entry"
+    ):
+        compare(b, rep)
     (rep / "repeat.json").write_text('{"runs": ')  # torn: one line naming the file
     with pytest.raises(SegscaleError, match=r"repeat.json: unreadable repeat state \(not JSON"):
         compare(b, rep)

@@ -18,6 +18,7 @@ from segscale._files import EVALUATION, output_file, read_record, to_json, write
 from segscale.config import load_config
 from segscale.engine import require_segmentation
 from segscale.errors import SegscaleError
+from segscale.repeat import STATE, read_repeat
 from segscale.stats import paired, spread
 
 METRICS = ("dice", "mean_iou", "pixel_accuracy", "mean_accuracy", "fw_iou", "hd95", "assd")
@@ -29,28 +30,22 @@ def scores_of(path: Path, split: str) -> dict[str, Any]:
     mean)}} of a run folder or a repeat folder. Raises SegscaleError for anything else, a run
     of another task, an unevaluated run, or a record that cannot be read."""
     path = path.resolve()
-    if (path / "repeat.json").exists():
-        state = read_record(path / "repeat.json", ("runs",), "repeat state")
-        tested = _repeat_split(path, state)
+    if (path / STATE).exists():
+        repeat = read_repeat(path)
+        tested = _repeat_split(path, repeat.state)
         if split != tested:
             raise SegscaleError(
                 f"{path}: its runs were scored on '{tested}', not '{split}'; "
                 f"compare with --split {tested}"
             )
-        runs = [
-            r for _, r in sorted(state["runs"].items(), key=lambda kv: int(kv[0])) if "test" in r
-        ]
+        runs = repeat.tested
         if not runs:
             raise SegscaleError(f"{path}: no run of this repeat has been tested yet; finish it")
-        if any(
-            not isinstance(r.get("cases"), dict) or not isinstance(r["test"], dict) for r in runs
-        ):
-            raise SegscaleError(f"{path / 'repeat.json'}: unreadable repeat state (a run's scores)")
         cases = set.intersection(*(set(r["cases"]) for r in runs))
         return {
             "kind": "repeat",
             "runs": len(runs),
-            "planned": state.get("signature", {}).get("runs", len(runs)),
+            "planned": repeat.planned,
             "metrics": {m: [r["test"][m] for r in runs] for m in METRICS if m in runs[0]["test"]},
             "cases": {c: sum(r["cases"][c] for r in runs) / len(runs) for c in sorted(cases)},
         }

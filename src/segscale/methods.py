@@ -18,6 +18,7 @@ from segscale.config import RunConfig, load_config
 from segscale.engine import check_same_store, check_store_exists
 from segscale.errors import SegscaleError
 from segscale.imgmed.store import Store
+from segscale.repeat import STATE, read_repeat
 
 FIG_5_5 = "thesis Fig. 5.5"
 CLAIM = "CLAIM"
@@ -35,12 +36,11 @@ def _record(target: Path) -> dict[str, Any]:
     target = target.resolve()
     repeat = None
     run_dir = target
-    if (target / "repeat.json").exists():
-        repeat = read_record(target / "repeat.json", ("runs",), "repeat state")
-        runs = sorted(repeat["runs"].items(), key=lambda kv: int(kv[0]))
-        if not runs:
+    if (target / STATE).exists():
+        repeat = read_repeat(target)
+        if not repeat.runs:
             raise SegscaleError(f"{target}: a repeat folder with no run yet")
-        run_dir = target / Path(runs[0][1]["run_dir"]).name  # where the folder is now
+        run_dir = repeat.run_dir(repeat.runs[0])
     if not (run_dir / "config.yaml").is_file():
         raise SegscaleError(f"{target}: neither a run folder nor a `segscale repeat` folder")
     cfg = load_config(run_dir / "config.yaml")
@@ -56,16 +56,10 @@ def _record(target: Path) -> dict[str, Any]:
         )
     variability = None
     if repeat is not None:
-        variability = _optional(
+        repeat.require_finished()
+        variability = read_record(
             target / "variability.json", ("runs", "vary", "metrics"), "repeat report", True
         )
-        if variability is None:
-            tested = sum("test" in r for _, r in runs)
-            planned = repeat.get("signature", {}).get("runs", len(runs))
-            raise SegscaleError(
-                f"{target}: an unfinished repeat ({tested} of {planned} runs tested, no "
-                "variability.json); rerun its `segscale repeat` command to finish it"
-            )
     check_store_exists(run_dir, cfg)
     store = Store.open(cfg.data.store)  # read once; a damaged one is one line
     # it describes the store as the run used it: one prepared again since is refused

@@ -99,9 +99,9 @@ def repeat(
             f"--vary fold trains one run per fold, --runs {options.runs} of them; the config sets "
             f"data.folds {cfg.data.folds}: give --runs {cfg.data.folds}, or leave folds out"
         )
-    if options.vary == "fold":  # every fold has a case: refused here, not at run k
-        plan(cfg.model_copy(update={"data": cfg.data.model_copy(update={"folds": options.runs})}))
-    plan(cfg).check(options.workers)
+    # with --vary fold the runs' own data.folds: a fold without a case is refused here, not at run k
+    folds = {"folds": options.runs} if options.vary == "fold" else {}
+    plan(cfg.model_copy(update={"data": cfg.data.model_copy(update=folds)})).check(options.workers)
     if options.workers > 1:
         start_worker_server()
     out = out.resolve()
@@ -168,15 +168,10 @@ def repeat(
                             f"stopped during run-{i + 1}; rerun the same command to continue"
                         )
                     raise SegscaleError(f"run-{i + 1} failed (exit code {code}); see above")
-            result = run_dir / f"evaluation-{split}.json"
-            code = launch(
-                ["evaluate", str(run_dir), "--split", split, "--out", str(result)], options.workers
-            )
-            if code != 0:
-                raise SegscaleError(f"evaluating run-{i + 1} on '{split}' failed (exit {code})")
-            evaluation = read_record(result, EVALUATION, "evaluation", metrics=True)
+            evaluation = _evaluate(run_dir, split, options.workers, i)
             if options.vary == "fold":  # its own fold, which it did not train on
-                entry["held_out"] = _scores(run_dir, cfg.data.val_split, options.workers, i)
+                held_out = _evaluate(run_dir, cfg.data.val_split, options.workers, i)
+                entry["held_out"] = {c["case"]: c["dice"] for c in held_out["cases"]}
             entry["seconds"] = entry.get("seconds", 0.0) + time.monotonic() - t0
             entry["test"] = {m: evaluation["dataset"].get(m) for m in DATASET_METRICS} | {
                 m: evaluation["case_summary"][m]["mean"] for m in CASE_METRICS
@@ -197,35 +192,82 @@ def repeat(
     return report
 
 
+@dataclass(frozen=True)
+class RepeatRecord:
+    """A `segscale repeat` folder as read back from its OUT/repeat.json: `runs` are the state's
+    run entries in run order, `planned` the --runs it was started with."""
+
+    folder: Path
+    state: dict[str, Any]
+    runs: list[dict[str, Any]]
+    planned: int
+
+    @property
+    def tested(self) -> list[dict[str, Any]]:
+        """The runs scored on the test split (each with its 'test' metrics and per-case Dice)."""
+        return [r for r in self.runs if "test" in r]
+
+    def run_dir(self, entry: dict[str, Any]) -> Path:
+        """A run's folder where the repeat folder is now (a moved repeat still finds its runs)."""
+        return self.folder / Path(entry["run_dir"]).name
+
+    def require_finished(self) -> None:
+        """Raises SegscaleError unless every planned run was tested and the report written."""
+        tested = len(self.tested)
+        if tested < self.planned or not (self.folder / "variability.json").is_file():
+            done = f"{tested} of {self.planned} runs tested" + (
+                ", no variability.json" if tested >= self.planned else ""
+            )
+            raise SegscaleError(
+                f"{self.folder}: an unfinished repeat ({done}); rerun its `segscale repeat` "
+                "command to finish it"
+            )
+
+
+def read_repeat(folder: Path) -> RepeatRecord:
+    """The repeat state of `folder` (a `segscale repeat` OUT folder). Raises SegscaleError when
+    OUT/repeat.json cannot be read or a run's entry is not what repeat writes."""
+    folder = folder.resolve()
+    state = read_record(folder / STATE, ("runs",), "repeat state")
+    entries = state["runs"]
+    try:
+        runs = [entries[k] for k in sorted(entries, key=int)]
+    except (TypeError, ValueError):
+        runs = None
+    if runs is None or any(
+        not isinstance(r, dict)
+        or not isinstance(r.get("run_dir"), str)
+        or ("test" in r and not (isinstance(r["test"], dict) and isinstance(r.get("cases"), dict)))
+        for r in runs
+    ):
+        raise SegscaleError(f"{folder / STATE}: unreadable repeat state (a run's entry)")
+    signature = state.get("signature")
+    planned = signature.get("runs") if isinstance(signature, dict) else None
+    return RepeatRecord(folder, state, runs, planned if isinstance(planned, int) else len(runs))
+
+
 def finished_runs(folder: Path) -> list[Path]:
     """The run folders of a finished `segscale repeat` folder, in run order (found where the
     folder is now). Raises SegscaleError for an unfinished repeat or a damaged state."""
-    state = read_record(folder / STATE, ("runs",), "repeat state")
-    planned = state.get("signature", {}).get("runs", len(state["runs"]))
-    tested = [r for _, r in sorted(state["runs"].items(), key=lambda kv: int(kv[0])) if "test" in r]
-    if len(tested) < planned or not (folder / "variability.json").is_file():
-        done = f"{len(tested)} of {planned} runs tested" + (
-            ", no variability.json" if len(tested) >= planned else ""
-        )
-        raise SegscaleError(
-            f"{folder}: an unfinished repeat ({done}); rerun its `segscale repeat` command to "
-            "finish it"
-        )
-    runs = [folder / Path(r["run_dir"]).name for r in tested]
+    record = read_repeat(folder)
+    record.require_finished()
+    runs = [record.run_dir(r) for r in record.tested]
     lost = [r.name for r in runs if not (r / "model.pt").is_file()]
     if lost:
-        raise SegscaleError(f"{folder}: {', '.join(lost)} has no model.pt (moved or deleted?)")
+        raise SegscaleError(
+            f"{record.folder}: {', '.join(lost)} has no model.pt (moved or deleted?)"
+        )
     return runs
 
 
-def _scores(run_dir: Path, split: str, workers: int, i: int) -> dict[str, float]:
-    """Per-case Dice of a run on one of its store's splits (`segscale evaluate`)."""
+def _evaluate(run_dir: Path, split: str, workers: int, i: int) -> dict[str, Any]:
+    """Run i's evaluation on one of its store's splits (`segscale evaluate` on `workers`
+    workers), as its evaluation-SPLIT.json. Raises SegscaleError when evaluate fails."""
     result = run_dir / f"evaluation-{split}.json"
     code = launch(["evaluate", str(run_dir), "--split", split, "--out", str(result)], workers)
     if code != 0:
         raise SegscaleError(f"evaluating run-{i + 1} on '{split}' failed (exit {code})")
-    evaluation = read_record(result, EVALUATION, "evaluation", metrics=True)
-    return {c["case"]: c["dice"] for c in evaluation["cases"]}
+    return read_record(result, EVALUATION, "evaluation", metrics=True)
 
 
 def _save(out: Path, state: dict[str, Any]) -> None:
