@@ -87,6 +87,12 @@ def test_a_rule_over_a_section_names_the_file_line_and_the_override_inside_it(tm
     msg = str(e.value)
     assert msg.startswith(f"{path}:10 and override 'train.schedule.poly_power=2': ")
     assert "poly_power takes effect only with decay: poly" in msg and "seed=1" not in msg
+    # a rule over two keys of a section names the override of each, not others in the section
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["data.num_workers=1", "data.folds=3", "data.val_split=test"])
+    msg = str(e.value)
+    assert "override 'data.folds=3' and override 'data.val_split=test': key 'data': " in msg
+    assert "val_split must not be test_split 'test'" in msg and "num_workers" not in msg
 
 
 def test_missing_key_and_bad_yaml(tmp_path):

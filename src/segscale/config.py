@@ -239,23 +239,6 @@ class DataConfig(_Strict):
     )
     fold: int = Field(0, ge=0, description="The fold that validates, 0..data.folds-1.")
 
-    @field_validator("split_seed", "folds")
-    @classmethod
-    def _never_the_test_split(cls, v: int | None, info: ValidationInfo) -> int | None:
-        # (the split names are declared before both: validated first)
-        d = info.data
-        test = d.get("test_split")
-        if (
-            v is not None
-            and test is not None
-            and test in (d.get("train_split"), d.get("val_split"))
-        ):
-            raise ValueError(
-                f"{info.field_name} deals the training and validation cases anew and never the "
-                f"test split's; train_split and val_split must not be test_split '{test}'"
-            )
-        return v
-
     @field_validator("fold")
     @classmethod
     def _fold_of_folds(cls, v: int, info: ValidationInfo) -> int:
@@ -301,6 +284,15 @@ class DataConfig(_Strict):
         if unread and not a.enabled and "enabled" not in a.model_fields_set:
             takes = "takes" if len(unread) == 1 else "take"
             raise ValueError(f"augment: {', '.join(unread)} {takes} effect only with enabled: true")
+        for key in ("split_seed", "folds"):
+            # a rule over several keys: checked on the section, so the error names every
+            # override inside it (data.folds=3 and data.val_split=test), not only the last
+            clash = [k for k in ("train_split", "val_split") if getattr(self, k) == self.test_split]
+            if getattr(self, key) is not None and clash:
+                raise ValueError(
+                    f"{key} deals the training and validation cases anew and never the test "
+                    f"split's; {' and '.join(clash)} must not be test_split '{self.test_split}'"
+                )
         if self.split_seed is not None and self.val_split is None:
             raise ValueError(
                 "split_seed draws which training cases validate: it needs a val_split "
@@ -1086,6 +1078,10 @@ def validate(
         given = [o for o, k in keys if key == k or key.startswith(k + ".")]
         # a rule over a whole section can fail on what the file and overrides set inside it
         inside = [o for o, k in keys if not key or k.startswith(key + ".")]
+        if err["type"] == "value_error":  # such a rule names the keys it reads: those overrides
+            rule = str(err["ctx"]["error"])
+            named = [o for o in inside if re.search(rf"\b{re.escape(_leaf(o))}\b", rule)]
+            inside = named or inside
         line, whole = _line_of(text, loc) if text else (None, False)
         where = f"{source}:{line}" if line else source
         if given:
@@ -1094,6 +1090,11 @@ def validate(
             named = " and ".join(f"override '{o}'" for o in inside)
             where = f"{where} and {named}" if whole or not key else named
         raise ConfigError(f"{where}: {_describe(err, loc)}") from None
+
+
+def _leaf(override: str) -> str:
+    """The last key of an override: 'folds' of 'data.folds=3'."""
+    return override.partition("=")[0].rpartition(".")[2]
 
 
 def _is_union_member(part: Any) -> bool:
