@@ -1019,8 +1019,9 @@ def imgmed_check_cmd(
     ] = 2,
 ) -> None:
     """Check a raw dataset before preparing it: every problem of every case in one pass (what
-    prepare would refuse, and what is worth a look), as a table; exit 1 when any case would be
-    refused."""
+    prepare would refuse, and what is worth a look), as a table with the problems numbered
+    below it; exit 1 when any case would be refused."""
+    from rich import box
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -1036,12 +1037,28 @@ def imgmed_check_cmd(
     cases = [c for c in result.cases if not c.stray]
     strays = len(result.cases) - len(cases)
     extra = f", {strays} file(s) that make no case" if strays else ""
-    table = Table(title=escape(f"{source}: {len(cases)} cases{extra}"))
+    # no vertical rules: the row of a 3D case fits 80 columns
+    table = Table(
+        title=escape(f"{source}: {len(cases)} cases{extra}"),
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
     for col in ("case", "status", "shape", "spacing (mm)", "axes", "classes", "problems"):
         table.add_column(col, overflow="fold")
+    # a problem names files and geometry: in a cell it folds into a column of fragments, so the
+    # table shows its number and the problem is one line below (wrapped by the terminal)
+    problems: list[str] = []
     for c in result.cases:
         status = "[red]refused[/red]" if c.refused else "[yellow]look[/yellow]" if c.notes else "ok"
         spacing = "×".join(f"{v:.3g}" for v in c.spacing) if c.spacing else "-"
+        numbers = []
+        for kind, text in [
+            *([("refused", c.refused)] if c.refused else []),
+            *(("look", n) for n in c.notes),
+        ]:
+            problems.append(f"{escape(c.case)} ({kind}): {escape(text)}")
+            numbers.append(str(len(problems)))
         table.add_row(
             escape(c.case),
             status,
@@ -1049,11 +1066,13 @@ def imgmed_check_cmd(
             spacing,
             c.axes or "-",
             ",".join(map(str, c.classes)) or "-",
-            escape("; ".join([*([c.refused] if c.refused else []), *c.notes])),
+            ", ".join(numbers),
         )
     console.print(table)
+    for i, line in enumerate(problems, 1):
+        console.print(f"{i}. {line}", soft_wrap=True, highlight=False)
     for line in [*result.notes, *result.skipped]:
-        console.print(f"note: {escape(line)}")
+        console.print(f"note: {escape(line)}", soft_wrap=True, highlight=False)
     refused = sum(1 for c in cases if c.refused)
     if refused or strays:
         said = [f"{refused} of {len(cases)} cases would be refused by prepare"] if refused else []
