@@ -534,6 +534,12 @@ def test_repeat_vary_fold_scores_each_training_case_by_the_run_that_held_it_out(
             assert cv["cases"][case["case"]] == pytest.approx(case["dice"], nan_ok=True)
             pooled.append(case["case"])
     assert sorted(pooled) == sorted(cv["cases"]) and len(pooled) == len(set(pooled))
+    assert {c for c, f in cv["fold_of"].items() if f == 1} == {
+        c["case"] for c in json.loads((out / "run-2" / "evaluation-val.json").read_text())["cases"]
+    }
+    from PIL import Image
+
+    assert Image.open(out / "variability.png").size[0] > 1500  # the third panel: the folds
     defined = [d for d in cv["cases"].values() if d == d]
     assert cv["dice"]["n"] == len(defined)
     assert cv["dice"]["mean"] == pytest.approx(np.mean(defined))

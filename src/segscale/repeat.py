@@ -313,8 +313,9 @@ def variability(
 
 def cross_validation(runs: list[dict[str, Any]], state: dict[str, Any]) -> dict[str, Any]:
     """k-fold cross-validation's score: each training case's Dice from the run whose fold held it
-    out, pooled over the folds (nnU-Net's cross-validation summary), and each fold's mean. A
-    case without a defined Dice (no foreground in either mask) is left out and counted."""
+    out, pooled over the folds (nnU-Net's cross-validation summary), each fold's mean, and
+    which fold (0..k-1) held each case out. A case without a defined Dice (no foreground in
+    either mask) is left out and counted."""
     cases = {c: d for r in runs for c, d in r["held_out"].items()}
     defined = {c: d for c, d in cases.items() if d == d}
     folds = [[d for d in r["held_out"].values() if d == d] for r in runs]
@@ -324,6 +325,7 @@ def cross_validation(runs: list[dict[str, Any]], state: dict[str, Any]) -> dict[
         "excluded": sorted(set(cases) - set(defined)),
         "per_fold": [float(np.mean(f)) if f else float("nan") for f in folds],
         "cases": cases,
+        "fold_of": {c: i for i, r in enumerate(runs) for c in r["held_out"]},
     }
 
 
@@ -424,15 +426,21 @@ def variability_markdown(report: dict[str, Any]) -> str:
 
 
 def plot_variability(report: dict[str, Any], out: Path) -> None:
-    """Left: each overlap metric over runs (box + the runs as points); right: per-case Dice over
-    runs (each case's runs as points, its mean as a bar), cases sorted by mean Dice."""
+    """Left: each overlap metric over runs (box + the runs as points); middle: per-case Dice over
+    runs (each case's min-max as a bar, its mean as a point), cases sorted by mean Dice; right,
+    for a cross-validation: each held-out case's Dice by fold, each fold's mean as a line and
+    the pooled mean dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     overlap = [m for m in DATASET_METRICS if m in report["metrics"]]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), width_ratios=[1, 1.4])
+    cv = report.get("cross_validation")
+    if cv is None:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), width_ratios=[1, 1.4])
+    else:
+        fig, (left, right, folds) = plt.subplots(1, 3, figsize=(15, 3.8), width_ratios=[1, 1.4, 1])
     values = [[r[m] for r in report["per_run"]] for m in overlap]
     left.boxplot(values, tick_labels=[NAMES[m] for m in overlap], showfliers=False)
     rng = np.random.default_rng(0)  # jitter only
@@ -450,9 +458,29 @@ def plot_variability(report: dict[str, Any], out: Path) -> None:
     a = report["agreement"]
     title = "per-case Dice (mean, min–max over runs)"
     if a is not None:
-        title += f"; ICC(A,1) {a['icc']:.2f} [{a['ci_low']:.2f}, {a['ci_high']:.2f}]"
+        title += f"\nICC(A,1) {a['icc']:.2f} [{a['ci_low']:.2f}, {a['ci_high']:.2f}]"
     right.set(title=title, ylabel="Dice")
     right.grid(alpha=0.3, axis="y")
+    if cv is not None:
+        k = len(cv["per_fold"])
+        for case, dice in cv["cases"].items():
+            if dice == dice:  # an undefined Dice has no point to draw
+                x = cv["fold_of"][case] + 1 + rng.uniform(-0.12, 0.12)
+                folds.scatter(x, dice, s=14, color="tab:blue", zorder=3)
+        for i, mean in enumerate(cv["per_fold"], 1):
+            folds.hlines(mean, i - 0.3, i + 0.3, color="tab:orange")
+        if cv["dice"] is not None:
+            folds.axhline(cv["dice"]["mean"], color="grey", linestyle="--", linewidth=1)
+            pooled = f"pooled {cv['dice']['mean']:.3f} ± {cv['dice']['sd']:.3f}"
+        else:
+            pooled = "no defined Dice"
+        folds.set_xticks(range(1, k + 1), [str(i) for i in range(k)])
+        folds.set(
+            title=f"{k}-fold cross-validation: held-out Dice\n{pooled} (dashed)",
+            xlabel="fold",
+            ylabel="Dice",
+        )
+        folds.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
