@@ -62,13 +62,13 @@ def test_check_cli_exits_1_with_a_table_when_a_case_would_be_refused(tmp_path):
     lines = r.stdout.splitlines()
     rows = {line.split()[0]: line.split() for line in lines if line.startswith(" case_")}
     assert [rows[c][1] for c in sorted(rows)] == ["ok", "refused", "refused", "look", "ok"]
-    assert [rows[c][-1] for c in ("case_001", "case_002", "case_003")] == ["1", "2", "3"]
-    problems = [line for line in lines if line[:3] in ("1. ", "2. ", "3. ")]
-    assert problems[0].startswith("1. case_001 (refused): ") and problems[0].endswith(
+    assert [rows[c][-1] for c in ("case_001", "case_002", "case_003")] == ["#1", "#2", "#3"]
+    problems = [line for line in lines if line[:3] in ("#1 ", "#2 ", "#3 ")]
+    assert problems[0].startswith("#1 case_001 (refused): ") and problems[0].endswith(
         "resample the label onto the image's grid"
     )
-    assert problems[1].startswith("2. case_002 (refused): ") and "values [7]" in problems[1]
-    assert problems[2] == "3. case_003 (look): constant image: no contrast to learn from"
+    assert problems[1].startswith("#2 case_002 (refused): ") and "values [7]" in problems[1]
+    assert problems[2] == "#3 case_003 (look): constant image: no contrast to learn from"
     assert "Traceback" not in r.stderr
 
 

@@ -136,6 +136,67 @@ def not_a_transform():
 class BoomStrategy:
     def __init__(self, device, threads, hops=1):
         raise ValueError(f"no route in {hops} hops")
+
+def returns_none():  # was: trained without a transform, and said nothing
+    return None
+
+def mask255():
+    return lambda image, mask: (image, mask * 255)
+
+def swapped():
+    return lambda image, mask: (mask, image)
+
+def nan_image():
+    return lambda image, mask: (image * float("nan"), mask)
+
+class RandomSize:  # a batch cannot stack these
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, image, mask):
+        self.calls += 1
+        size = 32 if self.calls % 2 else 28
+        return image[:, :size, :size], mask[:size, :size]
+
+class NaNLoss:
+    def __call__(self, logits, target):
+        return logits.sum() * float("nan")
+
+def eval_only_bad(in_channels, num_classes):  # wrong only in validation's mode
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(in_channels, num_classes, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y if self.training else y[..., :-1]
+
+    return Net()
+
+class NoBarrier:
+    def __init__(self, device, threads):
+        import torch
+
+        self.rank, self.world_size, self.local_rank, self.virtual_workers = 0, 1, 0, 1
+        self.device = torch.device("cpu")
+
+    def wrap(self, model):
+        return model
+
+    def wrap_optimizer(self, optimizer):
+        return optimizer
+
+    def all_reduce_sum(self, tensor):
+        return tensor
+
+    def gather_objects(self, obj):
+        return [obj]
+
+    def close(self):
+        pass
 """
 
 
@@ -200,6 +261,27 @@ class BoomStrategy:
             {"name": "PLUGIN:BoomStrategy", "kwargs": {"hops": 2}},
             r"train.strategy '.*:BoomStrategy' kwargs \{'hops': 2\}: ValueError: no route in 2",
         ),
+        ("transform", "PLUGIN:returns_none", r"builds NoneType; expected a callable"),
+        (
+            "transform",
+            "PLUGIN:mask255",
+            r"mask255' on la2018_\d+ \(row \d+ of the store\): returns mask values 0\.\.255; "
+            r"expected class values 0\.\.1",
+        ),
+        ("transform", "PLUGIN:nan_image", r"returns an image with NaN or infinite values"),
+        ("transform", "PLUGIN:swapped", r"returns an image of shape \(32, 32\); expected \(1, H"),
+        ("transform", "PLUGIN:RandomSize", r"returns images of different shapes \(\(1, 28, 28\)"),
+        ("loss", "PLUGIN:NaNLoss", r"NaNLoss' kwargs \{\} gives nan .*expected a finite number"),
+        (
+            "model",
+            {"name": "PLUGIN:eval_only_bad"},
+            r"outputs \(2, 2, 32, 31\) for a batch of 2 in eval mode \(validation\)",
+        ),
+        (
+            "strategy",
+            "PLUGIN:NoBarrier",
+            r"builds NoBarrier, without barrier of the strategy protocol",
+        ),
     ],
     ids=[
         "loss-value",
@@ -216,6 +298,14 @@ class BoomStrategy:
         "callback-reads-unknown-metric",
         "strategy-value",
         "strategy-plugin",
+        "transform-returns-none",
+        "transform-mask-values",
+        "transform-nan-image",
+        "transform-swapped",
+        "transform-sizes-differ",
+        "loss-nan",
+        "model-eval-mode",
+        "strategy-protocol",
     ],
 )
 def test_user_components_that_fail_when_built_fail_before_launch(
@@ -227,7 +317,10 @@ def test_user_components_that_fail_when_built_fail_before_launch(
     plugin.write_text(PLUGINS)
     value = json.loads(json.dumps(value).replace("PLUGIN", str(plugin)))
     cfg = tiny_config(real_store)
-    (cfg["data"] if key == "transform" else cfg["train"])[key] = value
+    if key == "model":
+        cfg["model"] = value
+    else:
+        (cfg["data"] if key == "transform" else cfg["train"])[key] = value
     with pytest.raises(SegscaleError, match=message):
         plan(validate(cfg)).check(1)
 
@@ -354,3 +447,98 @@ def test_a_global_batch_larger_than_the_training_split_is_said(real_store):
     cfg = validate(tiny_config(real_store, batch_size=16, simulate_workers=4, steps_per_epoch=None))
     with pytest.warns(UserWarning, match=r"global batch 64 .* more than the training split's 36"):
         plan(cfg).check(1)
+
+
+RUNTIME_PLUGINS = """
+import torch
+
+class RaiseAtStep:  # a callback that fails at step 2, after plan checked it
+    def on_step_end(self, trainer, step):
+        if step == 2:
+            raise ValueError("callback blew up")
+
+class RaiseSometimes:  # a transform that fails on the 5th sample, after plan's three
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, image, mask):
+        self.calls += 1
+        if self.calls == 5:
+            raise ValueError("bad sample")
+        return image, mask
+
+class LossAtStep:  # a loss that fails at its 3rd call (plan's is the 1st)
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, logits, target):
+        self.calls += 1
+        if self.calls == 3:
+            raise RuntimeError("loss blew up")
+        return torch.nn.functional.cross_entropy(logits, target)
+
+class CloseRaises:  # a tracker that fails when it ends its record
+    def __init__(self, run_dir, run_name, params):
+        pass
+
+    def on_epoch_end(self, trainer, record):
+        pass
+
+    def close(self, error):
+        raise RuntimeError("close blew up")
+
+def net(in_channels, num_classes):
+    from blocks import head  # a module beside this file, as a model folder holds its parts
+
+    return head(in_channels, num_classes)
+"""
+
+
+def test_a_plugin_failing_during_training_is_named_in_one_line(tmp_path, real_store):
+    """With one worker a user's callback or transform raising mid-run was a 60-line traceback
+    through the CLI with no error line; a user's tracker failing in close() failed a finished
+    run; a plug-in file could not import the module beside it."""
+    from conftest import cli
+
+    def line(text):  # where in the plug-in file a statement is
+        return RUNTIME_PLUGINS.splitlines().index(text) + 1
+
+    plugin = tmp_path / "plugs" / "runtime.py"
+    plugin.parent.mkdir()
+    plugin.write_text(RUNTIME_PLUGINS)
+    (plugin.parent / "blocks.py").write_text(
+        "import torch\n\ndef head(c, k):\n    return torch.nn.Conv2d(c, k, 3, padding=1)\n"
+    )
+
+    def train(name, **settings):
+        cfg = tiny_config(real_store, epochs=1, **settings.pop("train", {}))
+        cfg.update(settings)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return cli("train", path, "--workers", "1", "--run-dir", tmp_path / name)
+
+    r = train("cb", train={"callbacks": [f"{plugin}:RaiseAtStep"]})
+    at = line('            raise ValueError("callback blew up")')
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: callback RaiseAtStep.on_step_end raised ValueError: callback blew up ({plugin}:{at})"
+    )
+    r = train("tf", data={"store": str(real_store), "transform": f"{plugin}:RaiseSometimes"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: data.transform '{plugin}:RaiseSometimes' on la2018_")
+    at = line('            raise ValueError("bad sample")')
+    assert last.endswith(f"raised ValueError: bad sample ({plugin}:{at})")
+    r = train("loss", train={"loss": f"{plugin}:LossAtStep"})  # not a hook: its traceback
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and "Traceback" in r.stderr and "typer" not in r.stderr
+    assert lines[-1] == "error: the worker failed, with this error: RuntimeError: loss blew up"
+    r = train("trk", tracker=f"{plugin}:CloseRaises")
+    at = line('        raise RuntimeError("close blew up")')
+    assert r.returncode == 0 and (tmp_path / "trk" / "model.pt").is_file()
+    assert (
+        f"warning: tracker CloseRaises.close raised RuntimeError: close blew up ({plugin}:{at}); "
+        "it records nothing more of this run"
+    ) in r.stderr
+    r = train("sib", model={"name": f"{plugin}:net"})
+    assert r.returncode == 0, r.stderr

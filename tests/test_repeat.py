@@ -319,12 +319,13 @@ def test_compare_runs_and_repeats_with_a_paired_test(tmp_path, store10):
         SegscaleError, match="scored on 'test', not 'val'; compare with --split test"
     ):
         compare(rep, b, split="val")
-    damaged = {**runs, "2": {**runs["2"], "cases": [0.5]}}  # not the shape repeat writes
-    (rep / "repeat.json").write_text(json.dumps({"runs": damaged}))
-    with pytest.raises(
-        SegscaleError, match=r"repeat.json: unreadable repeat state \(a run's entry"
+    for damaged in (  # not what repeat writes: a list of cases, a metric given as text
+        {**runs, "2": {**runs["2"], "cases": [0.5]}},
+        {**runs, "2": {**runs["2"], "test": {"dice": "0.1", "mean_iou": 0.8}}},
     ):
-        compare(b, rep)
+        (rep / "repeat.json").write_text(json.dumps({"runs": damaged}))
+        with pytest.raises(SegscaleError, match=r"repeat.json: unreadable repeat state \(a run's"):
+            compare(b, rep)
     (rep / "repeat.json").write_text('{"runs": ')  # torn: one line naming the file
     with pytest.raises(SegscaleError, match=r"repeat.json: unreadable repeat state \(not JSON"):
         compare(b, rep)

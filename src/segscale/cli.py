@@ -1058,7 +1058,7 @@ def imgmed_check_cmd(
             *(("look", n) for n in c.notes),
         ]:
             problems.append(f"{escape(c.case)} ({kind}): {escape(text)}")
-            numbers.append(str(len(problems)))
+            numbers.append(f"#{len(problems)}")
         table.add_row(
             escape(c.case),
             status,
@@ -1070,7 +1070,7 @@ def imgmed_check_cmd(
         )
     console.print(table)
     for i, line in enumerate(problems, 1):
-        console.print(f"{i}. {line}", soft_wrap=True, highlight=False)
+        console.print(f"#{i} {line}", soft_wrap=True, highlight=False)
     for line in [*result.notes, *result.skipped]:
         console.print(f"note: {escape(line)}", soft_wrap=True, highlight=False)
     refused = sum(1 for c in cases if c.refused)

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from segscale.config import AugmentConfig
+from segscale.errors import SegscaleError, raised_in
 from segscale.imgmed.augment import BatchAugment
 from segscale.imgmed.store import Store
 from segscale.repro import derive_seed
@@ -25,10 +26,13 @@ from segscale.repro import derive_seed
 
 class SliceDataset(Dataset):
     """(image (C, S, S) float32, mask (S, S) int64, case index) for the rows of one split,
-    through a user's per-sample `transform` (image, mask) → (image, mask) when given."""
+    through a user's per-sample `transform` (image, mask) → (image, mask) when given (see
+    `transformed`; `key` names it in errors, e.g. "data.transform 'my.py:aug'")."""
 
-    def __init__(self, store: Store, split: str, transform: Any = None) -> None:
-        self.store, self.transform = store, transform
+    def __init__(
+        self, store: Store, split: str, transform: Any = None, key: str = "data.transform"
+    ) -> None:
+        self.store, self.transform, self.key = store, transform, key
         self.cases = store.cases(split)
         self.rows = store.rows(split)
         self.case_of_row = np.concatenate(
@@ -43,13 +47,74 @@ class SliceDataset(Dataset):
         image = torch.from_numpy(np.array(self.store.images[r]))
         mask = torch.from_numpy(self.store.masks[r].astype(np.int64))
         if self.transform is not None:
-            image, mask = self.transform(image, mask)
+            case = self.cases[int(self.case_of_row[i])]["id"]
+            where = f"{case} (row {int(r)} of the store)"
+            image, mask = transformed(self.transform, self.key, where, image, mask, self.store)
         return image, mask, int(self.case_of_row[i])
 
     def seed(self, seed: int) -> None:
         """Reseed a transform that can be (MONAI's set_random_state), for reproducible epochs."""
         if hasattr(self.transform, "set_random_state"):
             self.transform.set_random_state(seed)
+
+
+def transformed(
+    transform: Any, key: str, where: str, image: torch.Tensor, mask: torch.Tensor, store: Store
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transform(image (C, S, S) float32, mask (S, S) int64) with its output checked, as tensors
+    or arrays: a finite image (C, H, W) of the store's C channels and a mask (H, W) of whole class
+    values 0..classes-1 (the store's). The image is returned as float32, the mask as int64; the
+    batch stacks samples, so H, W must be the same for every sample (a random crop to a fixed
+    size is fine). Raises SegscaleError naming `key` and the sample `where` when it raises or
+    returns anything else."""
+    try:
+        pair = transform(image, mask)
+    except Exception as e:
+        raise raised_in(f"{key} on {where}", e) from e
+    if not (isinstance(pair, tuple | list) and len(pair) == 2):
+        got = f"{len(pair)} items" if isinstance(pair, tuple | list) else type(pair).__name__
+        raise SegscaleError(f"{key} on {where}: returns {got}; expected the pair (image, mask)")
+    out = []
+    for name, value in zip(("image", "mask"), pair):
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        if not isinstance(value, torch.Tensor):  # a MONAI MetaTensor is a Tensor
+            raise SegscaleError(
+                f"{key} on {where}: returns a {type(value).__name__} as the {name}; expected a "
+                "tensor or an array"
+            )
+        out.append(value.as_tensor() if hasattr(value, "as_tensor") else value)
+    image, mask = out
+    channels, classes = store.in_channels, store.num_classes
+    if image.ndim != 3 or image.shape[0] != channels:
+        raise SegscaleError(
+            f"{key} on {where}: returns an image of shape {tuple(image.shape)}; expected "
+            f"({channels}, H, W): the store's {channels} channel(s) first"
+        )
+    if mask.shape != image.shape[1:]:
+        raise SegscaleError(
+            f"{key} on {where}: returns a mask of shape {tuple(mask.shape)} for an image of "
+            f"{tuple(image.shape)}; expected (H, W) = {tuple(image.shape[1:])}"
+        )
+    if not image.is_floating_point():
+        raise SegscaleError(
+            f"{key} on {where}: returns a {image.dtype} image; expected floating point values"
+        )
+    if not torch.isfinite(image).all():  # a NaN reaches the loss: "diverged" at step 1
+        raise SegscaleError(f"{key} on {where}: returns an image with NaN or infinite values")
+    if mask.is_floating_point() and not torch.equal(mask, mask.round()):
+        raise SegscaleError(
+            f"{key} on {where}: returns a mask with fractional values (interpolated?); "
+            "expected whole class values (transform masks with nearest-neighbour interpolation)"
+        )
+    mask = mask.long()
+    low, high = (int(v) for v in mask.aminmax()) if mask.numel() else (0, 0)
+    if low < 0 or high >= classes:
+        raise SegscaleError(
+            f"{key} on {where}: returns mask values {low}..{high}; expected class values "
+            f"0..{classes - 1} (the store's {classes} classes)"
+        )
+    return image.float(), mask
 
 
 class ShardSampler(Sampler[int]):

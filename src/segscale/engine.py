@@ -166,6 +166,16 @@ class Plan:
                 strategy = _build(
                     f"train.strategy '{spec.name}' kwargs {spec.kwargs}", self.strategy, "cpu"
                 )
+            from segscale.parallel.base import Strategy
+
+            if not isinstance(strategy, Strategy):  # what the Trainer calls on it
+                members = {*Strategy.__annotations__, *vars(Strategy)}
+                missing = [m for m in members if not m.startswith("_") and not hasattr(strategy, m)]
+                raise SegscaleError(
+                    f"train.strategy '{spec.name}' builds {type(strategy).__name__}, without "
+                    f"{', '.join(sorted(missing))} of the strategy protocol "
+                    "(segscale/parallel/base.py)"
+                )
             strategy.close()
         finally:
             os.environ.update(saved)
@@ -174,9 +184,8 @@ class Plan:
     def _check_model(self) -> None:
         """One training step's parts on a batch of 2 zeros, on the CPU: the model's forward (a
         tensor of the task's shape), the loss (a scalar), its backward, the optimiser over the
-        model, each callback's hooks and the transform on one training sample. Whatever a user's
+        model, each callback's hooks and the transform on three training samples. Whatever a user's
         part raises or returns wrong is one SegscaleError naming its key."""
-        import numpy as np
         import torch
 
         from segscale.train import check_hooks
@@ -194,6 +203,21 @@ class Plan:
             torch.zeros(2, self.in_channels, size, size),
         )
         expected = self.task.output_shape(2, self.num_classes, size)
+        model.eval()  # validation's mode (dropout off, BatchNorm's running statistics)
+        with torch.no_grad():
+            evaluated = _build(
+                f"{name} in eval mode (validation) on a batch of {self.in_channels}×{size}×{size}",
+                model,
+                torch.zeros(2, self.in_channels, size, size),
+            )
+        model.train()
+        for mode, got in (("", out), (" in eval mode (validation)", evaluated)):
+            if isinstance(got, torch.Tensor) and tuple(got.shape) != tuple(expected):
+                dims = ", H, W" if len(expected) == 4 else ""
+                raise SegscaleError(
+                    f"{name} outputs {tuple(got.shape)} for a batch of 2{mode}; the "
+                    f"{self.cfg.task.name} task needs {tuple(expected)} (batch, classes{dims})"
+                )
         if not isinstance(out, torch.Tensor):
             raise SegscaleError(
                 f"{name} returns {type(out).__name__} for a batch; expected one tensor of "
@@ -220,6 +244,11 @@ class Plan:
             raise SegscaleError(
                 f"{key} gives {shape} on the model's output; expected a scalar tensor (one number)"
             )
+        if not torch.isfinite(loss.detach()).all():
+            raise SegscaleError(
+                f"{key} gives {loss.item()} on the model's output for a batch of zeros; expected "
+                "a finite number (training would diverge at its first step)"
+            )
         _build(f"{key}: its backward fails", loss.backward)
         given = getattr(self.task, "validation_metrics", None)
         given = given() if given else None
@@ -240,18 +269,19 @@ class Plan:
                     f"{', '.join(given)}"
                 )
         transform = self.transform()
-        if transform is not None:
-            image = torch.from_numpy(np.array(self.store.images[0]))
-            mask = torch.from_numpy(self.store.masks[0].astype(np.int64))
-            key = f"data.transform '{self.cfg.data.transform.name}'"
-            if not callable(transform):
+        if transform is not None:  # on a few training slices, as the training loader calls it
+            from segscale.data import SliceDataset
+
+            data = SliceDataset(
+                self.store, self.cfg.data.train_split, transform, self.transform_key
+            )
+            shapes = {tuple(data[i][0].shape) for i in sorted({0, len(data) // 2, len(data) - 1})}
+            if len(shapes) > 1:  # a batch stacks its samples
                 raise SegscaleError(
-                    f"{key} builds {type(transform).__name__}; expected a callable "
-                    "(image, mask) → (image, mask)"
+                    f"{self.transform_key}: returns images of different shapes "
+                    f"({', '.join(map(str, sorted(shapes)))}); a batch needs one (H, W): crop or "
+                    "resize to a fixed size"
                 )
-            pair = _build(f"{key} on a training sample", transform, image, mask)
-            if not (isinstance(pair, tuple) and len(pair) == 2):
-                raise SegscaleError(f"{key} returns {type(pair).__name__}; expected (image, mask)")
 
     # ---- the parts of a run
 
@@ -352,24 +382,42 @@ class Plan:
             o,
         )
 
-    def loss(self) -> torch.nn.Module:
+    def loss(self) -> Any:
+        """The loss, called as loss(logits, target) → a scalar tensor: an nn.Module, or any
+        callable a user's factory builds. Raises SegscaleError when it is not callable."""
         spec = self.cfg.train.loss
-        return _build(
-            f"train.loss '{spec.name}' kwargs {spec.kwargs}",
-            LOSSES.resolve(spec.name),
-            **spec.kwargs,
-        )
+        key = f"train.loss '{spec.name}' kwargs {spec.kwargs}"
+        loss = _build(key, LOSSES.resolve(spec.name), **spec.kwargs)
+        if not callable(loss):
+            raise SegscaleError(
+                f"{key} builds {type(loss).__name__}; expected a callable loss(logits, target)"
+            )
+        return loss
+
+    @property
+    def transform_key(self) -> str:
+        """How errors name the user's transform: "data.transform 'my.py:aug'"."""
+        spec = self.cfg.data.transform
+        return f"data.transform '{spec.name if spec else None}'"
 
     def transform(self) -> Any:
-        """The user's per-sample training transform, or None."""
+        """The user's per-sample training transform, or None when there is none. Raises
+        SegscaleError when its factory fails or builds something that is not callable (a
+        factory that returns None would otherwise train without it)."""
         spec = self.cfg.data.transform
         if spec is None:
             return None
-        return _build(
+        transform = _build(
             f"data.transform '{spec.name}' kwargs {spec.kwargs}",
             TRANSFORMS.resolve(spec.name),
             **spec.kwargs,
         )
+        if not callable(transform):
+            raise SegscaleError(
+                f"{self.transform_key} builds {type(transform).__name__}; expected a callable "
+                "(image, mask) → (image, mask)"
+            )
+        return transform
 
     def loaders(self, strategy: Strategy) -> tuple[TrainLoader, Any]:
         """The training loader (this process's shard, or every virtual rank's when simulating)
@@ -377,7 +425,7 @@ class Plan:
         from segscale.data import SliceDataset, TrainLoader, eval_loader
 
         c, t = self.cfg, self.cfg.train
-        train = SliceDataset(self.store, c.data.train_split, self.transform())
+        train = SliceDataset(self.store, c.data.train_split, self.transform(), self.transform_key)
         # the workers this process plays: its own rank, or all K virtual ranks when simulating
         ranks = list(range(strategy.virtual_workers)) if t.simulate_workers else [strategy.rank]
         train_loader = TrainLoader(
@@ -483,7 +531,9 @@ class Plan:
         steps = self.steps_per_epoch(strategy.virtual_workers)
         schedule = self.schedule(strategy.virtual_workers, steps)
         optimizer = strategy.wrap_optimizer(self.optimizer(model))
-        loss_fn = self.loss().to(strategy.device)
+        loss_fn = self.loss()
+        if isinstance(loss_fn, torch.nn.Module):  # a plain callable has no tensors to move
+            loss_fn = loss_fn.to(strategy.device)
         return Trainer(
             model,
             optimizer,

@@ -50,3 +50,18 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     same = [c for c in choices if c.lower() == word.lower()]  # UNET, SGD: the case is all
     close = same or difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def raised_in(what: str, error: BaseException) -> SegscaleError:
+    """A user's plug-in raising while a run uses it, as one line: `what` (its config key and the
+    hook or sample), the error, and the line of the user's code it came from (the innermost
+    frame outside installed packages and segscale; else the innermost frame)."""
+    import traceback
+    from pathlib import Path
+
+    ours = str(Path(__file__).parent)
+    frames = traceback.extract_tb(error.__traceback__)
+    own = [f for f in frames if "site-packages" not in f.filename and ours not in f.filename]
+    frame = (own or frames or [None])[-1]
+    at = f" ({frame.filename}:{frame.lineno})" if frame is not None else ""
+    return SegscaleError(f"{what} raised {type(error).__name__}: {error}{at}")

@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,15 @@ def launch(
     if workers == 1 and kwargs.get("nodes", 1) == 1:
         from segscale.worker import main
 
-        return main(worker_args)
+        try:
+            return main(worker_args)
+        except Exception as e:  # not a user error: its traceback, summed up as for N workers
+            traceback.print_exception(e)
+            print(
+                f"error: the worker failed, with this error: {type(e).__name__}: {e}",
+                file=sys.stderr,
+            )
+            return 1
     method = method or start_method()
     if method == "forkserver":
         start_worker_server(training=worker_args[0] == "train")

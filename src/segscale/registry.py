@@ -196,7 +196,8 @@ def _retyped(given: Any, fitted: Any) -> bool:
 
 def load_attr(spec: str) -> Any:
     """Import `pkg.mod:attr` or `path/to/file.py:attr` (dots in attr walk into the object). A bare
-    `path/to/file.py` names the one factory the file defines (see `_the_factory`)."""
+    `path/to/file.py` names the one factory the file defines (see `_the_factory`). A file's
+    folder is added to the end of sys.path, so it imports the modules beside it."""
     where, _, attr = spec.rpartition(":")
     if not where and spec.endswith(".py"):
         where, attr = spec, ""
@@ -213,6 +214,10 @@ def load_attr(spec: str) -> Any:
             assert file_spec is not None and file_spec.loader is not None
             module = importlib.util.module_from_spec(file_spec)
             sys.modules[name] = module
+            # as `python file.py` would: modules beside it import (an archi/ folder of a model
+            # and its blocks); appended, so it never shadows an installed package
+            if str(path.parent) not in sys.path:
+                sys.path.append(str(path.parent))
             try:
                 file_spec.loader.exec_module(module)
             except Exception as e:  # a syntax error, a missing import, a raise at import time

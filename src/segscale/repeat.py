@@ -234,10 +234,17 @@ def read_repeat(folder: Path) -> RepeatRecord:
         runs = [entries[k] for k in sorted(entries, key=int)]
     except (TypeError, ValueError):
         runs = None
+
+    def numbers(scores: Any) -> bool:  # metric → value, as repeat writes them (NaN allowed)
+        return isinstance(scores, dict) and all(
+            v is None or (isinstance(v, int | float) and not isinstance(v, bool))
+            for v in scores.values()
+        )
+
     if runs is None or any(
         not isinstance(r, dict)
         or not isinstance(r.get("run_dir"), str)
-        or ("test" in r and not (isinstance(r["test"], dict) and isinstance(r.get("cases"), dict)))
+        or ("test" in r and not (numbers(r["test"]) and numbers(r.get("cases"))))
         for r in runs
     ):
         raise SegscaleError(f"{folder / STATE}: unreadable repeat state (a run's entry)")

@@ -40,7 +40,14 @@ from segscale._files import to_json, write_atomic
 from segscale._progress import progress_bar
 from segscale.checkpoint import atomic_save, check_world_size, load_latest, write_checkpoint
 from segscale.data import TrainLoader
-from segscale.errors import STOP_FILE, Diverged, Preempted, SegscaleError, did_you_mean
+from segscale.errors import (
+    STOP_FILE,
+    Diverged,
+    Preempted,
+    SegscaleError,
+    did_you_mean,
+    raised_in,
+)
 from segscale.monitor import ConsoleView
 from segscale.parallel import Strategy, unwrap
 from segscale.repro import derive_seed
@@ -285,11 +292,17 @@ class Trainer:
             self._stop.check(self.run_dir)
         stop, abort, diverged = self._stop.agreed(self.strategy, reason is not None, self.run_dir)
         if diverged:
+            cause = (
+                # the first step's loss is the initial weights': no update, so no lr, made it
+                "(before any update, so not the lr: the loss, the data or a transform gives "
+                "non-finite values)"
+                if at == 1 and reason is not None
+                else "(a too high lr is the usual cause: lower train.optimizer.lr or lengthen "
+                "the warmup)"
+            )
             raise Diverged(
                 f"training diverged at step {at}: "
-                f"{reason or 'on another worker'}, lr {self.schedule(at - 1):.3g} "
-                "(a too high lr is the usual cause: lower train.optimizer.lr or lengthen "
-                "the warmup); "
+                f"{reason or 'on another worker'}, lr {self.schedule(at - 1):.3g} {cause}; "
                 + (
                     "the checkpoints before this step are kept"
                     if self._has_checkpoint()
@@ -471,8 +484,18 @@ class Trainer:
     def _call(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:
             fn = getattr(cb, hook, None)
-            if fn is not None:
+            if fn is None:
+                continue
+            try:
                 fn(self, *args)
+            except (SegscaleError, Preempted, Diverged):  # said on purpose: as they are
+                raise
+            except Exception as e:
+                if type(cb).__module__.startswith("segscale."):  # our own: a bug, its traceback
+                    raise
+                # a user's callback: one line naming it, the hook and its line, as a worker
+                # failing in it would be summed up
+                raise raised_in(f"callback {type(cb).__name__}.{hook}", e) from e
 
 
 # What the Trainer calls on each callback and tracker: hook → its arguments after the trainer.

@@ -39,6 +39,7 @@ from segscale.errors import (
     Diverged,
     Preempted,
     SegscaleError,
+    raised_in,
 )
 from segscale.repro import earlier_records, packages
 
@@ -66,7 +67,10 @@ def train(
             # whose predecessor's data-loading processes may still hold the lock for a moment.
             lock.enter_context(held_lock(run_dir / RUN_LOCK, 60, "a training is running in it"))
             (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop asked of an earlier attempt
-            trackers = p.trackers(run_dir)
+            trackers = [
+                t if type(t).__module__.startswith("segscale.") else TolerantTracker(t)
+                for t in p.trackers(run_dir)
+            ]
         trainer = p.trainer(strategy, run_dir, trackers, progress)
         if strategy.rank == 0:
             ops = p.nondeterministic_ops(trainer)  # CUDA with deterministic kernels asked
@@ -98,6 +102,37 @@ def train(
                 strategy.barrier()
         strategy.close()
         lock.close()
+
+
+class TolerantTracker:
+    """A user's tracker whose errors are warnings, as MLflow's are: a tracking error never fails
+    a run. The first hook (or close) that raises is one warning naming it, and the tracker is
+    left out for the rest of the run."""
+
+    def __init__(self, tracker: Any) -> None:
+        self._tracker, self._failed = tracker, False
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self._tracker, name)  # AttributeError: no such hook, as for the tracker
+        if not (callable(found) and (name.startswith("on_") or name == "close")):
+            return found
+
+        def call(*args: Any) -> Any:
+            if self._failed:
+                return None
+            try:
+                return found(*args)
+            except (Preempted, Diverged):  # a stop it asks for on purpose
+                raise
+            except Exception as e:
+                self._failed = True
+                what = f"tracker {type(self._tracker).__name__}.{name}"
+                warnings.warn(
+                    f"{raised_in(what, e)}; it records nothing more of this run", stacklevel=2
+                )
+                return None
+
+        return call
 
 
 def evaluate(run_dir: Path, split: str, out: Path, failures: Path | None = None) -> dict[str, Any]:
