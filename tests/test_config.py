@@ -71,6 +71,22 @@ def test_unknown_override_key_and_bad_override(tmp_path):
         load_config(write(tmp_path, GOOD), ["train.optimiser.lr=1"])
     with pytest.raises(ConfigError, match=r"expected key\.sub=value"):
         load_config(write(tmp_path, GOOD), ["train.epochs"])
+    # an index into a list field, either way it is written (was: "unknown key
+    # 'train.callbacks.0.0'", "unknown key 'train' (it is train)")
+    for given, listed in (
+        ("train.callbacks.0.name=early_stop", "train.callbacks"),
+        ("train.callbacks[0].kwargs.patience=3", "train.callbacks"),
+        ("tracker.1=none", "tracker"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            load_config(write(tmp_path, GOOD), [given])
+        assert str(e.value) == (
+            f"override '{given}': an override cannot index a list; give {listed} whole, e.g. "
+            f"{listed}=[...]"
+        )
+    # number keys inside a kwargs dict are keys, not indices
+    cfg = load_config(write(tmp_path, GOOD), ["model.kwargs.weights.1=0.5"])
+    assert cfg.model.kwargs["weights"] == {"1": 0.5}
 
 
 def test_a_rule_over_a_section_names_the_file_line_and_the_override_inside_it(tmp_path):
@@ -201,7 +217,7 @@ def test_yaml_is_read_as_yaml_1_2_and_slips_are_refused(tmp_path):
         (["train.optimizer.kwargs={momentum: 0.5}"], r"give it as train.optimizer.momentum"),
         (["train.warmup_epochs=2"], r"\(it is train.schedule.warmup_epochs\)"),
         (["train..epochs=3"], r"an empty key"),
-        (["train.callbacks.0.name=early_stop"], r"'callbacks' is a list; give it whole"),
+        (["train.callbacks.0.name=early_stop"], r"cannot index a list; give train.callbacks whole"),
         (["data.augment={enabled: true, zoom: [true, 1.2]}"], r"zoom: expected numbers"),
         (["tracker=[]"], r"key 'tracker': an empty list; to record nothing, write tracker: none"),
     ],

@@ -542,3 +542,16 @@ def test_a_plugin_failing_during_training_is_named_in_one_line(tmp_path, real_st
     ) in r.stderr
     r = train("sib", model={"name": f"{plugin}:net"})
     assert r.returncode == 0, r.stderr
+    # the record names the code that ran: each own plug-in's file and its digest
+    import hashlib
+
+    env = json.loads((tmp_path / "sib" / "environment.json").read_text())
+    assert env["plugins"] == {
+        "model": {
+            "name": f"{plugin}:net",
+            "file": str(plugin),
+            "sha256": hashlib.sha256(plugin.read_bytes()).hexdigest(),
+        }
+    }
+    env = json.loads((tmp_path / "trk" / "environment.json").read_text())
+    assert list(env["plugins"]) == ["tracker[0]"]  # the built-in model, loss, ... are not

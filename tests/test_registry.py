@@ -182,3 +182,6 @@ def test_kwargs_of_the_wrong_type_are_refused_before_anything_is_built(real_stor
     planned(model={"name": f"{plugin}:net", "kwargs": {"scale": "x", "sizes": [3, 4]}})
     with pytest.raises(SegscaleError, match=r"net' kwargs: width \[4\] does not fit int"):
         planned(model={"name": f"{plugin}:net", "kwargs": {"width": [4]}})
+    # the fix is said as YAML writes it: [1, 2], not (1, 2), which YAML reads as text
+    with pytest.raises(SegscaleError, match=r"sizes \[1, '2'\] .* as list; write \[1, 2\]\)"):
+        planned(model={"name": f"{plugin}:net", "kwargs": {"sizes": [1, "2"]}})

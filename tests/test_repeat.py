@@ -319,6 +319,11 @@ def test_compare_runs_and_repeats_with_a_paired_test(tmp_path, store10):
         SegscaleError, match="scored on 'test', not 'val'; compare with --split test"
     ):
         compare(rep, b, split="val")
+    nan = {**runs, "2": {**runs["2"], "test": {"dice": float("nan"), "mean_iou": 0.8}}}
+    (rep / "repeat.json").write_text(json.dumps({"signature": {}, "runs": nan}))
+    result = compare(b, rep)  # was: the Dice row left out without a word
+    assert "dice" not in result["metrics"] and result["undefined"] == ["dice"]
+    assert "Not compared (undefined in some run" in compare_markdown(result)
     for damaged in (  # not what repeat writes: a list of cases, a metric given as text
         {**runs, "2": {**runs["2"], "cases": [0.5]}},
         {**runs, "2": {**runs["2"], "test": {"dice": "0.1", "mean_iou": 0.8}}},

@@ -192,6 +192,25 @@ class UNet(torch.nn.Module):
         ),
         ('name="TriangularLR"', "", r"Tr_Checkpoint: each <value name=.* needs its class name"),
         ("<value>ring_allreduce</value>", "<value></value>", r"dist_strategy: an empty <value>"),
+        # read by nothing, and accepted without a word: a class no action has, stray text, an
+        # empty parallelism degree (the default worker count taken instead)
+        (
+            'class="extensible" type="dist_strategy"',
+            'class="bogus" type="dist_strategy"',
+            r"action 'dist_strategy': class=\"bogus\"; it is extensible",
+        ),
+        (
+            'class="non_extensible" type="device_placement"',
+            'class="extensible" type="device_placement"',
+            r"action 'device_placement': class=\"extensible\"; it is non_extensible",
+        ),
+        ("<CNN_archi><name>", "<CNN_archi>junk<name>", r"<CNN_archi>: stray text 'junk'"),
+        ("</name></CNN_archi>", "</name>tail</CNN_archi>", r"stray text 'tail' after <name>"),
+        (
+            "<parallelism-degree>3</parallelism-degree>",
+            "<parallelism-degree> </parallelism-degree>",
+            r"<parallelism-degree>: empty",
+        ),
     ],
 )
 def test_an_xml_config_holds_nothing_that_would_be_dropped_without_a_word(

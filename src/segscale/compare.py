@@ -109,12 +109,14 @@ def compare(a: Path, b: Path, split: str = "test") -> dict[str, Any]:
                 "tested",
                 stacklevel=2,
             )
-    table = {}
+    table, undefined = {}, []
     for m in METRICS:
         if m in sa["metrics"] and m in sb["metrics"]:
             va, vb = sa["metrics"][m], sb["metrics"][m]
             if all(v == v for v in (*va, *vb)):  # no NaN (a distance of an empty mask)
                 table[m] = {"a": spread(va).as_dict(), "b": spread(vb).as_dict()}
+            else:
+                undefined.append(m)
     common = sorted(
         c
         for c in set(sa["cases"]) & set(sb["cases"])
@@ -130,6 +132,7 @@ def compare(a: Path, b: Path, split: str = "test") -> dict[str, Any]:
         "runs": {"a": sa["runs"], "b": sb["runs"]},
         "planned": {"a": sa["planned"], "b": sb["planned"]},
         "metrics": table,
+        "undefined": undefined,  # NaN in some run of A or B: no mean to compare
         "cases": {c: {"a": sa["cases"][c], "b": sb["cases"][c]} for c in common},
         "paired": test,
         "verdict": verdict(test),
@@ -171,6 +174,11 @@ def compare_markdown(result: dict[str, Any]) -> str:
             return f"{s['mean']:.4f}" + (f" ± {s['sd']:.4f}" if s["n"] > 1 else "")
 
         lines.append(f"| {m} | {cell(a)} | {cell(b)} | {b['mean'] - a['mean']:+.4f} |")
+    if result.get("undefined"):
+        lines.append(
+            f"\nNot compared (undefined in some run, e.g. a distance with an empty prediction): "
+            f"{', '.join(result['undefined'])}."
+        )
     t = result["paired"]
     lines += ["", "## Per-case Dice, paired", ""]
     if t is not None:

@@ -1024,6 +1024,16 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     parts = key.split(".")
     if "" in parts:
         raise ConfigError(f"override '{item}': an empty key in '{key}'; expected key.sub=value")
+    for i, part in enumerate(parts):
+        # callbacks.0.name, callbacks[0].name: an index into a list field (a kwargs dict may
+        # have number keys: a class's weight, an epoch of a curve)
+        field = _field_at(tuple(parts[:i])) if part.isdigit() else None
+        if "[" in part or (field is not None and typing.get_origin(field.annotation) is list):
+            listed = ".".join([*parts[:i], part.partition("[")[0]] if "[" in part else parts[:i])
+            raise ConfigError(
+                f"override '{item}': an override cannot index a list; give {listed} whole, "
+                f"e.g. {listed}=[...]"
+            )
     for depth, part in enumerate(parts[:-1], 1):
         child = node.get(part)
         if child is None:  # absent, or given as null (transform: null): a new section

@@ -646,6 +646,7 @@ class Plan:
             "init_seed": c.seed_for("init"),
             "data_seed": c.seed_for("data"),
             "config_digest": c.digest(),
+            "plugins": self.plugin_sources(),
             "peak_lr": trainer.schedule.peak_lr,
             "workers": workers,
             "simulated": bool(t.simulate_workers),
@@ -661,6 +662,36 @@ class Plan:
                 if k != "cudnn_benchmark"
             },
         }
+
+    def plugin_sources(self) -> dict[str, dict[str, str | None]]:
+        """The run's own plug-ins (components named by a path, not built in), by config key:
+        {name, file, sha256}, the file that defines it and the SHA-256 of its bytes, so the
+        record shows which code ran (None where no file can be found, e.g. a C extension)."""
+        import hashlib
+        import inspect
+
+        c, t = self.cfg, self.cfg.train
+        named = [
+            ("model", c.model.name, MODELS),
+            ("train.loss", t.loss.name, LOSSES),
+            ("train.optimizer", t.optimizer.name, OPTIMIZERS),
+            ("train.strategy", t.strategy.name, STRATEGIES),
+            ("task", c.task.name, TASKS),
+            ("data.transform", c.data.transform.name if c.data.transform else None, TRANSFORMS),
+            *((f"train.callbacks[{i}]", cb.name, CALLBACKS) for i, cb in enumerate(t.callbacks)),
+            *((f"tracker[{i}]", tr.name, TRACKERS) for i, tr in enumerate(c.tracker)),
+        ]
+        out: dict[str, dict[str, str | None]] = {}
+        for key, name, registry in named:
+            if name is None or name in registry:
+                continue
+            try:
+                file = inspect.getsourcefile(registry.resolve(name))
+            except TypeError:  # a builtin or an extension: no Python source
+                file = None
+            digest = hashlib.sha256(Path(file).read_bytes()).hexdigest() if file else None
+            out[key] = {"name": name, "file": file, "sha256": digest}
+        return out
 
     def describe(self) -> dict[str, Any]:
         """The CNN-Parallelism-Generator of Auto-CNNp for this run: each part, whether users can

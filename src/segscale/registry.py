@@ -15,6 +15,7 @@ import ast
 import importlib
 import importlib.util
 import inspect
+import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -174,7 +175,8 @@ def _check_types(what: str, signature: inspect.Signature, kwargs: dict[str, Any]
         if _retyped(value, fitted):  # the factory gets the value as given, not as pydantic read it
             raise SegscaleError(
                 f"{what}: {name} {shown(value)} does not fit {expected} (it would reach the "
-                f"factory as {type(value).__name__}; write {shown(fitted)})"
+                # as YAML writes it: a tuple is a list there, (1, 2) would be text
+                f"factory as {type(value).__name__}; write {json.dumps(fitted, default=str)[:200]})"
             )
 
 

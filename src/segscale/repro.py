@@ -193,6 +193,7 @@ RESUMABLE = (
     "cpu_model",
     # the speed settings (config.SPEED_SETTINGS), each as this attempt ran it
     "config_digest",
+    "plugins",  # a plug-in's file edited between attempts: its sha256 changes
     "channels_last",
     "compile",
     "data_on_device",

@@ -275,7 +275,10 @@ def report_failure(error: BaseException, folder: Path | None) -> None:
         "node": socket.gethostname(),
         "attempt": attempt,
         "time": time.time(),
-        "error": f"{type(error).__name__}: {error}",
+        # a user error's message says what it is (a plug-in's names its own error type)
+        "error": str(error)
+        if isinstance(error, SegscaleError)
+        else f"{type(error).__name__}: {error}",
         "user_error": isinstance(error, SegscaleError),
         "follows_from_peer": bool(_FOLLOWS_FROM_PEER.search(str(error))),
         "traceback": "".join(traceback.format_exception(error)),

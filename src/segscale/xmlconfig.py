@@ -104,6 +104,8 @@ def read_xml(path: Path) -> tuple[dict[str, Any], str | None]:
         "train": {"optimizer": {}},
     }
     degree = task.findtext("parallelism-degree")
+    if degree is not None and not degree.strip():  # an empty element, not a missing one
+        raise fail("<parallelism-degree>: empty; give the number of workers, or leave it out")
     archi = task.find("CNN_archi")
     if archi is None or not (archi.findtext("name") or archi.findtext("path")):
         raise fail("<CNN_archi> needs a <name> (built-in) or a <path> (file.py:factory)")
@@ -167,8 +169,12 @@ def _check_tree(element: Any, schema: _Schema, where: str, fail: Any) -> None:
                 f"<{where}>: unknown attribute '{name}'{did_you_mean(name, attributes)}; "
                 f"expected {expected}"
             )
+    if len(element) and _text(element.text):  # text beside elements is read by nothing
+        raise fail(f"<{where}>: stray text '{shown_text(element.text)}'; it holds elements only")
     seen: set[str] = set()
     for child in element:
+        if _text(child.tail):
+            raise fail(f"<{where}>: stray text '{shown_text(child.tail)}' after <{child.tag}>")
         tag = child.tag
         if tag not in children:
             expected = ", ".join(f"<{t}>" for t in children) or "text only"
@@ -183,10 +189,34 @@ def _check_tree(element: Any, schema: _Schema, where: str, fail: Any) -> None:
         _check_tree(child, sub, tag, fail)
 
 
+def _text(text: str | None) -> bool:
+    return bool(text and text.strip())
+
+
+def shown_text(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
+# an action's class says whether users may replace what fills it (the thesis' Listing 4.1)
+ACTION_CLASS = {
+    "device_placement": "non_extensible",
+    "memory_allocation": "non_extensible",
+    "dist_strategy": "extensible",
+    "Tr_Checkpoint": "extensible",
+}
+
+
 def _generator(task: Any, raw: dict[str, Any], fail: Any) -> None:
     gen = task.find("CNN-Parallelism-Generator")
     for action in gen.iter("action") if gen is not None else []:
         kind, value = action.get("type"), action.find("value")
+        given = action.get("class")
+        if kind in ACTION_CLASS and given is not None and given != ACTION_CLASS[kind]:
+            raise fail(
+                f"action '{kind}': class=\"{given}\"; it is {ACTION_CLASS[kind]} (expected "
+                f'class="{ACTION_CLASS[kind]}", or no class)'
+            )
         text = (value.text or "").strip() if value is not None else ""
         values = action.findall("value")
         if kind != "Tr_Checkpoint" and len(values) > 1:  # the second would be dropped
