@@ -487,6 +487,16 @@ class CloseRaises:  # a tracker that fails when it ends its record
     def close(self, error):
         raise RuntimeError("close blew up")
 
+class HookRaises:  # a tracker whose hook fails: left out, and still closed
+    def __init__(self, run_dir, run_name, params):
+        self.run_dir = run_dir
+
+    def on_step_end(self, trainer, step):
+        raise RuntimeError("hook blew up")
+
+    def close(self, error):
+        (self.run_dir / "closed").write_text(repr(error))
+
 def net(in_channels, num_classes):
     from blocks import head  # a module beside this file, as a model folder holds its parts
 
@@ -540,6 +550,9 @@ def test_a_plugin_failing_during_training_is_named_in_one_line(tmp_path, real_st
         f"warning: tracker CloseRaises.close raised RuntimeError: close blew up ({plugin}:{at}); "
         "it records nothing more of this run"
     ) in r.stderr
+    r = train("hook", tracker=f"{plugin}:HookRaises")
+    assert r.returncode == 0 and r.stderr.count("warning: tracker HookRaises.on_step_end") == 1
+    assert (tmp_path / "hook" / "closed").read_text() == "None"
     r = train("sib", model={"name": f"{plugin}:net"})
     assert r.returncode == 0, r.stderr
     # the record names the code that ran: each own plug-in's file and its digest

@@ -106,8 +106,9 @@ def train(
 
 class TolerantTracker:
     """A user's tracker whose errors are warnings, as MLflow's are: a tracking error never fails
-    a run. The first hook (or close) that raises is one warning naming it, and the tracker is
-    left out for the rest of the run."""
+    a run. The first hook (or close) that raises is one warning naming it, and the tracker's
+    hooks are left out for the rest of the run; its close(error) is still called, to release
+    what it holds."""
 
     def __init__(self, tracker: Any) -> None:
         self._tracker, self._failed = tracker, False
@@ -118,13 +119,15 @@ class TolerantTracker:
             return found
 
         def call(*args: Any) -> Any:
-            if self._failed:
+            if self._failed and name != "close":
                 return None
             try:
                 return found(*args)
             except (Preempted, Diverged):  # a stop it asks for on purpose
                 raise
             except Exception as e:
+                if self._failed:  # close after a failed hook: said once already
+                    return None
                 self._failed = True
                 what = f"tracker {type(self._tracker).__name__}.{name}"
                 warnings.warn(
