@@ -176,6 +176,11 @@ def eval_only_bad(in_channels, num_classes):  # wrong only in validation's mode
 
     return Net()
 
+def eval_tuple(in_channels, num_classes):  # a tuple only in validation's mode
+    net = eval_only_bad(in_channels, num_classes)
+    net.forward = lambda x: net.conv(x) if net.training else (net.conv(x),)
+    return net
+
 class NoBarrier:
     def __init__(self, device, threads):
         import torch
@@ -278,6 +283,11 @@ class NoBarrier:
             r"outputs \(2, 2, 32, 31\) for a batch of 2 in eval mode \(validation\)",
         ),
         (
+            "model",
+            {"name": "PLUGIN:eval_tuple"},
+            r"returns tuple for a batch in eval mode \(validation\); expected one tensor",
+        ),
+        (
             "strategy",
             "PLUGIN:NoBarrier",
             r"builds NoBarrier, without barrier of the strategy protocol",
@@ -305,6 +315,7 @@ class NoBarrier:
         "transform-sizes-differ",
         "loss-nan",
         "model-eval-mode",
+        "model-eval-mode-tuple",
         "strategy-protocol",
     ],
 )

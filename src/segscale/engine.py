@@ -212,23 +212,17 @@ class Plan:
             )
         model.train()
         for mode, got in (("", out), (" in eval mode (validation)", evaluated)):
-            if isinstance(got, torch.Tensor) and tuple(got.shape) != tuple(expected):
+            if not isinstance(got, torch.Tensor):
+                raise SegscaleError(
+                    f"{name} returns {type(got).__name__} for a batch{mode}; expected one tensor "
+                    f"of {tuple(expected)}"
+                )
+            if tuple(got.shape) != tuple(expected):
                 dims = ", H, W" if len(expected) == 4 else ""
                 raise SegscaleError(
                     f"{name} outputs {tuple(got.shape)} for a batch of 2{mode}; the "
                     f"{self.cfg.task.name} task needs {tuple(expected)} (batch, classes{dims})"
                 )
-        if not isinstance(out, torch.Tensor):
-            raise SegscaleError(
-                f"{name} returns {type(out).__name__} for a batch; expected one tensor of "
-                f"{tuple(expected)}"
-            )
-        if tuple(out.shape) != tuple(expected):
-            dims = ", H, W" if len(expected) == 4 else ""
-            raise SegscaleError(
-                f"{name} outputs {tuple(out.shape)} for a batch of 2; the "
-                f"{self.cfg.task.name} task needs {tuple(expected)} (batch, classes{dims})"
-            )
         optimizer = self.optimizer(model)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise SegscaleError(

@@ -52,6 +52,12 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def is_builtin(part: object) -> bool:
+    """Whether a component (callback, tracker, ...) is segscale's own rather than a user's
+    plug-in: what ours raises is a bug to show with its traceback, a plug-in's is named."""
+    return type(part).__module__.startswith("segscale.")
+
+
 def raised_in(what: str, error: BaseException) -> SegscaleError:
     """A user's plug-in raising while a run uses it, as one line: `what` (its config key and the
     hook or sample), the error, and the line of the user's code it came from (the innermost

@@ -46,6 +46,7 @@ from segscale.errors import (
     Preempted,
     SegscaleError,
     did_you_mean,
+    is_builtin,
     raised_in,
 )
 from segscale.monitor import ConsoleView
@@ -491,7 +492,7 @@ class Trainer:
             except (SegscaleError, Preempted, Diverged):  # said on purpose: as they are
                 raise
             except Exception as e:
-                if type(cb).__module__.startswith("segscale."):  # our own: a bug, its traceback
+                if is_builtin(cb):  # our own: a bug, its traceback
                     raise
                 # a user's callback: one line naming it, the hook and its line, as a worker
                 # failing in it would be summed up

@@ -39,6 +39,7 @@ from segscale.errors import (
     Diverged,
     Preempted,
     SegscaleError,
+    is_builtin,
     raised_in,
 )
 from segscale.repro import earlier_records, packages
@@ -67,10 +68,7 @@ def train(
             # whose predecessor's data-loading processes may still hold the lock for a moment.
             lock.enter_context(held_lock(run_dir / RUN_LOCK, 60, "a training is running in it"))
             (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop asked of an earlier attempt
-            trackers = [
-                t if type(t).__module__.startswith("segscale.") else TolerantTracker(t)
-                for t in p.trackers(run_dir)
-            ]
+            trackers = [t if is_builtin(t) else TolerantTracker(t) for t in p.trackers(run_dir)]
         trainer = p.trainer(strategy, run_dir, trackers, progress)
         if strategy.rank == 0:
             ops = p.nondeterministic_ops(trainer)  # CUDA with deterministic kernels asked
