@@ -104,6 +104,23 @@ def test_a_users_tracker_by_path_and_its_kwargs_checked_before_launch(tmp_path, 
         )
 
 
+def test_a_tracker_built_to_be_checked_is_closed(tmp_path, real_store):
+    """plan builds each tracker once to check its kwargs and hooks; a tracker that opened a run
+    (a remote one, W&B-like) when built must have it closed, as finished, before launch."""
+    spec = f"{ROOT / 'tests' / 'plugins' / 'recording_tracker.py'}:RecordingTracker"
+    out = tmp_path / "seen.json"
+    cfg = validate(
+        {**tiny_config(real_store), "tracker": {"name": spec, "kwargs": {"out": str(out)}}}
+    )
+    plan(cfg).check(1)
+    assert json.loads(out.read_text()) == {
+        "run_name": "tiny",
+        "lr": 0.01,
+        "epochs": [],
+        "error": None,
+    }
+
+
 def test_a_diverged_run_is_failed_in_mlflow_with_its_reason(tmp_path, real_store):
     from segscale.errors import Diverged
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from segscale._files import RUN_LOCK, differ, lock_holder, to_json, write_atomic
 from segscale.config import SPEED_SETTINGS, RunConfig, by_epoch, load_config, save_config
-from segscale.errors import SegscaleError, did_you_mean
+from segscale.errors import SegscaleError, did_you_mean, raised_in
 from segscale.imgmed.store import Store
 from segscale.registry import (
     CALLBACKS,
@@ -116,8 +116,13 @@ class Plan:
         with tempfile.TemporaryDirectory() as tmp:  # built, not started: kwargs values checked
             from segscale.train import check_hooks
 
-            for spec, tracker in zip(self.cfg.tracker, self.trackers(Path(tmp) / self.cfg.name)):
-                check_hooks(f"tracker '{spec.name}'", tracker, tracker=True)
+            trackers = self.trackers(Path(tmp) / self.cfg.name)
+            try:
+                for spec, tracker in zip(self.cfg.tracker, trackers):
+                    check_hooks(f"tracker '{spec.name}'", tracker, tracker=True)
+            finally:  # one that opened a remote run when built must not leave it dangling
+                for spec, tracker in zip(self.cfg.tracker, trackers):
+                    _close_checked(f"tracker '{spec.name}'", tracker)
 
     def scale_notes(self, workers: int, steps_per_epoch: int | None = None) -> list[str]:
         """What the run, on `workers` (real × simulated) workers, is too short or too small
@@ -793,6 +798,18 @@ def _build(what: str, factory: Any, *args: Any, **kwargs: Any) -> Any:
         raise
     except Exception as e:
         raise SegscaleError(f"{what}: {type(e).__name__}: {e}") from None
+
+
+def _close_checked(what: str, tracker: Any) -> None:
+    """Close a tracker built only to be checked (close(None): nothing failed). A tracker without
+    close, or whose close fails, is left to the check's own error or is one warning."""
+    close = getattr(tracker, "close", None)
+    if not callable(close):
+        return
+    try:
+        close(None)
+    except Exception as e:
+        warnings.warn(str(raised_in(f"{what} close(None), after its check,", e)), stacklevel=3)
 
 
 def one_process(cfg: RunConfig, workers: int) -> None:
