@@ -94,6 +94,44 @@ def test_every_component_takes_the_string_shorthand_and_kwargs(real_store, tmp_p
         plan(validate(cfg))
 
 
+def test_a_loss_or_transform_may_be_a_plain_function(real_store, tmp_path):
+    """`def loss(logits, target, **kwargs)` and `def aug(image, mask)` are the parts themselves
+    (their kwargs bound), beside factories that build them; one that is neither names both forms."""
+    plugin = tmp_path / "funcs.py"
+    plugin.write_text(
+        "import torch.nn.functional as F\n"
+        "def ce(logits, target, weight=1.0):\n"
+        "    return weight * F.cross_entropy(logits, target)\n"
+        "def flip(image, mask):\n"
+        "    return image.flip(-1), mask.flip(-1)\n"
+        "def one_argument(logits):\n"
+        "    return logits.mean()\n"
+    )
+    cfg = tiny_config(real_store)
+    cfg["train"]["loss"] = {"name": f"{plugin}:ce", "kwargs": {"weight": 2.0}}
+    cfg["data"]["transform"] = f"{plugin}:flip"
+    p = plan(validate(cfg))
+    p.check(1)  # runs both on real samples and a real batch
+    logits, target = torch.randn(2, 2, 4, 4), torch.randint(0, 2, (2, 4, 4))
+    assert p.loss()(logits, target) == pytest.approx(
+        2 * torch.nn.functional.cross_entropy(logits, target).item()
+    )
+    image, mask = torch.arange(4.0).reshape(1, 2, 2), torch.tensor([[0, 1], [1, 0]])
+    flipped = p.transform()(image, mask)
+    assert flipped[0].tolist() == [[[1.0, 0.0], [3.0, 2.0]]] and flipped[1].tolist() == [
+        [1, 0],
+        [0, 1],
+    ]
+    cfg["train"]["loss"] = {"name": f"{plugin}:ce", "kwargs": {"weigth": 2.0}}
+    with pytest.raises(
+        SegscaleError, match=r"kwargs \['weigth'\].*f\(logits, target, \*\*kwargs\)"
+    ):
+        plan(validate(cfg))
+    cfg["train"]["loss"] = f"{plugin}:one_argument"
+    with pytest.raises(SegscaleError, match=r"missing a required argument: 'logits'.*a loss is"):
+        plan(validate(cfg))
+
+
 def test_params_flatten_the_settings(real_store):
     params = validate(tiny_config(real_store)).params()
     assert params["train.optimizer.lr"] == 0.01 and params["model.kwargs.depth"] == 2

@@ -16,6 +16,7 @@ for anything else that builds runs from a config:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import tempfile
@@ -386,7 +387,7 @@ class Plan:
         callable a user's factory builds. Raises SegscaleError when it is not callable."""
         spec = self.cfg.train.loss
         key = f"train.loss '{spec.name}' kwargs {spec.kwargs}"
-        loss = _build(key, LOSSES.resolve(spec.name), **spec.kwargs)
+        loss = _part(key, LOSSES, spec)
         if not callable(loss):
             raise SegscaleError(
                 f"{key} builds {type(loss).__name__}; expected a callable loss(logits, target)"
@@ -406,11 +407,7 @@ class Plan:
         spec = self.cfg.data.transform
         if spec is None:
             return None
-        transform = _build(
-            f"data.transform '{spec.name}' kwargs {spec.kwargs}",
-            TRANSFORMS.resolve(spec.name),
-            **spec.kwargs,
-        )
+        transform = _part(f"data.transform '{spec.name}' kwargs {spec.kwargs}", TRANSFORMS, spec)
         if not callable(transform):
             raise SegscaleError(
                 f"{self.transform_key} builds {type(transform).__name__}; expected a callable "
@@ -798,6 +795,15 @@ def _build(what: str, factory: Any, *args: Any, **kwargs: Any) -> Any:
         raise
     except Exception as e:
         raise SegscaleError(f"{what}: {type(e).__name__}: {e}") from None
+
+
+def _part(what: str, registry: Any, spec: Any) -> Any:
+    """The callable a loss or transform spec names: a user's function taken as it is (its
+    kwargs bound), or what a factory builds (registry.is_the_part tells them apart)."""
+    found = registry.resolve(spec.name)
+    if registry.is_the_part(spec.name, spec.kwargs):
+        return functools.partial(found, **spec.kwargs) if spec.kwargs else found
+    return _build(what, found, **spec.kwargs)
 
 
 def _close_checked(what: str, tracker: Any) -> None:

@@ -28,9 +28,46 @@ class Registry:
     """A named dict of factories: the built-ins, given as 'module:attr' strings and imported on
     first use. Users name their own by path instead of registering them."""
 
-    def __init__(self, kind: str, builtins: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, kind: str, builtins: dict[str, str] | None = None, called_with: tuple[str, ...] = ()
+    ) -> None:
         self.kind = kind
         self._entries: dict[str, Any] = dict(builtins or {})
+        # what the built part is called with, for kinds whose part may be a plain function
+        # (loss(logits, target)) as well as a factory of one (Loss(**kwargs))
+        self.called_with = called_with
+
+    def is_the_part(self, spec: str, kwargs: Mapping[str, Any]) -> bool:
+        """Whether a user's function `spec` is the part itself, called as
+        f(*called_with, **kwargs) (`def loss(logits, target, smooth=1.0)`), rather than a
+        factory f(**kwargs) that builds it: kwargs alone do not bind to it, and they do after
+        the called_with arguments. A class is always a factory."""
+        if not self.called_with or spec in self._entries:
+            return False
+        found = self.resolve(spec)
+        if not inspect.isfunction(found):
+            return False
+        signature = inspect.signature(found)
+        try:
+            signature.bind(**kwargs)
+            return False
+        except TypeError:
+            pass
+        try:
+            signature.bind(*[None] * len(self.called_with), **kwargs)
+            return True
+        except TypeError:
+            return False
+
+    def forms(self) -> str:
+        """How a plug-in of this kind may be written, for errors: '' for kinds with one form."""
+        if not self.called_with:
+            return ""
+        args = ", ".join(self.called_with)
+        return (
+            f" (a {self.kind} is a factory f(**kwargs) that returns a callable({args}), or a "
+            f"function f({args}, **kwargs))"
+        )
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -285,6 +322,7 @@ LOSSES = Registry(
         "dice": "segscale.losses:DiceLoss",
         "dice_ce": "segscale.losses:DiceCELoss",
     },
+    called_with=("logits", "target"),
 )
 OPTIMIZERS = Registry(
     "optimizer",
@@ -306,7 +344,8 @@ TRACKERS = Registry(
         "none": "segscale.tracking:NoTracker",
     },
 )
-TRANSFORMS = Registry("transform")  # users' per-sample transforms, by path
+# users' per-sample transforms, by path
+TRANSFORMS = Registry("transform", called_with=("image", "mask"))
 TASKS = Registry(
     "task",
     {
@@ -329,12 +368,13 @@ def check_kwargs(
             "itself (from the store and the run); drop it from kwargs"
         )
     signature = registry.signature(spec)
+    called = registry.called_with if registry.is_the_part(spec, kwargs) else ()
     try:
-        signature.bind(**fixed, **kwargs)
+        signature.bind(*[None] * len(called), **fixed, **kwargs)
     except TypeError as e:
         params = [p for p in signature.parameters if p not in ("self", *fixed)]
         raise SegscaleError(
             f"{registry.kind} '{spec}' kwargs {sorted(kwargs)}: {e}; "
-            f"accepted: {', '.join(params) or 'none'}"
+            f"accepted: {', '.join(params) or 'none'}{registry.forms()}"
         ) from None
     _check_types(f"{registry.kind} '{spec}' kwargs", signature, kwargs)
