@@ -84,8 +84,26 @@ def test_bad_xml_configs_say_what_and_where(tmp_path):
         load_config(write(tmp_path, base.replace(">10<", ">ten<")))
     with pytest.raises(ConfigError, match="not well-formed XML"):
         load_config(write(tmp_path, "<system_config><task>"))
-    with pytest.raises(ConfigError, match=r"key 'train.batch_size'.*greater than 0"):
+    # errors name the file's element, beside the key it sets
+    with pytest.raises(
+        ConfigError,
+        match=r"\.xml <property name=\"minibatch_size\">: key 'train.batch_size'.*greater than 0",
+    ):
         load_config(write(tmp_path, base.replace(">10<", ">0<")))
+    with pytest.raises(ConfigError, match=r"\.xml <parallelism-degree>: key 'workers'"):
+        load_config(write(tmp_path, base.replace(">3</parallelism", ">x</parallelism")))
+    adam = base.replace("SGD", "adam").replace(
+        '<property name="lr">', '<property name="momentum">0.9</property><property name="lr">'
+    )
+    with pytest.raises(
+        ConfigError, match=r"\.xml <property name=\"momentum\">: key 'train.optimizer': adam has"
+    ):
+        load_config(write(tmp_path, adam))
+    # an override is named where it set the value; the file's element where it did
+    with pytest.raises(ConfigError, match=r"^override 'train.batch_size=0': key"):
+        load_config(write(tmp_path, base), ["train.batch_size=0"])
+    with pytest.raises(ConfigError, match=r"\.xml <property name=\"momentum\">: key"):
+        load_config(write(tmp_path, adam), ["train.optimizer.lr=0.1"])
 
 
 THESIS_LISTING = """<system_config>
@@ -181,7 +199,7 @@ class UNet(torch.nn.Module):
         (
             'run="brats-unet-autocnnp"',
             'run="brats-unet-autocnnp" seed="abc"',
-            r"key 'seed'",
+            r"<task seed=\"...\">: key 'seed'",
         ),
         # each was written into the YAML without a word: the second strategy dropped, a
         # callback named 'file.py:None', an empty strategy name

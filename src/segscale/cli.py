@@ -991,7 +991,7 @@ def config_convert_cmd(
     cfg = _load(source, None)
     check_components(cfg)  # names and kwargs; the store may not be prepared yet
     # what the source file says, paths as it wrote them (relative to the working directory)
-    text = yaml.safe_dump(as_written(cfg, read_raw(source)[0]), sort_keys=False)
+    text = yaml.safe_dump(as_written(cfg, read_raw(source).raw), sort_keys=False)
     if target:
         write_atomic(target, text)
         typer.echo(f"wrote {out}")

@@ -959,25 +959,33 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML (or Auto-CNNp XML) run config, apply `a.b=value` overrides, validate, resolve
     relative paths against the working directory. Raises ConfigError naming file, line and key."""
-    raw, text = read_raw(path)
+    raw, text, origins = read_raw(path)
     for item in overrides or []:
         apply_override(raw, item)
-    return validate(raw, source=str(path), text=text, overrides=overrides)
+    return validate(raw, source=str(path), text=text, overrides=overrides, origins=origins)
 
 
-def read_raw(path: str | Path) -> tuple[dict[str, Any], str | None]:
-    """A config file's keys as written, before validation, and its YAML text (None for XML, whose
-    parallelism degree becomes `workers`). Raises ConfigError for a file that cannot be read."""
+class RawConfig(typing.NamedTuple):
+    """A config file as read, before validation: its keys as written, its YAML text (None for
+    XML) and, for XML, where each key came from ({'train.batch_size': '<property
+    name="minibatch_size">'}; its parallelism degree is `workers`)."""
+
+    raw: dict[str, Any]
+    text: str | None = None
+    origins: dict[str, str] | None = None
+
+
+def read_raw(path: str | Path) -> RawConfig:
+    """A config file's keys as written, before validation (RawConfig). Raises ConfigError for a
+    file that cannot be read."""
     path = Path(path)
     if path.suffix.lower() == ".xml":
         from segscale.xmlconfig import read_xml
 
         if not path.is_file():
             raise ConfigError(f"cannot read config {path}: no such file")
-        raw, degree = read_xml(path)
-        if degree is not None:
-            raw["workers"] = degree
-        return raw, None
+        raw, origins = read_xml(path)
+        return RawConfig(raw, None, origins)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -993,7 +1001,7 @@ def read_raw(path: str | Path) -> tuple[dict[str, Any], str | None]:
         raise ConfigError(f"{where}: not valid YAML: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
-    return raw, text
+    return RawConfig(raw, text)
 
 
 def as_written(cfg: RunConfig, raw: Any) -> dict[str, Any]:
@@ -1070,9 +1078,11 @@ def validate(
     source: str = "<config>",
     text: str | None = None,
     overrides: list[str] | None = None,
+    origins: dict[str, str] | None = None,
 ) -> RunConfig:
     """A RunConfig from raw data; ConfigError names where the bad value came from: the
-    command-line override that set it, else the file's line (`text`), else `source`."""
+    command-line override that set it, else the file's line (`text`) or element (`origins`,
+    RawConfig's), else `source`."""
     try:
         return RunConfig.model_validate(raw)
     except RecursionError:  # lists in lists thousands deep: no config is
@@ -1088,18 +1098,34 @@ def validate(
         given = [o for o, k in keys if key == k or key.startswith(k + ".")]
         # a rule over a whole section can fail on what the file and overrides set inside it
         inside = [o for o, k in keys if not key or k.startswith(key + ".")]
-        if err["type"] == "value_error":  # such a rule names the keys it reads: those overrides
-            rule = str(err["ctx"]["error"])
+        rule = str(err["ctx"]["error"]) if err["type"] == "value_error" else ""
+        # an XML file's elements of the key, or those a section rule names
+        origin = _origin(origins or {}, key, rule, every=False)
+        if rule:  # such a rule names the keys it reads: those overrides (or the file's)
             named = [o for o in inside if re.search(rf"\b{re.escape(_leaf(o))}\b", rule)]
-            inside = named or inside
+            inside = named or ([] if origin else inside)
         line, whole = _line_of(text, loc) if text else (None, False)
-        where = f"{source}:{line}" if line else source
+        origin = origin or _origin(origins or {}, key, rule, every=not inside)
+        where = f"{source}:{line}" if line else f"{source} {origin}" if origin else source
+        whole = whole or bool(origin)
         if given:
             where = f"override '{given[-1]}'"
         elif inside:  # the file too, if it holds this key at all
             named = " and ".join(f"override '{o}'" for o in inside)
             where = f"{where} and {named}" if whole or not key else named
         raise ConfigError(f"{where}: {_describe(err, loc)}") from None
+
+
+def _origin(origins: dict[str, str], key: str, rule: str = "", every: bool = True) -> str | None:
+    """Where in an XML file `key` came from: the element of the key or of the entry holding it
+    (train.loss for train.loss.name), else the elements of the keys inside it that the `rule`
+    (a section rule's message) names, or (`every`) of all the keys inside it."""
+    holding = [k for k in origins if key == k or key.startswith(k + ".")]
+    if holding:
+        return origins[max(holding, key=len)]
+    inside = [k for k in origins if key and k.startswith(key + ".")]
+    named = [k for k in inside if re.search(rf"\b{re.escape(_leaf(k))}\b", rule)]
+    return " and ".join(origins[k] for k in named or (inside if every else [])) or None
 
 
 def _leaf(override: str) -> str:

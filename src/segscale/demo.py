@@ -109,7 +109,7 @@ def _made_by_demo(out: Path) -> bool:
 def demo_config(store: Path, overrides: list[str]) -> RunConfig:
     """demo.yaml with its store at `store` and the user's overrides (which may replace it).
     Raises ConfigError naming the override at fault."""
-    raw, text = read_raw(resource("demo.yaml"))
+    raw, text, _ = read_raw(resource("demo.yaml"))
     raw["data"]["store"] = str(store)
     for item in overrides:
         apply_override(raw, item)

@@ -56,9 +56,10 @@ PROPERTIES = {
 }
 
 
-def read_xml(path: Path) -> tuple[dict[str, Any], str | None]:
-    """The raw config dict (validated later, like YAML) and the parallelism degree as written
-    (validated as `workers`)."""
+def read_xml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The raw config dict (validated later, like YAML; the parallelism degree as written, as
+    `workers`) and where each key came from in the file ({'train.batch_size':
+    '<property name="minibatch_size">'}), for errors in the file's own terms."""
     import defusedxml.ElementTree as ET
     from defusedxml import DefusedXmlException
 
@@ -103,9 +104,21 @@ def read_xml(path: Path) -> tuple[dict[str, Any], str | None]:
         "task": kinds.get(kind, kind),
         "train": {"optimizer": {}},
     }
+    origins = {
+        "name": '<task run="...">'
+        if task.get("run") is not None
+        else f"(the file name {path.name})",
+        "seed": '<task seed="...">',
+        "task": '<task name="...">',
+        "workers": "<parallelism-degree>",
+        "model": "<CNN_archi>",
+        "data": "<data>",
+    }
     degree = task.findtext("parallelism-degree")
     if degree is not None and not degree.strip():  # an empty element, not a missing one
         raise fail("<parallelism-degree>: empty; give the number of workers, or leave it out")
+    if degree is not None:
+        raw["workers"] = degree.strip()  # validated as `workers`
     archi = task.find("CNN_archi")
     if archi is None or not (archi.findtext("name") or archi.findtext("path")):
         raise fail("<CNN_archi> needs a <name> (built-in) or a <path> (file.py:factory)")
@@ -127,9 +140,9 @@ def read_xml(path: Path) -> tuple[dict[str, Any], str | None]:
     if not store:
         raise fail("<data><store>: missing (the output of `segscale prepare`)")
     raw["data"] = {"store": store.strip()}
-    _generator(task, raw, fail)
-    _hyperparameters(task, raw, fail)
-    return raw, degree.strip() if degree else None  # validated as `workers`
+    _generator(task, raw, fail, origins)
+    _hyperparameters(task, raw, fail, origins)
+    return raw, origins
 
 
 # The elements and attributes an Auto-CNNp file may hold: element → (its attributes, {child:
@@ -207,7 +220,7 @@ ACTION_CLASS = {
 }
 
 
-def _generator(task: Any, raw: dict[str, Any], fail: Any) -> None:
+def _generator(task: Any, raw: dict[str, Any], fail: Any, origins: dict[str, str]) -> None:
     gen = task.find("CNN-Parallelism-Generator")
     for action in gen.iter("action") if gen is not None else []:
         kind, value = action.get("type"), action.find("value")
@@ -235,6 +248,7 @@ def _generator(task: Any, raw: dict[str, Any], fail: Any) -> None:
                     f"dist_strategy: an empty <value>; expected one of {', '.join(STRATEGY_NAMES)}"
                 )
             raw["train"]["strategy"] = STRATEGY_NAMES.get(text.lower(), _builtin_lower(text))
+            origins["train.strategy"] = '<action type="dist_strategy">'
         elif kind == "Tr_Checkpoint":
             for v in values:
                 path, name = (v.findtext("path") or "").strip(), (v.get("name") or "").strip()
@@ -244,13 +258,14 @@ def _generator(task: Any, raw: dict[str, Any], fail: Any) -> None:
                         "a <path> to the file that defines it"
                     )
                 raw["train"].setdefault("callbacks", []).append({"name": f"{path}:{name}"})
+            origins["train.callbacks"] = '<action type="Tr_Checkpoint">'
         elif kind not in ("device_placement", "memory_allocation"):
             types = ["device_placement", "memory_allocation", "dist_strategy", "Tr_Checkpoint"]
             named = f"action type '{kind}'" if kind else "an <action> without type="
             raise fail(f"{named}{did_you_mean(kind or '', types)}; expected {', '.join(types)}")
 
 
-def _hyperparameters(task: Any, raw: dict[str, Any], fail: Any) -> None:
+def _hyperparameters(task: Any, raw: dict[str, Any], fail: Any, origins: dict[str, str]) -> None:
     given = {"seed": "<task seed=...>"} if task.get("seed") is not None else {}
     for prop in task.findall("hyperparameters/property"):
         name, text = prop.get("name", ""), (prop.text or "").strip()
@@ -266,6 +281,7 @@ def _hyperparameters(task: Any, raw: dict[str, Any], fail: Any) -> None:
         if key in given:  # optimiser and optimizer, or seed= and a seed property
             raise fail(f"hyperparameter '{name}' sets {key}, which {given[key]} sets already")
         given[key] = f"'{name}'"
+        origins[key] = f'<property name="{name}">'
         try:
             value = cast(text)
         except ValueError:
