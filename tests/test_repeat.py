@@ -273,6 +273,15 @@ def test_compare_runs_and_repeats_with_a_paired_test(tmp_path, store10):
     assert "batch 4 per worker × 1 worker(s) = global batch 4" in text
     r = cli("methods", tmp_path / "nowhere")
     assert r.returncode == 2 and "neither a run folder nor" in r.stderr
+    # it replaces its own methods.md, and a user's file only with --force
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes\n")
+    r = cli("methods", b, "--out", notes)
+    assert r.returncode == 2 and "not an earlier output of segscale methods" in r.stderr
+    assert notes.read_text() == "my notes\n"
+    assert cli("methods", b, "--out", notes, "--force").returncode == 0
+    assert cli("methods", b, "--out", notes).returncode == 0  # its own now
+    assert notes.read_text() == text
     result = json.loads((tmp_path / "cmp.json").read_text())
     cases = {c: v for c, v in result["cases"].items()}
     ea = {

@@ -155,11 +155,23 @@ def read_record(path: Path, keys: tuple[str, ...], what: str, metrics: bool = Fa
     return data
 
 
-def output_file(path: Path, option: str = "--out", overwrite: bool = True) -> Path:
+def _holds(path: Path, mark: str) -> bool:
+    """Whether the first MiB of the file at `path` holds `mark` (False when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return mark.encode() in f.read(1 << 20)
+    except OSError:
+        return False
+
+
+def output_file(
+    path: Path, option: str = "--out", overwrite: bool = True, own: str | None = None
+) -> Path:
     """`path` resolved, where a file can be written: not a folder, not a device or other special
     file, in a folder (created when missing, unless a file is in its way: every command makes
-    the folder of a file it is told to write); an existing file only when `overwrite`. Raises
-    SegscaleError naming the option otherwise (before anything is computed)."""
+    the folder of a file it is told to write); an existing file only when `overwrite`, or when
+    it holds the mark `own` (in its first MiB: the command's own earlier output, written with
+    that mark). Raises SegscaleError naming the option otherwise (before anything is computed)."""
     from segscale.errors import SegscaleError
 
     path = Path(path).resolve()
@@ -167,8 +179,11 @@ def output_file(path: Path, option: str = "--out", overwrite: bool = True) -> Pa
         raise SegscaleError(f"{option} {path}: a folder; give a file name")
     if path.exists() and not path.is_file():
         raise SegscaleError(f"{option} {path}: exists and is not a regular file; give a file name")
-    if path.exists() and not overwrite:
-        raise SegscaleError(f"{option} {path}: exists; give another name or --force to replace it")
+    if path.exists() and not overwrite and not (own and _holds(path, own)):
+        whose = f" and is not an earlier output of {own.split(' by ')[-1]}" if own else ""
+        raise SegscaleError(
+            f"{option} {path}: exists{whose}; give another name or --force to replace it"
+        )
     try:
         output_dir(path.parent, option)
     except SegscaleError:  # named for what was given: a file's path, not a folder

@@ -404,13 +404,16 @@ def compare_cmd(
 def methods_cmd(
     target: Annotated[Path, typer.Argument(help="A run folder or a `segscale repeat` folder.")],
     out: Annotated[Path, typer.Option(help="The Markdown file to write.")] = Path("methods.md"),
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing --out file it did not write.")
+    ] = False,
 ) -> None:
     """A methods section written from what the run recorded, with a checklist against the
     thesis' Fig. 5.5 and CLAIM's training items: what is covered, what to add by hand."""
     from segscale._files import output_file, write_atomic
-    from segscale.methods import methods
+    from segscale.methods import MARK, methods
 
-    out = output_file(out)
+    out = output_file(out, "--out", overwrite=force, own=MARK)
     text = methods(target)
     write_atomic(out, text)
     missing = text.count("| no |")
@@ -766,17 +769,20 @@ def schedule_cmd(
     out: Annotated[Path, typer.Option(help="Picture to write (.png, .pdf or .svg).")] = Path(
         "schedule.png"
     ),
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing --out file it did not write.")
+    ] = False,
 ) -> None:
     """Plot the learning-rate curve of a config for N workers."""
     import warnings
 
     from segscale._files import output_file
     from segscale.engine import one_process, plan
-    from segscale.schedules import plot_schedule
+    from segscale.schedules import MARK, plot_schedule
 
     if out.suffix.lower() not in (".png", ".pdf", ".svg"):
         raise SegscaleError(f"--out {out}: expected a .png, .pdf or .svg file name")
-    out = output_file(out, "--out")
+    out = output_file(out, "--out", overwrite=force, own=MARK)
     cfg = _load(config, overrides)
     t = cfg.train
     one_process(cfg, workers or cfg.workers or 1)  # as `train` refuses it
@@ -822,6 +828,9 @@ def launch_cmd(
     resume: Annotated[
         bool, typer.Option("--resume", help="Write the job for a run already started.")
     ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing --out file it did not write.")
+    ] = False,
 ) -> None:
     """Write a cluster job for a config (checked first, as `train` checks it), to submit with
     sbatch; submitting it again continues the run from its newest checkpoint."""
@@ -832,7 +841,7 @@ def launch_cmd(
     from segscale._files import apart_from_input, differ, output_file, write_atomic
     from segscale.config import load_config
     from segscale.engine import has_started, plan, prepare_run_dir
-    from segscale.launch import sbatch_script
+    from segscale.launch import MARK, sbatch_script
 
     if not slurm:
         raise SegscaleError("say which scheduler: --slurm (the only one so far)")
@@ -869,8 +878,8 @@ def launch_cmd(
         given = Path(out).resolve()
         if given.is_relative_to(run_dir) and given != run_dir / "job.sbatch":
             raise SegscaleError(f"--out {given}: inside the run folder; its job is job.sbatch")
-        script = output_file(apart_from_input(out, config), "--out")
-        apart_from_input(script, cfg.data.store, "--out")
+        apart_from_input(apart_from_input(out, config), cfg.data.store, "--out")
+        script = output_file(out, "--out", overwrite=force, own=MARK)
     if resume and (run_dir / "model.pt").is_file():
         raise SegscaleError(f"{run_dir}: finished already (model.pt); no job to write")
     started = has_started(run_dir)
@@ -976,6 +985,9 @@ def config_convert_cmd(
     ],
     to: Annotated[str, typer.Option("--to", help="Output format: yaml.")] = "yaml",
     out: Annotated[Path | None, typer.Option(help="File to write (default: print).")] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing --out file it did not write.")
+    ] = False,
 ) -> None:
     """Convert an Auto-CNNp XML config into the equivalent validated YAML."""
     import yaml
@@ -985,14 +997,16 @@ def config_convert_cmd(
     from segscale._files import apart_from_input, output_file, write_atomic
     from segscale.config import as_written, read_raw
 
-    target = output_file(apart_from_input(out, source), "--out") if out else None
+    mark = "# written by segscale config convert"
+    target = output_file(apart_from_input(out, source), "--out", force, mark) if out else None
     from segscale.engine import check_components
 
     cfg = _load(source, None)
     check_components(cfg)  # names and kwargs; the store may not be prepared yet
     # what the source file says, paths as it wrote them (relative to the working directory)
     text = yaml.safe_dump(as_written(cfg, read_raw(source).raw), sort_keys=False)
-    if target:
+    if target:  # marked: converting again replaces it, and nothing else without --force
+        text = f"{mark} from {source}\n{text}"
         write_atomic(target, text)
         typer.echo(f"wrote {out}")
     else:

@@ -322,6 +322,11 @@ def _first_line(message: Any) -> str:
     return str(message).strip().splitlines()[0][:160] if str(message).strip() else "no message"
 
 
+# a line of every job `segscale launch` writes: writing it again replaces its own script, and
+# nothing else without --force
+MARK = "# written by segscale launch"
+
+
 def sbatch_script(
     run_dir: Path, nodes: int, gpus_per_node: int, time: str, partition: str | None, name: str
 ) -> str:
@@ -338,6 +343,7 @@ def sbatch_script(
     )
     lines = [
         "#!/bin/bash",
+        MARK,
         f"#SBATCH --job-name={name}",
         f"#SBATCH --nodes={nodes}",
         "#SBATCH --ntasks-per-node=1",

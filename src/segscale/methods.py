@@ -90,6 +90,11 @@ def _record(target: Path) -> dict[str, Any]:
     }
 
 
+# the first line of what `segscale methods` writes (hidden in rendered Markdown): a second run
+# replaces its own file, and nothing else without --force
+MARK = "<!-- written by segscale methods"
+
+
 def methods(target: Path) -> str:
     """The methods section and its checklist, as Markdown. Raises SegscaleError when `target` is
     neither a run folder nor a repeat folder, or its store cannot be read."""
@@ -102,7 +107,7 @@ def methods(target: Path) -> str:
     total = sum(splits.values())
     checks: list[tuple[str, str, bool, str]] = []  # (source, item, covered, what to add)
 
-    lines = ["# Methods", "", "## Data", ""]
+    lines = [f"{MARK} from {target} -->", "# Methods", "", "## Data", ""]
     modality = ", ".join(store.get("channel_names", [])) or "not recorded"
     described = bool(dataset.get("description"))
     lines.append(

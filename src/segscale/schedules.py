@@ -16,6 +16,10 @@ from segscale.config import (
 )
 from segscale.errors import SegscaleError
 
+# in the metadata of every picture `segscale schedule` draws: drawing it again replaces its own
+# picture, and nothing else without --force
+MARK = "segscale schedule"
+
 
 def scaled_lr(base_lr: float, global_batch: int, reference_batch: int, rule: str) -> float:
     """The scaling rule: linear (Goyal et al., the thesis), square root, or none."""
@@ -160,5 +164,6 @@ def plot_schedule(schedule: Schedule, out: Path, title: str) -> None:
     ax.set(xlabel="epoch", ylabel="learning rate", title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    key = "Software" if Path(out).suffix.lower() == ".png" else "Creator"  # PDF and SVG's
+    fig.savefig(out, dpi=110, metadata={key: MARK})
     plt.close(fig)
