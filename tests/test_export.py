@@ -85,15 +85,20 @@ def test_bad_exports_are_one_line(run, tmp_path):
     done = cli("export", run, "--out", tmp_path / "folder")
     assert done.returncode == 2 and "a folder; give a file name" in done.stderr
     # an existing file is not replaced without --force; a device never
-    config = (run / "config.yaml").read_bytes()
-    done = cli("export", run, "--format", "torchscript", "--out", run / "config.yaml")
+    mine = tmp_path / "mine.pt"
+    mine.write_bytes(b"mine")
+    done = cli("export", run, "--format", "torchscript", "--out", mine)
     assert done.returncode == 2 and "exists; give another name or --force" in done.stderr
-    assert (run / "config.yaml").read_bytes() == config
-    # nor, even with --force, a file of the run it exports (its weights: the run was broken)
+    assert mine.read_bytes() == b"mine"
+    # nor, even with --force, a record of the run it exports (its weights: the run was broken)
     weights = (run / "model.pt").read_bytes()
     done = cli("export", run, "--format", "torchscript", "--out", run / "model.pt", "--force")
-    assert done.returncode == 2 and "a file of" in done.stderr and "itself" in done.stderr
+    assert done.returncode == 2 and f"a record of the run {run}" in done.stderr
     assert (run / "model.pt").read_bytes() == weights
+    (run / "notes.pt").write_bytes(b"notes")  # the user's, beside the run's own files
+    done = cli("export", run, "--format", "torchscript", "--out", run / "notes.pt", "--force")
+    assert done.returncode == 2 and "a file of" in done.stderr and "itself" in done.stderr
+    (run / "notes.pt").unlink()
     # an earlier export is replaced, whatever its name
     for _ in range(2):
         done = cli(
@@ -101,9 +106,22 @@ def test_bad_exports_are_one_line(run, tmp_path):
         )
         assert done.returncode == 0, done.stderr
     done = cli("export", run, "--format", "torchscript", "--out", tmp_path / "m.onnx")
-    assert done.returncode == 2 and "the name of another format" in done.stderr
+    assert (
+        done.returncode == 2
+        and "a TorchScript export needs a name ending in .pt or .pth" in done.stderr
+    )
+    # an ONNX file named meta.json (a store's record) was written; a name says what it holds
+    done = cli("export", run, "--out", tmp_path / "meta.json", "--force")
+    assert done.returncode == 2 and "an ONNX export needs a name ending in .onnx" in done.stderr
     done = cli("export", run, "--format", "torchscript", "--out", "/dev/null", "--force")
-    assert done.returncode == 2 and "not a regular file" in done.stderr
+    assert done.returncode == 2 and "ending in .pt or .pth" in done.stderr
+    # a file or a missing folder as the run: named as such (was: blamed on an --out not given)
+    for source, what in (
+        (run / "config.yaml", "a file, not a run folder"),
+        (tmp_path / "no", "no such folder"),
+    ):
+        done = cli("export", source)
+        assert done.returncode == 2 and f"{source}: {what}" in done.stderr, done.stderr
     (tmp_path / "a-file").write_text("x")
     done = cli("export", run, "--out", tmp_path / "a-file" / "m.onnx")
     assert done.returncode == 2 and "a-file" in done.stderr and "Traceback" not in done.stderr

@@ -2,9 +2,12 @@
 --force: `config convert --out`, `schedule --out`, `launch --out` (each used to write over any
 file it was given, a user's config or job script included)."""
 
+import pytest
 import yaml
 
-from conftest import cli, tiny_config
+from conftest import cli, tiny_config, trained_run
+from segscale._files import output_file
+from segscale.errors import SegscaleError
 
 
 def test_a_command_replaces_its_own_file_and_a_users_only_with_force(tmp_path, real_store):
@@ -36,3 +39,43 @@ def test_a_command_replaces_its_own_file_and_a_users_only_with_force(tmp_path, r
             assert out.read_text().startswith(first)
     converted = yaml.safe_load((tmp_path / "converted.yaml").read_text())
     assert converted["data"]["store"] == str(real_store)
+
+
+def test_no_output_goes_into_a_store_or_over_a_runs_records(tmp_path, real_store):
+    """methods --out RUN/config.yaml broke the run; launch --out STORE/meta.json and export
+    --force over it broke the store. No command writes there, --force or not."""
+    run = trained_run(real_store, tmp_path / "run")
+    for path in (
+        run / "config.yaml",
+        run / "model.pt",
+        run / "environment.json",
+        run / "checkpoints" / "step_00000001.pt",
+    ):
+        with pytest.raises(SegscaleError, match=f"a record of the run {run}; write to another"):
+            output_file(path, "--out", overwrite=True)
+    for path in (real_store / "meta.json", real_store / "new.png"):
+        with pytest.raises(SegscaleError, match="inside the prepared store"):
+            output_file(path, "--out", overwrite=True)
+    assert output_file(run / "model.onnx") == run / "model.onnx"  # beside them: an export
+    r = cli("methods", run, "--out", run / "config.yaml", "--force")
+    assert r.returncode == 2 and "a record of the run" in r.stderr, r.stderr
+
+
+def test_a_resumable_job_claims_a_new_or_empty_folder_only(tmp_path):
+    """tune --out and repeat --out trained into a finished run, a store or anyone's folder."""
+    from segscale._files import job_state
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(SegscaleError, match=r"busy: not empty, and no tuning started there"):
+        job_state(busy / "tune.json", {"a": 1}, {"trials": []}, "tuning")
+    assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "new"):
+        state = job_state(folder / "tune.json", {"a": 1}, {"trials": []}, "tuning")
+        assert state == {"signature": {"a": 1}, "trials": []}
+        (folder / "baseline-1").mkdir()  # the job's own work: a rerun goes on
+        assert job_state(folder / "tune.json", {"a": 1}, {"trials": []}, "tuning") == state
+    with pytest.raises(SegscaleError, match=r"holds a tuning started with other settings \(a "):
+        job_state(tmp_path / "new" / "tune.json", {"a": 2}, {"trials": []}, "tuning")

@@ -356,6 +356,9 @@ def test_launch_writes_nothing_a_shell_would_misread_and_checks_as_train_does(tm
         assert r.returncode == 2 and re.search(message, r.stderr), r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not list(tmp_path.glob("sp ace*")) and not (ROOT / "runs" / "job").exists()
+    # --resume is for a run already started (a job for a new one was written)
+    r = cli("launch", "--slurm", config, "--run-dir", tmp_path / "new", "--resume")
+    assert r.returncode == 2 and "has not started (no checkpoint)" in r.stderr, r.stderr
     run = tmp_path / "started"
     assert cli("launch", "--slurm", config, "--run-dir", run).returncode == 0
     (run / "checkpoints").mkdir()
@@ -396,6 +399,8 @@ def test_misconfigurations_fail_before_launch(real_store):
         plan(validate(tiny_config(real_store, simulate_fused=True))).check(1)
     with pytest.raises(SegscaleError, match="use --workers 1"):
         plan(validate(tiny_config(real_store, simulate_workers=4))).check(2)
+    with pytest.raises(SegscaleError, match="use --nodes 1 --gpus-per-node 1"):  # launch's
+        plan(validate(tiny_config(real_store, simulate_workers=4))).check(2, here=False)
     for strategy, what in (
         ({"name": "local_sgd", "kwargs": {"period": 2}}, "'local_sgd'"),
         ({"name": "allreduce", "kwargs": {"compression": "powersgd"}}, "compression 'powersgd'"),

@@ -164,7 +164,7 @@ def test_repeat_trains_tests_and_reports_the_spread(tmp_path, store10):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     shutil.copytree(out / "run-1", foreign / "run-1")
-    with pytest.raises(SegscaleError, match=r"run-1: started with other settings \(.*lr"):
+    with pytest.raises(SegscaleError, match=r"foreign: not empty, and no repeat started there"):
         repeat(path, ["train.optimizer.lr=0.05"], RepeatOptions(3, "order"), foreign, False)
     # damaged or unfinished records: one line, never a methods text that says "one run"
     from segscale.compare import compare, comparison_files
@@ -259,6 +259,14 @@ def test_compare_runs_and_repeats_with_a_paired_test(tmp_path, store10):
         and "not evaluated on 'test'" in r.stderr
         and "segscale evaluate" in r.stderr
     )
+    from segscale.compare import compare
+
+    with pytest.raises(
+        SegscaleError, match=r"--split banana: not a split of .*a \(train, val, test\)"
+    ):
+        compare(a, b, "banana")
+    with pytest.raises(SegscaleError, match=r"given as A and as B"):
+        compare(a, tmp_path / "." / "a")
     for run in (a, b):
         worker.evaluate(run, "test", run / "evaluation-test.json")
     r = cli("compare", a, b, "--out", tmp_path / "cmp")

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from conftest import tiny_config, trained_run
 from segscale import worker
@@ -63,6 +64,7 @@ def test_another_architecture_is_refused(tmp_path):
 
 
 def test_fine_tuning_from_a_run_and_from_a_zoo_entry(tmp_path, real_store, monkeypatch):
+    from segscale.methods import methods
     from segscale.zoo import publish
 
     source = trained_run(real_store, tmp_path / "source", epochs=1, steps_per_epoch=2)
@@ -77,7 +79,11 @@ def test_fine_tuning_from_a_run_and_from_a_zoo_entry(tmp_path, real_store, monke
         cfg["model"]["pretrained"] = spec
         run = tmp_path / name
         config = validate(cfg)
-        plan(config).check(1)  # resolved and fitted before any worker starts
+        checked = plan(config)
+        checked.check(1)  # resolved and fitted before any worker starts
+        architecture = checked.describe()["injection"]["architecture"]["params"]
+        assert architecture["pretrained"] == spec
+        assert architecture["pretrained_loaded"].startswith(f"{len(trained)} tensors loaded")
         prepare_run_dir(config, run, resume=False)
         worker.train(run, progress=False)
         report = json.loads((run / "pretrained.json").read_text())
@@ -86,6 +92,27 @@ def test_fine_tuning_from_a_run_and_from_a_zoo_entry(tmp_path, real_store, monke
         # an lr of 1e-12 moves nothing measurable: the run started from the source's weights
         conv = next(k for k in trained if k.endswith("weight") and trained[k].dim() == 4)
         assert torch.allclose(tuned[conv], trained[conv], atol=1e-6)
+        # the methods section says so (it said "random initialisation")
+        shown = "zoo:tiny@1" if name == "from-zoo" else "local weights (source)"
+        assert (
+            f"Initialisation: fine-tuned from {shown} (100.0% of the weights from it: "
+            f"{len(report['loaded'])} tensors loaded, 0 adapted" in methods(run)
+        )
+        # a published fine-tuned model says what it came from; a local path is not published
+        entry = publish(run, name, tmp_path / "zoo")
+        assert yaml.safe_load((entry / "config.yaml").read_text())["model"]["pretrained"] is None
+        info = json.loads((entry / "segscale-model.json").read_text())
+        assert info["fine_tuned_from"] == shown and str(tmp_path) not in json.dumps(info)
+        assert f"fine-tuned from {shown}" in (entry / "card.md").read_text()
+    # a source that saw inputs prepared otherwise is named, with what differs (a warning)
+    from segscale.transfer import preprocessing_note
+
+    here = json.loads((real_store / "meta.json").read_text())["preprocessing"]
+    for spec in (str(source), "zoo:tiny@1"):
+        assert preprocessing_note(spec, here) is None
+        note = preprocessing_note(spec, {**here, "normalize": "minmax", "size": 48})
+        assert f"normalize {here['normalize']} there, minmax here; size 32 there, 48 here" in note
+    assert preprocessing_note(str(source / "model.pt"), {}) is None  # a file records none
     bad = validate({**tiny_config(real_store), "model": {"name": "unet", "pretrained": "zoo:none"}})
     with pytest.raises(SegscaleError, match="no model 'none'"):
         plan(bad).check(1)

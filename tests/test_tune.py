@@ -292,19 +292,30 @@ def test_tune_refuses_what_it_cannot_do(tmp_path, real_store):
     # a baseline that learnt nothing (Dice 0 at lr 0) is no reference to scale
     (tmp_path / "flat.py").write_text(FLAT)
     with pytest.raises(SegscaleError, match=r"validation Dice 0.0000, it learnt nothing"):
-        options = TuneOptions(workers=4, simulate=True, baseline_runs=1)
+        options = TuneOptions(workers=4, simulate=True, min_workers=2, baseline_runs=1)
         model = [f"model={{name: {tmp_path / 'flat.py'}:Flat}}", "train.epochs=1"]
         tune(path, model, options, tmp_path / "zero", False)
     # settings it ends with that `train` would refuse: no tuned.yaml, and a failure (was: "done")
     short = tmp_path / "short"
-    options = TuneOptions(workers=4, simulate=True, baseline_runs=1, max_trials=1)
+    options = TuneOptions(workers=4, simulate=True, min_workers=2, baseline_runs=1, max_trials=1)
     with pytest.raises(SegscaleError, match=r"no tuned settings: .*cannot train this config"):
         tune(path, ["train.schedule={scaling: linear}", "train.epochs=4"], options, short, False)
     assert (short / "tune.md").is_file() and not (short / "tuned.yaml").exists()
+    # under --min-workers the defaults are all there is: refused before any baseline trains
+    options = TuneOptions(workers=4, simulate=True, baseline_runs=1, max_trials=1)
+    with pytest.raises(SegscaleError, match=r"4 workers: under 12, .*cannot train this config"):
+        tune(
+            path,
+            ["train.schedule={scaling: linear}", "train.epochs=4"],
+            options,
+            tmp_path / "defaults",
+            False,
+        )
+    assert not (tmp_path / "defaults" / "baseline-1").exists()
     # an output folder holding another tuning
     out.mkdir(exist_ok=True)
     (out / "tune.json").write_text("[1, 2]")  # not a tuner's state: one line, not a traceback
-    with pytest.raises(SegscaleError, match="unreadable a tuning state"):
+    with pytest.raises(SegscaleError, match="unreadable tuning state; use another --out"):
         tune(path, None, TuneOptions(workers=4), out)
     state = {"signature": {"workers": 16}, "baselines": [], "trials": [], "seconds": 0}
     (out / "tune.json").write_text(json.dumps(state))

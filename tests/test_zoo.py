@@ -79,6 +79,15 @@ def test_pull_from_a_folder_verifies_and_caches(published, cache):
         pull("other", zoo)
     with pytest.raises(SegscaleError, match="zoo version"):
         parse_ref("zoo:tiny-la@../../etc")
+    # a stray file where the entry is cached is replaced (was: a staging folder's rename error)
+    import shutil
+
+    shutil.rmtree(local)
+    local.write_text("not an entry")
+    assert pull("tiny-la", zoo) == local and (local / "model.safetensors").is_file()
+    (cache / "empty").mkdir()
+    with pytest.raises(SegscaleError, match=r"empty: not a zoo \(no index.json\)"):
+        entries(cache / "empty")
 
 
 def serve(folder: Path):
@@ -281,7 +290,7 @@ def test_a_zoo_entry_that_names_code_is_not_built(published, cache, tmp_path):
     assert not (tmp_path / "z3").exists()
 
 
-def test_publish_checks_the_weights_and_keeps_the_index_whole(published, tmp_path):
+def test_publish_checks_the_weights_and_keeps_the_index_whole(published, tmp_path, real_store):
     import shutil
 
     import yaml
@@ -321,6 +330,28 @@ def test_publish_checks_the_weights_and_keeps_the_index_whole(published, tmp_pat
     assert pull("t@1.0", zoo).name == "1" and pull("t", zoo).name == "3.0"  # as publish counts
     assert (zoo / "t" / "3.0" / "model.safetensors").stat().st_mode & 0o044 == 0o044
     assert (zoo / "t" / "3.0").stat().st_mode & 0o055 == 0o055
+    # names that one case-insensitive file system (macOS, Windows) would hold in one folder
+    with pytest.raises(SegscaleError, match=r"holds 't', which differs from 'T' only in case"):
+        publish(run, "T", zoo, version="9")
+    # the licence is an SPDX expression, written in its canonical spelling
+    for bad in ("not a licence!!", "proprietary", "CC-BY-4", " "):
+        with pytest.raises(SegscaleError, match=r"not an SPDX licence expression"):
+            publish(run, "t", zoo, version="10", licence=bad)
+    publish(run, "t", zoo, version="10", licence="cc-by-4.0")
+    publish(run, "t", zoo, version="11", licence="MIT OR LicenseRef-mine")
+    licences = [e["licence"] for e in entries(zoo) if e["name"] == "t"][-2:]
+    assert licences == ["CC-BY-4.0", "MIT OR LicenseRef-mine"]
+    with pytest.raises(SegscaleError, match=r"zoo entry 't@': an empty version"):
+        pull("t@", zoo)
+    # a run folder, a store, the zoo inside the installed package: not zoos to publish into
+    import segscale
+
+    for folder in (run, real_store):
+        with pytest.raises(SegscaleError, match="a run folder or a prepared store, not a zoo"):
+            publish(run, "t2", folder)
+    shipped = Path(segscale.__file__).parent / "resources" / "zoo"
+    with pytest.raises(SegscaleError, match="the zoo shipped inside segscale"):
+        publish(run, "t2", shipped)
 
 
 def test_a_slow_server_is_given_up_on(published, cache, tmp_path, monkeypatch):

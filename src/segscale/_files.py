@@ -155,6 +155,34 @@ def read_record(path: Path, keys: tuple[str, ...], what: str, metrics: bool = Fa
     return data
 
 
+# what a run folder holds of its own: never replaced by another command's output, --force or not
+RUN_RECORDS = ("config.yaml", "model.pt", "environment.json", "metrics.jsonl", "pretrained.json")
+
+
+def _not_a_record(path: Path, option: str) -> None:
+    """Refuse (SegscaleError naming the option) a file inside a prepared store (meta.json and
+    images.npy: a file there breaks or pollutes it), or one of a run folder's own records
+    (RUN_RECORDS, checkpoints/, pictures/) - whatever the command and --force."""
+    from segscale.errors import SegscaleError
+
+    for folder in path.parents:
+        if (folder / "meta.json").is_file() and (folder / "images.npy").exists():
+            raise SegscaleError(
+                f"{option} {path}: inside the prepared store {folder}; write to another path"
+            )
+        started = any(
+            (folder / f).exists() for f in ("environment.json", "model.pt", "checkpoints")
+        )
+        if (folder / "config.yaml").is_file() and started:
+            inside = path.relative_to(folder).parts
+            if inside[0] in ("checkpoints", "pictures") or (
+                len(inside) == 1 and inside[0] in RUN_RECORDS
+            ):
+                raise SegscaleError(
+                    f"{option} {path}: a record of the run {folder}; write to another path"
+                )
+
+
 def _holds(path: Path, mark: str) -> bool:
     """Whether the first MiB of the file at `path` holds `mark` (False when it cannot be read)."""
     try:
@@ -179,6 +207,7 @@ def output_file(
         raise SegscaleError(f"{option} {path}: a folder; give a file name")
     if path.exists() and not path.is_file():
         raise SegscaleError(f"{option} {path}: exists and is not a regular file; give a file name")
+    _not_a_record(path, option)
     if path.exists() and not overwrite and not (own and _holds(path, own)):
         whose = f" and is not an earlier output of {own.split(' by ')[-1]}" if own else ""
         raise SegscaleError(
@@ -234,21 +263,30 @@ def output_dir(path: Path, option: str = "--out") -> Path:
 def job_state(path: Path, signature: dict, fresh: dict, what: str) -> dict:
     """The state of a resumable job (`segscale tune`, `segscale repeat`) in the JSON file `path`:
     `fresh` (with `signature`) when there is none yet, else the saved one, refused when it was
-    started with another signature (one line naming the keys that differ). `what` names the
-    job in messages, e.g. "a tuning"."""
+    started with another signature (one line naming the keys that differ), and a folder that
+    holds other files but no state (a run, a store). `what` names the job in messages, e.g.
+    "tuning". The fresh state is written at once: the folder is the job's from then on."""
     from segscale.errors import SegscaleError
 
     folder = output_dir(path.parent)
     if not path.is_file():
+        # a run, a store, anyone's folder: the job's runs and reports would land among its files
+        if folder.is_dir() and any(not p.name.startswith(".") for p in folder.iterdir()):
+            raise SegscaleError(
+                f"{folder}: not empty, and no {what} started there (no {path.name}); use a new "
+                "or empty --out"
+            )
         folder.mkdir(parents=True, exist_ok=True)
-        return {"signature": signature, **fresh}
-    state = read_record(path, ("signature", *fresh), f"{what} state (use another --out)")
+        state = {"signature": signature, **fresh}
+        write_atomic(path, to_json(state, indent=1))  # the folder is this job's from now on
+        return state
+    state = read_record(path, ("signature", *fresh), f"{what} state; use another --out")
     before = state["signature"] if isinstance(state["signature"], dict) else {}
     if before != signature:
         changed = sorted(k for k in {*before, *signature} if before.get(k) != signature.get(k))
         raise SegscaleError(
-            f"{folder}: holds {what} with other settings ({differ(changed, most=10)}); "
-            "rerun it as it started, or use another --out"
+            f"{folder}: holds a {what} started with other settings "
+            f"({differ(changed, most=10)}); rerun it as it started, or use another --out"
         )
     return state
 

@@ -883,6 +883,10 @@ def launch_cmd(
     if resume and (run_dir / "model.pt").is_file():
         raise SegscaleError(f"{run_dir}: finished already (model.pt); no job to write")
     started = has_started(run_dir)
+    if resume and not started:  # the job resumes anyway; --resume says the run is expected
+        raise SegscaleError(
+            f"--resume: {run_dir} has not started (no checkpoint); leave --resume out"
+        )
     if (run_dir / "config.yaml").is_file() and not started:  # a job may be queued for it
         before = load_config(run_dir / "config.yaml")
         if before.digest() != cfg.digest():
@@ -916,7 +920,12 @@ def zoo_publish_cmd(
     name: Annotated[str, typer.Option(help="The model's name (letters, digits, . _ -).")],
     zoo: Annotated[str, typer.Option(help="The zoo folder to publish into.")],
     version: Annotated[str, typer.Option(help="The entry's version.")] = "1",
-    licence: Annotated[str, typer.Option(help="The weights' licence (SPDX id).")] = "CC-BY-4.0",
+    licence: Annotated[
+        str,
+        typer.Option(
+            help="The weights' licence: an SPDX expression (CC-BY-4.0, MIT OR Apache-2.0, LicenseRef-x)."
+        ),
+    ] = "CC-BY-4.0",
     description: Annotated[str, typer.Option(help="One paragraph for the model card.")] = "",
 ) -> None:
     """Publish a run's model: safetensors weights, config, store description, metadata with the

@@ -51,8 +51,12 @@ def scores_of(path: Path, split: str) -> dict[str, Any]:
         }
     if not (path / "config.yaml").is_file():
         raise SegscaleError(f"{path}: neither a run folder nor a `segscale repeat` folder")
-    require_segmentation(load_config(path / "config.yaml"), path, "compare")
+    cfg = load_config(path / "config.yaml")
+    require_segmentation(cfg, path, "compare")
     evaluation = path / f"evaluation-{split}.json"
+    splits = [s for s in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split) if s]
+    if not evaluation.is_file() and split not in splits:
+        raise SegscaleError(f"--split {split}: not a split of {path} ({', '.join(splits)})")
     if not evaluation.is_file():
         raise SegscaleError(
             f"{path}: not evaluated on '{split}' (no {evaluation.name}); run "
@@ -86,6 +90,8 @@ def _repeat_split(path: Path, state: dict[str, Any]) -> str:
 def compare(a: Path, b: Path, split: str = "test") -> dict[str, Any]:
     """The comparison of B against A: per metric each side's mean (and SD over runs), the paired
     tests on per-case Dice over the cases both scored (NaN Dice left out), and a verdict."""
+    if Path(a).resolve() == Path(b).resolve():  # p = 1 said nothing of the mistake
+        raise SegscaleError(f"{Path(a).resolve()}: given as A and as B; compare two models")
     sa, sb = scores_of(a, split), scores_of(b, split)
     only_a, only_b = (
         sorted(set(sa["cases"]) - set(sb["cases"])),

@@ -58,6 +58,7 @@ class Plan:
     cfg: RunConfig
     store: Store
     task: Any  # a segscale.tasks object (or the user's)
+    transfer: Any = None  # what check() loaded of model.pretrained (transfer.TransferReport)
 
     @property
     def num_classes(self) -> int:
@@ -81,7 +82,7 @@ class Plan:
         from segscale.parallel.base import check_compression, uses_cuda
 
         t = self.cfg.train
-        one_process(self.cfg, workers)
+        one_process(self.cfg, workers, cluster=not here)
         on_cpu = not uses_cuda(t.device) if here else t.device == "cpu"
         if on_cpu and t.sync_batchnorm and workers > 1:
             raise SegscaleError(
@@ -199,9 +200,12 @@ class Plan:
         size = self.store.images.shape[-1]
         model = self.model()
         if self.cfg.model.pretrained:  # found, readable and fitting, before any worker starts
-            from segscale.transfer import load_pretrained
+            from segscale.transfer import load_pretrained, preprocessing_note
 
-            load_pretrained(model, self.cfg.model.pretrained)
+            self.transfer = load_pretrained(model, self.cfg.model.pretrained)
+            note = preprocessing_note(self.cfg.model.pretrained, self.store.meta["preprocessing"])
+            if note:
+                warnings.warn(note, stacklevel=2)
         name = f"model '{self.cfg.model.name}'"
         out = _build(
             f"{name} on a batch of the store's {self.in_channels}×{size}×{size} inputs",
@@ -703,6 +707,11 @@ class Plan:
             return {**out, "params": params}
 
         meta = self.store.meta
+        tuned: dict[str, Any] = {}  # fine-tuning: the source, and what check() loaded of it
+        if c.model.pretrained:
+            tuned = {"pretrained": c.model.pretrained, **t.finetune.model_dump()}
+            if self.transfer is not None:
+                tuned["pretrained_loaded"] = self.transfer.summary().partition(": ")[2]
         return {
             "training_environment": {
                 "communication_init": part(
@@ -766,7 +775,7 @@ class Plan:
             },
             "injection": {
                 "task": part(True, c.task.name, TASKS, **c.task.kwargs),
-                "architecture": part(True, c.model.name, MODELS, **c.model.kwargs),
+                "architecture": part(True, c.model.name, MODELS, **c.model.kwargs, **tuned),
                 "loss": part(True, t.loss.name, LOSSES, **t.loss.kwargs),
                 "dataset": part(
                     False,
@@ -818,12 +827,13 @@ def _close_checked(what: str, tracker: Any) -> None:
         warnings.warn(str(raised_in(f"{what} close(None), after its check,", e)), stacklevel=3)
 
 
-def one_process(cfg: RunConfig, workers: int) -> None:
-    """Raise SegscaleError when a config that simulates workers would run on several."""
+def one_process(cfg: RunConfig, workers: int, cluster: bool = False) -> None:
+    """Raise SegscaleError when a config that simulates workers would run on several (here, or
+    in a `cluster` job, whose options the message names)."""
     if cfg.train.simulate_workers and workers > 1:
+        one = "--nodes 1 --gpus-per-node 1" if cluster else "--workers 1"
         raise SegscaleError(
-            "train.simulate_workers runs K workers' math in one process: use --workers 1 (one "
-            "GPU of one node for a cluster job)"
+            f"train.simulate_workers runs K workers' math in one process: use {one}"
         )
 
 

@@ -30,7 +30,7 @@ from segscale import __version__
 from segscale._files import output_file, publish
 from segscale.errors import SegscaleError
 from segscale.predict import mask_values
-from segscale.zoo import load_any_model
+from segscale.zoo import check_model_source, load_any_model
 
 FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -98,10 +98,15 @@ def export(
     trace, an unwritable place, or an export whose outputs differ from PyTorch's by more than
     TOLERANCE (nothing is written then)."""
     name = file_name(fmt)  # checks the format first
+    check_model_source(source)  # before --out, which defaults to a file in it
     out = out or source / name
-    other = {"onnx": (".pt", ".pth", ".torchscript"), "torchscript": (".onnx",)}[fmt]
-    if Path(out).name.lower().endswith(other):
-        raise SegscaleError(f"--out {out}: the name of another format for a {fmt} export")
+    # a name that says what the file is: tools (Netron, onnxruntime, torch.jit.load users) go by it
+    endings = {"onnx": (".onnx",), "torchscript": (".pt", ".pth")}[fmt]
+    kind = {"onnx": "an ONNX", "torchscript": "a TorchScript"}[fmt]
+    if not Path(out).is_dir() and not Path(out).name.lower().endswith(endings):
+        raise SegscaleError(
+            f"--out {out}: {kind} export needs a name ending in {' or '.join(endings)}"
+        )
     missing = [f for f in Path(out).resolve().parents if not f.exists()]  # created below
     out = output_file(out, "--out", overwrite=force)
     # in the folder it exports, only an earlier export is replaced (they end in .onnx or

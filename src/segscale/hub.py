@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from segscale._files import file_sha256
-from segscale.errors import SegscaleError
+from segscale.errors import SegscaleError, shown
 
 FORMAT = "segscale-zoo/1"
 INDEX = "index.json"
@@ -39,12 +39,12 @@ def check_name(name: str, version: str | None = None) -> None:
     """Raises SegscaleError for a name or version that is not a plain identifier."""
     if not _NAME.fullmatch(name) or ".." in name:
         raise SegscaleError(
-            f"zoo name {name!r}: expected letters, digits, '.', '_' or '-', starting with a "
+            f"zoo name {shown(name, 80)}: expected letters, digits, '.', '_' or '-', starting with a "
             "letter or digit (at most 64, no '..')"
         )
     if version is not None and (not _VERSION.fullmatch(version) or ".." in version):
         raise SegscaleError(
-            f"zoo version {version!r}: expected letters, digits, '.', '_', '+' or '-', "
+            f"zoo version {shown(version, 48)}: expected letters, digits, '.', '_', '+' or '-', "
             "starting with a letter or digit (at most 32, no '..')"
         )
 
@@ -52,7 +52,9 @@ def check_name(name: str, version: str | None = None) -> None:
 def parse_ref(ref: str) -> tuple[str, str | None]:
     """'zoo:NAME[@VERSION]' or 'NAME[@VERSION]' → (name, version or None: the newest)."""
     ref = ref.removeprefix("zoo:")
-    name, _, version = ref.partition("@")
+    name, at, version = ref.partition("@")
+    if at and not version:  # 'tiny@' took the newest: a version left out by a typo, likely
+        raise SegscaleError(f"zoo entry '{ref}': an empty version; give NAME@VERSION, or NAME")
     check_name(name, version or None)
     return name, version or None
 
@@ -137,6 +139,8 @@ def read_index(zoo: str | Path) -> dict[str, Any]:
     size). Raises SegscaleError naming the index for anything else."""
     check_zoo(zoo)
     where = f"{str(zoo).rstrip('/')}/{INDEX}"
+    if not _is_url(zoo) and Path(zoo).is_dir() and not (Path(zoo) / INDEX).exists():
+        raise SegscaleError(f"zoo {zoo}: not a zoo (no {INDEX}); publish into it first")
     data = _fetch(zoo, INDEX)  # its own one-line error when missing or unreachable
     try:
         index = json.loads(data)
@@ -261,6 +265,8 @@ def pull(ref: str, zoo: str | Path | None = None) -> Path:
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
             (staging / rel).write_bytes(data)
         shutil.rmtree(target, ignore_errors=True)
+        if target.exists() or target.is_symlink():  # the cache is segscale's: a stray file
+            target.unlink()
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -19,6 +19,7 @@ from segscale.engine import check_same_store, check_store_exists
 from segscale.errors import SegscaleError
 from segscale.imgmed.store import Store
 from segscale.repeat import STATE, read_repeat
+from segscale.transfer import source_name
 
 FIG_5_5 = "thesis Fig. 5.5"
 CLAIM = "CLAIM"
@@ -93,6 +94,30 @@ def _record(target: Path) -> dict[str, Any]:
 # the first line of what `segscale methods` writes (hidden in rendered Markdown): a second run
 # replaces its own file, and nothing else without --force
 MARK = "<!-- written by segscale methods"
+
+
+def _initialisation(cfg: RunConfig, run_dir: Path) -> str:
+    """How the network's weights started: random (its init seed), or model.pretrained with
+    what RUN_DIR/pretrained.json says was loaded, and the fine-tuning settings."""
+    random = f"random initialisation (init seed {cfg.seed_for('init')})"
+    source = cfg.model.pretrained
+    if source is None:
+        return random
+    text = f"fine-tuned from {source_name(source)}"  # a local path is not for a paper
+    report = _optional(run_dir / "pretrained.json", ("fraction", "loaded"), "transfer record")
+    if report is not None:
+        adapted, skipped = len(report.get("adapted", [])), len(report.get("skipped", []))
+        text += (
+            f" ({100 * report['fraction']:.1f}% of the weights from it: {len(report['loaded'])} "
+            f"tensors loaded, {adapted} adapted to other input channels, {skipped} of other "
+            f"shapes left as initialised)"
+        )
+    finetune = cfg.train.finetune
+    if finetune.freeze_encoder_epochs:
+        text += f"; the encoder frozen for the first {finetune.freeze_encoder_epochs} epoch(s)"
+    if finetune.encoder_lr_scale != 1:
+        text += f"; the encoder's lr × {finetune.encoder_lr_scale:g}"
+    return f"{text}; the rest {random}"
 
 
 def methods(target: Path) -> str:
@@ -194,8 +219,7 @@ def methods(target: Path) -> str:
         f"{cfg.task.name}, {cfg.task.kwargs or 'any foreground class'}: whether a slice shows "
         "it)."
     )
-    init = f"random initialisation (init seed {cfg.seed_for('init')})"
-    lines.append(f"Initialisation: {init}.")
+    lines.append(f"Initialisation: {_initialisation(cfg, r['run_dir'])}.")
     checks.append((CLAIM, "model description and initialisation of its parameters", True, ""))
     workers = env.get("workers", cfg.workers or 1)
     opt = t.optimizer

@@ -106,7 +106,7 @@ def repeat(
         start_worker_server()
     out = out.resolve()
     signature = {"config": cfg.digest(), **options.signature()}
-    state = job_state(out / STATE, signature, {"runs": {}}, "repeated runs")
+    state = job_state(out / STATE, signature, {"runs": {}}, "repeat")
     parent = ParentRun(
         cfg.tracker_config("mlflow"),
         out,

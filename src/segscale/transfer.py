@@ -52,6 +52,58 @@ class TransferReport:
         return line
 
 
+def source_name(spec: str) -> str:
+    """A pretrained source as published records name it: a zoo ref as it is, a local file or
+    run folder by its name only (its path is the user's)."""
+    return spec if spec.startswith("zoo:") else f"local weights ({Path(spec).name})"
+
+
+# how the inputs were prepared, where weights learnt on one setting see other values on another
+INPUT_SETTINGS = ("normalize", "clip", "nonzero", "spacing", "size")
+
+
+def preprocessing_note(spec: str, preprocessing: dict[str, Any]) -> str | None:
+    """A warning when a pretrained source (a zoo entry or a run folder, whose store description
+    says how its inputs were prepared) saw inputs prepared otherwise than `preprocessing` (the
+    run's store's) in INPUT_SETTINGS; None when they agree or the source records none (a
+    weights file)."""
+    import json
+
+    folder = None
+    if spec.startswith("zoo:"):
+        from segscale.hub import pull
+
+        folder = pull(spec)
+    elif Path(spec).expanduser().is_dir():
+        folder = Path(spec).expanduser()
+    if folder is None:
+        return None
+    meta = folder / "store" / "meta.json"  # a zoo entry's; a run folder's store is its config's
+    if not meta.is_file() and (folder / "config.yaml").is_file():
+        from segscale.config import load_config
+
+        try:
+            meta = load_config(folder / "config.yaml").data.store / "meta.json"
+        except SegscaleError:
+            return None
+    try:
+        source = json.loads(meta.read_text())["preprocessing"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    differ = [
+        f"{k} {source.get(k)} there, {preprocessing.get(k)} here"
+        for k in INPUT_SETTINGS
+        if source.get(k) != preprocessing.get(k)
+    ]
+    if not differ:
+        return None
+    return (
+        f"model.pretrained {spec} learnt from inputs prepared otherwise ({'; '.join(differ)}): "
+        "its weights expect other intensities or scales; prepare the store as its source was "
+        "for the most of them"
+    )
+
+
 def read_weights(spec: str) -> dict[str, torch.Tensor]:
     """The tensors of a pretrained source (see the module's docstring). Raises SegscaleError when
     it cannot be found or read."""

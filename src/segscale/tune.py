@@ -124,8 +124,9 @@ def tune(
     twice = next((b for i, b in enumerate(given) if b in given[:i]), None)
     if twice is not None:
         raise SegscaleError(f"--baseline {twice}: given twice; its spread would count as none")
-    if options.min_workers < 1 or options.patience < 1:
-        raise SegscaleError("--min-workers and --patience: expected at least 1")
+    for option, value in (("--min-workers", options.min_workers), ("--patience", options.patience)):
+        if value < 1:
+            raise SegscaleError(f"{option} {value}: expected at least 1")
     if options.method not in ("guideline", "optuna"):
         raise SegscaleError(f"--method {options.method}: expected guideline or optuna")
     if not options.baselines and options.baseline_runs < 1:
@@ -157,7 +158,7 @@ class _Tuner:
             out / STATE,
             self.signature,
             {"baselines": [], "trials": [], "seconds": 0.0},
-            "a tuning",
+            "tuning",
         )
         self.tracking = ParentRun(
             cfg.tracker_config("mlflow"),
@@ -173,6 +174,7 @@ class _Tuner:
     def run(self, given: list[RunResult]) -> dict[str, Any]:
         """The whole job; `given`: the --baseline runs, already read."""
         try:
+            self._check_defaults()
             self._baselines(given)
             guide = self._guideline()
             self._sync()
@@ -221,6 +223,7 @@ class _Tuner:
                     f"baseline {i + 1} ({b['run_dir']}) {result.status}: {result.reason or 'no validation'}; "
                     "the one-worker config must train before it can be scaled"
                 )
+            _learnt_something(b["run_dir"], b["scores"]["dice"])  # before training the next
         curves = [b["scores"] for b in self.state["baselines"]]
         dice = [s["dice"] for s in curves]
         for b, d in zip(self.state["baselines"], dice):
@@ -403,6 +406,12 @@ class _Tuner:
         self, settings: Settings, seed: int, index: int, early_stop: bool
     ) -> RunConfig:
         """The config of a trial: the base config with `settings` as GreScale on K workers."""
+        raw = self._trial_raw(settings, seed, index, early_stop)
+        return self._finish_config(raw, f"trial-{index:02d}")
+
+    def _trial_raw(
+        self, settings: Settings, seed: int, index: int, early_stop: bool
+    ) -> dict[str, Any]:
         raw = self.cfg.model_dump(mode="json")
         for item in settings.overrides():
             apply_override(raw, item)
@@ -428,7 +437,23 @@ class _Tuner:
             raw["train"]["simulate_workers"] = self.options.workers
         if early_stop:
             raw["train"]["callbacks"] = [*raw["train"]["callbacks"], self._early_stop(settings)]
-        return self._finish_config(raw, f"trial-{index:02d}")
+        return raw
+
+    def _check_defaults(self) -> None:
+        """Under --min-workers the tuning is GreScale's defaults alone: settings that cannot
+        train this config are refused before any baseline trains (hours, on a real config)."""
+        k, least = self.options.workers, self.options.min_workers
+        if k >= least or self.state["trials"]:
+            return
+        raw = self._trial_raw(self._initial_settings(), self.cfg.seed, 1, early_stop=False)
+        try:
+            cfg = validate(raw, source=f"{self.out.name}/trial-01")
+            plan(cfg).check(1 if self.options.simulate else k)
+        except SegscaleError as e:
+            raise SegscaleError(
+                f"no tuned settings: {k} workers: under {least}, GreScale's defaults are used; "
+                f"but those settings cannot train this config: {e}"
+            ) from None
 
     def _early_stop(self, settings: Settings) -> dict[str, Any]:
         """The baselines' mean validation Dice per epoch, with margin + their spread there."""

@@ -44,6 +44,7 @@ from segscale.hub import (
     read_index,
     same_version,
 )
+from segscale.transfer import source_name
 
 # ---------------------------------------------------------------- publish
 
@@ -64,14 +65,14 @@ def publish(
     import segscale
 
     check_name(name, version)
-    if not licence.strip():
-        raise SegscaleError("--licence: give the weights' licence (an SPDX id such as CC-BY-4.0)")
+    licence = spdx_licence(licence)
     if _is_url(zoo):
         raise SegscaleError(
             f"--zoo {zoo}: publish writes into a folder; publish locally, then copy the folder "
             "to where the zoo is served"
         )
     run_dir, zoo = Path(run_dir).resolve(), output_dir(Path(zoo), "--zoo")
+    _a_zoo_folder(zoo)
     cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
     if cfg is None:
         raise SegscaleError(f"{run_dir}: not a run folder (no config.yaml)")
@@ -80,6 +81,13 @@ def publish(
     built_in_only(cfg, run_dir, "is your own code; its users would have to run it")
     model, p = load_trained_model(run_dir)  # weights that fit the config, or one line
     index = read_index(zoo) if (zoo / INDEX).is_file() else {"format": FORMAT, "entries": {}}
+    # Tiny beside tiny: one folder on macOS and Windows file systems (and caches)
+    alike = [n for n in index["entries"] if n.lower() == name.lower() and n != name]
+    if alike:
+        raise SegscaleError(
+            f"{zoo}: holds '{alike[0]}', which differs from '{name}' only in case; give another "
+            f"--name, or publish a new version of {alike[0]}"
+        )
     taken = [v for v in index["entries"].get(name, {}) if same_version(v, version)]
     if taken:
         raise SegscaleError(
@@ -114,6 +122,9 @@ def publish(
         raw = cfg.model_dump(mode="json")
         raw["data"]["store"] = "store"
         raw["tracker"] = "none"
+        # the weights are the entry's own: what they were fine-tuned from is a record (a local
+        # path would be published, and resolved by nobody), kept in fine_tuned_from
+        raw["model"]["pretrained"] = None
         write_atomic(staging / "config.yaml", yaml.safe_dump(raw, sort_keys=False))
         evaluation = _evaluation(run_dir, cfg.data.test_split)
         info = {
@@ -139,6 +150,9 @@ def publish(
                 "seed": cfg.seed,
             },
             "evaluation": evaluation,
+            "fine_tuned_from": source_name(pretrained)
+            if (pretrained := cfg.model.pretrained)
+            else None,
             "versions": {"segscale": segscale.__version__, "torch": torch.__version__},
         }
         write_atomic(staging / "card.md", model_card(info))
@@ -184,6 +198,45 @@ def publish(
             f"{zoo / INDEX}: cannot write it ({e.strerror}); nothing published"
         ) from None
     return entry
+
+
+def spdx_licence(licence: str) -> str:
+    """`licence` as an SPDX licence expression in its canonical spelling (cc-by-4.0 →
+    CC-BY-4.0; `MIT OR Apache-2.0`), read by license-expression against the SPDX list; SPDX's
+    own `LicenseRef-<name>` stands for a licence of the publisher's. Raises SegscaleError for
+    anything else: a zoo's users decide by it whether they may use the weights."""
+    import re
+
+    from license_expression import get_spdx_licensing
+
+    own = re.compile(r"LicenseRef-[A-Za-z0-9.-]+")
+    if own.fullmatch(licence.strip()):
+        return licence.strip()
+    try:  # it raises (not returns) on some characters
+        info = get_spdx_licensing().validate(licence)
+        unknown = [s for s in info.invalid_symbols if not own.fullmatch(str(s))]
+        errors = unknown or [e for e in info.errors if "Unknown license key" not in e]
+    except Exception:
+        info, errors = None, [licence]
+    if info is None or errors or not licence.strip():
+        raise SegscaleError(
+            f"--licence {licence!r}: not an SPDX licence expression (e.g. CC-BY-4.0, Apache-2.0, "
+            "MIT OR Apache-2.0; LicenseRef-<name> for a licence of your own)"
+        )
+    return info.normalized_expression or licence.strip()
+
+
+def _a_zoo_folder(zoo: Path) -> None:
+    """Refuse a run folder, a prepared store, or the zoo shipped inside segscale as --zoo."""
+    import segscale
+
+    if (zoo / "config.yaml").is_file() or (zoo / "meta.json").is_file():
+        raise SegscaleError(f"--zoo {zoo}: a run folder or a prepared store, not a zoo")
+    if zoo.is_relative_to(Path(segscale.__file__).resolve().parent):
+        raise SegscaleError(
+            f"--zoo {zoo}: the zoo shipped inside segscale (replaced by any upgrade); publish "
+            "into a folder of your own, and point SEGSCALE_ZOO at it"
+        )
 
 
 def log_to_mlflow(run_dir: Path, entry: Path) -> str | None:
@@ -267,7 +320,12 @@ def model_card(info: dict[str, Any]) -> str:
         f"- **Training data**: {info['training_data']['name']} "
         f"({info['training_data']['kind']}), cases per split "
         f"{info['training_data']['cases_per_split']}, {info['training_data']['epochs']} epochs, "
-        f"seed {info['training_data']['seed']}.",
+        f"seed {info['training_data']['seed']}"
+        + (
+            f", fine-tuned from {info['fine_tuned_from']} (see its licence too)."
+            if info.get("fine_tuned_from")
+            else ", trained from scratch."
+        ),
         f"- **Licence**: {info['licence']}. **Versions**: segscale "
         f"{info['versions']['segscale']}, torch {info['versions']['torch']}.",
         "",
@@ -340,8 +398,18 @@ def load_any_model(
     `device`, with its Plan. Raises SegscaleError when it is neither or its weights do not load."""
     from segscale.engine import load_trained_model
 
+    check_model_source(source)
     if (Path(source) / ENTRY_META).is_file():
         return load_model(Path(source), device)
-    if not (Path(source) / "config.yaml").is_file():
-        raise SegscaleError(f"{source}: neither a run folder (config.yaml) nor a zoo entry")
     return load_trained_model(Path(source), device)
+
+
+def check_model_source(source: Path) -> None:
+    """Raise SegscaleError unless `source` is a folder with a model: a run folder (config.yaml)
+    or a pulled zoo entry (segscale-model.json)."""
+    source = Path(source)
+    if not source.is_dir():
+        what = "a file, not a run folder" if source.exists() else "no such folder"
+        raise SegscaleError(f"{source}: {what}; give a trained run folder or zoo:NAME[@VERSION]")
+    if not (source / ENTRY_META).is_file() and not (source / "config.yaml").is_file():
+        raise SegscaleError(f"{source}: neither a run folder (config.yaml) nor a zoo entry")
