@@ -106,6 +106,10 @@ def test_a_loss_or_transform_may_be_a_plain_function(real_store, tmp_path):
         "    return image.flip(-1), mask.flip(-1)\n"
         "def one_argument(logits):\n"
         "    return logits.mean()\n"
+        "class Weighted:\n"
+        "    def __call__(self, logits, target):\n"
+        "        return 3 * F.cross_entropy(logits, target)\n"
+        "weighted = Weighted()\n"
     )
     cfg = tiny_config(real_store)
     cfg["train"]["loss"] = {"name": f"{plugin}:ce", "kwargs": {"weight": 2.0}}
@@ -124,9 +128,15 @@ def test_a_loss_or_transform_may_be_a_plain_function(real_store, tmp_path):
     ]
     cfg["train"]["loss"] = {"name": f"{plugin}:ce", "kwargs": {"weigth": 2.0}}
     with pytest.raises(
-        SegscaleError, match=r"kwargs \['weigth'\].*f\(logits, target, \*\*kwargs\)"
+        SegscaleError,
+        match=r"kwargs \['weigth'\]: got an unexpected keyword argument 'weigth'.*f\(logits, t",
     ):
         plan(validate(cfg))
+    # a callable object (a MONAI DiceLoss() instance) is the loss itself
+    cfg["train"]["loss"] = f"{plugin}:weighted"
+    assert plan(validate(cfg)).loss()(logits, target) == pytest.approx(
+        3 * torch.nn.functional.cross_entropy(logits, target).item()
+    )
     cfg["train"]["loss"] = f"{plugin}:one_argument"
     with pytest.raises(SegscaleError, match=r"missing a required argument: 'logits'.*a loss is"):
         plan(validate(cfg))

@@ -357,8 +357,8 @@ def test_exports_and_conversions_never_write_into_their_inputs(tmp_path, real_st
     from test_imgmed_io import write_series
 
     run = trained_run(real_store, tmp_path / "run")
-    with pytest.raises(SegscaleError, match=r"--out .*images.npy: is inside the input folder"):
-        export(run, "torchscript", real_store / "images.npy", force=True)
+    with pytest.raises(SegscaleError, match=r"--out .*x.pt: inside the prepared store"):
+        export(run, "torchscript", real_store / "x.pt", force=True)
     write_series(tmp_path / "series", np.zeros((4, 4, 3)))
     one = sorted((tmp_path / "series").iterdir())[0]
     with pytest.raises(SegscaleError, match=r"is inside the input folder"):

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from conftest import cli, tiny_config, trained_run
-from segscale._files import output_file
+from segscale._files import not_a_record, output_dir, output_file
 from segscale.errors import SegscaleError
 
 
@@ -37,6 +37,13 @@ def test_a_command_replaces_its_own_file_and_a_users_only_with_force(tmp_path, r
         assert r.returncode == 0, r.stderr
         if first is not None:
             assert out.read_text().startswith(first)
+    # launch's default job, RUN_DIR/job.sbatch: a user's own is not replaced either
+    mine_job = tmp_path / "runs" / "mine"
+    mine_job.mkdir(parents=True)
+    (mine_job / "job.sbatch").write_text(mine)
+    r = cli("launch", config, "--slurm", "--run-dir", mine_job)
+    assert r.returncode == 2 and "not an earlier output of segscale launch" in r.stderr, r.stderr
+    assert (mine_job / "job.sbatch").read_text() == mine
     converted = yaml.safe_load((tmp_path / "converted.yaml").read_text())
     assert converted["data"]["store"] == str(real_store)
 
@@ -48,11 +55,25 @@ def test_no_output_goes_into_a_store_or_over_a_runs_records(tmp_path, real_store
     for path in (
         run / "config.yaml",
         run / "model.pt",
+        run / "model.pt.sha256",
         run / "environment.json",
+        run / "packages.txt",
+        run / "evaluation-test.json",  # another run's evaluation there fooled compare
         run / "checkpoints" / "step_00000001.pt",
+        run / "system" / "x.jsonl",
     ):
         with pytest.raises(SegscaleError, match=f"a record of the run {run}; write to another"):
             output_file(path, "--out", overwrite=True)
+    # folders: no run, mask or store goes into a store or a run's record folders
+    for folder in (real_store, real_store / "sub", run / "pictures", run / "checkpoints" / "x"):
+        with pytest.raises(SegscaleError, match=r"prepared store|a record of the run"):
+            output_dir(folder, "--out")
+    with pytest.raises(SegscaleError, match=r"--run-dir .*: is a prepared store"):
+        not_a_record(real_store, "--run-dir")  # as prepare_run_dir checks train's --run-dir
+    assert output_dir(real_store, "OUT", store_ok=True) == real_store  # prepare, augment
+    # a command's own run: evaluate RUN writes its evaluation, a tracker its folder
+    assert output_file(run / "evaluation-test.json", "--json", of_run=run).parent == run
+    assert output_dir(run / "tensorboard", of_run=run) == run / "tensorboard"
     for path in (real_store / "meta.json", real_store / "new.png"):
         with pytest.raises(SegscaleError, match="inside the prepared store"):
             output_file(path, "--out", overwrite=True)

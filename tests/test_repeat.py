@@ -181,8 +181,10 @@ def test_repeat_trains_tests_and_reports_the_spread(tmp_path, store10):
     with pytest.raises(SegscaleError, match=r"run-2.evaluation-test.json: unreadable evaluation"):
         compare(out / "run-1", broken / "run-2")
     # compare writes only its own files: never over a run's evaluation
-    with pytest.raises(SegscaleError, match=r"exists and is not a comparison"):
+    with pytest.raises(SegscaleError, match=r"evaluation-test.md: a record of the run"):
         comparison_files(out / "run-1" / "evaluation-test")
+    with pytest.raises(SegscaleError, match=r"exists and is not a comparison"):
+        comparison_files(out / "variability")
     with pytest.raises(SegscaleError, match=r"a folder; give a name"):
         comparison_files(Path("."))
     md, js = comparison_files(tmp_path / "res.v1")
@@ -269,6 +271,12 @@ def test_compare_runs_and_repeats_with_a_paired_test(tmp_path, store10):
         compare(a, tmp_path / "." / "a")
     for run in (a, b):
         worker.evaluate(run, "test", run / "evaluation-test.json")
+    # B's evaluation in A's folder compared B with itself: p = 1, without a word
+    saved = (a / "evaluation-test.json").read_bytes()
+    shutil.copy(b / "evaluation-test.json", a / "evaluation-test.json")
+    with pytest.raises(SegscaleError, match=r"evaluation-test.json: the evaluation of another run"):
+        compare(a, b)
+    (a / "evaluation-test.json").write_bytes(saved)
     r = cli("compare", a, b, "--out", tmp_path / "cmp")
     assert r.returncode == 0, r.stderr
     # the methods section of one evaluated run: its metrics, no spread, what to add by hand

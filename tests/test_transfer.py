@@ -2,6 +2,7 @@
 saying what did not."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -112,7 +113,15 @@ def test_fine_tuning_from_a_run_and_from_a_zoo_entry(tmp_path, real_store, monke
         assert preprocessing_note(spec, here) is None
         note = preprocessing_note(spec, {**here, "normalize": "minmax", "size": 48})
         assert f"normalize {here['normalize']} there, minmax here; size 32 there, 48 here" in note
-    assert preprocessing_note(str(source / "model.pt"), {}) is None  # a file records none
+    # a weights file of a run is read as its run's; one alone records nothing
+    assert "size 32 there, 48 here" in preprocessing_note(str(source / "model.pt"), {"size": 48})
+    (tmp_path / "alone").mkdir()
+    shutil.copy(source / "model.pt", tmp_path / "alone" / "weights.pt")
+    assert preprocessing_note(str(tmp_path / "alone" / "weights.pt"), {}) is None
+    # a zoo source without a version is recorded with the one it resolved to
+    from segscale.transfer import resolved
+
+    assert resolved("zoo:tiny") == "zoo:tiny@1" and resolved(str(source)) == str(source)
     bad = validate({**tiny_config(real_store), "model": {"name": "unet", "pretrained": "zoo:none"}})
     with pytest.raises(SegscaleError, match="no model 'none'"):
         plan(bad).check(1)

@@ -85,6 +85,9 @@ def test_pull_from_a_folder_verifies_and_caches(published, cache):
     shutil.rmtree(local)
     local.write_text("not an entry")
     assert pull("tiny-la", zoo) == local and (local / "model.safetensors").is_file()
+    shutil.rmtree(local.parent)  # and one in the place of the model's folder
+    local.parent.write_text("not a folder")
+    assert pull("tiny-la", zoo) == local and (local / "model.safetensors").is_file()
     (cache / "empty").mkdir()
     with pytest.raises(SegscaleError, match=r"empty: not a zoo \(no index.json\)"):
         entries(cache / "empty")
@@ -347,8 +350,12 @@ def test_publish_checks_the_weights_and_keeps_the_index_whole(published, tmp_pat
     import segscale
 
     for folder in (run, real_store):
-        with pytest.raises(SegscaleError, match="a run folder or a prepared store, not a zoo"):
+        with pytest.raises(
+            SegscaleError, match=r"a run folder or a prepared store, not a zoo|is a "
+        ):
             publish(run, "t2", folder)
+    with pytest.raises(SegscaleError, match=r"--zoo .*t: inside the zoo .*z4; publish into"):
+        publish(run, "t2", zoo / "t")  # an entry's folder: a zoo nested in an entry
     shipped = Path(segscale.__file__).parent / "resources" / "zoo"
     with pytest.raises(SegscaleError, match="the zoo shipped inside segscale"):
         publish(run, "t2", shipped)

@@ -155,28 +155,57 @@ def read_record(path: Path, keys: tuple[str, ...], what: str, metrics: bool = Fa
     return data
 
 
-# what a run folder holds of its own: never replaced by another command's output, --force or not
-RUN_RECORDS = ("config.yaml", "model.pt", "environment.json", "metrics.jsonl", "pretrained.json")
+# what a run folder holds of its own (file names, fnmatch patterns): never replaced by another
+# command's output, --force or not; and the folders of its records, never written into
+RUN_RECORDS = (
+    "config.yaml",
+    "model.pt",
+    "*.sha256",
+    "environment.json",
+    "metrics.jsonl",
+    "pretrained.json",
+    "packages.txt",
+    "mlflow_run_id",
+    "evaluation-*",
+)
+RUN_FOLDERS = ("checkpoints", "pictures", "system", "tensorboard")
 
 
-def _not_a_record(path: Path, option: str) -> None:
-    """Refuse (SegscaleError naming the option) a file inside a prepared store (meta.json and
-    images.npy: a file there breaks or pollutes it), or one of a run folder's own records
-    (RUN_RECORDS, checkpoints/, pictures/) - whatever the command and --force."""
+def is_store(folder: Path) -> bool:
+    """Whether `folder` is a prepared store (meta.json beside images.npy)."""
+    return (folder / "meta.json").is_file() and (folder / "images.npy").exists()
+
+
+def _is_run(folder: Path) -> bool:
+    """Whether `folder` is a run folder that has started (config.yaml and what training wrote)."""
+    started = ("environment.json", "model.pt", "checkpoints")
+    return (folder / "config.yaml").is_file() and any((folder / f).exists() for f in started)
+
+
+def not_a_record(
+    path: Path, option: str, store_ok: bool = False, of_run: Path | None = None
+) -> None:
+    """Refuse (SegscaleError naming the option) to write `path`, a file or a folder, inside a
+    prepared store (or as one, unless `store_ok`: prepare and augment write stores), inside a
+    run folder's record folders (RUN_FOLDERS), or over one of its records (RUN_RECORDS):
+    whatever the command and --force. `of_run`: the run whose own records the command writes
+    (`evaluate RUN` its evaluation-*.json), left to the command's own checks."""
+    from fnmatch import fnmatch
+
     from segscale.errors import SegscaleError
 
-    for folder in path.parents:
-        if (folder / "meta.json").is_file() and (folder / "images.npy").exists():
-            raise SegscaleError(
-                f"{option} {path}: inside the prepared store {folder}; write to another path"
+    path = Path(path).resolve()
+    mine = Path(of_run).resolve() if of_run is not None else None
+    for folder in (path, *path.parents):
+        if is_store(folder) and not (store_ok and folder == path):
+            where = (
+                "is a prepared store" if folder == path else f"inside the prepared store {folder}"
             )
-        started = any(
-            (folder / f).exists() for f in ("environment.json", "model.pt", "checkpoints")
-        )
-        if (folder / "config.yaml").is_file() and started:
+            raise SegscaleError(f"{option} {path}: {where}; write to another path")
+        if folder != path and folder != mine and _is_run(folder):
             inside = path.relative_to(folder).parts
-            if inside[0] in ("checkpoints", "pictures") or (
-                len(inside) == 1 and inside[0] in RUN_RECORDS
+            if inside[0] in RUN_FOLDERS or (
+                len(inside) == 1 and any(fnmatch(inside[0], p) for p in RUN_RECORDS)
             ):
                 raise SegscaleError(
                     f"{option} {path}: a record of the run {folder}; write to another path"
@@ -193,13 +222,19 @@ def _holds(path: Path, mark: str) -> bool:
 
 
 def output_file(
-    path: Path, option: str = "--out", overwrite: bool = True, own: str | None = None
+    path: Path,
+    option: str = "--out",
+    overwrite: bool = True,
+    own: str | None = None,
+    of_run: Path | None = None,
 ) -> Path:
     """`path` resolved, where a file can be written: not a folder, not a device or other special
     file, in a folder (created when missing, unless a file is in its way: every command makes
     the folder of a file it is told to write); an existing file only when `overwrite`, or when
     it holds the mark `own` (in its first MiB: the command's own earlier output, written with
-    that mark). Raises SegscaleError naming the option otherwise (before anything is computed)."""
+    that mark); never a record of a run or a file in a store (not_a_record; `of_run`: the run
+    whose own records the command writes). Raises SegscaleError naming the option otherwise
+    (before anything is computed)."""
     from segscale.errors import SegscaleError
 
     path = Path(path).resolve()
@@ -207,14 +242,14 @@ def output_file(
         raise SegscaleError(f"{option} {path}: a folder; give a file name")
     if path.exists() and not path.is_file():
         raise SegscaleError(f"{option} {path}: exists and is not a regular file; give a file name")
-    _not_a_record(path, option)
+    not_a_record(path, option, of_run=of_run)
     if path.exists() and not overwrite and not (own and _holds(path, own)):
         whose = f" and is not an earlier output of {own.split(' by ')[-1]}" if own else ""
         raise SegscaleError(
             f"{option} {path}: exists{whose}; give another name or --force to replace it"
         )
     try:
-        output_dir(path.parent, option)
+        output_dir(path.parent, option, of_run=of_run)
     except SegscaleError:  # named for what was given: a file's path, not a folder
         raise SegscaleError(
             f"{option} {path}: its folder {path.parent} is a file or inside one"
@@ -245,12 +280,16 @@ def apart_from_input(output: Path, source: Path, option: str = "--out") -> Path:
     raise SegscaleError(f"{option} {output}: {where}; write to another path")
 
 
-def output_dir(path: Path, option: str = "--out") -> Path:
-    """`path` resolved, where a folder can be (or is): not a file, and no file on its way.
-    Raises SegscaleError naming the option otherwise."""
+def output_dir(
+    path: Path, option: str = "--out", store_ok: bool = False, of_run: Path | None = None
+) -> Path:
+    """`path` resolved, where a folder can be (or is): not a file, and no file on its way; not
+    in a store or a run's record folders (not_a_record, with `store_ok` and `of_run`). Raises
+    SegscaleError naming the option otherwise."""
     from segscale.errors import SegscaleError
 
     path = Path(path).resolve()
+    not_a_record(path, option, store_ok, of_run)
     for folder in (path, *path.parents):
         if folder.exists():
             if not folder.is_dir():

@@ -109,6 +109,9 @@ def prepare_cmd(
     if normalize not in ("zscore", "minmax", "none"):
         raise SegscaleError(f"--normalize {normalize}: expected zscore, minmax or none")
     chans = channel_indices(source, channels.split(",")) if channels is not None else None
+    from segscale._files import not_a_record
+
+    not_a_record(output, "OUTPUT", store_ok=True)  # a store, but not inside one or a run's records
     prep = Preprocessing(
         size=size,
         axis=axis,
@@ -575,7 +578,7 @@ def evaluate_cmd(
         check_store_exists(run_dir, cfg)
         split = split or cfg.data.test_split
         Store.open(cfg.data.store).rows(split)  # a split with no cases: one line, nothing written
-        out = _results_file(json_out or run_dir / f"evaluation-{split}.json")
+        out = _results_file(json_out or run_dir / f"evaluation-{split}.json", run_dir)
         code = launch(["evaluate", str(run_dir), "--split", split, "--out", str(out)], workers)
         if code != 0:
             raise typer.Exit(code)
@@ -616,7 +619,7 @@ def _say_rescaled(run_dir: Path, cfg: RunConfig, workers: int) -> None:
         )
 
 
-def _results_file(path: Path) -> Path:
+def _results_file(path: Path, run_dir: Path | None = None) -> Path:
     """The evaluation's JSON path, resolved and writable, ending in .json (the .csv and .png
     written beside it take its name: x.csv would be overwritten by the CSV). Raises
     SegscaleError before anything runs."""
@@ -631,7 +634,7 @@ def _results_file(path: Path) -> Path:
             f"--json {path}: expected a .json file name (the per-case .csv and .png beside it "
             "take its name)"
         )
-    out = output_file(path, "--json")
+    out = output_file(path, "--json", of_run=run_dir)  # the run's own evaluation, or none
     if out.is_file():  # replaced only when it is an earlier evaluation (never environment.json)
         try:
             earlier = json.loads(out.read_text())
@@ -874,6 +877,8 @@ def launch_cmd(
             "cannot go into an sbatch script; choose another --run-dir"
         )
     script = run_dir / "job.sbatch"
+    if script.exists():  # an earlier job of launch's is replaced; a user's own only with --force
+        output_file(script, "--out (default)", overwrite=force, own=MARK)
     if out:  # never over the config, the store, or a file of the run besides its job
         given = Path(out).resolve()
         if given.is_relative_to(run_dir) and given != run_dir / "job.sbatch":
@@ -1269,7 +1274,7 @@ def imgmed_augment_cmd(
         raise SegscaleError("no augmentation asked for: give --preset or --rotation/--zoom/...")
     from segscale._files import apart_from_input, output_dir
 
-    out = output_dir(apart_from_input(out, store, "OUT"), "OUT")
+    out = output_dir(apart_from_input(out, store, "OUT"), "OUT", store_ok=True)
     path, written = augment_store(store, out, to, cfg, seed)
     typer.echo(f"{'wrote' if written else 'up to date:'} {path} ({to} training slices)")
 

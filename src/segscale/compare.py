@@ -63,6 +63,14 @@ def scores_of(path: Path, split: str) -> dict[str, Any]:
             f"`segscale evaluate {path} --split {split}` first"
         )
     e = read_record(evaluation, EVALUATION, "evaluation", metrics=True)
+    # a record written into this folder for another run that is still there (a moved run's
+    # own record names its old place, which is gone)
+    scored = e.get("run")
+    if isinstance(scored, str) and Path(scored).resolve() != path and Path(scored).is_dir():
+        raise SegscaleError(
+            f"{evaluation}: the evaluation of another run ({scored}); run `segscale evaluate "
+            f"{path} --split {split}`"
+        )
     metrics = {m: [e["dataset"][m]] for m in METRICS if m in e["dataset"]}
     metrics |= {
         m: [e["case_summary"][m]["mean"]] for m in ("hd95", "assd") if m in e["case_summary"]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from segscale._files import RUN_LOCK, differ, lock_holder, to_json, write_atomic
+from segscale._files import RUN_LOCK, differ, lock_holder, not_a_record, to_json, write_atomic
 from segscale.config import SPEED_SETTINGS, RunConfig, by_epoch, load_config, save_config
 from segscale.errors import SegscaleError, did_you_mean, raised_in
 from segscale.imgmed.store import Store
@@ -1032,6 +1032,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, workers: bool =
             f"{run_dir}: a training is running in it ({holder}); stop it with `segscale stop "
             f"{run_dir}`, or train into a new --run-dir"
         )
+    not_a_record(run_dir, "--run-dir")  # never a store, nor inside one or a run's records
     started = check_started(run_dir, resume)
     if started:  # resuming: only with the settings the run started with, on the same data
         before = load_config(run_dir / "config.yaml")

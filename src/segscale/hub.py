@@ -246,6 +246,8 @@ def pull(ref: str, zoo: str | Path | None = None) -> Path:
     ):
         return target
     try:
+        if target.parent.exists() != target.parent.is_dir() or target.parent.is_symlink():
+            target.parent.unlink()  # the cache is segscale's: a stray file in its place
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=target.parent))
     except OSError as e:

@@ -103,8 +103,10 @@ def _initialisation(cfg: RunConfig, run_dir: Path) -> str:
     source = cfg.model.pretrained
     if source is None:
         return random
-    text = f"fine-tuned from {source_name(source)}"  # a local path is not for a paper
     report = _optional(run_dir / "pretrained.json", ("fraction", "loaded"), "transfer record")
+    if report is not None and isinstance(report.get("source"), str):
+        source = report["source"]  # with the zoo version it resolved to
+    text = f"fine-tuned from {source_name(source)}"  # a local path is not for a paper
     if report is not None:
         adapted, skipped = len(report.get("adapted", [])), len(report.get("skipped", []))
         text += (
@@ -117,7 +119,8 @@ def _initialisation(cfg: RunConfig, run_dir: Path) -> str:
         text += f"; the encoder frozen for the first {finetune.freeze_encoder_epochs} epoch(s)"
     if finetune.encoder_lr_scale != 1:
         text += f"; the encoder's lr × {finetune.encoder_lr_scale:g}"
-    return f"{text}; the rest {random}"
+    whole = report is not None and report["fraction"] >= 1
+    return text if whole else f"{text}; the rest {random}"
 
 
 def methods(target: Path) -> str:

@@ -41,11 +41,12 @@ class Registry:
         """Whether a user's function `spec` is the part itself, called as
         f(*called_with, **kwargs) (`def loss(logits, target, smooth=1.0)`), rather than a
         factory f(**kwargs) that builds it: kwargs alone do not bind to it, and they do after
-        the called_with arguments. A class is always a factory."""
+        the called_with arguments. A class is always a factory; a callable object (a MONAI
+        DiceLoss() instance, a functools.partial) is read as a function."""
         if not self.called_with or spec in self._entries:
             return False
         found = self.resolve(spec)
-        if not inspect.isfunction(found):
+        if inspect.isclass(found):
             return False
         signature = inspect.signature(found)
         try:
@@ -355,6 +356,27 @@ TASKS = Registry(
 )
 
 
+def _as_the_part(
+    registry: Registry, spec: str, signature: inspect.Signature, kwargs: dict[str, Any]
+) -> TypeError | None:
+    """Why kwargs do not bind to a function written as the part itself (it takes the
+    called_with arguments first: `def loss(logits, target, weight)`), where binding it as a
+    factory would only say "missing 'logits'"; None for anything else."""
+    n = len(registry.called_with)
+    positional = [
+        p
+        for p in signature.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    if not n or spec in registry or inspect.isclass(registry.resolve(spec)) or len(positional) < n:
+        return None
+    try:
+        signature.bind(*[None] * n, **kwargs)
+    except TypeError as e:
+        return e
+    return None
+
+
 def check_kwargs(
     registry: Registry, spec: str, kwargs: dict[str, Any], fixed: dict[str, Any] | None = None
 ) -> None:
@@ -372,6 +394,7 @@ def check_kwargs(
     try:
         signature.bind(*[None] * len(called), **fixed, **kwargs)
     except TypeError as e:
+        e = _as_the_part(registry, spec, signature, kwargs) or e
         params = [p for p in signature.parameters if p not in ("self", *fixed)]
         raise SegscaleError(
             f"{registry.kind} '{spec}' kwargs {sorted(kwargs)}: {e}; "

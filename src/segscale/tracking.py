@@ -279,7 +279,7 @@ class TensorBoardTracker:
         self.run_dir = Path(run_dir)
         # a log_dir is a folder of runs (TensorBoard's --logdir), one folder per run folder
         where = Path(log_dir) / self.run_dir.name if log_dir else self.run_dir / "tensorboard"
-        self.log_dir = output_dir(where, "tracker tensorboard log_dir")
+        self.log_dir = output_dir(where, "tracker tensorboard log_dir", of_run=self.run_dir)
         self._owned = None if not log_dir else self.log_dir / OWNER
         self.params = params
         self._writer: Any = None

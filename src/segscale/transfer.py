@@ -52,6 +52,16 @@ class TransferReport:
         return line
 
 
+def resolved(spec: str) -> str:
+    """A zoo source with the version it resolved to (zoo:NAME → zoo:NAME@2, the newest when
+    pulled): what a record must say once a newer version is published; other sources as given."""
+    if not spec.startswith("zoo:") or "@" in spec:
+        return spec
+    from segscale.hub import pull
+
+    return f"{spec}@{pull(spec).name}"  # the cache's folder is the version
+
+
 def source_name(spec: str) -> str:
     """A pretrained source as published records name it: a zoo ref as it is, a local file or
     run folder by its name only (its path is the user's)."""
@@ -74,8 +84,10 @@ def preprocessing_note(spec: str, preprocessing: dict[str, Any]) -> str | None:
         from segscale.hub import pull
 
         folder = pull(spec)
-    elif Path(spec).expanduser().is_dir():
-        folder = Path(spec).expanduser()
+    else:  # a run folder, or a weights file in one (model.pt, checkpoints/best.pt)
+        path = Path(spec).expanduser().resolve()
+        runs = [f for f in (path, path.parent, path.parent.parent) if (f / "config.yaml").is_file()]
+        folder = path if path.is_dir() else (runs[0] if runs else None)
     if folder is None:
         return None
     meta = folder / "store" / "meta.json"  # a zoo entry's; a run folder's store is its config's
@@ -153,7 +165,7 @@ def load_pretrained(model: torch.nn.Module, spec: str, min_fraction: float = 0.5
     architecture, most likely), naming a few tensors that did not."""
     source = read_weights(spec)
     own = model.state_dict()
-    report = TransferReport(spec)
+    report = TransferReport(resolved(spec))
     new: dict[str, torch.Tensor] = {}
     total = taken = 0
     for name, mine in own.items():

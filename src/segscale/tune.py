@@ -154,6 +154,7 @@ class _Tuner:
     def __init__(self, cfg: RunConfig, options: TuneOptions, out: Path, progress: bool) -> None:
         self.cfg, self.options, self.out, self.progress = cfg, options, out, progress
         self.signature = {"config": cfg.digest(), **options.signature()}
+        self._check_defaults()  # before OUT is claimed: a rerun with more epochs may use it
         self.state = job_state(
             out / STATE,
             self.signature,
@@ -174,7 +175,6 @@ class _Tuner:
     def run(self, given: list[RunResult]) -> dict[str, Any]:
         """The whole job; `given`: the --baseline runs, already read."""
         try:
-            self._check_defaults()
             self._baselines(given)
             guide = self._guideline()
             self._sync()
@@ -443,7 +443,7 @@ class _Tuner:
         """Under --min-workers the tuning is GreScale's defaults alone: settings that cannot
         train this config are refused before any baseline trains (hours, on a real config)."""
         k, least = self.options.workers, self.options.min_workers
-        if k >= least or self.state["trials"]:
+        if k >= least:
             return
         raw = self._trial_raw(self._initial_settings(), self.cfg.seed, 1, early_stop=False)
         try:

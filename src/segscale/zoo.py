@@ -150,9 +150,7 @@ def publish(
                 "seed": cfg.seed,
             },
             "evaluation": evaluation,
-            "fine_tuned_from": source_name(pretrained)
-            if (pretrained := cfg.model.pretrained)
-            else None,
+            "fine_tuned_from": _fine_tuned_from(run_dir, cfg),
             "versions": {"segscale": segscale.__version__, "torch": torch.__version__},
         }
         write_atomic(staging / "card.md", model_card(info))
@@ -226,10 +224,26 @@ def spdx_licence(licence: str) -> str:
     return info.normalized_expression or licence.strip()
 
 
+def _fine_tuned_from(run_dir: Path, cfg: RunConfig) -> str | None:
+    """What a run's weights were fine-tuned from, as records name it (transfer.source_name): the
+    source its pretrained.json resolved (a zoo entry with its version), else its config's; None
+    for a run trained from scratch."""
+    if cfg.model.pretrained is None:
+        return None
+    record = run_dir / "pretrained.json"
+    source = (
+        read_record(record, ("source",), "transfer record")["source"] if record.is_file() else None
+    )
+    return source_name(source if isinstance(source, str) else cfg.model.pretrained)
+
+
 def _a_zoo_folder(zoo: Path) -> None:
     """Refuse a run folder, a prepared store, or the zoo shipped inside segscale as --zoo."""
     import segscale
 
+    inside = next((f for f in zoo.parents if (f / INDEX).is_file()), None)
+    if inside is not None:
+        raise SegscaleError(f"--zoo {zoo}: inside the zoo {inside}; publish into {inside} itself")
     if (zoo / "config.yaml").is_file() or (zoo / "meta.json").is_file():
         raise SegscaleError(f"--zoo {zoo}: a run folder or a prepared store, not a zoo")
     if zoo.is_relative_to(Path(segscale.__file__).resolve().parent):

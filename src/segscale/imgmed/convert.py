@@ -275,9 +275,10 @@ def convert(
     """One call for every conversion; returns the files written. `dst` without a suffix (or an
     existing folder) receives PNG slices; a folder of pictures as `src` is stacked into a volume,
     and one picture into a NIfTI is a stack of one (the same axes, `spacing` applied)."""
-    from segscale._files import apart_from_input
+    from segscale._files import apart_from_input, not_a_record
 
     src, dst = Path(src), apart_from_input(Path(dst), Path(src), "DST")
+    not_a_record(dst, "DST")
     if src.is_file() and sniff(src) == "dicom":  # a slice of a series: its folder is the input
         apart_from_input(dst, src.parent, "DST")
     check_window(window)
