@@ -122,6 +122,20 @@ def test_fine_tuning_from_a_run_and_from_a_zoo_entry(tmp_path, real_store, monke
     from segscale.transfer import resolved
 
     assert resolved("zoo:tiny") == "zoo:tiny@1" and resolved(str(source)) == str(source)
+    # plan's check pulls a zoo source once (each pull verifies every cached file), and hands the
+    # preprocessing warning over with the report, not into the run's record
+    import segscale.hub
+
+    pulls, pull = [], segscale.hub.pull
+    monkeypatch.setattr(segscale.hub, "pull", lambda *a, **k: pulls.append(a) or pull(*a, **k))
+    cfg = tiny_config(real_store)
+    cfg["model"]["pretrained"] = "zoo:tiny"
+    checked = plan(validate(cfg))
+    monkeypatch.setitem(checked.store.meta, "preprocessing", {**here, "size": 48})
+    with pytest.warns(UserWarning, match="size 32 there, 48 here"):
+        checked.check(1)
+    assert len(pulls) == 1 and checked.transfer.source == "zoo:tiny@1"
+    assert "note" not in checked.transfer.as_dict()
     bad = validate({**tiny_config(real_store), "model": {"name": "unet", "pretrained": "zoo:none"}})
     with pytest.raises(SegscaleError, match="no model 'none'"):
         plan(bad).check(1)

@@ -200,12 +200,13 @@ class Plan:
         size = self.store.images.shape[-1]
         model = self.model()
         if self.cfg.model.pretrained:  # found, readable and fitting, before any worker starts
-            from segscale.transfer import load_pretrained, preprocessing_note
+            from segscale.transfer import load_pretrained
 
-            self.transfer = load_pretrained(model, self.cfg.model.pretrained)
-            note = preprocessing_note(self.cfg.model.pretrained, self.store.meta["preprocessing"])
-            if note:
-                warnings.warn(note, stacklevel=2)
+            self.transfer = load_pretrained(
+                model, self.cfg.model.pretrained, preprocessing=self.store.meta["preprocessing"]
+            )
+            if self.transfer.note:
+                warnings.warn(self.transfer.note, stacklevel=2)
         name = f"model '{self.cfg.model.name}'"
         out = _build(
             f"{name} on a batch of the store's {self.in_channels}×{size}×{size} inputs",
@@ -506,11 +507,11 @@ class Plan:
         seed_everything(c.seed_for("init"), t.deterministic)
         model = self.model()  # the same seed on every rank; DDP also broadcasts rank 0's weights
         if c.model.pretrained:  # every rank loads the same file (a resume then overwrites it)
-            from segscale.transfer import load_pretrained
+            from segscale.transfer import RECORD, load_pretrained
 
             report = load_pretrained(model, c.model.pretrained)
             if strategy.rank == 0:
-                write_atomic(run_dir / "pretrained.json", to_json(report.as_dict(), indent=1))
+                write_atomic(run_dir / RECORD, to_json(report.as_dict(), indent=1))
                 if progress:
                     print(report.summary(), flush=True)
         if t.simulate_fused:  # one pass for the K micro-batches; BatchNorm still sees each alone

@@ -19,7 +19,7 @@ from segscale.engine import check_same_store, check_store_exists
 from segscale.errors import SegscaleError
 from segscale.imgmed.store import Store
 from segscale.repeat import STATE, read_repeat
-from segscale.transfer import source_name
+from segscale.transfer import recorded_source
 
 FIG_5_5 = "thesis Fig. 5.5"
 CLAIM = "CLAIM"
@@ -100,13 +100,10 @@ def _initialisation(cfg: RunConfig, run_dir: Path) -> str:
     """How the network's weights started: random (its init seed), or model.pretrained with
     what RUN_DIR/pretrained.json says was loaded, and the fine-tuning settings."""
     random = f"random initialisation (init seed {cfg.seed_for('init')})"
-    source = cfg.model.pretrained
+    source, report = recorded_source(run_dir, cfg.model.pretrained)
     if source is None:
         return random
-    report = _optional(run_dir / "pretrained.json", ("fraction", "loaded"), "transfer record")
-    if report is not None and isinstance(report.get("source"), str):
-        source = report["source"]  # with the zoo version it resolved to
-    text = f"fine-tuned from {source_name(source)}"  # a local path is not for a paper
+    text = f"fine-tuned from {source}"  # a zoo entry with its version; a local path by its name
     if report is not None:
         adapted, skipped = len(report.get("adapted", [])), len(report.get("skipped", []))
         text += (

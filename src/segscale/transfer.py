@@ -25,6 +25,8 @@ import torch
 
 from segscale.errors import SegscaleError
 
+RECORD = "pretrained.json"  # in a run folder: what load_pretrained did (TransferReport.as_dict)
+
 
 @dataclass
 class TransferReport:
@@ -35,9 +37,12 @@ class TransferReport:
     kept: list[str] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)  # source tensors the model has no place for
     fraction: float = 0.0  # of the model's weights (elements) that came from the source
+    note: str | None = None  # preprocessing_note's warning: for the user, not the record
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        record = asdict(self)
+        del record["note"]
+        return record
 
     def summary(self) -> str:
         line = (
@@ -52,14 +57,23 @@ class TransferReport:
         return line
 
 
+def _located(spec: str) -> tuple[str, Path | None]:
+    """A source pulled once: (the spec with the zoo version it resolved to, the zoo entry's
+    cached folder); (spec, None) for a local source. Each pull verifies every cached file."""
+    if not spec.startswith("zoo:"):
+        return spec, None
+    from segscale.hub import pull
+
+    folder = pull(spec)
+    return (spec if "@" in spec else f"{spec}@{folder.name}"), folder  # the folder is the version
+
+
 def resolved(spec: str) -> str:
     """A zoo source with the version it resolved to (zoo:NAME → zoo:NAME@2, the newest when
     pulled): what a record must say once a newer version is published; other sources as given."""
     if not spec.startswith("zoo:") or "@" in spec:
         return spec
-    from segscale.hub import pull
-
-    return f"{spec}@{pull(spec).name}"  # the cache's folder is the version
+    return _located(spec)[0]
 
 
 def source_name(spec: str) -> str:
@@ -68,22 +82,36 @@ def source_name(spec: str) -> str:
     return spec if spec.startswith("zoo:") else f"local weights ({Path(spec).name})"
 
 
+def recorded_source(run_dir: Path, configured: str | None) -> tuple[str | None, dict | None]:
+    """What a run's weights were fine-tuned from, as its records name it (source_name of the
+    source its pretrained.json resolved, a zoo entry with its version, else `configured`, its
+    config's model.pretrained), and that record (None when there is none); (None, None) for a
+    run trained from scratch. Raises SegscaleError for a record that is there but unreadable."""
+    from segscale._files import read_record
+
+    if configured is None:
+        return None, None
+    path = run_dir / RECORD
+    record = read_record(path, ("fraction", "loaded"), "transfer record") if path.exists() else None
+    source = record.get("source") if record is not None else None
+    return source_name(source if isinstance(source, str) else configured), record
+
+
 # how the inputs were prepared, where weights learnt on one setting see other values on another
 INPUT_SETTINGS = ("normalize", "clip", "nonzero", "spacing", "size")
 
 
-def preprocessing_note(spec: str, preprocessing: dict[str, Any]) -> str | None:
+def preprocessing_note(
+    spec: str, preprocessing: dict[str, Any], folder: Path | None = None
+) -> str | None:
     """A warning when a pretrained source (a zoo entry or a run folder, whose store description
     says how its inputs were prepared) saw inputs prepared otherwise than `preprocessing` (the
     run's store's) in INPUT_SETTINGS; None when they agree or the source records none (a
-    weights file)."""
+    weights file). `folder`: a zoo source's entry, already pulled."""
     import json
 
-    folder = None
     if spec.startswith("zoo:"):
-        from segscale.hub import pull
-
-        folder = pull(spec)
+        folder = folder or _located(spec)[1]
     else:  # a run folder, or a weights file in one (model.pt, checkpoints/best.pt)
         path = Path(spec).expanduser().resolve()
         runs = [f for f in (path, path.parent, path.parent.parent) if (f / "config.yaml").is_file()]
@@ -116,14 +144,14 @@ def preprocessing_note(spec: str, preprocessing: dict[str, Any]) -> str | None:
     )
 
 
-def read_weights(spec: str) -> dict[str, torch.Tensor]:
-    """The tensors of a pretrained source (see the module's docstring). Raises SegscaleError when
-    it cannot be found or read."""
+def read_weights(spec: str, folder: Path | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a pretrained source (see the module's docstring); `folder`: a zoo source's
+    entry, already pulled. Raises SegscaleError when it cannot be found or read."""
     where = f"model.pretrained {spec}"
     if spec.startswith("zoo:"):
-        from segscale.hub import WEIGHTS, pull
+        from segscale.hub import WEIGHTS
 
-        return _safetensors(pull(spec) / WEIGHTS, where)
+        return _safetensors((folder or _located(spec)[1]) / WEIGHTS, where)
     path = Path(spec).expanduser()
     if path.is_dir():
         for name in ("model.safetensors", "model.pt"):
@@ -159,13 +187,22 @@ def _safetensors(path: Path, where: str) -> dict[str, torch.Tensor]:
         raise SegscaleError(f"{where}: {path}: not a readable safetensors file ({e})") from None
 
 
-def load_pretrained(model: torch.nn.Module, spec: str, min_fraction: float = 0.5) -> TransferReport:
-    """Initialise `model` in place from `spec` as far as it fits; returns what happened. Raises
-    SegscaleError when less than `min_fraction` of the model's weights fit (another
-    architecture, most likely), naming a few tensors that did not."""
-    source = read_weights(spec)
+def load_pretrained(
+    model: torch.nn.Module,
+    spec: str,
+    min_fraction: float = 0.5,
+    preprocessing: dict[str, Any] | None = None,
+) -> TransferReport:
+    """Initialise `model` in place from `spec` as far as it fits; returns what happened, with
+    preprocessing_note's warning against `preprocessing` (a store's) when given. A zoo source is
+    pulled once. Raises SegscaleError when less than `min_fraction` of the model's weights fit
+    (another architecture, most likely), naming a few tensors that did not."""
+    name, folder = _located(spec)
+    source = read_weights(spec, folder)
     own = model.state_dict()
-    report = TransferReport(resolved(spec))
+    report = TransferReport(name)
+    if preprocessing is not None:
+        report.note = preprocessing_note(spec, preprocessing, folder)
     new: dict[str, torch.Tensor] = {}
     total = taken = 0
     for name, mine in own.items():

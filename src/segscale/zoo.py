@@ -44,7 +44,7 @@ from segscale.hub import (
     read_index,
     same_version,
 )
-from segscale.transfer import source_name
+from segscale.transfer import recorded_source
 
 # ---------------------------------------------------------------- publish
 
@@ -150,7 +150,7 @@ def publish(
                 "seed": cfg.seed,
             },
             "evaluation": evaluation,
-            "fine_tuned_from": _fine_tuned_from(run_dir, cfg),
+            "fine_tuned_from": recorded_source(run_dir, cfg.model.pretrained)[0],
             "versions": {"segscale": segscale.__version__, "torch": torch.__version__},
         }
         write_atomic(staging / "card.md", model_card(info))
@@ -222,19 +222,6 @@ def spdx_licence(licence: str) -> str:
             "MIT OR Apache-2.0; LicenseRef-<name> for a licence of your own)"
         )
     return info.normalized_expression or licence.strip()
-
-
-def _fine_tuned_from(run_dir: Path, cfg: RunConfig) -> str | None:
-    """What a run's weights were fine-tuned from, as records name it (transfer.source_name): the
-    source its pretrained.json resolved (a zoo entry with its version), else its config's; None
-    for a run trained from scratch."""
-    if cfg.model.pretrained is None:
-        return None
-    record = run_dir / "pretrained.json"
-    source = (
-        read_record(record, ("source",), "transfer record")["source"] if record.is_file() else None
-    )
-    return source_name(source if isinstance(source, str) else cfg.model.pretrained)
 
 
 def _a_zoo_folder(zoo: Path) -> None:
