@@ -2,6 +2,7 @@
 with a dynamic batch size; outputs on real slices equal PyTorch's within a stated tolerance."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -122,6 +123,17 @@ def test_bad_exports_are_one_line(run, tmp_path):
     ):
         done = cli("export", source)
         assert done.returncode == 2 and f"{source}: {what}" in done.stderr, done.stderr
+    # nor into another run's folder, where it passed for that run's model; a name's ending is
+    # the format's, in its case
+    other = tmp_path / "other"  # a started run: its config and environment record
+    other.mkdir()
+    for record in ("config.yaml", "environment.json"):
+        shutil.copy(run / record, other / record)
+    done = cli("export", run, "--out", other / "model.onnx")
+    assert done.returncode == 2 and f"inside the run folder {other}" in done.stderr
+    assert not (other / "model.onnx").exists()
+    done = cli("export", run, "--out", tmp_path / "m.ONNX")
+    assert done.returncode == 2 and "needs a name ending in .onnx" in done.stderr
     (tmp_path / "a-file").write_text("x")
     done = cli("export", run, "--out", tmp_path / "a-file" / "m.onnx")
     assert done.returncode == 2 and "a-file" in done.stderr and "Traceback" not in done.stderr

@@ -176,7 +176,7 @@ def is_store(folder: Path) -> bool:
     return (folder / "meta.json").is_file() and (folder / "images.npy").exists()
 
 
-def _is_run(folder: Path) -> bool:
+def is_run(folder: Path) -> bool:
     """Whether `folder` is a run folder that has started (config.yaml and what training wrote)."""
     started = ("environment.json", "model.pt", "checkpoints")
     return (folder / "config.yaml").is_file() and any((folder / f).exists() for f in started)
@@ -202,7 +202,7 @@ def not_a_record(
                 "is a prepared store" if folder == path else f"inside the prepared store {folder}"
             )
             raise SegscaleError(f"{option} {path}: {where}; write to another path")
-        if folder != path and folder != mine and _is_run(folder):
+        if folder != path and folder != mine and is_run(folder):
             inside = path.relative_to(folder).parts
             if inside[0] in RUN_FOLDERS or (
                 len(inside) == 1 and any(fnmatch(inside[0], p) for p in RUN_RECORDS)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from segscale import __version__
-from segscale._files import output_file, publish
+from segscale._files import is_run, output_file, publish
 from segscale.errors import SegscaleError
 from segscale.predict import mask_values
 from segscale.zoo import check_model_source, load_any_model
@@ -103,7 +103,7 @@ def export(
     # a name that says what the file is: tools (Netron, onnxruntime, torch.jit.load users) go by it
     endings = {"onnx": (".onnx",), "torchscript": (".pt", ".pth")}[fmt]
     kind = {"onnx": "an ONNX", "torchscript": "a TorchScript"}[fmt]
-    if not Path(out).is_dir() and not Path(out).name.lower().endswith(endings):
+    if not Path(out).is_dir() and not Path(out).name.endswith(endings):
         raise SegscaleError(
             f"--out {out}: {kind} export needs a name ending in {' or '.join(endings)}"
         )
@@ -117,7 +117,14 @@ def export(
             f"--out {out}: a file of {Path(source).resolve()} itself, not an earlier export "
             f"(those end in {' or '.join(SUFFIX.values())}); give another name"
         )
-    _apart_from_store(source, out)
+    # nor into another run's folder, where it would pass for that run's model (a store, or a
+    # run's record folders, output_file refused)
+    other = next((f for f in out.parents if is_run(f) and f != Path(source).resolve()), None)
+    if other is not None:
+        raise SegscaleError(
+            f"--out {out}: inside the run folder {other}, where it would pass for that run's "
+            f"model; export beside {Path(source).resolve()} or elsewhere"
+        )
     try:
         return _export(source, fmt, out, check_batch)
     except BaseException:
@@ -125,20 +132,6 @@ def export(
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
-
-
-def _apart_from_store(source: Path, out: Path) -> None:
-    """Refuse an export into the store the model was trained on (it replaced a store's
-    images.npy with TorchScript, which broke every later use of the run)."""
-    from segscale._files import apart_from_input
-    from segscale.config import load_config
-
-    try:
-        store = load_config(Path(source) / "config.yaml").data.store
-    except SegscaleError:  # an unreadable config is _export's to report
-        return
-    if store.is_dir():
-        apart_from_input(out, store, "--out")
 
 
 def _export(source: Path, fmt: str, out: Path, check_batch: int) -> Path:
