@@ -1100,12 +1100,12 @@ def validate(
         inside = [o for o, k in keys if not key or k.startswith(key + ".")]
         rule = str(err["ctx"]["error"]) if err["type"] == "value_error" else ""
         # an XML file's elements of the key, or those a section rule names
-        origin = _origin(origins or {}, key, rule, every=False)
+        origin, every = _origin(origins or {}, key, rule)
         if rule:  # such a rule names the keys it reads: those overrides (or the file's)
             named = [o for o in inside if re.search(rf"\b{re.escape(_leaf(o))}\b", rule)]
             inside = named or ([] if origin else inside)
         line, whole = _line_of(text, loc) if text else (None, False)
-        origin = origin or _origin(origins or {}, key, rule, every=not inside)
+        origin = origin or (None if inside else every)
         where = f"{source}:{line}" if line else f"{source} {origin}" if origin else source
         whole = whole or bool(origin)
         if given:
@@ -1116,16 +1116,19 @@ def validate(
         raise ConfigError(f"{where}: {_describe(err, loc)}") from None
 
 
-def _origin(origins: dict[str, str], key: str, rule: str = "", every: bool = True) -> str | None:
-    """Where in an XML file `key` came from: the element of the key or of the entry holding it
-    (train.loss for train.loss.name), else the elements of the keys inside it that the `rule`
-    (a section rule's message) names, or (`every`) of all the keys inside it."""
+def _origin(origins: dict[str, str], key: str, rule: str = "") -> tuple[str | None, str | None]:
+    """Where in an XML file `key` came from, as (the elements it names, every element): the
+    element of the key or of the entry holding it (train.loss for train.loss.name) for both;
+    else the elements of the keys inside it that the `rule` (a section rule's message) names,
+    and the elements of all the keys inside it (or those named, when the rule names some)."""
     holding = [k for k in origins if key == k or key.startswith(k + ".")]
     if holding:
-        return origins[max(holding, key=len)]
+        return (origins[max(holding, key=len)],) * 2
     inside = [k for k in origins if key and k.startswith(key + ".")]
     named = [k for k in inside if re.search(rf"\b{re.escape(_leaf(k))}\b", rule)]
-    return " and ".join(origins[k] for k in named or (inside if every else [])) or None
+    return " and ".join(origins[k] for k in named) or None, (
+        " and ".join(origins[k] for k in named or inside) or None
+    )
 
 
 def _leaf(override: str) -> str:
