@@ -297,3 +297,29 @@ def test_a_config_nested_thousands_deep_is_one_line(tmp_path):
     path.write_text(f"name: x\ntrain: {{callbacks: {deep}}}\n")
     r = cli("plan", path)
     assert r.returncode == 2 and "nested too deep to be a config" in r.stderr, r.stderr[-500:]
+
+
+def test_an_unknown_part_or_kwarg_names_the_line_or_override_that_set_it(tmp_path):
+    """Components are checked after validation (plan, config convert); their errors named no
+    place in the file."""
+    from segscale.engine import check_components
+    from segscale.errors import SegscaleError
+
+    for text, overrides, where, message in (
+        (GOOD.replace("name: unet,", "name: unetz,"), [], ":4", "unknown model 'unetz'"),
+        (GOOD.replace("depth: 4", "depthz: 4"), [], ":4", "model 'unet' kwargs"),
+        (GOOD.replace("loss: dice_ce", "loss: dicez"), [], ":9", "unknown loss 'dicez'"),
+        (GOOD.replace("name: sgd", "name: sgdz"), [], ":8", "unknown optimizer 'sgdz'"),
+        (GOOD, ["train.loss=dicez"], " override 'train.loss=dicez'", "unknown loss"),
+        (GOOD, ["tracker=bogus"], " override 'tracker=bogus'", "unknown tracker 'bogus'"),
+    ):
+        path = write(tmp_path, text)
+        cfg = load_config(path, overrides)
+        place = str(path) + where if where.startswith(":") else where.strip()
+        with pytest.raises(SegscaleError) as e:
+            check_components(cfg)
+        assert str(e.value).startswith(f"{place}: {message}"), str(e.value)
+    # a config given as a dict has no place to name
+    raw = yaml.safe_load(GOOD.replace("name: unet,", "name: unetz,"))
+    with pytest.raises(SegscaleError, match=r"^unknown model 'unetz'"):
+        check_components(validate(raw))

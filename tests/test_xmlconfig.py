@@ -242,6 +242,43 @@ def test_an_xml_config_holds_nothing_that_would_be_dropped_without_a_word(
         load_config(path)
 
 
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("<name>unet</name>", "<name>unetz</name>", r"<CNN_archi>: unknown model 'unetz'"),
+        (">dice<", ">dicez<", r"<property name=\"loss\">: unknown loss 'dicez'"),
+        (">SGD<", ">SGDz<", r"<property name=\"optimiser\">: unknown optimizer 'sgdz'"),
+        ("ring_allreduce", "ringz", r"<action type=\"dist_strategy\">: unknown strategy 'ringz'"),
+        ('"TriangularLR"', '"TriangularLRz"', r"<action type=\"Tr_Checkpoint\">: .*TriangularLRz"),
+    ],
+)
+def test_an_unknown_part_names_the_element_that_set_it(tmp_path, monkeypatch, old, new, message):
+    from segscale.engine import check_components
+
+    monkeypatch.chdir(ROOT)
+    body = EXAMPLE.read_text()
+    assert old in body
+    path = write(tmp_path, body.replace(old, new, 1))
+    with pytest.raises(SegscaleError, match=f"^{re.escape(str(path))} {message}"):
+        check_components(load_config(path))
+
+
+def test_the_thesis_data_paths_name_the_stores_they_give(tmp_path, monkeypatch):
+    """<train>, <valid> and <test> naming other stores was told to 'give <store>', though the
+    thesis' form is read: the message names each path."""
+    monkeypatch.chdir(ROOT)
+    body = EXAMPLE.read_text()
+    old = "<valid><path>prepared/brats_t1gd</path></valid>"
+    assert old in body
+    path = write(tmp_path, body.replace(old, "<valid><path>prepared/other</path></valid>"))
+    with pytest.raises(ConfigError, match=r"<train> prepared/brats_t1gd, <valid> prepared/other"):
+        load_config(path)
+    data = body[body.index("<data>") : body.index("</data>") + 7]
+    path = write(tmp_path, body.replace(data, "<data></data>"))
+    with pytest.raises(ConfigError, match=r"<data>: no store; give <store>path</store>"):
+        load_config(path)
+
+
 def test_the_thesis_listing_as_written_plans_and_trains(tmp_path, real_store):
     """`<CNN_archi><path>.../U-Net.py</path>` (a file, no factory name) and the module spelt
     `train_srategy_def`, as Listing 4.1 writes them (was: 'name the factory too')."""

@@ -6,6 +6,7 @@ Unknown keys are errors that name the file, the line, the key and the closest va
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -21,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PositiveInt,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -838,6 +840,20 @@ class RunConfig(_Strict):
         """The tracker of that name (e.g. 'mlflow') among the run's trackers, or None."""
         return next((t for t in self.tracker if t.name == name), None)
 
+    # where each key was set: validate's _where bound to the file and overrides it read
+    _where: Any = PrivateAttr(default=None)
+
+    def __eq__(self, other: object) -> bool:  # the same settings, wherever they were read from
+        return type(other) is type(self) and self.__dict__ == other.__dict__
+
+    def where(self, key: str) -> str | None:
+        """Where `key` (dotted: 'model.name') was set, to name in an error found after
+        validation (an unknown component): 'c.yaml:9', 'c.xml <CNN_archi>', "override
+        'model.name=x'"; None for a config validated from a dict alone."""
+        if self._where is None or self._where.keywords["source"] == "<config>":
+            return None
+        return self._where(tuple(key.split(".")))
+
     @model_validator(mode="after")
     def _parts_agree(self) -> RunConfig:
         if self.train.finetune.freeze_encoder_epochs and self.model.pretrained is None:
@@ -1084,7 +1100,7 @@ def validate(
     command-line override that set it, else the file's line (`text`) or element (`origins`,
     RawConfig's), else `source`."""
     try:
-        return RunConfig.model_validate(raw)
+        cfg = RunConfig.model_validate(raw)
     except RecursionError:  # lists in lists thousands deep: no config is
         raise ConfigError(f"{source}: nested too deep to be a config") from None
     except ValidationError as e:
@@ -1092,28 +1108,47 @@ def validate(
         err = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
         # a value that fits no member of a union (bool | 'auto') names each member in its loc
         loc = tuple(str(p) for p in err["loc"] if not _is_union_member(p))
-        key = ".".join(loc)
-        keys = [(o, o.partition("=")[0]) for o in overrides or []]
-        # an override that set this key (or the section holding it) is where the value came from
-        given = [o for o, k in keys if key == k or key.startswith(k + ".")]
-        # a rule over a whole section can fail on what the file and overrides set inside it
-        inside = [o for o, k in keys if not key or k.startswith(key + ".")]
         rule = str(err["ctx"]["error"]) if err["type"] == "value_error" else ""
-        # an XML file's elements of the key, or those a section rule names
-        origin, every = _origin(origins or {}, key, rule)
-        if rule:  # such a rule names the keys it reads: those overrides (or the file's)
-            named = [o for o in inside if re.search(rf"\b{re.escape(_leaf(o))}\b", rule)]
-            inside = named or ([] if origin else inside)
-        line, whole = _line_of(text, loc) if text else (None, False)
-        origin = origin or (None if inside else every)
-        where = f"{source}:{line}" if line else f"{source} {origin}" if origin else source
-        whole = whole or bool(origin)
-        if given:
-            where = f"override '{given[-1]}'"
-        elif inside:  # the file too, if it holds this key at all
-            named = " and ".join(f"override '{o}'" for o in inside)
-            where = f"{where} and {named}" if whole or not key else named
+        where = _where(loc, source, text, overrides, origins, rule)
         raise ConfigError(f"{where}: {_describe(err, loc)}") from None
+    cfg._where = functools.partial(
+        _where, source=source, text=text, overrides=overrides, origins=origins
+    )
+    return cfg
+
+
+def _where(
+    loc: tuple[str, ...],
+    source: str,
+    text: str | None = None,
+    overrides: list[str] | None = None,
+    origins: dict[str, str] | None = None,
+    rule: str = "",
+) -> str:
+    """Where the value at `loc` came from, for an error: the override that set it, else the
+    YAML file's line (`text`) or the XML file's element (`origins`), else `source`. `rule`: a
+    rule over a whole section that failed, whose message names the keys it reads."""
+    key = ".".join(loc)
+    keys = [(o, o.partition("=")[0]) for o in overrides or []]
+    # an override that set this key (or the section holding it) is where the value came from
+    given = [o for o, k in keys if key == k or key.startswith(k + ".")]
+    # a rule over a whole section can fail on what the file and overrides set inside it
+    inside = [o for o, k in keys if not key or k.startswith(key + ".")]
+    # an XML file's elements of the key, or those a section rule names
+    origin, every = _origin(origins or {}, key, rule)
+    if rule:  # such a rule names the keys it reads: those overrides (or the file's)
+        named = [o for o in inside if re.search(rf"\b{re.escape(_leaf(o))}\b", rule)]
+        inside = named or ([] if origin else inside)
+    line, whole = _line_of(text, loc) if text else (None, False)
+    origin = origin or (None if inside else every)
+    where = f"{source}:{line}" if line else f"{source} {origin}" if origin else source
+    whole = whole or bool(origin)
+    if given:
+        where = f"override '{given[-1]}'"
+    elif inside:  # the file too, if it holds this key at all
+        named = " and ".join(f"override '{o}'" for o in inside)
+        where = f"{where} and {named}" if whole or not key else named
+    return where
 
 
 def _origin(origins: dict[str, str], key: str, rule: str = "") -> tuple[str | None, str | None]:

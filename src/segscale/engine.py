@@ -16,6 +16,7 @@ for anything else that builds runs from a config:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -950,19 +951,41 @@ def check_components(cfg: RunConfig) -> None:
     'module:attr' path resolves and its kwargs fit its factory beside what the engine passes it.
     Raises SegscaleError naming the component (`segscale config convert` checks this much of a
     converted config, whose store may not be prepared yet)."""
-    check_kwargs(TASKS, cfg.task.name, cfg.task.kwargs)
-    check_kwargs(MODELS, cfg.model.name, cfg.model.kwargs, {"in_channels": 1, "num_classes": 2})
-    loss = cfg.train.loss
-    check_kwargs(LOSSES, loss.name, loss.kwargs)  # an unknown name or a broken user path fails here
-    OPTIMIZERS.check(cfg.train.optimizer.name)
-    strategy = cfg.train.strategy
-    check_kwargs(STRATEGIES, strategy.name, strategy.kwargs, {"device": "cpu", "threads": None})
-    for cb in cfg.train.callbacks:
-        check_kwargs(CALLBACKS, cb.name, cb.kwargs)
-    for t in cfg.tracker:
-        check_kwargs(TRACKERS, t.name, t.kwargs, {"run_dir": None, "run_name": "", "params": {}})
-    if cfg.data.transform is not None:
-        check_kwargs(TRANSFORMS, cfg.data.transform.name, cfg.data.transform.kwargs)
+    parts: list[tuple[str, Any, Any, dict[str, Any] | None]] = [
+        ("task", TASKS, cfg.task, None),
+        ("model", MODELS, cfg.model, {"in_channels": 1, "num_classes": 2}),
+        ("train.loss", LOSSES, cfg.train.loss, None),
+        ("train.strategy", STRATEGIES, cfg.train.strategy, {"device": "cpu", "threads": None}),
+        *(
+            (f"train.callbacks.{i}", CALLBACKS, cb, None)
+            for i, cb in enumerate(cfg.train.callbacks)
+        ),
+        *(
+            (f"tracker.{i}", TRACKERS, t, {"run_dir": None, "run_name": "", "params": {}})
+            for i, t in enumerate(cfg.tracker)
+        ),
+        *([("data.transform", TRANSFORMS, cfg.data.transform, None)] if cfg.data.transform else []),
+    ]
+    for key, registry, spec, fixed in parts:
+        with _set_at(cfg, f"{key}.name"):  # an unknown name or a broken user path fails here
+            registry.check(spec.name)
+        with _set_at(cfg, f"{key}.kwargs"):
+            check_kwargs(registry, spec.name, spec.kwargs, fixed)
+    with _set_at(cfg, "train.optimizer.name"):  # its kwargs go to the torch optimizer it returns
+        OPTIMIZERS.check(cfg.train.optimizer.name)
+
+
+@contextlib.contextmanager
+def _set_at(cfg: RunConfig, key: str) -> Any:
+    """A SegscaleError raised inside, about the part at config `key`, prefixed with where the
+    key was set (RunConfig.where: the file's line or element, or the override)."""
+    try:
+        yield
+    except SegscaleError as e:
+        where = cfg.where(key)
+        if where is None:
+            raise
+        raise SegscaleError(f"{where}: {e}") from None
 
 
 def speed_settings(train: Any, device: torch.device) -> dict[str, Any]:

@@ -129,12 +129,18 @@ def read_xml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     data = task.find("data")
     store = data.findtext("store") if data is not None else None
     if data is not None and store is None:  # the thesis' train/valid/test paths: one store here
-        paths = {
-            p.strip() for p in (data.findtext(f"{s}/path") for s in ("train", "valid", "test")) if p
-        }
-        if len(paths) != 1:
+        given = {s: data.findtext(f"{s}/path") for s in ("train", "valid", "test")}
+        paths = {p.strip() for p in given.values() if p and p.strip()}
+        if len(paths) > 1:
+            named = ", ".join(f"<{s}> {p.strip()}" for s, p in given.items() if p and p.strip())
             raise fail(
-                "<data>: segscale reads one prepared store with train/val/test splits; give <store>path</store>"
+                f"<data>: {named}: segscale reads one prepared store that holds the train, val "
+                "and test splits; give each <path> that store, or <store>path</store> alone"
+            )
+        if not paths:
+            raise fail(
+                "<data>: no store; give <store>path</store> (one prepared store with train/val/"
+                "test splits), or <train><path>...</path></train> as the thesis wrote it"
             )
         store = paths.pop()
     if not store:
