@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import write_msd
+from conftest import cli, write_msd
 from segscale.config import AugmentConfig
 from segscale.errors import DataError
 from segscale.imgmed import Preprocessing, Store, prepare
@@ -108,8 +108,34 @@ def test_a_source_split_again_makes_the_augmented_store_again(store, tmp_path):
     before, after = Store.open(store).meta, Store.open(resplit).meta
     assert after["splits"] != before["splits"], "the seed must move a case"
     assert after["content_hash"] == before["content_hash"], "the same slices"
-    _, written = augment_store(resplit, out, total, PRESETS["left-atrium"], progress=False)
+    # the augmented store grew from the other store: replaced only when asked
+    with pytest.raises(DataError, match=r"augmented from .*store, not augmented from .*resplit"):
+        augment_store(resplit, out, total, PRESETS["left-atrium"], progress=False)
+    _, written = augment_store(
+        resplit, out, total, PRESETS["left-atrium"], progress=False, force=True
+    )
     assert (
         written
         and Store.open(out).meta["splits"]["test"] == Store.open(resplit).meta["splits"]["test"]
     )
+
+
+def test_a_store_of_another_origin_is_replaced_only_with_force(store, tmp_path):
+    """augment over a store prepare made (and prepare over an augmented one) replaced it without
+    a word; a store made again from its own source with other settings still is."""
+    raw, prep = tmp_path / "raw", Preprocessing(size=16, normalize="none")
+    other, _ = prepare(raw, tmp_path / "other", prep, progress=False)
+    meta = (other / "meta.json").read_text()
+    to = str(len(Store.open(store).rows("train")) * 2)
+    done = cli("imgmed", "augment", store, other, "--to", to, "--preset", "left-atrium")
+    assert done.returncode == 2 and f"{other}: a store prepared from {raw}" in done.stderr
+    assert "not augmented from" in done.stderr and "--force" in done.stderr
+    assert (other / "meta.json").read_text() == meta
+    done = cli("imgmed", "augment", store, other, "--to", to, "--preset", "left-atrium", "--force")
+    assert done.returncode == 0, done.stderr
+    assert Store.open(other).meta["augmented"]["source"] == str(store)
+    done = cli("prepare", raw, other, "--size", "16")
+    assert done.returncode == 2 and f"a store augmented from {store}" in done.stderr
+    # the same dataset with other settings: the store is made again
+    _, written = prepare(raw, store, Preprocessing(size=24, normalize="none"), progress=False)
+    assert written and Store.open(store).images.shape[-1] == 24

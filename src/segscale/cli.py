@@ -93,6 +93,12 @@ def prepare_cmd(
     jobs: Annotated[
         int | None, typer.Option(help="Processes preparing cases in parallel (default: the cores).")
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Replace a store made otherwise (by augment, or from another dataset)."
+        ),
+    ] = False,
 ) -> None:
     """Slice, resize and normalise a raw dataset into a prepared store, split by case; in parallel,
     resuming an interrupted run."""
@@ -132,6 +138,7 @@ def prepare_cmd(
         seed=seed,
         label_map=parse_label_map(label_map),
         jobs=jobs or os.cpu_count() or 1,
+        force=force,
     )
     meta = json.loads((path / "meta.json").read_text())
     counts = {s: len(v) for s, v in meta["splits"].items()}
@@ -1240,6 +1247,12 @@ def imgmed_augment_cmd(
     flip: Annotated[bool | None, typer.Option(help="Random flips.")] = None,
     intensity: Annotated[float | None, typer.Option(help="Intensity jitter std.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random warps.")] = 0,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Replace a store made otherwise (by prepare, or from another store)."
+        ),
+    ] = False,
 ) -> None:
     """Grow a store's training split to N slices with augmented copies (image and mask warped
     alike); validation and test cases are copied untouched."""
@@ -1275,7 +1288,7 @@ def imgmed_augment_cmd(
     from segscale._files import apart_from_input, output_dir
 
     out = output_dir(apart_from_input(out, store, "OUT"), "OUT", store_ok=True)
-    path, written = augment_store(store, out, to, cfg, seed)
+    path, written = augment_store(store, out, to, cfg, seed, force=force)
     typer.echo(f"{'wrote' if written else 'up to date:'} {path} ({to} training slices)")
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from segscale._progress import progress_bar
 from segscale.config import AUGMENT_PRESETS, AugmentConfig
 from segscale.errors import DataError
-from segscale.imgmed.store import Store, StoreWriter, is_current
+from segscale.imgmed.store import Origin, Store, StoreWriter, is_current
 
 if TYPE_CHECKING:  # torch is imported where used: importing segscale.imgmed must not load it
     import torch
@@ -83,9 +83,12 @@ def augment_store(
     seed: int = 0,
     batch: int = 64,
     progress: bool = True,
+    force: bool = False,
 ) -> tuple[Path, bool]:
     """Write `output`: `source` with its training split grown to `total` slices. Returns
-    (path, written); re-running with the same inputs is a no-op."""
+    (path, written); re-running with the same inputs is a no-op; with other settings, it
+    replaces the store it augmented from `source`; a store of another origin only with `force`
+    (store.is_current)."""
     import torch
 
     store = Store.open(source)
@@ -105,7 +108,7 @@ def augment_store(
             [store.meta["content_hash"], store.meta["splits"], params], sort_keys=True
         ).encode()
     ).hexdigest()
-    if is_current(output, input_hash):
+    if is_current(output, input_hash, Origin("augmented", str(store.path.resolve())), force):
         return output, False
 
     # whole augmented copies of the training cases in turn; the last one may be partial

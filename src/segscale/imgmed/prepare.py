@@ -33,7 +33,7 @@ from segscale.imgmed.io import (
     stored_axis_codes,
 )
 from segscale.imgmed.sources import Case, Source, discover
-from segscale.imgmed.store import FORMAT, StoreWriter, is_current, orientation_of
+from segscale.imgmed.store import FORMAT, Origin, StoreWriter, is_current, orientation_of
 from segscale.imgmed.transforms import (
     Plane,
     Preprocessing,
@@ -98,8 +98,11 @@ def prepare(
     label_map: dict[int, int] | None = None,
     progress: bool = True,
     jobs: int = 1,
+    force: bool = False,
 ) -> tuple[Path, bool]:
-    """Prepare a store; returns (path, written). Re-running with the same inputs is a no-op.
+    """Prepare a store; returns (path, written). Re-running with the same inputs is a no-op;
+    with other settings, it replaces the store it made from this dataset; a store of another
+    origin only with `force` (store.is_current).
 
     Cases are processed by `jobs` processes, each into its own chunk file in a `.NAME.partial`
     folder beside the output; the store is then assembled in case order (identical for any
@@ -130,7 +133,7 @@ def prepare(
     digests = _case_digests(src)
     input_hash = _input_hash(digests, params)
     partial = output.parent / f".{output.name}.partial"
-    if is_current(output, input_hash):
+    if is_current(output, input_hash, Origin("prepared", str(src.root.resolve())), force):
         shutil.rmtree(partial, ignore_errors=True)  # chunks of a run stopped after its commit
         return output, False
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -143,15 +143,44 @@ def orientation_of(cases: list[dict[str, Any]]) -> str | None:
     )
 
 
-def is_current(output: Path, input_hash: str) -> bool:
+class Origin(NamedTuple):
+    """What a store was made from: ('prepared', the dataset's folder) or ('augmented', the
+    store it grew), as resolved paths."""
+
+    how: str
+    source: str
+
+
+def store_origin(meta: dict[str, Any]) -> Origin:
+    """A store's Origin, from its meta.json."""
+    augmented = meta.get("augmented")
+    if isinstance(augmented, dict):
+        return Origin("augmented", str(augmented.get("source")))
+    return Origin("prepared", str(meta.get("source")))
+
+
+def is_current(output: Path, input_hash: str, origin: Origin, force: bool = False) -> bool:
     """Whether `output` already holds the store these inputs make (a rerun is then a no-op). A
-    store made from other inputs is replaced; a non-empty folder that is not a store is refused."""
+    store of the same `origin` (prepared from the same dataset, or augmented from the same
+    store) made with other settings is replaced; a store of another origin only with `force`;
+    a non-empty folder that is not a store never. Raises DataError otherwise."""
     meta = output / "meta.json"
     if meta.is_file():
         try:
-            return json.loads(meta.read_text()).get("input_hash") == input_hash
+            found = json.loads(meta.read_text())
         except json.JSONDecodeError:
+            return False  # a damaged store: made again
+        if not isinstance(found, dict):
             return False
+        if found.get("input_hash") == input_hash:
+            return True
+        theirs = store_origin(found)
+        if theirs != origin and not force:
+            raise DataError(
+                f"{output}: a store {theirs.how} from {theirs.source}, not {origin.how} from "
+                f"{origin.source}; give another output, or --force to replace it"
+            )
+        return False
     if output.exists() and any(output.iterdir()):
         raise DataError(
             f"{output}: exists, is not empty and is not a prepared store; choose another output"
