@@ -20,7 +20,7 @@ from conftest import ROOT, SAMPLE, trained_run
 from segscale import worker
 from segscale.errors import SegscaleError
 from segscale.hub import entries, parse_ref, pull
-from segscale.zoo import load_model, publish
+from segscale.zoo import load_model, publish, spdx_licence
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,12 @@ def test_pull_from_a_folder_verifies_and_caches(published, cache):
     (cache / "empty").mkdir()
     with pytest.raises(SegscaleError, match=r"empty: not a zoo \(no index.json\)"):
         entries(cache / "empty")
+    # a missing folder or a file: said so (was: the OS's message on index.json)
+    with pytest.raises(SegscaleError, match=r"zoo .*missing: no such folder"):
+        entries(cache / "missing")
+    (cache / "a-file").write_text("x")
+    with pytest.raises(SegscaleError, match=r"zoo .*a-file: a file, not a zoo folder"):
+        entries(cache / "a-file")
 
 
 def serve(folder: Path):
@@ -344,6 +350,9 @@ def test_publish_checks_the_weights_and_keeps_the_index_whole(published, tmp_pat
     publish(run, "t", zoo, version="11", licence="MIT OR LicenseRef-mine")
     licences = [e["licence"] for e in entries(zoo) if e["name"] == "t"][-2:]
     assert licences == ["CC-BY-4.0", "MIT OR LicenseRef-mine"]
+    # SPDX identifiers are case-insensitive: written in SPDX's spelling
+    assert spdx_licence("mit or licenseref-Mine") == "MIT OR LicenseRef-Mine"
+    assert spdx_licence("licenseref-x") == "LicenseRef-x"
     with pytest.raises(SegscaleError, match=r"zoo entry 't@': an empty version"):
         pull("t@", zoo)
     # a run folder, a store, the zoo inside the installed package: not zoos to publish into

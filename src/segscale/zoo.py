@@ -208,6 +208,9 @@ def spdx_licence(licence: str) -> str:
     from license_expression import get_spdx_licensing
 
     own = re.compile(r"LicenseRef-[A-Za-z0-9.-]+")
+    # identifiers are case-insensitive in SPDX (operators are written upper case, as
+    # license-expression spells them); LicenseRef- is written as SPDX spells it
+    licence = re.sub(r"(?i)\blicenseref-", "LicenseRef-", licence)
     if own.fullmatch(licence.strip()):
         return licence.strip()
     try:  # it raises (not returns) on some characters
@@ -221,7 +224,8 @@ def spdx_licence(licence: str) -> str:
             f"--licence {licence!r}: not an SPDX licence expression (e.g. CC-BY-4.0, Apache-2.0, "
             "MIT OR Apache-2.0; LicenseRef-<name> for a licence of your own)"
         )
-    return info.normalized_expression or licence.strip()
+    # with a LicenseRef- (not on the SPDX list) validate gives no normalised form; parse does
+    return info.normalized_expression or str(get_spdx_licensing().parse(licence))
 
 
 def _a_zoo_folder(zoo: Path) -> None:
