@@ -386,6 +386,12 @@ def test_schedule_plot(tmp_path, real_store):
     assert r.returncode == 0 and "peak lr 0.15 (base 0.05, 3 worker(s)" in r.stdout, r.stderr
     r = cli("schedule", config, "workers=2", "train.simulate_workers=3", "--out", out)
     assert r.returncode == 2 and "math in one process" in r.stderr, r.stderr
+    # another dataset's steps per epoch: no store is needed (it may not be prepared yet)
+    missing = f"data.store={tmp_path / 'not-prepared'}"
+    r = cli("schedule", config, missing, "--steps-per-epoch", 50, "--out", out, "--force")
+    assert r.returncode == 0 and "peak lr 0.05 " in r.stdout, r.stderr
+    r = cli("schedule", config, missing, "--out", out)
+    assert r.returncode == 2 and "not a prepared store" in r.stderr, r.stderr
 
 
 def test_misconfigurations_fail_before_launch(real_store):

@@ -774,7 +774,11 @@ def schedule_cmd(
     ] = None,
     steps_per_epoch: Annotated[
         int | None,
-        typer.Option(help="Steps per epoch (default: from the store).", min=1, show_default=False),
+        typer.Option(
+            help="Steps per epoch (default: from the store; given, no store is read).",
+            min=1,
+            show_default=False,
+        ),
     ] = None,
     out: Annotated[Path, typer.Option(help="Picture to write (.png, .pdf or .svg).")] = Path(
         "schedule.png"
@@ -787,7 +791,7 @@ def schedule_cmd(
     import warnings
 
     from segscale._files import output_file
-    from segscale.engine import one_process, plan
+    from segscale.engine import one_process, plan, schedule_plan
     from segscale.schedules import MARK, plot_schedule
 
     if out.suffix.lower() not in (".png", ".pdf", ".svg"):
@@ -798,7 +802,8 @@ def schedule_cmd(
     one_process(cfg, workers or cfg.workers or 1)  # as `train` refuses it
     # as `train` runs it: the config's workers by default, each simulating K when set
     workers = (workers or cfg.workers or 1) * (t.simulate_workers or 1)
-    p = plan(cfg)
+    # a schedule for another dataset's steps needs no store (it may not be prepared yet)
+    p = plan(cfg) if steps_per_epoch is None else schedule_plan(cfg)
     schedule = p.schedule(workers, steps_per_epoch)
     for note in p.scale_notes(workers, steps_per_epoch):
         warnings.warn(note, stacklevel=2)

@@ -144,7 +144,7 @@ class Plan:
                 f"monitor.log_every {log_every} is more than the run's {t.epochs * steps} steps: "
                 "no step metrics (step/loss, step/lr, ...) are recorded"
             )
-        slices = len(self.store.rows(self.cfg.data.train_split))
+        slices = len(self.store.rows(self.cfg.data.train_split)) if steps_per_epoch is None else 0
         if t.batch_size * workers > slices and steps_per_epoch is None:
             notes.append(
                 f"global batch {t.batch_size * workers} (train.batch_size {t.batch_size} × "
@@ -944,6 +944,14 @@ def plan(cfg: RunConfig) -> Plan:
             f"use {' | '.join(task.losses)} or your own 'pkg.mod:Class'"
         )
     return Plan(cfg, store, task)
+
+
+def schedule_plan(cfg: RunConfig) -> Plan:
+    """A Plan for the lr schedule alone, with steps per epoch given (Plan.schedule and
+    scale_notes with `steps_per_epoch`): the components checked, no store opened (it may not
+    be prepared yet). Its store and task are None. Raises SegscaleError as check_components."""
+    check_components(cfg)
+    return Plan(cfg, None, None)  # type: ignore[arg-type]
 
 
 def check_components(cfg: RunConfig) -> None:
