@@ -121,6 +121,28 @@ def test_a_tracker_built_to_be_checked_is_closed(tmp_path, real_store):
     }
 
 
+def test_a_tracker_whose_close_takes_no_error_is_one_error_and_no_warning(tmp_path, real_store):
+    import warnings
+
+    from segscale.errors import SegscaleError
+
+    plugin = tmp_path / "bare.py"
+    plugin.write_text(
+        "class Bare:\n"
+        "    def __init__(self, run_dir, run_name, params):\n"
+        "        pass\n"
+        "    def on_epoch_end(self, trainer, record):\n"
+        "        pass\n"
+        "    def close(self):\n"
+        "        pass\n"
+    )
+    cfg = validate({**tiny_config(real_store), "tracker": {"name": f"{plugin}:Bare"}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning beside the error was the finding
+        with pytest.raises(SegscaleError, match=r"close\(self\)|close\(\) cannot be called"):
+            plan(cfg).check(1)
+
+
 def test_a_diverged_run_is_failed_in_mlflow_with_its_reason(tmp_path, real_store):
     from segscale.errors import Diverged
 

@@ -820,9 +820,17 @@ def _part(what: str, registry: Any, spec: Any) -> Any:
 def _close_checked(what: str, tracker: Any) -> None:
     """Close a tracker built only to be checked (close(None): nothing failed). A tracker without
     close, or whose close fails, is left to the check's own error or is one warning."""
+    import inspect
+
     close = getattr(tracker, "close", None)
     if not callable(close):
         return
+    try:  # a close that cannot take the error is check_hooks' one error, not a warning too
+        inspect.signature(close).bind(None)
+    except TypeError:
+        return
+    except ValueError:  # no signature to read (a builtin): tried as it is
+        pass
     try:
         close(None)
     except Exception as e:
