@@ -35,8 +35,15 @@ def test_a_command_replaces_its_own_file_and_a_users_only_with_force(tmp_path, r
         assert written != mine.encode()
         r = cli(*command, "--out", out)  # its own: replaced without --force
         assert r.returncode == 0, r.stderr
-        if first is not None:
+        if first is not None:  # a text: once edited by hand, replaced only with --force
             assert out.read_text().startswith(first)
+            edited = out.read_text().replace("\n", "\n# my note\n", 2)
+            out.write_text(edited)
+            r = cli(*command, "--out", out)
+            assert r.returncode == 2, r.stderr
+            assert f"exists and was edited since segscale {name} wrote it" in r.stderr, r.stderr
+            assert out.read_text() == edited
+            assert cli(*command, "--out", out, "--force").returncode == 0
     # launch's default job, RUN_DIR/job.sbatch: a user's own is not replaced either
     mine_job = tmp_path / "runs" / "mine"
     mine_job.mkdir(parents=True)
@@ -80,6 +87,14 @@ def test_no_output_goes_into_a_store_or_over_a_runs_records(tmp_path, real_store
     assert output_file(run / "model.onnx") == run / "model.onnx"  # beside them: an export
     r = cli("methods", run, "--out", run / "config.yaml", "--force")
     assert r.returncode == 2 and "a record of the run" in r.stderr, r.stderr
+    # methods.md is written to be edited: once it is, it is replaced only with --force
+    text = tmp_path / "methods.md"
+    assert cli("methods", run, "--out", text).returncode == 0
+    assert cli("methods", run, "--out", text).returncode == 0  # its own, unedited
+    text.write_text(text.read_text() + "\nMy addition.\n")
+    r = cli("methods", run, "--out", text)
+    assert r.returncode == 2 and "was edited since segscale methods wrote it" in r.stderr
+    assert text.read_text().endswith("My addition.\n")
 
 
 def test_a_resumable_job_claims_a_new_or_empty_folder_only(tmp_path):

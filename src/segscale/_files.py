@@ -212,13 +212,36 @@ def not_a_record(
                 )
 
 
-def _holds(path: Path, mark: str) -> bool:
-    """Whether the first MiB of the file at `path` holds `mark` (False when it cannot be read)."""
+def signed(text: str, mark: str) -> str:
+    """`text`, which holds `mark`, with the sha256 of the whole text written after the mark
+    (` sha256:<16 hex>`): output_file then tells the command's own earlier output from one
+    edited since (_whose), which it replaces only with --force."""
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return text.replace(mark, f"{mark} sha256:{digest}", 1)
+
+
+def _whose(path: Path, mark: str) -> str:
+    """Whose the file at `path` is: "own" when it is a command's unedited output (its first MiB
+    holds `mark`, and a text `signed` with it still has that digest), "edited" when such a text
+    was changed since, else "other" (also for a file that cannot be read)."""
+    import re
+
     try:
         with open(path, "rb") as f:
-            return mark.encode() in f.read(1 << 20)
+            data = f.read(1 << 20)
+            signature = re.search(re.escape(mark.encode()) + rb" sha256:([0-9a-f]{16})", data)
+            if signature is not None:
+                data += f.read()  # a text output: the whole of it is hashed
     except OSError:
-        return False
+        return "other"
+    if mark.encode() not in data:
+        return "other"
+    if signature is None:  # a picture's metadata, or a file written before texts were signed
+        return "own"
+    start, end = signature.span(1)
+    unsigned = data[: start - len(b" sha256:")] + data[end:]
+    same = hashlib.sha256(unsigned).hexdigest()[:16] == signature[1].decode()
+    return "own" if same else "edited"
 
 
 def output_file(
@@ -243,10 +266,15 @@ def output_file(
     if path.exists() and not path.is_file():
         raise SegscaleError(f"{option} {path}: exists and is not a regular file; give a file name")
     not_a_record(path, option, of_run=of_run)
-    if path.exists() and not overwrite and not (own and _holds(path, own)):
-        whose = f" and is not an earlier output of {own.split(' by ')[-1]}" if own else ""
+    whose = (_whose(path, own) if own else "other") if path.exists() and not overwrite else "own"
+    if whose != "own":
+        who = own.split(" by ")[-1] if own else ""
+        why = {
+            "other": f" and is not an earlier output of {who}" if own else "",
+            "edited": f" and was edited since {who} wrote it",
+        }[whose]
         raise SegscaleError(
-            f"{option} {path}: exists{whose}; give another name or --force to replace it"
+            f"{option} {path}: exists{why}; give another name or --force to replace it"
         )
     try:
         output_dir(path.parent, option, of_run=of_run)

@@ -420,12 +420,12 @@ def methods_cmd(
 ) -> None:
     """A methods section written from what the run recorded, with a checklist against the
     thesis' Fig. 5.5 and CLAIM's training items: what is covered, what to add by hand."""
-    from segscale._files import output_file, write_atomic
+    from segscale._files import output_file, signed, write_atomic
     from segscale.methods import MARK, methods
 
     out = output_file(out, "--out", overwrite=force, own=MARK)
     text = methods(target)
-    write_atomic(out, text)
+    write_atomic(out, signed(text, MARK))  # edited by hand, it is replaced only with --force
     missing = text.count("| no |")
     typer.echo(f"wrote {out}; {missing} checklist item(s) to add by hand")
 
@@ -853,7 +853,7 @@ def launch_cmd(
     import shlex
     import warnings
 
-    from segscale._files import apart_from_input, differ, output_file, write_atomic
+    from segscale._files import apart_from_input, differ, output_file, signed, write_atomic
     from segscale.config import load_config
     from segscale.engine import has_started, plan, prepare_run_dir
     from segscale.launch import MARK, sbatch_script
@@ -915,7 +915,8 @@ def launch_cmd(
     if resume and started:
         _say_rescaled(run_dir, cfg, nodes * gpus_per_node)
     prepare_run_dir(cfg, run_dir, resume)
-    write_atomic(script, sbatch_script(run_dir, nodes, gpus_per_node, time, partition, cfg.name))
+    job = sbatch_script(run_dir, nodes, gpus_per_node, time, partition, cfg.name)
+    write_atomic(script, signed(job, MARK))  # edited by hand, it is replaced only with --force
     typer.echo(f"wrote {script}; submit with: sbatch {script}")
 
 
@@ -1020,7 +1021,7 @@ def config_convert_cmd(
 
     if to != "yaml":
         raise SegscaleError(f"--to {to}: only yaml is supported")
-    from segscale._files import apart_from_input, output_file, write_atomic
+    from segscale._files import apart_from_input, output_file, signed, write_atomic
     from segscale.config import as_written, read_raw
 
     mark = "# written by segscale config convert"
@@ -1032,8 +1033,7 @@ def config_convert_cmd(
     # what the source file says, paths as it wrote them (relative to the working directory)
     text = yaml.safe_dump(as_written(cfg, read_raw(source).raw), sort_keys=False)
     if target:  # marked: converting again replaces it, and nothing else without --force
-        text = f"{mark} from {source}\n{text}"
-        write_atomic(target, text)
+        write_atomic(target, signed(f"{mark} from {source}\n{text}", mark))
         typer.echo(f"wrote {out}")
     else:
         typer.echo(text, nl=False)
