@@ -72,7 +72,7 @@ def test_torchscript_export_from_a_zoo_entry_through_the_cli(run, real_store, tm
         assert float((scripted(x) - model(x)).abs().max()) <= TOLERANCE
 
 
-def test_bad_exports_are_one_line(run, tmp_path):
+def test_bad_exports_are_one_line(run, tmp_path, real_store):
     done = cli("export", run, "--format", "tflite")
     assert (
         done.returncode == 2 and "--format tflite: expected one of onnx, torchscript" in done.stderr
@@ -119,7 +119,8 @@ def test_bad_exports_are_one_line(run, tmp_path):
     # a file or a missing folder as the run: named as such (was: blamed on an --out not given)
     for source, what in (
         (run / "config.yaml", "a file, not a run folder"),
-        (tmp_path / "no", "no such folder"),
+        (tmp_path / "no", "no such file or folder"),
+        (real_store, "a prepared store, not a run folder"),
     ):
         done = cli("export", source)
         assert done.returncode == 2 and f"{source}: {what}" in done.stderr, done.stderr

@@ -288,6 +288,8 @@ def test_compare_runs_and_repeats_with_a_paired_test(tmp_path, store10):
     assert "| several runs per setting, their number and spread | no |" in text
     assert "batch 4 per worker × 1 worker(s) = global batch 4" in text
     r = cli("methods", tmp_path / "nowhere")
+    assert r.returncode == 2 and "nowhere: no such file or folder" in r.stderr
+    r = cli("methods", tmp_path)
     assert r.returncode == 2 and "neither a run folder nor" in r.stderr
     # it replaces its own methods.md, and a user's file only with --force
     notes = tmp_path / "notes.md"

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from segscale._files import EVALUATION, output_file, read_record, to_json, write_atomic
+from segscale._files import EVALUATION, not_a_run, output_file, read_record, to_json, write_atomic
 from segscale.config import load_config
 from segscale.engine import require_segmentation
 from segscale.errors import SegscaleError
@@ -50,7 +50,7 @@ def scores_of(path: Path, split: str) -> dict[str, Any]:
             "cases": {c: sum(r["cases"][c] for r in runs) / len(runs) for c in sorted(cases)},
         }
     if not (path / "config.yaml").is_file():
-        raise SegscaleError(f"{path}: neither a run folder nor a `segscale repeat` folder")
+        raise not_a_run(path, "a `segscale repeat` folder")
     cfg = load_config(path / "config.yaml")
     require_segmentation(cfg, path, "compare")
     evaluation = path / f"evaluation-{split}.json"

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from segscale._files import EVALUATION, read_record
+from segscale._files import EVALUATION, not_a_run, read_record
 from segscale.config import RunConfig, load_config
 from segscale.engine import check_same_store, check_store_exists
 from segscale.errors import SegscaleError
@@ -43,7 +43,7 @@ def _record(target: Path) -> dict[str, Any]:
             raise SegscaleError(f"{target}: a repeat folder with no run yet")
         run_dir = repeat.run_dir(repeat.runs[0])
     if not (run_dir / "config.yaml").is_file():
-        raise SegscaleError(f"{target}: neither a run folder nor a `segscale repeat` folder")
+        raise not_a_run(target, "a `segscale repeat` folder")
     cfg = load_config(run_dir / "config.yaml")
     if cfg.task.name not in ("segmentation", "classification"):  # a plug-in task's metrics
         raise SegscaleError(

@@ -30,7 +30,15 @@ import numpy as np
 import torch
 import yaml
 
-from segscale._files import _umask, file_sha256, output_dir, read_record, to_json, write_atomic
+from segscale._files import (
+    _umask,
+    file_sha256,
+    not_a_run,
+    output_dir,
+    read_record,
+    to_json,
+    write_atomic,
+)
 from segscale.config import RunConfig, load_config, validate
 from segscale.engine import Plan, fit_weights, inference_plan, load_trained_model
 from segscale.errors import SegscaleError
@@ -413,8 +421,5 @@ def check_model_source(source: Path) -> None:
     """Raise SegscaleError unless `source` is a folder with a model: a run folder (config.yaml)
     or a pulled zoo entry (segscale-model.json)."""
     source = Path(source)
-    if not source.is_dir():
-        what = "a file, not a run folder" if source.exists() else "no such folder"
-        raise SegscaleError(f"{source}: {what}; give a trained run folder or zoo:NAME[@VERSION]")
     if not (source / ENTRY_META).is_file() and not (source / "config.yaml").is_file():
-        raise SegscaleError(f"{source}: neither a run folder (config.yaml) nor a zoo entry")
+        raise not_a_run(source, "a zoo entry (zoo:NAME[@VERSION])")
