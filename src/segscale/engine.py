@@ -144,8 +144,10 @@ class Plan:
                 f"monitor.log_every {log_every} is more than the run's {t.epochs * steps} steps: "
                 "no step metrics (step/loss, step/lr, ...) are recorded"
             )
-        slices = len(self.store.rows(self.cfg.data.train_split)) if steps_per_epoch is None else 0
-        if t.batch_size * workers > slices and steps_per_epoch is None:
+        if steps_per_epoch is not None:  # another dataset's: the store's size says nothing
+            return notes
+        slices = len(self.store.rows(self.cfg.data.train_split))
+        if t.batch_size * workers > slices:
             notes.append(
                 f"global batch {t.batch_size * workers} (train.batch_size {t.batch_size} × "
                 f"{workers} workers) is more than the training split's {slices} slices: one "
