@@ -221,6 +221,8 @@ def test_a_label_map_scores_the_folders_as_evaluate_run_scores_its_store(tmp_pat
         progress=False,
     )
     run = trained_run(store, tmp_path / "run", steps_per_epoch=3)
+    done = cli("evaluate", run, "--split", "")  # was: the test split, without a word
+    assert done.returncode == 2 and "--split '': empty" in done.stderr, done.stderr
     done = cli("evaluate", run, "--json", tmp_path / "run.json")
     assert done.returncode == 0, done.stderr
     by_run = json.loads((tmp_path / "run.json").read_text())

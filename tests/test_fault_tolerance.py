@@ -420,6 +420,8 @@ def test_segscale_stop_stops_both_workers_within_a_step_and_resume_finishes(tmp_
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     r = cli("stop", run)
     assert r.returncode == 2 and "the run has finished" in r.stderr
+    r = cli("stop", tmp_path / "nowhere")  # was: "not a run folder (no config.yaml)"
+    assert r.returncode == 2 and "nowhere: no such file or folder" in r.stderr
 
 
 def test_a_started_run_folder_is_continued_only_when_asked(tmp_path, real_store, capsys):

@@ -128,6 +128,10 @@ def test_content_decides_and_bad_content_is_named(tmp_path):
     np.save(tmp_path / "empty.npy", np.zeros((0, 5)))
     with pytest.raises(DataError, match=r"empty image \(shape \(0, 5\)\)"):
         load(tmp_path / "empty.npy")
+    # read as shape (0,) by nibabel: named with the header's
+    nib.save(nib.Nifti1Image(np.zeros((0, 5, 5), np.float32), np.eye(4)), tmp_path / "e.nii.gz")
+    with pytest.raises(DataError, match=r"empty image \(shape \(0, 5, 5\)\)"):
+        load(tmp_path / "e.nii.gz")
     save(np.ones((4, 4, 4), np.float32), tmp_path / "v.nii.gz")
     data = (tmp_path / "v.nii.gz").read_bytes()
     (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) // 2])

@@ -225,3 +225,11 @@ def test_evaluate_results_file_is_a_json_name_in_a_folder_that_exists(tmp_path):
     assert r.returncode == 2 and "exists and is not an evaluation" in r.stderr
     r = scored_into(tmp_path / "ok.json")
     assert r.returncode == 0 and (tmp_path / "ok.csv").is_file(), r.stderr
+    assert scored_into(tmp_path / "ok.json").returncode == 0  # an earlier evaluation's set
+    # a user's table or picture beside a new results file is not replaced (it was)
+    for beside in ("mine.csv", "mine.png", "mine-overlays.png"):
+        (tmp_path / beside).write_text("user data")
+        r = scored_into(tmp_path / "mine.json")
+        assert r.returncode == 2 and f"{beside} is there already" in r.stderr, r.stderr
+        assert (tmp_path / beside).read_text() == "user data"
+        (tmp_path / beside).unlink()

@@ -81,6 +81,12 @@ def test_early_stop_without_a_reference_finishes_when_the_metric_stops_improving
     assert verdict(EarlyStop(patience=2), [0.5, 0.6, 0.6, 0.61, 0.6]) is None
     delta = EarlyStop(patience=2, min_delta=0.05)
     assert verdict(delta, [0.5, 0.52, 0.54, 0.56])[0] == 3  # +0.04 each time: no improvement
+    # the reference and the highest value, when they differ, are both named (was: "best 0.5000")
+    assert verdict(delta, [0.5, 0.54, 0.53]) == (
+        3,
+        "val_dice not improved by more than 0.05 for 2 validations in a row (0.5000 at epoch 1, "
+        "the last improvement by more than 0.05; best 0.5400 at epoch 2)",
+    )
     assert verdict(EarlyStop(patience=1, after=3), [0.5, 0.4, 0.4, 0.4])[0] == 4
     assert verdict(EarlyStop(patience=2), [0.5, float("nan"), float("nan")])[0] == 3
     for bad, match in (

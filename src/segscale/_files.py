@@ -176,21 +176,24 @@ def is_store(folder: Path) -> bool:
     return (folder / "meta.json").is_file() and (folder / "images.npy").exists()
 
 
-def not_a_run(path: Path, alternative: str) -> Exception:
-    """The SegscaleError for `path` given where a run folder or `alternative` (what else the
+def not_a_run(path: Path, alternative: str | None = None) -> Exception:
+    """The SegscaleError for `path` given where a run folder (or `alternative`, what else the
     command takes: 'a `segscale repeat` folder', 'a zoo entry') was expected, saying what it
     is: missing, a file, a prepared store, or another folder."""
     from segscale.errors import SegscaleError
 
     path = Path(path)
+    wanted = f"a run folder or {alternative}" if alternative else "a run folder"
     if not path.exists():
         what = "no such file or folder"
     elif not path.is_dir():
-        what = f"a file, not a run folder or {alternative}"
+        what = f"a file, not {wanted}"
     elif is_store(path):
-        what = f"a prepared store, not a run folder or {alternative}; train a run on it first"
-    else:
+        what = f"a prepared store, not {wanted}; train a run on it first"
+    elif alternative:
         what = f"neither a run folder nor {alternative}"
+    else:
+        what = "not a run folder (no config.yaml)"
     return SegscaleError(f"{path}: {what}")
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from segscale._files import from_json
+from segscale._files import from_json, not_a_run
 from segscale.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, Preempted, SegscaleError
 
 if TYPE_CHECKING:
@@ -445,7 +445,7 @@ def stop_cmd(
 
     run_dir = run_dir.resolve()
     if not (run_dir / "config.yaml").is_file():
-        raise SegscaleError(f"{run_dir}: not a run folder (no config.yaml)")
+        raise not_a_run(run_dir)
     if (run_dir / "model.pt").is_file():
         raise SegscaleError(f"{run_dir}: the run has finished; there is nothing to stop")
     try:
@@ -576,7 +576,9 @@ def evaluate_cmd(
             raise SegscaleError(f"{option} applies to --pred/--ref; a run's labels are its store's")
         run_dir = run_dir.resolve()
         if not (run_dir / "config.yaml").is_file():
-            raise SegscaleError(f"{run_dir}: not a run folder (no config.yaml)")
+            raise not_a_run(run_dir)
+        if split is not None and not split.strip():
+            raise SegscaleError("--split '': empty; give a split of the run's store (e.g. test)")
         from segscale.engine import check_store_exists, trained_weights
         from segscale.imgmed import Store
 
@@ -597,7 +599,7 @@ def evaluate_cmd(
             print_metrics(evaluation)
             typer.echo(f"wrote {out}, {out.with_suffix('.png').name}")
             return
-        overlays = out.with_name(f"{out.stem}-overlays.png")
+        overlays = _overlays_file(out)
         _plot_overlays(run_dir, evaluation, overlays)
     plot_case_dice(evaluation, out.with_suffix(".png"))
     print_metrics(evaluation)
@@ -651,7 +653,22 @@ def _results_file(path: Path, run_dir: Path | None = None) -> Path:
         # a run's evaluation names its split, one of folders its --pred and --ref
         if not ("dataset" in keys and ("split" in keys or {"pred", "ref"} <= keys)):
             raise SegscaleError(f"--json {out}: exists and is not an evaluation; give another name")
+    # the table and pictures written beside it: an earlier evaluation's when it is one (checked
+    # above), else nobody's to replace (a user's results.csv beside a new results.json was)
+    for beside in (out.with_suffix(".csv"), out.with_suffix(".png"), _overlays_file(out)):
+        output_file(beside, "--json", of_run=run_dir)  # never a run's record or a store's file
+        if beside.exists() and not out.is_file():
+            raise SegscaleError(
+                f"--json {out}: {beside.name} is there already, and not from an evaluation "
+                f"(the evaluation writes its table and pictures beside the .json); give "
+                "another name"
+            )
     return out
+
+
+def _overlays_file(results: Path) -> Path:
+    """The overlays picture an evaluation writes beside its results file."""
+    return results.with_name(f"{results.stem}-overlays.png")
 
 
 def _plot_overlays(run_dir: Path, evaluation: dict, out: Path) -> None:

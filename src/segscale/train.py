@@ -640,22 +640,35 @@ class EarlyStop:
         )
 
     def _plateau(self, history: list[dict[str, Any]]) -> str | None:
+        # the reference is the last value that improved by more than min_delta (Keras' rule);
+        # the highest seen may lie above it by less
         best, best_epoch, stale = -math.inf, None, 0
+        highest, highest_epoch = -math.inf, None
         for r in history:
             value = r.get(self.key)
             if value is None:
                 continue
+            if value > highest:
+                highest, highest_epoch = value, r["epoch"]
             if value > best + (self.min_delta if best_epoch is not None else 0):
                 best, best_epoch, stale = value, r["epoch"], 0
             elif r["epoch"] > self.after:
                 stale += 1
         if stale < self.patience:
             return None
+        if best_epoch is None:
+            so_far = "no number yet"
+        elif self.min_delta and highest_epoch != best_epoch:
+            so_far = (
+                f"{best:.4f} at epoch {best_epoch}, the last improvement by more than "
+                f"{self.min_delta:g}; best {highest:.4f} at epoch {highest_epoch}"
+            )
+        else:
+            so_far = f"best {best:.4f} at epoch {best_epoch}"
         better = f"by more than {self.min_delta:g} " if self.min_delta else ""
-        best_so_far = (
-            "no number yet" if best_epoch is None else f"best {best:.4f} at epoch {best_epoch}"
+        return (
+            f"{self.key} not improved {better}for {self.patience} validations in a row ({so_far})"
         )
-        return f"{self.key} not improved {better}for {self.patience} validations in a row ({best_so_far})"
 
 
 class DivergenceGuard:

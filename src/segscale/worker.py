@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from segscale._files import RUN_LOCK, held_lock, to_json, write_atomic
+from segscale._files import RUN_LOCK, held_lock, not_a_run, to_json, write_atomic
 from segscale.config import load_config
 from segscale.engine import check_started, plan, prepare_run_dir
 from segscale.errors import (
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.target}: overrides and --run-dir go with a config file, not a run folder"
             )
         elif not (run_dir / "config.yaml").is_file():
-            raise SegscaleError(f"{run_dir}: not a run folder (no config.yaml)")
+            raise not_a_run(run_dir)
         else:  # a started run is continued only when asked (--resume, or a torchrun restart)
             check_started(run_dir, args.resume or restarted())
         train(run_dir, args.resume, not args.no_progress, args.failures)

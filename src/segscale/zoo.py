@@ -83,7 +83,7 @@ def publish(
     _a_zoo_folder(zoo)
     cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
     if cfg is None:
-        raise SegscaleError(f"{run_dir}: not a run folder (no config.yaml)")
+        raise not_a_run(run_dir)
     if cfg.task.name != "segmentation":
         raise SegscaleError(f"{run_dir}: a {cfg.task.name} run; the zoo holds segmentation models")
     built_in_only(cfg, run_dir, "is your own code; its users would have to run it")

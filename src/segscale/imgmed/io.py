@@ -133,6 +133,8 @@ def read_nifti(
             f"{path}: a {stored.names} colour NIfTI (one record per voxel); expected one number "
             "per voxel: store the colours as a 4th axis of 3 channels"
         )
+    if 0 in img.shape:  # nibabel reads it as shape (0,): the header's shape names it
+        raise DataError(f"{path}: empty image (shape {tuple(img.shape)})")
     try:
         data = np.asarray(img.dataobj, dtype=dtype) if dtype else np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises many types for a damaged file
