@@ -302,3 +302,20 @@ def test_runs_sharing_a_log_dir_stay_apart_and_tracker_places_are_absolute(
     bad = {"name": "tensorboard", "kwargs": {"log_dir": "afile"}}
     with pytest.raises(SegscaleError, match=r"log_dir .*afile/.*: is inside .*afile, a file"):
         plan(validate({**tiny_config(real_store), "tracker": bad})).check(1)
+
+
+def test_the_ui_warns_when_the_runs_artifacts_are_recorded_elsewhere(tmp_path):
+    """A runs folder moved or copied: MLflow keeps each experiment's artifact folder as an
+    absolute path, so the UI showed the old folder's pictures without a word."""
+    import warnings
+
+    from segscale.tracking import _artifacts_here
+
+    here = (tmp_path / "moved").resolve()
+    old = (tmp_path / "runs" / "mlartifacts").as_uri()
+    with pytest.warns(UserWarning, match=r"experiment 'segscale' keeps .* outside .*moved"):
+        _artifacts_here(here, [("segscale", old)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _artifacts_here(here, [("segscale", (here / "mlartifacts").as_uri())])
+        _artifacts_here(here, [("remote", "s3://bucket/artifacts")])

@@ -492,7 +492,10 @@ def ui_cmd(
     import socket
 
     shown = socket.gethostname() if host in ("0.0.0.0", "::") else host  # an address to open
-    typer.echo(f"MLflow UI of {runs_dir.resolve()}: http://{shown}:{port}  (Ctrl-C ends it)")
+    typer.echo(
+        f"MLflow UI of {runs_dir.resolve()}: http://{shown}:{port}  (starting: it answers in a "
+        "few seconds; Ctrl-C ends it)"
+    )
     sys.stdout.flush()
     # the server replaces this process: a signal to it (Ctrl-C, kill, a test's terminate) ends it
     os.execv(command[0], command)
@@ -692,7 +695,11 @@ def predict_cmd(
         list[Path], typer.Argument(help="NIfTI volumes or 2D images (or folders of them).")
     ],
     out: Annotated[
-        Path, typer.Option("--out", help="Folder for the masks (same file names as the inputs).")
+        Path,
+        typer.Option(
+            "--out",
+            help="Folder for the masks: the inputs' file names (a picture's mask is a .png, lossless).",
+        ),
     ],
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     batch_size: Annotated[int, typer.Option(help="Slices per forward pass.", min=1)] = 16,

@@ -397,6 +397,27 @@ def experiment(client: Any, name: str, folder: Path) -> str:
     )
 
 
+def _artifacts_here(runs_dir: Path, places: list[tuple[str, str]]) -> None:
+    """Warn when an experiment's artifacts (the validation pictures, the model) are recorded in
+    another folder than runs_dir: the runs folder was moved or copied, and the UI shows the
+    pictures of the old place (none once it is gone)."""
+    from urllib.parse import unquote, urlparse
+
+    for name, location in places:
+        url = urlparse(location or "")
+        if url.scheme not in ("file", ""):
+            continue  # a remote artifact store: not a folder of this machine
+        folder = Path(unquote(url.path)).resolve()
+        if not folder.is_relative_to(runs_dir):
+            warnings.warn(
+                f"experiment '{name}' keeps its runs' artifacts (pictures, models) in {folder}, "
+                f"outside {runs_dir}: the runs folder was moved or copied? The UI shows that "
+                "folder's pictures, none once it is gone; MLflow records the place when a run "
+                "starts",
+                stacklevel=2,
+            )
+
+
 def ui_command(
     runs_dir: Path, host: str = "127.0.0.1", port: int = 5000, allowed_hosts: str = ""
 ) -> list[str]:
@@ -430,9 +451,14 @@ def ui_command(
         )
     try:  # read-only: a damaged store is one line here, not the server's traceback
         with contextlib.closing(sqlite3.connect(f"{store.as_uri()}?mode=ro", uri=True)) as db:
-            db.execute("SELECT count(*) FROM experiments").fetchone()
+            # the artifact folders of experiments with runs: absolute, as MLflow records them
+            places = db.execute(
+                "SELECT name, artifact_location FROM experiments e WHERE EXISTS "
+                "(SELECT 1 FROM runs r WHERE r.experiment_id = e.experiment_id)"
+            ).fetchall()
     except sqlite3.Error as e:
         raise SegscaleError(f"{store}: not a readable MLflow store ({e})") from None
+    _artifacts_here(runs_dir, places)
     if (
         importlib.util.find_spec("flask") is None
         or importlib.util.find_spec("mlflow.server") is None
