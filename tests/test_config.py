@@ -220,6 +220,10 @@ def test_yaml_is_read_as_yaml_1_2_and_slips_are_refused(tmp_path):
         (["train.callbacks.0.name=early_stop"], r"cannot index a list; give train.callbacks whole"),
         (["data.augment={enabled: true, zoom: [true, 1.2]}"], r"zoom: expected numbers"),
         (["tracker=[]"], r"key 'tracker': an empty list; to record nothing, write tracker: none"),
+        (
+            ["train.callbacks=[early_stop, {name: early_stop}]"],
+            r"'early_stop' given twice with the same kwargs",
+        ),
     ],
 )
 def test_settings_that_would_do_nothing_or_something_else_are_refused(tmp_path, overrides, message):
