@@ -197,6 +197,26 @@ def test_output_that_is_not_a_store_is_not_overwritten(msd, tmp_path):
     with pytest.raises(DataError, match="is not a prepared store"):
         run(msd, out)
     assert (out / "precious.txt").read_text() == "keep me"
+    # nor one with a meta.json that cannot be read (it was replaced, the user's files with it)
+    for meta in (b"[]", b"{oops", b"\xff\xfe"):
+        (out / "meta.json").write_bytes(meta)
+        with pytest.raises(DataError, match="is not a prepared store"):
+            run(msd, out)
+        assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_a_damaged_store_or_one_holding_other_files_is_replaced_only_when_it_may_be(msd, tmp_path):
+    out = tmp_path / "out"
+    run(msd, out)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"a store with other files in it \(notes.txt\)"):
+        run(msd, out, prep=Preprocessing(size=24))
+    (out / "notes.txt").unlink()
+    (out / "meta.json").write_bytes(b"\xff\xfe")  # not even UTF-8: was a traceback
+    with pytest.raises(DataError, match=r"a damaged store .*--force to replace it"):
+        run(msd, out)
+    path, written = run(msd, out, force=True)
+    assert written and Store.open(path).images.shape[-1] == 16
 
 
 def test_store_open_errors(tmp_path):

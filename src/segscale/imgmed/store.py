@@ -159,31 +159,45 @@ def store_origin(meta: dict[str, Any]) -> Origin:
     return Origin("prepared", str(meta.get("source")))
 
 
+STORE_FILES = ("images.npy", "masks.npy", "meta.json")  # what a store folder holds
+
+
 def is_current(output: Path, input_hash: str, origin: Origin, force: bool = False) -> bool:
     """Whether `output` already holds the store these inputs make (a rerun is then a no-op). A
     store of the same `origin` (prepared from the same dataset, or augmented from the same
-    store) made with other settings is replaced; a store of another origin only with `force`;
-    a non-empty folder that is not a store never. Raises DataError otherwise."""
-    meta = output / "meta.json"
-    if meta.is_file():
-        try:
-            found = json.loads(meta.read_text())
-        except json.JSONDecodeError:
-            return False  # a damaged store: made again
-        if not isinstance(found, dict):
-            return False
-        if found.get("input_hash") == input_hash:
-            return True
-        theirs = store_origin(found)
-        if theirs != origin and not force:
-            raise DataError(
-                f"{output}: a store {theirs.how} from {theirs.source}, not {origin.how} from "
-                f"{origin.source}; give another output, or --force to replace it"
-            )
+    store) made with other settings is replaced; a store of another origin, or a damaged one
+    (meta.json unreadable), only with `force`; a non-empty folder that is not a store, or a
+    store with other files in it (they would go with it), never. Raises DataError otherwise."""
+    if not output.exists() or not any(output.iterdir()):
         return False
-    if output.exists() and any(output.iterdir()):
+    others = sorted(p.name for p in output.iterdir() if p.name not in STORE_FILES)
+    if not ((output / "meta.json").is_file() and (output / "images.npy").exists()):
         raise DataError(
             f"{output}: exists, is not empty and is not a prepared store; choose another output"
+        )
+    if others:
+        raise DataError(
+            f"{output}: a store with other files in it ({', '.join(others[:3])}), which "
+            "replacing it would delete; move them out, or choose another output"
+        )
+    try:
+        found = json.loads((output / "meta.json").read_bytes())
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        found = None
+    if not isinstance(found, dict):
+        if not force:
+            raise DataError(
+                f"{output}: a damaged store (its meta.json cannot be read); give another "
+                "output, or --force to replace it"
+            )
+        return False
+    if found.get("input_hash") == input_hash:
+        return True
+    theirs = store_origin(found)
+    if theirs != origin and not force:
+        raise DataError(
+            f"{output}: a store {theirs.how} from {theirs.source}, not {origin.how} from "
+            f"{origin.source}; give another output, or --force to replace it"
         )
     return False
 
