@@ -133,6 +133,10 @@ def test_bad_exports_are_one_line(run, tmp_path, real_store):
     done = cli("export", run, "--out", other / "model.onnx")
     assert done.returncode == 2 and f"inside the run folder {other}" in done.stderr
     assert not (other / "model.onnx").exists()
+    (other / "environment.json").unlink()  # set up by launch, not started: its folder too
+    done = cli("export", run, "--out", other / "exports" / "deep" / "model.onnx")
+    assert done.returncode == 2 and f"inside the run folder {other}" in done.stderr
+    assert not (other / "exports").exists()  # no folder made for a refused export
     done = cli("export", run, "--out", tmp_path / "m.ONNX")
     assert done.returncode == 2 and "needs a name ending in .onnx" in done.stderr
     (tmp_path / "a-file").write_text("x")

@@ -509,6 +509,9 @@ def test_launch_never_writes_over_its_inputs_and_a_job_is_for_one_config(tmp_pat
     odd = tmp_path / "pct%j"
     r = cli("launch", "--slurm", config, "--run-dir", odd, "workers=4", "--nodes", 2)
     assert r.returncode == 0, r.stderr
+    # nor into another run's folder, where it would pass for that run's job
+    r = cli("launch", "--slurm", config, "--run-dir", run, "--out", odd / "job2.sbatch")
+    assert r.returncode == 2 and f"inside the run folder {odd}, another run's" in r.stderr
     script = (odd / "job.sbatch").read_text()
     assert f"#SBATCH --output={tmp_path}/pct%%j/slurm-%j.out" in script
     assert "--nnodes=2 --nproc-per-node=2" in script  # the config's 4 workers on 2 nodes

@@ -197,6 +197,14 @@ def not_a_run(path: Path, alternative: str | None = None) -> Exception:
     return SegscaleError(f"{path}: {what}")
 
 
+def other_run(path: Path, mine: Path | None = None) -> Path | None:
+    """The run folder (config.yaml: started, or set up by `launch`) that `path` lies inside,
+    when it is not `mine`: a file written there would pass for that run's own. None otherwise."""
+    path = Path(path).resolve()
+    mine = Path(mine).resolve() if mine is not None else None
+    return next((f for f in path.parents if (f / "config.yaml").is_file() and f != mine), None)
+
+
 def is_run(folder: Path) -> bool:
     """Whether `folder` is a run folder that has started (config.yaml and what training wrote)."""
     started = ("environment.json", "model.pt", "checkpoints")

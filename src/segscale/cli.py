@@ -877,7 +877,14 @@ def launch_cmd(
     import shlex
     import warnings
 
-    from segscale._files import apart_from_input, differ, output_file, signed, write_atomic
+    from segscale._files import (
+        apart_from_input,
+        differ,
+        other_run,
+        output_file,
+        signed,
+        write_atomic,
+    )
     from segscale.config import load_config
     from segscale.engine import has_started, plan, prepare_run_dir
     from segscale.launch import MARK, sbatch_script
@@ -919,6 +926,9 @@ def launch_cmd(
         given = Path(out).resolve()
         if given.is_relative_to(run_dir) and given != run_dir / "job.sbatch":
             raise SegscaleError(f"--out {given}: inside the run folder; its job is job.sbatch")
+        other = other_run(given, run_dir)
+        if other is not None:  # it would pass for that run's job
+            raise SegscaleError(f"--out {given}: inside the run folder {other}, another run's")
         apart_from_input(apart_from_input(out, config), cfg.data.store, "--out")
         script = output_file(out, "--out", overwrite=force, own=MARK)
     if resume and (run_dir / "model.pt").is_file():

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from segscale import __version__
-from segscale._files import is_run, output_file, publish
+from segscale._files import other_run, output_file, publish
 from segscale.errors import SegscaleError
 from segscale.predict import mask_values
 from segscale.zoo import check_model_source, load_any_model
@@ -107,6 +107,14 @@ def export(
         raise SegscaleError(
             f"--out {out}: {kind} export needs a name ending in {' or '.join(endings)}"
         )
+    # not into another run's folder, where it would pass for that run's model (checked before
+    # output_file makes the folders of --out)
+    other = other_run(out, source)
+    if other is not None:
+        raise SegscaleError(
+            f"--out {Path(out).resolve()}: inside the run folder {other}, where it would pass "
+            f"for that run's model; export beside {Path(source).resolve()} or elsewhere"
+        )
     missing = [f for f in Path(out).resolve().parents if not f.exists()]  # created below
     out = output_file(out, "--out", overwrite=force)
     # in the folder it exports, only an earlier export is replaced (they end in .onnx or
@@ -116,14 +124,6 @@ def export(
         raise SegscaleError(
             f"--out {out}: a file of {Path(source).resolve()} itself, not an earlier export "
             f"(those end in {' or '.join(SUFFIX.values())}); give another name"
-        )
-    # nor into another run's folder, where it would pass for that run's model (a store, or a
-    # run's record folders, output_file refused)
-    other = next((f for f in out.parents if is_run(f) and f != Path(source).resolve()), None)
-    if other is not None:
-        raise SegscaleError(
-            f"--out {out}: inside the run folder {other}, where it would pass for that run's "
-            f"model; export beside {Path(source).resolve()} or elsewhere"
         )
     try:
         return _export(source, fmt, out, check_batch)
