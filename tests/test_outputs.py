@@ -97,6 +97,26 @@ def test_no_output_goes_into_a_store_or_over_a_runs_records(tmp_path, real_store
     assert text.read_text().endswith("My addition.\n")
 
 
+def test_a_run_goes_into_a_new_or_empty_folder_or_its_own(tmp_path, real_store):
+    """train --run-dir into a user's folder mixed the run's files with theirs."""
+    from segscale.config import validate
+    from segscale.engine import prepare_run_dir
+
+    cfg = validate(tiny_config(real_store))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(SegscaleError, match=r"mine: not empty \(notes.txt\) and not a run"):
+        prepare_run_dir(cfg, mine, resume=True)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".nfs0001").write_text("")  # a file system's own: hidden
+    for folder in (tmp_path / "empty", tmp_path / "new"):
+        prepare_run_dir(cfg, folder, resume=False)
+        prepare_run_dir(cfg, folder, resume=False)  # its own config: set up again
+        assert (folder / "config.yaml").is_file()
+
+
 def test_a_resumable_job_claims_a_new_or_empty_folder_only(tmp_path):
     """tune --out and repeat --out trained into a finished run, a store or anyone's folder."""
     from segscale._files import job_state

@@ -1076,6 +1076,15 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, workers: bool =
         )
     not_a_record(run_dir, "--run-dir")  # never a store, nor inside one or a run's records
     started = check_started(run_dir, resume)
+    if not workers and run_dir.is_dir() and not (run_dir / "config.yaml").is_file():
+        # a user's folder: the run's files would mix with theirs (hidden ones: a write under way
+        # on another node, or the file system's own)
+        stray = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
+        if stray:
+            raise SegscaleError(
+                f"{run_dir}: not empty ({', '.join(stray[:3])}) and not a run folder (no "
+                "config.yaml); train into a new or empty --run-dir"
+            )
     if started:  # resuming: only with the settings the run started with, on the same data
         before = load_config(run_dir / "config.yaml")
         if before.resume_digest() != cfg.resume_digest():
