@@ -2,6 +2,8 @@
 --force: `config convert --out`, `schedule --out`, `launch --out` (each used to write over any
 file it was given, a user's config or job script included)."""
 
+import re
+
 import pytest
 import yaml
 
@@ -44,6 +46,12 @@ def test_a_command_replaces_its_own_file_and_a_users_only_with_force(tmp_path, r
             assert f"exists and was edited since segscale {name} wrote it" in r.stderr, r.stderr
             assert out.read_text() == edited
             assert cli(*command, "--out", out, "--force").returncode == 0
+            # the digest taken out (and the mark kept) is an edit too
+            unsigned = re.sub(r" sha256:[0-9a-f]{16}", "", out.read_text()) + "# mine\n"
+            out.write_text(unsigned)
+            r = cli(*command, "--out", out)
+            assert r.returncode == 2 and "was edited since" in r.stderr, r.stderr
+            assert out.read_text() == unsigned
     # launch's default job, RUN_DIR/job.sbatch: a user's own is not replaced either
     mine_job = tmp_path / "runs" / "mine"
     mine_job.mkdir(parents=True)

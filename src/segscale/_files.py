@@ -249,10 +249,11 @@ def signed(text: str, mark: str) -> str:
     return text.replace(mark, f"{mark} sha256:{digest}", 1)
 
 
-def _whose(path: Path, mark: str) -> str:
+def _whose(path: Path, mark: str, signed: bool = False) -> str:
     """Whose the file at `path` is: "own" when it is a command's unedited output (its first MiB
     holds `mark`, and a text `signed` with it still has that digest), "edited" when such a text
-    was changed since, else "other" (also for a file that cannot be read)."""
+    was changed since (or, `signed`: a text the command signs has lost its digest), else
+    "other" (also for a file that cannot be read)."""
     import re
 
     try:
@@ -265,8 +266,8 @@ def _whose(path: Path, mark: str) -> str:
         return "other"
     if mark.encode() not in data:
         return "other"
-    if signature is None:  # a picture's metadata, or a file written before texts were signed
-        return "own"
+    if signature is None:  # a picture's metadata; a signed text whose digest was taken out
+        return "edited" if signed else "own"
     start, end = signature.span(1)
     unsigned = data[: start - len(b" sha256:")] + data[end:]
     same = hashlib.sha256(unsigned).hexdigest()[:16] == signature[1].decode()
@@ -279,12 +280,13 @@ def output_file(
     overwrite: bool = True,
     own: str | None = None,
     of_run: Path | None = None,
+    signed: bool = False,
 ) -> Path:
     """`path` resolved, where a file can be written: not a folder, not a device or other special
     file, in a folder (created when missing, unless a file is in its way: every command makes
     the folder of a file it is told to write); an existing file only when `overwrite`, or when
     it holds the mark `own` (in its first MiB: the command's own earlier output, written with
-    that mark); never a record of a run or a file in a store (not_a_record; `of_run`: the run
+    that mark; `signed`: a text written with `signed`, unedited since); never a record of a run or a file in a store (not_a_record; `of_run`: the run
     whose own records the command writes). Raises SegscaleError naming the option otherwise
     (before anything is computed)."""
     from segscale.errors import SegscaleError
@@ -295,7 +297,9 @@ def output_file(
     if path.exists() and not path.is_file():
         raise SegscaleError(f"{option} {path}: exists and is not a regular file; give a file name")
     not_a_record(path, option, of_run=of_run)
-    whose = (_whose(path, own) if own else "other") if path.exists() and not overwrite else "own"
+    whose = (
+        "own" if not path.exists() or overwrite else _whose(path, own, signed) if own else "other"
+    )
     if whose != "own":
         who = own.split(" by ")[-1] if own else ""
         why = {

@@ -423,7 +423,7 @@ def methods_cmd(
     from segscale._files import output_file, signed, write_atomic
     from segscale.methods import MARK, methods
 
-    out = output_file(out, "--out", overwrite=force, own=MARK)
+    out = output_file(out, "--out", overwrite=force, own=MARK, signed=True)
     text = methods(target)
     write_atomic(out, signed(text, MARK))  # edited by hand, it is replaced only with --force
     missing = text.count("| no |")
@@ -921,7 +921,7 @@ def launch_cmd(
         )
     script = run_dir / "job.sbatch"
     if script.exists():  # an earlier job of launch's is replaced; a user's own only with --force
-        output_file(script, "--out (default)", overwrite=force, own=MARK)
+        output_file(script, "--out (default)", overwrite=force, own=MARK, signed=True)
     if out:  # never over the config, the store, or a file of the run besides its job
         given = Path(out).resolve()
         if given.is_relative_to(run_dir) and given != run_dir / "job.sbatch":
@@ -930,7 +930,7 @@ def launch_cmd(
         if other is not None:  # it would pass for that run's job
             raise SegscaleError(f"--out {given}: inside the run folder {other}, another run's")
         apart_from_input(apart_from_input(out, config), cfg.data.store, "--out")
-        script = output_file(out, "--out", overwrite=force, own=MARK)
+        script = output_file(out, "--out", overwrite=force, own=MARK, signed=True)
     if resume and (run_dir / "model.pt").is_file():
         raise SegscaleError(f"{run_dir}: finished already (model.pt); no job to write")
     started = has_started(run_dir)
@@ -1059,7 +1059,11 @@ def config_convert_cmd(
     from segscale.config import as_written, read_raw
 
     mark = "# written by segscale config convert"
-    target = output_file(apart_from_input(out, source), "--out", force, mark) if out else None
+    target = (
+        output_file(apart_from_input(out, source), "--out", force, mark, signed=True)
+        if out
+        else None
+    )
     from segscale.engine import check_components
 
     cfg = _load(source, None)
