@@ -158,6 +158,12 @@ def test_no_command_writes_over_or_into_its_input(tmp_path):
         convert(series, series / "out.nii.gz")
     with pytest.raises(SegscaleError, match=r"is the input itself"):
         convert(vol, vol)
+    # nor over an existing file without --force (a user's volume or notes were replaced)
+    (tmp_path / "notes.npy").write_text("mine")
+    with pytest.raises(SegscaleError, match=r"DST .*notes.npy: exists; .*--force to replace it"):
+        convert(vol, tmp_path / "notes.npy")
+    assert (tmp_path / "notes.npy").read_text() == "mine"
+    assert convert(vol, tmp_path / "notes.npy", force=True) == [tmp_path / "notes.npy"]
     xml = tmp_path / "c.xml"
     xml.write_text("<config/>")
     for command in (

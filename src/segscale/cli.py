@@ -1259,6 +1259,7 @@ def imgmed_convert_cmd(
     spacing: Annotated[
         str | None, typer.Option(help="X,Y,Z mm for a stack of pictures without slices.json.")
     ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing DST file.")] = False,
 ) -> None:
     """Convert between formats: DICOM → NIfTI, NIfTI → PNG slices, PNG slices → NIfTI, JPEG → PNG."""
     from segscale.imgmed import convert
@@ -1269,6 +1270,7 @@ def imgmed_convert_cmd(
         axis,
         _numbers(window, 2, "--window"),
         _numbers(spacing, 3, "--spacing"),  # type: ignore[arg-type]
+        force=force,
     )
     where = dst if len(written) > 1 else written[0]
     typer.echo(f"wrote {len(written)} file(s): {where}")

@@ -271,14 +271,18 @@ def convert(
     axis: int = 2,
     window: tuple[float, float] | None = None,
     spacing: tuple[float, float, float] | None = None,
+    force: bool = False,
 ) -> list[Path]:
     """One call for every conversion; returns the files written. `dst` without a suffix (or an
     existing folder) receives PNG slices; a folder of pictures as `src` is stacked into a volume,
-    and one picture into a NIfTI is a stack of one (the same axes, `spacing` applied)."""
-    from segscale._files import apart_from_input, not_a_record
+    and one picture into a NIfTI is a stack of one (the same axes, `spacing` applied). An
+    existing file at `dst` is replaced only with `force`."""
+    from segscale._files import apart_from_input, not_a_record, output_file
 
     src, dst = Path(src), apart_from_input(Path(dst), Path(src), "DST")
     not_a_record(dst, "DST")
+    if dst.is_file():  # a file of the user's (a volume, a picture): never replaced unasked
+        output_file(dst, "DST", overwrite=force)
     if src.is_file() and sniff(src) == "dicom":  # a slice of a series: its folder is the input
         apart_from_input(dst, src.parent, "DST")
     check_window(window)
