@@ -316,6 +316,14 @@ def test_an_unknown_part_or_kwarg_names_the_line_or_override_that_set_it(tmp_pat
         (GOOD.replace("name: sgd", "name: sgdz"), [], ":8", "unknown optimizer 'sgdz'"),
         (GOOD, ["train.loss=dicez"], " override 'train.loss=dicez'", "unknown loss"),
         (GOOD, ["tracker=bogus"], " override 'tracker=bogus'", "unknown tracker 'bogus'"),
+        # a list's item: its own line (was the list's key)
+        (
+            GOOD + "  callbacks:\n    - early_stop\n    - early_stopp\n",
+            [],
+            ":13",
+            "unknown callback",
+        ),
+        (GOOD + "tracker:\n  - mlflow\n  - tensorbord\n", [], ":13", "unknown tracker"),
     ):
         path = write(tmp_path, text)
         cfg = load_config(path, overrides)

@@ -1293,6 +1293,10 @@ def _line_of(text: str, loc: tuple[str, ...]) -> tuple[int | None, bool]:
         return None, False
     line, found = None, 0
     for part in loc:
+        if isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]  # a list's item (a callback, a tracker): its own line
+            line, found = node.start_mark.line + 1, found + 1
+            continue
         if not isinstance(node, yaml.MappingNode):
             break
         for k, v in node.value:
