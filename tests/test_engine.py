@@ -1,6 +1,7 @@
 """The engine's Plan builds every part of a run; options either take effect or are refused."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -627,3 +628,21 @@ def test_a_plugin_failing_during_training_is_named_in_one_line(tmp_path, real_st
     }
     env = json.loads((tmp_path / "trk" / "environment.json").read_text())
     assert list(env["plugins"]) == ["tracker[0]"]  # the built-in model, loss, ... are not
+
+
+def test_kwargs_torch_refuses_name_the_line_that_set_them(tmp_path, real_store):
+    """Checked when plan builds the optimiser and the loss, after validation: the file's line
+    was lost ('train.optimizer adam kwargs ...' alone)."""
+    import yaml
+
+    from segscale.config import load_config
+
+    cfg = tiny_config(real_store, optimizer={"name": "adam", "lr": 1e-3, "kwargs": {"betaz": 1}})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    lines = path.read_text().splitlines()
+    line = lines.index(next(t for t in lines if "betaz" in t))  # its kwargs: line, 1-based
+    with pytest.raises(SegscaleError, match=rf"^{re.escape(str(path))}:{line}: train.optimizer"):
+        plan(load_config(path)).check(1)
+    with pytest.raises(SegscaleError, match=r"^override 'train.optimizer.kwargs=\{betaz: 2\}'"):
+        plan(load_config(path, ["train.optimizer.kwargs={betaz: 2}"])).check(1)

@@ -237,7 +237,8 @@ class Plan:
                     f"{name} outputs {tuple(got.shape)} for a batch of 2{mode}; the "
                     f"{self.cfg.task.name} task needs {tuple(expected)} (batch, classes{dims})"
                 )
-        optimizer = self.optimizer(model)
+        with _set_at(self.cfg, "train.optimizer.kwargs"):  # kwargs torch's optimizer refuses
+            optimizer = self.optimizer(model)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise SegscaleError(
                 f"train.optimizer '{self.cfg.train.optimizer.name}' returns "
@@ -246,7 +247,8 @@ class Plan:
         spec = self.cfg.train.loss
         key = f"train.loss '{spec.name}' kwargs {spec.kwargs}"
         target = self.task.target(torch.zeros(2, size, size, dtype=torch.long))
-        loss = _build(f"{key} fails on the model's output", self.loss(), out.float(), target)
+        with _set_at(self.cfg, "train.loss.kwargs"):
+            loss = _build(f"{key} fails on the model's output", self.loss(), out.float(), target)
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise SegscaleError(
