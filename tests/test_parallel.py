@@ -349,6 +349,8 @@ def test_launch_writes_nothing_a_shell_would_misread_and_checks_as_train_does(tm
         (["--run-dir", tmp_path / "sp ace"], r"a path with spaces, quotes or other shell"),
         (["model.kwargs.depth=6"], r"model 'unet'"),  # 32-px slices: train refuses it too
         (["--run-dir", config], r"a file, not a run folder"),
+        (["--run-dir", config, "--resume"], r"a file, not a run folder"),  # was: "not started"
+        (["--run-dir", real_store, "--resume"], r"is a prepared store"),
         (["--time", "1:00:00\ntouch /tmp/pwned"], r"--time .*: expected a Slurm time"),
         (["--partition", "gpu;rm"], r"--partition .*: expected a partition name"),
     ]:

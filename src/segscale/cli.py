@@ -233,13 +233,14 @@ def train_cmd(
     check_nodes(nodes, node_rank, rdzv_endpoint)  # before the run folder is written
     if (workers or 1) > 1 or nodes > 1:
         start_worker_server()  # its imports run on another core while the run is checked
-    from segscale.engine import plan, prepare_run_dir
+    from segscale.engine import check_run_dir, plan, prepare_run_dir
 
     cfg = _load(config, overrides)
     p = plan(cfg)
     workers = workers or cfg.workers or 1
     p.check(workers)
     run_dir = (run_dir or Path("runs") / cfg.name).resolve()
+    check_run_dir(run_dir)
     if resume and not (run_dir / "checkpoints").is_dir():
         typer.echo(
             f"--resume: {run_dir} holds no checkpoint yet; training from the start", err=True
@@ -886,7 +887,7 @@ def launch_cmd(
         write_atomic,
     )
     from segscale.config import load_config
-    from segscale.engine import has_started, plan, prepare_run_dir
+    from segscale.engine import check_run_dir, has_started, plan, prepare_run_dir
     from segscale.launch import MARK, sbatch_script
 
     if not slurm:
@@ -914,6 +915,7 @@ def launch_cmd(
     # workers; not this machine's devices (the GPUs are the cluster's)
     plan(cfg).check(nodes * gpus_per_node, here=False)
     run_dir = (run_dir or Path("runs") / cfg.name).resolve()
+    check_run_dir(run_dir)
     if shlex.quote(str(run_dir)) != str(run_dir):  # #SBATCH lines are not shell: no quoting
         raise SegscaleError(
             f"--run-dir {str(run_dir)!r}: a path with spaces, quotes or other shell characters "

@@ -1042,6 +1042,14 @@ def has_started(run_dir: Path) -> bool:
     return (run_dir / "checkpoints").is_dir() or (run_dir / "model.pt").exists()
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a --run-dir that is a file, a prepared store, or inside one or a run's record
+    folders, before anything is said about resuming it."""
+    not_a_record(run_dir, "--run-dir")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SegscaleError(f"{run_dir}: a file, not a run folder; give another --run-dir")
+
+
 def check_started(run_dir: Path, resume: bool) -> bool:
     """Whether `run_dir` holds a started run (checkpoints or model.pt); refuse one not asked to
     resume, one whose config.yaml is missing, and a file in the folder's place."""
