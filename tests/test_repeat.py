@@ -261,6 +261,10 @@ def test_compare_runs_and_repeats_with_a_paired_test(tmp_path, store10):
         and "not evaluated on 'test'" in r.stderr
         and "segscale evaluate" in r.stderr
     )
+    (tmp_path / "set-up").mkdir()  # a run not trained yet: evaluating it would fail too
+    shutil.copy(a / "config.yaml", tmp_path / "set-up" / "config.yaml")
+    r = cli("compare", tmp_path / "set-up", a, "--out", tmp_path / "cmp")
+    assert r.returncode == 2 and "set-up: not trained yet (no model.pt)" in r.stderr, r.stderr
     from segscale.compare import compare
 
     with pytest.raises(

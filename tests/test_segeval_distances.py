@@ -233,3 +233,5 @@ def test_evaluate_results_file_is_a_json_name_in_a_folder_that_exists(tmp_path):
         assert r.returncode == 2 and f"{beside} is there already" in r.stderr, r.stderr
         assert (tmp_path / beside).read_text() == "user data"
         (tmp_path / beside).unlink()
+    r = scored_into(tmp_path / "mine.json")
+    assert r.returncode == 0, r.stderr

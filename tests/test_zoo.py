@@ -94,6 +94,10 @@ def test_pull_from_a_folder_verifies_and_caches(published, cache):
     # a missing folder or a file: said so (was: the OS's message on index.json)
     with pytest.raises(SegscaleError, match=r"zoo .*missing: no such folder"):
         entries(cache / "missing")
+    (cache / "store").mkdir()
+    (cache / "store" / "meta.json").write_text("{}")
+    with pytest.raises(SegscaleError, match=r"zoo .*store: a prepared store, not a zoo"):
+        entries(cache / "store")
     (cache / "a-file").write_text("x")
     with pytest.raises(SegscaleError, match=r"zoo .*a-file: a file, not a zoo folder"):
         entries(cache / "a-file")

@@ -582,7 +582,9 @@ def evaluate_cmd(
         if not (run_dir / "config.yaml").is_file():
             raise not_a_run(run_dir)
         if split is not None and not split.strip():
-            raise SegscaleError("--split '': empty; give a split of the run's store (e.g. test)")
+            raise SegscaleError(
+                f"--split {split!r}: empty; give a split of the run's store (e.g. test)"
+            )
         from segscale.engine import check_store_exists, trained_weights
         from segscale.imgmed import Store
 
@@ -660,7 +662,13 @@ def _results_file(path: Path, run_dir: Path | None = None) -> Path:
     # the table and pictures written beside it: an earlier evaluation's when it is one (checked
     # above), else nobody's to replace (a user's results.csv beside a new results.json was)
     for beside in (out.with_suffix(".csv"), out.with_suffix(".png"), _overlays_file(out)):
-        output_file(beside, "--json", of_run=run_dir)  # never a run's record or a store's file
+        try:  # never a run's record or a store's file
+            output_file(beside, "--json", of_run=run_dir)
+        except SegscaleError as e:  # named for what was given: the .json
+            why = str(e).split(f"{beside}: ", 1)[-1]
+            raise SegscaleError(
+                f"--json {out}: the evaluation writes {beside.name} beside it: {why}"
+            ) from None
         if beside.exists() and not out.is_file():
             raise SegscaleError(
                 f"--json {out}: {beside.name} is there already, and not from an evaluation "

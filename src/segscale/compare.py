@@ -57,6 +57,8 @@ def scores_of(path: Path, split: str) -> dict[str, Any]:
     splits = [s for s in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split) if s]
     if not evaluation.is_file() and split not in splits:
         raise SegscaleError(f"--split {split}: not a split of {path} ({', '.join(splits)})")
+    if not evaluation.is_file() and not (path / "model.pt").is_file():
+        raise SegscaleError(f"{path}: not trained yet (no model.pt); train and evaluate it first")
     if not evaluation.is_file():
         raise SegscaleError(
             f"{path}: not evaluated on '{split}' (no {evaluation.name}); run "

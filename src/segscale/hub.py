@@ -143,6 +143,8 @@ def read_index(zoo: str | Path) -> dict[str, Any]:
         raise SegscaleError(f"zoo {zoo}: no such folder (a zoo folder, or an http(s) URL)")
     if not _is_url(zoo) and not Path(zoo).is_dir():
         raise SegscaleError(f"zoo {zoo}: a file, not a zoo folder")
+    if not _is_url(zoo) and (Path(zoo) / "meta.json").is_file():
+        raise SegscaleError(f"zoo {zoo}: a prepared store, not a zoo")
     if not _is_url(zoo) and not (Path(zoo) / INDEX).exists():
         raise SegscaleError(f"zoo {zoo}: not a zoo (no {INDEX}); publish into it first")
     data = _fetch(zoo, INDEX)  # its own one-line error when missing or unreachable
