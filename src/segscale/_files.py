@@ -286,9 +286,9 @@ def output_file(
     file, in a folder (created when missing, unless a file is in its way: every command makes
     the folder of a file it is told to write); an existing file only when `overwrite`, or when
     it holds the mark `own` (in its first MiB: the command's own earlier output, written with
-    that mark; `signed`: a text written with `signed`, unedited since); never a record of a run or a file in a store (not_a_record; `of_run`: the run
-    whose own records the command writes). Raises SegscaleError naming the option otherwise
-    (before anything is computed)."""
+    that mark; `signed`: a text written with `signed`, unedited since); never a record of a
+    run or a file in a store (not_a_record; `of_run`: the run whose own records the command
+    writes). Raises SegscaleError naming the option otherwise (before anything is computed)."""
     from segscale.errors import SegscaleError
 
     path = Path(path).resolve()

@@ -197,10 +197,10 @@ def load_pretrained(
     preprocessing_note's warning against `preprocessing` (a store's) when given. A zoo source is
     pulled once. Raises SegscaleError when less than `min_fraction` of the model's weights fit
     (another architecture, most likely), naming a few tensors that did not."""
-    name, folder = _located(spec)
+    recorded, folder = _located(spec)
     source = read_weights(spec, folder)
     own = model.state_dict()
-    report = TransferReport(name)
+    report = TransferReport(recorded)
     if preprocessing is not None:
         report.note = preprocessing_note(spec, preprocessing, folder)
     new: dict[str, torch.Tensor] = {}
