@@ -189,8 +189,9 @@ def test_segscale_ui_refuses_what_it_cannot_serve_in_one_line(tmp_path):
     import sqlite3
 
     (tmp_path / "runs" / "mlflow.db").unlink()
-    with sqlite3.connect(tmp_path / "runs" / "mlflow.db") as db:  # a store's table, empty
-        db.execute("CREATE TABLE experiments (experiment_id INTEGER)")
+    with sqlite3.connect(tmp_path / "runs" / "mlflow.db") as db:  # a store's tables, empty
+        db.execute("CREATE TABLE experiments (experiment_id, name, artifact_location)")
+        db.execute("CREATE TABLE runs (experiment_id)")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
