@@ -91,16 +91,17 @@ def test_pull_from_a_folder_verifies_and_caches(published, cache):
     (cache / "empty").mkdir()
     with pytest.raises(SegscaleError, match=r"empty: not a zoo \(no index.json\)"):
         entries(cache / "empty")
-    # a missing folder or a file: said so (was: the OS's message on index.json)
-    with pytest.raises(SegscaleError, match=r"zoo .*missing: no such folder"):
-        entries(cache / "missing")
+    # a missing folder, a store or a file: said so (was: the OS's message on index.json)
     (cache / "store").mkdir()
     (cache / "store" / "meta.json").write_text("{}")
-    with pytest.raises(SegscaleError, match=r"zoo .*store: a prepared store, not a zoo"):
-        entries(cache / "store")
     (cache / "a-file").write_text("x")
-    with pytest.raises(SegscaleError, match=r"zoo .*a-file: a file, not a zoo folder"):
-        entries(cache / "a-file")
+    for name, what in (
+        ("missing", "no such folder"),
+        ("store", "a prepared store, not a zoo"),
+        ("a-file", "a file, not a zoo folder"),
+    ):
+        with pytest.raises(SegscaleError, match=rf"zoo .*{name}: {what}"):
+            entries(cache / name)
 
 
 def serve(folder: Path):
