@@ -707,7 +707,7 @@ class TrainConfig(_Strict):
     @field_validator("callbacks")
     @classmethod
     def _callbacks_once_each(cls, v: list[CallbackConfig]) -> list[CallbackConfig]:
-        seen = [(c.name, json.dumps(c.kwargs, sort_keys=True, default=str)) for c in v]
+        seen = [(c.name, c.kwargs) for c in v]  # compared by ==: kwargs in any order
         twice = next((c for i, c in enumerate(v) if seen[i] in seen[:i]), None)
         if twice is not None:  # the same hooks run twice: a pasted line, not a plan
             raise ValueError(f"'{twice.name}' given twice with the same kwargs; give it once")
