@@ -1052,9 +1052,8 @@ def check_run_dir(run_dir: Path) -> None:
 
 def check_started(run_dir: Path, resume: bool) -> bool:
     """Whether `run_dir` holds a started run (checkpoints or model.pt); refuse one not asked to
-    resume, one whose config.yaml is missing, and a file in the folder's place."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise SegscaleError(f"{run_dir}: a file, not a run folder; give another --run-dir")
+    resume, one whose config.yaml is missing, and what check_run_dir refuses."""
+    check_run_dir(run_dir)
     started = has_started(run_dir)
     if started and not (run_dir / "config.yaml").is_file():
         raise SegscaleError(
@@ -1084,8 +1083,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, workers: bool =
             f"{run_dir}: a training is running in it ({holder}); stop it with `segscale stop "
             f"{run_dir}`, or train into a new --run-dir"
         )
-    not_a_record(run_dir, "--run-dir")  # never a store, nor inside one or a run's records
-    started = check_started(run_dir, resume)
+    started = check_started(run_dir, resume)  # never a file, a store, or in a run's records
     if not workers and run_dir.is_dir() and not (run_dir / "config.yaml").is_file():
         # a user's folder: the run's files would mix with theirs (hidden ones: a write under way
         # on another node, or the file system's own)
