@@ -704,15 +704,6 @@ class TrainConfig(_Strict):
     def _one_callback(cls, v: Any) -> Any:
         return [v] if isinstance(v, str | dict) else v  # one callback needs no list
 
-    @field_validator("callbacks")
-    @classmethod
-    def _callbacks_once_each(cls, v: list[CallbackConfig]) -> list[CallbackConfig]:
-        seen = [(c.name, c.kwargs) for c in v]  # compared by ==: kwargs in any order
-        twice = next((c for i, c in enumerate(v) if seen[i] in seen[:i]), None)
-        if twice is not None:  # the same hooks run twice: a pasted line, not a plan
-            raise ValueError(f"'{twice.name}' given twice with the same kwargs; give it once")
-        return v
-
     strategy: StrategyConfig = StrategyConfig()
 
     simulate_workers: int | None = Field(

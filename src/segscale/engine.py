@@ -993,6 +993,31 @@ def check_components(cfg: RunConfig) -> None:
             check_kwargs(registry, spec.name, spec.kwargs, fixed)
     with _set_at(cfg, "train.optimizer.name"):  # its kwargs go to the torch optimizer it returns
         OPTIMIZERS.check(cfg.train.optimizer.name)
+    _callbacks_once_each(cfg)
+
+
+def _callbacks_once_each(cfg: RunConfig) -> None:
+    """Refuse a callback given twice, however it is spelt: a registered name or its
+    'module:attr', kwargs in any order or with defaults written out. Its hooks would run twice:
+    a pasted line, not a plan."""
+    seen: list[tuple[str, dict[str, Any]]] = []
+    for i, cb in enumerate(cfg.train.callbacks):
+        found = CALLBACKS.path(cb.name)
+        if found is None:  # a user's path, imported by the check above: named as Python does
+            made = CALLBACKS.resolve(cb.name)
+            found = f"{made.__module__}:{getattr(made, '__qualname__', cb.name)}"
+        bound = CALLBACKS.signature(cb.name).bind_partial(**cb.kwargs)
+        bound.apply_defaults()
+        me = (found, dict(bound.arguments))
+        if me in seen:  # compared by ==: kwargs with int and str keys can't be sorted
+            first = cfg.train.callbacks[seen.index(me)].name
+            with _set_at(cfg, f"train.callbacks.{i}.name"):
+                raise SegscaleError(
+                    f"train.callbacks[{i}] '{cb.name}' is train.callbacks[{seen.index(me)}] "
+                    f"'{first}' again (the same {found} with the same kwargs, defaults included); "
+                    "give it once"
+                )
+        seen.append(me)
 
 
 @contextlib.contextmanager

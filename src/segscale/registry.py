@@ -147,20 +147,31 @@ def _signature_of(args: ast.arguments, skip_first: bool) -> inspect.Signature:
     positional += [(a, P.POSITIONAL_OR_KEYWORD) for a in args.args]
     if skip_first:
         positional = positional[1:]
-    n_plain = len(positional) - len(args.defaults)
+    defaults = [P.empty] * (len(positional) - len(args.defaults)) + args.defaults
     params = [
-        P(a.arg, kind, default=P.empty if i < n_plain else ..., annotation=_annotation(a))
-        for i, (a, kind) in enumerate(positional)
+        P(a.arg, kind, default=_default(d), annotation=_annotation(a))
+        for (a, kind), d in zip(positional, defaults)
     ]
     if args.vararg:
         params.append(P(args.vararg.arg, P.VAR_POSITIONAL))
     params += [
-        P(a.arg, P.KEYWORD_ONLY, default=P.empty if d is None else ..., annotation=_annotation(a))
+        P(a.arg, P.KEYWORD_ONLY, default=_default(d), annotation=_annotation(a))
         for a, d in zip(args.kwonlyargs, args.kw_defaults)
     ]
     if args.kwarg:
         params.append(P(args.kwarg.arg, P.VAR_KEYWORD))
     return inspect.Signature(params)
+
+
+def _default(node: Any) -> Any:
+    """A default's value when it is a literal (None, a number, a string, a tuple of them...),
+    else ... (there is one, its value unknown without importing); empty when there is none."""
+    if node is None or node is inspect.Parameter.empty:
+        return inspect.Parameter.empty
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError):  # a name or a call: known only on import
+        return ...
 
 
 def _annotation(arg: ast.arg) -> Any:
