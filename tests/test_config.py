@@ -349,6 +349,15 @@ def test_an_unknown_part_or_kwarg_names_the_line_or_override_that_set_it(tmp_pat
     cfg = load_config(write(tmp_path, GOOD + "  callbacks:\n    - early_stop\n    - early_stop\n"))
     with pytest.raises(SegscaleError, match=rf"^{re.escape(str(tmp_path / 'cfg.yaml'))}:13: "):
         check_components(cfg)
+    # an optimiser kwarg goes to torch's class: checked by building it (config convert, plan)
+    from segscale.engine import check_optimizer
+
+    bad = GOOD.replace("momentum: 0.9}", "momentum: 0.9, kwargs: {dampeningz: 0.1}}")
+    with pytest.raises(SegscaleError) as e:
+        check_optimizer(load_config(write(tmp_path, bad)))
+    assert str(e.value).startswith(f"{tmp_path / 'cfg.yaml'}:8: train.optimizer 'sgd'"), e.value
+    assert "dampeningz" in str(e.value)
+    check_optimizer(load_config(write(tmp_path, bad.replace("dampeningz", "dampening"))))
     # a config given as a dict has no place to name
     raw = yaml.safe_load(GOOD.replace("name: unet,", "name: unetz,"))
     with pytest.raises(SegscaleError, match=r"^unknown model 'unetz'"):

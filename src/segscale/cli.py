@@ -1074,10 +1074,13 @@ def config_convert_cmd(
         if out
         else None
     )
-    from segscale.engine import check_components
+    from segscale.engine import check_components, check_optimizer
 
     cfg = _load(source, None)
     check_components(cfg)  # names and kwargs; the store may not be prepared yet
+    check_optimizer(
+        cfg
+    )  # its kwargs go to torch's class, whose signature check_components can't read
     # what the source file says, paths as it wrote them (relative to the working directory)
     text = yaml.safe_dump(as_written(cfg, read_raw(source).raw), sort_keys=False)
     if target:  # marked: converting again replaces it, and nothing else without --force

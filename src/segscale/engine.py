@@ -237,13 +237,7 @@ class Plan:
                     f"{name} outputs {tuple(got.shape)} for a batch of 2{mode}; the "
                     f"{self.cfg.task.name} task needs {tuple(expected)} (batch, classes{dims})"
                 )
-        with _set_at(self.cfg, "train.optimizer.kwargs"):  # kwargs torch's optimizer refuses
-            optimizer = self.optimizer(model)
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise SegscaleError(
-                f"train.optimizer '{self.cfg.train.optimizer.name}' returns "
-                f"{type(optimizer).__name__}; expected a torch.optim.Optimizer"
-            )
+        check_optimizer(self.cfg, lambda: self.optimizer(model))
         spec = self.cfg.train.loss
         key = f"train.loss '{spec.name}' kwargs {spec.kwargs}"
         target = self.task.target(torch.zeros(2, size, size, dtype=torch.long))
@@ -1018,6 +1012,30 @@ def _callbacks_once_each(cfg: RunConfig) -> None:
                     "give it once"
                 )
         seen.append(me)
+
+
+def check_optimizer(cfg: RunConfig, build: Any = None) -> None:
+    """Build the optimiser: `build()`, or the configured one over a single parameter (a config
+    without a model yet). Kwargs its torch class refuses (`betaz`, a negative eps) and a factory
+    that returns no torch optimiser raise SegscaleError prefixed with where they were set."""
+    import torch
+
+    o = cfg.train.optimizer
+    if build is None:
+
+        def build() -> Any:
+            one = [torch.nn.Parameter(torch.zeros(1))]
+            return _build(
+                f"train.optimizer '{o.name}' kwargs {o.kwargs}", OPTIMIZERS.resolve(o.name), one, o
+            )
+
+    with _set_at(cfg, "train.optimizer.kwargs"):
+        optimizer = build()
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise SegscaleError(
+            f"train.optimizer '{o.name}' returns {type(optimizer).__name__}; expected a "
+            "torch.optim.Optimizer"
+        )
 
 
 @contextlib.contextmanager
