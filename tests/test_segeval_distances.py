@@ -235,3 +235,15 @@ def test_evaluate_results_file_is_a_json_name_in_a_folder_that_exists(tmp_path):
         (tmp_path / beside).unlink()
     r = scored_into(tmp_path / "mine.json")
     assert r.returncode == 0, r.stderr
+    # ...nor one put beside an earlier evaluation since (its digests are in the .json)
+    assert set(json.loads((tmp_path / "mine.json").read_text())["beside"]) == {
+        "mine.csv",
+        "mine.png",
+    }
+    for beside, how in (("mine.csv", "changed since"), ("mine-overlays.png", "not written by")):
+        (tmp_path / beside).write_text("user data")
+        r = scored_into(tmp_path / "mine.json")
+        assert r.returncode == 2 and f"{beside} beside it was {how}" in r.stderr, r.stderr
+        assert (tmp_path / beside).read_text() == "user data"
+        (tmp_path / beside).unlink()
+    assert scored_into(tmp_path / "mine.json").returncode == 0  # its .csv missing: written again

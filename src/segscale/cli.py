@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from segscale._files import from_json, not_a_run
+from segscale._files import file_sha256, from_json, not_a_run, to_json, write_atomic
 from segscale.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, Preempted, SegscaleError
 
 if TYPE_CHECKING:
@@ -602,17 +602,17 @@ def evaluate_cmd(
             from segscale.report import plot_confusion
 
             plot_confusion(evaluation, out.with_suffix(".png"))
+            _record_beside(out, [out.with_suffix(".png")])
             print_metrics(evaluation)
             typer.echo(f"wrote {out}, {out.with_suffix('.png').name}")
             return
         overlays = _overlays_file(out)
         _plot_overlays(run_dir, evaluation, overlays)
     plot_case_dice(evaluation, out.with_suffix(".png"))
+    written = [out.with_suffix(".csv"), out.with_suffix(".png"), *([overlays] if overlays else [])]
+    _record_beside(out, written)
     print_metrics(evaluation)
-    written = [out.with_suffix(".csv").name, out.with_suffix(".png").name]
-    if overlays is not None:
-        written.append(overlays.name)
-    typer.echo(f"wrote {out}, {', '.join(written)}")
+    typer.echo(f"wrote {out}, {', '.join(f.name for f in written)}")
 
 
 def _say_rescaled(run_dir: Path, cfg: RunConfig, workers: int) -> None:
@@ -650,6 +650,7 @@ def _results_file(path: Path, run_dir: Path | None = None) -> Path:
             "take its name)"
         )
     out = output_file(path, "--json", of_run=run_dir)  # the run's own evaluation, or none
+    recorded = None  # the digests of what an earlier evaluation wrote beside it
     if out.is_file():  # replaced only when it is an earlier evaluation (never environment.json)
         try:
             earlier = json.loads(out.read_text())
@@ -659,6 +660,7 @@ def _results_file(path: Path, run_dir: Path | None = None) -> Path:
         # a run's evaluation names its split, one of folders its --pred and --ref
         if not ("dataset" in keys and ("split" in keys or {"pred", "ref"} <= keys)):
             raise SegscaleError(f"--json {out}: exists and is not an evaluation; give another name")
+        recorded = earlier.get(BESIDE)  # type: ignore[union-attr]
     # the table and pictures written beside it: an earlier evaluation's when it is one (checked
     # above), else nobody's to replace (a user's results.csv beside a new results.json was)
     for beside in (out.with_suffix(".csv"), out.with_suffix(".png"), _overlays_file(out)):
@@ -675,7 +677,30 @@ def _results_file(path: Path, run_dir: Path | None = None) -> Path:
                 f"(the evaluation writes its table and pictures beside the .json); give "
                 "another name"
             )
+        # the earlier evaluation's own, unchanged since (one written before digests were
+        # recorded is taken as its own)
+        if (
+            beside.is_file()
+            and isinstance(recorded, dict)
+            and recorded.get(beside.name) != file_sha256(beside)
+        ):
+            how = "changed since" if beside.name in recorded else "not written by"
+            raise SegscaleError(
+                f"--json {out}: {beside.name} beside it was {how} the evaluation that wrote "
+                "the .json, and would be replaced; move it or give another name"
+            )
     return out
+
+
+BESIDE = "beside"  # the evaluation JSON's key: sha256 of each file written beside it
+
+
+def _record_beside(out: Path, files: list[Path]) -> None:
+    """Record in the evaluation JSON `out` the sha256 of each of `files` written beside it, so
+    an evaluation to the same name later replaces them only while they are unchanged."""
+    evaluation = json.loads(out.read_text())
+    evaluation[BESIDE] = {f.name: file_sha256(f) for f in files if f.is_file()}
+    write_atomic(out, to_json(evaluation, indent=1))
 
 
 def _overlays_file(results: Path) -> Path:
