@@ -279,6 +279,15 @@ def test_predict_keeps_reference_labels_and_says_what_it_cannot_segment(tmp_path
     assert (labels / "p5.nii.gz").read_bytes() == reference
     for _ in range(2):  # its own masks are replaced without --force
         [mask] = predict(zoo_model, [tmp_path / "imagesTs"], tmp_path / "pred")
+    # ...but not the mask of another input whose mask has that name (p5.nii.gz: its mask is
+    # p5.nii.gz, as p5_0000.nii.gz's is)
+    (tmp_path / "other").mkdir()
+    nib.save(nib.Nifti1Image(data[:, :, 20:24], src.affine), tmp_path / "other" / "p5.nii.gz")
+    with pytest.raises(DataError, match=r"the mask of another input \(p5_0000.nii.gz\)"):
+        predict(zoo_model, [tmp_path / "other"], tmp_path / "pred")
+    assert nib.load(mask).header["descrip"].tobytes().rstrip(b"\0").endswith(b"of p5_0000.nii.gz")
+    predict(zoo_model, [tmp_path / "other"], tmp_path / "pred", force=True)
+    predict(zoo_model, [tmp_path / "other"], tmp_path / "pred")  # now its own
     done = cli("predict", zoo_model, tmp_path / "imagesTs", "--out", labels, "--force")
     assert done.returncode == 0, done.stderr
     assert np.array_equal(nib.load(labels / "p5.nii.gz").get_fdata(), nib.load(mask).get_fdata())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import re
 import shutil
@@ -87,7 +88,8 @@ def predict(
     bf16 on a GPU that supports it, none (fp32) elsewhere. All or nothing: the masks are written
     into a hidden folder in `out_dir` and moved into place once every input is segmented, so an
     input that fails (unreadable, wrong channels) leaves `out_dir` as it was. A mask an earlier
-    predict wrote is replaced; any other file of a mask's name (a reference label: nnU-Net names
+    predict wrote of the same input file name is replaced; a mask of another input (a.jpg's,
+    where a.tif's goes) or any other file of a mask's name (a reference label: nnU-Net names
     them alike) only with `force`. A volume stored in other axes than the training volumes
     (e.g. LPS against RAS) is segmented in theirs (a permutation and flips, exact) and its
     mask written in its own. Raises SegscaleError for bad input."""
@@ -178,9 +180,9 @@ def predict(
                 from nibabel.orientations import apply_orientation
 
                 mask = np.ascontiguousarray(apply_orientation(mask, back))
-            save_nifti(mask, stored, target, like=header, description=MARK)
+            save_nifti(mask, stored, target, like=header, description=_mark(files))
         else:
-            save_png(class_to_raw[masks[0]], target, description=MARK)
+            save_png(class_to_raw[masks[0]], target, description=_mark(files))
 
     try:
         stage = Path(tempfile.mkdtemp(dir=out_dir, prefix=".segscale-predict-"))
@@ -312,20 +314,32 @@ def _say_degenerate(
         )
 
 
-MARK = "segscale predict"  # in each mask: NIfTI descrip, PNG Software
+MARK = "segscale predict"  # in each mask (NIfTI descrip, PNG Software), with its input
 
 
-def _written_by_predict(path: Path) -> bool:
-    """Whether `path` is a mask an earlier predict wrote (its mark)."""
+def _mark(files: list[Path]) -> str:
+    """The mark of the mask of `files`: MARK and the input's file name (its first channel's),
+    or the name's sha256 where it would not fit NIfTI's 80-byte descrip."""
+    mark = f"{MARK} of {files[0].name}"
+    if len(mark.encode()) > 79:
+        mark = f"{MARK} of sha256:{hashlib.sha256(files[0].name.encode()).hexdigest()[:16]}"
+    return mark
+
+
+def _predict_mark(path: Path) -> str | None:
+    """The mark of a mask an earlier predict wrote (`_mark`, or MARK alone from a segscale that
+    named no input); None for any other file."""
     from PIL import Image
 
     try:
         if sniff(path) == "nifti":
-            return bytes(nifti_header(path)["descrip"]).rstrip(b"\0") == MARK.encode()
-        with Image.open(path) as picture:
-            return picture.info.get("Software") == MARK
+            found = bytes(nifti_header(path)["descrip"]).rstrip(b"\0").decode()
+        else:
+            with Image.open(path) as picture:
+                found = str(picture.info.get("Software", ""))
     except (SegscaleError, OSError, ValueError):
-        return False
+        return None
+    return found if found == MARK or found.startswith(f"{MARK} of ") else None
 
 
 def _targets(
@@ -333,7 +347,8 @@ def _targets(
 ) -> dict[Path, list[Path]]:
     """mask path → input files, checked before anything is computed: two inputs never write one
     mask, a mask never replaces an input, and nothing but a file is in a mask's way. An older
-    mask of the same name is replaced; another file (a reference label) only with `force`."""
+    mask of the same input is replaced; another input's mask or another file (a reference label)
+    only with `force`."""
     once = {(name, tuple(f.resolve() for f in files)): (name, files) for name, files in cases}
     cases = list(once.values())  # a file given twice (scans/ and scans/*.nii.gz), once
     foreign: list[Path] = []
@@ -378,8 +393,15 @@ def _targets(
             raise DataError(
                 f"{target}: in the way of a mask (not a file); move it or use another --out"
             )
-        if target.is_file() and not force and not _written_by_predict(target):
+        mark = _predict_mark(target) if target.is_file() and not force else None
+        if target.is_file() and not force and mark is None:
             foreign.append(target)
+        elif mark not in (None, MARK, _mark(files)):  # the mask of a.jpg, where a.tif goes
+            raise DataError(
+                f"{target}: the mask of another input ({mark.removeprefix(MARK + ' of ')}), "
+                f"written by an earlier predict; {files[0].name} would replace it: give "
+                "--force, or another --out"
+            )
         targets[target] = list(files)
     if foreign:
         raise DataError(
