@@ -300,3 +300,28 @@ def test_a_system_file_that_cannot_be_written_stops_sampling_with_one_warning(tm
         threading.excepthook = hook
     assert not seen  # no exception escaped the thread (it used to print a traceback)
     assert any("system sampling stopped" in str(w.message) for w in caught)
+
+
+def test_more_pictures_than_the_validation_split_can_show_is_a_note(real_store):
+    """monitor.pictures above the validation split's slices with foreground drew fewer pictures
+    without a word."""
+    import numpy as np
+
+    from conftest import tiny_config
+    from segscale.config import validate
+    from segscale.engine import plan
+    from segscale.imgmed import Store
+
+    (case,) = Store.open(real_store).cases("val")
+    masks = np.asarray(Store.open(real_store).masks[case["start"] : case["start"] + case["count"]])
+    showable = int(masks.reshape(len(masks), -1).any(1).sum())
+    for count, notes in ((showable, 0), (showable + 1, 1), (0, 0)):
+        cfg = tiny_config(real_store)
+        cfg["monitor"] = {"pictures": count}
+        found = plan(validate(cfg)).picture_notes()
+        assert len(found) == notes, found
+    assert (
+        found == []
+        and f"has {showable} slice(s) to show"
+        in plan(validate({**cfg, "monitor": {"pictures": 99}})).picture_notes()[0]
+    )

@@ -602,7 +602,8 @@ class MonitorConfig(_Strict):
         ge=0,
         description="At each validation, image / ground truth / prediction for N fixed "
         "validation slices (N cases spread over the split, each on its slice with the most "
-        "foreground; several slices per case when the split has fewer cases) into "
+        "foreground; several slices per case when the split has fewer cases, at most its slices "
+        "with foreground: plan and train warn when that is fewer than N) into "
         "RUN_DIR/pictures/ and to the trackers (MLflow: artifacts validation/); segmentation "
         "only; 0: none.",
     )

@@ -106,7 +106,7 @@ class Plan:
         self._check_strategy()
         virtual = workers * (t.simulate_workers or 1)
         self.schedule(virtual)  # e.g. GreScale phase overlaps
-        for note in self.scale_notes(virtual):
+        for note in [*self.scale_notes(virtual), *self.picture_notes()]:
             warnings.warn(note, stacklevel=2)
         self._check_model()
         if (
@@ -154,6 +154,24 @@ class Plan:
                 f"short step per epoch, with the lr scaled for {t.batch_size * workers}"
             )
         return notes
+
+    def picture_notes(self) -> list[str]:
+        """monitor.pictures above what the validation split can show: its cases' slices with
+        foreground (each case's best slice, then others of the case). A warning, not an error."""
+        count, split = self.cfg.monitor.pictures, self.cfg.data.val_split
+        if not count or split is None or getattr(self.task, "metric", None) != "dice":
+            return []
+        if count <= len(self.store.cases(split)):  # one slice of each of `count` cases
+            return []
+        from segscale.evaluation import validation_slices
+
+        shown = len(validation_slices(self.store, split, count))
+        if shown >= count:
+            return []
+        return [
+            f"monitor.pictures {count}: the validation split '{split}' has {shown} slice(s) to "
+            f"show (a case's slices with foreground; one of a case without any), so {shown} are drawn"
+        ]
 
     def _check_strategy(self) -> None:
         """The strategy built as one process would build it (its kwargs' values checked, e.g.
