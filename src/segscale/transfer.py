@@ -68,14 +68,6 @@ def _located(spec: str) -> tuple[str, Path | None]:
     return (spec if "@" in spec else f"{spec}@{folder.name}"), folder  # the folder is the version
 
 
-def resolved(spec: str) -> str:
-    """A zoo source with the version it resolved to (zoo:NAME → zoo:NAME@2, the newest when
-    pulled): what a record must say once a newer version is published; other sources as given."""
-    if not spec.startswith("zoo:") or "@" in spec:
-        return spec
-    return _located(spec)[0]
-
-
 def source_name(spec: str) -> str:
     """A pretrained source as published records name it: a zoo ref as it is, a local file or
     run folder by its name only (its path is the user's)."""
