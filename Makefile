@@ -11,7 +11,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/segscale demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 test-gpu: $(VENV)/.installed
 	$(PY) -m pytest -q -m gpu
