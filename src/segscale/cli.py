@@ -365,10 +365,10 @@ def repeat_cmd(
 ) -> None:
     """Train one config N times, one source of randomness varied, test each run, and report the
     spread: per metric mean, SD, 95% CI, min/max; per case; ICC(A,1) between runs. Resumable."""
+    name = _load(config, overrides).name  # a bad config refused before torch is imported
+    out = Path("runs") / f"{name}-repeat" if out is None else out
     from segscale.repeat import RepeatOptions, repeat
 
-    if out is None:
-        out = Path("runs") / f"{_load(config, overrides).name}-repeat"
     report = repeat(config, overrides, RepeatOptions(runs, vary, workers), out)
     dice = report["metrics"].get("dice")
     line = (
@@ -396,6 +396,8 @@ def compare_cmd(
 ) -> None:
     """B against A: each metric with its spread over runs, and paired tests (t, Wilcoxon) on
     per-case Dice; B is said to beat A only when both tests say so."""
+    for folder in (a, b):
+        _a_folder(folder, "a `segscale repeat` folder")
     from segscale.compare import compare, comparison_files, write_comparison
 
     md, js = comparison_files(out)
@@ -421,7 +423,9 @@ def methods_cmd(
 ) -> None:
     """A methods section written from what the run recorded, with a checklist against the
     thesis' Fig. 5.5 and CLAIM's training items: what is covered, what to add by hand."""
-    from segscale._files import output_file, signed, write_atomic
+    from segscale._files import output_file, signed
+
+    _a_folder(target, "a `segscale repeat` folder")
     from segscale.methods import MARK, methods
 
     out = output_file(out, "--out", overwrite=force, own=MARK, signed=True)
@@ -544,8 +548,6 @@ def evaluate_cmd(
     ] = None,
 ) -> None:
     """SegEval metrics at three levels (dataset, case, slice): JSON, per-case CSV and pictures."""
-    from segscale.report import plot_case_dice, print_metrics
-
     overlays = None  # a run's: its best, median and worst case
     if (pred is None) != (ref is None):
         raise SegscaleError(
@@ -599,7 +601,7 @@ def evaluate_cmd(
             raise typer.Exit(code)
         evaluation = from_json(out.read_text())
         if evaluation.get("task") == "classification":
-            from segscale.report import plot_confusion
+            from segscale.report import plot_confusion, print_metrics
 
             plot_confusion(evaluation, out.with_suffix(".png"))
             _record_beside(out, [out.with_suffix(".png")])
@@ -608,6 +610,8 @@ def evaluate_cmd(
             return
         overlays = _overlays_file(out)
         _plot_overlays(run_dir, evaluation, overlays)
+    from segscale.report import plot_case_dice, print_metrics
+
     plot_case_dice(evaluation, out.with_suffix(".png"))
     written = [out.with_suffix(".csv"), out.with_suffix(".png"), *([overlays] if overlays else [])]
     _record_beside(out, written)
@@ -632,6 +636,13 @@ def _say_rescaled(run_dir: Path, cfg: RunConfig, workers: int) -> None:
             "(environment.json keeps the earlier setting under 'earlier')",
             stacklevel=2,
         )
+
+
+def _a_folder(path: Path, alternative: str) -> None:
+    """Refuse a run argument that is missing or a file before the command imports its module
+    (torch: seconds), with the message the module's own check gives (_files.not_a_run)."""
+    if not Path(path).is_dir():
+        raise not_a_run(path, alternative)
 
 
 def _results_file(path: Path, run_dir: Path | None = None) -> Path:
@@ -756,10 +767,12 @@ def predict_cmd(
 ) -> None:
     """Segment images with a run's model or a zoo model; masks keep each input's shape and header
     geometry."""
-    from segscale.predict import predict
-
     if out.exists() and not out.is_dir():
         raise SegscaleError(f"--out {out}: a file; give a folder for the masks")
+    if not run_dir.startswith("zoo:"):
+        _a_folder(Path(run_dir), "a zoo entry (zoo:NAME[@VERSION])")
+    from segscale.predict import predict
+
     if run_dir.startswith("zoo:"):  # pulled (or found in the cache) and verified first
         from segscale.hub import pull
 
@@ -803,6 +816,8 @@ def export_cmd(
     """Export a model to run without segscale: ONNX (onnxruntime, TensorRT, ...) or TorchScript,
     with a dynamic batch size and its preprocessing and classes in the file's metadata. The
     export is run against PyTorch on a second batch size and kept only when they agree."""
+    if not source.startswith("zoo:"):
+        _a_folder(Path(source), "a zoo entry (zoo:NAME[@VERSION])")
     from segscale.export import TOLERANCE, export, file_name
 
     if source.startswith("zoo:"):
@@ -1393,7 +1408,7 @@ def demo_cmd(
 def main() -> None:
     import warnings
 
-    from segscale.worker import one_line_warning
+    from segscale.errors import one_line_warning  # not worker's torch: --help needs none
 
     warnings.formatwarning = one_line_warning  # type: ignore[assignment]
     try:

@@ -19,6 +19,11 @@ class DataError(SegscaleError):
     """Input data that cannot be read or is inconsistent."""
 
 
+def one_line_warning(message: Warning | str, *args: object, **kwargs: object) -> str:
+    """warnings' format for users: what and where, as the message says it; no source line."""
+    return f"warning: {message}\n"
+
+
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; resume to continue
 
 

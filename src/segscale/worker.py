@@ -40,6 +40,7 @@ from segscale.errors import (
     Preempted,
     SegscaleError,
     is_builtin,
+    one_line_warning,
     raised_in,
 )
 from segscale.repro import earlier_records, packages
@@ -161,11 +162,6 @@ def evaluate(run_dir: Path, split: str, out: Path, failures: Path | None = None)
         raise
     finally:
         process.close()
-
-
-def one_line_warning(message: Warning | str, *args: object, **kwargs: object) -> str:
-    """warnings' format for users: what and where, as the message says it; no source line."""
-    return f"warning: {message}\n"
 
 
 AGENT_GRACE = 60.0  # seconds a worker has to checkpoint and exit once its agent is gone

@@ -56,3 +56,32 @@ def test_train_refuses_a_node_layout_torchrun_cannot_start(tmp_path, real_store)
     assert not run.exists()  # was: config.yaml written, then a wait for node 5 that never comes
     r = cli("train", config, "--run-dir", run, "--nodes", 0)
     assert r.returncode == 2 and not run.exists(), r.stderr
+
+
+def test_help_and_a_missing_run_or_config_are_answered_without_importing_torch(tmp_path):
+    """Every command line imported torch (seconds) before its first check: --help and a
+    mistyped path waited for it."""
+    import subprocess
+    import sys
+
+    missing = tmp_path / "nosuch"
+    for args, message in (
+        (["--help"], None),
+        (["evaluate", missing], "no such file or folder"),
+        (["predict", missing, tmp_path, "--out", tmp_path / "m"], "no such file or folder"),
+        (["export", missing], "no such file or folder"),
+        (["compare", missing, tmp_path], "no such file or folder"),
+        (["methods", missing], "no such file or folder"),
+        (["repeat", missing.with_suffix(".yaml"), "--out", tmp_path / "r"], "cannot read config"),
+        (["train", missing.with_suffix(".yaml")], "cannot read config"),
+        (["plan", missing.with_suffix(".yaml")], "cannot read config"),
+    ):
+        probe = (
+            "import sys\nfrom segscale.cli import main\n"
+            f"sys.argv = ['segscale', *{[str(a) for a in args]!r}]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+            "print('torch' in sys.modules, code, file=sys.stderr)\n"
+        )
+        r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+        assert r.stderr.splitlines()[-1] == f"False {0 if message is None else 2}", r.stderr
+        assert message is None or message in r.stderr, r.stderr
