@@ -160,6 +160,13 @@ def test_repeat_trains_tests_and_reports_the_spread(tmp_path, store10):
     assert mtimes == [(out / f"run-{i}" / "model.pt").stat().st_mtime_ns for i in (1, 2, 3)]
     with pytest.raises(SegscaleError, match=r"other settings \(vary differs\)"):
         repeat(path, None, RepeatOptions(runs=3, vary="seed"), out, progress=False)
+    # a variability.md edited since is kept (it was replaced); --force replaces it
+    written = (out / "variability.md").read_text()
+    (out / "variability.md").write_text(written.replace("ICC(A,1)", "ICC"))
+    with pytest.raises(SegscaleError, match=r"variability.md: edited since segscale repeat"):
+        repeat(path, None, RepeatOptions(runs=3, vary="order"), out, progress=False)
+    repeat(path, None, RepeatOptions(runs=3, vary="order"), out, progress=False, force=True)
+    assert (out / "variability.md").read_text() == written
     # run folders of another config (copied, or a reused --out) are refused, not reported
     foreign = tmp_path / "foreign"
     foreign.mkdir()

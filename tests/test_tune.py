@@ -229,6 +229,14 @@ def test_tune_runs_the_guideline_end_to_end(tmp_path, real_store):
     # a rerun of a finished tuning trains nothing and returns the same decision
     again = tune(path, None, options, out, progress=False)
     assert again["decision"] == state["decision"] and again["trials"] == trials
+    # ...and keeps a tuned.yaml edited since (it was replaced without a word); --force replaces it
+    written = (out / "tuned.yaml").read_text()
+    (out / "tuned.yaml").write_text(written + "# my change\n")
+    with pytest.raises(SegscaleError, match=r"tuned.yaml: edited since segscale tune wrote it"):
+        tune(path, None, options, out, progress=False)
+    assert (out / "tuned.yaml").read_text().endswith("# my change\n")
+    tune(path, None, options, out, progress=False, force=True)
+    assert (out / "tuned.yaml").read_text() == written
 
 
 FLAT = """

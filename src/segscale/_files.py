@@ -249,6 +249,23 @@ def signed(text: str, mark: str) -> str:
     return text.replace(mark, f"{mark} sha256:{digest}", 1)
 
 
+def keep_edited(folder: Path, names: tuple[str, ...], mark: str, force: bool) -> None:
+    """Refuse, before a command that writes the texts `names` into its folder starts, when one
+    it signed with `mark` (`signed`) was edited since: its rerun would replace the edit (a
+    tuned.yaml changed by hand). `force` replaces them. Unsigned files (an older segscale's)
+    pass. Raises SegscaleError naming the first edited file."""
+    from segscale.errors import SegscaleError
+
+    for name in () if force else names:
+        path = folder / name
+        if path.is_file() and _whose(path, mark, signed=True) == "edited":
+            who = mark.split(" by ")[-1]
+            raise SegscaleError(
+                f"{path}: edited since {who} wrote it, and {who} writes it again; move it "
+                "away, or give --force to replace it"
+            )
+
+
 def _whose(path: Path, mark: str, signed: bool = False) -> str:
     """Whose the file at `path` is: "own" when it is a command's unedited output (its first MiB
     holds `mark`, and a text `signed` with it still has that digest), "edited" when such a text

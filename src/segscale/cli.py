@@ -316,6 +316,13 @@ def tune_cmd(
     out: Annotated[
         Path | None, typer.Option(help="Output folder (default: runs/<name>-tune-K).")
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace tune.md and tuned.yaml in --out edited by hand since it was written.",
+        ),
+    ] = False,
 ) -> None:
     """Tune GreScale for K workers with the thesis' guideline: one-worker baseline, then trials
     until one matches it; writes tune.md, tune.png and tuned.yaml. Rerun to continue after a stop."""
@@ -335,7 +342,7 @@ def tune_cmd(
     )
     if out is None:
         out = Path("runs") / f"{_load(config, overrides).name}-tune-{workers}"
-    state = tune(config, overrides, options, out)
+    state = tune(config, overrides, options, out, force=force)
     decision = state["decision"]
     chosen = f"trial {decision['trial']}" if decision["trial"] else "no trial"
     typer.echo(
@@ -362,6 +369,12 @@ def repeat_cmd(
     out: Annotated[
         Path | None, typer.Option(help="Output folder (default: runs/<name>-repeat).")
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Replace variability.md in --out edited by hand since it was written."
+        ),
+    ] = False,
 ) -> None:
     """Train one config N times, one source of randomness varied, test each run, and report the
     spread: per metric mean, SD, 95% CI, min/max; per case; ICC(A,1) between runs. Resumable."""
@@ -369,7 +382,7 @@ def repeat_cmd(
     out = Path("runs") / f"{name}-repeat" if out is None else out
     from segscale.repeat import RepeatOptions, repeat
 
-    report = repeat(config, overrides, RepeatOptions(runs, vary, workers), out)
+    report = repeat(config, overrides, RepeatOptions(runs, vary, workers), out, force=force)
     dice = report["metrics"].get("dice")
     line = (
         f"{report['split']} Dice {dice['mean']:.4f} ± {dice['sd']:.4f} (SD over {report['runs']} runs)"

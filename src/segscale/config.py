@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from segscale._files import write_atomic
+from segscale._files import signed, write_atomic
 from segscale.errors import ConfigError, did_you_mean, shown
 
 _UNIONS = (typing.Union, types.UnionType)
@@ -1300,5 +1300,8 @@ def _line_of(text: str, loc: tuple[str, ...]) -> tuple[int | None, bool]:
     return line, found == len(loc)
 
 
-def save_config(cfg: RunConfig, path: Path) -> None:
-    write_atomic(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+def save_config(cfg: RunConfig, path: Path, mark: str | None = None) -> None:
+    """`cfg` as YAML at `path`; `mark`: a first comment line naming who wrote it, signed
+    (_files.signed), so a rerun tells the file edited by hand since."""
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    write_atomic(path, signed(f"# {mark}\n{text}", mark) if mark else text)

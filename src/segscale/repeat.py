@@ -28,7 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from segscale._files import EVALUATION, job_state, read_record, to_json, write_atomic
+from segscale._files import (
+    EVALUATION,
+    job_state,
+    keep_edited,
+    read_record,
+    signed,
+    to_json,
+    write_atomic,
+)
 from segscale.config import apply_override, load_config, validate
 from segscale.engine import (
     check_same_store,
@@ -56,6 +64,7 @@ VARY = {
 DATASET_METRICS = ("dice", "mean_iou", "pixel_accuracy", "mean_accuracy", "fw_iou")
 CASE_METRICS = ("hd95", "assd")
 OUTPUTS = ("variability.md", "variability.json", "variability.png", STATE)
+MARK = "written by segscale repeat"  # signed into variability.md (_files.signed)
 
 
 @dataclass(frozen=True)
@@ -74,9 +83,11 @@ def repeat(
     options: RepeatOptions,
     out: Path,
     progress: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Train and test `options.runs` runs; returns the variability report (as variability.json).
-    Raises SegscaleError for bad input, Preempted when a run was stopped (rerun to continue)."""
+    A variability.md edited since an earlier run wrote it is refused unless `force`. Raises
+    SegscaleError for bad input, Preempted when a run was stopped (rerun to continue)."""
     if options.vary not in VARY:
         raise SegscaleError(f"--vary {options.vary}: expected one of {', '.join(VARY)}")
     if options.runs < 2:
@@ -105,6 +116,7 @@ def repeat(
     if options.workers > 1:
         start_worker_server()
     out = out.resolve()
+    keep_edited(out, ("variability.md",), MARK, force)
     signature = {"config": cfg.digest(), **options.signature()}
     state = job_state(out / STATE, signature, {"runs": {}}, "repeat")
     parent = ParentRun(
@@ -181,7 +193,8 @@ def repeat(
             _save(out, state)
         report = variability(state, cfg.name, options, split)
         write_atomic(out / "variability.json", to_json(report, indent=1))
-        write_atomic(out / "variability.md", variability_markdown(report))
+        text = f"<!-- {MARK} -->\n{variability_markdown(report)}"
+        write_atomic(out / "variability.md", signed(text, MARK))  # edited: kept on a rerun
         plot_variability(report, out / "variability.png")
         parent.finish(OUTPUTS, "FINISHED")
     except Preempted:

@@ -28,7 +28,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segscale._files import EVALUATION, differ, job_state, read_jsonl, read_record, write_atomic
+from segscale._files import (
+    EVALUATION,
+    differ,
+    job_state,
+    keep_edited,
+    read_jsonl,
+    read_record,
+    signed,
+    write_atomic,
+)
 from segscale.config import (
     GRESCALE_DECAY_COEFFICIENT,
     GRESCALE_DECAY_PHASE,
@@ -47,6 +56,8 @@ from segscale.tracking import ParentRun, nest_under
 
 STATE = "tune.json"
 OUTPUTS = ("tune.md", "tune.png", "tuned.yaml", STATE)  # the tuning run's artifacts
+MARK = "written by segscale tune"  # signed into tune.md and tuned.yaml (_files.signed)
+TEXTS = ("tune.md", "tuned.yaml")  # replaced on a rerun only while unedited (or --force)
 METRICS = ("dice", "pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou")  # tune.md's columns
 LEARNT_NOTHING = 0.01  # a baseline's validation Dice under this: no model to scale
 WIDE_NOISE = 0.10  # a baselines' Dice spread over this makes "reached the baseline" loose
@@ -98,8 +109,10 @@ def tune(
     options: TuneOptions,
     out: Path,
     progress: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Run the guideline for `options.workers` workers; returns the state (as OUT/tune.json).
+    tune.md and tuned.yaml edited since an earlier run wrote them are refused unless `force`.
     Raises SegscaleError for bad input, Preempted when a run was stopped (rerun to continue)."""
     from segscale.config import load_config
 
@@ -146,6 +159,7 @@ def tune(
     if not options.simulate:
         start_worker_server()
     out = out.resolve()
+    keep_edited(out, TEXTS, MARK, force)
     tuner = _Tuner(cfg, options, out, progress)
     return tuner.run(baselines)
 
@@ -563,7 +577,8 @@ class _Tuner:
             raw["name"], raw["workers"] = self.cfg.name, self.options.workers
             raw["train"]["simulate_workers"] = None
             raw["tracker"] = [t.model_dump(mode="json") for t in self.cfg.tracker]
-            save_config(validate(raw, source="tuned.yaml"), self.out / "tuned.yaml")
+            # signed: edited by hand, it is kept on a rerun
+            save_config(validate(raw, source="tuned.yaml"), self.out / "tuned.yaml", MARK)
         schedules = {}
         for t in self.state["trials"]:
             if t["status"] == "refused":
@@ -572,7 +587,7 @@ class _Tuner:
             schedules[t["index"]] = p.schedule(self.options.workers)
         plot_tuning(self.state, schedules, self.out / "tune.png")
         text = tuning_table(self.state, self.cfg.name, self.options.workers, self.options.simulate)
-        write_atomic(self.out / "tune.md", text)
+        write_atomic(self.out / "tune.md", signed(f"<!-- {MARK} -->\n{text}", MARK))
         self._say(
             f"wrote {self.out / 'tune.md'}, tune.png{', tuned.yaml' if decision['settings'] else ''}"
         )
