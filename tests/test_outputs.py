@@ -143,3 +143,25 @@ def test_a_resumable_job_claims_a_new_or_empty_folder_only(tmp_path):
         assert job_state(folder / "tune.json", {"a": 1}, {"trials": []}, "tuning") == state
     with pytest.raises(SegscaleError, match=r"holds a tuning started with other settings \(a "):
         job_state(tmp_path / "new" / "tune.json", {"a": 2}, {"trials": []}, "tuning")
+
+
+def test_a_tune_or_repeat_folder_given_as_a_run_names_its_runs(tmp_path):
+    """export, predict, methods and compare told a tune or repeat folder only that it was
+    'neither a run folder nor ...'."""
+    from segscale._files import not_a_run
+
+    tune, repeat = tmp_path / "t", tmp_path / "r"
+    for folder, state, run in ((tune, "tune.json", "trial-01"), (repeat, "repeat.json", "run-1")):
+        (folder / run).mkdir(parents=True)
+        (folder / state).write_text("{}")
+        (folder / run / "config.yaml").write_text("name: x\n")
+    (tune / "tuned.yaml").write_text("name: x\n")
+    said = str(not_a_run(tune, "a zoo entry (zoo:NAME[@VERSION])"))
+    assert said == (
+        f"{tune}: a `segscale tune` folder, not a run folder or a zoo entry (zoo:NAME[@VERSION]); "
+        f"give one of its runs ({tune / 'trial-01'}), or train {tune / 'tuned.yaml'}"
+    )
+    assert (
+        f"a `segscale repeat` folder, not a run folder; give one of its runs ({repeat / 'run-1'})"
+        in str(not_a_run(repeat))
+    )

@@ -190,6 +190,14 @@ def not_a_run(path: Path, alternative: str | None = None) -> Exception:
         what = f"a file, not {wanted}"
     elif is_store(path):
         what = f"a prepared store, not {wanted}; train a run on it first"
+    elif (path / "tune.json").is_file() or (path / "repeat.json").is_file():
+        # a folder of runs (the job's state file named in segscale.tune / segscale.repeat)
+        job = "tune" if (path / "tune.json").is_file() else "repeat"
+        runs = sorted(p.name for p in path.iterdir() if (p / "config.yaml").is_file())
+        example = f"{path / runs[0]}" if runs else "one of its runs once it has one"
+        what = f"a `segscale {job}` folder, not {wanted}; give one of its runs ({example})"
+        if job == "tune" and (path / "tuned.yaml").is_file():
+            what += f", or train {path / 'tuned.yaml'}"
     elif alternative:
         what = f"neither a run folder nor {alternative}"
     else:
