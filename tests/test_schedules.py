@@ -87,11 +87,21 @@ def test_grescale_options_are_refused_where_they_cannot_take_effect():
 
 
 def test_grescale_phases_that_overlap_are_refused_before_launch(real_store):
+    """A run of at most GreScale's default 5 warmup epochs was refused with advice to shorten
+    a decay phase it did not have; a decay phase that is empty went without a word."""
     from conftest import tiny_config
     from segscale.config import validate
     from segscale.engine import plan
     from segscale.errors import SegscaleError
 
-    cfg = tiny_config(real_store, epochs=4, schedule={"rule": "grescale"})  # 5 warmup epochs
-    with pytest.raises(SegscaleError, match="runs into its decay phase"):
+    for epochs, schedule, message in (
+        (8, {"warmup_epochs": 7.9}, r"warmup \(7.9 epochs\) runs into its decay phase"),
+        (4, {}, r"warmup \(5 epochs, its default\) is longer than the run \(4 epochs\)"),
+        (5, {"warmup_epochs": 6}, r"\(6 epochs\) .* set a shorter train.schedule.warmup_epochs"),
+    ):
+        cfg = tiny_config(real_store, epochs=epochs, schedule={"rule": "grescale", **schedule})
+        with pytest.raises(SegscaleError, match=message):
+            plan(validate(cfg)).check(1)
+    cfg = tiny_config(real_store, epochs=3, schedule={"rule": "grescale", "warmup_epochs": 1})
+    with pytest.warns(UserWarning, match=r"decay phase is empty: .* the run has 3; the lr stays"):
         plan(validate(cfg)).check(1)

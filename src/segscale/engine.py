@@ -880,6 +880,17 @@ def run_length_notes(train: Any, steps_per_epoch: int) -> list[str]:
             f"train.schedule.warmup_steps {s.warmup_steps} is longer than the run "
             f"({total} steps): the scaled lr is never reached"
         )
+    if s.rule == "grescale":
+        from segscale.config import GRESCALE_WARMUP_EPOCHS
+        from segscale.schedules import Schedule
+
+        shape = Schedule(1.0, 1.0, steps_per_epoch, total, s)  # its phases only
+        if shape.warmup_steps <= total and shape.decay_phase_steps == 0:  # (longer: refused)
+            notes.append(
+                f"GreScale's decay phase is empty: it is train.schedule.decay_phase of the epochs "
+                f"after the first {GRESCALE_WARMUP_EPOCHS:g}, and the run has {epochs}; the lr "
+                "stays at its peak after the warmup"
+            )
     late = [m for m in s.decay_epochs if m >= epochs]
     if late:
         notes.append(

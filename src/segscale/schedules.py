@@ -127,9 +127,18 @@ def build_schedule(
     schedule = Schedule(base_lr, peak, steps_per_epoch, steps_per_epoch * epochs, cfg)
     if cfg.rule == "grescale":
         warmup, decay = schedule.phases()
+        epochs_of = warmup / steps_per_epoch
+        default = cfg.warmup_epochs is None and cfg.warmup_steps is None
+        if warmup > schedule.total_steps:  # nothing but warmup: no phase to shorten but it
+            raise SegscaleError(
+                f"train.schedule: GreScale's warmup ({epochs_of:g} epochs"
+                f"{', its default' if default else ''}) is longer than the run ({epochs} "
+                "epochs): the scaled lr is never reached; train longer, or set a shorter "
+                "train.schedule.warmup_epochs"
+            )
         if warmup > decay:
             raise SegscaleError(
-                f"train.schedule: GreScale's warmup ({warmup / steps_per_epoch:g} epochs) runs "
+                f"train.schedule: GreScale's warmup ({epochs_of:g} epochs) runs "
                 f"into its decay phase ({(schedule.total_steps - decay) / steps_per_epoch:g} of "
                 f"{epochs} epochs); shorten warmup_epochs or decay_phase, or train longer"
             )
