@@ -139,6 +139,21 @@ def test_content_decides_and_bad_content_is_named(tmp_path):
         load(tmp_path / "cut.nii.gz")
     with pytest.raises(DataError, match="pictures take 2D uint8/uint16 arrays"):
         save(np.ones((4, 4), np.float32), tmp_path / "f.png")
+    # the reason, where it is known, not "truncated or corrupt?"; an empty file said alike
+    np.savez(tmp_path / "two.npz", x=np.zeros(3), y=np.ones(3))
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "zero.nii.gz").write_bytes(b"")
+    for name, message in (
+        ("two.npz", r"two\.npz: an \.npz without an 'array' entry \(\['x', 'y'\]\)$"),
+        ("obj.npy", r"obj\.npy: holds Python objects \(a pickled npy\)"),
+        ("zero.nii.gz", r"zero\.nii\.gz: empty file$"),
+    ):
+        with pytest.raises(DataError, match=message):
+            load(tmp_path / name)
+    from segscale.imgmed.io import check_nifti
+
+    with pytest.raises(DataError, match=r"zero\.nii\.gz: empty file$"):
+        check_nifti(tmp_path / "zero.nii.gz")  # imgmed check's reader said "not gzip-compressed"
 
 
 def test_a_refused_write_names_the_file_and_leaves_nothing(tmp_path):

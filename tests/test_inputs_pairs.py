@@ -276,10 +276,12 @@ def test_predict_never_writes_over_its_inputs_and_checks_before_computing(tmp_pa
     with pytest.raises(DataError, match=r"colour.png: 3 channel"):
         predict(run, [images / "s0.png", colour], tmp_path / "new" / "deeper" / "out")
     assert not (tmp_path / "new").exists()  # every folder it made, removed
-    # a name that lies about what it holds: the mask takes the ending of what it is
+    # a name that lies about what it holds: refused, as load and imgmed info refuse it (its
+    # mask was written as fake.png without a word)
     disguised = tmp_path / "fake.nii.gz"
     disguised.write_bytes((images / "s0.png").read_bytes())
-    assert [p.name for p in predict(run, [disguised], tmp_path / "named")] == ["fake.png"]
+    with pytest.raises(DataError, match=r"fake.nii.gz: named like a nifti file but holds image"):
+        predict(run, [disguised], tmp_path / "named")
     # a message of a shared reader names the input it is about, among many
     nan = tmp_path / "nan.nii.gz"
     nib.save(nib.Nifti1Image(np.full((32, 32, 3), np.nan, np.float32), np.eye(4)), nan)

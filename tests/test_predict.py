@@ -288,6 +288,11 @@ def test_predict_keeps_reference_labels_and_says_what_it_cannot_segment(tmp_path
     assert nib.load(mask).header["descrip"].tobytes().rstrip(b"\0").endswith(b"of p5_0000.nii.gz")
     predict(zoo_model, [tmp_path / "other"], tmp_path / "pred", force=True)
     predict(zoo_model, [tmp_path / "other"], tmp_path / "pred")  # now its own
+    # a picture named .nii.gz is refused as load refuses it (its mask was written as .png)
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "fake.png")
+    (tmp_path / "fake.png").rename(tmp_path / "other" / "fake.nii.gz")
+    with pytest.raises(DataError, match=r"fake.nii.gz: named like a nifti file but holds image"):
+        predict(zoo_model, [tmp_path / "other" / "fake.nii.gz"], tmp_path / "pred")
     done = cli("predict", zoo_model, tmp_path / "imagesTs", "--out", labels, "--force")
     assert done.returncode == 0, done.stderr
     assert np.array_equal(nib.load(labels / "p5.nii.gz").get_fdata(), nib.load(mask).get_fdata())

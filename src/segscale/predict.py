@@ -23,7 +23,14 @@ from segscale._files import output_dir
 from segscale.errors import DataError, SegscaleError
 from segscale.imgmed.files import is_nifti_name, list_images, strip_suffix
 from segscale.imgmed.geometry import one_slice_on_axis, to_axis_codes
-from segscale.imgmed.io import nifti_header, save_nifti, save_png, sniff, stored_axis_codes
+from segscale.imgmed.io import (
+    content_kind,
+    nifti_header,
+    save_nifti,
+    save_png,
+    sniff,
+    stored_axis_codes,
+)
 from segscale.imgmed.prepare import MIN_PLANE, load_channel_files
 from segscale.imgmed.transforms import Plane, from_grid, from_slices, inplane_spacing, preprocess
 from segscale.parallel.base import resolve_amp
@@ -361,7 +368,7 @@ def _targets(
         )
     targets: dict[Path, list[Path]] = {}
     for name, files in cases:
-        kind = sniff(files[0])
+        kind = content_kind(files[0])  # a picture named .nii.gz is refused, as by load
         if kind == "dicom":
             raise DataError(
                 f"{files[0]}: DICOM; predict reads NIfTI and pictures: convert the series first "

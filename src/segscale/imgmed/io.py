@@ -33,8 +33,12 @@ def check_nifti(path: Path) -> bool:
                 header = f.read(548)
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: cannot read as NIfTI ({e})") from e
+    if not head:  # said alike by every reader (sniff)
+        raise DataError(f"{path}: empty file")
     compressed = head == b"\x1f\x8b"
     if not _is_nifti_header(header):
+        if not compressed:
+            _other_content(path)
         if path.name.lower().endswith(".gz") and not compressed:
             raise DataError(f"{path}: named .gz but is not gzip-compressed; expected a NIfTI file")
         if len(header) < 348:
@@ -261,6 +265,7 @@ def load_image2d(path: str | Path) -> np.ndarray:
     except DataError:  # ours, saying what is wrong already
         raise
     except (OSError, UnidentifiedImageError, ValueError) as e:
+        _other_content(path)
         raise DataError(f"{path}: cannot read as an image: {e}") from e
 
 
@@ -302,6 +307,7 @@ def load_mask2d(path: str | Path) -> np.ndarray:
     except DataError:  # ours, saying what is wrong already
         raise
     except (OSError, UnidentifiedImageError, ValueError) as e:
+        _other_content(path)
         raise DataError(f"{path}: cannot read as an image: {e}") from e
     grey = rgb[..., 0]
     if not ((rgb[..., 1] == grey) & (rgb[..., 2] == grey)).all():
@@ -413,16 +419,40 @@ def _family_of_name(path: Path) -> str | None:
     return None
 
 
+def content_kind(path: Path) -> str:
+    """sniff's kind of `path`, refused when its name says another format (a picture named
+    .nii.gz: a mistake, or its output would take a name other than the input's). A NIfTI named
+    with the wrong compression is NIfTI either way (read with a warning). Raises DataError."""
+    kind = sniff(path)
+    _misnamed(path, kind)
+    return kind
+
+
+def _misnamed(path: Path, kind: str) -> None:
+    named = _family_of_name(path)
+    if named is not None and named != kind and not path.is_dir():
+        article = "an" if named[0] in "aeiou" else "a"
+        raise DataError(f"{path}: named like {article} {named} file but holds {kind} data")
+
+
+def _other_content(path: Path) -> None:
+    """For a reader chosen by the file's name that cannot read it: content_kind's DataError
+    when the content is another known format (a PNG named .nii.gz), so that every command says
+    it alike; nothing otherwise (the reader says what is wrong)."""
+    try:
+        kind = sniff(path)
+    except DataError:  # empty, unknown: the reader's own message
+        return
+    _misnamed(path, kind)
+
+
 def load(path: str | Path, *, check_finite: bool = True) -> Image:
     """Read any supported image, checked by content: a name that says one format over data of
     another is an error, as are empty images and (by default) NaN or infinite values."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
-    kind = sniff(path)
-    named = _family_of_name(path)
-    if named is not None and named != kind and not path.is_dir():
-        raise DataError(f"{path}: named like a {named} file but holds {kind} data")
+    kind = content_kind(path)
     affine: np.ndarray | None = None
     if kind == "nifti":
         array, affine = load_nifti(path, dtype=None)
@@ -442,7 +472,16 @@ def load(path: str | Path, *, check_finite: bool = True) -> Image:
                         raise DataError(f"{path}: an .npz without an 'array' entry ({list(z)})")
                     array = z["array"]
                     affine = np.asarray(z["affine"], dtype=np.float64) if "affine" in z else None
-        except (OSError, ValueError, EOFError) as e:
+        except DataError:  # ours (an .npz without its entry): the reason, not "corrupt?"
+            raise
+        except ValueError as e:
+            if "allow_pickle" in str(e):  # an object array: unpickling runs code
+                raise DataError(
+                    f"{path}: holds Python objects (a pickled {kind}), which segscale does not "
+                    "load; save a numeric array"
+                ) from None
+            raise DataError(f"{path}: cannot read {kind} data (truncated or corrupt?): {e}") from e
+        except (OSError, EOFError) as e:
             raise DataError(f"{path}: cannot read {kind} data (truncated or corrupt?): {e}") from e
         kind = "numpy"
     if array.size == 0:
