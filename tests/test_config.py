@@ -362,3 +362,27 @@ def test_an_unknown_part_or_kwarg_names_the_line_or_override_that_set_it(tmp_pat
     raw = yaml.safe_load(GOOD.replace("name: unet,", "name: unetz,"))
     with pytest.raises(SegscaleError, match=r"^unknown model 'unetz'"):
         check_components(validate(raw))
+
+
+def test_a_tilde_override_removes_a_key_the_file_sets(tmp_path):
+    """An override could set a key but not take one out: an SGD config's momentum made
+    train.optimizer.name=adam impossible from the command line (momentum=null is no number)."""
+    path = write(tmp_path, GOOD)
+    with pytest.raises(
+        ConfigError, match=r"adam has no momentum; .* override ~train.optimizer.momentum"
+    ):
+        load_config(path, ["train.optimizer.name=adam"])
+    cfg = load_config(path, ["train.optimizer.name=adam", "~train.optimizer.momentum"])
+    assert (
+        cfg.train.optimizer.name == "adam"
+        and "momentum" not in cfg.train.optimizer.model_fields_set
+    )
+    assert "seed" not in load_config(path, ["~seed"]).model_fields_set
+    for item, message in (
+        ("~train.optimizer.momentumx", r"train.optimizer has no key 'momentumx' to remove"),
+        ("~train.optimizer.lr", r"^override '~train.optimizer.lr': missing required key"),
+        ("~seed=3", r"expected ~key.sub \(a key to remove, no value\)"),
+        ("~", r"expected ~key.sub"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(path, [item])

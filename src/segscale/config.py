@@ -364,7 +364,8 @@ class OptimizerConfig(Component):
         if given and self.name in NO_MOMENTUM:
             raise ValueError(
                 f"{self.name} has no {' or '.join(given)}; its moments are "
-                "kwargs.betas (default [0.9, 0.999])"
+                "kwargs.betas (default [0.9, 0.999]); remove it from the file, or override "
+                + " ".join(f"~train.optimizer.{k}" for k in given)
             )
         return self
 
@@ -1041,10 +1042,15 @@ def as_written(cfg: RunConfig, raw: Any) -> dict[str, Any]:
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so 3, 1e-3, [1,2] work)."""
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so 3, 1e-3, [1,2] work).
+    `~a.b.c` removes the key (Hydra's form): back to its default, where null would be a value
+    (an sgd config's momentum, when an override makes it adam)."""
+    if item.startswith("~"):
+        _remove(raw, item)
+        return
     key, sep, value = item.partition("=")
     if not sep or not key:
-        raise ConfigError(f"override '{item}': expected key.sub=value")
+        raise ConfigError(f"override '{item}': expected key.sub=value, or ~key.sub to remove it")
     node = raw
     parts = key.split(".")
     if "" in parts:
@@ -1077,6 +1083,25 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     except yaml.YAMLError as e:
         problem = " ".join(str(getattr(e, "problem", None) or e).split())
         raise ConfigError(f"override '{item}': value is not valid YAML: {problem}") from None
+
+
+def _remove(raw: dict[str, Any], item: str) -> None:
+    """Apply a `~a.b.c` override: the key is taken out of its section. Raises ConfigError when
+    there is no such key to remove."""
+    parts = item[1:].split(".")
+    if "=" in item or "" in parts:
+        raise ConfigError(f"override '{item}': expected ~key.sub (a key to remove, no value)")
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            where = ".".join(parts[:depth]) or "the config"
+            raise ConfigError(
+                f"override '{item}': {where} has no key '{part}' to remove (it takes its "
+                "default already)"
+            )
+        if depth == len(parts) - 1:
+            del node[part]
+        node = node[part] if depth < len(parts) - 1 else None
 
 
 def _section_of(loc: tuple[str, ...], word: str) -> Any:
@@ -1130,7 +1155,7 @@ def _where(
     YAML file's line (`text`) or the XML file's element (`origins`), else `source`. `rule`: a
     rule over a whole section that failed, whose message names the keys it reads."""
     key = ".".join(loc)
-    keys = [(o, o.partition("=")[0]) for o in overrides or []]
+    keys = [(o, o.partition("=")[0].removeprefix("~")) for o in overrides or []]
     # an override that set this key (or the section holding it) is where the value came from
     given = [o for o, k in keys if key == k or key.startswith(k + ".")]
     # a rule over a whole section can fail on what the file and overrides set inside it
@@ -1169,7 +1194,7 @@ def _origin(origins: dict[str, str], key: str, rule: str = "") -> tuple[str | No
 
 def _leaf(override: str) -> str:
     """The last key of an override: 'folds' of 'data.folds=3'."""
-    return override.partition("=")[0].rpartition(".")[2]
+    return override.partition("=")[0].removeprefix("~").rpartition(".")[2]
 
 
 def _is_union_member(part: Any) -> bool:
