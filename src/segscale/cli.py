@@ -1131,9 +1131,8 @@ def config_convert_cmd(
 
     cfg = _load(source, None)
     check_components(cfg)  # names and kwargs; the store may not be prepared yet
-    check_optimizer(
-        cfg
-    )  # its kwargs go to torch's class, whose signature check_components can't read
+    # the optimiser's kwargs go to torch's class, whose signature check_components can't read
+    check_optimizer(cfg)
     # what the source file says, paths as it wrote them (relative to the working directory)
     text = yaml.safe_dump(as_written(cfg, read_raw(source).raw), sort_keys=False)
     if target:  # marked: converting again replaces it, and nothing else without --force
