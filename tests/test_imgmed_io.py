@@ -234,6 +234,16 @@ def test_cli_info_and_convert(tmp_path):
         text=True,
     )
     assert r.returncode == 0 and r.stdout.count("4 × 4 × 3") == 2, r.stdout
+    # a picture read in another mode than stored says so (an RGBA showed 3 channels unexplained)
+    from PIL import Image
+
+    Image.fromarray(np.zeros((6, 5, 4), np.uint8)).save(tmp_path / "rgba.png")
+    r = subprocess.run(
+        [*SEGSCALE, "imgmed", "info", str(tmp_path / "rgba.png")], capture_output=True, text=True
+    )
+    assert (
+        "6 × 5 × 3" in r.stdout and "stored as RGBA, read as RGB (transparency dropped)" in r.stdout
+    )
     r = subprocess.run(
         [
             *SEGSCALE,

@@ -1238,7 +1238,7 @@ def imgmed_info_cmd(
 
     from segscale.imgmed import load
     from segscale.imgmed.files import list_files
-    from segscale.imgmed.io import sniff
+    from segscale.imgmed.io import picture_note, sniff
 
     def dicom(p: Path) -> bool:
         try:
@@ -1270,6 +1270,9 @@ def imgmed_info_cmd(
             axes = axis_codes(image.affine)
         spacing = "-" if image.spacing is None else " × ".join(f"{v:.3g}" for v in image.spacing)
         bad = int(a.size - np.count_nonzero(np.isfinite(a))) if a.dtype.kind == "f" else 0
+        note = f"{bad} NaN or infinite voxel(s): prepare refuses it" if bad else ""
+        if image.kind == "image":  # a picture read in another mode than stored (RGBA as RGB)
+            note = "; ".join(n for n in (picture_note(path), note) if n)
         table.add_row(
             Text(names[path]),
             image.kind,
@@ -1279,7 +1282,7 @@ def imgmed_info_cmd(
             axes,
             f"{np.nanmin(a):.4g}" if bad < a.size else "nan",
             f"{np.nanmax(a):.4g}" if bad < a.size else "nan",
-            Text(f"{bad} NaN or infinite voxel(s): prepare refuses it" if bad else "", "yellow"),
+            Text(note, "yellow"),
         )
     console = Console()
     if not console.is_terminal:  # a log or a pipe: whole paths, not 80 columns

@@ -244,6 +244,32 @@ def _one_frame(im: Any, path: Path) -> None:
         )
 
 
+def _picture_read_as(mode: str) -> str | None:
+    """The Pillow mode load_image2d converts a picture of `mode` to; None when read as stored."""
+    if mode in ("LA", "La", "1"):
+        return "L"
+    if mode in ("L", "I", "F", "RGB") or mode.startswith("I;16"):
+        return None
+    return "RGB"  # RGBA, RGBa, P, PA, CMYK, YCbCr, LAB, HSV
+
+
+def picture_note(path: str | Path) -> str:
+    """How load_image2d reads a picture stored in another mode, for `imgmed info`: 'stored as
+    RGBA, read as RGB (transparency dropped)'; '' when read as stored or not a picture."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+    except (OSError, UnidentifiedImageError, ValueError):
+        return ""
+    read_as = _picture_read_as(mode)
+    if read_as is None:
+        return ""
+    dropped = " (transparency dropped)" if "A" in mode or "a" in mode else ""
+    return f"stored as {mode}, read as {'grey' if read_as == 'L' else read_as}{dropped}"
+
+
 def load_image2d(path: str | Path) -> np.ndarray:
     """A 2D image as (H, W) for grayscale or (H, W, C) for colour, via Pillow, read as what it
     shows: palette → RGB, 1-bit → 0/255 grey, grey with alpha → grey, RGBA → RGB (transparency is
@@ -255,10 +281,9 @@ def load_image2d(path: str | Path) -> np.ndarray:
         with Image.open(path) as im:
             im.load()
             _one_frame(im, path)
-            if im.mode in ("LA", "La", "1"):
-                im = im.convert("L")
-            elif im.mode not in ("L", "I", "F", "RGB") and not im.mode.startswith("I;16"):
-                im = im.convert("RGB")  # RGBA, RGBa, P, PA, CMYK, YCbCr, LAB, HSV
+            read_as = _picture_read_as(im.mode)
+            if read_as is not None:
+                im = im.convert(read_as)
             if im.mode.startswith("I;16"):
                 return np.asarray(im, dtype=np.uint16)
             return np.asarray(im)
