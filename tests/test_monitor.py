@@ -139,8 +139,16 @@ def test_the_interval_loss_is_the_mean_over_its_steps(tmp_path, real_store):
 
 
 def test_the_mlflow_stop_tag_stops_a_two_worker_run_which_resumes(tmp_path, real_store):
-    # long enough that the tag is seen before the end on a fast machine (about 0.1 s an epoch)
-    cfg = tiny_config(real_store, epochs=150, steps_per_epoch=2)
+    from conftest import ROOT
+
+    # rank 0 waits at step 3 until the tag is seen (by the tracker's own thread), so the run
+    # cannot end before it on a fast machine, nor take long on a slow one
+    cfg = tiny_config(real_store, epochs=6, steps_per_epoch=2)
+    ready, go = tmp_path / "at-step-3", tmp_path / "go"
+    pause = {"step": 3, "ready": str(ready), "go": str(go), "timeout": 120}
+    cfg["train"]["callbacks"] = [
+        {"name": f"{ROOT / 'tests' / 'plugins' / 'faults.py'}:PauseAt", "kwargs": pause}
+    ]
     cfg["tracker"] = {"name": "mlflow", "kwargs": {"poll_seconds": 0.3}}
     cfg["monitor"] = {"log_every": 2, "system_every": 0.2}
     path = tmp_path / "cfg.yaml"
@@ -151,20 +159,24 @@ def test_the_mlflow_stop_tag_stops_a_two_worker_run_which_resumes(tmp_path, real
         list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + 120
-    while not ((run / "mlflow_run_id").is_file() and (run / "metrics.jsonl").is_file()):
+    while not (ready.is_file() and (run / "mlflow_run_id").is_file()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.1)
     run_id = (run / "mlflow_run_id").read_text().strip()
     client = client_for(run)
     client.set_tag(run_id, "segscale.stop", "true")  # as the MLflow UI does
+    while client.get_run(run_id).data.tags["segscale.stop"] != "seen":
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    go.touch()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT_CODE, err[-2000:]
     assert "stopped by the MLflow tag segscale.stop" in err
     assert not (run / "model.pt").exists() and list((run / "checkpoints").glob("step_*.pt"))
     assert client.get_run(run_id).info.status == "KILLED"
     assert client.get_run(run_id).data.tags["segscale.stop"] == "seen"
-    stopped_at = len((run / "metrics.jsonl").read_text().splitlines())
-    assert stopped_at < 150
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs and max(e["epoch"] for e in epochs) < 6  # stopped before the end
     # resumed: not stopped again by the old tag, finished, the same MLflow run
     done = subprocess.run(
         list(map(str, [*cmd, "--resume"])), capture_output=True, text=True, env=os.environ
