@@ -22,15 +22,15 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from segscale import __version__
 from segscale._files import other_run, output_file, publish
 from segscale.errors import SegscaleError
-from segscale.predict import mask_values
-from segscale.zoo import check_model_source, load_any_model
+from segscale.hub import check_model_source
+
+if TYPE_CHECKING:  # torch is imported where a model is exported: its refusals need none
+    import torch
 
 FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -40,6 +40,8 @@ DESCRIPTION = "segscale-model.json"
 
 def describe(plan: Any, source: Path) -> dict[str, Any]:
     """What a user of the exported file must know: input layout, preprocessing, classes."""
+    from segscale.predict import mask_values
+
     meta, size = plan.store.meta, plan.store.preprocessing.size
     return {
         "source": _name(Path(source)),  # the file may be shared, a local path not
@@ -135,6 +137,10 @@ def export(
 
 
 def _export(source: Path, fmt: str, out: Path, check_batch: int) -> Path:
+    import torch
+
+    from segscale.zoo import load_any_model
+
     model, plan = load_any_model(source, "cpu")
     size = plan.store.preprocessing.size
     description = describe(plan, source)
@@ -184,6 +190,8 @@ def _onnx(
     path: Path,
     description: dict[str, Any],
 ) -> torch.Tensor:
+    import torch
+
     for package in ("onnx", "onnxscript", "onnxruntime"):
         try:
             __import__(package)
@@ -229,6 +237,8 @@ def _torchscript(
     path: Path,
     description: dict[str, Any],
 ) -> torch.Tensor:
+    import torch
+
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.jit's deprecation notice
         script = torch.jit.trace(model, traced)

@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from segscale._files import file_sha256
+from segscale._files import file_sha256, not_a_run
 from segscale.errors import SegscaleError, shown
 
 FORMAT = "segscale-zoo/1"
@@ -281,3 +281,11 @@ def pull(ref: str, zoo: str | Path | None = None) -> Path:
         with contextlib.suppress(OSError):  # a refused first pull leaves no empty folder
             target.parent.rmdir()
     return target
+
+
+def check_model_source(source: Path) -> None:
+    """Raise SegscaleError unless `source` is a folder with a model: a run folder (config.yaml)
+    or a pulled zoo entry (segscale-model.json)."""
+    source = Path(source)
+    if not (source / ENTRY_META).is_file() and not (source / "config.yaml").is_file():
+        raise not_a_run(source, "a zoo entry (zoo:NAME[@VERSION])")

@@ -48,6 +48,7 @@ from segscale.hub import (
     INDEX,
     WEIGHTS,
     _is_url,
+    check_model_source,
     check_name,
     read_index,
     same_version,
@@ -415,11 +416,3 @@ def load_any_model(
     if (Path(source) / ENTRY_META).is_file():
         return load_model(Path(source), device)
     return load_trained_model(Path(source), device)
-
-
-def check_model_source(source: Path) -> None:
-    """Raise SegscaleError unless `source` is a folder with a model: a run folder (config.yaml)
-    or a pulled zoo entry (segscale-model.json)."""
-    source = Path(source)
-    if not (source / ENTRY_META).is_file() and not (source / "config.yaml").is_file():
-        raise not_a_run(source, "a zoo entry (zoo:NAME[@VERSION])")

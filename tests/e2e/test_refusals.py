@@ -70,6 +70,7 @@ def test_help_and_a_missing_run_or_config_are_answered_without_importing_torch(t
         (["evaluate", missing], "no such file or folder"),
         (["predict", missing, tmp_path, "--out", tmp_path / "m"], "no such file or folder"),
         (["export", missing], "no such file or folder"),
+        (["export", tmp_path, "--format", "tflite"], "expected one of onnx, torchscript"),
         (["compare", missing, tmp_path], "no such file or folder"),
         (["methods", missing], "no such file or folder"),
         (["repeat", missing.with_suffix(".yaml"), "--out", tmp_path / "r"], "cannot read config"),
