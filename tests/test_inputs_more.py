@@ -12,10 +12,11 @@ from PIL import Image
 
 from conftest import trained_run, write_msd
 from segscale.errors import DataError
-from segscale.evaluation import evaluate_folders, parse_labels
+from segscale.evaluation import evaluate_folders
 from segscale.imgmed import Preprocessing, prepare
 from segscale.imgmed.check import check_source
 from segscale.imgmed.io import load_nifti
+from segscale.imgmed.prepare import parse_labels
 from segscale.predict import predict
 from test_inputs import prepared, write_2d, write_nnunet_v2
 

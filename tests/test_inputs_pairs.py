@@ -13,9 +13,10 @@ from PIL import Image
 
 from conftest import trained_run
 from segscale.errors import DataError, SegscaleError
-from segscale.evaluation import evaluate_folders, parse_labels
+from segscale.evaluation import evaluate_folders
 from segscale.imgmed.geometry import describe
 from segscale.imgmed.io import load_nifti
+from segscale.imgmed.prepare import parse_labels
 from segscale.predict import predict
 from test_inputs import prepared, write_2d, write_nnunet_v2
 

@@ -569,21 +569,23 @@ def evaluate_cmd(
     if pred is not None and ref is not None:
         if run_dir is not None:
             raise SegscaleError("give either RUN_DIR or --pred/--ref, not both")
-        from segscale.evaluation import evaluate_folders, parse_labels, write_evaluation
-
         if split is not None:
             raise SegscaleError("--split applies to a run folder's store, not to --pred/--ref")
         if workers != 1:
             raise SegscaleError("--workers applies to a run folder; --pred/--ref is one process")
-        from segscale.imgmed.prepare import parse_label_map
+        from segscale.imgmed.prepare import parse_label_map, parse_labels
 
         declared = parse_labels(labels) if labels is not None else None
+        label_values = parse_label_map(label_map)
         out = _results_file(json_out or Path("evaluation.json"))
         from segscale._files import apart_from_input
 
         for folder in (pred, ref):  # its .png would be read back as a mask by the next evaluation
             apart_from_input(out, folder, "--json" if json_out else "--json (default)")
-        evaluation = evaluate_folders(pred, ref, declared, parse_label_map(label_map))
+        # torch, through the metrics: after the refusals above, which need none
+        from segscale.evaluation import evaluate_folders, write_evaluation
+
+        evaluation = evaluate_folders(pred, ref, declared, label_values)
         write_evaluation(evaluation, out)
     else:
         from segscale.launch import launch

@@ -72,6 +72,25 @@ def split_cases(
     return splits
 
 
+def parse_labels(text: str) -> dict[int, str]:
+    """`--labels`: '1,2' or '1:liver,2:tumour' (raw mask values, with names or not); the
+    background, 0, is implied."""
+    out: dict[int, str] = {}
+    for item in text.split(","):
+        value, _, name = item.strip().partition(":")
+        try:
+            v = int(value)
+        except ValueError:
+            raise DataError(
+                f"--labels '{text}': expected values like 1,2 or 1:liver,2:tumour"
+            ) from None
+        if v < 0 or v in out:
+            why = "negative" if v < 0 else "given twice"
+            raise DataError(f"--labels '{text}': value {v} {why}")
+        out[v] = name.strip() or ("background" if v == 0 else f"label {v}")
+    return out
+
+
 def parse_label_map(text: str | None) -> dict[int, int] | None:
     """'0:1,255:0' → {0: 1, 255: 0} (raw mask value → class)."""
     if not text:
