@@ -974,9 +974,6 @@ def launch_cmd(
             f"scaled lr are those of {nodes * gpus_per_node}",
             stacklevel=1,
         )
-    # the model, loss, optimiser, plug-ins, and the batch and lr schedule of the cluster's
-    # workers; not this machine's devices (the GPUs are the cluster's)
-    plan(cfg).check(nodes * gpus_per_node, here=False)
     run_dir = (run_dir or Path("runs") / cfg.name).resolve()
     check_run_dir(run_dir)
     if shlex.quote(str(run_dir)) != str(run_dir):  # #SBATCH lines are not shell: no quoting
@@ -987,15 +984,6 @@ def launch_cmd(
     script = run_dir / "job.sbatch"
     if script.exists():  # an earlier job of launch's is replaced; a user's own only with --force
         output_file(script, "--out (default)", overwrite=force, own=MARK, signed=True)
-    if out:  # never over the config, the store, or a file of the run besides its job
-        given = Path(out).resolve()
-        if given.is_relative_to(run_dir) and given != run_dir / "job.sbatch":
-            raise SegscaleError(f"--out {given}: inside the run folder; its job is job.sbatch")
-        other = other_run(given, run_dir)
-        if other is not None:  # it would pass for that run's job
-            raise SegscaleError(f"--out {given}: inside the run folder {other}, another run's")
-        apart_from_input(apart_from_input(out, config), cfg.data.store, "--out")
-        script = output_file(out, "--out", overwrite=force, own=MARK, signed=True)
     if resume and (run_dir / "model.pt").is_file():
         raise SegscaleError(f"{run_dir}: finished already (model.pt); no job to write")
     started = has_started(run_dir)
@@ -1011,6 +999,20 @@ def launch_cmd(
                 f"({differ(before.differing_keys(cfg))}); a queued job would run these: give "
                 "another --run-dir, or remove the folder"
             )
+    if out:  # never over the config, the store, or a file of the run besides its job
+        given = Path(out).resolve()
+        if given.is_relative_to(run_dir) and given != run_dir / "job.sbatch":
+            raise SegscaleError(f"--out {given}: inside the run folder; its job is job.sbatch")
+        other = other_run(given, run_dir)
+        if other is not None:  # it would pass for that run's job
+            raise SegscaleError(f"--out {given}: inside the run folder {other}, another run's")
+        apart_from_input(apart_from_input(out, config), cfg.data.store, "--out")
+    # the model, loss, optimiser, plug-ins, and the batch and lr schedule of the cluster's
+    # workers; not this machine's devices (the GPUs are the cluster's). After the checks of
+    # paths and folders (instant), before --out's folder is made
+    plan(cfg).check(nodes * gpus_per_node, here=False)
+    if out:
+        script = output_file(out, "--out", overwrite=force, own=MARK, signed=True)
     if resume and started:
         _say_rescaled(run_dir, cfg, nodes * gpus_per_node)
     prepare_run_dir(cfg, run_dir, resume)
