@@ -25,7 +25,11 @@ app = typer.Typer(
 )
 
 Overrides = Annotated[
-    list[str] | None, typer.Argument(help="Config overrides: key.sub=value ...", show_default=False)
+    list[str] | None,
+    typer.Argument(
+        help="Config overrides: key.sub=value ..., or ~key.sub to remove a key the file sets.",
+        show_default=False,
+    ),
 ]
 
 
