@@ -835,9 +835,7 @@ def export_cmd(
     """Export a model to run without segscale: ONNX (onnxruntime, TensorRT, ...) or TorchScript,
     with a dynamic batch size and its preprocessing and classes in the file's metadata. The
     export is run against PyTorch on a second batch size and kept only when they agree."""
-    if not source.startswith("zoo:"):
-        _a_folder(Path(source), "a zoo entry (zoo:NAME[@VERSION])")
-    from segscale.export import TOLERANCE, export, file_name
+    from segscale.export import TOLERANCE, export, file_name  # no torch until it exports
 
     if source.startswith("zoo:"):
         from segscale.hub import pull

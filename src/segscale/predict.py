@@ -400,15 +400,16 @@ def _targets(
             raise DataError(
                 f"{target}: in the way of a mask (not a file); move it or use another --out"
             )
-        mark = _predict_mark(target) if target.is_file() and not force else None
-        if target.is_file() and not force and mark is None:
-            foreign.append(target)
-        elif mark not in (None, MARK, _mark(files)):  # the mask of a.jpg, where a.tif goes
-            raise DataError(
-                f"{target}: the mask of another input ({mark.removeprefix(MARK + ' of ')}), "
-                f"written by an earlier predict; {files[0].name} would replace it: give "
-                "--force, or another --out"
-            )
+        if target.is_file() and not force:  # whose mask (or file) is in the way
+            mark = _predict_mark(target)
+            if mark is None:
+                foreign.append(target)
+            elif mark not in (MARK, _mark(files)):  # the mask of a.jpg, where a.tif goes
+                raise DataError(
+                    f"{target}: the mask of another input ({mark.removeprefix(MARK + ' of ')}), "
+                    f"written by an earlier predict; {files[0].name} would replace it: give "
+                    "--force, or another --out"
+                )
         targets[target] = list(files)
     if foreign:
         raise DataError(
