@@ -135,6 +135,11 @@ def differ(keys: list[str], most: int = 5) -> str:
 # the top-level keys of a segmentation run's evaluation record (segscale evaluate)
 EVALUATION = ("split", "dataset", "case_summary", "cases")
 
+# the state files of the jobs whose folders hold runs (segscale.tune, segscale.repeat): named
+# here, below both, so that every command can tell such a folder from a run
+TUNE_STATE = "tune.json"
+REPEAT_STATE = "repeat.json"
+
 
 def read_record(path: Path, keys: tuple[str, ...], what: str, metrics: bool = False) -> dict:
     """A JSON object segscale wrote (a job's state, a record), with `keys` at its top level;
@@ -190,9 +195,8 @@ def not_a_run(path: Path, alternative: str | None = None) -> Exception:
         what = f"a file, not {wanted}"
     elif is_store(path):
         what = f"a prepared store, not {wanted}; train a run on it first"
-    elif (path / "tune.json").is_file() or (path / "repeat.json").is_file():
-        # a folder of runs (the job's state file named in segscale.tune / segscale.repeat)
-        job = "tune" if (path / "tune.json").is_file() else "repeat"
+    elif (path / TUNE_STATE).is_file() or (path / REPEAT_STATE).is_file():
+        job = "tune" if (path / TUNE_STATE).is_file() else "repeat"
         runs = sorted(p.name for p in path.iterdir() if (p / "config.yaml").is_file())
         example = f"{path / runs[0]}" if runs else "one of its runs once it has one"
         what = f"a `segscale {job}` folder, not {wanted}; give one of its runs ({example})"

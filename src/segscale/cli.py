@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from segscale._files import file_sha256, from_json, not_a_run, to_json, write_atomic
+from segscale._files import (
+    REPEAT_STATE,
+    file_sha256,
+    from_json,
+    not_a_run,
+    to_json,
+    write_atomic,
+)
 from segscale.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, Preempted, SegscaleError
 
 if TYPE_CHECKING:
@@ -382,11 +389,12 @@ def repeat_cmd(
 ) -> None:
     """Train one config N times, one source of randomness varied, test each run, and report the
     spread: per metric mean, SD, 95% CI, min/max; per case; ICC(A,1) between runs. Resumable."""
-    name = _load(config, overrides).name  # a bad config refused before torch is imported
-    out = Path("runs") / f"{name}-repeat" if out is None else out
+    cfg = _load(config, overrides)  # a bad config refused before torch is imported
+    out = Path("runs") / f"{cfg.name}-repeat" if out is None else out
     from segscale.repeat import RepeatOptions, repeat
 
-    report = repeat(config, overrides, RepeatOptions(runs, vary, workers), out, force=force)
+    options = RepeatOptions(runs, vary, workers)
+    report = repeat(config, overrides, options, out, force=force, loaded=cfg)
     dice = report["metrics"].get("dice")
     line = (
         f"{report['split']} Dice {dice['mean']:.4f} ± {dice['sd']:.4f} (SD over {report['runs']} runs)"
@@ -798,7 +806,7 @@ def predict_cmd(
         source: Path | list[Path] = pull(run_dir, zoo)
     elif zoo is not None:
         raise SegscaleError(f"--zoo applies to zoo:NAME models; {run_dir} is a folder")
-    elif (Path(run_dir) / "repeat.json").is_file():  # its runs as one ensemble
+    elif (Path(run_dir) / REPEAT_STATE).is_file():  # its runs as one ensemble
         from segscale.repeat import finished_runs
 
         source = finished_runs(Path(run_dir).resolve())

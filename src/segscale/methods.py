@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from segscale._files import EVALUATION, not_a_run, read_record
+from segscale._files import EVALUATION, TUNE_STATE, not_a_run, read_record
 from segscale.config import RunConfig, load_config
 from segscale.engine import check_same_store, check_store_exists
 from segscale.errors import SegscaleError
@@ -76,8 +76,8 @@ def _record(target: Path) -> dict[str, Any]:
         run_dir / f"evaluation-{cfg.data.test_split}.json", keys, "evaluation", True
     )
     tuning = None
-    if (run_dir.parent / "tune.json").exists():  # a tuner's trial or baseline
-        tuning = read_record(run_dir.parent / "tune.json", ("trials",), "tuner state")
+    if (run_dir.parent / TUNE_STATE).exists():  # a tuner's trial or baseline
+        tuning = read_record(run_dir.parent / TUNE_STATE, ("trials",), "tuner state")
     return {
         "target": target,
         "run_dir": run_dir,

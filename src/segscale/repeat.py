@@ -30,6 +30,7 @@ import numpy as np
 
 from segscale._files import (
     EVALUATION,
+    REPEAT_STATE,
     job_state,
     keep_edited,
     read_record,
@@ -37,7 +38,7 @@ from segscale._files import (
     to_json,
     write_atomic,
 )
-from segscale.config import apply_override, load_config, validate
+from segscale.config import RunConfig, apply_override, load_config, validate
 from segscale.engine import (
     check_same_store,
     has_started,
@@ -51,7 +52,7 @@ from segscale.launch import launch, start_worker_server
 from segscale.stats import agreement, spread
 from segscale.tracking import ParentRun, nest_under
 
-STATE = "repeat.json"
+STATE = REPEAT_STATE
 # --vary → the config key it sets
 VARY = {
     "seed": "seed",
@@ -84,15 +85,18 @@ def repeat(
     out: Path,
     progress: bool = True,
     force: bool = False,
+    loaded: RunConfig | None = None,
 ) -> dict[str, Any]:
     """Train and test `options.runs` runs; returns the variability report (as variability.json).
-    A variability.md edited since an earlier run wrote it is refused unless `force`. Raises
-    SegscaleError for bad input, Preempted when a run was stopped (rerun to continue)."""
+    `loaded`: the config as `load_config(config, overrides)` returns it, when the caller has
+    read it already. A variability.md edited since an earlier run wrote it is refused unless
+    `force`. Raises SegscaleError for bad input, Preempted when a run was stopped (rerun to
+    continue)."""
     if options.vary not in VARY:
         raise SegscaleError(f"--vary {options.vary}: expected one of {', '.join(VARY)}")
     if options.runs < 2:
         raise SegscaleError(f"--runs {options.runs}: a spread needs at least 2 runs")
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides) if loaded is None else loaded
     require_segmentation(cfg, config, "repeat")
     pinned = [k for k in ("init_seed", "data_seed") if getattr(cfg, k) is not None]
     if options.vary == "seed" and pinned:  # they would not follow the seed: not every seed varied

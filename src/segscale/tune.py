@@ -30,6 +30,7 @@ from typing import Any
 
 from segscale._files import (
     EVALUATION,
+    TUNE_STATE,
     differ,
     job_state,
     keep_edited,
@@ -54,7 +55,7 @@ from segscale.guideline import Decision, Guideline, Scores, Settings, Trial
 from segscale.launch import launch, start_worker_server
 from segscale.tracking import ParentRun, nest_under
 
-STATE = "tune.json"
+STATE = TUNE_STATE
 OUTPUTS = ("tune.md", "tune.png", "tuned.yaml", STATE)  # the tuning run's artifacts
 MARK = "written by segscale tune"  # signed into tune.md and tuned.yaml (_files.signed)
 TEXTS = ("tune.md", "tuned.yaml")  # replaced on a rerun only while unedited (or --force)
