@@ -16,6 +16,7 @@ from segscale.config import load_config, validate
 from segscale.engine import prepare_run_dir
 from segscale.errors import PREEMPTED_EXIT_CODE, SegscaleError
 from segscale.guideline import Guideline, Scores, Settings, Trial
+from segscale.methods import methods
 from segscale.tune import TuneOptions, tune
 
 FAULTS = f"{ROOT / 'tests' / 'plugins' / 'faults.py'}:SignalAt"
@@ -216,6 +217,9 @@ def test_tune_runs_the_guideline_end_to_end(tmp_path, real_store):
     for t in trials:
         assert f"| {t['index']} | {t['action']} |" in table
     assert (out / "tune.png").stat().st_size > 10_000
+    # the chosen trial's methods section says how its hyperparameters were chosen
+    text = methods(Path(best["run_dir"]))
+    assert f"{len(trials)} trials against 2 one-worker baseline runs" in text
     # MLflow: every run a child of the tuning run, which holds the outputs
     from mlflow.tracking import MlflowClient
 
