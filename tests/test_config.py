@@ -386,3 +386,29 @@ def test_a_tilde_override_removes_a_key_the_file_sets(tmp_path):
     ):
         with pytest.raises(ConfigError, match=message):
             load_config(path, [item])
+
+
+def test_usage_errors_are_one_line_naming_the_command():
+    """A usage error (Click's: a missing argument, an unknown option or command, a value of the
+    wrong type) is one line, as every other refusal, with the command and where help is."""
+    from conftest import cli
+
+    cases = {
+        ("train",): "error: segscale train: Missing argument 'config'",
+        (
+            "train",
+            "c.yaml",
+            "--workers",
+            "abc",
+        ): "error: segscale train: Invalid value for '--workers'",
+        ("trian",): "error: segscale: No such command 'trian'. Did you mean 'train'?",
+        ("zoo", "pull", "x", "--bogus"): "error: segscale zoo pull: No such option: --bogus",
+    }
+    for args, start in cases.items():
+        r = cli(*args)
+        assert r.returncode == 2 and r.stderr.startswith(start), r.stderr
+        assert r.stderr.count("\n") == 1 and r.stderr.endswith("--help)\n"), r.stderr
+    r = cli("--help")  # help still goes to stdout with success
+    assert r.returncode == 0 and r.stdout.startswith("Usage: segscale"), r.stderr
+    r = cli("imgmed")  # a group without its command shows its help
+    assert "Usage: segscale imgmed" in r.stdout + r.stderr and "error" not in r.stderr

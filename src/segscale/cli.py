@@ -1434,6 +1434,14 @@ def demo_cmd(
     run_demo(out, workers, overrides)
 
 
+# Click's UsageError and ClickException, from whichever Click typer raises them (its own copy
+# in newer typer, else click itself)
+_CLICK_ERRORS = tuple(
+    next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
+    for name in ("UsageError", "ClickException")
+)
+
+
 def main() -> None:
     import warnings
 
@@ -1441,7 +1449,23 @@ def main() -> None:
 
     warnings.formatwarning = one_line_warning  # type: ignore[assignment]
     try:
-        app()
+        # not standalone: a usage error comes here, to be one line like every other refusal
+        # (Click's own is four: the usage, a hint and the error); --help and typer.Exit give
+        # their exit code back
+        code = app(prog_name="segscale", standalone_mode=False)
+    except _CLICK_ERRORS[0] as e:  # a missing argument, an unknown option, a value of bad type
+        if type(e).__name__ == "NoArgsIsHelpError":  # a group given no command: its help
+            e.show()
+            sys.exit(e.exit_code)
+        where = e.ctx.command_path if e.ctx is not None else "segscale"
+        typer.echo(f"error: {where}: {e.format_message()} (see {where} --help)", err=True)
+        sys.exit(e.exit_code)
+    except _CLICK_ERRORS[1] as e:
+        typer.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except typer.Abort:  # end of input where a prompt waited
+        typer.echo("aborted", err=True)
+        sys.exit(1)
     except SegscaleError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(USER_ERROR_EXIT_CODE)
@@ -1459,6 +1483,7 @@ def main() -> None:
         other = f" → {e.filename2}" if e.filename2 else ""
         typer.echo(f"error: {e.filename}{other}: {e.strerror}", err=True)
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
