@@ -165,8 +165,18 @@ def test_repeat_trains_tests_and_reports_the_spread(tmp_path, store10):
     (out / "variability.md").write_text(written.replace("ICC(A,1)", "ICC"))
     with pytest.raises(SegscaleError, match=r"variability.md: edited since segscale repeat"):
         repeat(path, None, RepeatOptions(runs=3, vary="order"), out, progress=False)
+    # ...as is one whose signature line was removed (the user's own now)
+    (out / "variability.md").write_text("# my report\n" + written.split("\n", 1)[1])
+    with pytest.raises(SegscaleError, match=r"variability.md: not written by segscale repeat"):
+        repeat(path, None, RepeatOptions(runs=3, vary="order"), out, progress=False)
     repeat(path, None, RepeatOptions(runs=3, vary="order"), out, progress=False, force=True)
     assert (out / "variability.md").read_text() == written
+    # a folder where an output goes: refused before anything runs, --force or not
+    (out / "variability.png").unlink()
+    (out / "variability.png").mkdir()
+    with pytest.raises(SegscaleError, match=r"variability.png: a folder where segscale repeat"):
+        repeat(path, None, RepeatOptions(runs=3, vary="order"), out, progress=False, force=True)
+    (out / "variability.png").rmdir()
     # run folders of another config (copied, or a reused --out) are refused, not reported
     foreign = tmp_path / "foreign"
     foreign.mkdir()

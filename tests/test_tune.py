@@ -239,6 +239,10 @@ def test_tune_runs_the_guideline_end_to_end(tmp_path, real_store):
     with pytest.raises(SegscaleError, match=r"tuned.yaml: edited since segscale tune wrote it"):
         tune(path, None, options, out, progress=False)
     assert (out / "tuned.yaml").read_text().endswith("# my change\n")
+    # a YAML tool that drops comments takes the signature with them: the user's file now
+    (out / "tuned.yaml").write_text(yaml.safe_dump(yaml.safe_load(written)))
+    with pytest.raises(SegscaleError, match=r"tuned.yaml: not written by segscale tune"):
+        tune(path, None, options, out, progress=False)
     tune(path, None, options, out, progress=False, force=True)
     assert (out / "tuned.yaml").read_text() == written
 

@@ -261,20 +261,43 @@ def signed(text: str, mark: str) -> str:
     return text.replace(mark, f"{mark} sha256:{digest}", 1)
 
 
-def keep_edited(folder: Path, names: tuple[str, ...], mark: str, force: bool) -> None:
-    """Refuse, before a command that writes the texts `names` into its folder starts, when one
-    it signed with `mark` (`signed`) was edited since: its rerun would replace the edit (a
-    tuned.yaml changed by hand). `force` replaces them. Unsigned files (an older segscale's)
-    pass. Raises SegscaleError naming the first edited file."""
+def keep_edited(
+    folder: Path,
+    state: str,
+    outputs: tuple[str, ...],
+    texts: tuple[str, ...],
+    mark: str,
+    force: bool,
+) -> None:
+    """Refuse, before a resumable job reruns in `folder` (it holds the job's `state` file),
+    what its rerun would write over: one of its `outputs` that is a folder or a special file
+    (the rerun would fail at its end, its work done), or one of the `texts` it signs with
+    `mark` (`signed`) that was edited since, or that it did not sign (a user's file; its own
+    with the signature line gone, as a YAML tool that drops comments leaves it). `force`
+    replaces the texts. Raises SegscaleError naming the first such file."""
     from segscale.errors import SegscaleError
 
-    for name in () if force else names:
+    if not (folder / state).is_file():  # a first run: job_state says what the folder is
+        return
+    who = mark.split(" by ")[-1]
+    for name in outputs:
         path = folder / name
-        if path.is_file() and _whose(path, mark, signed=True) == "edited":
-            who = mark.split(" by ")[-1]
+        if path.exists() and not path.is_file():
             raise SegscaleError(
-                f"{path}: edited since {who} wrote it, and {who} writes it again; move it "
-                "away, or give --force to replace it"
+                f"{path}: {'a folder' if path.is_dir() else 'not a regular file'} where {who} "
+                f"writes its {name}; move it away"
+            )
+    for name in () if force else texts:
+        path = folder / name
+        whose = _whose(path, mark, signed=True) if path.exists() else "own"
+        if whose != "own":
+            why = {
+                "edited": f"edited since {who} wrote it",
+                "other": f"not written by {who} (or its first line, the signature, was removed)",
+            }[whose]
+            raise SegscaleError(
+                f"{path}: {why}, and {who} writes it again; move it away, or give --force to "
+                "replace it"
             )
 
 

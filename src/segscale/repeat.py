@@ -120,7 +120,7 @@ def repeat(
     if options.workers > 1:
         start_worker_server()
     out = out.resolve()
-    keep_edited(out, ("variability.md",), MARK, force)
+    keep_edited(out, STATE, OUTPUTS, ("variability.md",), MARK, force)
     signature = {"config": cfg.digest(), **options.signature()}
     state = job_state(out / STATE, signature, {"runs": {}}, "repeat")
     parent = ParentRun(

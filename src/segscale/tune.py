@@ -160,7 +160,7 @@ def tune(
     if not options.simulate:
         start_worker_server()
     out = out.resolve()
-    keep_edited(out, TEXTS, MARK, force)
+    keep_edited(out, STATE, OUTPUTS, TEXTS, MARK, force)
     tuner = _Tuner(cfg, options, out, progress)
     return tuner.run(baselines)
 
