@@ -89,8 +89,22 @@ def test_suffixes_in_mixed_case_are_read_and_written_by_content(tmp_path):
     pics.mkdir()
     Image.new("L", (20, 24)).save(pics / "x.png")
     Image.new("L", (20, 24)).save(pics / "x.tif")
-    with pytest.raises(DataError, match=r"x.tif and .*x.png: both would write .*x.png"):
+    with pytest.raises(DataError, match=r"x.tif and .*x.png: both would write the mask of case"):
         predict(run, [pics], tmp_path / "masks2")
+    # nor two masks of one case under two names, which evaluate (and macOS) take for one: in
+    # one call, or one beside an earlier call's
+    (pics / "x.tif").unlink()
+    Image.new("L", (20, 24)).save(pics / "X.png")
+    with pytest.raises(DataError, match=r"both would write the mask of case 'x' \(X.png and x.png"):
+        predict(run, [pics / "X.png", pics / "x.png"], tmp_path / "masks2")
+    predict(run, [pics / "x.png"], tmp_path / "masks2")
+    with pytest.raises(DataError, match=r"x.png: a mask of case 'X' is there under another name"):
+        predict(run, [pics / "X.png"], tmp_path / "masks2")
+    shutil.copy(src, tmp_path / "scan.nii")
+    [volume] = predict(run, [scans], tmp_path / "masks3")
+    with pytest.raises(DataError, match=r"SCAN.NII.GZ: a mask of case 'scan' is there under"):
+        predict(run, [tmp_path / "scan.nii"], tmp_path / "masks3", force=True)
+    assert [p.name for p in (tmp_path / "masks3").iterdir()] == [volume.name]
 
 
 def test_symlinked_images_keep_their_case_names(tmp_path):

@@ -235,7 +235,9 @@ def test_predict_groups_nnunet_channel_files_and_names_masks_as_nnunet(tmp_path)
     with pytest.raises(DataError, match=r"case_000_0000.nii.gz: 1 channel\(s\) .* trained on 2"):
         predict(run, given, tmp_path / "pred2")
     shutil.copy(raw / "imagesTr" / "case_000_0000.nii.gz", other / "case_000_0000.nii.gz")
-    with pytest.raises(DataError, match=r"both would write .*case_000.nii.gz; rename one"):
+    with pytest.raises(
+        DataError, match=r"both would write the mask of case 'case_000' \(case_000.nii.gz in"
+    ):
         predict(run, [raw / "imagesTr", other], tmp_path / "pred2")
     four_d = tmp_path / "scan.nii.gz"  # a 4D file beside channel files: each as it is
     img = nib.load(raw / "imagesTr" / "case_002_0000.nii.gz")

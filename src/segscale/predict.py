@@ -21,7 +21,15 @@ import torch
 
 from segscale._files import output_dir
 from segscale.errors import DataError, SegscaleError
-from segscale.imgmed.files import is_nifti_name, list_images, strip_suffix
+from segscale.imgmed.files import (
+    NIFTI_SUFFIXES,
+    PNG_SUFFIXES,
+    case_key,
+    is_nifti_name,
+    list_files,
+    list_images,
+    strip_suffix,
+)
 from segscale.imgmed.geometry import one_slice_on_axis, to_axis_codes
 from segscale.imgmed.io import (
     content_kind,
@@ -353,9 +361,10 @@ def _targets(
     cases: list[tuple[str, list[Path]]], out_dir: Path, force: bool = False
 ) -> dict[Path, list[Path]]:
     """mask path → input files, checked before anything is computed: two inputs never write one
-    mask, a mask never replaces an input, and nothing but a file is in a mask's way. An older
-    mask of the same input is replaced; another input's mask or another file (a reference label)
-    only with `force`."""
+    mask, nor two masks of one case (a.png and A.png, v.nii and v.nii.gz: evaluate, as every
+    tool on macOS or Windows, takes them for one), a mask never replaces an input, and nothing
+    but a file is in a mask's way. An older mask of the same input is replaced; another input's
+    mask or another file (a reference label) only with `force`."""
     once = {(name, tuple(f.resolve() for f in files)): (name, files) for name, files in cases}
     cases = list(once.values())  # a file given twice (scans/ and scans/*.nii.gz), once
     foreign: list[Path] = []
@@ -367,6 +376,11 @@ def _targets(
             "they segment are read as images next time: write them to another folder"
         )
     targets: dict[Path, list[Path]] = {}
+    taken: dict[str, Path] = {}  # case key (imgmed.files.case_key) → this call's mask
+    there = {  # the masks in --out already, by case key
+        case_key(p.name): p
+        for p in (list_files(out_dir, (*NIFTI_SUFFIXES, *PNG_SUFFIXES)) if out_dir.is_dir() else [])
+    }
     for name, files in cases:
         kind = content_kind(files[0])  # a picture named .nii.gz is refused, as by load
         if kind == "dicom":
@@ -387,9 +401,20 @@ def _targets(
             )
         else:
             target = out_dir / (strip_suffix(name) + ".png")
-        if target in targets:
+        key = case_key(target.name)
+        if key in taken:
+            both = target.name if taken[key] == target else f"{taken[key].name} and {target.name}"
             raise DataError(
-                f"{files[0]} and {targets[target][0]}: both would write {target}; rename one"
+                f"{files[0]} and {targets[taken[key]][0]}: both would write the mask of case "
+                f"'{strip_suffix(target.name)}' ({both} in {out_dir}); rename one"
+            )
+        taken[key] = target
+        other = there.get(key)
+        if other is not None and other.name != target.name:
+            raise DataError(
+                f"{other}: a mask of case '{strip_suffix(target.name)}' is there under another "
+                f"name; {files[0].name}'s would be {target.name} beside it, and evaluate would "
+                "find two masks for one case: move it, or use another --out"
             )
         if target.resolve() in inputs:
             raise DataError(
