@@ -339,6 +339,17 @@ def test_an_unknown_part_or_kwarg_names_the_line_or_override_that_set_it(tmp_pat
             check_components(cfg)
         assert str(e.value).startswith("override 'train.callbacks="), str(e.value)
         assert "train.callbacks[1]" in str(e.value) and "again" in str(e.value), str(e.value)
+    # one plugin class by its file's path, then as a module of the folder that put on sys.path
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "noted.py").write_text(
+        "class Noted:\n    def __init__(self, every=1):\n        pass\n"
+    )
+    callbacks = f"['{plugins / 'noted.py'}:Noted', 'noted:Noted']"
+    cfg = load_config(write(tmp_path, GOOD), [f"train.callbacks={callbacks}"])
+    with pytest.raises(SegscaleError) as e:
+        check_components(cfg)
+    assert f"again (the same Noted of {plugins / 'noted.py'}, with" in str(e.value), str(e.value)
     # other kwargs: two early stops with different patience are a plan
     check_components(
         load_config(

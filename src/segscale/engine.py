@@ -1023,7 +1023,7 @@ def _callbacks_once_each(cfg: RunConfig) -> None:
     """Refuse a callback given twice, however it is spelt: a registered name or its
     'module:attr', kwargs in any order or with defaults written out. Its hooks would run twice:
     a pasted line, not a plan."""
-    seen: list[tuple[str, dict[str, Any]]] = []
+    seen: list[tuple[tuple[str, str], dict[str, Any]]] = []
     for i, cb in enumerate(cfg.train.callbacks):
         found = CALLBACKS.path(cb.name)
         if found is None:  # a user's path, imported by the check above: named as Python does
@@ -1031,16 +1031,34 @@ def _callbacks_once_each(cfg: RunConfig) -> None:
             found = f"{made.__module__}:{getattr(made, '__qualname__', cb.name)}"
         bound = CALLBACKS.signature(cb.name).bind_partial(**cb.kwargs)
         bound.apply_defaults()
-        me = (found, dict(bound.arguments))
+        me = (_defined_in(found), dict(bound.arguments))
         if me in seen:  # compared by ==: kwargs with int and str keys can't be sorted
             first = cfg.train.callbacks[seen.index(me)].name
+            source, attr = me[0]
             with _set_at(cfg, f"train.callbacks.{i}.name"):
                 raise SegscaleError(
                     f"train.callbacks[{i}] '{cb.name}' is train.callbacks[{seen.index(me)}] "
-                    f"'{first}' again (the same {found} with the same kwargs, defaults included); "
-                    "give it once"
+                    f"'{first}' again (the same {attr} of {source}, with the same kwargs, "
+                    "defaults included); give it once"
                 )
         seen.append(me)
+
+
+def _defined_in(path: str) -> tuple[str, str]:
+    """(the file that defines it, attr) for a 'module:attr' path: one class reached under two
+    module names (a plugin file given by its path, then as a module of the folder that put on
+    sys.path) is one. The module's name stands for its file where none is found."""
+    import sys
+
+    module, _, attr = path.partition(":")
+    origin = getattr(sys.modules.get(module), "__file__", None)
+    if origin is None:  # a registered name's module, not imported yet: found, not run
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        origin = spec.origin if spec is not None else None
+    return (str(Path(origin).resolve()) if origin else module, attr)
 
 
 def check_optimizer(cfg: RunConfig, build: Any = None) -> None:
