@@ -413,6 +413,13 @@ def test_usage_errors_are_one_line_naming_the_command():
             "abc",
         ): "error: segscale train: Invalid value for '--workers'",
         ("trian",): "error: segscale: No such command 'trian'. Did you mean 'train'?",
+        (
+            "prepare",
+            "a",
+            "b",
+            "--seed",
+            "-1",
+        ): "error: segscale prepare: Invalid value for '--seed'",
         ("zoo", "pull", "x", "--bogus"): "error: segscale zoo pull: No such option: --bogus",
     }
     for args, start in cases.items():

@@ -80,7 +80,7 @@ def prepare_cmd(
     ] = "zscore",
     val: Annotated[float, typer.Option(help="Fraction of cases for validation.")] = 0.1,
     test: Annotated[float, typer.Option(help="Fraction of cases for testing.")] = 0.2,
-    seed: Annotated[int, typer.Option(help="Seed of the case split.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the case split.", min=0, max=SEED_MAX)] = 0,
     label_map: Annotated[
         str | None, typer.Option(help="2D masks: raw value → class, e.g. '0:1,255:0'.")
     ] = None,
@@ -1373,7 +1373,7 @@ def imgmed_augment_cmd(
     ] = None,
     flip: Annotated[bool | None, typer.Option(help="Random flips.")] = None,
     intensity: Annotated[float | None, typer.Option(help="Intensity jitter std.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the random warps.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the random warps.", min=0, max=SEED_MAX)] = 0,
     force: Annotated[
         bool,
         typer.Option(
@@ -1433,6 +1433,8 @@ def demo_cmd(
 
     run_demo(out, workers, overrides)
 
+
+SEED_MAX = 2**63 - 1  # seeds are int64 (NumPy, torch), non-negative: as a config's seed
 
 # Click's UsageError and ClickException, from whichever Click typer raises them (its own copy
 # in newer typer, else click itself)
