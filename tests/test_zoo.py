@@ -258,6 +258,14 @@ def test_an_index_is_checked_as_input(published, cache, tmp_path):
         (lambda i: i.update(entries=[]), "'entries' is not an object"),
         (lambda i: i["entries"].update({"tiny-la": {"1": 5}}), "tiny-la@1 has no summary"),
         (lambda i: i["entries"]["tiny-la"]["1"].update(files={}), "lists no model.safetensors"),
+        (  # zoo list showed it with a traceback
+            lambda i: i["entries"]["tiny-la"]["1"]["summary"].update(channels=5),
+            "summary 'channels' is 5; expected a list of channel names",
+        ),
+        (
+            lambda i: i["entries"]["tiny-la"]["1"]["files"]["model.safetensors"].update(size=-1),
+            "model.safetensors has no sha256 and size",
+        ),
     )
     for n, (broken, message) in enumerate(broken_indexes):
         zoo = copied_zoo(published, tmp_path / f"broken-{n}")
@@ -358,6 +366,10 @@ def test_publish_checks_the_weights_and_keeps_the_index_whole(published, tmp_pat
     # SPDX identifiers are case-insensitive: written in SPDX's spelling
     assert spdx_licence("mit or licenseref-Mine") == "MIT OR LicenseRef-Mine"
     assert spdx_licence("licenseref-x") == "LicenseRef-x"
+    # an alias that is no SPDX id is not taken for the licence it happens to map to
+    with pytest.raises(SegscaleError, match=r"'GPL' is not an SPDX identifier \(read as GPL-1"):
+        spdx_licence("GPL OR MIT")
+    assert spdx_licence("gpl-2.0+") == "GPL-2.0-or-later"  # a deprecated id: one licence
     with pytest.raises(SegscaleError, match=r"zoo entry 't@': an empty version"):
         pull("t@", zoo)
     # a run folder, a store, the zoo inside the installed package: not zoos to publish into

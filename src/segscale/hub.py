@@ -179,6 +179,12 @@ def _check_entries(entries: Any, where: str) -> None:
                 raise bad(str(e)) from None
             if not isinstance(record, dict) or not isinstance(record.get("summary"), dict):
                 raise bad(f"{name}@{version} has no summary")
+            for key, value in record["summary"].items():  # as zoo.publish writes them
+                wanted = _SUMMARY.get(key)
+                if wanted is not None and not _is(value, wanted[0]):
+                    raise bad(
+                        f"{name}@{version}: summary {key!r} is {value!r}; expected {wanted[1]}"
+                    )
             files = record.get("files")
             if not isinstance(files, dict) or WEIGHTS not in files:
                 raise bad(f"{name}@{version} lists no {WEIGHTS}")
@@ -189,9 +195,34 @@ def _check_entries(entries: Any, where: str) -> None:
                 if not (
                     isinstance(f, dict)
                     and isinstance(f.get("sha256"), str)
-                    and isinstance(f.get("size"), int)
+                    and _is(f.get("size"), "count")
                 ):
-                    raise bad(f"{name}@{version}: {rel} has no sha256 and size")
+                    raise bad(f"{name}@{version}: {rel} has no sha256 and size (bytes, ≥ 0)")
+
+
+# the summary of an entry, key → (kind, what it is), as zoo.publish writes it: checked where
+# present, so that `zoo list` shows any index it accepts
+_SUMMARY = {
+    "classes": ("texts", "a list of class names"),
+    "channels": ("texts", "a list of channel names"),
+    "size": ("count", "the input's side in pixels"),
+    "architecture": ("text", "a network's name"),
+    "dice": ("number", "a test Dice or null"),
+    "licence": ("text", "an SPDX identifier"),
+    "created": ("text", "a date"),
+}
+
+
+def _is(value: Any, kind: str) -> bool:
+    """Whether a JSON value is of `kind`: text, texts (a list of them), count (an integer ≥ 0;
+    not a bool), number (a finite-or-not float or integer, or null)."""
+    if kind == "text":
+        return isinstance(value, str)
+    if kind == "texts":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind == "count":
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
 
 
 def entries(zoo: str | Path | None = None) -> list[dict[str, Any]]:

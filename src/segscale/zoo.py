@@ -214,7 +214,7 @@ def spdx_licence(licence: str) -> str:
     anything else: a zoo's users decide by it whether they may use the weights."""
     import re
 
-    from license_expression import get_spdx_licensing
+    from license_expression import Licensing, get_spdx_licensing
 
     own = re.compile(r"LicenseRef-[A-Za-z0-9.-]+")
     # identifiers are case-insensitive in SPDX (operators are written upper case, as
@@ -234,7 +234,24 @@ def spdx_licence(licence: str) -> str:
             "MIT OR Apache-2.0; LicenseRef-<name> for a licence of your own)"
         )
     # with a LicenseRef- (not on the SPDX list) validate gives no normalised form; parse does
-    return info.normalized_expression or str(get_spdx_licensing().parse(licence))
+    expression = get_spdx_licensing().parse(licence)
+    for given in Licensing().license_symbols(Licensing().parse(licence), decompose=True):
+        written = str(given.key)
+        if own.fullmatch(written):
+            continue
+        key = str(get_spdx_licensing().parse(written))
+        # an alias license-expression knows beyond SPDX's ids may stand for a licence the user
+        # did not mean: 'GPL' is read as GPL-1.0-or-later; a deprecated id with its version
+        # ('GPL-2.0', 'GPL-2.0+') names one
+        versioned = any(c.isdigit() for c in written) and key.lower().startswith(
+            written.rstrip("+").lower()
+        )
+        if written and written.lower() != key.lower() and not versioned:
+            raise SegscaleError(
+                f"--licence {licence!r}: '{written}' is not an SPDX identifier (read as {key}); "
+                f"give the identifier meant (e.g. {key}, or another version of it)"
+            )
+    return info.normalized_expression or str(expression)
 
 
 def _a_zoo_folder(zoo: Path) -> None:
