@@ -117,6 +117,11 @@ def test_monai_names_and_folders_pair_and_unpaired_files_are_named(tmp_path):
     save(tmp_path / "odd" / "c1_mask.nii.gz", blob((12, 12, 6), (3, 3, 1)))
     with pytest.raises(DataError, match=r"predictions without a reference: 2, e.g. c0_seg"):
         evaluate_folders(tmp_path / "odd", tmp_path / "ref", {1: "x"})
+    # masks both at the top and one level down: which are the cases is a guess (was: the
+    # subfolder's reference left out without a word)
+    save(tmp_path / "ref" / "more" / "c2.nii.gz", blob((12, 12, 6), (2, 3, 1)))
+    with pytest.raises(DataError, match=r"ref: references both in it \(c0.nii.gz, ...\) and in"):
+        evaluate_folders(tmp_path / "monai", tmp_path / "ref", {1: "x"})
 
 
 def test_names_pair_in_either_unicode_form_and_a_dangling_link_is_named(tmp_path):

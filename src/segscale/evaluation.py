@@ -489,12 +489,20 @@ def _aligned(pred: Path, ref: Path) -> tuple[np.ndarray, np.ndarray, tuple[float
 def mask_files(folder: Path, what: str) -> dict[str, Path]:
     """The mask files of a folder by case key (imgmed.files.by_case). A folder that holds no mask
     file but subfolders that do is read one level down: MONAI's SaveImage writes
-    OUT/<case>/<case>_seg.nii.gz. Raises DataError for a folder without masks."""
+    OUT/<case>/<case>_seg.nii.gz. Raises DataError for a folder without masks, and for one
+    with masks both in it and in its subfolders: which of them are the cases is a guess, and
+    either guess would score a subset without a word."""
     folder = Path(folder)
-    if folder.is_dir() and not list_files(folder, (*NIFTI_SUFFIXES, *PNG_SUFFIXES)):
+    if folder.is_dir():
+        top = list_files(folder, (*NIFTI_SUFFIXES, *PNG_SUFFIXES))
         nested = [
             f for d in list_folders(folder) for f in list_files(d, (*NIFTI_SUFFIXES, *PNG_SUFFIXES))
         ]
+        if top and nested:
+            raise DataError(
+                f"{folder}: {what} both in it ({top[0].name}, ...) and in its subfolders "
+                f"({nested[0].relative_to(folder)}, ...); keep the cases in one of the two"
+            )
         if nested:
             return by_case(nested, what)
     return by_case(list_images([folder]), what)
