@@ -63,6 +63,10 @@ def test_the_training_split_grows_to_n_and_the_rest_is_untouched(store, tmp_path
     )
     with pytest.raises(DataError, match=f"expected more than the {have} slices"):
         augment_store(store, tmp_path / "x", have, AugmentConfig(rotation=10), progress=False)
+    # more than the disk holds: one line at once (was: memory grew listing 10^10 copies)
+    with pytest.raises(DataError, match=r"x: the store needs .* GB \(.* slices of .*\), and"):
+        augment_store(store, tmp_path / "x", 10**13, AugmentConfig(rotation=10), progress=False)
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
 
 
 def test_cli_augment_and_train_on_the_result(store, tmp_path):

@@ -111,6 +111,11 @@ def augment_store(
     if is_current(output, input_hash, Origin("augmented", str(store.path.resolve())), force):
         return output, False
 
+    rows = len(store.masks)
+    # first: a --to the disk cannot hold is refused before its copies are listed
+    writer = StoreWriter(
+        output, rows + total - have, store.in_channels, int(store.images.shape[-1])
+    )
     # whole augmented copies of the training cases in turn; the last one may be partial
     copies: list[tuple[dict[str, Any], int, int]] = []  # (case, round, slices)
     missing, k = total - have, 0
@@ -122,10 +127,6 @@ def augment_store(
             missing -= n
             if missing == 0:
                 break
-    rows = len(store.masks)
-    writer = StoreWriter(
-        output, rows + total - have, store.in_channels, int(store.images.shape[-1])
-    )
     try:
         writer.images[:rows] = store.images
         writer.masks[:rows] = store.masks

@@ -204,10 +204,23 @@ def is_current(output: Path, input_hash: str, origin: Origin, force: bool = Fals
 
 class StoreWriter:
     """Writes a store into a temp folder beside the target and renames it into place on success,
-    so an interrupted prepare never leaves a half-written store behind."""
+    so an interrupted prepare never leaves a half-written store behind. Raises DataError before
+    anything is written when the disk has not room for it (its arrays are sparse files: a full
+    disk would show only when they are written, hours into a large augmentation)."""
 
     def __init__(self, output: Path, num_rows: int, channels: int, size: int) -> None:
         self.output = output
+        need = num_rows * size * size * (4 * channels + 1)  # float32 images, uint8 masks
+        there = next(p for p in (output.parent, *output.parent.parents) if p.exists())
+        try:
+            free = shutil.disk_usage(there).free
+        except OSError:  # not a folder one can ask: mkdir below says why
+            free = need
+        if need > free:
+            raise DataError(
+                f"cannot write {output}: the store needs {need / 1e9:,.1f} GB ({num_rows:,} "
+                f"slices of {channels}×{size}×{size}), and {free / 1e9:,.1f} GB are free there"
+            )
         try:
             output.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
