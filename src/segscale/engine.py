@@ -20,6 +20,7 @@ import contextlib
 import functools
 import importlib.util
 import json
+import os
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -50,6 +51,10 @@ if TYPE_CHECKING:
     from segscale.parallel import ProcessEnv, Strategy
     from segscale.schedules import Schedule
     from segscale.train import Trainer
+
+# CPU workers of one node per core, at most: beyond, each gets a sliver of a core, and a
+# thousand exhaust the file handles torch.distributed opens (a traceback from its launcher)
+CPU_WORKERS_PER_CORE = 4
 
 
 @dataclass
@@ -92,6 +97,15 @@ class Plan:
         if t.strategy.name == "allreduce":
             compression = t.strategy.kwargs.get("compression", "none")
             check_compression(compression, "cpu" if on_cpu else "cuda", workers)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if here and on_cpu and workers > CPU_WORKERS_PER_CORE * (cores or 1):
+            raise SegscaleError(
+                f"--workers {workers} on this machine's {cores} CPU core(s): more than "
+                f"{CPU_WORKERS_PER_CORE} processes per core (each gets a sliver of one, and so many "
+                f"exhaust the file handles torch.distributed opens); use at most "
+                f"{CPU_WORKERS_PER_CORE * (cores or 1)}, or train.simulate_workers={workers} "
+                f"(--simulate-workers) for the math of {workers} workers in one process"
+            )
         if here and not on_cpu and torch.cuda.device_count() == 0:
             raise SegscaleError(
                 f"train.device={t.device}: torch sees no GPU on this machine; use "
