@@ -46,11 +46,13 @@ def test_the_demo_refuses_before_it_writes_or_deletes_anything(tmp_path, real_st
             "the demo reports a segmentation",
         ),
         ((f"data.store={real_store}", "data.test_split=nosuch"), "split 'nosuch' has no cases"),
+        (("model.name=unetz",), "unknown model 'unetz'"),  # was: after preparing the store
+        ((f"data.store={tmp_path / 'nowhere'}",), "nowhere"),
     ):
         done = cli("demo", "--out", out, *TINY, *args)
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert "data.store=" + str(out) not in done.stderr  # an override the user never gave
-        assert not (out / "prepared").exists() and not (out / "run").exists()
+        assert not out.exists(), list(out.iterdir())  # nothing written, not even its mark
 
 
 @pytest.mark.filterwarnings("ignore")

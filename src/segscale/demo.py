@@ -11,7 +11,7 @@ from pathlib import Path
 
 from segscale._files import RUN_LOCK, from_json, lock_holder, output_dir
 from segscale.config import RunConfig, apply_override, load_config, read_raw, validate
-from segscale.engine import load_trained_model, plan, prepare_run_dir
+from segscale.engine import check_components, load_trained_model, plan, prepare_run_dir
 from segscale.errors import SegscaleError
 from segscale.imgmed import Preprocessing, prepare
 from segscale.launch import launch, start_worker_server
@@ -132,6 +132,9 @@ def run_demo(out: Path, workers: int | None = None, overrides: list[str] | None 
 
     out = check_demo_folder(out)
     cfg = demo_config(out / "prepared", overrides or [])
+    check_components(cfg)  # an unknown model or kwarg: before seconds of preparation
+    if cfg.data.store != out / "prepared":  # the user's store: before anything is written
+        Store.open(cfg.data.store).rows(cfg.data.test_split)
     workers = workers or cfg.workers or 2
     if workers > 1:
         start_worker_server()  # its imports overlap the preparation
