@@ -173,8 +173,18 @@ def test_undeclared_label_values(msd, tmp_path):
 
 def test_file_named_nii_gz_that_is_not_nifti(msd, tmp_path):
     (msd / "imagesTr" / "case_000.nii.gz").write_bytes(b"hello, not an image")
-    with pytest.raises(DataError, match=r"case_000.nii.gz: named .gz but is not gzip"):
+    # said as every reader says it (info, predict: by content; prepare, check: by name)
+    with pytest.raises(DataError, match=r"case_000.nii.gz: unknown content; expected NIfTI"):
         run(msd, tmp_path / "out")
+    from segscale.imgmed.io import load_image2d, load_mask2d
+
+    (tmp_path / "text.png").write_text("hello")  # was: Pillow's "cannot identify image file"
+    (tmp_path / "empty.png").touch()
+    for reader in (load_image2d, load_mask2d):
+        with pytest.raises(DataError, match=r"text.png: unknown content; expected NIfTI"):
+            reader(tmp_path / "text.png")
+        with pytest.raises(DataError, match=r"empty.png: empty file$"):
+            reader(tmp_path / "empty.png")
     with gzip.open(msd / "imagesTr" / "case_000.nii.gz", "wb") as f:
         f.write(b"\x00" * 600)
     with pytest.raises(DataError, match=r"case_000.nii.gz: not a NIfTI file"):

@@ -462,13 +462,11 @@ def _misnamed(path: Path, kind: str) -> None:
 
 def _other_content(path: Path) -> None:
     """For a reader chosen by the file's name that cannot read it: content_kind's DataError
-    when the content is another known format (a PNG named .nii.gz), so that every command says
-    it alike; nothing otherwise (the reader says what is wrong)."""
-    try:
-        kind = sniff(path)
-    except DataError:  # empty, unknown: the reader's own message
-        return
-    _misnamed(path, kind)
+    when the content is another known format (a PNG named .nii.gz), or sniff's when it is
+    empty or of no known format (a text file named .png), so that every command says it
+    alike; nothing when it is of the format its name says (the reader says what is wrong:
+    truncated, corrupt)."""
+    _misnamed(path, sniff(path))
 
 
 def load(path: str | Path, *, check_finite: bool = True) -> Image:
