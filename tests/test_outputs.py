@@ -52,6 +52,21 @@ def test_a_command_replaces_its_own_file_and_a_users_only_with_force(tmp_path, r
             r = cli(*command, "--out", out)
             assert r.returncode == 2 and "was edited since" in r.stderr, r.stderr
             assert out.read_text() == unsigned
+        else:  # a picture: signed in its metadata, a valid file still, edits found all the same
+            from PIL import Image
+
+            with Image.open(out) as picture:
+                picture.load()  # the PNG chunk's checksum holds for the signed text
+                assert re.fullmatch(
+                    r"segscale schedule sha256:[0-9a-f]{16}", picture.info["Software"]
+                )
+            for ending, edit in ((".svg", b"<!-- mine -->\n"), (".pdf", b"%mine\n")):
+                drawn = out.with_suffix(ending)
+                assert cli(*command, "--out", drawn).returncode == 0
+                assert cli(*command, "--out", drawn).returncode == 0  # its own: replaced
+                drawn.write_bytes(drawn.read_bytes() + edit)  # an editor's change, say
+                r = cli(*command, "--out", drawn)
+                assert r.returncode == 2 and "was edited since segscale schedule" in r.stderr
     # launch's default job, RUN_DIR/job.sbatch: a user's own is not replaced either
     mine_job = tmp_path / "runs" / "mine"
     mine_job.mkdir(parents=True)

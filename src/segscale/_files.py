@@ -261,6 +261,55 @@ def signed(text: str, mark: str) -> str:
     return text.replace(mark, f"{mark} sha256:{digest}", 1)
 
 
+UNSIGNED = " sha256:" + "0" * 16  # after a mark in a file to sign: the digest's room
+
+
+def signed_bytes(data: bytes, mark: str) -> bytes:
+    """A file's bytes (a picture's, a PDF's), which hold `mark` + UNSIGNED in their metadata,
+    with the sha256 that `signed` writes for a text over the zeros: the same length, so a
+    PDF's offsets stay valid (a PNG's chunk checksum is written again). output_file(signed=True)
+    then tells the command's own unedited file from one edited since."""
+    import struct
+    import zlib
+
+    at = data.index(f"{mark}{UNSIGNED}".encode()) + len(mark.encode())
+    start = at + len(" sha256:")
+    digest = hashlib.sha256(_unsigned(data, start, start + 16)).hexdigest()[:16]
+    data = data[:start] + digest.encode() + data[start + 16 :]
+    crc = _png_crc_at(data, at)
+    if crc is not None:  # the chunk's checksum, for what it holds now
+        chunk, end = crc
+        data = data[:end] + struct.pack(">I", zlib.crc32(data[chunk + 4 : end])) + data[end + 4 :]
+    return data
+
+
+def _png_crc_at(data: bytes, at: int) -> tuple[int, int] | None:
+    """(start, end of its data) of the PNG chunk that holds byte `at`, whose CRC follows at
+    `end`; None when `data` is no PNG."""
+    import struct
+
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None
+    chunk = 8
+    while chunk + 8 <= len(data):
+        (length,) = struct.unpack(">I", data[chunk : chunk + 4])
+        end = chunk + 8 + length
+        if chunk < at < end:
+            return chunk, end
+        chunk = end + 4
+    return None
+
+
+def _unsigned(data: bytes, start: int, end: int) -> bytes:
+    """What a signature's digest covers: `data` without ' sha256:' and the digest at
+    [start, end), nor, in a PNG, the checksum of the chunk that holds it (it depends on the
+    digest)."""
+    crc = _png_crc_at(data, start)
+    if crc is not None:
+        data = data[: crc[1]] + data[crc[1] + 4 :]  # after the digest: its offsets stay
+    return data[: start - len(" sha256:")] + data[end:]
+
+
 def keep_edited(
     folder: Path,
     state: str,
@@ -321,8 +370,7 @@ def _whose(path: Path, mark: str, signed: bool = False) -> str:
     if signature is None:  # a picture's metadata; a signed text whose digest was taken out
         return "edited" if signed else "own"
     start, end = signature.span(1)
-    unsigned = data[: start - len(b" sha256:")] + data[end:]
-    same = hashlib.sha256(unsigned).hexdigest()[:16] == signature[1].decode()
+    same = hashlib.sha256(_unsigned(data, start, end)).hexdigest()[:16] == signature[1].decode()
     return "own" if same else "edited"
 
 

@@ -894,7 +894,7 @@ def schedule_cmd(
 
     if out.suffix.lower() not in (".png", ".pdf", ".svg"):
         raise SegscaleError(f"--out {out}: expected a .png, .pdf or .svg file name")
-    out = output_file(out, "--out", overwrite=force, own=MARK)
+    out = output_file(out, "--out", overwrite=force, own=MARK, signed=True)
     cfg = _load(config, overrides)
     t = cfg.train
     one_process(cfg, workers or cfg.workers or 1)  # as `train` refuses it
