@@ -390,13 +390,18 @@ def test_a_tilde_override_removes_a_key_the_file_sets(tmp_path):
     )
     assert "seed" not in load_config(path, ["~seed"]).model_fields_set
     for item, message in (
-        ("~train.optimizer.momentumx", r"train.optimizer has no key 'momentumx' to remove"),
+        # a key no config has is a typo, with the key meant (was: "it takes its default")
+        ("~train.optimizer.momentumx", r"has no key 'momentumx' \(did you mean 'momentum'\?\)$"),
+        ("~nosuch", r"the config has no key 'nosuch'$"),
+        ("~train.optimizer.momentum.x", r"train.optimizer.momentum is not a section"),
         ("~train.optimizer.lr", r"^override '~train.optimizer.lr': missing required key"),
         ("~seed=3", r"expected ~key.sub \(a key to remove, no value\)"),
         ("~", r"expected ~key.sub"),
     ):
         with pytest.raises(ConfigError, match=message):
             load_config(path, [item])
+    with pytest.raises(ConfigError, match=r"train.callbacks is a list; give it whole without"):
+        load_config(path, ["train.callbacks=[early_stop]", "~train.callbacks.0"])
 
 
 def test_usage_errors_are_one_line_naming_the_command():

@@ -98,6 +98,13 @@ def test_grescale_phases_that_overlap_are_refused_before_launch(real_store):
         (8, {"warmup_epochs": 7.9}, r"warmup \(7.9 epochs\) runs into its decay phase"),
         (4, {}, r"warmup \(5 epochs, its default\) is longer than the run \(4 epochs\)"),
         (5, {"warmup_epochs": 6}, r"\(6 epochs\) .* set a shorter train.schedule.warmup_epochs"),
+        # set in steps: said in steps, and the key that was set named (was: warmup_epochs)
+        (
+            1,
+            {"warmup_steps": 1000},
+            r"\(1000 steps\) is longer than the run \(1 epoch, \d+ steps\)",
+        ),
+        (1, {"warmup_steps": 1000}, r"set a shorter train.schedule.warmup_steps$"),
     ):
         cfg = tiny_config(real_store, epochs=epochs, schedule={"rule": "grescale", **schedule})
         with pytest.raises(SegscaleError, match=message):

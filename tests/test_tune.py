@@ -334,6 +334,15 @@ def test_tune_refuses_what_it_cannot_do(tmp_path, real_store):
             False,
         )
     assert not (tmp_path / "defaults").exists()  # unclaimed: a rerun with more epochs may use it
+    # a warmup of the config's own, ignored under the standard rule: the hint says so
+    with pytest.raises(SegscaleError, match=r"apply with train.schedule.rule=grescale \(it is"):
+        tune(
+            path,
+            ["train.schedule={scaling: linear, warmup_epochs: 1}", "train.epochs=4"],
+            options,
+            tmp_path / "defaults",
+            False,
+        )
     # an output folder holding another tuning
     out.mkdir(exist_ok=True)
     (out / "tune.json").write_text("[1, 2]")  # not a tuner's state: one line, not a traceback

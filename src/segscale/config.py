@@ -1093,8 +1093,22 @@ def _remove(raw: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override '{item}': expected ~key.sub (a key to remove, no value)")
     node: Any = raw
     for depth, part in enumerate(parts):
-        if not isinstance(node, dict) or part not in node:
-            where = ".".join(parts[:depth]) or "the config"
+        where = ".".join(parts[:depth]) or "the config"
+        if isinstance(node, list):
+            raise ConfigError(
+                f"override '{item}': {where} is a list; give it whole without the item "
+                f"({where}=[...]), or remove all of it (~{where})"
+            )
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{item}': {where} is not a section")
+        if part not in node:
+            parent = _field_at(tuple(parts[:depth])) if depth else None
+            section = _section(parent.annotation) if parent is not None else None
+            known = getattr(RunConfig if not depth else section, "model_fields", None)
+            if known is not None and part not in known:  # a typo, not a default
+                raise ConfigError(
+                    f"override '{item}': {where} has no key '{part}'{did_you_mean(part, known)}"
+                )
             raise ConfigError(
                 f"override '{item}': {where} has no key '{part}' to remove (it takes its "
                 "default already)"

@@ -902,8 +902,12 @@ def run_length_notes(train: Any, steps_per_epoch: int) -> list[str]:
         if shape.warmup_steps <= total and shape.decay_phase_steps == 0:  # (longer: refused)
             notes.append(
                 f"GreScale's decay phase is empty: it is train.schedule.decay_phase of the epochs "
-                f"after the first {GRESCALE_WARMUP_EPOCHS:g}, and the run has {epochs}; the lr "
-                "stays at its peak after the warmup"
+                f"after the first {GRESCALE_WARMUP_EPOCHS:g}, and the run has {epochs}; "
+                + (
+                    "the lr stays at its peak after the warmup"
+                    if shape.warmup_steps < total
+                    else "the warmup is the whole run: the lr reaches its peak at the last step"
+                )
             )
     late = [m for m in s.decay_epochs if m >= epochs]
     if late:

@@ -129,22 +129,35 @@ def build_schedule(
     schedule = Schedule(base_lr, peak, steps_per_epoch, steps_per_epoch * epochs, cfg)
     if cfg.rule == "grescale":
         warmup, decay = schedule.phases()
-        epochs_of = warmup / steps_per_epoch
         default = cfg.warmup_epochs is None and cfg.warmup_steps is None
+        # in the unit it was set in: steps for warmup_steps, else epochs
+        key = "warmup_steps" if cfg.warmup_steps is not None else "warmup_epochs"
+        length = (
+            _count(warmup, "step")
+            if key == "warmup_steps"
+            else _count(warmup / steps_per_epoch, "epoch")
+        )
+        run = _count(epochs, "epoch") + (
+            f", {schedule.total_steps} steps" if key == "warmup_steps" else ""
+        )
         if warmup > schedule.total_steps:  # nothing but warmup: no phase to shorten but it
             raise SegscaleError(
-                f"train.schedule: GreScale's warmup ({epochs_of:g} epochs"
-                f"{', its default' if default else ''}) is longer than the run ({epochs} "
-                "epochs): the scaled lr is never reached; train longer, or set a shorter "
-                "train.schedule.warmup_epochs"
+                f"train.schedule: GreScale's warmup ({length}{', its default' if default else ''}) "
+                f"is longer than the run ({run}): the scaled lr is never reached; train longer, "
+                f"or set a shorter train.schedule.{key}"
             )
         if warmup > decay:
             raise SegscaleError(
-                f"train.schedule: GreScale's warmup ({epochs_of:g} epochs) runs "
-                f"into its decay phase ({(schedule.total_steps - decay) / steps_per_epoch:g} of "
-                f"{epochs} epochs); shorten warmup_epochs or decay_phase, or train longer"
+                f"train.schedule: GreScale's warmup ({length}) runs into its decay phase "
+                f"({(schedule.total_steps - decay) / steps_per_epoch:g} of {_count(epochs, 'epoch')}); "
+                f"shorten {key} or decay_phase, or train longer"
             )
     return schedule
+
+
+def _count(n: float, unit: str) -> str:
+    """'1 epoch', '2.5 epochs'."""
+    return f"{n:g} {unit}{'' if n == 1 else 's'}"
 
 
 def plot_schedule(schedule: Schedule, out: Path, title: str) -> None:

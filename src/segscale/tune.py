@@ -465,9 +465,20 @@ class _Tuner:
             cfg = validate(raw, source=f"{self.out.name}/trial-01")
             plan(cfg).check(1 if self.options.simulate else k)
         except SegscaleError as e:
+            s = self.cfg.train.schedule
+            # the config's own warmup and decay are kept only under GreScale's rule
+            ignored = s.rule != "grescale" and any(
+                v is not None for v in (s.warmup_epochs, s.warmup_steps, s.decay_phase)
+            )
+            hint = (
+                f"; the config's warmup and decay apply with train.schedule.rule=grescale "
+                f"(it is {s.rule})"
+                if ignored
+                else ""
+            )
             raise SegscaleError(
                 f"no tuned settings: {k} workers: under {least}, GreScale's defaults are used; "
-                f"but those settings cannot train this config: {e}"
+                f"but those settings cannot train this config: {e}{hint}"
             ) from None
 
     def _early_stop(self, settings: Settings) -> dict[str, Any]:
