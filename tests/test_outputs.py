@@ -180,3 +180,19 @@ def test_a_tune_or_repeat_folder_given_as_a_run_names_its_runs(tmp_path):
         f"a `segscale repeat` folder, not a run folder; give one of its runs ({repeat / 'run-1'})"
         in str(not_a_run(repeat))
     )
+    # the run named is the trial the tuning chose, not a one-worker baseline
+    import json
+
+    from segscale.engine import check_run_dir
+
+    for run in ("baseline-1", "trial-02"):
+        (tune / run).mkdir()
+        (tune / run / "config.yaml").write_text("name: x\n")
+    assert f"give one of its runs ({tune / 'trial-01'})" in str(not_a_run(tune))
+    state = {"decision": {"trial": 2}, "trials": [{"index": 2, "run_dir": str(tune / "trial-02")}]}
+    (tune / "tune.json").write_text(json.dumps(state))
+    assert f"give one of its runs ({tune / 'trial-02'})" in str(not_a_run(tune))
+    # as train's or launch's --run-dir: named too (was: "not empty and not a run folder")
+    for folder in (tune, repeat):
+        with pytest.raises(SegscaleError, match=r"folder, not a run folder; give one of its runs"):
+            check_run_dir(folder)

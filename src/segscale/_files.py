@@ -198,6 +198,8 @@ def not_a_run(path: Path, alternative: str | None = None) -> Exception:
     elif (path / TUNE_STATE).is_file() or (path / REPEAT_STATE).is_file():
         job = "tune" if (path / TUNE_STATE).is_file() else "repeat"
         runs = sorted(p.name for p in path.iterdir() if (p / "config.yaml").is_file())
+        if job == "tune":  # its chosen trial, else a trial, before the one-worker baselines
+            runs.sort(key=lambda name: (name != _chosen_trial(path), not name.startswith("trial")))
         example = f"{path / runs[0]}" if runs else "one of its runs once it has one"
         what = f"a `segscale {job}` folder, not {wanted}; give one of its runs ({example})"
         if job == "tune" and (path / "tuned.yaml").is_file():
@@ -207,6 +209,17 @@ def not_a_run(path: Path, alternative: str | None = None) -> Exception:
     else:
         what = "not a run folder (no config.yaml)"
     return SegscaleError(f"{path}: {what}")
+
+
+def _chosen_trial(folder: Path) -> str | None:
+    """The folder name of the trial a finished `segscale tune` in `folder` chose, if it can be
+    read from its state."""
+    try:
+        state = json.loads((folder / TUNE_STATE).read_text())
+        chosen = state["decision"]["trial"]
+        return next(Path(t["run_dir"]).name for t in state["trials"] if t["index"] == chosen)
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return None
 
 
 def other_run(path: Path, mine: Path | None = None) -> Path | None:

@@ -27,7 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from segscale._files import RUN_LOCK, differ, lock_holder, not_a_record, to_json, write_atomic
+from segscale._files import (
+    REPEAT_STATE,
+    RUN_LOCK,
+    TUNE_STATE,
+    differ,
+    lock_holder,
+    not_a_record,
+    not_a_run,
+    to_json,
+    write_atomic,
+)
 from segscale.config import SPEED_SETTINGS, RunConfig, by_epoch, load_config, save_config
 from segscale.errors import SegscaleError, did_you_mean, raised_in
 from segscale.imgmed.store import Store
@@ -1156,6 +1166,8 @@ def check_run_dir(run_dir: Path) -> None:
     not_a_record(run_dir, "--run-dir")
     if run_dir.exists() and not run_dir.is_dir():
         raise SegscaleError(f"{run_dir}: a file, not a run folder; give another --run-dir")
+    if (run_dir / TUNE_STATE).is_file() or (run_dir / REPEAT_STATE).is_file():
+        raise not_a_run(run_dir)  # a folder of runs: named, with one of them
 
 
 def check_started(run_dir: Path, resume: bool) -> bool:
