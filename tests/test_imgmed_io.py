@@ -244,6 +244,19 @@ def test_cli_info_and_convert(tmp_path):
     assert (
         "6 × 5 × 3" in r.stdout and "stored as RGBA, read as RGB (transparency dropped)" in r.stdout
     )
+    # a palette or 1-bit picture reads otherwise as a mask: both said (was: "read as RGB" alone)
+    from segscale.imgmed.io import picture_note
+
+    palette = Image.fromarray(np.eye(4, dtype=np.uint8)).convert("P")
+    palette.save(tmp_path / "p.png", transparency=0)
+    Image.fromarray(np.eye(4, dtype=bool)).save(tmp_path / "bit.png")
+    assert picture_note(tmp_path / "p.png") == (
+        "stored as P (palette), read as RGB (transparency dropped) as an image, as its palette "
+        "indices as a mask"
+    )
+    assert picture_note(tmp_path / "bit.png") == (
+        "stored as 1-bit, read as grey 0/255 as an image, as 0/1 as a mask"
+    )
     r = subprocess.run(
         [
             *SEGSCALE,

@@ -254,20 +254,27 @@ def _picture_read_as(mode: str) -> str | None:
 
 
 def picture_note(path: str | Path) -> str:
-    """How load_image2d reads a picture stored in another mode, for `imgmed info`: 'stored as
-    RGBA, read as RGB (transparency dropped)'; '' when read as stored or not a picture."""
+    """How a picture stored in another mode is read, for `imgmed info`, as an image
+    (load_image2d) and, where that differs, as a mask (load_mask2d): 'stored as P (palette),
+    read as RGB as an image, as its palette indices as a mask'; '' when read as stored or not
+    a picture."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             mode = im.mode
+            transparent = "transparency" in im.info  # a palette's or grey's transparent colour
     except (OSError, UnidentifiedImageError, ValueError):
         return ""
     read_as = _picture_read_as(mode)
     if read_as is None:
         return ""
-    dropped = " (transparency dropped)" if "A" in mode or "a" in mode else ""
-    return f"stored as {mode}, read as {'grey' if read_as == 'L' else read_as}{dropped}"
+    dropped = " (transparency dropped)" if "A" in mode or "a" in mode or transparent else ""
+    image = "grey 0/255" if mode == "1" else "grey" if read_as == "L" else read_as
+    mask = {"1": "0/1", "P": "its palette indices", "PA": "its palette indices"}.get(mode)
+    stored = {"1": "1-bit", "P": "P (palette)", "PA": "PA (palette with alpha)"}.get(mode, mode)
+    note = f"stored as {stored}, read as {image}{dropped}"
+    return f"{note} as an image, as {mask} as a mask" if mask else note
 
 
 def load_image2d(path: str | Path) -> np.ndarray:
