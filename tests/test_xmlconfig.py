@@ -80,8 +80,10 @@ def test_bad_xml_configs_say_what_and_where(tmp_path):
         load_config(
             write(tmp_path, base.replace("<value>local_rank</value>", "<value>round_robin</value>"))
         )
-    with pytest.raises(ConfigError, match="not a valid int"):
-        load_config(write(tmp_path, base.replace(">10<", ">ten<")))
+    # numbers as XML writes them: Python's own parse also took '1_0' and Arabic-Indic digits
+    for ten in ("ten", "1_0", "\u0661\u0660", "1e1"):
+        with pytest.raises(ConfigError, match="not a valid int"):
+            load_config(write(tmp_path, base.replace(">10<", f">{ten}<")))
     with pytest.raises(ConfigError, match="not well-formed XML"):
         load_config(write(tmp_path, "<system_config><task>"))
     # errors name the file's element, beside the key it sets
@@ -273,6 +275,9 @@ def test_the_thesis_data_paths_name_the_stores_they_give(tmp_path, monkeypatch):
     path = write(tmp_path, body.replace(old, "<valid><path>prepared/other</path></valid>"))
     with pytest.raises(ConfigError, match=r"<train> prepared/brats_t1gd, <valid> prepared/other"):
         load_config(path)
+    # one folder however its path is written (was: "a different store")
+    for same in ("prepared/brats_t1gd/", "./prepared/brats_t1gd"):
+        load_config(write(tmp_path, body.replace(old, f"<valid><path>{same}</path></valid>")))
     data = body[body.index("<data>") : body.index("</data>") + 7]
     path = write(tmp_path, body.replace(data, "<data></data>"))
     with pytest.raises(ConfigError, match=r"<data>: no store; give <store>path</store>"):

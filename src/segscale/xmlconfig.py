@@ -29,6 +29,7 @@ RunConfig as YAML. Parsed with defusedxml: entity expansion and external entitie
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -44,15 +45,29 @@ def _builtin_lower(name: str) -> str:
     return name if path else name.lower()
 
 
+def _number(kind: type) -> Any:
+    """int or float of a number as XML files write it: ASCII digits, a sign, a point and an
+    exponent; not what Python's own parse also takes ('1_0', Arabic-Indic digits, ' 1 ')."""
+    pattern = r"[+-]?\d+" if kind is int else r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?"
+
+    def parse(text: str) -> Any:
+        if not re.fullmatch(pattern, text, re.ASCII):
+            raise ValueError(text)
+        return kind(text)
+
+    parse.__name__ = kind.__name__  # said in the error: "not a valid int"
+    return parse
+
+
 PROPERTIES = {
-    "lr": ("train.optimizer.lr", float),
+    "lr": ("train.optimizer.lr", _number(float)),
     "optimiser": ("train.optimizer.name", _builtin_lower),
     "optimizer": ("train.optimizer.name", _builtin_lower),
-    "momentum": ("train.optimizer.momentum", float),
+    "momentum": ("train.optimizer.momentum", _number(float)),
     "loss": ("train.loss", _builtin_lower),
-    "minibatch_size": ("train.batch_size", int),
-    "end_epoch": ("train.epochs", int),
-    "seed": ("seed", int),
+    "minibatch_size": ("train.batch_size", _number(int)),
+    "end_epoch": ("train.epochs", _number(int)),
+    "seed": ("seed", _number(int)),
 }
 
 
@@ -130,7 +145,8 @@ def read_xml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     store = data.findtext("store") if data is not None else None
     if data is not None and store is None:  # the thesis' train/valid/test paths: one store here
         given = {s: data.findtext(f"{s}/path") for s in ("train", "valid", "test")}
-        paths = {p.strip() for p in given.values() if p and p.strip()}
+        # one folder however written: prepared/x, prepared/x/, ./prepared/x
+        paths = {os.path.normpath(p.strip()) for p in given.values() if p and p.strip()}
         if len(paths) > 1:
             named = ", ".join(f"<{s}> {p.strip()}" for s, p in given.items() if p and p.strip())
             raise fail(
