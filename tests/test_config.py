@@ -435,3 +435,15 @@ def test_usage_errors_are_one_line_naming_the_command():
     assert r.returncode == 0 and r.stdout.startswith("Usage: segscale"), r.stderr
     r = cli("imgmed")  # a group without its command shows its help
     assert "Usage: segscale imgmed" in r.stdout + r.stderr and "error" not in r.stderr
+
+
+def test_a_config_file_of_megabytes_is_refused_before_it_is_parsed(tmp_path):
+    """A 50 MB XML (one long comment) was parsed for over a minute; a data file given as the
+    config the same."""
+    for name, body in (
+        ("big.xml", "<system_config><!-- " + "x" * 2_000_000 + " --></system_config>"),
+        ("big.yaml", "name: x\n# " + "x" * 2_000_000 + "\n"),
+    ):
+        (tmp_path / name).write_text(body)
+        with pytest.raises(ConfigError, match=r"2.0 MB; a config is a few KB of text"):
+            load_config(tmp_path / name)

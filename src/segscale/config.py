@@ -993,10 +993,22 @@ class RawConfig(typing.NamedTuple):
     origins: dict[str, str] | None = None
 
 
+MAX_CONFIG_BYTES = 1_000_000  # a config file larger than this is not one
+
+
 def read_raw(path: str | Path) -> RawConfig:
     """A config file's keys as written, before validation (RawConfig). Raises ConfigError for a
     file that cannot be read."""
     path = Path(path)
+    try:
+        size = path.stat().st_size if path.is_file() else 0
+    except OSError:
+        size = 0  # the read below says why
+    if size > MAX_CONFIG_BYTES:  # a data file given by mistake: parsing it takes minutes
+        raise ConfigError(
+            f"{path}: {size / 1e6:.1f} MB; a config is a few KB of text (at most "
+            f"{MAX_CONFIG_BYTES // 1_000_000} MB): is it the right file?"
+        )
     if path.suffix.lower() == ".xml":
         from segscale.xmlconfig import read_xml
 
