@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -216,6 +217,13 @@ def test_the_shipped_left_atrium_model_is_found_verified_and_segments(tmp_path, 
     info = json.loads((entry / "segscale-model.json").read_text())
     assert info["classes"] == {"0": "background", "1": "left atrium"}
     assert "research" in info["licence"] and "Xiong" in (entry / "card.md").read_text()
+    # an entry holds a config.yaml as a run does: named for what it is
+    done = cli("stop", entry)
+    assert done.returncode == 2 and "a zoo entry (a published model); nothing trains" in done.stderr
+    other = tmp_path / "other-entry"  # another entry (a zoo folder's): its model.pt would pass
+    shutil.copytree(entry, other)
+    done = cli("export", entry, "--format", "torchscript", "--out", other / "m.pt")
+    assert done.returncode == 2 and f"inside the zoo entry {other}" in done.stderr, done.stderr
     scan = SAMPLE / "imagesTr" / "la2018_011.nii.gz"
     done = cli("predict", "zoo:la-resunet@1", scan, "--out", tmp_path / "masks")
     assert done.returncode == 0, done.stderr

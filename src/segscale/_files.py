@@ -139,6 +139,13 @@ EVALUATION = ("split", "dataset", "case_summary", "cases")
 # here, below both, so that every command can tell such a folder from a run
 TUNE_STATE = "tune.json"
 REPEAT_STATE = "repeat.json"
+# a zoo entry's metadata (segscale.hub): an entry holds a config.yaml as a run does
+ENTRY_META = "segscale-model.json"
+
+
+def run_or_entry(folder: Path) -> str:
+    """'the zoo entry' or 'the run folder': what a folder with a config.yaml is, for messages."""
+    return "the zoo entry" if (Path(folder) / ENTRY_META).is_file() else "the run folder"
 
 
 def read_record(path: Path, keys: tuple[str, ...], what: str, metrics: bool = False) -> dict:

@@ -14,6 +14,7 @@ from segscale._files import (
     file_sha256,
     from_json,
     not_a_run,
+    run_or_entry,
     to_json,
     write_atomic,
 )
@@ -476,6 +477,8 @@ def stop_cmd(
     run_dir = run_dir.resolve()
     if not (run_dir / "config.yaml").is_file():
         raise not_a_run(run_dir)
+    if run_or_entry(run_dir) == "the zoo entry":
+        raise SegscaleError(f"{run_dir}: a zoo entry (a published model); nothing trains there")
     if (run_dir / "model.pt").is_file():
         raise SegscaleError(f"{run_dir}: the run has finished; there is nothing to stop")
     try:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segscale import __version__
-from segscale._files import other_run, output_file, publish
+from segscale._files import other_run, output_file, publish, run_or_entry
 from segscale.errors import SegscaleError
 from segscale.hub import check_model_source
 
@@ -114,8 +114,8 @@ def export(
     other = other_run(out, source)
     if other is not None:
         raise SegscaleError(
-            f"--out {Path(out).resolve()}: inside the run folder {other}, where it would pass "
-            f"for that run's model; export beside {Path(source).resolve()} or elsewhere"
+            f"--out {Path(out).resolve()}: inside {run_or_entry(other)} {other}, where it would "
+            f"pass for its model; export beside {Path(source).resolve()} or elsewhere"
         )
     missing = [f for f in Path(out).resolve().parents if not f.exists()]  # created below
     out = output_file(out, "--out", overwrite=force)

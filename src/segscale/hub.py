@@ -24,12 +24,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from segscale._files import file_sha256, not_a_run
+from segscale._files import ENTRY_META, file_sha256, not_a_run
 from segscale.errors import SegscaleError, shown
 
 FORMAT = "segscale-zoo/1"
 INDEX = "index.json"
-ENTRY_META = "segscale-model.json"
 WEIGHTS = "model.safetensors"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,31}")
