@@ -321,6 +321,14 @@ def test_an_unknown_part_or_kwarg_names_the_line_or_override_that_set_it(tmp_pat
             "unknown callback",
         ),
         (GOOD + "tracker:\n  - mlflow\n  - tensorbord\n", [], ":13", "unknown tracker"),
+        # a part of another kind: named as such (was: "got an unexpected keyword argument")
+        (
+            GOOD,
+            ["train.strategy=segscale.train:EarlyStop"],
+            " override 'train.strategy=segscale.train:EarlyStop'",
+            "strategy 'segscale.train:EarlyStop' takes no 'device', which segscale passes to "
+            "every strategy (device, threads): is it a strategy?",
+        ),
     ):
         path = write(tmp_path, text)
         cfg = load_config(path, overrides)

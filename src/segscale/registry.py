@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -406,6 +407,13 @@ def check_kwargs(
         signature.bind(*[None] * len(called), **fixed, **kwargs)
     except TypeError as e:
         e = _as_the_part(registry, spec, signature, kwargs) or e
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if unexpected and unexpected[1] in fixed:  # not a part of this kind at all
+            raise SegscaleError(
+                f"{registry.kind} '{spec}' takes no '{unexpected[1]}', which segscale passes to "
+                f"every {registry.kind} ({', '.join(fixed)}): is it a {registry.kind}?"
+                f"{registry.forms()}"
+            ) from None
         params = [p for p in signature.parameters if p not in ("self", *fixed)]
         raise SegscaleError(
             f"{registry.kind} '{spec}' kwargs {sorted(kwargs)}: {e}; "
