@@ -212,6 +212,16 @@ class UNet(torch.nn.Module):
         ),
         ('name="TriangularLR"', "", r"Tr_Checkpoint: each <value name=.* needs its class name"),
         ("<value>ring_allreduce</value>", "<value></value>", r"dist_strategy: an empty <value>"),
+        (
+            "<value>ring_allreduce</value>",
+            '<value name="foo">ring_allreduce</value>',
+            r"action 'dist_strategy': <value name=...> names a plug-in class of Tr_Checkpoint",
+        ),
+        (
+            "<valid><path>prepared/brats_t1gd</path></valid>",
+            "<valid><path></path></valid>",
+            r"<data><valid><path> is empty",
+        ),
         # read by nothing, and accepted without a word: a class no action has, stray text, an
         # empty parallelism degree (the default worker count taken instead)
         (

@@ -145,6 +145,9 @@ def read_xml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     store = data.findtext("store") if data is not None else None
     if data is not None and store is None:  # the thesis' train/valid/test paths: one store here
         given = {s: data.findtext(f"{s}/path") for s in ("train", "valid", "test")}
+        empty = [s for s, p in given.items() if p is not None and not p.strip()]
+        if empty:  # said, not skipped: the split's store was meant to be there
+            raise fail(f"<data><{empty[0]}><path> is empty; give the prepared store's folder")
         # one folder however written: prepared/x, prepared/x/, ./prepared/x
         paths = {os.path.normpath(p.strip()) for p in given.values() if p and p.strip()}
         if len(paths) > 1:
@@ -256,6 +259,11 @@ def _generator(task: Any, raw: dict[str, Any], fail: Any, origins: dict[str, str
         values = action.findall("value")
         if kind != "Tr_Checkpoint" and len(values) > 1:  # the second would be dropped
             raise fail(f"action '{kind}': {len(values)} <value>s; it takes one")
+        if kind != "Tr_Checkpoint" and any(v.get("name") is not None for v in values):
+            raise fail(
+                f"action '{kind}': <value name=...> names a plug-in class of Tr_Checkpoint; "
+                f"give {kind}'s value as the <value>'s text"
+            )
         if kind == "device_placement" and text != "local_rank":
             raise fail(
                 f"device_placement '{text}': segscale places one process per device by local rank"
