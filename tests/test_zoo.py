@@ -274,6 +274,12 @@ def test_an_index_is_checked_as_input(published, cache, tmp_path):
             lambda i: i["entries"]["tiny-la"]["1"]["files"]["model.safetensors"].update(size=-1),
             "model.safetensors has no sha256 and size",
         ),
+        (  # was refused only when the download got there
+            lambda i: i["entries"]["tiny-la"]["1"]["files"].update(
+                store={"sha256": "0" * 64, "size": 1}
+            ),
+            "lists store as a file and as a folder of files",
+        ),
     )
     for n, (broken, message) in enumerate(broken_indexes):
         zoo = copied_zoo(published, tmp_path / f"broken-{n}")

@@ -187,10 +187,13 @@ def _check_entries(entries: Any, where: str) -> None:
             files = record.get("files")
             if not isinstance(files, dict) or WEIGHTS not in files:
                 raise bad(f"{name}@{version} lists no {WEIGHTS}")
+            folders = {str(p) for rel in files for p in Path(rel).parents if str(p) != "."}
             for rel, f in files.items():
                 parts = Path(rel).parts
                 if Path(rel).is_absolute() or ".." in parts or not parts:
                     raise bad(f"{name}@{version} lists an unsafe path {rel!r}")
+                if str(Path(rel)) in folders:  # a file and a folder of one name: not a tree
+                    raise bad(f"{name}@{version} lists {rel} as a file and as a folder of files")
                 if not (
                     isinstance(f, dict)
                     and isinstance(f.get("sha256"), str)
