@@ -244,6 +244,15 @@ def test_cli_info_and_convert(tmp_path):
     assert (
         "6 × 5 × 3" in r.stdout and "stored as RGBA, read as RGB (transparency dropped)" in r.stdout
     )
+    # what reading a file warns of is its row's note (was: printed above the table, or lost)
+    import gzip
+
+    volume = tmp_path / "v.nii"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 3), np.float32), np.eye(4)), tmp_path / "v0.nii")
+    volume.write_bytes(gzip.compress((tmp_path / "v0.nii").read_bytes()))
+    r = subprocess.run([*SEGSCALE, "imgmed", "info", str(volume)], capture_output=True, text=True)
+    assert "named .nii but gzip-compressed; read by its content" in r.stdout, r.stdout
+    assert "gzip" not in r.stderr, r.stderr
     # a palette or 1-bit picture reads otherwise as a mask: both said (was: "read as RGB" alone)
     from segscale.imgmed.io import picture_note
 

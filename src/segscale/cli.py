@@ -1248,6 +1248,8 @@ def imgmed_info_cmd(
     paths: Annotated[list[Path], typer.Argument(help="Files or DICOM series folders.")],
 ) -> None:
     """What each file holds: format (from its content), shape, type, spacing, orientation, values."""
+    import warnings
+
     import numpy as np
     from rich.console import Console
     from rich.table import Table
@@ -1274,7 +1276,9 @@ def imgmed_info_cmd(
     names = _short_names(shown)
     for path in shown:
         try:
-            image = load(path, check_finite=False)
+            with warnings.catch_warnings(record=True) as said:  # in its row's note, not above
+                warnings.simplefilter("always")
+                image = load(path, check_finite=False)
         except SegscaleError as e:
             failed += 1
             table.add_row(Text(names[path]), *["-"] * 7, Text(str(e), style="red"))
@@ -1290,6 +1294,13 @@ def imgmed_info_cmd(
         note = f"{bad} NaN or infinite voxel(s): prepare refuses it" if bad else ""
         if image.kind == "image":  # a picture read in another mode than stored (RGBA as RGB)
             note = "; ".join(n for n in (picture_note(path), note) if n)
+        # what reading it warned of (a gzipped file named .nii), without the path the row names
+        heard = [
+            str(w.message).removeprefix(f"{path}: ")
+            for w in said
+            if issubclass(w.category, UserWarning)  # a library's deprecations are not the file's
+        ]
+        note = "; ".join(n for n in (*heard, note) if n)
         table.add_row(
             Text(names[path]),
             image.kind,
