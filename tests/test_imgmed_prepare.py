@@ -118,6 +118,11 @@ def test_cli_prepare_with_every_option_records_them(tmp_path):
         assert kept == list(range(max(0, has.min() - 1), min(12, has.max() + 2)))
     r = subprocess.run([*base, "--clip", "99,1"], capture_output=True, text=True)
     assert r.returncode == 2 and "clip (99.0, 1.0): expected percentiles" in r.stderr, r.stderr
+    # a size no memory holds: refused before any case is read (was: torch's allocator, or the
+    # kernel killing a worker)
+    for size in ("100000", "0"):
+        r = subprocess.run([*base, "--size", size, "--force"], capture_output=True, text=True)
+        assert r.returncode == 2 and f"size {size}: expected 1 to 8192 pixels" in r.stderr
 
 
 def test_cli_channels_by_modality_name(tmp_path):

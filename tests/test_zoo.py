@@ -220,6 +220,12 @@ def test_the_shipped_left_atrium_model_is_found_verified_and_segments(tmp_path, 
     # an entry holds a config.yaml as a run does: named for what it is
     done = cli("stop", entry)
     assert done.returncode == 2 and "a zoo entry (a published model); nothing trains" in done.stderr
+    from segscale.engine import check_run_dir, trained_weights
+
+    with pytest.raises(SegscaleError, match=r"a zoo entry \(a published model\), not a run folder"):
+        check_run_dir(entry)  # train --run-dir wrote into it, and the zoo's checks then failed
+    with pytest.raises(SegscaleError, match=r"a zoo entry .* read by `segscale predict zoo:NAME`"):
+        trained_weights(entry)  # evaluate: "no model.pt; train the run to the end first"
     other = tmp_path / "other-entry"  # another entry (a zoo folder's): its model.pt would pass
     shutil.copytree(entry, other)
     done = cli("export", entry, "--format", "torchscript", "--out", other / "m.pt")

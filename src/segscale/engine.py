@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segscale._files import (
+    ENTRY_META,
     REPEAT_STATE,
     RUN_LOCK,
     TUNE_STATE,
@@ -1168,6 +1169,11 @@ def check_run_dir(run_dir: Path) -> None:
         raise SegscaleError(f"{run_dir}: a file, not a run folder; give another --run-dir")
     if (run_dir / TUNE_STATE).is_file() or (run_dir / REPEAT_STATE).is_file():
         raise not_a_run(run_dir)  # a folder of runs: named, with one of them
+    if (run_dir / ENTRY_META).is_file():  # a run would write over its checked files
+        raise SegscaleError(
+            f"{run_dir}: a zoo entry (a published model), not a run folder; train into a new "
+            "--run-dir (model.pretrained: zoo:NAME starts from its weights)"
+        )
 
 
 def check_started(run_dir: Path, resume: bool) -> bool:
@@ -1313,6 +1319,11 @@ def check_store_exists(run_dir: Path, cfg: RunConfig) -> None:
 def trained_weights(run_dir: Path) -> Path:
     """run_dir/model.pt; raises SegscaleError when the run has not finished."""
     weights = run_dir / "model.pt"
+    if not weights.is_file() and (run_dir / ENTRY_META).is_file():
+        raise SegscaleError(
+            f"{run_dir}: a zoo entry (a published model), not a run; its weights are read by "
+            "`segscale predict zoo:NAME` and `segscale export zoo:NAME`"
+        )
     if not weights.is_file():
         raise SegscaleError(f"{run_dir}: no model.pt; train the run to the end first")
     return weights

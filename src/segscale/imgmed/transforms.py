@@ -14,6 +14,9 @@ if TYPE_CHECKING:  # imported where used: opening a store must not cost torch's 
     import torch
 
 
+MAX_SIZE = 8192  # pixels a side of a prepared slice: larger ones do not fit in memory
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How raw images become model inputs (recorded in the store's meta.json)."""
@@ -44,6 +47,11 @@ class Preprocessing:
         return cls(**d)
 
     def __post_init__(self) -> None:
+        if not 1 <= self.size <= MAX_SIZE:  # 10^5: a 40 GB slice, refused by torch or the kernel
+            raise DataError(
+                f"size {self.size}: expected 1 to {MAX_SIZE} pixels a side (a slice of "
+                f"{MAX_SIZE}² float32 is {MAX_SIZE**2 * 4 / 1e9:.2g} GB)"
+            )
         if self.slices is not None and self.slices < 1:
             raise DataError(f"slices {self.slices}: expected at least 1 per case (or all)")
         if self.channels is not None:
