@@ -334,6 +334,10 @@ def test_tune_refuses_what_it_cannot_do(tmp_path, real_store):
             False,
         )
     assert not (tmp_path / "defaults").exists()  # unclaimed: a rerun with more epochs may use it
+    # real workers this machine cannot run: refused before a baseline trains
+    with pytest.raises(SegscaleError, match=r"--workers 500 on this machine's \d+ CPU core"):
+        tune(path, None, TuneOptions(workers=500, baseline_runs=1), tmp_path / "many", False)
+    assert not (tmp_path / "many").exists()
     # a warmup of the config's own, ignored under the standard rule: the hint says so
     with pytest.raises(SegscaleError, match=r"apply with train.schedule.rule=grescale \(it is"):
         tune(

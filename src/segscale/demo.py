@@ -11,7 +11,13 @@ from pathlib import Path
 
 from segscale._files import RUN_LOCK, from_json, lock_holder, output_dir
 from segscale.config import RunConfig, apply_override, load_config, read_raw, validate
-from segscale.engine import check_components, load_trained_model, plan, prepare_run_dir
+from segscale.engine import (
+    check_components,
+    check_workers,
+    load_trained_model,
+    plan,
+    prepare_run_dir,
+)
 from segscale.errors import SegscaleError
 from segscale.imgmed import Preprocessing, prepare
 from segscale.launch import launch, start_worker_server
@@ -136,6 +142,7 @@ def run_demo(out: Path, workers: int | None = None, overrides: list[str] | None 
     if cfg.data.store != out / "prepared":  # the user's store: before anything is written
         Store.open(cfg.data.store).rows(cfg.data.test_split)
     workers = workers or cfg.workers or 2
+    check_workers(cfg, workers)  # before the store is prepared
     if workers > 1:
         start_worker_server()  # its imports overlap the preparation
     out.mkdir(parents=True, exist_ok=True)

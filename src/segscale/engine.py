@@ -68,6 +68,38 @@ if TYPE_CHECKING:
 CPU_WORKERS_PER_CORE = 4
 
 
+def check_workers(cfg: RunConfig, workers: int) -> None:
+    """Whether this machine can run `workers` workers of `cfg` (train.device): at most
+    CPU_WORKERS_PER_CORE per CPU core, at most one per GPU. Raises SegscaleError before anything
+    is prepared or trained (Plan.check says it again before a launch)."""
+    import torch
+
+    from segscale.parallel.base import uses_cuda
+
+    device = cfg.train.device
+    if not uses_cuda(device):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if workers > CPU_WORKERS_PER_CORE * (cores or 1):
+            raise SegscaleError(
+                f"--workers {workers} on this machine's {cores} CPU core(s): more than "
+                f"{CPU_WORKERS_PER_CORE} processes per core (each gets a sliver of one, and so many "
+                f"exhaust the file handles torch.distributed opens); use at most "
+                f"{CPU_WORKERS_PER_CORE * (cores or 1)}, or train.simulate_workers={workers} "
+                f"(--simulate-workers) for the math of {workers} workers in one process"
+            )
+    elif torch.cuda.device_count() == 0:
+        raise SegscaleError(
+            f"train.device={device}: torch sees no GPU on this machine; use train.device=cpu "
+            "(or auto)"
+        )
+    elif workers > torch.cuda.device_count():
+        raise SegscaleError(
+            f"--workers {workers} with train.device={device}: this machine has "
+            f"{torch.cuda.device_count()} GPU(s); use at most that many workers, or "
+            "train.device=cpu"
+        )
+
+
 @dataclass
 class Plan:
     """Every component of a run, resolved and checked."""
@@ -94,8 +126,6 @@ class Plan:
         `workers` workers, then a real batch of 2 through the model (option values that bind but
         are wrong, a network that does not fit the task) and the optimiser and loss built over it
         (kwargs the torch class does not take). Raises SegscaleError."""
-        import torch
-
         from segscale.parallel.base import check_compression, uses_cuda
 
         t = self.cfg.train
@@ -108,26 +138,8 @@ class Plan:
         if t.strategy.name == "allreduce":
             compression = t.strategy.kwargs.get("compression", "none")
             check_compression(compression, "cpu" if on_cpu else "cuda", workers)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        if here and on_cpu and workers > CPU_WORKERS_PER_CORE * (cores or 1):
-            raise SegscaleError(
-                f"--workers {workers} on this machine's {cores} CPU core(s): more than "
-                f"{CPU_WORKERS_PER_CORE} processes per core (each gets a sliver of one, and so many "
-                f"exhaust the file handles torch.distributed opens); use at most "
-                f"{CPU_WORKERS_PER_CORE * (cores or 1)}, or train.simulate_workers={workers} "
-                f"(--simulate-workers) for the math of {workers} workers in one process"
-            )
-        if here and not on_cpu and torch.cuda.device_count() == 0:
-            raise SegscaleError(
-                f"train.device={t.device}: torch sees no GPU on this machine; use "
-                "train.device=cpu (or auto)"
-            )
-        if here and not on_cpu and workers > torch.cuda.device_count():
-            raise SegscaleError(
-                f"--workers {workers} with train.device={t.device}: this machine has "
-                f"{torch.cuda.device_count()} GPU(s); use at most that many workers, or "
-                "train.device=cpu"
-            )
+        if here:
+            check_workers(self.cfg, workers)
         self._check_strategy()
         virtual = workers * (t.simulate_workers or 1)
         self.schedule(virtual)  # e.g. GreScale phase overlaps

@@ -49,7 +49,13 @@ from segscale.config import (
     save_config,
     validate,
 )
-from segscale.engine import has_started, plan, prepare_run_dir, require_segmentation
+from segscale.engine import (
+    check_workers,
+    has_started,
+    plan,
+    prepare_run_dir,
+    require_segmentation,
+)
 from segscale.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, SegscaleError
 from segscale.guideline import Decision, Guideline, Scores, Settings, Trial
 from segscale.launch import launch, start_worker_server
@@ -158,6 +164,7 @@ def tune(
     baselines = [_given_baseline(cfg, b) for b in given]  # checked before OUT is made
     plan(cfg).check(1)
     if not options.simulate:
+        check_workers(cfg, options.workers)  # the trials' workers: before a baseline trains
         start_worker_server()
     out = out.resolve()
     keep_edited(out, STATE, OUTPUTS, TEXTS, MARK, force)
