@@ -1,3 +1,4 @@
+import os
 import re
 from pathlib import Path
 
@@ -455,3 +456,8 @@ def test_a_config_file_of_megabytes_is_refused_before_it_is_parsed(tmp_path):
         (tmp_path / name).write_text(body)
         with pytest.raises(ConfigError, match=r"2.0 MB; a config is a few KB of text"):
             load_config(tmp_path / name)
+    # nor a file without end (was: read until memory ran out, or forever from a FIFO)
+    os.mkfifo(tmp_path / "fifo.yaml")
+    for special in (Path("/dev/zero"), tmp_path / "fifo.yaml", tmp_path):
+        with pytest.raises(ConfigError, match=r"(not a regular file|a folder); expected a YAML"):
+            load_config(special)

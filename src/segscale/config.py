@@ -1000,6 +1000,9 @@ def read_raw(path: str | Path) -> RawConfig:
     """A config file's keys as written, before validation (RawConfig). Raises ConfigError for a
     file that cannot be read."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # /dev/zero, a FIFO: read without end
+        what = "a folder" if path.is_dir() else "not a regular file"
+        raise ConfigError(f"cannot read config {path}: {what}; expected a YAML or XML file")
     try:
         size = path.stat().st_size if path.is_file() else 0
     except OSError:
