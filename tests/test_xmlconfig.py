@@ -94,6 +94,13 @@ def test_bad_xml_configs_say_what_and_where(tmp_path):
         load_config(write(tmp_path, base.replace(">10<", ">0<")))
     with pytest.raises(ConfigError, match=r"\.xml <parallelism-degree>: key 'workers'"):
         load_config(write(tmp_path, base.replace(">3</parallelism", ">x</parallelism")))
+    # read as whole numbers are written (was: 1_0 taken as 10, here and in <task seed=...>)
+    with pytest.raises(ConfigError, match=r"<parallelism-degree>: key 'workers': expected a whole"):
+        load_config(write(tmp_path, base.replace(">3</parallelism", ">1_0</parallelism")))
+    with pytest.raises(ConfigError, match=r"<task seed=\"...\">: key 'seed': expected a whole"):
+        load_config(
+            write(tmp_path, base.replace('run="brats-unet-autocnnp"', 'run="b" seed="1_0"'))
+        )
     adam = base.replace("SGD", "adam").replace(
         '<property name="lr">', '<property name="momentum">0.9</property><property name="lr">'
     )

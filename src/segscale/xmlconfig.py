@@ -59,6 +59,17 @@ def _number(kind: type) -> Any:
     return parse
 
 
+def _whole(text: str, where: str, key: str, path: Path) -> int:
+    """An attribute's or element's whole number, read as _number reads one (its range is
+    validated as the YAML's `key`). Raises ConfigError as validation words it."""
+    try:
+        return _number(int)(text.strip())
+    except ValueError:
+        raise ConfigError(
+            f"{path} {where}: key '{key}': expected a whole number, got '{shown_text(text)}'"
+        ) from None
+
+
 PROPERTIES = {
     "lr": ("train.optimizer.lr", _number(float)),
     "optimiser": ("train.optimizer.name", _builtin_lower),
@@ -115,7 +126,7 @@ def read_xml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     raw: dict[str, Any] = {
         # a file name may hold what a run name may not (a space): those become '-'
         "name": task.get("run", re.sub(r"[^\w.-]", "-", path.stem)),
-        "seed": task.get("seed", 0),  # text: validated (and refused by key) as the YAML's
+        "seed": _whole(task.get("seed", "0"), '<task seed="...">', "seed", path),
         "task": kinds.get(kind, kind),
         "train": {"optimizer": {}},
     }
@@ -133,7 +144,7 @@ def read_xml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     if degree is not None and not degree.strip():  # an empty element, not a missing one
         raise fail("<parallelism-degree>: empty; give the number of workers, or leave it out")
     if degree is not None:
-        raw["workers"] = degree.strip()  # validated as `workers`
+        raw["workers"] = _whole(degree, "<parallelism-degree>", "workers", path)
     archi = task.find("CNN_archi")
     if archi is None or not (archi.findtext("name") or archi.findtext("path")):
         raise fail("<CNN_archi> needs a <name> (built-in) or a <path> (file.py:factory)")
