@@ -278,7 +278,17 @@ def test_an_index_is_checked_as_input(published, cache, tmp_path):
         ),
         (
             lambda i: i["entries"]["tiny-la"]["1"]["files"]["model.safetensors"].update(size=-1),
-            "model.safetensors has no sha256 and size",
+            "model.safetensors's size is -1; expected bytes ≥ 0",
+        ),
+        (
+            lambda i: i["entries"]["tiny-la"]["1"]["files"]["model.safetensors"].update(
+                sha256="abc"
+            ),
+            "model.safetensors's sha256 is not 64 lower-case hex digits",
+        ),
+        (
+            lambda i: i["entries"]["tiny-la"]["1"]["summary"].update(dice=2.0),
+            "summary 'dice' is 2.0; expected a test Dice in",
         ),
         (  # was refused only when the download got there
             lambda i: i["entries"]["tiny-la"]["1"]["files"].update(

@@ -194,12 +194,14 @@ def _check_entries(entries: Any, where: str) -> None:
                     raise bad(f"{name}@{version} lists an unsafe path {rel!r}")
                 if str(Path(rel)) in folders:  # a file and a folder of one name: not a tree
                     raise bad(f"{name}@{version} lists {rel} as a file and as a folder of files")
-                if not (
-                    isinstance(f, dict)
-                    and isinstance(f.get("sha256"), str)
-                    and _is(f.get("size"), "count")
-                ):
-                    raise bad(f"{name}@{version}: {rel} has no sha256 and size (bytes, ≥ 0)")
+                if not isinstance(f, dict) or not isinstance(f.get("sha256"), str):
+                    raise bad(f"{name}@{version}: {rel} has no sha256")
+                if not re.fullmatch(r"[0-9a-f]{64}", f["sha256"]):
+                    raise bad(f"{name}@{version}: {rel}'s sha256 is not 64 lower-case hex digits")
+                if not _is(f.get("size"), "count"):
+                    raise bad(
+                        f"{name}@{version}: {rel}'s size is {f.get('size')!r}; expected bytes ≥ 0"
+                    )
 
 
 # the summary of an entry, key → (kind, what it is), as zoo.publish writes it: checked where
@@ -209,7 +211,7 @@ _SUMMARY = {
     "channels": ("texts", "a list of channel names"),
     "size": ("count", "the input's side in pixels"),
     "architecture": ("text", "a network's name"),
-    "dice": ("number", "a test Dice or null"),
+    "dice": ("fraction", "a test Dice in [0, 1], or null"),
     "licence": ("text", "an SPDX identifier"),
     "created": ("text", "a date"),
 }
@@ -217,14 +219,17 @@ _SUMMARY = {
 
 def _is(value: Any, kind: str) -> bool:
     """Whether a JSON value is of `kind`: text, texts (a list of them), count (an integer ≥ 0;
-    not a bool), number (a finite-or-not float or integer, or null)."""
+    not a bool), fraction (a number in [0, 1], or null)."""
     if kind == "text":
         return isinstance(value, str)
     if kind == "texts":
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if kind == "count":
         return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+    if kind == "fraction":
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        return value is None or (number and 0 <= value <= 1)  # NaN is no fraction either
+    raise ValueError(f"kind {kind!r}")
 
 
 def entries(zoo: str | Path | None = None) -> list[dict[str, Any]]:
