@@ -293,7 +293,7 @@ def test_the_thesis_data_paths_name_the_stores_they_give(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"<train> prepared/brats_t1gd, <valid> prepared/other"):
         load_config(path)
     # one folder however its path is written (was: "a different store")
-    for same in ("prepared/brats_t1gd/", "./prepared/brats_t1gd"):
+    for same in ("prepared/brats_t1gd/", "./prepared/brats_t1gd", ROOT / "prepared/brats_t1gd"):
         load_config(write(tmp_path, body.replace(old, f"<valid><path>{same}</path></valid>")))
     data = body[body.index("<data>") : body.index("</data>") + 7]
     path = write(tmp_path, body.replace(data, "<data></data>"))

@@ -159,8 +159,12 @@ def read_xml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         empty = [s for s, p in given.items() if p is not None and not p.strip()]
         if empty:  # said, not skipped: the split's store was meant to be there
             raise fail(f"<data><{empty[0]}><path> is empty; give the prepared store's folder")
-        # one folder however written: prepared/x, prepared/x/, ./prepared/x
-        paths = {os.path.normpath(p.strip()) for p in given.values() if p and p.strip()}
+        # one folder however written (prepared/x/, ./prepared/x, its absolute path, a link to
+        # it), as the config resolves it: against the working directory; kept as first written
+        paths: dict[str, str] = {}
+        for p in given.values():
+            if p and p.strip():
+                paths.setdefault(os.path.realpath(p.strip()), os.path.normpath(p.strip()))
         if len(paths) > 1:
             named = ", ".join(f"<{s}> {p.strip()}" for s, p in given.items() if p and p.strip())
             raise fail(
@@ -172,7 +176,7 @@ def read_xml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
                 "<data>: no store; give <store>path</store> (one prepared store with train/val/"
                 "test splits), or <train><path>...</path></train> as the thesis wrote it"
             )
-        store = paths.pop()
+        [store] = paths.values()
     if not store:
         raise fail("<data><store>: missing (the output of `segscale prepare`)")
     raw["data"] = {"store": store.strip()}
