@@ -122,7 +122,7 @@ def test_cli_prepare_with_every_option_records_them(tmp_path):
     # kernel killing a worker)
     for size in ("100000", "0"):
         r = subprocess.run([*base, "--size", size, "--force"], capture_output=True, text=True)
-        assert r.returncode == 2 and f"size {size}: expected 1 to 8192 pixels" in r.stderr
+        assert r.returncode == 2 and f"--size {size}: expected 8 to 8192 pixels" in r.stderr
 
 
 def test_cli_channels_by_modality_name(tmp_path):

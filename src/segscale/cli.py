@@ -119,9 +119,10 @@ def prepare_cmd(
     from segscale.imgmed import Preprocessing, prepare
     from segscale.imgmed.prepare import parse_label_map
     from segscale.imgmed.sources import channel_indices
+    from segscale.imgmed.transforms import MAX_SIZE
 
-    if size < 8:
-        raise SegscaleError(f"--size {size}: expected at least 8")
+    if not 8 <= size <= MAX_SIZE:  # more: a slice no memory holds (Preprocessing says why)
+        raise SegscaleError(f"--size {size}: expected 8 to {MAX_SIZE} pixels a side")
     if axis not in (0, 1, 2):
         raise SegscaleError(f"--axis {axis}: expected 0, 1 or 2")
     if normalize not in ("zscore", "minmax", "none"):
