@@ -143,9 +143,14 @@ REPEAT_STATE = "repeat.json"
 ENTRY_META = "segscale-model.json"
 
 
+def is_zoo_entry(folder: Path) -> bool:
+    """Whether `folder` is a zoo entry (its metadata beside a config.yaml, as a run has)."""
+    return (Path(folder) / ENTRY_META).is_file()
+
+
 def run_or_entry(folder: Path) -> str:
     """'the zoo entry' or 'the run folder': what a folder with a config.yaml is, for messages."""
-    return "the zoo entry" if (Path(folder) / ENTRY_META).is_file() else "the run folder"
+    return "the zoo entry" if is_zoo_entry(folder) else "the run folder"
 
 
 def read_record(path: Path, keys: tuple[str, ...], what: str, metrics: bool = False) -> dict:

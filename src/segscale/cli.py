@@ -13,8 +13,8 @@ from segscale._files import (
     REPEAT_STATE,
     file_sha256,
     from_json,
+    is_zoo_entry,
     not_a_run,
-    run_or_entry,
     to_json,
     write_atomic,
 )
@@ -478,7 +478,7 @@ def stop_cmd(
     run_dir = run_dir.resolve()
     if not (run_dir / "config.yaml").is_file():
         raise not_a_run(run_dir)
-    if run_or_entry(run_dir) == "the zoo entry":
+    if is_zoo_entry(run_dir):
         raise SegscaleError(f"{run_dir}: a zoo entry (a published model); nothing trains there")
     if (run_dir / "model.pt").is_file():
         raise SegscaleError(f"{run_dir}: the run has finished; there is nothing to stop")

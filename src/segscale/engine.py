@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segscale._files import (
-    ENTRY_META,
     REPEAT_STATE,
     RUN_LOCK,
     TUNE_STATE,
     differ,
+    is_zoo_entry,
     lock_holder,
     not_a_record,
     not_a_run,
@@ -1181,7 +1181,7 @@ def check_run_dir(run_dir: Path) -> None:
         raise SegscaleError(f"{run_dir}: a file, not a run folder; give another --run-dir")
     if (run_dir / TUNE_STATE).is_file() or (run_dir / REPEAT_STATE).is_file():
         raise not_a_run(run_dir)  # a folder of runs: named, with one of them
-    if (run_dir / ENTRY_META).is_file():  # a run would write over its checked files
+    if is_zoo_entry(run_dir):  # a run would write over its checked files
         raise SegscaleError(
             f"{run_dir}: a zoo entry (a published model), not a run folder; train into a new "
             "--run-dir (model.pretrained: zoo:NAME starts from its weights)"
@@ -1331,7 +1331,7 @@ def check_store_exists(run_dir: Path, cfg: RunConfig) -> None:
 def trained_weights(run_dir: Path) -> Path:
     """run_dir/model.pt; raises SegscaleError when the run has not finished."""
     weights = run_dir / "model.pt"
-    if not weights.is_file() and (run_dir / ENTRY_META).is_file():
+    if not weights.is_file() and is_zoo_entry(run_dir):
         raise SegscaleError(
             f"{run_dir}: a zoo entry (a published model), not a run; its weights are read by "
             "`segscale predict zoo:NAME` and `segscale export zoo:NAME`"
