@@ -122,6 +122,14 @@ def test_monai_names_and_folders_pair_and_unpaired_files_are_named(tmp_path):
     save(tmp_path / "ref" / "more" / "c2.nii.gz", blob((12, 12, 6), (2, 3, 1)))
     with pytest.raises(DataError, match=r"ref: references both in it \(c0.nii.gz, ...\) and in"):
         evaluate_folders(tmp_path / "monai", tmp_path / "ref", {1: "x"})
+    # ...or deeper than the level read (was: x/y/c0.nii.gz ignored without a word)
+    (tmp_path / "ref" / "more" / "c2.nii.gz").rename(tmp_path / "c2.nii.gz")
+    save(tmp_path / "ref" / "more" / "old" / "c0.nii.gz", blob((12, 12, 6), (2, 3, 1)))
+    with pytest.raises(DataError, match=r"references in it and deeper \(more/old/c0.nii.gz\)"):
+        evaluate_folders(tmp_path / "monai", tmp_path / "ref", {1: "x"})
+    save(tmp_path / "monai" / "c1" / "v1" / "c1_seg.nii.gz", blob((12, 12, 6), (3, 3, 1)))
+    with pytest.raises(DataError, match=r"in its subfolders and deeper \(c1/v1/c1_seg.nii.gz\)"):
+        evaluate_folders(tmp_path / "monai", tmp_path / "flat", {1: "x"})
 
 
 def test_names_pair_in_either_unicode_form_and_a_dangling_link_is_named(tmp_path):

@@ -3,6 +3,7 @@ with a dynamic batch size; outputs on real slices equal PyTorch's within a state
 
 import json
 import shutil
+import zipfile
 
 import numpy as np
 import pytest
@@ -62,6 +63,10 @@ def test_torchscript_export_from_a_zoo_entry_through_the_cli(run, real_store, tm
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert f"wrote {out}" in done.stdout
+    # the archive's folder is named after the file, not after the temp file it was written as
+    with zipfile.ZipFile(out) as archive:
+        assert {name.split("/")[0] for name in archive.namelist()} == {"tiny"}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     files = {DESCRIPTION: ""}
     scripted = torch.jit.load(str(out), _extra_files=files)
     assert json.loads(files[DESCRIPTION])["model"] == "unet"

@@ -156,6 +156,37 @@ def test_content_decides_and_bad_content_is_named(tmp_path):
         check_nifti(tmp_path / "zero.nii.gz")  # imgmed check's reader said "not gzip-compressed"
 
 
+def test_arrays_and_affines_that_place_no_image_are_refused_where_they_are_read(tmp_path):
+    """A .npy of one number was converted to a NIfTI of shape (0,); an .npz's 3×3 or zero
+    affine, or a NIfTI's zero sform, crashed deep in nibabel (or showed 1 mm spacing)."""
+    np.save(tmp_path / "one.npy", np.float32(3))
+    np.save(tmp_path / "row.npy", np.ones(5))
+    np.save(tmp_path / "k.npy", np.ones((4, 4), np.complex64))
+    volume = np.ones((4, 4, 4), np.uint8)
+    np.savez(tmp_path / "small.npz", array=volume, affine=np.eye(3))
+    np.savez(tmp_path / "zero.npz", array=volume, affine=np.zeros((4, 4)))
+    flat = np.diag([1.0, 1.0, 0.0, 1.0])
+    np.savez(tmp_path / "flat.npz", array=volume, affine=flat)
+    header = nib.Nifti1Image(volume, np.eye(4)).header
+    for row in ("srow_x", "srow_y", "srow_z"):
+        header[row] = 0
+    header["sform_code"], header["qform_code"] = 1, 0
+    nib.save(nib.Nifti1Image(volume, None, header), tmp_path / "s0.nii.gz")
+    for name, message in (
+        ("one.npy", r"one\.npy: a 0-D array \(shape \(\)\); expected an image"),
+        ("row.npy", r"row\.npy: a 1-D array \(shape \(5,\)\)"),
+        ("k.npy", r"k\.npy: complex64 values; expected real numbers$"),
+        ("small.npz", r"small\.npz: its 'affine' is float64 of shape \(3, 3\); expected a 4×4"),
+        ("zero.npz", r"zero\.npz: its 'affine' has NaN or infinite values, or a last row"),
+        ("flat.npz", r"flat\.npz: its 'affine' maps the voxels onto a plane or a point"),
+        ("s0.nii.gz", r"s0\.nii\.gz: its header's affine .* onto a plane or a point"),
+    ):
+        with pytest.raises(DataError, match=message):
+            load(tmp_path / name)
+    np.savez(tmp_path / "good.npz", array=volume, affine=np.diag([0.5, 0.5, 2.0, 1.0]))
+    assert load(tmp_path / "good.npz").spacing == (0.5, 0.5, 2.0)
+
+
 def test_a_refused_write_names_the_file_and_leaves_nothing(tmp_path):
     """A file-size limit makes the OS refuse the write (EFBIG), as a full disk would (ENOSPC)."""
 

@@ -240,3 +240,18 @@ def test_a_store_without_validation_cases_trains_with_val_split_null(tmp_path):
     r = cli("tune", tmp_path / "c.yaml", "--workers", 2, "--out", tmp_path / "tuned")
     assert r.returncode == 2 and "tuning needs a validation split" in r.stderr, r.stderr
     assert not (tmp_path / "tuned").exists()
+
+
+def test_methods_call_a_distance_that_no_case_defines_undefined():
+    """Every case with an empty prediction or reference gives HD95 and ASSD no value: the
+    methods text said 'HD95 nan mm', where compare says undefined."""
+    from segscale.methods import _distance
+
+    nan = float("nan")
+    assert _distance("hd95", {"mean": nan, "sd": nan, "n": 3}) == (
+        "; HD95 undefined (no case with both masks non-empty)"
+    )
+    assert _distance("assd", {"mean": 1.234, "sd": 0.5, "n": 2}) == (
+        "; ASSD 1.23 ± 0.50 mm (per case)"
+    )
+    assert _distance("hd95", {"mean": 4.0, "sd": None, "n": 1}) == "; HD95 4.00 mm (per case)"

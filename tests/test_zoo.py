@@ -296,6 +296,18 @@ def test_an_index_is_checked_as_input(published, cache, tmp_path):
             ),
             "lists store as a file and as a folder of files",
         ),
+        (  # one file twice: Linux keeps two, macOS one (was: listed and pulled)
+            lambda i: i["entries"]["tiny-la"]["1"]["files"].update(
+                {"Config.yaml": i["entries"]["tiny-la"]["1"]["files"]["config.yaml"]}
+            ),
+            "lists 'config.yaml' and 'Config.yaml': one file on a disk that ignores case",
+        ),
+        (
+            lambda i: i["entries"]["tiny-la"]["1"]["files"].update(
+                {"./config.yaml": i["entries"]["tiny-la"]["1"]["files"]["config.yaml"]}
+            ),
+            "lists './config.yaml'; expected a plain relative path \\('config.yaml'",
+        ),
     )
     for n, (broken, message) in enumerate(broken_indexes):
         zoo = copied_zoo(published, tmp_path / f"broken-{n}")

@@ -494,18 +494,40 @@ def mask_files(folder: Path, what: str) -> dict[str, Path]:
     either guess would score a subset without a word."""
     folder = Path(folder)
     if folder.is_dir():
-        top = list_files(folder, (*NIFTI_SUFFIXES, *PNG_SUFFIXES))
-        nested = [
-            f for d in list_folders(folder) for f in list_files(d, (*NIFTI_SUFFIXES, *PNG_SUFFIXES))
-        ]
+        masks = (*NIFTI_SUFFIXES, *PNG_SUFFIXES)
+        top = list_files(folder, masks)
+        nested = [f for d in list_folders(folder) for f in list_files(d, masks)]
         if top and nested:
             raise DataError(
                 f"{folder}: {what} both in it ({top[0].name}, ...) and in its subfolders "
                 f"({nested[0].relative_to(folder)}, ...); keep the cases in one of the two"
             )
+        # deeper than the level read: a copy or an older run's cases, never scored
+        read = 1 if top else 2
+        deeper = _masks_below(folder, masks, read)
+        if (top or nested) and deeper is not None:
+            raise DataError(
+                f"{folder}: {what} {'in it' if top else 'in its subfolders'} and deeper "
+                f"({deeper.relative_to(folder)}), which would not be read; keep the cases at "
+                "one level"
+            )
         if nested:
             return by_case(nested, what)
     return by_case(list_images([folder]), what)
+
+
+def _masks_below(folder: Path, suffixes: tuple[str, ...], depth: int) -> Path | None:
+    """The first visible mask file more than `depth` levels under `folder` (1: a file in it),
+    in name order; None when there is none."""
+    for sub in list_folders(folder):
+        if depth == 1:
+            found = next(iter(list_files(sub, suffixes)), None)
+            found = found or _masks_below(sub, suffixes, 1)
+        else:
+            found = _masks_below(sub, suffixes, depth - 1)
+        if found is not None:
+            return found
+    return None
 
 
 def pair_by_name(

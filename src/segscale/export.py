@@ -18,7 +18,7 @@ import contextlib
 import io
 import json
 import logging
-import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -150,12 +150,13 @@ def _export(source: Path, fmt: str, out: Path, check_batch: int) -> Path:
     with torch.no_grad():
         expected = model(checked)
     # written beside `out` and renamed once checked: never a half-written or unverified file
+    # (in a folder of its own under its final name: a TorchScript archive's inner folder is
+    # named after the file it was saved as, which its users see when they unzip it)
     try:
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=SUFFIX[fmt])
+        tmp_dir = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     except OSError as e:
         raise SegscaleError(f"--out {out}: cannot write there ({e.strerror})") from None
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = tmp_dir / out.name
     try:
         try:
             if fmt == "onnx":
@@ -179,7 +180,7 @@ def _export(source: Path, fmt: str, out: Path, check_batch: int) -> Path:
             )
         publish(tmp_path, out)  # the permissions a plain open() gives, not mkstemp's 0600
     finally:
-        tmp_path.unlink(missing_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return out
 
 

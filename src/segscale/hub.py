@@ -18,6 +18,7 @@ import re
 import shutil
 import tempfile
 import time
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -188,10 +189,24 @@ def _check_entries(entries: Any, where: str) -> None:
             if not isinstance(files, dict) or WEIGHTS not in files:
                 raise bad(f"{name}@{version} lists no {WEIGHTS}")
             folders = {str(p) for rel in files for p in Path(rel).parents if str(p) != "."}
+            seen: dict[str, str] = {}
             for rel, f in files.items():
                 parts = Path(rel).parts
                 if Path(rel).is_absolute() or ".." in parts or not parts:
                     raise bad(f"{name}@{version} lists an unsafe path {rel!r}")
+                if rel != Path(rel).as_posix() or "\\" in rel:  # ./x, x//y, a\\b: written plainly
+                    raise bad(
+                        f"{name}@{version} lists {rel!r}; expected a plain relative path "
+                        f"({Path(rel).as_posix()!r}, with / between folders)"
+                    )
+                # Card.md beside card.md (or é written two ways): one file on macOS and Windows
+                key = unicodedata.normalize("NFC", rel).casefold()
+                if key in seen:
+                    raise bad(
+                        f"{name}@{version} lists {seen[key]!r} and {rel!r}: one file on a disk "
+                        "that ignores case"
+                    )
+                seen[key] = rel
                 if str(Path(rel)) in folders:  # a file and a folder of one name: not a tree
                     raise bad(f"{name}@{version} lists {rel} as a file and as a folder of files")
                 if not isinstance(f, dict) or not isinstance(f.get("sha256"), str):

@@ -228,7 +228,7 @@ def methods(target: Path) -> str:
         hyper.append(f"momentum {opt.momentum}" + (" (Nesterov)" if opt.nesterov else ""))
     hyper += [f"weight decay {opt.weight_decay:g}"] + [f"{k} {v}" for k, v in opt.kwargs.items()]
     lines.append(
-        f"Optimiser: {opt.name} ({', '.join(hyper)}); loss {t.loss.name}; {t.epochs} epochs; "
+        f"Optimiser: {opt.name} ({', '.join(hyper)}); loss {t.loss.name}; {t.epochs} epoch{'s' if t.epochs != 1 else ''}; "
         f"batch {t.batch_size} per worker × {workers} worker(s) = global batch "
         f"{env.get('global_batch', t.batch_size * workers)}"
         + (
@@ -377,13 +377,7 @@ def methods(target: Path) -> str:
         lines.append(
             f"On the {e['split']} split ({len(e['cases'])} cases), SegEval: "
             + ", ".join(f"{k} {ds[k]:.4f}" for k in names)
-            + "".join(
-                f"; {k.upper()} {cs[k]['mean']:.2f}"
-                + (f" ± {cs[k]['sd']:.2f}" if cs[k]["n"] > 1 else "")
-                + " mm (per case)"
-                for k in ("hd95", "assd")
-                if k in cs
-            )
+            + "".join(_distance(k, cs[k]) for k in ("hd95", "assd") if k in cs)
             + ". Dice: foreground classes only; a class absent from both masks is excluded (nnU-Net's convention)."
         )
         enough = len(names) + sum(k in cs for k in ("hd95", "assd")) >= 3
@@ -461,3 +455,15 @@ def methods(target: Path) -> str:
         for src, item, ok, add in checks
     ]
     return "\n".join(lines) + "\n"
+
+
+def _distance(name: str, summary: dict[str, Any]) -> str:
+    """'; HD95 4.12 ± 1.30 mm (per case)' from a metric's case summary; a distance no case
+    defines (an empty prediction or reference in every case) is said to be undefined, as
+    `compare` says it, not written as nan."""
+    mean = summary.get("mean")
+    if mean is None or not math.isfinite(mean):
+        return f"; {name.upper()} undefined (no case with both masks non-empty)"
+    sd = summary.get("sd")
+    spread = f" ± {sd:.2f}" if summary.get("n", 0) > 1 and sd is not None else ""
+    return f"; {name.upper()} {mean:.2f}{spread} mm (per case)"

@@ -321,6 +321,14 @@ def convert(
     except OSError as e:
         raise DataError(f"cannot write {dst}: {e.strerror}") from None
     array = _numeric(image)
+    if image.affine is not None and _family_of_name(dst) in ("image", "npy"):
+        # said, as a dropped --window is: converted back, the file is on a 1 mm grid
+        warnings.warn(
+            f"{dst.name}: a {'picture' if _family_of_name(dst) == 'image' else '.npy'} holds "
+            f"no geometry; {src.name}'s voxel size and orientation are not kept (a .nii.gz, an "
+            ".npz or a folder of slices keeps them)",
+            stacklevel=2,
+        )
     if _family_of_name(dst) == "image":
         volume = image.kind in ("nifti", "dicom") or image.affine is not None
         if volume and array.ndim == 3 and array.shape[-1] == 1:

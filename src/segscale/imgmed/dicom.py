@@ -40,7 +40,7 @@ def _one_series_folder(path: Path, files: list[Path]) -> None:
                 f"{path}: no DICOM files here, but {len(inner)} folder(s) ({', '.join(inner[:3])}"
                 f"{', ...' if len(inner) > 3 else ''}); give one series folder"
             )
-        raise DataError(f"{path}: no DICOM files in this folder")
+        raise DataError(f"{path}: an empty folder; expected a DICOM series or a stack of pictures")
     kinds = {f: kind(f) for f in files}
     other = [f for f, k in kinds.items() if k != "dicom"]
     if len(other) == len(files):

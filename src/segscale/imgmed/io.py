@@ -152,7 +152,9 @@ def read_nifti(
         data = data.reshape(shape)
     if data.ndim == 5 and data.shape[3] == 1:  # ITK's vector image: (X, Y, Z, 1 time, C)
         data = data[:, :, :, 0, :]
-    affine = np.asarray(img.affine, dtype=np.float64)
+    # a zero sform, or zero voxel sizes without one: no place for any voxel (nibabel's axis
+    # codes and every resampling fail on it far from the file)
+    affine = _voxel_to_world(img.affine, path, "its header's affine (sform, qform or voxel sizes)")
     _forms_agree(img, path)
     return data, affine, img.header
 
@@ -476,6 +478,35 @@ def _other_content(path: Path) -> None:
     _misnamed(path, sniff(path))
 
 
+def _voxel_to_world(affine: Any, path: Path, what: str = "its 'affine'") -> np.ndarray:
+    """A file's affine (`what`: an .npz's 'affine' entry, a NIfTI header's) as a 4×4 voxel →
+    world map, else DataError naming the file:
+    finite, [0, 0, 0, 1] below, and a 3×3 part that can be inverted (a zero or 3×3 matrix
+    places no voxel; nibabel fails on it deep in a conversion or a geometry check)."""
+    matrix = np.asarray(affine)
+    if (
+        matrix.shape != (4, 4)
+        or not np.issubdtype(matrix.dtype, np.number)
+        or np.iscomplexobj(matrix)
+    ):
+        raise DataError(
+            f"{path}: {what} is {matrix.dtype} of shape {matrix.shape}; expected a 4×4 "
+            "voxel → world matrix of numbers"
+        )
+    matrix = matrix.astype(np.float64)
+    if not np.isfinite(matrix).all() or not np.allclose(matrix[3], [0, 0, 0, 1]):
+        raise DataError(
+            f"{path}: {what} has NaN or infinite values, or a last row other than "
+            "[0, 0, 0, 1]; expected a 4×4 voxel → world matrix"
+        )
+    if abs(np.linalg.det(matrix[:3, :3])) < 1e-12:
+        raise DataError(
+            f"{path}: {what} maps the voxels onto a plane or a point (its 3×3 part cannot "
+            "be inverted); expected a voxel size on each axis"
+        )
+    return matrix
+
+
 def load(path: str | Path, *, check_finite: bool = True) -> Image:
     """Read any supported image, checked by content: a name that says one format over data of
     another is an error, as are empty images and (by default) NaN or infinite values."""
@@ -501,7 +532,8 @@ def load(path: str | Path, *, check_finite: bool = True) -> Image:
                     if "array" not in z:
                         raise DataError(f"{path}: an .npz without an 'array' entry ({list(z)})")
                     array = z["array"]
-                    affine = np.asarray(z["affine"], dtype=np.float64) if "affine" in z else None
+                    if "affine" in z:
+                        affine = _voxel_to_world(z["affine"], path)
         except DataError:  # ours (an .npz without its entry): the reason, not "corrupt?"
             raise
         except ValueError as e:
@@ -516,6 +548,15 @@ def load(path: str | Path, *, check_finite: bool = True) -> Image:
         kind = "numpy"
     if array.size == 0:
         raise DataError(f"{path}: empty image (shape {array.shape})")
+    if array.ndim < 2:  # a .npy of one number or one row: no picture (written as a NIfTI of 0)
+        raise DataError(
+            f"{path}: a {array.ndim}-D array (shape {array.shape}); expected an image (2D, or 3D "
+            "with channels) or a volume (3D or 4D)"
+        )
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) or np.iscomplexobj(
+        array
+    ):  # complex k-space, text: no image any reader of masks and scans takes
+        raise DataError(f"{path}: {array.dtype} values; expected real numbers")
     if check_finite and np.issubdtype(array.dtype, np.floating):
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
         if bad:
