@@ -48,12 +48,14 @@ def test_misspelt_key_names_file_line_key_and_suggestion(tmp_path):
 
 def test_wrong_type_names_the_expected_type(tmp_path):
     path = write(tmp_path, GOOD.replace("epochs: 10", "epochs: ten"))
-    with pytest.raises(ConfigError, match=r":6: key 'train.epochs': .*valid integer.*'ten'"):
+    with pytest.raises(
+        ConfigError, match=r":6: key 'train.epochs': expected a whole number, got 'ten'"
+    ):
         load_config(path)
 
 
 def test_batch_size_zero_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match=r"train.batch_size.*greater than 0"):
+    with pytest.raises(ConfigError, match=r"train.batch_size': expected a value > 0, got"):
         load_config(write(tmp_path, GOOD), ["train.batch_size=0"])
 
 
@@ -183,7 +185,9 @@ def test_yaml_is_read_as_yaml_1_2_and_slips_are_refused(tmp_path):
     # 010 is ten, not octal 8; 1:30 is text, not sexagesimal 90; 1e-3 is a number
     cfg = load_config(write(tmp_path, GOOD), ["train.epochs=010", "train.optimizer.lr=1e-3"])
     assert cfg.train.epochs == 10 and cfg.train.optimizer.lr == pytest.approx(1e-3)
-    with pytest.raises(ConfigError, match=r"override 'seed=1:30': key 'seed': .*integer"):
+    with pytest.raises(
+        ConfigError, match=r"override 'seed=1:30': key 'seed': expected a whole number, got '1:30'"
+    ):
         load_config(write(tmp_path, GOOD), ["seed=1:30"])
     for bad, message in [
         ("train.epochs=true", r"epochs: expected a number, got true"),
@@ -215,7 +219,7 @@ def test_yaml_is_read_as_yaml_1_2_and_slips_are_refused(tmp_path):
         (["train.divergence={enabled: false, factor: 5}"], r"factor takes effect only with"),
         (["train.simulate_workers=4", "train.sync_batchnorm=true"], r"sync_batchnorm"),
         (["data.train_split=test"], r"the test would score what the model trained on"),
-        (["seed=-1"], r"key 'seed': .*greater than or equal to 0"),
+        (["seed=-1"], r"key 'seed': expected a value ≥ 0, got -1"),
         (["train.optimizer.kwargs={momentum: 0.5}"], r"give it as train.optimizer.momentum"),
         (["train.warmup_epochs=2"], r"\(it is train.schedule.warmup_epochs\)"),
         (["train..epochs=3"], r"an empty key"),
@@ -403,6 +407,8 @@ def test_a_tilde_override_removes_a_key_the_file_sets(tmp_path):
         ("~train.optimizer.momentumx", r"has no key 'momentumx' \(did you mean 'momentum'\?\)$"),
         ("~nosuch", r"the config has no key 'nosuch'$"),
         ("~train.optimizer.momentum.x", r"train.optimizer.momentum is not a section"),
+        # free-form kwargs: a typo of a key the file sets
+        ("~model.kwargs.depht", r"model.kwargs has no key 'depht' \(did you mean 'depth'\?\)$"),
         ("~train.optimizer.lr", r"^override '~train.optimizer.lr': missing required key"),
         ("~seed=3", r"expected ~key.sub \(a key to remove, no value\)"),
         ("~", r"expected ~key.sub"),
@@ -425,7 +431,14 @@ def test_usage_errors_are_one_line_naming_the_command():
             "c.yaml",
             "--workers",
             "abc",
-        ): "error: segscale train: Invalid value for '--workers'",
+        ): "error: segscale train: Invalid value for '--workers': expected a whole number, got 'abc'",
+        # an option without its value: Click has no context there, the command is read off
+        (
+            "imgmed",
+            "check",
+            "d",
+            "--axis",
+        ): "error: segscale imgmed check: Option '--axis' requires",
         ("trian",): "error: segscale: No such command 'trian'. Did you mean 'train'?",
         (
             "prepare",
@@ -433,7 +446,7 @@ def test_usage_errors_are_one_line_naming_the_command():
             "b",
             "--seed",
             "-1",
-        ): "error: segscale prepare: Invalid value for '--seed'",
+        ): "error: segscale prepare: Invalid value for '--seed': expected a value ≥ 0, got '-1'",
         ("zoo", "pull", "x", "--bogus"): "error: segscale zoo pull: No such option: --bogus",
     }
     for args, start in cases.items():

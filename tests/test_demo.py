@@ -47,7 +47,7 @@ def test_the_demo_refuses_before_it_writes_or_deletes_anything(tmp_path, real_st
         ),
         ((f"data.store={real_store}", "data.test_split=nosuch"), "split 'nosuch' has no cases"),
         (("model.name=unetz",), "unknown model 'unetz'"),  # was: after preparing the store
-        (("workers=500",), "--workers 500 on this machine's"),  # was: a launcher traceback
+        (("workers=500",), "500 workers on this machine's"),  # was: a launcher traceback
         ((f"data.store={tmp_path / 'nowhere'}",), "nowhere"),
     ):
         done = cli("demo", "--out", out, *TINY, *args)

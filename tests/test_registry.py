@@ -144,7 +144,9 @@ def test_kwargs_of_the_wrong_type_are_refused_before_anything_is_built(real_stor
     with pytest.raises(SegscaleError, match=r"callback 'early_stop' kwargs: reference 0.5 does "):
         planned(**{"train.callbacks": [early]})
     early["kwargs"] = {"reference": {1: 0.5}, "patience": 2.5}
-    with pytest.raises(SegscaleError, match=r"patience 2.5 does not fit int \(input should be"):
+    with pytest.raises(
+        SegscaleError, match=r"patience 2.5 does not fit int \(expected a whole number\)"
+    ):
         planned(**{"train.callbacks": [early]})
     with pytest.raises(SegscaleError, match=r"model 'unet' kwargs: base_channels 'abc' does not"):
         planned(model={"name": "unet", "kwargs": {"base_channels": "abc"}})

@@ -11,6 +11,7 @@ import pandas as pd
 import pingouin as pg
 import pytest
 import yaml
+from PIL import Image
 from scipy import stats as sps
 
 from conftest import prepared_sample, tiny_config
@@ -171,6 +172,16 @@ def test_repeat_trains_tests_and_reports_the_spread(tmp_path, store10):
         repeat(path, None, RepeatOptions(runs=3, vary="order"), out, progress=False)
     repeat(path, None, RepeatOptions(runs=3, vary="order"), out, progress=False, force=True)
     assert (out / "variability.md").read_text() == written
+    # its picture is signed alike: another picture in its place is kept (was: replaced)
+    drawn = (out / "variability.png").read_bytes()
+    (out / "variability.png").write_bytes(drawn[:-12] + b"mine" + drawn[-8:])
+    with pytest.raises(SegscaleError, match=r"variability.png: edited since segscale repeat"):
+        repeat(path, None, RepeatOptions(runs=3, vary="order"), out, progress=False)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(out / "variability.png")  # a user's own
+    with pytest.raises(SegscaleError, match=r"variability.png: not written by segscale repeat"):
+        repeat(path, None, RepeatOptions(runs=3, vary="order"), out, progress=False)
+    repeat(path, None, RepeatOptions(runs=3, vary="order"), out, progress=False, force=True)
+    assert (out / "variability.png").read_bytes() == drawn  # drawn again, signed alike
     # a folder where an output goes: refused before anything runs, --force or not
     (out / "variability.png").unlink()
     (out / "variability.png").mkdir()
@@ -247,6 +258,32 @@ def test_same_seed_gives_bit_identical_runs_in_process(tmp_path, real_store):
         worker.train(tmp_path / name, progress=False)
         runs.append(torch.load(tmp_path / name / "model.pt"))
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_every_seed_the_config_takes_trains_and_runs_past_the_largest_are_refused(
+    tmp_path, real_store
+):
+    """seed 2^63-1 passed the config and crashed the worker (an epoch's derived seed went past
+    int64); repeat's and tune's seed + i past it were refused only at that run."""
+    from segscale.errors import SEED_MAX
+    from segscale.repro import derive_seed
+
+    assert derive_seed(5, 2, 1) == (5 * 1_000_003 + 2) * 7919 + 1  # small seeds: as they were
+    assert 0 <= derive_seed(SEED_MAX, 7, 3) < 2**63
+    cfg = validate({**tiny_config(real_store, epochs=1, steps_per_epoch=1), "seed": SEED_MAX})
+    prepare_run_dir(cfg, tmp_path / "top", resume=False)
+    worker.train(tmp_path / "top", progress=False)
+    assert (tmp_path / "top" / "model.pt").is_file()
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**tiny_config(real_store), "seed": SEED_MAX - 1}))
+    with pytest.raises(SegscaleError, match=r"--runs 3 --vary seed: seeds .* to 922337203685477"):
+        repeat(path, None, RepeatOptions(runs=3, vary="seed"), tmp_path / "rep", progress=False)
+    assert not (tmp_path / "rep").exists()
+    from segscale.tune import TuneOptions, tune
+
+    with pytest.raises(SegscaleError, match=r"--baseline-runs 3: seeds .* go past the largest"):
+        tune(path, None, TuneOptions(workers=4, baseline_runs=3, simulate=True), tmp_path / "t")
+    assert not (tmp_path / "t").exists()
 
 
 def test_paired_tests_match_pingouin():

@@ -249,7 +249,9 @@ def test_a_bad_override_is_named_as_such_with_the_values_it_may_take(tmp_path, r
         r"auto, true, false, got 'maybe'",
     ):
         load_config(path, ["train.channels_last=maybe"])
-    with pytest.raises(SegscaleError, match=r"fractional part \(1.5\)$"):
+    with pytest.raises(
+        SegscaleError, match=r"freeze_encoder_epochs': expected a whole number, got 1.5$"
+    ):
         load_config(path, ["train.finetune.freeze_encoder_epochs=1.5"])
 
 

@@ -245,6 +245,11 @@ def test_tune_runs_the_guideline_end_to_end(tmp_path, real_store):
         tune(path, None, options, out, progress=False)
     tune(path, None, options, out, progress=False, force=True)
     assert (out / "tuned.yaml").read_text() == written
+    # tune.png is signed alike: edited since, it is kept
+    drawn = (out / "tune.png").read_bytes()
+    (out / "tune.png").write_bytes(drawn[:-12] + b"mine" + drawn[-8:])
+    with pytest.raises(SegscaleError, match=r"tune.png: edited since segscale tune wrote it"):
+        tune(path, None, options, out, progress=False)
 
 
 FLAT = """
@@ -335,7 +340,7 @@ def test_tune_refuses_what_it_cannot_do(tmp_path, real_store):
         )
     assert not (tmp_path / "defaults").exists()  # unclaimed: a rerun with more epochs may use it
     # real workers this machine cannot run: refused before a baseline trains
-    with pytest.raises(SegscaleError, match=r"--workers 500 on this machine's \d+ CPU core"):
+    with pytest.raises(SegscaleError, match=r"500 workers on this machine's \d+ CPU core"):
         tune(path, None, TuneOptions(workers=500, baseline_runs=1), tmp_path / "many", False)
     assert not (tmp_path / "many").exists()
     # a warmup of the config's own, ignored under the standard rule: the hint says so

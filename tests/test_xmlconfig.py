@@ -89,7 +89,7 @@ def test_bad_xml_configs_say_what_and_where(tmp_path):
     # errors name the file's element, beside the key it sets
     with pytest.raises(
         ConfigError,
-        match=r"\.xml <property name=\"minibatch_size\">: key 'train.batch_size'.*greater than 0",
+        match=r"\.xml <property name=\"minibatch_size\">: key 'train.batch_size': expected a value > 0",
     ):
         load_config(write(tmp_path, base.replace(">10<", ">0<")))
     with pytest.raises(ConfigError, match=r"\.xml <parallelism-degree>: key 'workers'"):
@@ -101,6 +101,14 @@ def test_bad_xml_configs_say_what_and_where(tmp_path):
         load_config(
             write(tmp_path, base.replace('run="brats-unet-autocnnp"', 'run="b" seed="1_0"'))
         )
+    # start_epoch too: 00 is 0 (was refused as not 0), x is no number (was: "runs start at 0")
+    start = '<property name="start_epoch">0<'
+    assert start in base
+    load_config(write(tmp_path, base.replace(start, start.replace(">0<", ">00<"))))
+    with pytest.raises(ConfigError, match=r"start_epoch\">: key 'start_epoch': expected a whole"):
+        load_config(write(tmp_path, base.replace(start, start.replace(">0<", ">x<"))))
+    with pytest.raises(ConfigError, match=r"start_epoch: runs start at 0; continue a run with"):
+        load_config(write(tmp_path, base.replace(start, start.replace(">0<", ">+3<"))))
     adam = base.replace("SGD", "adam").replace(
         '<property name="lr">', '<property name="momentum">0.9</property><property name="lr">'
     )

@@ -308,6 +308,20 @@ def signed_bytes(data: bytes, mark: str) -> bytes:
     return data
 
 
+def save_signed_figure(fig: Any, out: Path, mark: str) -> None:
+    """Save a matplotlib figure to `out` (PNG, PDF or SVG, by its suffix; 110 dpi) atomically,
+    `mark` signed into its metadata (signed_bytes): the command that drew it replaces its own
+    unedited picture on a rerun, and refuses one edited since (keep_edited, output_file) that
+    is not given --force."""
+    import io
+
+    kind = Path(out).suffix[1:].lower()
+    key = "Software" if kind == "png" else "Creator"  # PDF and SVG's
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=kind, dpi=110, metadata={key: mark + UNSIGNED})
+    write_atomic(out, signed_bytes(buffer.getvalue(), mark))
+
+
 def _png_crc_at(data: bytes, at: int) -> tuple[int, int] | None:
     """(start, end of its data) of the PNG chunk that holds byte `at`, whose CRC follows at
     `end`; None when `data` is no PNG."""
@@ -497,9 +511,16 @@ def job_state(path: Path, signature: dict, fresh: dict, what: str) -> dict:
     if not path.is_file():
         # a run, a store, anyone's folder: the job's runs and reports would land among its files
         if folder.is_dir() and any(not p.name.startswith(".") for p in folder.iterdir()):
+            found = (
+                f"{path.name} is a folder"
+                if path.is_dir()
+                else f"{path.name} is not a file"
+                if path.exists()
+                else f"no {path.name}"
+            )
             raise SegscaleError(
-                f"{folder}: not empty, and no {what} started there (no {path.name}); use a new "
-                "or empty --out"
+                f"{folder}: not empty, and no {what} started there ({found}); use a new or "
+                "empty --out"
             )
         folder.mkdir(parents=True, exist_ok=True)
         state = {"signature": signature, **fresh}

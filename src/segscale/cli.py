@@ -18,7 +18,15 @@ from segscale._files import (
     to_json,
     write_atomic,
 )
-from segscale.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, Preempted, SegscaleError
+from segscale.errors import (
+    PREEMPTED_EXIT_CODE,
+    SEED_MAX,
+    USER_ERROR_EXIT_CODE,
+    Preempted,
+    SegscaleError,
+    expected_by,
+    shown,
+)
 
 if TYPE_CHECKING:
     from segscale.config import RunConfig
@@ -1420,8 +1428,7 @@ def imgmed_augment_cmd(
     except ValidationError as e:  # one line naming the option, not pydantic's report
         err = e.errors()[0]
         option = f"--{err['loc'][0]}" if err["loc"] else "augmentation options"
-        why = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
-        why = why.replace("Input should be", "expected")
+        why = str(err["ctx"]["error"]) if err["type"] == "value_error" else expected_by(err)
         raise SegscaleError(
             f"{option} {given.get(option[2:], '')}: {why}".replace(" :", ":")
         ) from None
@@ -1449,14 +1456,27 @@ def demo_cmd(
     run_demo(out, workers, overrides)
 
 
-SEED_MAX = 2**63 - 1  # seeds are int64 (NumPy, torch), non-negative: as a config's seed
-
 # Click's UsageError and ClickException, from whichever Click typer raises them (its own copy
 # in newer typer, else click itself)
 _CLICK_ERRORS = tuple(
     next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
     for name in ("UsageError", "ClickException")
 )
+
+
+def _command_path(args: list[str]) -> str:
+    """The command the arguments name ("segscale imgmed check"), for a usage error Click raised
+    before it made the command's context (an option missing its value): the words that name a
+    group's commands, up to the first that does not."""
+    command = typer.main.get_command(app)
+    path = ["segscale"]
+    for word in args:
+        commands = getattr(command, "commands", {})
+        if word not in commands:
+            break
+        command = commands[word]
+        path.append(word)
+    return " ".join(path)
 
 
 def main() -> None:
@@ -1474,7 +1494,11 @@ def main() -> None:
         if type(e).__name__ == "NoArgsIsHelpError":  # a group given no command: its help
             e.show()
             sys.exit(e.exit_code)
-        where = e.ctx.command_path if e.ctx is not None else "segscale"
+        where = e.ctx.command_path if e.ctx is not None else _command_path(sys.argv[1:])
+        cause = e.__cause__  # typer checks a value's type with pydantic: its errors, in words
+        if hasattr(cause, "errors") and hasattr(e, "message"):
+            error = cause.errors()[0]
+            e.message = f"{expected_by(error)}, got {shown(error.get('input'))}"
         typer.echo(f"error: {where}: {e.format_message()} (see {where} --help)", err=True)
         sys.exit(e.exit_code)
     except _CLICK_ERRORS[1] as e:

@@ -31,7 +31,7 @@ from pydantic import (
 )
 
 from segscale._files import signed, write_atomic
-from segscale.errors import ConfigError, did_you_mean, shown
+from segscale.errors import SEED_MAX, ConfigError, did_you_mean, expected_by, shown
 
 _UNIONS = (typing.Union, types.UnionType)
 
@@ -226,7 +226,7 @@ class DataConfig(_Strict):
     split_seed: int | None = Field(
         None,
         ge=0,
-        lt=2**63,
+        le=SEED_MAX,
         description="Draw which of the store's training and validation cases validate (as many "
         "as the store has), with this seed; the test split never changes (`segscale repeat "
         "--vary split`). Default: the store's own split.",
@@ -795,15 +795,21 @@ class TrainConfig(_Strict):
 class RunConfig(_Strict):
     name: str = Field(description="Run name; the default run folder is runs/<name>.")
     seed: int = Field(
-        0, ge=0, lt=2**63, description="Seeds everything random (init_seed, data_seed: one part)."
+        0,
+        ge=0,
+        le=SEED_MAX,
+        description="Seeds everything random (init_seed, data_seed: one part).",
     )
     init_seed: int | None = Field(
-        None, ge=0, lt=2**63, description="Seed of the weight initialisation only (default: seed)."
+        None,
+        ge=0,
+        le=SEED_MAX,
+        description="Seed of the weight initialisation only (default: seed).",
     )
     data_seed: int | None = Field(
         None,
         ge=0,
-        lt=2**63,
+        le=SEED_MAX,
         description="Seed of the data order, augmentation and dropout only (default: seed).",
     )
     workers: int | None = Field(
@@ -1124,8 +1130,11 @@ def _remove(raw: dict[str, Any], item: str) -> None:
                 raise ConfigError(
                     f"override '{item}': {where} has no key '{part}'{did_you_mean(part, known)}"
                 )
+            given = did_you_mean(part, [str(k) for k in node])  # a typo of a key set here
             raise ConfigError(
-                f"override '{item}': {where} has no key '{part}' to remove (it takes its "
+                f"override '{item}': {where} has no key '{part}'{given}"
+                if given  # kwargs too, whose keys no schema knows
+                else f"override '{item}': {where} has no key '{part}' to remove (it takes its "
                 "default already)"
             )
         if depth == len(parts) - 1:
@@ -1253,8 +1262,7 @@ def _describe(err: Any, loc: tuple[str, ...]) -> str:
     choices = _choices(loc)
     if choices:
         return f"key '{key}': expected one of {', '.join(choices)}, got {got!r}"
-    msg = err["msg"].replace("Input should", "expected a value that should")
-    return f"key '{key}': {msg}" + (f" ({got!r})" if ", got " in msg else f", got {got!r}")
+    return f"key '{key}': {expected_by(err)}, got {_Shown('null') if got is None else got!r}"
 
 
 class _Shown(str):

@@ -81,7 +81,8 @@ def check_workers(cfg: RunConfig, workers: int) -> None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         if workers > CPU_WORKERS_PER_CORE * (cores or 1):
             raise SegscaleError(
-                f"--workers {workers} on this machine's {cores} CPU core(s): more than "
+                # workers: --workers, or the config's own (`workers: 9`, or its override)
+                f"{workers} workers on this machine's {cores} CPU core(s): more than "
                 f"{CPU_WORKERS_PER_CORE} processes per core (each gets a sliver of one, and so many "
                 f"exhaust the file handles torch.distributed opens); use at most "
                 f"{CPU_WORKERS_PER_CORE * (cores or 1)}, or train.simulate_workers={workers} "
@@ -94,7 +95,7 @@ def check_workers(cfg: RunConfig, workers: int) -> None:
         )
     elif workers > torch.cuda.device_count():
         raise SegscaleError(
-            f"--workers {workers} with train.device={device}: this machine has "
+            f"{workers} workers with train.device={device}: this machine has "
             f"{torch.cuda.device_count()} GPU(s); use at most that many workers, or "
             "train.device=cpu"
         )
@@ -918,14 +919,14 @@ def run_length_notes(train: Any, steps_per_epoch: int) -> list[str]:
             f"({total} steps): the scaled lr is never reached"
         )
     if s.rule == "grescale":
-        from segscale.config import GRESCALE_WARMUP_EPOCHS
         from segscale.schedules import Schedule
 
         shape = Schedule(1.0, 1.0, steps_per_epoch, total, s)  # its phases only
         if shape.warmup_steps <= total and shape.decay_phase_steps == 0:  # (longer: refused)
             notes.append(
                 f"GreScale's decay phase is empty: it is train.schedule.decay_phase of the epochs "
-                f"after the first {GRESCALE_WARMUP_EPOCHS:g}, and the run has {epochs}; "
+                f"after the first {shape.warmup_steps / steps_per_epoch:g} (its warmup), and the "
+                f"run has {epochs}; "
                 + (
                     "the lr stays at its peak after the warmup"
                     if shape.warmup_steps < total

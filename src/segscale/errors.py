@@ -27,6 +27,8 @@ def one_line_warning(message: Warning | str, *args: object, **kwargs: object) ->
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; resume to continue
 
 
+SEED_MAX = 2**63 - 1  # seeds are int64 (NumPy, torch), non-negative: config, CLI and derived
+
 USER_ERROR_EXIT_CODE = 2  # bad input: the one line printed says what and where
 DIVERGED_EXIT_CODE = 3  # the loss diverged: the checkpoints before it are kept
 STOP_FILE = "STOP"  # in a run folder: `segscale stop` asks the run to stop ("graceful" or "now")
@@ -47,6 +49,17 @@ def shown(value: object, limit: int = 200) -> str:
     a short file into millions of values)."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_seeds(first: int, count: int, what: str) -> None:
+    """Refuse `count` seeds first, first+1, ... (`what`: the option that asks for them, e.g.
+    "--runs 5") that go past SEED_MAX, before the first run trains: the last would be refused
+    once the others had."""
+    if first + count - 1 > SEED_MAX:
+        raise SegscaleError(
+            f"{what}: seeds {first} to {first + count - 1} go past the largest seed, {SEED_MAX}; "
+            "give a smaller seed"
+        )
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -76,3 +89,48 @@ def raised_in(what: str, error: BaseException) -> SegscaleError:
     frame = (own or frames or [None])[-1]
     at = f" ({frame.filename}:{frame.lineno})" if frame is not None else ""
     return SegscaleError(f"{what} raised {type(error).__name__}: {error}{at}")
+
+
+# pydantic's error types, as a user reads them (YAML's words: a whole number, true/false, a
+# mapping); the bounds come from the error's ctx
+_EXPECTED = {
+    "int_parsing": "a whole number",
+    "int_type": "a whole number",
+    "int_from_float": "a whole number",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "finite_number": "a finite number",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "text",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "set_type": "a list",
+    "dict_type": "a mapping (key: value)",
+    "model_type": "a section (key: value)",
+    "model_attributes_type": "a section (key: value)",
+    "path_type": "a path",
+    "greater_than": "a value > {gt}",
+    "greater_than_equal": "a value ≥ {ge}",
+    "less_than": "a value < {lt}",
+    "less_than_equal": "a value ≤ {le}",
+    "too_short": "at least {min_length} item(s)",
+    "too_long": "at most {max_length} item(s)",
+}
+
+
+def expected_by(error: dict) -> str:
+    """'expected ...' for one of pydantic's errors (an item of ValidationError.errors()), in
+    plain words rather than pydantic's ("Input should be a valid integer, unable to parse
+    string as an integer" is 'expected a whole number'); an error type not known here keeps
+    pydantic's message, its "Input should be" read as "expected"."""
+    words = _EXPECTED.get(error.get("type", ""))
+    if words is not None:
+        try:
+            return "expected " + words.format(**error.get("ctx", {}))
+        except (KeyError, IndexError):  # a ctx without the bound: pydantic's own words
+            pass
+    msg = str(error.get("msg", "invalid value"))
+    if msg.startswith("Input should be "):
+        return "expected " + msg.removeprefix("Input should be ")
+    return msg[:1].lower() + msg[1:]

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from segscale.errors import SegscaleError, did_you_mean, shown
+from segscale.errors import SegscaleError, did_you_mean, expected_by, shown
 
 
 class Registry:
@@ -217,10 +217,9 @@ def _check_types(what: str, signature: inspect.Signature, kwargs: dict[str, Any]
         try:
             fitted = adapter.validate_python(value)
         except ValidationError as e:
-            reason = e.errors()[0]["msg"]
             raise SegscaleError(
-                f"{what}: {name} {shown(value)} does not fit {expected} ({reason[:1].lower()}"
-                f"{reason[1:]})"
+                f"{what}: {name} {shown(value)} does not fit {expected} "
+                f"({expected_by(e.errors()[0])})"
             ) from None
         if _retyped(value, fitted):  # the factory gets the value as given, not as pydantic read it
             raise SegscaleError(

@@ -34,6 +34,7 @@ from segscale._files import (
     job_state,
     keep_edited,
     read_record,
+    save_signed_figure,
     signed,
     to_json,
     write_atomic,
@@ -46,7 +47,7 @@ from segscale.engine import (
     prepare_run_dir,
     require_segmentation,
 )
-from segscale.errors import PREEMPTED_EXIT_CODE, Preempted, SegscaleError
+from segscale.errors import PREEMPTED_EXIT_CODE, Preempted, SegscaleError, check_seeds
 from segscale.imgmed.store import Store
 from segscale.launch import launch, start_worker_server
 from segscale.stats import agreement, spread
@@ -114,13 +115,17 @@ def repeat(
             f"--vary fold trains one run per fold, --runs {options.runs} of them; the config sets "
             f"data.folds {cfg.data.folds}: give --runs {cfg.data.folds}, or leave folds out"
         )
+    if options.vary in ("seed", "init", "order", "split"):  # each run's own: base, base + 1, ...
+        base = {"seed": cfg.seed, "init": cfg.seed_for("init"), "order": cfg.seed_for("data")}
+        first = base.get(options.vary, cfg.data.split_seed or 0)
+        check_seeds(first, options.runs, f"--runs {options.runs} --vary {options.vary}")
     # with --vary fold the runs' own data.folds: a fold without a case is refused here, not at run k
     folds = {"folds": options.runs} if options.vary == "fold" else {}
     plan(cfg.model_copy(update={"data": cfg.data.model_copy(update=folds)})).check(options.workers)
     if options.workers > 1:
         start_worker_server()
     out = out.resolve()
-    keep_edited(out, STATE, OUTPUTS, ("variability.md",), MARK, force)
+    keep_edited(out, STATE, OUTPUTS, ("variability.md", "variability.png"), MARK, force)
     signature = {"config": cfg.digest(), **options.signature()}
     state = job_state(out / STATE, signature, {"runs": {}}, "repeat")
     parent = ParentRun(
@@ -506,5 +511,5 @@ def plot_variability(report: dict[str, Any], out: Path) -> None:
         )
         folds.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save_signed_figure(fig, out, MARK)  # a rerun keeps a picture edited since
     plt.close(fig)

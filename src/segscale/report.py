@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from segscale._files import read_jsonl, write_atomic
+from segscale._files import read_jsonl, save_signed_figure, write_atomic
 from segscale.evaluation import Example, plot_examples
 
 METRIC_NAMES = {
@@ -385,9 +385,10 @@ def _run_epochs(entry: dict[str, Any]) -> int | None:
         return None
 
 
-def plot_tuning(state: dict[str, Any], schedules: dict[int, Any], out: Path) -> None:
+def plot_tuning(state: dict[str, Any], schedules: dict[int, Any], out: Path, mark: str) -> None:
     """tune.png: each trial's lr curve (left) and validation Dice per epoch (right), the
-    baseline's runs in grey. `schedules`: trial index → its Schedule (for K workers)."""
+    baseline's runs in grey. `schedules`: trial index → its Schedule (for K workers); `mark`:
+    signed into its metadata (tune's, so that a rerun keeps a picture edited since)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -421,5 +422,5 @@ def plot_tuning(state: dict[str, Any], schedules: dict[int, Any], out: Path) -> 
     for ax in (lr_ax, dice_ax):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save_signed_figure(fig, out, mark)
     plt.close(fig)

@@ -23,9 +23,12 @@ import torch
 def derive_seed(seed: int, epoch: int, rank: int | None = None) -> int:
     """The one seed formula for per-epoch randomness: the data order (by epoch, the same on
     every rank), augmentation and the global torch RNG for dropout (by epoch and rank). Mixing
-    with two primes keeps (seed, epoch, rank) triples apart for any realistic run length."""
-    epoch_seed = seed * 1_000_003 + epoch
-    return epoch_seed if rank is None else epoch_seed * 7919 + rank
+    with two primes keeps (seed, epoch, rank) triples apart for any realistic run length.
+    Returns a seed in [0, 2^63)."""
+    # modulo 2^63: any seed the config takes (up to SEED_MAX) gives one torch's generators take;
+    # a smaller seed's values are as they were
+    epoch_seed = (seed * 1_000_003 + epoch) % 2**63
+    return epoch_seed if rank is None else (epoch_seed * 7919 + rank) % 2**63
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:

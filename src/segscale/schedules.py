@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from segscale._files import UNSIGNED, signed_bytes, write_atomic
+from segscale._files import save_signed_figure
 from segscale.config import (
     GRESCALE_DECAY_COEFFICIENT,
     GRESCALE_DECAY_PHASE,
@@ -188,11 +187,6 @@ def plot_schedule(schedule: Schedule, out: Path, title: str) -> None:
     ax.set(xlabel="epoch", ylabel="learning rate", title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    key = "Software" if Path(out).suffix.lower() == ".png" else "Creator"  # PDF and SVG's
-    buffer = io.BytesIO()
-    fig.savefig(
-        buffer, format=Path(out).suffix[1:].lower(), dpi=110, metadata={key: MARK + UNSIGNED}
-    )
-    plt.close(fig)
     # signed: a rerun replaces it only while unedited (an SVG changed in an editor is kept)
-    write_atomic(out, signed_bytes(buffer.getvalue(), MARK))
+    save_signed_figure(fig, Path(out), MARK)
+    plt.close(fig)

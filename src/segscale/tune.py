@@ -56,7 +56,13 @@ from segscale.engine import (
     prepare_run_dir,
     require_segmentation,
 )
-from segscale.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, SegscaleError
+from segscale.errors import (
+    DIVERGED_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+    Preempted,
+    SegscaleError,
+    check_seeds,
+)
 from segscale.guideline import Decision, Guideline, Scores, Settings, Trial
 from segscale.launch import launch, start_worker_server
 from segscale.tracking import ParentRun, nest_under
@@ -64,7 +70,8 @@ from segscale.tracking import ParentRun, nest_under
 STATE = TUNE_STATE
 OUTPUTS = ("tune.md", "tune.png", "tuned.yaml", STATE)  # the tuning run's artifacts
 MARK = "written by segscale tune"  # signed into tune.md and tuned.yaml (_files.signed)
-TEXTS = ("tune.md", "tuned.yaml")  # replaced on a rerun only while unedited (or --force)
+# replaced on a rerun only while unedited (or --force): its texts, and its picture signed alike
+TEXTS = ("tune.md", "tuned.yaml", "tune.png")
 METRICS = ("dice", "pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou")  # tune.md's columns
 LEARNT_NOTHING = 0.01  # a baseline's validation Dice under this: no model to scale
 WIDE_NOISE = 0.10  # a baselines' Dice spread over this makes "reached the baseline" loose
@@ -151,6 +158,9 @@ def tune(
         raise SegscaleError(f"--method {options.method}: expected guideline or optuna")
     if not options.baselines and options.baseline_runs < 1:
         raise SegscaleError(f"--baseline-runs {options.baseline_runs}: expected at least 1")
+    # the baselines' seeds, seed to seed + R - 1, and a validation trial's seed + 1
+    runs = max(2, 0 if options.baselines else options.baseline_runs)
+    check_seeds(cfg.seed, runs, f"seed {cfg.seed}, --baseline-runs {options.baseline_runs}")
     seeds: dict[tuple[int, int], Path] = {}
     for b in given:  # copies of one run train identically: a spread of none
         if (b / "config.yaml").is_file():
@@ -604,7 +614,7 @@ class _Tuner:
                 continue
             p = plan(self.trial_config(_settings(t), t["seed"], t["index"], early_stop=False))
             schedules[t["index"]] = p.schedule(self.options.workers)
-        plot_tuning(self.state, schedules, self.out / "tune.png")
+        plot_tuning(self.state, schedules, self.out / "tune.png", MARK)
         text = tuning_table(self.state, self.cfg.name, self.options.workers, self.options.simulate)
         write_atomic(self.out / "tune.md", signed(f"<!-- {MARK} -->\n{text}", MARK))
         self._say(

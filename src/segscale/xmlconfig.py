@@ -314,8 +314,15 @@ def _hyperparameters(task: Any, raw: dict[str, Any], fail: Any, origins: dict[st
     given = {"seed": "<task seed=...>"} if task.get("seed") is not None else {}
     for prop in task.findall("hyperparameters/property"):
         name, text = prop.get("name", ""), (prop.text or "").strip()
-        if name == "start_epoch":
-            if text not in ("0", ""):
+        if name == "start_epoch":  # read as a number (00, +0 are 0), then: only 0
+            try:
+                start = _number(int)(text) if text else 0
+            except ValueError:
+                raise fail(
+                    "<property name=\"start_epoch\">: key 'start_epoch': expected a whole number, "
+                    f"got '{shown_text(text)}'"
+                ) from None
+            if start != 0:
                 raise fail("start_epoch: runs start at 0; continue a run with --resume")
             continue
         if name not in PROPERTIES:

@@ -132,7 +132,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, real_store):
         cli("train", good, "model.name=unett"), "unknown model 'unett'", "did you mean 'unet'"
     )
     assert_user_error(
-        cli("train", good, "train.batch_size=0"), "train.batch_size", "greater than 0"
+        cli("train", good, "train.batch_size=0"), "train.batch_size", "expected a value > 0"
     )
     assert_user_error(
         cli("train", good, "data.store=/no/such/store"), "/no/such/store: not a prepared store"
