@@ -2,6 +2,7 @@
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -499,6 +500,19 @@ def test_a_run_too_short_for_its_settings_is_warned_of_not_refused(real_store):
     said = " | ".join(str(w.message) for w in seen)
     assert "warmup_epochs 5 is longer than the run (epochs 2)" in said
     assert "decay_epochs [3]: at or after the last epoch" in said
+
+
+def test_a_note_said_for_one_config_is_not_said_again_for_the_next(real_store):
+    """tune checks the user's config, then each trial of the same settings: a note was printed
+    once per check, in one process."""
+    cfg = validate(tiny_config(real_store, epochs=2, schedule={"warmup_epochs": 5}))
+    said: set[str] = set()
+    with pytest.warns(UserWarning, match="warmup_epochs 5 is longer than the run"):
+        plan(cfg).check(1, said=said)
+    assert any("warmup_epochs 5" in note for note in said)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning at all the second time
+        plan(cfg).check(1, said=said)
 
 
 def test_a_global_batch_larger_than_the_training_split_is_said(real_store):

@@ -121,12 +121,14 @@ class Plan:
 
     # ---- before a launch (these import torch)
 
-    def check(self, workers: int, here: bool = True) -> None:
+    def check(self, workers: int, here: bool = True, said: set[str] | None = None) -> None:
         """Everything that needs torch, before any worker starts: devices for `workers` workers on
         this node (`here`; not for a job written for a cluster), the batch and lr schedule of
         `workers` workers, then a real batch of 2 through the model (option values that bind but
         are wrong, a network that does not fit the task) and the optimiser and loss built over it
-        (kwargs the torch class does not take). Raises SegscaleError."""
+        (kwargs the torch class does not take). Notes on the schedule and the pictures are
+        warnings; `said`: the notes a caller checking several configs has shown (they are not
+        shown again; the new ones are added). Raises SegscaleError."""
         from segscale.parallel.base import check_compression, uses_cuda
 
         t = self.cfg.train
@@ -145,7 +147,10 @@ class Plan:
         virtual = workers * (t.simulate_workers or 1)
         self.schedule(virtual)  # e.g. GreScale phase overlaps
         for note in [*self.scale_notes(virtual), *self.picture_notes()]:
-            warnings.warn(note, stacklevel=2)
+            if said is None or note not in said:
+                warnings.warn(note, stacklevel=2)
+            if said is not None:
+                said.add(note)
         self._check_model()
         if (
             self.cfg.tracker_config("tensorboard")

@@ -172,19 +172,28 @@ def tune(
                 )
             seeds[key] = b
     baselines = [_given_baseline(cfg, b) for b in given]  # checked before OUT is made
-    plan(cfg).check(1)
+    said: set[str] = set()  # a note on the config is not said again for a trial of the same
+    plan(cfg).check(1, said=said)
     if not options.simulate:
         check_workers(cfg, options.workers)  # the trials' workers: before a baseline trains
         start_worker_server()
     out = out.resolve()
     keep_edited(out, STATE, OUTPUTS, TEXTS, MARK, force)
-    tuner = _Tuner(cfg, options, out, progress)
+    tuner = _Tuner(cfg, options, out, progress, said)
     return tuner.run(baselines)
 
 
 class _Tuner:
-    def __init__(self, cfg: RunConfig, options: TuneOptions, out: Path, progress: bool) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        options: TuneOptions,
+        out: Path,
+        progress: bool,
+        said: set[str] | None = None,
+    ) -> None:
         self.cfg, self.options, self.out, self.progress = cfg, options, out, progress
+        self.said = set() if said is None else said  # notes shown: not again for each trial
         self.signature = {"config": cfg.digest(), **options.signature()}
         self._check_defaults()  # before OUT is claimed: a rerun with more epochs may use it
         self.state = job_state(
@@ -416,7 +425,7 @@ class _Tuner:
             cfg = self.trial_config(
                 settings, trial["seed"], trial["index"], trial["action"] != "validate"
             )
-            plan(cfg).check(1 if self.options.simulate else self.options.workers)
+            plan(cfg).check(1 if self.options.simulate else self.options.workers, said=self.said)
         except SegscaleError as e:  # e.g. a warmup grown into the decay phase
             trial.update(status="refused", reason=str(e))
             self._save()
@@ -480,7 +489,7 @@ class _Tuner:
         raw = self._trial_raw(self._initial_settings(), self.cfg.seed, 1, early_stop=False)
         try:
             cfg = validate(raw, source=f"{self.out.name}/trial-01")
-            plan(cfg).check(1 if self.options.simulate else k)
+            plan(cfg).check(1 if self.options.simulate else k, said=self.said)
         except SegscaleError as e:
             s = self.cfg.train.schedule
             # the config's own warmup and decay are kept only under GreScale's rule
