@@ -172,6 +172,28 @@ def test_masks_pair_with_images_by_name_in_any_case(tmp_path):
         prepared(pictures, tmp_path / "out2")
 
 
+def test_masks_named_with_one_postfix_pair_with_their_images_in_a_warning(tmp_path):
+    """Kaggle's and ISIC's 2D datasets name a mask case_mask.png beside images/case.jpg: no
+    image had its mask, and the one-line refusal named no mask. As evaluate pairs MONAI's
+    case_seg predictions: by the names without the postfix they all share, said in a warning."""
+    pictures = write_2d(tmp_path / "2d", "L")
+    for p in sorted((pictures / "masks").iterdir()):
+        p.rename(p.with_name(f"{p.stem}_mask{p.suffix}"))
+    with pytest.warns(UserWarning, match=r"masks paired with their cases by their names without "):
+        store = prepared(pictures, tmp_path / "out")
+    assert sorted(c["id"] for c in store.cases()) == ["s0", "s1", "s2", "s3"]
+    # names no one postfix pairs: refused, naming an image and a mask left without its pair
+    (pictures / "masks" / "s0_mask.png").rename(pictures / "masks" / "s0_seg.png")
+    for image in (pictures / "images").iterdir():
+        image.rename(image.with_name("x" + image.name))
+    with pytest.raises(
+        DataError,
+        match=r"no image has its mask \(.*xs0.png: image without a mask .*; 4 mask\(s\) "
+        r"without theirs, e.g. .*s0_seg.png: mask without its image",
+    ):
+        prepared(pictures, tmp_path / "out2")
+
+
 def test_jpeg_masks_are_named_in_a_warning(tmp_path):
     pictures = write_2d(tmp_path / "2d", "L")
     for p in (pictures / "masks").iterdir():  # JPEG content under a .png name

@@ -38,6 +38,7 @@ from segscale.imgmed.files import (
     list_folders,
     list_images,
     strip_suffix,
+    without_postfix,
 )
 from segscale.imgmed.geometry import onto_grid, spacing_from_affine
 from segscale.imgmed.io import load_mask2d, load_nifti
@@ -538,18 +539,14 @@ def pair_by_name(
     SaveImage writes case_seg.nii.gz, or case_trans), by the names without it, with a warning.
     Raises DataError naming the unpaired files of both sides; warns about predictions
     without a reference."""
-    if any(key not in preds for key in refs):
-        postfixes = {k.rpartition("_")[2] for k in preds if "_" in k}
-        if len(postfixes) == 1 and all("_" in k for k in preds):
-            postfix = postfixes.pop()
-            bare = {k[: -len(postfix) - 1]: p for k, p in preds.items()}
-            if all(key in bare for key in refs) and len(bare) == len(preds):
-                warnings.warn(
-                    f"{pred_dir}: predictions paired with their references by their names "
-                    f"without '_{postfix}' (e.g. {preds[next(iter(preds))].name})",
-                    stacklevel=3,
-                )
-                preds = bare
+    bare, postfix = without_postfix(preds, refs)
+    if postfix is not None:
+        warnings.warn(
+            f"{pred_dir}: predictions paired with their references by their names "
+            f"without '_{postfix}' (e.g. {preds[next(iter(preds))].name})",
+            stacklevel=3,
+        )
+        preds = bare
     missing = [ref for key, ref in refs.items() if key not in preds]
     unscored = sorted(set(preds) - set(refs))
     if missing:

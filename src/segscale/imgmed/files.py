@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import unicodedata
+from collections.abc import Iterable
 from pathlib import Path
 
 from segscale.errors import DataError
@@ -64,6 +65,29 @@ def by_case(
             continue
         out[key] = p
     return out
+
+
+def without_postfix(
+    found: dict[str, Path], others: Iterable[str]
+) -> tuple[dict[str, Path], str | None]:
+    """Files by case key (`by_case`) keyed by their names without the one '_postfix' all of them
+    end in (MONAI's SaveImage writes case_seg, many 2D datasets case_mask), when a case of the
+    `others` (their case keys) has no file of its own name, and the names without it pair every
+    file with one of the others, or every one of the others with a file; else (`found`, None).
+    The caller says the postfix in a warning: names are paired as written otherwise."""
+    wanted = set(others)
+    if not found or all(key in found for key in wanted):
+        return found, None
+    if not all("_" in key.strip("_") for key in found):
+        return found, None
+    postfixes = {key.rpartition("_")[2] for key in found}
+    if len(postfixes) != 1:
+        return found, None
+    postfix = postfixes.pop()
+    bare = {key[: -len(postfix) - 1]: path for key, path in found.items()}
+    if len(bare) < len(found) or not (set(bare) <= wanted or wanted <= set(bare)):
+        return found, None
+    return bare, postfix
 
 
 def case_key(name: str) -> str:

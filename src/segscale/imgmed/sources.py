@@ -19,6 +19,7 @@ from segscale.imgmed.files import (
     list_files,
     list_folders,
     strip_suffix,
+    without_postfix,
 )
 
 IGNORE = "ignore"  # nnU-Net v2's label name for voxels nobody annotated
@@ -312,7 +313,11 @@ def _read_png_folder(root: Path, problems: list[str]) -> Source:
     images = list_files(root / "images", PNG_SUFFIXES)
     if not images:
         raise DataError(f"{root / 'images'}: no PNG/JPG/TIFF images")
-    masks = by_case(list_files(root / "masks", PNG_SUFFIXES), "masks", problems)
+    masks = _paired_masks(
+        by_case(list_files(root / "masks", PNG_SUFFIXES), "masks", problems),
+        [case_key(im.name) for im in images],
+        root,
+    )
     cases = []
     for im in images:
         mask = masks.get(case_key(im.name))
@@ -322,8 +327,30 @@ def _read_png_folder(root: Path, problems: list[str]) -> Source:
             cases.append(Case(strip_suffix(im.name), [im], mask))
     _no_orphans(masks, cases, "image", root / "images", problems)
     if not cases:
-        raise DataError(f"{root}: no image has its mask ({problems[0]})")
+        raise DataError(f"{root}: no image has its mask ({_unpaired(problems)})")
     return Source("png2d", root, root.name, {}, ["image"], cases, volumes=False)
+
+
+def _paired_masks(masks: dict[str, Path], cases: list[str], root: Path) -> dict[str, Path]:
+    """`masks` by case key, keyed without the '_postfix' they all share when that pairs them
+    with the `cases` (case0_mask.png for images/case0.jpg: Kaggle's, ISIC's layout), said in a
+    warning; else as they are."""
+    bare, postfix = without_postfix(masks, cases)
+    if postfix is not None:
+        warnings.warn(
+            f"{root / 'masks'}: masks paired with their cases by their names without "
+            f"'_{postfix}' (e.g. {masks[next(iter(masks))].name})",
+            stacklevel=4,
+        )
+    return bare
+
+
+def _unpaired(problems: list[str]) -> str:
+    """The first problem of a source where no case paired, and the masks left without their
+    image or series beside it: what each side is called, so that the renaming is plain."""
+    orphans = [p for p in problems if ": mask without its " in p]
+    also = f"; {len(orphans)} mask(s) without theirs, e.g. {orphans[0]}" if orphans else ""
+    return f"{problems[0]}{also}" if problems else ""
 
 
 def _no_orphans(
@@ -340,8 +367,13 @@ def _read_dicom_folder(root: Path, problems: list[str]) -> Source:
     """images/<case>/ (one DICOM series per case) + masks/<case>.nii.gz (the series' voxel grid,
     as ITK-SNAP or 3D Slicer export it); class names from an optional labels.json."""
     cases = []
-    masks = by_case(list_files(root / "masks", NIFTI_SUFFIXES), "masks", problems)
-    for folder in list_folders(root / "images"):
+    series = list_folders(root / "images")
+    masks = _paired_masks(
+        by_case(list_files(root / "masks", NIFTI_SUFFIXES), "masks", problems),
+        [case_key(folder.name) for folder in series],
+        root,
+    )
+    for folder in series:
         mask = masks.get(case_key(folder.name))
         if mask is None:
             expected = root / "masks" / f"{folder.name}.nii.gz"
@@ -350,7 +382,7 @@ def _read_dicom_folder(root: Path, problems: list[str]) -> Source:
             cases.append(Case(folder.name, [folder], mask))
     _no_orphans(masks, cases, "DICOM series", root / "images", problems)
     if not cases:
-        why = f" ({problems[0]})" if problems else ""
+        why = f" ({_unpaired(problems)})" if problems else ""
         raise DataError(f"{root}: no DICOM series with its mask in images/ and masks/{why}")
     labels: dict[int, str] = {}
     names = root / "labels.json"
