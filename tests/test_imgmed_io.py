@@ -187,6 +187,22 @@ def test_arrays_and_affines_that_place_no_image_are_refused_where_they_are_read(
     assert load(tmp_path / "good.npz").spacing == (0.5, 0.5, 2.0)
 
 
+def test_a_new_nifti_holds_its_geometry_in_the_qform_too(tmp_path):
+    """A DICOM series converted to NIfTI had qform_code 0: tools that read the qform alone put
+    it at the origin with 1 mm voxels. A shear (a gantry tilt) is the sform's alone."""
+    rotated = np.array([[0, -0.7, 0, 10], [0.9, 0, 0, -5], [0, 0, 2.5, 3], [0, 0, 0, 1.0]])
+    save(np.zeros((4, 5, 3), np.uint8), tmp_path / "r.nii.gz", rotated)
+    header = nib.load(tmp_path / "r.nii.gz").header
+    assert int(header["qform_code"]) == int(header["sform_code"]) > 0
+    np.testing.assert_allclose(header.get_qform(), rotated, atol=1e-6)
+    sheared = np.diag([1.0, 1.0, 2.0, 1.0])
+    sheared[1, 2] = 0.4
+    save(np.zeros((4, 5, 3), np.uint8), tmp_path / "s.nii.gz", sheared)
+    header = nib.load(tmp_path / "s.nii.gz").header
+    assert int(header["qform_code"]) == 0 and int(header["sform_code"]) > 0
+    np.testing.assert_allclose(header.get_sform(), sheared)
+
+
 def test_a_refused_write_names_the_file_and_leaves_nothing(tmp_path):
     """A file-size limit makes the OS refuse the write (EFBIG), as a full disk would (ENOSPC)."""
 

@@ -101,7 +101,9 @@ def print_metrics(evaluation: dict[str, Any]) -> None:
     table.add_column("value", justify="right")
     for name, value in summary_rows(evaluation):
         table.add_row(escape(name), value)  # "[per case, 4 cases]" is text, not a rich style
-    cases = Table(title="per case (foreground mean; distances in mm or pixels)")
+    # a run is scored in its store (the resized grid), a folder of masks in the files' own
+    grid = "the files' own grid" if "pred" in evaluation else "the store's grid, as prepared"
+    cases = Table(title=f"per case (foreground mean; in {grid}; distances in mm or pixels)")
     for col in ("case", "Dice", "HD95", "ASSD"):
         cases.add_column(col, justify="left" if col == "case" else "right")
     for c in evaluation["cases"]:

@@ -224,6 +224,14 @@ def save_nifti(
             pixdim[4 : array.ndim + 1] = like["pixdim"][4 : array.ndim + 1]
             img.header["pixdim"] = pixdim
             img.header["toffset"] = like["toffset"]
+    else:
+        # a new file's geometry in both forms, as ITK and dcm2niix write it: tools that read the
+        # qform alone (nibabel leaves it unset) place it right; not a shear the qform cannot
+        # hold (a gantry tilt), which only the sform keeps
+        code = int(img.header["sform_code"])
+        img.set_qform(affine, code=code)
+        if not np.allclose(img.get_qform(), affine, atol=1e-4):
+            img.set_qform(affine, code=0)
     img.header.set_data_dtype(array.dtype)
     if description is not None:  # the header's 80-byte descrip field
         img.header["descrip"] = description.encode()[:79]
