@@ -220,6 +220,7 @@ def test_yaml_is_read_as_yaml_1_2_and_slips_are_refused(tmp_path):
         (["train.simulate_workers=4", "train.sync_batchnorm=true"], r"sync_batchnorm"),
         (["data.train_split=test"], r"the test would score what the model trained on"),
         (["seed=-1"], r"key 'seed': expected a value ≥ 0, got -1"),
+        (["train.simulate_workers=100000"], r"simulate_workers': expected a value ≤ 4096, got"),
         (["train.optimizer.kwargs={momentum: 0.5}"], r"give it as train.optimizer.momentum"),
         (["train.warmup_epochs=2"], r"\(it is train.schedule.warmup_epochs\)"),
         (["train..epochs=3"], r"an empty key"),

@@ -167,6 +167,7 @@ def test_arrays_and_affines_that_place_no_image_are_refused_where_they_are_read(
     np.savez(tmp_path / "zero.npz", array=volume, affine=np.zeros((4, 4)))
     flat = np.diag([1.0, 1.0, 0.0, 1.0])
     np.savez(tmp_path / "flat.npz", array=volume, affine=flat)
+    np.savez(tmp_path / "huge.npz", array=volume, affine=np.diag([1e300, 1e300, 1e300, 1.0]))
     header = nib.Nifti1Image(volume, np.eye(4)).header
     for row in ("srow_x", "srow_y", "srow_z"):
         header[row] = 0
@@ -179,6 +180,7 @@ def test_arrays_and_affines_that_place_no_image_are_refused_where_they_are_read(
         ("small.npz", r"small\.npz: its 'affine' is float64 of shape \(3, 3\); expected a 4×4"),
         ("zero.npz", r"zero\.npz: its 'affine' has NaN or infinite values, or a last row"),
         ("flat.npz", r"flat\.npz: its 'affine' maps the voxels onto a plane or a point"),
+        ("huge.npz", r"huge\.npz: its 'affine' has values beyond ±1e\+06 mm \(largest 1e\+300\)"),
         ("s0.nii.gz", r"s0\.nii\.gz: its header's affine .* onto a plane or a point"),
     ):
         with pytest.raises(DataError, match=message):

@@ -186,6 +186,14 @@ def test_resampling_to_a_spacing_and_back_keeps_masks_within_one_pixel():
     assert wrong.sum() < 0.1 * mask.sum() and not (wrong & ~edge).any()
     # without a target spacing the plane is the old stretch to size × size
     assert Plane.of(Preprocessing(size=32), (40, 30), (0.7, 1.3)).resampled == (32, 32)
+    # a spacing no slice can be resampled to: one line (was: a NaN or int64 overflow traceback)
+    for bad in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(DataError, match=r"expected a finite positive size in mm"):
+            Preprocessing(size=32, spacing=bad)
+    with pytest.raises(
+        DataError, match=r"spacing 1e-300 mm: a 40×30 slice .* resamples to 3.9e\+301"
+    ):
+        Plane.of(Preprocessing(size=32, spacing=1e-300), (40, 30), (0.7, 1.3))
 
 
 def test_prepare_at_a_target_spacing_records_it_and_evaluates_in_mm(tmp_path):

@@ -179,7 +179,9 @@ def test_masks_named_with_one_postfix_pair_with_their_images_in_a_warning(tmp_pa
     pictures = write_2d(tmp_path / "2d", "L")
     for p in sorted((pictures / "masks").iterdir()):
         p.rename(p.with_name(f"{p.stem}_mask{p.suffix}"))
-    with pytest.warns(UserWarning, match=r"masks paired with their cases by their names without "):
+    with pytest.warns(
+        UserWarning, match=r"masks: masks paired with their images by their names without '_mask'"
+    ):
         store = prepared(pictures, tmp_path / "out")
     assert sorted(c["id"] for c in store.cases()) == ["s0", "s1", "s2", "s3"]
     # names no one postfix pairs: refused, naming an image and a mask left without its pair

@@ -281,9 +281,31 @@ def test_every_seed_the_config_takes_trains_and_runs_past_the_largest_are_refuse
     assert not (tmp_path / "rep").exists()
     from segscale.tune import TuneOptions, tune
 
-    with pytest.raises(SegscaleError, match=r"--baseline-runs 3: seeds .* go past the largest"):
+    with pytest.raises(
+        SegscaleError,
+        match=r"the baselines' \(--baseline-runs\) and a check's \(\+1\): seeds .* go past the largest",
+    ):
         tune(path, None, TuneOptions(workers=4, baseline_runs=3, simulate=True), tmp_path / "t")
     assert not (tmp_path / "t").exists()
+
+
+def test_runs_of_one_score_are_drawn_with_no_spread(tmp_path):
+    """Three runs that all predicted the same: the per-case mean rounded a step above min = max
+    and matplotlib refused the error bar ('yerr' must not contain negative values), after every
+    run had trained, on every rerun."""
+    from segscale.repeat import plot_variability
+
+    dice = 0.3
+    mean = math.nextafter(dice, 1.0)  # as a sum of three, divided, can come out
+    report = {
+        "metrics": {"dice": {}},
+        "per_run": [{"dice": dice}] * 3,
+        "runs": 3,
+        "cases": {"c0": {"mean": mean, "min": dice, "max": dice}},
+        "agreement": None,
+    }
+    plot_variability(report, tmp_path / "v.png")
+    assert (tmp_path / "v.png").stat().st_size > 0
 
 
 def test_paired_tests_match_pingouin():

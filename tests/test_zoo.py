@@ -306,7 +306,25 @@ def test_an_index_is_checked_as_input(published, cache, tmp_path):
             lambda i: i["entries"]["tiny-la"]["1"]["files"].update(
                 {"./config.yaml": i["entries"]["tiny-la"]["1"]["files"]["config.yaml"]}
             ),
-            "lists './config.yaml'; expected a plain relative path \\('config.yaml'",
+            "lists './config.yaml'; expected a plain relative path",
+        ),
+        (
+            lambda i: i["entries"]["tiny-la"]["1"]["files"].update(
+                {"config.yaml\u0000": i["entries"]["tiny-la"]["1"]["files"]["config.yaml"]}
+            ),
+            "lists 'config.yaml\\\\x00'; expected a plain relative path",
+        ),
+        (
+            lambda i: i["entries"]["tiny-la"]["1"]["files"].update(
+                {"config.yaml.": i["entries"]["tiny-la"]["1"]["files"]["config.yaml"]}
+            ),
+            "lists 'config.yaml.'; expected a plain relative path",
+        ),
+        (
+            lambda i: i["entries"]["tiny-la"]["1"]["files"].update(
+                {"ｃonfig.yaml": i["entries"]["tiny-la"]["1"]["files"]["config.yaml"]}
+            ),
+            "lists 'config.yaml' and 'ｃonfig.yaml': one file on a disk that ignores case",
         ),
     )
     for n, (broken, message) in enumerate(broken_indexes):

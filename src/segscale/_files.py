@@ -381,7 +381,12 @@ def keep_edited(
         if whose != "own":
             why = {
                 "edited": f"edited since {who} wrote it",
-                "other": f"not written by {who} (or its first line, the signature, was removed)",
+                "other": f"not written by {who} (or its signature was removed: "
+                + (
+                    "the one in its metadata)"
+                    if name.lower().endswith((".png", ".svg", ".pdf"))
+                    else "its first line)"
+                ),
             }[whose]
             raise SegscaleError(
                 f"{path}: {why}, and {who} writes it again; move it away, or give --force to "

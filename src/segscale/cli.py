@@ -111,7 +111,8 @@ def prepare_cmd(
         ),
     ] = None,
     jobs: Annotated[
-        int | None, typer.Option(help="Processes preparing cases in parallel (default: the cores).")
+        int | None,
+        typer.Option(help="Processes preparing cases in parallel (default: the cores).", min=1),
     ] = None,
     force: Annotated[
         bool,

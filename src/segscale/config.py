@@ -711,6 +711,9 @@ class TrainConfig(_Strict):
     simulate_workers: int | None = Field(
         None,
         gt=0,
+        # more than the largest data-parallel runs published (Goyal et al.: 256 GPUs): 100000
+        # was a step of hours that no signal could stop
+        le=4096,
         description="Run the math of K synchronous workers in one process (accumulation).",
     )
     simulate_fused: bool = Field(

@@ -539,14 +539,7 @@ def pair_by_name(
     SaveImage writes case_seg.nii.gz, or case_trans), by the names without it, with a warning.
     Raises DataError naming the unpaired files of both sides; warns about predictions
     without a reference."""
-    bare, postfix = without_postfix(preds, refs)
-    if postfix is not None:
-        warnings.warn(
-            f"{pred_dir}: predictions paired with their references by their names "
-            f"without '_{postfix}' (e.g. {preds[next(iter(preds))].name})",
-            stacklevel=3,
-        )
-        preds = bare
+    preds = without_postfix(preds, refs, pred_dir, "predictions paired with their references")
     missing = [ref for key, ref in refs.items() if key not in preds]
     unscored = sorted(set(preds) - set(refs))
     if missing:

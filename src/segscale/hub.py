@@ -194,17 +194,19 @@ def _check_entries(entries: Any, where: str) -> None:
                 parts = Path(rel).parts
                 if Path(rel).is_absolute() or ".." in parts or not parts:
                     raise bad(f"{name}@{version} lists an unsafe path {rel!r}")
-                if rel != Path(rel).as_posix() or "\\" in rel:  # ./x, x//y, a\\b: written plainly
+                if not _plain(rel):  # ./x, x//y, a\\b, 'card.md ', NUL: not one file everywhere
                     raise bad(
-                        f"{name}@{version} lists {rel!r}; expected a plain relative path "
-                        f"({Path(rel).as_posix()!r}, with / between folders)"
+                        f"{name}@{version} lists {rel!r}; expected a plain relative path (/ "
+                        "between folders; no ./, //, \\ or :, no control or invisible "
+                        "character, no space or dot at a name's end)"
                     )
-                # Card.md beside card.md (or é written two ways): one file on macOS and Windows
-                key = unicodedata.normalize("NFC", rel).casefold()
+                # Card.md beside card.md (é written two ways, a full-width ｃ): one file on
+                # macOS and Windows, or the same name to a reader
+                key = unicodedata.normalize("NFKC", rel).casefold()
                 if key in seen:
                     raise bad(
                         f"{name}@{version} lists {seen[key]!r} and {rel!r}: one file on a disk "
-                        "that ignores case"
+                        "that ignores case, or one name to a reader"
                     )
                 seen[key] = rel
                 if str(Path(rel)) in folders:  # a file and a folder of one name: not a tree
@@ -217,6 +219,19 @@ def _check_entries(entries: Any, where: str) -> None:
                     raise bad(
                         f"{name}@{version}: {rel}'s size is {f.get('size')!r}; expected bytes ≥ 0"
                     )
+
+
+def _plain(rel: str) -> bool:
+    """Whether a zoo index's file path is written plainly, so that it names one file on every
+    system: as Path writes it (no ./, no //), / between folders, no control or invisible
+    (format) character (a NUL ends the name for the OS), no \\ or : (Windows' separators and
+    drives), and no name that starts with a space or ends in a space or a dot (Windows drops
+    them: 'card.md.' is card.md there)."""
+    if rel != Path(rel).as_posix() or "\\" in rel or ":" in rel:
+        return False
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in rel):
+        return False
+    return all(part == part.strip() and not part.endswith(".") for part in rel.split("/"))
 
 
 # the summary of an entry, key → (kind, what it is), as zoo.publish writes it: checked where

@@ -480,8 +480,10 @@ def plot_variability(report: dict[str, Any], out: Path) -> None:
     cases = sorted(report["cases"], key=lambda c: report["cases"][c]["mean"])
     if cases:
         means = [report["cases"][c]["mean"] for c in cases]
-        lows = [report["cases"][c]["mean"] - report["cases"][c]["min"] for c in cases]
-        highs = [report["cases"][c]["max"] - report["cases"][c]["mean"] for c in cases]
+        # runs of one score: their mean can round a step past min = max, and a bar of -1e-17
+        # is refused by matplotlib (the picture was never drawn)
+        lows = [max(0.0, report["cases"][c]["mean"] - report["cases"][c]["min"]) for c in cases]
+        highs = [max(0.0, report["cases"][c]["max"] - report["cases"][c]["mean"]) for c in cases]
         right.errorbar(range(len(cases)), means, yerr=[lows, highs], fmt="o", capsize=3)
         right.set_xticks(range(len(cases)), cases, rotation=60, ha="right", fontsize=7)
     a = report["agreement"]

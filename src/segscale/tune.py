@@ -160,7 +160,9 @@ def tune(
         raise SegscaleError(f"--baseline-runs {options.baseline_runs}: expected at least 1")
     # the baselines' seeds, seed to seed + R - 1, and a validation trial's seed + 1
     runs = max(2, 0 if options.baselines else options.baseline_runs)
-    check_seeds(cfg.seed, runs, f"seed {cfg.seed}, --baseline-runs {options.baseline_runs}")
+    check_seeds(
+        cfg.seed, runs, f"seed {cfg.seed}: the baselines' (--baseline-runs) and a check's (+1)"
+    )
     seeds: dict[tuple[int, int], Path] = {}
     for b in given:  # copies of one run train identically: a spread of none
         if (b / "config.yaml").is_file():

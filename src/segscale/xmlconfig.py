@@ -55,7 +55,7 @@ def _number(kind: type) -> Any:
             raise ValueError(text)
         return kind(text)
 
-    parse.__name__ = kind.__name__  # said in the error: "not a valid int"
+    parse.__name__ = kind.__name__  # said in the error: "expected a whole number" for int
     return parse
 
 
@@ -315,8 +315,8 @@ def _hyperparameters(task: Any, raw: dict[str, Any], fail: Any, origins: dict[st
     for prop in task.findall("hyperparameters/property"):
         name, text = prop.get("name", ""), (prop.text or "").strip()
         if name == "start_epoch":  # read as a number (00, +0 are 0), then: only 0
-            try:
-                start = _number(int)(text) if text else 0
+            try:  # empty too, as end_epoch: a value left out is no 0
+                start = _number(int)(text)
             except ValueError:
                 raise fail(
                     "<property name=\"start_epoch\">: key 'start_epoch': expected a whole number, "
@@ -337,8 +337,12 @@ def _hyperparameters(task: Any, raw: dict[str, Any], fail: Any, origins: dict[st
         try:
             value = cast(text)
         except ValueError:
+            expected = {"int": "a whole number", "float": "a number"}.get(
+                cast.__name__, f"a {cast.__name__}"
+            )
             raise fail(
-                f"hyperparameter '{name}': '{text}' is not a valid {cast.__name__}"
+                f"<property name=\"{name}\">: key '{key}': expected {expected}, got "
+                f"'{shown_text(text)}'"
             ) from None
         node = raw
         *parents, leaf = key.split(".")

@@ -321,14 +321,6 @@ def convert(
     except OSError as e:
         raise DataError(f"cannot write {dst}: {e.strerror}") from None
     array = _numeric(image)
-    if image.affine is not None and _family_of_name(dst) in ("image", "npy"):
-        # said, as a dropped --window is: converted back, the file is on a 1 mm grid
-        warnings.warn(
-            f"{dst.name}: a {'picture' if _family_of_name(dst) == 'image' else '.npy'} holds "
-            f"no geometry; {src.name}'s voxel size and orientation are not kept (a .nii.gz, an "
-            ".npz or a folder of slices keeps them)",
-            stacklevel=2,
-        )
     if _family_of_name(dst) == "image":
         volume = image.kind in ("nifti", "dicom") or image.affine is not None
         if volume and array.ndim == 3 and array.shape[-1] == 1:
@@ -361,6 +353,14 @@ def convert(
         array = array.astype(np.int32)
     if _family_of_name(dst) == "npy" and image.kind in ("nifti", "dicom") and array.ndim == 2:
         array = np.ascontiguousarray(array.T)  # no geometry in .npy: a 2D array is a picture's
+    if image.affine is not None and _family_of_name(dst) in ("image", "npy"):
+        # said (once the file is known to be written), as a dropped --window is: converted back, the file is on a 1 mm grid
+        warnings.warn(
+            f"{dst.name}: a {'picture' if _family_of_name(dst) == 'image' else '.npy'} holds "
+            f"no geometry; {src.name}'s voxel size and orientation are not kept (a .nii.gz, an "
+            ".npz or a folder of slices keeps them)",
+            stacklevel=2,
+        )
     nifti_to_nifti = image.kind == "nifti" and _family_of_name(dst) == "nifti"
     like = nifti_header(src) if nifti_to_nifti else None  # its units and form codes kept
     return [save(array, dst, image.affine, like=like)]

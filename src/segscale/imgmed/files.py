@@ -68,26 +68,33 @@ def by_case(
 
 
 def without_postfix(
-    found: dict[str, Path], others: Iterable[str]
-) -> tuple[dict[str, Path], str | None]:
+    found: dict[str, Path], others: Iterable[str], where: Path, what: str
+) -> dict[str, Path]:
     """Files by case key (`by_case`) keyed by their names without the one '_postfix' all of them
     end in (MONAI's SaveImage writes case_seg, many 2D datasets case_mask), when a case of the
     `others` (their case keys) has no file of its own name, and the names without it pair every
-    file with one of the others, or every one of the others with a file; else (`found`, None).
-    The caller says the postfix in a warning: names are paired as written otherwise."""
+    file with one of the others, or every one of the others with a file; else `found` as it
+    is. A postfix taken off is said in a warning: "`where`: `what` by their names without
+    '_seg'" (`what`: e.g. "predictions paired with their references")."""
+    import warnings
+
     wanted = set(others)
     if not found or all(key in found for key in wanted):
-        return found, None
+        return found
     if not all("_" in key.strip("_") for key in found):
-        return found, None
+        return found
     postfixes = {key.rpartition("_")[2] for key in found}
     if len(postfixes) != 1:
-        return found, None
+        return found
     postfix = postfixes.pop()
     bare = {key[: -len(postfix) - 1]: path for key, path in found.items()}
     if len(bare) < len(found) or not (set(bare) <= wanted or wanted <= set(bare)):
-        return found, None
-    return bare, postfix
+        return found
+    example = found[next(iter(found))].name
+    warnings.warn(
+        f"{where}: {what} by their names without '_{postfix}' (e.g. {example})", stacklevel=3
+    )
+    return bare
 
 
 def case_key(name: str) -> str:

@@ -486,6 +486,9 @@ def _other_content(path: Path) -> None:
     _misnamed(path, sniff(path))
 
 
+MAX_AFFINE_MM = 1e6  # a kilometre: no voxel size or scanner position comes near it
+
+
 def _voxel_to_world(affine: Any, path: Path, what: str = "its 'affine'") -> np.ndarray:
     """A file's affine (`what`: an .npz's 'affine' entry, a NIfTI header's) as a 4×4 voxel →
     world map, else DataError naming the file:
@@ -506,6 +509,11 @@ def _voxel_to_world(affine: Any, path: Path, what: str = "its 'affine'") -> np.n
         raise DataError(
             f"{path}: {what} has NaN or infinite values, or a last row other than "
             "[0, 0, 0, 1]; expected a 4×4 voxel → world matrix"
+        )
+    if np.abs(matrix).max() > MAX_AFFINE_MM:  # 1e300: geometry overflows to inf downstream
+        raise DataError(
+            f"{path}: {what} has values beyond ±{MAX_AFFINE_MM:g} mm (largest "
+            f"{np.abs(matrix).max():.3g}); expected voxel sizes and a position in mm"
         )
     if abs(np.linalg.det(matrix[:3, :3])) < 1e-12:
         raise DataError(

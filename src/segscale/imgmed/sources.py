@@ -313,10 +313,11 @@ def _read_png_folder(root: Path, problems: list[str]) -> Source:
     images = list_files(root / "images", PNG_SUFFIXES)
     if not images:
         raise DataError(f"{root / 'images'}: no PNG/JPG/TIFF images")
-    masks = _paired_masks(
+    masks = without_postfix(
         by_case(list_files(root / "masks", PNG_SUFFIXES), "masks", problems),
         [case_key(im.name) for im in images],
-        root,
+        root / "masks",
+        "masks paired with their images",
     )
     cases = []
     for im in images:
@@ -329,20 +330,6 @@ def _read_png_folder(root: Path, problems: list[str]) -> Source:
     if not cases:
         raise DataError(f"{root}: no image has its mask ({_unpaired(problems)})")
     return Source("png2d", root, root.name, {}, ["image"], cases, volumes=False)
-
-
-def _paired_masks(masks: dict[str, Path], cases: list[str], root: Path) -> dict[str, Path]:
-    """`masks` by case key, keyed without the '_postfix' they all share when that pairs them
-    with the `cases` (case0_mask.png for images/case0.jpg: Kaggle's, ISIC's layout), said in a
-    warning; else as they are."""
-    bare, postfix = without_postfix(masks, cases)
-    if postfix is not None:
-        warnings.warn(
-            f"{root / 'masks'}: masks paired with their cases by their names without "
-            f"'_{postfix}' (e.g. {masks[next(iter(masks))].name})",
-            stacklevel=4,
-        )
-    return bare
 
 
 def _unpaired(problems: list[str]) -> str:
@@ -368,10 +355,11 @@ def _read_dicom_folder(root: Path, problems: list[str]) -> Source:
     as ITK-SNAP or 3D Slicer export it); class names from an optional labels.json."""
     cases = []
     series = list_folders(root / "images")
-    masks = _paired_masks(
+    masks = without_postfix(
         by_case(list_files(root / "masks", NIFTI_SUFFIXES), "masks", problems),
         [case_key(folder.name) for folder in series],
-        root,
+        root / "masks",
+        "masks paired with their series",
     )
     for folder in series:
         mask = masks.get(case_key(folder.name))

@@ -63,8 +63,8 @@ class Preprocessing:
             raise DataError(f"clip {self.clip}: expected percentiles 0 ≤ low < high ≤ 100")
         if self.foreground_margin is not None and self.foreground_margin < 0:
             raise DataError(f"foreground margin {self.foreground_margin}: expected ≥ 0")
-        if self.spacing is not None and self.spacing <= 0:
-            raise DataError(f"spacing {self.spacing}: expected a positive size in mm")
+        if self.spacing is not None and not 0 < self.spacing < float("inf"):  # NaN too
+            raise DataError(f"spacing {self.spacing}: expected a finite positive size in mm")
         if self.normalize not in ("zscore", "minmax", "none"):
             raise DataError(f"normalize '{self.normalize}': expected zscore, minmax or none")
 
@@ -193,7 +193,14 @@ class Plane:
         hw = (int(shape[0]), int(shape[1]))
         if p.spacing is None or spacing is None:
             return cls(hw, (p.size, p.size), (0, 0))
-        resampled = tuple(max(1, round(n * s / p.spacing)) for n, s in zip(hw, spacing))
+        exact = [n * s / p.spacing for n, s in zip(hw, spacing)]
+        if max(exact) > 4 * MAX_SIZE:  # 1e-300 mm: an overflow deep in torch, or no memory
+            raise DataError(
+                f"spacing {p.spacing:g} mm: a {hw[0]}×{hw[1]} slice of "
+                f"{'×'.join(f'{s:g}' for s in spacing[:2])} mm pixels resamples to "
+                f"{max(exact):.3g} pixels a side (at most {4 * MAX_SIZE}); give a coarser spacing"
+            )
+        resampled = tuple(max(1, round(e)) for e in exact)
         offset = tuple((p.size - r) // 2 for r in resampled)
         return cls(hw, resampled, offset)  # type: ignore[arg-type]
 
