@@ -40,19 +40,18 @@ class _Strict(BaseModel):
     # no infinite or NaN settings: an lr, a weight decay or a warmup of .inf is a slip, not a plan
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
-    @model_validator(mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _no_booleans_for_numbers(cls, data: Any) -> Any:
-        # pydantic reads true as 1 for a number; in a config it is a slip (epochs: true)
-        if isinstance(data, dict):
-            for name, field in cls.model_fields.items():
-                value = data.get(name)
-                if isinstance(value, bool) and _is_number(field.annotation):
-                    raise ValueError(f"{name}: expected a number, got {str(value).lower()}")
-                listed = isinstance(value, list | tuple) and _holds_numbers(field.annotation)
-                if listed and any(isinstance(v, bool) for v in value):  # decay_epochs: [true, 2]
-                    raise ValueError(f"{name}: expected numbers, got {value}")
-        return data
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1 for a number; in a config it is a slip (epochs: true). Per
+        # field, so that the error names the key as every other type error does
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and _is_number(annotation):
+            raise ValueError(f"expected {_number_word(annotation)}")
+        listed = isinstance(value, list | tuple) and _holds_numbers(annotation)
+        if listed and any(isinstance(v, bool) for v in value):  # decay_epochs: [true, 2]
+            raise ValueError("expected numbers")
+        return value
 
 
 def _is_number(annotation: Any) -> bool:
@@ -61,6 +60,14 @@ def _is_number(annotation: Any) -> bool:
     kinds = [m for m in members or (annotation,) if m is not type(None)]
     base = [typing.get_args(k)[0] if typing.get_origin(k) is typing.Annotated else k for k in kinds]
     return bool(base) and all(b in (int, float) for b in base)
+
+
+def _number_word(annotation: Any) -> str:
+    """'a whole number' for a field of ints only, else 'a number'."""
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in _UNIONS else ()
+    kinds = [m for m in members or (annotation,) if m is not type(None)]
+    base = [typing.get_args(k)[0] if typing.get_origin(k) is typing.Annotated else k for k in kinds]
+    return "a whole number" if all(b is int for b in base) else "a number"
 
 
 def _holds_numbers(annotation: Any) -> bool:
@@ -1256,6 +1263,8 @@ def _describe(err: Any, loc: tuple[str, ...]) -> str:
     if err["type"] == "missing":
         return f"missing required key '{key}'"
     got = err.get("input")
+    if isinstance(got, bool) or got is None:  # as YAML writes them: true, null
+        got = _Shown("null" if got is None else str(got).lower())
     section = isinstance(got, dict)
     if len(repr(got)) > 200:  # a value shown, not a file's worth of it (YAML aliases expand)
         got = _Shown(shown(got))
@@ -1265,7 +1274,7 @@ def _describe(err: Any, loc: tuple[str, ...]) -> str:
     choices = _choices(loc)
     if choices:
         return f"key '{key}': expected one of {', '.join(choices)}, got {got!r}"
-    return f"key '{key}': {expected_by(err)}, got {_Shown('null') if got is None else got!r}"
+    return f"key '{key}': {expected_by(err)}, got {got!r}"
 
 
 class _Shown(str):
