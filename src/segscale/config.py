@@ -54,20 +54,23 @@ class _Strict(BaseModel):
         return value
 
 
-def _is_number(annotation: Any) -> bool:
-    """Whether a field takes a number and no boolean (int, float, int | None, PositiveInt ...)."""
+def _base_types(annotation: Any) -> list[Any]:
+    """The types a field takes, without None and Annotated's constraints: [int] for
+    PositiveInt | None."""
     members = typing.get_args(annotation) if typing.get_origin(annotation) in _UNIONS else ()
     kinds = [m for m in members or (annotation,) if m is not type(None)]
-    base = [typing.get_args(k)[0] if typing.get_origin(k) is typing.Annotated else k for k in kinds]
+    return [typing.get_args(k)[0] if typing.get_origin(k) is typing.Annotated else k for k in kinds]
+
+
+def _is_number(annotation: Any) -> bool:
+    """Whether a field takes a number and no boolean (int, float, int | None, PositiveInt ...)."""
+    base = _base_types(annotation)
     return bool(base) and all(b in (int, float) for b in base)
 
 
 def _number_word(annotation: Any) -> str:
     """'a whole number' for a field of ints only, else 'a number'."""
-    members = typing.get_args(annotation) if typing.get_origin(annotation) in _UNIONS else ()
-    kinds = [m for m in members or (annotation,) if m is not type(None)]
-    base = [typing.get_args(k)[0] if typing.get_origin(k) is typing.Annotated else k for k in kinds]
-    return "a whole number" if all(b is int for b in base) else "a number"
+    return "a whole number" if all(b is int for b in _base_types(annotation)) else "a number"
 
 
 def _holds_numbers(annotation: Any) -> bool:

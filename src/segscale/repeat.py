@@ -66,7 +66,7 @@ VARY = {
 DATASET_METRICS = ("dice", "mean_iou", "pixel_accuracy", "mean_accuracy", "fw_iou")
 CASE_METRICS = ("hd95", "assd")
 OUTPUTS = ("variability.md", "variability.json", "variability.png", STATE)
-MARK = "written by segscale repeat"  # signed into variability.md (_files.signed)
+MARK = "written by segscale repeat"  # signed into variability.md and .png (_files)
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ from segscale.tracking import ParentRun, nest_under
 
 STATE = TUNE_STATE
 OUTPUTS = ("tune.md", "tune.png", "tuned.yaml", STATE)  # the tuning run's artifacts
-MARK = "written by segscale tune"  # signed into tune.md and tuned.yaml (_files.signed)
+MARK = "written by segscale tune"  # signed into tune.md, tuned.yaml and tune.png (_files)
 # replaced on a rerun only while unedited (or --force): its texts, and its picture signed alike
 TEXTS = ("tune.md", "tuned.yaml", "tune.png")
 METRICS = ("dice", "pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou")  # tune.md's columns

@@ -354,7 +354,8 @@ def convert(
     if _family_of_name(dst) == "npy" and image.kind in ("nifti", "dicom") and array.ndim == 2:
         array = np.ascontiguousarray(array.T)  # no geometry in .npy: a 2D array is a picture's
     if image.affine is not None and _family_of_name(dst) in ("image", "npy"):
-        # said (once the file is known to be written), as a dropped --window is: converted back, the file is on a 1 mm grid
+        # said as a dropped --window is, once the file is known to be written: converted back,
+        # it is on a 1 mm grid at the origin
         warnings.warn(
             f"{dst.name}: a {'picture' if _family_of_name(dst) == 'image' else '.npy'} holds "
             f"no geometry; {src.name}'s voxel size and orientation are not kept (a .nii.gz, an "

@@ -490,10 +490,10 @@ MAX_AFFINE_MM = 1e6  # a kilometre: no voxel size or scanner position comes near
 
 
 def _voxel_to_world(affine: Any, path: Path, what: str = "its 'affine'") -> np.ndarray:
-    """A file's affine (`what`: an .npz's 'affine' entry, a NIfTI header's) as a 4×4 voxel →
-    world map, else DataError naming the file:
-    finite, [0, 0, 0, 1] below, and a 3×3 part that can be inverted (a zero or 3×3 matrix
-    places no voxel; nibabel fails on it deep in a conversion or a geometry check)."""
+    """A file's affine (`what`: an .npz's 'affine' entry, a NIfTI header's) as a 4×4 float64
+    voxel → world map (mm). Raises DataError naming the file unless it is finite, within
+    ±MAX_AFFINE_MM, [0, 0, 0, 1] below, with a 3×3 part that can be inverted (a zero or 3×3
+    matrix places no voxel; nibabel fails on it deep in a conversion or a geometry check)."""
     matrix = np.asarray(affine)
     if (
         matrix.shape != (4, 4)
