@@ -225,7 +225,10 @@ def test_yaml_is_read_as_yaml_1_2_and_slips_are_refused(tmp_path):
         (["train.warmup_epochs=2"], r"\(it is train.schedule.warmup_epochs\)"),
         (["train..epochs=3"], r"an empty key"),
         (["train.callbacks.0.name=early_stop"], r"cannot index a list; give train.callbacks whole"),
-        (["data.augment={enabled: true, zoom: [true, 1.2]}"], r"key 'data.augment.zoom': expected numbers"),
+        (
+            ["data.augment={enabled: true, zoom: [true, 1.2]}"],
+            r"key 'data.augment.zoom': expected numbers",
+        ),
         (["tracker=[]"], r"key 'tracker': an empty list; to record nothing, write tracker: none"),
     ],
 )
