@@ -267,6 +267,14 @@ def test_an_index_is_checked_as_input(published, cache, tmp_path):
     with pytest.raises(SegscaleError, match=r"not a valid zoo index \(zoo version '\./\.\./"):
         pull("tiny-la", zoo)
     assert (victim / "keep.txt").read_text() == "precious"
+
+    def config_listed_also_as(name: str):  # the entry's config.yaml listed a second time
+        def change(index: dict) -> None:
+            files = index["entries"]["tiny-la"]["1"]["files"]
+            files[name] = files["config.yaml"]
+
+        return change
+
     broken_indexes = (
         (lambda i: i.pop("entries"), "'entries' is not an object"),
         (lambda i: i.update(entries=[]), "'entries' is not an object"),
@@ -297,33 +305,23 @@ def test_an_index_is_checked_as_input(published, cache, tmp_path):
             "lists store as a file and as a folder of files",
         ),
         (  # one file twice: Linux keeps two, macOS one (was: listed and pulled)
-            lambda i: i["entries"]["tiny-la"]["1"]["files"].update(
-                {"Config.yaml": i["entries"]["tiny-la"]["1"]["files"]["config.yaml"]}
-            ),
+            config_listed_also_as("Config.yaml"),
             "lists 'config.yaml' and 'Config.yaml': one file on a disk that ignores case",
         ),
         (
-            lambda i: i["entries"]["tiny-la"]["1"]["files"].update(
-                {"./config.yaml": i["entries"]["tiny-la"]["1"]["files"]["config.yaml"]}
-            ),
+            config_listed_also_as("./config.yaml"),
             "lists './config.yaml'; expected a plain relative path",
         ),
         (
-            lambda i: i["entries"]["tiny-la"]["1"]["files"].update(
-                {"config.yaml\u0000": i["entries"]["tiny-la"]["1"]["files"]["config.yaml"]}
-            ),
+            config_listed_also_as("config.yaml\u0000"),
             "lists 'config.yaml\\\\x00'; expected a plain relative path",
         ),
         (
-            lambda i: i["entries"]["tiny-la"]["1"]["files"].update(
-                {"config.yaml.": i["entries"]["tiny-la"]["1"]["files"]["config.yaml"]}
-            ),
+            config_listed_also_as("config.yaml."),
             "lists 'config.yaml.'; expected a plain relative path",
         ),
         (
-            lambda i: i["entries"]["tiny-la"]["1"]["files"].update(
-                {"ｃonfig.yaml": i["entries"]["tiny-la"]["1"]["files"]["config.yaml"]}
-            ),
+            config_listed_also_as("ｃonfig.yaml"),
             "lists 'config.yaml' and 'ｃonfig.yaml': one file on a disk that ignores case",
         ),
     )

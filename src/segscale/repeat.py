@@ -115,10 +115,15 @@ def repeat(
             f"--vary fold trains one run per fold, --runs {options.runs} of them; the config sets "
             f"data.folds {cfg.data.folds}: give --runs {cfg.data.folds}, or leave folds out"
         )
-    if options.vary in ("seed", "init", "order", "split"):  # each run's own: base, base + 1, ...
-        base = {"seed": cfg.seed, "init": cfg.seed_for("init"), "order": cfg.seed_for("data")}
-        first = base.get(options.vary, cfg.data.split_seed or 0)
-        check_seeds(first, options.runs, f"--runs {options.runs} --vary {options.vary}")
+    # the varied value of run i is base + i (a seed, or the fold's index): checked before any run
+    base = {
+        "seed": cfg.seed,
+        "init": cfg.seed_for("init"),
+        "order": cfg.seed_for("data"),
+        "split": cfg.data.split_seed or 0,
+        "fold": 0,
+    }[options.vary]
+    check_seeds(base, options.runs, f"--runs {options.runs} --vary {options.vary}")
     # with --vary fold the runs' own data.folds: a fold without a case is refused here, not at run k
     folds = {"folds": options.runs} if options.vary == "fold" else {}
     plan(cfg.model_copy(update={"data": cfg.data.model_copy(update=folds)})).check(options.workers)
@@ -136,13 +141,6 @@ def repeat(
         state.get("mlflow_run_id"),
     )
     key = VARY[options.vary]
-    base = {
-        "seed": cfg.seed,
-        "init": cfg.seed_for("init"),
-        "order": cfg.seed_for("data"),
-        "split": cfg.data.split_seed or 0,
-        "fold": 0,
-    }[options.vary]
     split = state["split"] = cfg.data.test_split
     if options.vary == "fold":
         state["val_split"] = cfg.data.val_split

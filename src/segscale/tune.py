@@ -192,10 +192,10 @@ class _Tuner:
         options: TuneOptions,
         out: Path,
         progress: bool,
-        said: set[str] | None = None,
+        said: set[str],
     ) -> None:
         self.cfg, self.options, self.out, self.progress = cfg, options, out, progress
-        self.said = set() if said is None else said  # notes shown: not again for each trial
+        self.said = said  # the notes tune has shown: not again for each trial
         self.signature = {"config": cfg.digest(), **options.signature()}
         self._check_defaults()  # before OUT is claimed: a rerun with more epochs may use it
         self.state = job_state(

@@ -59,14 +59,18 @@ def _number(kind: type) -> Any:
     return parse
 
 
-def _whole(text: str, where: str, key: str, path: Path) -> int:
-    """An attribute's or element's whole number, read as _number reads one (its range is
-    validated as the YAML's `key`). Raises ConfigError as validation words it."""
+def _read(cast: Any, text: str, where: str, key: str, path: Path) -> Any:
+    """An attribute's or element's value (`where`: the element, as errors name it) read by
+    `cast` (_number(int), _number(float), _builtin_lower); its range is validated as the YAML's
+    `key`. Raises ConfigError, worded as validation words it, for a number cast refuses."""
     try:
-        return _number(int)(text.strip())
+        return cast(text.strip())
     except ValueError:
+        expected = {"int": "a whole number", "float": "a number"}.get(
+            cast.__name__, f"a {cast.__name__}"
+        )
         raise ConfigError(
-            f"{path} {where}: key '{key}': expected a whole number, got '{shown_text(text)}'"
+            f"{path} {where}: key '{key}': expected {expected}, got '{shown_text(text)}'"
         ) from None
 
 
@@ -126,7 +130,7 @@ def read_xml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     raw: dict[str, Any] = {
         # a file name may hold what a run name may not (a space): those become '-'
         "name": task.get("run", re.sub(r"[^\w.-]", "-", path.stem)),
-        "seed": _whole(task.get("seed", "0"), '<task seed="...">', "seed", path),
+        "seed": _read(_number(int), task.get("seed", "0"), '<task seed="...">', "seed", path),
         "task": kinds.get(kind, kind),
         "train": {"optimizer": {}},
     }
@@ -144,7 +148,7 @@ def read_xml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     if degree is not None and not degree.strip():  # an empty element, not a missing one
         raise fail("<parallelism-degree>: empty; give the number of workers, or leave it out")
     if degree is not None:
-        raw["workers"] = _whole(degree, "<parallelism-degree>", "workers", path)
+        raw["workers"] = _read(_number(int), degree, "<parallelism-degree>", "workers", path)
     archi = task.find("CNN_archi")
     if archi is None or not (archi.findtext("name") or archi.findtext("path")):
         raise fail("<CNN_archi> needs a <name> (built-in) or a <path> (file.py:factory)")
@@ -181,7 +185,7 @@ def read_xml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         raise fail("<data><store>: missing (the output of `segscale prepare`)")
     raw["data"] = {"store": store.strip()}
     _generator(task, raw, fail, origins)
-    _hyperparameters(task, raw, fail, origins)
+    _hyperparameters(task, raw, fail, origins, path)
     return raw, origins
 
 
@@ -310,19 +314,15 @@ def _generator(task: Any, raw: dict[str, Any], fail: Any, origins: dict[str, str
             raise fail(f"{named}{did_you_mean(kind or '', types)}; expected {', '.join(types)}")
 
 
-def _hyperparameters(task: Any, raw: dict[str, Any], fail: Any, origins: dict[str, str]) -> None:
+def _hyperparameters(
+    task: Any, raw: dict[str, Any], fail: Any, origins: dict[str, str], path: Path
+) -> None:
     given = {"seed": "<task seed=...>"} if task.get("seed") is not None else {}
     for prop in task.findall("hyperparameters/property"):
         name, text = prop.get("name", ""), (prop.text or "").strip()
-        if name == "start_epoch":  # read as a number (00, +0 are 0), then: only 0
-            try:  # empty too, as end_epoch: a value left out is no 0
-                start = _number(int)(text)
-            except ValueError:
-                raise fail(
-                    "<property name=\"start_epoch\">: key 'start_epoch': expected a whole number, "
-                    f"got '{shown_text(text)}'"
-                ) from None
-            if start != 0:
+        where = f'<property name="{name}">'
+        if name == "start_epoch":  # read as a number (00, +0 are 0; empty is none), then: only 0
+            if _read(_number(int), text, where, "start_epoch", path) != 0:
                 raise fail("start_epoch: runs start at 0; continue a run with --resume")
             continue
         if name not in PROPERTIES:
@@ -333,17 +333,8 @@ def _hyperparameters(task: Any, raw: dict[str, Any], fail: Any, origins: dict[st
         if key in given:  # optimiser and optimizer, or seed= and a seed property
             raise fail(f"hyperparameter '{name}' sets {key}, which {given[key]} sets already")
         given[key] = f"'{name}'"
-        origins[key] = f'<property name="{name}">'
-        try:
-            value = cast(text)
-        except ValueError:
-            expected = {"int": "a whole number", "float": "a number"}.get(
-                cast.__name__, f"a {cast.__name__}"
-            )
-            raise fail(
-                f"<property name=\"{name}\">: key '{key}': expected {expected}, got "
-                f"'{shown_text(text)}'"
-            ) from None
+        origins[key] = where
+        value = _read(cast, text, where, key, path)
         node = raw
         *parents, leaf = key.split(".")
         for p in parents:
